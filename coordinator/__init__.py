@@ -1,0 +1,1 @@
+"""FedSpine fleet: coordinator package."""

@@ -1,0 +1,109 @@
+"""Configuration of the coordinator (one TOML file: [broker], [coordinator], [bandit], [reward])."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.config import BrokerConfig, ConfigError, from_mapping, load_toml
+
+METHODS = ("fedspine", "fedlora", "hetlora", "uniform", "prune_ft", "ft_prune")
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """Round orchestration: who takes part, how long to wait, when a round counts."""
+
+    rounds: int = 20
+    method: str = "fedspine"  # fedspine | fedlora | hetlora | uniform | prune_ft | ft_prune
+    min_nodes: int = 1  # wait for this many live nodes before round 1
+    fraction: float = 1.0  # share of live nodes asked per round (at least min_nodes)
+    local_steps: int = 20  # τ
+    deadline_s: float = 600.0  # a round waits at most this long for uploads
+    quorum: float = 0.5  # share of participants whose uploads must arrive for the round to count
+    max_retries: int = 3  # a round below quorum is retried this often, then training stops
+    join_timeout_s: float = 300.0
+    state_dir: str = "/var/lib/fedspine/coordinator"
+    metrics_file: str = ""  # default <state_dir>/metrics.jsonl
+    seed: int = 0
+    export_at_end: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"[coordinator] method {self.method!r} must be one of {METHODS}")
+        if self.rounds < 1 or self.local_steps < 1:
+            raise ConfigError(f"[coordinator] rounds {self.rounds} and local_steps {self.local_steps} must be >= 1")
+        if not 0 < self.fraction <= 1 or not 0 < self.quorum <= 1:
+            raise ConfigError(f"[coordinator] fraction {self.fraction} / quorum {self.quorum} outside (0, 1]")
+        if self.deadline_s <= 0 or self.min_nodes < 1:
+            raise ConfigError("[coordinator] deadline_s must be > 0 and min_nodes >= 1")
+
+
+@dataclass(frozen=True)
+class BanditSettings:
+    """S-UCB: arms are (Δp, rank); sparsity only grows; every node ends at >= target_sparsity."""
+
+    delta_p: tuple[float, ...] = (0.0, 0.05, 0.10, 0.15)
+    ranks: tuple[int, ...] = (2, 4, 8, 16)
+    discount: float = 0.9  # λ
+    exploration: float = 0.5  # s, the exploration bonus weight
+    target_sparsity: float = 0.3  # s*: every node must end at or above it
+    max_sparsity: dict = field(default_factory=lambda: {"default": 0.5})  # s_max per device tier
+    static_rank: int = 8  # rank used by fedlora / uniform / prune_ft / ft_prune
+    tier_ranks: dict = field(default_factory=lambda: {"agx": 16, "nx": 8, "tx2": 4, "default": 8})  # hetlora
+
+    def __post_init__(self) -> None:
+        if not self.delta_p or any(not 0 <= d <= 1 for d in self.delta_p):
+            raise ConfigError(f"[bandit] delta_p {self.delta_p} must be non-empty values in [0, 1]")
+        if not self.ranks or any(r < 1 for r in self.ranks):
+            raise ConfigError(f"[bandit] ranks {self.ranks} must be non-empty and >= 1")
+        if not 0 < self.discount <= 1 or self.exploration < 0:
+            raise ConfigError(f"[bandit] discount {self.discount} in (0, 1], exploration {self.exploration} >= 0")
+        if not 0 <= self.target_sparsity < 1:
+            raise ConfigError(f"[bandit] target_sparsity {self.target_sparsity} outside [0, 1)")
+        for tier, cap in self.max_sparsity.items():
+            if not self.target_sparsity <= cap < 1:
+                raise ConfigError(f"[bandit] max_sparsity[{tier}] {cap} must be in [target_sparsity, 1)")
+
+    def cap(self, tier: str) -> float:
+        return float(self.max_sparsity.get(tier, self.max_sparsity.get("default", 0.5)))
+
+
+@dataclass(frozen=True)
+class RewardSettings:
+    """Weights of the reward terms (each term normalised to about [0, 1] across the round's nodes)."""
+
+    loss: float = 1.0
+    progress: float = 1.0
+    time: float = 1.0
+    importance: float = 0.5
+    energy: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("loss", "progress", "time", "importance", "energy"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"[reward] weight {name} = {getattr(self, name)} must be >= 0")
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    broker: BrokerConfig
+    coordinator: RoundSettings = field(default_factory=RoundSettings)
+    bandit: BanditSettings = field(default_factory=BanditSettings)
+    reward: RewardSettings = field(default_factory=RewardSettings)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CoordinatorConfig:
+        unknown = sorted(set(data) - {"broker", "coordinator", "bandit", "reward"})
+        if unknown:
+            raise ConfigError(f"unknown section(s) {unknown}")
+        return cls(
+            broker=from_mapping(BrokerConfig, data.get("broker"), "broker"),
+            coordinator=from_mapping(RoundSettings, data.get("coordinator"), "coordinator"),
+            bandit=from_mapping(BanditSettings, data.get("bandit"), "bandit"),
+            reward=from_mapping(RewardSettings, data.get("reward"), "reward"),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> CoordinatorConfig:
+        return cls.from_dict(load_toml(path))

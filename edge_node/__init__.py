@@ -1,0 +1,1 @@
+"""FedSpine fleet: edge_node package."""

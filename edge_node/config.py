@@ -1,0 +1,108 @@
+"""Configuration of an edge node agent (one TOML file: [broker], [node], [train], [telemetry])."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.config import BrokerConfig, ConfigError, from_mapping, load_toml
+from shared.topics import check_node_id
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Who the node is and where its model and private data live (the data never leaves the device)."""
+
+    id: str
+    device_type: str = "generic"  # tier: agx, nx, tx2, or anything the operator uses
+    model_path: str = ""  # local Hugging Face model folder (offline)
+    data_path: str = ""  # CSV/JSONL with text,label (classification) or prompt,completion / text (causal LM)
+    task: str = "seq_cls"  # seq_cls | causal_lm
+    state_dir: str = "/var/lib/fedspine/node"
+    export_dir: str = ""  # where the final pruned, merged model goes; default <state_dir>/export
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16 (frozen base only; LoRA stays fp32)
+    memory_budget_mb: int = 0  # 0 = measure (total device/host memory)
+    gradient_checkpointing: bool = False
+    torch_threads: int = 0  # 0 = torch default
+    seed: int = 0
+    # Simulation only: the device profile this process stands for (virtual clock), see benchmarks/fleet.
+    profile_speed: float = 1.0
+    profile_uplink_mbps: float = 0.0  # 0 = real network, no virtual upload time
+    profile_latency_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        try:
+            check_node_id(self.id)
+        except ValueError as exc:
+            raise ConfigError(f"[node] id: {exc}") from None
+        if self.task not in ("seq_cls", "causal_lm"):
+            raise ConfigError(f"[node] task {self.task!r} must be seq_cls or causal_lm")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ConfigError(f"[node] dtype {self.dtype!r} must be auto, float32, float16 or bfloat16")
+        if self.profile_speed <= 0:
+            raise ConfigError(f"[node] profile_speed {self.profile_speed} must be > 0")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local training hyper-parameters (rank, τ and sparsity come from the coordinator each round)."""
+
+    batch_size: int = 16
+    max_length: int = 64
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    val_fraction: float = 0.1
+    eval_batches: int = 4  # batches of the local validation split used for loss_start / loss_end
+    importance_beta: float = 0.9
+    round_multiple: int = 1  # round kept FFN channels to a multiple of this (never below the target)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_length < 8:
+            raise ConfigError(f"[train] batch_size {self.batch_size} / max_length {self.max_length} too small")
+        if not 0 < self.learning_rate < 1:
+            raise ConfigError(f"[train] learning_rate {self.learning_rate} outside (0, 1)")
+        if not 0 <= self.importance_beta < 1:
+            raise ConfigError(f"[train] importance_beta {self.importance_beta} outside [0, 1)")
+        if not 0 < self.val_fraction < 0.5:
+            raise ConfigError(f"[train] val_fraction {self.val_fraction} outside (0, 0.5)")
+
+
+@dataclass(frozen=True)
+class TelemetrySettings:
+    provider: str = "auto"  # auto (jtop on a Jetson, else psutil) | jtop | psutil
+    interval_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.provider not in ("auto", "jtop", "psutil"):
+            raise ConfigError(f"[telemetry] provider {self.provider!r} must be auto, jtop or psutil")
+        if not 0.1 <= self.interval_s <= 3600:
+            raise ConfigError(f"[telemetry] interval_s {self.interval_s} outside [0.1, 3600]")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    broker: BrokerConfig
+    node: NodeSettings
+    train: TrainSettings = field(default_factory=TrainSettings)
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> NodeConfig:
+        unknown = sorted(set(data) - {"broker", "node", "train", "telemetry"})
+        if unknown:
+            raise ConfigError(f"unknown section(s) {unknown}")
+        if "node" not in data:
+            raise ConfigError("[node] section is required (at least id)")
+        return cls(
+            broker=from_mapping(BrokerConfig, data.get("broker"), "broker"),
+            node=from_mapping(NodeSettings, data.get("node"), "node"),
+            train=from_mapping(TrainSettings, data.get("train"), "train"),
+            telemetry=from_mapping(TelemetrySettings, data.get("telemetry"), "telemetry"),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> NodeConfig:
+        return cls.from_dict(load_toml(path))

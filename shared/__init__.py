@@ -1,0 +1,1 @@
+"""FedSpine fleet: shared package."""

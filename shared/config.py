@@ -1,0 +1,109 @@
+"""Self-checking config dataclasses shared by every process, and the TOML loader they all use.
+
+Each process reads one TOML file; every section maps onto one dataclass whose ``__post_init__`` raises
+``ConfigError`` naming the field and the bad value.  Unknown keys are errors too (typos must not pass).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+from shared.topics import DEFAULT_ROOT, Topics
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (JetPack 6)
+    import tomli as tomllib
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value that is missing, unknown or out of range."""
+
+
+def from_mapping(cls: type[T], data: dict[str, Any] | None, section: str) -> T:
+    """Build dataclass ``cls`` from a TOML table, refusing unknown keys."""
+    data = dict(data or {})
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"[{section}] unknown key(s) {unknown}; known: {sorted(names)}")
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in data and isinstance(data[f.name], list):
+            data[f.name] = tuple(data[f.name])
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise ConfigError(f"[{section}] {exc}") from None
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """How to reach the MQTT broker. ``url`` is mqtt://host:port or mqtts://host:port (TLS)."""
+
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str | None = None
+    password: str | None = None
+    password_file: str | None = None  # preferred in production: a file readable by the service only
+    ca_file: str | None = None  # CA bundle for mqtts://; system CAs when unset
+    topic_root: str = DEFAULT_ROOT
+    keepalive_s: int = 30
+    chunk_size: int = 256 * 1024
+    max_inflight: int = 20  # paho ignores the broker's receive maximum: keep this <= 20
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        u = urlparse(self.url)
+        if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+            raise ConfigError(f"[broker] url {self.url!r} must look like mqtt://host:1883 or mqtts://host:8883")
+        if not 4 * 1024 <= self.chunk_size <= 8 * 1024 * 1024:
+            raise ConfigError(f"[broker] chunk_size {self.chunk_size} outside [4 KiB, 8 MiB]")
+        if not 5 <= self.keepalive_s <= 3600:
+            raise ConfigError(f"[broker] keepalive_s {self.keepalive_s} outside [5, 3600]")
+        if not 1 <= self.max_inflight <= 20:
+            raise ConfigError(f"[broker] max_inflight {self.max_inflight} outside [1, 20]")
+        if self.password is not None and self.password_file is not None:
+            raise ConfigError("[broker] set password or password_file, not both")
+        Topics(self.topic_root)  # validates the root
+
+    @property
+    def host(self) -> str:
+        return urlparse(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        u = urlparse(self.url)
+        return u.port or (8883 if u.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlparse(self.url).scheme == "mqtts"
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.topic_root)
+
+    def resolved_password(self) -> str | None:
+        if self.password_file:
+            try:
+                return Path(self.password_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"[broker] cannot read password_file {self.password_file}: {exc}") from None
+        return self.password

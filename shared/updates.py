@@ -1,0 +1,218 @@
+"""The LoRA update exchange format: LoRA factors plus kept-index maps in the unpruned model's coordinates.
+
+A node that pruned its model still speaks about the *unpruned* model: for every adapted module it sends
+its factors ``A`` (r x len(cols)) and ``B`` (len(rows) x r), the sorted indices ``rows`` / ``cols`` of the
+output / input features it kept, the unpruned ``shape`` (out, in) and the LoRA ``scale`` (alpha / r), so
+that its update is ``scale * B @ A`` scattered into ``rows x cols`` of a zero (out, in) matrix.  Fully
+trained parameters that are never pruned (the task head) travel densely in ``dense``.
+
+On the wire an update is safetensors bytes (never pickle)::
+
+    lora.<module>.A       float32 [r, len(cols)]
+    lora.<module>.B       float32 [len(rows), r]
+    lora.<module>.rows    int64   [len(rows)]   sorted, unique, in [0, out)
+    lora.<module>.cols    int64   [len(cols)]   sorted, unique, in [0, in)
+    lora.<module>.shape   int64   [2]           (out, in) of the unpruned module
+    lora.<module>.scale   float32 [1]           alpha / r
+    dense.<param>         float32 [...]         e.g. dense.classifier.weight
+
+``<module>`` is the module's name relative to the transformers model (no peft prefixes), e.g.
+``bert.encoder.layer.0.attention.self.query`` or ``model.layers.0.mlp.up_proj``.
+``from_bytes`` validates everything (dtypes, shapes, index ranges, finite values, size limits) and raises
+``UpdateError`` naming the offending key; nothing unvalidated reaches the math.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+FORMAT = "fedspine-lora"
+FORMAT_VERSION = "1"
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class UpdateError(ValueError):
+    """An update that is malformed, inconsistent or outside the configured limits."""
+
+
+@dataclass(frozen=True)
+class UpdateLimits:
+    """Bounds applied when decoding an update from the network."""
+
+    max_bytes: int = 512 * 1024 * 1024
+    max_rank: int = 256
+    max_dim: int = 1 << 17
+    max_modules: int = 4096
+
+
+@dataclass(frozen=True)
+class ModuleUpdate:
+    """One adapted module's LoRA factors and kept-index maps (unpruned coordinates)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    shape: tuple[int, int]
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    def delta(self) -> torch.Tensor:
+        """The update on the kept coordinates: ``scale * B @ A`` (len(rows) x len(cols)), float32."""
+        return self.scale * (self.B.float() @ self.A.float())
+
+    def dense_delta(self) -> torch.Tensor:
+        """The update scattered into a zero matrix of the unpruned shape."""
+        out = torch.zeros(self.shape, dtype=torch.float32)
+        out[self.rows.unsqueeze(1), self.cols.unsqueeze(0)] = self.delta()
+        return out
+
+    def validate(self, name: str, limits: UpdateLimits = UpdateLimits()) -> None:
+        _check_module(name, self, limits)
+
+
+@dataclass(frozen=True)
+class LoraUpdate:
+    """A whole update: adapted modules plus densely trained parameters."""
+
+    modules: Mapping[str, ModuleUpdate]
+    dense: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    def validate(self, limits: UpdateLimits = UpdateLimits()) -> None:
+        if len(self.modules) > limits.max_modules:
+            raise UpdateError(f"update has {len(self.modules)} modules, more than {limits.max_modules}")
+        for name, mod in self.modules.items():
+            _check_module(name, mod, limits)
+        for name, t in self.dense.items():
+            _check_name(name)
+            if t.dtype not in _FLOAT_DTYPES:
+                raise UpdateError(f"dense.{name}: dtype {t.dtype} is not a float type")
+            if not torch.isfinite(t).all():
+                raise UpdateError(f"dense.{name}: contains NaN or Inf")
+
+    def norm(self) -> float:
+        """Sum over modules of the Frobenius norm of ``scale * B @ A`` (the spec's LoRA importance term)."""
+        return float(sum(torch.linalg.matrix_norm(m.delta()).item() for m in self.modules.values()))
+
+    def to_bytes(self) -> bytes:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, m in self.modules.items():
+            p = f"lora.{name}"
+            tensors[p + ".A"] = m.A.detach().float().contiguous().cpu()
+            tensors[p + ".B"] = m.B.detach().float().contiguous().cpu()
+            tensors[p + ".rows"] = m.rows.detach().to(torch.int64).contiguous().cpu()
+            tensors[p + ".cols"] = m.cols.detach().to(torch.int64).contiguous().cpu()
+            tensors[p + ".shape"] = torch.tensor(list(m.shape), dtype=torch.int64)
+            tensors[p + ".scale"] = torch.tensor([m.scale], dtype=torch.float32)
+        for name, t in self.dense.items():
+            tensors[f"dense.{name}"] = t.detach().float().contiguous().cpu()
+        return st_save(tensors, metadata={"format": FORMAT, "version": FORMAT_VERSION})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, limits: UpdateLimits = UpdateLimits()) -> LoraUpdate:
+        """Decode and validate; raise UpdateError for anything malformed."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise UpdateError(f"update must be bytes, got {type(data).__name__}")
+        if len(data) > limits.max_bytes:
+            raise UpdateError(f"update of {len(data)} bytes exceeds the limit of {limits.max_bytes}")
+        meta = _read_metadata(bytes(data))
+        if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+            raise UpdateError(f"not a {FORMAT} v{FORMAT_VERSION} update (metadata {meta!r})")
+        try:
+            tensors = st_load(bytes(data))
+        except (SafetensorError, ValueError, RuntimeError) as exc:  # malformed safetensors
+            raise UpdateError(f"malformed safetensors payload: {exc}") from None
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        dense: dict[str, torch.Tensor] = {}
+        for key, t in tensors.items():
+            if key.startswith("dense."):
+                dense[key[len("dense."):]] = t.float() if t.dtype in _FLOAT_DTYPES else t
+                continue
+            if not key.startswith("lora."):
+                raise UpdateError(f"unexpected tensor {key!r}")
+            name, _, part = key[len("lora."):].rpartition(".")
+            if part not in ("A", "B", "rows", "cols", "shape", "scale") or not name:
+                raise UpdateError(f"unexpected tensor {key!r}")
+            parts.setdefault(name, {})[part] = t
+        modules: dict[str, ModuleUpdate] = {}
+        for name, p in parts.items():
+            missing = {"A", "B", "rows", "cols", "shape", "scale"} - p.keys()
+            if missing:
+                raise UpdateError(f"lora.{name}: missing {sorted(missing)}")
+            for part in ("rows", "cols", "shape"):
+                if p[part].dtype != torch.int64 or p[part].dim() != 1:
+                    raise UpdateError(f"lora.{name}.{part}: must be a 1-d int64 tensor")
+            if p["shape"].numel() != 2 or p["scale"].numel() != 1 or p["scale"].dtype not in _FLOAT_DTYPES:
+                raise UpdateError(f"lora.{name}: shape must have 2 entries and scale 1 float")
+            for part in ("A", "B"):
+                if p[part].dtype not in _FLOAT_DTYPES:
+                    raise UpdateError(f"lora.{name}.{part}: dtype {p[part].dtype} is not a float type")
+            modules[name] = ModuleUpdate(
+                A=p["A"].float(), B=p["B"].float(), rows=p["rows"], cols=p["cols"],
+                shape=(int(p["shape"][0]), int(p["shape"][1])), scale=float(p["scale"][0]),
+            )
+        update = cls(modules=modules, dense=dense)
+        update.validate(limits)
+        return update
+
+
+def _read_metadata(data: bytes) -> dict[str, str]:
+    import json
+
+    if len(data) < 8:
+        raise UpdateError("update shorter than a safetensors header")
+    n = int.from_bytes(data[:8], "little")
+    if n <= 0 or 8 + n > len(data) or n > 100 * 1024 * 1024:
+        raise UpdateError(f"safetensors header length {n} does not fit a payload of {len(data)} bytes")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (ValueError, UnicodeDecodeError):
+        raise UpdateError("safetensors header is not valid JSON") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _check_name(name: str) -> None:
+    if not name or len(name) > 256 or any(c.isspace() for c in name):
+        raise UpdateError(f"invalid parameter name {name!r}")
+
+
+def _check_index(name: str, part: str, idx: torch.Tensor, bound: int) -> None:
+    if idx.numel() == 0:
+        raise UpdateError(f"lora.{name}.{part}: empty (a layer keeps at least one group)")
+    if int(idx.min()) < 0 or int(idx.max()) >= bound:
+        raise UpdateError(f"lora.{name}.{part}: indices outside [0, {bound})")
+    if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+        raise UpdateError(f"lora.{name}.{part}: indices must be sorted and unique")
+
+
+def _check_module(name: str, m: ModuleUpdate, limits: UpdateLimits) -> None:
+    _check_name(name)
+    out_dim, in_dim = m.shape
+    if not (0 < out_dim <= limits.max_dim and 0 < in_dim <= limits.max_dim):
+        raise UpdateError(f"lora.{name}.shape: {m.shape} outside (0, {limits.max_dim}]")
+    if m.A.dim() != 2 or m.B.dim() != 2:
+        raise UpdateError(f"lora.{name}: A and B must be matrices")
+    r = m.A.shape[0]
+    if not 1 <= r <= limits.max_rank:
+        raise UpdateError(f"lora.{name}: rank {r} outside [1, {limits.max_rank}]")
+    _check_index(name, "rows", m.rows, out_dim)
+    _check_index(name, "cols", m.cols, in_dim)
+    if tuple(m.A.shape) != (r, m.cols.numel()):
+        raise UpdateError(f"lora.{name}.A: shape {tuple(m.A.shape)} != (rank {r}, {m.cols.numel()} cols)")
+    if tuple(m.B.shape) != (m.rows.numel(), r):
+        raise UpdateError(f"lora.{name}.B: shape {tuple(m.B.shape)} != ({m.rows.numel()} rows, rank {r})")
+    if not (math.isfinite(m.scale) and m.scale > 0):
+        raise UpdateError(f"lora.{name}.scale: {m.scale} is not a positive finite number")
+    if not (torch.isfinite(m.A).all() and torch.isfinite(m.B).all()):
+        raise UpdateError(f"lora.{name}: A or B contains NaN or Inf")
