@@ -1,0 +1,70 @@
+"""structlog setup for every process: JSON lines in services, a console renderer on a terminal."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from typing import Any
+
+import structlog
+
+_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING, "ERROR": logging.ERROR,
+           "CRITICAL": logging.CRITICAL}
+_lock = threading.Lock()
+_configured: tuple[bool, str] | None = None
+
+
+def configure_logging(json: bool | None = None, level: str = "INFO") -> None:
+    """Configure structlog once per process (later calls with the same arguments are no-ops).
+
+    ``json=None`` picks JSON lines unless stderr is a terminal.  Timestamps are ISO 8601 UTC.  Standard
+    library loggers (paho, amqtt) are routed through the same renderer at the same level.
+    """
+    global _configured
+    level_name = level.upper()
+    if level_name not in _LEVELS:
+        raise ValueError(f"log level {level!r} is not one of {sorted(_LEVELS)}")
+    use_json = (not sys.stderr.isatty()) if json is None else bool(json)
+    with _lock:
+        if _configured == (use_json, level_name):
+            return
+        shared: list[Any] = [
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+        ]
+        renderer: Any
+        if use_json:
+            shared += [structlog.processors.format_exc_info]
+            renderer = structlog.processors.JSONRenderer()
+        else:
+            renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        structlog.configure(
+            processors=[*shared, renderer],
+            wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level_name]),
+            logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+            cache_logger_on_first_use=False,
+        )
+        # Standard-library logging (paho, amqtt, transformers) through the same renderer.
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+            processor=renderer,
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        ))
+        root = logging.getLogger()
+        for h in list(root.handlers):
+            if getattr(h, "_fedspine", False):
+                root.removeHandler(h)
+        handler._fedspine = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+        root.setLevel(max(_LEVELS[level_name], logging.INFO))
+        _configured = (use_json, level_name)
+
+
+def get_logger(name: str | None = None, **bind: Any) -> structlog.BoundLogger:
+    """A structlog logger with ``logger=name`` and ``bind`` bound once (bind node ids here, not in contextvars)."""
+    log = structlog.get_logger()
+    if name:
+        bind = {"logger": name, **bind}
+    return log.bind(**bind) if bind else log
