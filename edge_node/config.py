@@ -17,6 +17,8 @@ class NodeSettings:
     device_type: str = "generic"  # tier: agx, nx, tx2, or anything the operator uses
     model_path: str = ""  # local Hugging Face model folder (offline)
     data_path: str = ""  # CSV/JSONL with text,label (classification) or prompt,completion / text (causal LM)
+    labels: tuple[str, ...] = ()  # the fleet's class labels in order; empty = sorted labels of the local data
+    test_path: str = ""  # optional held-out test file on the device (evaluation only, never uploaded)
     task: str = "seq_cls"  # seq_cls | causal_lm
     state_dir: str = "/var/lib/fedspine/node"
     export_dir: str = ""  # where the final pruned, merged model goes; default <state_dir>/export
@@ -56,6 +58,7 @@ class TrainSettings:
     lora_dropout: float = 0.0
     val_fraction: float = 0.1
     eval_batches: int = 4  # batches of the local validation split used for loss_start / loss_end
+    test_batches: int = 8  # batches of the test file (if any) evaluated each round, for accuracy curves
     importance_beta: float = 0.9
     round_multiple: int = 1  # round kept FFN channels to a multiple of this (never below the target)
 

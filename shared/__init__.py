@@ -1,1 +1,3 @@
-"""FedSpine fleet: shared package."""
+"""FedSpine fleet: the wire protocol, topics, transport, config and logging shared by every process."""
+
+__version__ = "0.1.0"

@@ -1,10 +1,80 @@
-"""The ``fedspine`` command line (coordinator, node, simulate, monitor, broker tools)."""
+"""The ``fedspine`` command line: coordinator, node, simulate (the local fleet), monitor, broker tools."""
 
 from __future__ import annotations
 
+import argparse
 import sys
+
+from shared.logs import configure_logging
+
+
+def _coordinator(args: argparse.Namespace) -> int:
+    from coordinator.config import CoordinatorConfig
+    from coordinator.server import Coordinator
+
+    summary = Coordinator(CoordinatorConfig.load(args.config)).run()
+    return 0 if not summary.stopped_early else 3
+
+
+def _node(args: argparse.Namespace) -> int:
+    from edge_node.agent import NodeAgent
+    from edge_node.config import NodeConfig
+    from edge_node.telemetry import TelemetryPublisher, make_provider
+
+    cfg = NodeConfig.load(args.config)
+    if cfg.node.torch_threads:
+        import torch
+
+        torch.set_num_threads(cfg.node.torch_threads)
+    agent = NodeAgent(cfg)
+    provider = make_provider(cfg.telemetry, agent.log)
+    agent._telemetry = TelemetryPublisher(
+        provider, agent.transport.publish, agent.topics, cfg.node.id, cfg.telemetry.interval_s, agent.log
+    )
+    return agent.run()
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("fedspine: commands arrive with the coordinator and node agents", file=sys.stderr)
-    return 2
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="fedspine", description="FedSpine federated prune-and-tune over MQTT.")
+    parser.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
+                        help="log renderer (default: JSON unless stderr is a terminal)")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("coordinator", help="run the coordinator service")
+    p.add_argument("--config", required=True, help="coordinator TOML ([broker], [coordinator], [bandit], [reward])")
+    p = sub.add_parser("node", help="run an edge node agent")
+    p.add_argument("--config", required=True, help="node TOML ([broker], [node], [train], [telemetry])")
+    sub.add_parser("simulate", help="run a local fleet (embedded broker, coordinator, simulated Jetson nodes)",
+                   add_help=False)
+    sub.add_parser("monitor", help="live terminal view of a fleet (connects to the broker)", add_help=False)
+    sub.add_parser("broker", help="broker credentials, ACL and config tools", add_help=False)
+
+    # simulate, monitor and broker have their own parsers: they get the rest of the command line.
+    args, rest = parser.parse_known_args(argv)
+    configure_logging(json=None if args.log_format == "auto" else args.log_format == "json", level=args.log_level)
+    if args.command == "simulate":
+        from coordinator.simulate import main as simulate_main
+
+        return simulate_main(rest)
+    if args.command == "monitor":
+        from coordinator.monitor import main as monitor_main
+
+        return monitor_main(rest)
+    if args.command == "broker":
+        from broker_config.fedspine_broker import main as broker_main
+
+        return broker_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    from shared.config import ConfigError
+
+    try:
+        return _coordinator(args) if args.command == "coordinator" else _node(args)
+    except ConfigError as exc:
+        print(f"fedspine {args.command}: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

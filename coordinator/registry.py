@@ -1,0 +1,85 @@
+"""The fleet registry: which nodes exist, which are live, what they told us when they joined (pure, no MQTT)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from coordinator.strategy import NodeInfo
+from shared.messages import NodeStatus
+
+
+@dataclass
+class NodeEntry:
+    """What the coordinator knows about one node."""
+
+    node_id: str
+    device_type: str
+    model_id: str
+    memory_mb: int
+    software_version: str
+    online: bool
+    last_change: float
+    joined_round: int  # the round during which it (last) came online; it takes part from the next one
+
+    def info(self) -> NodeInfo:
+        return NodeInfo(node_id=self.node_id, device_type=self.device_type, memory_mb=self.memory_mb)
+
+
+class Registry:
+    """Live view of the fleet, fed with the retained presence messages (``node/<id>/status``)."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, NodeEntry] = {}
+
+    def apply(self, status: NodeStatus, now: float, current_round: int) -> str | None:
+        """Apply one presence message; return "joined", "left", "updated" or None (nothing changed)."""
+        entry = self._nodes.get(status.node_id)
+        online = status.state == "online"
+        if entry is None:
+            if not online:
+                return None  # a retained "offline" of a node we never saw: remember nothing
+            self._nodes[status.node_id] = NodeEntry(
+                node_id=status.node_id, device_type=status.device_type or "default", model_id=status.model_id,
+                memory_mb=status.memory_mb, software_version=status.software_version, online=True,
+                last_change=now, joined_round=current_round,
+            )
+            return "joined"
+        if online:
+            changed = not entry.online
+            entry.device_type = status.device_type or entry.device_type
+            entry.model_id = status.model_id or entry.model_id
+            entry.memory_mb = status.memory_mb or entry.memory_mb
+            entry.software_version = status.software_version or entry.software_version
+            if changed:
+                entry.online, entry.last_change, entry.joined_round = True, now, current_round
+                return "joined"
+            return "updated"
+        if entry.online:
+            entry.online, entry.last_change = False, now
+            return "left"
+        return None
+
+    def live(self, for_round: int | None = None) -> list[NodeInfo]:
+        """Live nodes, sorted by id; with ``for_round``, only those that joined before that round started."""
+        return [
+            e.info()
+            for e in sorted(self._nodes.values(), key=lambda e: e.node_id)
+            if e.online and (for_round is None or e.joined_round < for_round)
+        ]
+
+    def is_live(self, node_id: str) -> bool:
+        entry = self._nodes.get(node_id)
+        return bool(entry and entry.online)
+
+    def get(self, node_id: str) -> NodeEntry | None:
+        return self._nodes.get(node_id)
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def state_dict(self) -> dict:
+        return {nid: asdict(e) for nid, e in self._nodes.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore known nodes; presence is re-learnt from the broker's retained status messages."""
+        self._nodes = {nid: NodeEntry(**{**e, "online": False}) for nid, e in state.items()}

@@ -1,0 +1,180 @@
+"""Results of fleet runs: per-method figures from the coordinators' metrics JSONL, a table and plots.
+
+Virtual time: rounds are synchronous, so a round lasts as long as its slowest accepted node
+(``round_time_s``: the node's compute time / profile speed + upload / uplink + latency); the clock is the
+sum over rounds.  Accuracy: every node evaluates the global model (sliced to its structure) on the held-out
+test split at the start of each round, i.e. at the end of the previous one; the final figures come from the
+nodes' exported, pruned models.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from statistics import mean
+
+
+@dataclass
+class MethodResult:
+    method: str
+    rounds: int = 0
+    curve: list[tuple[float, float]] = field(default_factory=list)  # (virtual time s, fleet-mean test accuracy)
+    final_accuracy: float | None = None
+    final_sparsity: float | None = None
+    virtual_time_s: float = 0.0
+    wall_time_s: float = 0.0
+    idle_fraction: float | None = None  # mean over rounds
+    upload_bytes: int = 0
+    latency_ms: float | None = None
+    params: int | None = None
+    time_to_target_s: float | None = None
+    per_round_idle: list[float] = field(default_factory=list)
+    configs: dict[str, list[tuple[int, float, int]]] = field(default_factory=dict)  # node -> (round, sparsity, rank)
+
+
+def _rows(path: Path) -> list[dict]:
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
+def analyse(method: str, metrics_path: Path) -> MethodResult:
+    rows = _rows(metrics_path)
+    nodes = [r for r in rows if r.get("kind") == "node"]
+    exports = [r for r in rows if r.get("kind") == "export" and r.get("status") == "ok"]
+    res = MethodResult(method=method)
+    by_round: dict[int, list[dict]] = {}
+    for r in nodes:
+        by_round.setdefault(int(r["round"]), []).append(r)
+    clock = 0.0
+    for rnd in sorted(by_round):
+        ok = [r for r in by_round[rnd] if r.get("status") == "ok"]
+        if not ok:
+            continue
+        accs = [r["m_test_accuracy"] for r in ok if isinstance(r.get("m_test_accuracy"), (int, float))]
+        if accs:
+            res.curve.append((clock, mean(accs)))  # measured at the start of the round
+        times = [float(r.get("round_time_s", 0.0)) for r in ok]
+        slowest = max(times)
+        if not all(r.get("eval_only") for r in ok):
+            clock += slowest
+            res.wall_time_s += max(float(r.get("wall_s", 0.0)) for r in ok)
+            idle = mean((slowest - t) / slowest for t in times) if slowest > 0 else 0.0
+            res.per_round_idle.append(idle)
+            res.rounds += 1
+        res.upload_bytes += sum(int(r.get("upload_bytes", 0)) for r in ok)
+        for r in ok:
+            res.configs.setdefault(r["node"], []).append((rnd, float(r.get("sparsity", 0.0)), int(r.get("rank", 0))))
+    res.virtual_time_s = clock
+    if res.per_round_idle:
+        res.idle_fraction = mean(res.per_round_idle)
+    if exports:
+        accs = [e["metrics"]["accuracy"] for e in exports if "accuracy" in e.get("metrics", {})]
+        res.final_accuracy = mean(accs) if accs else None
+        res.final_sparsity = mean(float(e.get("sparsity", 0.0)) for e in exports)
+        res.latency_ms = mean(float(e.get("latency_ms", 0.0)) for e in exports)
+        res.params = round(mean(int(e.get("params", 0)) for e in exports))
+    elif res.curve:
+        res.final_accuracy = res.curve[-1][1]
+    return res
+
+
+def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
+    """First virtual time at which the curve reaches ``target`` (linear interpolation between points)."""
+    prev = None
+    for t, a in curve:
+        if a >= target:
+            if prev is None or prev[1] >= a:
+                return t
+            t0, a0 = prev
+            return t0 + (t - t0) * (target - a0) / (a - a0)
+        prev = (t, a)
+    return None
+
+
+def write_report(runs: dict[str, Path], out: Path, *, target_sparsity: float,
+                 target_accuracy: float | None = None) -> str:
+    """Analyse every method's metrics, write summary.md / summary.json / plots into ``out``; return the table."""
+    results = {m: analyse(m, p) for m, p in runs.items()}
+    reached = [max(a for _, a in r.curve) for r in results.values() if r.curve]
+    if target_accuracy is None and reached:
+        target_accuracy = min(reached)  # the best accuracy every method reached: a target all of them hit
+    for r in results.values():
+        r.time_to_target_s = time_to(r.curve, target_accuracy) if target_accuracy is not None else None
+    base = results.get("fedspine")
+    lines = [
+        f"Target sparsity {target_sparsity:.2f}; target accuracy {target_accuracy if target_accuracy is None else f'{target_accuracy:.3f}'}",
+        "",
+        "| method | rounds | final acc | final sparsity | virtual time (s) | time to target (s) | FedSpine speed-up | "
+        "idle / round | upload MB | latency ms | params |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def f(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+
+    for r in results.values():
+        speedup = None
+        if base is not None and base.time_to_target_s and r.time_to_target_s:
+            speedup = r.time_to_target_s / base.time_to_target_s
+        lines.append(
+            f"| {r.method} | {r.rounds} | {f(r.final_accuracy, '.3f')} | {f(r.final_sparsity, '.2f')} | "
+            f"{r.virtual_time_s:.0f} | {f(r.time_to_target_s, '.0f')} | {f(speedup, '.2f')}x | "
+            f"{f(r.idle_fraction, '.1%')} | {r.upload_bytes / 1e6:.1f} | {f(r.latency_ms, '.1f')} | {f(r.params, ',')} |"
+        )
+    table = "\n".join(lines)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text(table + "\n")
+    (out / "summary.json").write_text(json.dumps({"target_accuracy": target_accuracy,
+                                                  "methods": {m: asdict(r) for m, r in results.items()}}, indent=2))
+    _plots(results, out, target_accuracy)
+    return table
+
+
+def _plots(results: dict[str, MethodResult], out: Path, target: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results.values():
+        if r.curve:
+            ax.plot([t for t, _ in r.curve], [a for _, a in r.curve], marker="o", ms=3, label=r.method)
+    if target is not None:
+        ax.axhline(target, color="grey", ls="--", lw=0.8, label=f"target {target:.3f}")
+    ax.set(xlabel="virtual time (s)", ylabel="test accuracy (fleet mean)", title="Accuracy vs virtual time")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_time.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results.values():
+        if r.per_round_idle:
+            ax.plot(range(1, len(r.per_round_idle) + 1), r.per_round_idle, marker="o", ms=3, label=r.method)
+    ax.set(xlabel="round", ylabel="idle fraction", title="Idle fraction per round")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "idle_fraction.png", dpi=120)
+    plt.close(fig)
+
+    for r in results.values():
+        if not r.configs:
+            continue
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        for node, seq in sorted(r.configs.items()):
+            a1.plot([s[0] for s in seq], [s[1] for s in seq], marker="o", ms=3, label=node)
+            a2.plot([s[0] for s in seq], [s[2] for s in seq], marker="o", ms=3, label=node)
+        a1.set(xlabel="round", ylabel="sparsity", title=f"{r.method}: sparsity per node")
+        a2.set(xlabel="round", ylabel="LoRA rank", title=f"{r.method}: rank per node")
+        a1.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"configs_{r.method}.png", dpi=120)
+        plt.close(fig)

