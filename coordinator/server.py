@@ -7,6 +7,7 @@ all arrived or the deadline passed -> aggregate (if the quorum is met) -> update
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import signal
 import threading
@@ -83,6 +84,7 @@ class Coordinator:
         self.events: queue.Queue = queue.Queue()
         self.run_id = uuid.uuid4().hex[:12]
         self.round = 0  # the last completed round
+        self._last: dict[str, Assignment] = {}  # each node's latest assignment (for the final sync)
         self._stop = threading.Event()
         status_off = encode(CoordinatorStatus(state="offline", ts=time.time(), run_id=self.run_id))
         self.transport = transport or MqttTransport(
@@ -210,8 +212,10 @@ class Coordinator:
                     break
                 self._wait_for_nodes(rs.min_nodes, rs.join_timeout_s)
             summary.rounds_done = self.round
-            if rs.export_at_end and self.round >= rs.rounds and not self._stop.is_set():
-                summary.exports = self._export()
+            if self.round >= rs.rounds and not self._stop.is_set():
+                self._final_sync()
+                if rs.export_at_end:
+                    summary.exports = self._export()
             self._publish_status("finished" if self.round >= rs.rounds else "offline")
             return summary
         finally:
@@ -228,12 +232,15 @@ class Coordinator:
         self.round = int(state["round"])
         self.registry.load_state_dict(state["registry"])
         self.strategy.load_state_dict(state["strategy"])
+        self._last = {nid: Assignment(**{**a, "arm": tuple(a["arm"]) if a.get("arm") else None})
+                      for nid, a in state.get("last_assignments", {}).items()}
         self.log.info("resumed", run_id=self.run_id, round=self.round)
 
     def _checkpoint(self) -> None:
         self.store.save({
             "run_id": self.run_id, "round": self.round, "registry": self.registry.state_dict(),
             "strategy": self.strategy.state_dict(), "method": self.cfg.coordinator.method,
+            "last_assignments": {nid: dataclasses.asdict(a) for nid, a in self._last.items()},
         })
 
     def _wait_for_nodes(self, n: int, timeout_s: float) -> bool:
@@ -269,7 +276,57 @@ class Coordinator:
             log.warning("round_skipped", reason="no live nodes")
             return False
         assignments = self.strategy.configure_round(rnd, nodes)
-        deadline_ts = time.time() + rs.deadline_s
+        pending = self._send_configs(rnd, attempt, assignments)
+        log.info("round_started", participants=[a.node_id for a in assignments],
+                 configs={a.node_id: {"sparsity": round(a.target_sparsity, 4), "rank": a.rank} for a in assignments})
+
+        results, failures = self._collect(rnd, pending, time.monotonic() + rs.deadline_s, log)
+        for p in pending.values():
+            self.reassembler.forget(p.upload_tid)
+        quorum = max(1, int(-(-rs.quorum * len(assignments) // 1)))
+        if len(results) < quorum:
+            log.warning("round_below_quorum", accepted=len(results), quorum=quorum,
+                        failures={f.node_id: f.reason for f in failures})
+            self.strategy.record_failures(rnd, failures)
+            return False
+        summary = self.strategy.aggregate_round(rnd, results, failures)
+        self._last.update({a.node_id: a for a in assignments})
+        self.round = rnd
+        self._checkpoint()
+        self._write_metrics(rnd, assignments, results, failures, summary, pending)
+        log.info("round_done", accepted=len(results), failures={f.node_id: f.reason for f in failures},
+                 **summary.log_fields())
+        return True
+
+    def _final_sync(self) -> None:
+        """Send every live node the final aggregate (τ = 0): it evaluates and keeps it for the export."""
+        rnd = self.round + 1
+        log = self.log.bind(round=rnd)
+        assignments = [
+            Assignment(node_id=a.node_id, target_sparsity=a.target_sparsity, rank=a.rank, local_steps=0, arm=None)
+            for nid, a in sorted(self._last.items()) if self.registry.is_live(nid)
+        ]
+        if not assignments:
+            return
+        pending = self._send_configs(rnd, 0, assignments)
+        results, failures = self._collect(rnd, pending, time.monotonic() + self.cfg.coordinator.deadline_s, log)
+        for p in pending.values():
+            self.reassembler.forget(p.upload_tid)
+        for a in assignments:
+            p = pending[a.node_id]
+            rec = {"round": rnd, "node": a.node_id, "method": self.cfg.coordinator.method, "eval_only": True,
+                   "target_sparsity": a.target_sparsity, "rank": a.rank}
+            if p.report is not None and any(res.node_id == a.node_id for res in results):
+                rec.update(status="ok", sparsity=p.report.sparsity, round_time_s=0.0, upload_bytes=0,
+                           **{f"m_{k}": v for k, v in p.report.metrics.items()})
+            else:
+                rec.update(status=next((f.reason for f in failures if f.node_id == a.node_id), "missing"))
+            self.metrics.node_round(rec)
+        log.info("final_sync_done", accepted=len(results), failures={f.node_id: f.reason for f in failures})
+
+    def _send_configs(self, rnd: int, attempt: int, assignments: list[Assignment]) -> dict[str, _Pending]:
+        """Publish each participant's configuration and its slice of the global LoRA (chunked)."""
+        deadline_ts = time.time() + self.cfg.coordinator.deadline_s
         pending: dict[str, _Pending] = {}
         for a in assignments:
             up_tid = f"{self.run_id}.r{rnd}.a{attempt}.{a.node_id}.up"
@@ -286,25 +343,7 @@ class Coordinator:
             if g is not None:
                 self.transport.send_transfer(self.topics.node(a.node_id, "download"), g.to_bytes(), down_tid,
                                              COORDINATOR_ID)
-        log.info("round_started", participants=[a.node_id for a in assignments],
-                 configs={a.node_id: {"sparsity": round(a.target_sparsity, 4), "rank": a.rank} for a in assignments})
-
-        results, failures = self._collect(rnd, pending, time.monotonic() + rs.deadline_s, log)
-        for p in pending.values():
-            self.reassembler.forget(p.upload_tid)
-        quorum = max(1, int(-(-rs.quorum * len(assignments) // 1)))
-        if len(results) < quorum:
-            log.warning("round_below_quorum", accepted=len(results), quorum=quorum,
-                        failures={f.node_id: f.reason for f in failures})
-            self.strategy.record_failures(rnd, failures)
-            return False
-        summary = self.strategy.aggregate_round(rnd, results, failures)
-        self.round = rnd
-        self._checkpoint()
-        self._write_metrics(rnd, assignments, results, failures, summary, pending)
-        log.info("round_done", accepted=len(results), failures={f.node_id: f.reason for f in failures},
-                 **summary.log_fields())
-        return True
+        return pending
 
     def _dispatch_idle(self, ev: tuple, log) -> None:
         """Handle an event that arrives outside a round's collection window."""
