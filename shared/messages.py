@@ -1,0 +1,447 @@
+"""Every message on the wire as a frozen, self-validating dataclass, and the one codec that (de)serialises them.
+
+Wire form: a map ``{"type": <TYPE>, "v": <schema version>, <field>: <value>, ...}``.  Telemetry and
+presence (``WIRE = "json"``) are UTF-8 JSON so ``mosquitto_sub`` shows them as text; control messages and
+chunks (``WIRE = "msgpack"``) are msgpack, with chunk data as msgpack ``bin`` (no base64, no pickle).
+
+``decode`` is the only way network bytes become messages; it raises one exception type, ``ProtocolError``,
+whose text names the offending field and value.  Validation lives in ``__post_init__`` so an invalid
+message cannot be built locally either.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
+
+import msgpack
+
+from shared.topics import TopicError, check_node_id
+
+SCHEMA_VERSION = 1
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024 + 64 * 1024  # the largest chunk BrokerConfig allows, plus the envelope
+MAX_CHUNK_DATA = 8 * 1024 * 1024
+MAX_STR = 256
+MAX_ERROR_STR = 2048
+MAX_MAP_ITEMS = 64
+MAX_MISSING = 65536
+MAX_CHUNKS = 1 << 20
+MAX_TOTAL_SIZE = 1 << 40
+_TRANSFER_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
+_DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+_BIG = 1e12
+
+M = TypeVar("M", bound="Message")
+
+
+class ProtocolError(ValueError):
+    """A message that is malformed, of the wrong type or version, oversize or out of range."""
+
+
+def spec(default: Any = MISSING, *, lo: float | None = None, hi: float | None = None, choices: tuple = (),
+         max_len: int = MAX_STR, check: str = "", factory: Any = MISSING) -> Any:
+    """A dataclass field with its validation rules (bounds, allowed values, length, special check)."""
+    meta = {"lo": lo, "hi": hi, "choices": choices, "max_len": max_len, "check": check}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _fail(cls: type, name: str, value: Any, why: str) -> ProtocolError:
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return ProtocolError(f"{cls.__name__}.{name}: {why} (got {text})")
+
+
+def _check_number(cls: type, name: str, value: Any, meta: dict, kind: str) -> Any:
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(cls, name, value, "must be an integer")
+    else:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _fail(cls, name, value, "must be a number")
+        value = float(value)
+        if not math.isfinite(value):
+            raise _fail(cls, name, value, "must be finite")
+    lo, hi = meta["lo"], meta["hi"]
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise _fail(cls, name, value, f"outside [{lo}, {hi}]")
+    return value
+
+
+def _check_str(cls: type, name: str, value: Any, meta: dict) -> str:
+    if not isinstance(value, str):
+        raise _fail(cls, name, value, "must be a string")
+    if len(value) > meta["max_len"]:
+        raise _fail(cls, name, value, f"longer than {meta['max_len']} characters")
+    if meta["choices"] and value not in meta["choices"]:
+        raise _fail(cls, name, value, f"must be one of {list(meta['choices'])}")
+    check = meta["check"]
+    if check == "node_id":
+        try:
+            check_node_id(value)
+        except TopicError as exc:
+            raise _fail(cls, name, value, str(exc)) from None
+    elif check == "transfer_id" and not _TRANSFER_RE.match(value):
+        raise _fail(cls, name, value, "must be 1-200 of [A-Za-z0-9_.:-]")
+    elif check == "digest" and not _DIGEST_RE.match(value):
+        raise _fail(cls, name, value, "must be a sha256 digest in lowercase hex")
+    return value
+
+
+def _check_field(cls: type, name: str, value: Any, kind: str, meta: dict) -> Any:
+    if kind.endswith("?"):
+        if value is None:
+            return None
+        kind = kind[:-1]
+    if kind in ("int", "float"):
+        return _check_number(cls, name, value, meta, kind)
+    if kind == "str":
+        return _check_str(cls, name, value, meta)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise _fail(cls, name, value, "must be true or false")
+        return value
+    if kind == "bytes":
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise _fail(cls, name, value, "must be bytes")
+        if len(value) > meta["max_len"]:
+            raise _fail(cls, name, f"<{len(value)} bytes>", f"longer than {meta['max_len']} bytes")
+        return value
+    if kind == "map":  # dict[str, float]
+        if not isinstance(value, dict):
+            raise _fail(cls, name, value, "must be a map of name -> number")
+        if len(value) > MAX_MAP_ITEMS:
+            raise _fail(cls, name, f"<{len(value)} items>", f"more than {MAX_MAP_ITEMS} items")
+        out = {}
+        for k, x in value.items():
+            if not isinstance(k, str) or not 0 < len(k) <= 64:
+                raise _fail(cls, name, k, "keys must be strings of 1-64 characters")
+            out[k] = _check_number(cls, f"{name}[{k!r}]", x, meta, "float")
+        return out
+    if kind == "ints":  # list[int]
+        if not isinstance(value, (list, tuple)):
+            raise _fail(cls, name, value, "must be a list of integers")
+        if len(value) > meta["max_len"]:
+            raise _fail(cls, name, f"<{len(value)} items>", f"more than {meta['max_len']} items")
+        return [_check_number(cls, f"{name}[{i}]", x, meta, "int") for i, x in enumerate(value)]
+    raise AssertionError(f"unsupported field kind {kind}")  # pragma: no cover - guarded at import
+
+
+_KINDS = {"str": "str", "str | None": "str?", "int": "int", "float": "float", "float | None": "float?",
+          "bool": "bool", "bytes": "bytes", "dict[str, float]": "map", "list[int]": "ints"}
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of every wire message: ``TYPE`` tags it, ``WIRE`` picks JSON or msgpack, ``v`` is the schema."""
+
+    TYPE: ClassVar[str] = ""
+    WIRE: ClassVar[str] = "msgpack"
+    _schema: ClassVar[tuple[tuple[str, str, dict], ...]] = ()
+
+    v: int = field(default=SCHEMA_VERSION, kw_only=True)
+
+    def __post_init__(self) -> None:
+        cls = type(self)
+        if self.v != SCHEMA_VERSION or isinstance(self.v, bool):
+            raise _fail(cls, "v", self.v, f"unsupported schema version, this build speaks {SCHEMA_VERSION}")
+        for name, kind, meta in cls._schema:
+            value = getattr(self, name)
+            checked = _check_field(cls, name, value, kind, meta)
+            if checked is not value:
+                object.__setattr__(self, name, checked)  # int -> float, tuple -> list, fresh dicts
+        self._check()
+
+    def _check(self) -> None:
+        """Cross-field rules; subclasses override."""
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.TYPE, "v": self.v}
+        for name, _, _ in self._schema:
+            out[name] = getattr(self, name)
+        return out
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {}
+
+
+def message(cls: type[M]) -> type[M]:
+    """Class decorator: make ``cls`` a frozen dataclass, compile its schema and register its TYPE."""
+    cls = dataclass(frozen=True)(cls)
+    schema = []
+    for f in fields(cls):
+        if f.name == "v":
+            continue
+        kind = _KINDS.get(str(f.type))
+        if kind is None:
+            raise TypeError(f"{cls.__name__}.{f.name}: unsupported annotation {f.type!r}")
+        meta = dict(f.metadata) or {"lo": None, "hi": None, "choices": (), "max_len": MAX_STR, "check": ""}
+        schema.append((f.name, kind, meta))
+    cls._schema = tuple(schema)
+    if not cls.TYPE or cls.TYPE in MESSAGE_TYPES or cls.WIRE not in ("json", "msgpack"):
+        raise TypeError(f"{cls.__name__}: TYPE must be unique and WIRE json or msgpack")
+    MESSAGE_TYPES[cls.TYPE] = cls
+    return cls
+
+
+# ---- common field specs ---------------------------------------------------------------------------------
+def _node_id() -> Any:
+    return spec(check="node_id", max_len=64)
+
+
+def _ts() -> Any:
+    return spec(lo=0.0, hi=1e11)
+
+
+def _round(default: Any = MISSING) -> Any:
+    return spec(default, lo=-1, hi=10**9)
+
+
+def _count(default: Any = MISSING) -> Any:
+    return spec(default, lo=0, hi=_BIG)
+
+
+def _frac(default: Any = MISSING) -> Any:
+    return spec(default, lo=0.0, hi=1.0)
+
+
+def _seconds(default: Any = MISSING) -> Any:
+    return spec(default, lo=0.0, hi=1e9)
+
+
+def _percent() -> Any:
+    return spec(lo=0.0, hi=1e4)
+
+
+def _watts(default: Any = MISSING) -> Any:
+    return spec(default, lo=0.0, hi=1e5)
+
+
+# ---- presence and telemetry (JSON) ----------------------------------------------------------------------
+@message
+class NodeStatus(Message):
+    TYPE = "node_status"
+    WIRE = "json"
+    node_id: str = _node_id()
+    state: str = spec(choices=("online", "offline"))
+    ts: float = _ts()
+    device_type: str = spec("")
+    model_id: str = spec("")
+    memory_mb: int = _count(0)
+    software_version: str = spec("")
+    sparsity: float = _frac(0.0)
+    round: int = _round(-1)
+    telemetry_source: str = spec("")
+
+
+@message
+class CoordinatorStatus(Message):
+    TYPE = "coordinator_status"
+    WIRE = "json"
+    state: str = spec(choices=("online", "offline", "finished"))
+    ts: float = _ts()
+    run_id: str = spec("", max_len=64)
+    round: int = _round(-1)
+    method: str = spec("", max_len=64)
+
+
+@message
+class Telemetry(Message):
+    TYPE = "telemetry"
+    WIRE = "json"
+    node_id: str = _node_id()
+    ts: float = _ts()
+    source: str = spec(choices=("jtop", "psutil"))
+    power_w: float | None = _watts()
+    power_estimated: bool = spec()
+    rails_w: dict[str, float] = _watts()
+    cpu_percent: float = _percent()
+    gpu_percent: float | None = _percent()
+    ram_used_mb: float = spec(lo=0.0, hi=1e9)
+    ram_total_mb: float = spec(lo=0.0, hi=1e9)
+    temperatures_c: dict[str, float] = spec(lo=-273.15, hi=1000.0)
+    nvpmodel: str | None = spec(None, max_len=64)
+    round: int = _round(-1)
+    phase: str = spec("idle", max_len=32)
+
+
+@message
+class RoundTelemetry(Message):
+    TYPE = "round_telemetry"
+    WIRE = "json"
+    node_id: str = _node_id()
+    round: int = _round()
+    source: str = spec(max_len=32)
+    duration_s: float = _seconds()
+    energy_j: float | None = spec(lo=0.0, hi=_BIG)
+    avg_power_w: float | None = _watts()
+    power_estimated: bool = spec()
+    avg_cpu_percent: float = _percent()
+    avg_gpu_percent: float | None = _percent()
+    samples: int = _count()
+
+
+# ---- control (msgpack) ----------------------------------------------------------------------------------
+@message
+class RoundConfig(Message):
+    TYPE = "round_config"
+    run_id: str = spec(max_len=64)
+    round: int = spec(lo=0, hi=10**9)
+    target_sparsity: float = spec(lo=0.0, hi=0.999999)
+    rank: int = spec(lo=1, hi=4096)
+    local_steps: int = spec(lo=1, hi=10**7)
+    deadline_ts: float = _ts()
+    upload_transfer_id: str = spec(check="transfer_id")
+    download_transfer_id: str | None = spec(check="transfer_id")
+    prune_random: bool = spec(False)
+
+
+@message
+class RoundReport(Message):
+    TYPE = "round_report"
+    run_id: str = spec(max_len=64)
+    round: int = spec(lo=0, hi=10**9)
+    node_id: str = _node_id()
+    status: str = spec(choices=("ok", "oom", "error"))
+    error: str = spec("", max_len=MAX_ERROR_STR)
+    transfer_id: str = spec("", max_len=200)
+    upload_bytes: int = _count(0)
+    loss_start: float = spec(0.0, lo=-_BIG, hi=_BIG)
+    loss_end: float = spec(0.0, lo=-_BIG, hi=_BIG)
+    samples: int = _count(0)
+    compute_s: float = _seconds(0.0)
+    upload_s: float = _seconds(0.0)
+    virtual_s: float = _seconds(0.0)
+    sparsity: float = _frac(0.0)
+    rank: int = spec(0, lo=0, hi=4096)
+    energy_j: float | None = spec(None, lo=0.0, hi=_BIG)
+    avg_power_w: float | None = _watts(None)
+    power_source: str = spec("", max_len=32)
+    metrics: dict[str, float] = spec(lo=-_BIG, hi=_BIG, factory=dict)
+    peak_memory_mb: float = spec(0.0, lo=0.0, hi=1e9)
+
+
+@message
+class ExportReport(Message):
+    TYPE = "export_report"
+    run_id: str = spec(max_len=64)
+    node_id: str = _node_id()
+    status: str = spec(choices=("ok", "oom", "error"))
+    error: str = spec("", max_len=MAX_ERROR_STR)
+    path: str = spec("", max_len=1024)
+    size_bytes: int = _count(0)
+    params: int = _count(0)
+    sparsity: float = _frac(0.0)
+    latency_ms: float = _seconds(0.0)
+    metrics: dict[str, float] = spec(lo=-_BIG, hi=_BIG, factory=dict)
+
+
+@message
+class Command(Message):
+    TYPE = "command"
+    command: str = spec(choices=("export", "stop"))
+    run_id: str = spec(max_len=64)
+    round: int = _round(-1)
+
+
+# ---- chunked transfer (msgpack) -------------------------------------------------------------------------
+@message
+class Chunk(Message):
+    TYPE = "chunk"
+    transfer_id: str = spec(check="transfer_id")
+    sender: str = _node_id()
+    index: int = spec(lo=0, hi=MAX_CHUNKS - 1)
+    count: int = spec(lo=1, hi=MAX_CHUNKS)
+    total_size: int = spec(lo=0, hi=MAX_TOTAL_SIZE)
+    digest: str = spec(check="digest")
+    data: bytes = spec(max_len=MAX_CHUNK_DATA)
+
+    def _check(self) -> None:
+        if self.index >= self.count:
+            raise _fail(type(self), "index", self.index, f"must be < count {self.count}")
+        if len(self.data) > self.total_size:
+            raise _fail(type(self), "data", f"<{len(self.data)} bytes>", f"larger than total_size {self.total_size}")
+
+
+@message
+class ResendRequest(Message):
+    """Ask the sender of ``transfer_id`` for the chunks in ``missing`` (an empty list asks for all)."""
+
+    TYPE = "resend_request"
+    transfer_id: str = spec(check="transfer_id")
+    requester: str = _node_id()
+    missing: list[int] = spec(lo=0, hi=MAX_CHUNKS - 1, max_len=MAX_MISSING)
+
+
+# ---- codec ----------------------------------------------------------------------------------------------
+def encode(msg: Message) -> bytes:
+    """Serialise ``msg`` in its class's wire format."""
+    if not isinstance(msg, Message) or type(msg).TYPE not in MESSAGE_TYPES:
+        raise ProtocolError(f"cannot encode {type(msg).__name__}: not a registered message")
+    wire = msg.to_wire()
+    if msg.WIRE == "json":
+        return json.dumps(wire, allow_nan=False, separators=(",", ":")).encode()
+    return msgpack.packb(wire, use_bin_type=True)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ProtocolError(f"JSON constant {name} is not allowed (numbers must be finite)")
+
+
+def _parse(payload: bytes, wire: str, max_bytes: int) -> Any:
+    if wire == "json":
+        try:
+            return json.loads(bytes(payload).decode("utf-8"), parse_constant=_reject_constant)
+        except ProtocolError:
+            raise
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise ProtocolError(f"malformed JSON: {exc}") from None
+    try:
+        return msgpack.unpackb(payload, raw=False, strict_map_key=True, max_bin_len=max_bytes,
+                               max_str_len=min(max_bytes, 1 << 20), max_array_len=MAX_MISSING,
+                               max_map_len=1024, max_ext_len=0)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
+            RecursionError) as exc:
+        raise ProtocolError(f"malformed msgpack: {type(exc).__name__}: {exc}") from None
+
+
+def decode(payload: bytes, expected: type[M] | tuple[type, ...], *, max_bytes: int = MAX_MESSAGE_BYTES) -> M:
+    """Parse and validate ``payload`` as one of ``expected``; raise ProtocolError for anything else."""
+    types = expected if isinstance(expected, tuple) else (expected,)
+    if not types or not all(isinstance(t, type) and issubclass(t, Message) for t in types):
+        raise TypeError(f"expected must be message classes, got {expected!r}")
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"payload must be bytes, got {type(payload).__name__}")
+    if len(payload) > max_bytes:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds the limit of {max_bytes}")
+    if not payload:
+        raise ProtocolError("empty payload")
+    wires = {t.WIRE for t in types}
+    wire = wires.pop() if len(wires) == 1 else ("json" if bytes(payload[:1]) == b"{" else "msgpack")
+    data = _parse(payload, wire, max_bytes)
+    if not isinstance(data, dict):
+        raise ProtocolError(f"message must be a map, got {type(data).__name__}")
+    tag = data.pop("type", None)
+    by_tag = {t.TYPE: t for t in types}
+    cls = by_tag.get(tag) if isinstance(tag, str) else None
+    if cls is None:
+        raise ProtocolError(f"message type {tag!r} is not one of {sorted(by_tag)}")
+    if "v" not in data:
+        raise ProtocolError(f"{cls.__name__}.v: missing schema version")
+    names = {name for name, _, _ in cls._schema} | {"v"}
+    unknown = sorted(str(k) for k in data if k not in names)
+    if unknown:
+        raise ProtocolError(f"{cls.__name__}: unknown field(s) {unknown[:8]}")
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    absent = [n for n in required if n not in data]
+    if absent:
+        raise ProtocolError(f"{cls.__name__}: missing field(s) {absent}")
+    try:
+        return cls(**data)  # __post_init__ validates every field
+    except TypeError as exc:  # pragma: no cover - guarded above
+        raise ProtocolError(f"{cls.__name__}: {exc}") from None
