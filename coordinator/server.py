@@ -16,6 +16,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.transport import MqttTransport
+
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import MetricsWriter
 from coordinator.registry import Registry
@@ -37,7 +39,6 @@ from shared.messages import (
     encode,
 )
 from shared.topics import TopicError
-from shared.transport import MqttTransport
 from shared.updates import LoraUpdate, UpdateError, UpdateLimits
 
 COORDINATOR_ID = "coordinator"
@@ -268,6 +269,7 @@ class Coordinator:
     def _run_round(self, rnd: int, attempt: int) -> bool:
         rs = self.cfg.coordinator
         log = self.log.bind(round=rnd, attempt=attempt)
+        cpu0, wall0 = time.process_time(), time.monotonic()
         # Apply presence changes first so departures are not asked to work.
         while (ev := self._drain(0)) is not None:
             self._dispatch_idle(ev, log)
@@ -293,9 +295,10 @@ class Coordinator:
         self._last.update({a.node_id: a for a in assignments})
         self.round = rnd
         self._checkpoint()
-        self._write_metrics(rnd, assignments, results, failures, summary, pending)
+        cost = {"coordinator_cpu_s": time.process_time() - cpu0, "round_wall_s": time.monotonic() - wall0}
+        self._write_metrics(rnd, assignments, results, failures, summary, pending, cost)
         log.info("round_done", accepted=len(results), failures={f.node_id: f.reason for f in failures},
-                 **summary.log_fields())
+                 **{k: round(v, 3) for k, v in cost.items()}, **summary.log_fields())
         return True
 
     def _final_sync(self) -> None:
@@ -448,7 +451,7 @@ class Coordinator:
             energy_j=r.energy_j, upload_bytes=len(p.payload),
         )
 
-    def _write_metrics(self, rnd, assignments, results, failures, summary, pending) -> None:
+    def _write_metrics(self, rnd, assignments, results, failures, summary, pending, cost: dict) -> None:
         by_node = {res.node_id: res for res in results}
         for a in assignments:
             res, p = by_node.get(a.node_id), pending[a.node_id]
@@ -466,7 +469,8 @@ class Coordinator:
                 rec.update(status=next((f.reason for f in failures if f.node_id == a.node_id), "missing"))
             rec.update(summary.node_fields(a.node_id))
             self.metrics.node_round(rec)
-        self.metrics.round_summary({"round": rnd, "method": self.cfg.coordinator.method, **summary.round_fields()})
+        self.metrics.round_summary({"round": rnd, "method": self.cfg.coordinator.method, "participants": len(assignments),
+                                    "accepted": len(results), **cost, **summary.round_fields()})
 
     def _export(self) -> dict[str, ExportReport]:
         """Tell every node to export its final pruned, merged model locally and collect their reports."""

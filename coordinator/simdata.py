@@ -70,7 +70,7 @@ def dirichlet_split(labels: list[str] | np.ndarray, pool: np.ndarray, n_nodes: i
         want = np.floor(mix * samples_per_node).astype(int)
         want[int(np.argmax(mix))] += samples_per_node - int(want.sum())
         shard: list[int] = []
-        for c, k in zip(classes, want):
+        for c, k in zip(classes, want, strict=True):
             take = min(k, len(queues[c]))
             shard += [queues[c].pop() for _ in range(take)]
         while len(shard) < samples_per_node:  # refill from the largest remaining classes

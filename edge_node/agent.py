@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+from shared.transport import MqttTransport
 
 from edge_node.config import NodeConfig
 from shared import __version__ as SOFTWARE_VERSION
@@ -34,7 +35,6 @@ from shared.messages import (
     encode,
 )
 from shared.topics import TopicError
-from shared.transport import MqttTransport
 from shared.updates import LoraUpdate, UpdateError
 
 COORDINATOR_ID = "coordinator"

@@ -1,0 +1,110 @@
+"""A swarm of lightweight fleet nodes: real MQTT clients (one connection and client id each) that answer
+every round configuration with a small synthetic LoRA update, no training.
+
+Many paho clients share one thread per process through a selector, so thousands of nodes fit on two cores.
+Run as ``python -m benchmarks.coordinator.swarm --host H --port P --root R --first 0 --count 1000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import selectors
+import signal
+import time
+
+import paho.mqtt.client as mqtt
+import torch
+
+from shared.messages import Chunk, NodeStatus, ProtocolError, RoundConfig, RoundReport, decode, encode
+from shared.topics import Topics
+from shared.updates import LoraUpdate, ModuleUpdate
+
+MODULES = {"layer.0.query": (64, 64), "layer.0.ffn": (128, 64)}
+
+
+def synthetic_update(rank: int, seed: int) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    mods = {
+        name: ModuleUpdate(A=torch.randn(rank, d_in, generator=g) * 0.01, B=torch.randn(d_out, rank, generator=g) * 0.01,
+                           rows=torch.arange(d_out), cols=torch.arange(d_in), shape=(d_out, d_in), scale=2.0)
+        for name, (d_out, d_in) in MODULES.items()
+    }
+    return LoraUpdate(mods, {"classifier.weight": torch.randn(3, 64, generator=g)}).to_bytes()
+
+
+class LiteNode:
+    def __init__(self, node_id: str, topics: Topics, host: str, port: int) -> None:
+        self.node_id, self.topics, self.answered = node_id, topics, 0
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"lite-{node_id}",
+                                  protocol=mqtt.MQTTv311)
+        off = NodeStatus(node_id=node_id, state="offline", ts=time.time())
+        self.client.will_set(topics.node(node_id, "status"), encode(off), qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.connect(host, port, keepalive=120)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        client.subscribe(self.topics.node(self.node_id, "config"), qos=1)
+        st = NodeStatus(node_id=self.node_id, state="online", ts=time.time(), device_type="lite", memory_mb=1024)
+        client.publish(self.topics.node(self.node_id, "status"), encode(st), qos=1, retain=True)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        try:
+            cfg = decode(msg.payload, RoundConfig)
+        except ProtocolError:
+            return
+        data = synthetic_update(cfg.rank, hash((self.node_id, cfg.round)) & 0xFFFF)
+        chunk = Chunk(transfer_id=cfg.upload_transfer_id, sender=self.node_id, index=0, count=1,
+                      total_size=len(data), digest=hashlib.sha256(data).hexdigest(), data=data)
+        client.publish(self.topics.node(self.node_id, "upload"), encode(chunk), qos=1)
+        rep = RoundReport(run_id=cfg.run_id, round=cfg.round, node_id=self.node_id, status="ok",
+                          transfer_id=cfg.upload_transfer_id, upload_bytes=len(data), loss_start=1.0,
+                          loss_end=0.9, samples=32, compute_s=0.01, sparsity=cfg.target_sparsity, rank=cfg.rank)
+        client.publish(self.topics.node(self.node_id, "report"), encode(rep), qos=1)
+        self.answered += 1
+
+
+def run(host: str, port: int, root: str, first: int, count: int, duration_s: float) -> None:
+    topics = Topics(root)
+    sel = selectors.DefaultSelector()
+    nodes = []
+    for i in range(first, first + count):
+        n = LiteNode(f"lite-{i:05d}", topics, host, port)
+        sel.register(n.client.socket(), selectors.EVENT_READ, n)
+        nodes.append(n)
+    stop = False
+
+    def _stop(*_):
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    end, last_misc = time.monotonic() + duration_s, 0.0
+    while not stop and time.monotonic() < end:
+        for n in nodes:
+            if n.client.want_write():
+                n.client.loop_write()
+        for key, _ in sel.select(timeout=0.05):
+            key.data.client.loop_read()
+        if time.monotonic() - last_misc > 1.0:
+            last_misc = time.monotonic()
+            for n in nodes:
+                n.client.loop_misc()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--root", required=True)
+    ap.add_argument("--first", type=int, default=0)
+    ap.add_argument("--count", type=int, required=True)
+    ap.add_argument("--duration-s", type=float, default=3600)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    run(a.host, a.port, a.root, a.first, a.count, a.duration_s)
+
+
+if __name__ == "__main__":
+    main()
