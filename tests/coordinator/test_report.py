@@ -1,0 +1,60 @@
+"""Fleet results: virtual clock, idle fraction, time to target, the summary table and plots."""
+
+import json
+
+import pytest
+
+from coordinator.report import analyse, time_to, write_report
+
+
+def _write(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def _node(rnd, node, t, acc, **kw):
+    return {"kind": "node", "round": rnd, "node": node, "status": "ok", "round_time_s": t, "wall_s": t / 2,
+            "m_test_accuracy": acc, "upload_bytes": 1000, "sparsity": kw.pop("sparsity", 0.1), "rank": 8, **kw}
+
+
+def test_virtual_clock_idle_and_curve(tmp_path):
+    p = tmp_path / "m.jsonl"
+    _write(p, [
+        _node(1, "a", 10.0, 0.40), _node(1, "b", 5.0, 0.50),
+        _node(2, "a", 8.0, 0.60), _node(2, "b", 8.0, 0.70),
+        {"kind": "node", "round": 2, "node": "c", "status": "timeout"},
+        _node(3, "a", 0.0, 0.80, eval_only=True), _node(3, "b", 0.0, 0.90, eval_only=True),
+        {"kind": "export", "node": "a", "status": "ok", "metrics": {"accuracy": 0.8}, "sparsity": 0.3,
+         "latency_ms": 10.0, "params": 100},
+        {"kind": "export", "node": "b", "status": "ok", "metrics": {"accuracy": 0.9}, "sparsity": 0.35,
+         "latency_ms": 12.0, "params": 90},
+    ])
+    r = analyse("fedspine", p)
+    assert r.rounds == 2
+    assert r.virtual_time_s == pytest.approx(18.0)  # the slowest node of each round: 10 + 8
+    assert r.curve == [(0.0, pytest.approx(0.45)), (10.0, pytest.approx(0.65)), (18.0, pytest.approx(0.85))]
+    assert r.per_round_idle == [pytest.approx(0.25), pytest.approx(0.0)]  # round 1: b waits half of 10 s
+    assert r.final_accuracy == pytest.approx(0.85)
+    assert r.final_sparsity == pytest.approx(0.325)
+    assert r.upload_bytes == 6000
+
+
+def test_time_to_target_interpolates():
+    curve = [(0.0, 0.3), (10.0, 0.5), (20.0, 0.9)]
+    assert time_to(curve, 0.5) == pytest.approx(10.0)
+    assert time_to(curve, 0.7) == pytest.approx(15.0)
+    assert time_to(curve, 0.95) is None
+
+
+def test_report_table_and_plots(tmp_path):
+    fast, slow = tmp_path / "fast.jsonl", tmp_path / "slow.jsonl"
+    _write(fast, [_node(1, "a", 5.0, 0.3), _node(2, "a", 5.0, 0.6), _node(3, "a", 0.0, 0.8, eval_only=True)])
+    _write(slow, [_node(1, "a", 10.0, 0.3), _node(2, "a", 10.0, 0.6), _node(3, "a", 0.0, 0.7, eval_only=True)])
+    table = write_report({"fedspine": fast, "fedlora": slow}, tmp_path / "out", target_sparsity=0.3)
+    assert "| fedspine |" in table and "| fedlora |" in table
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["target_accuracy"] == pytest.approx(0.7)  # the best accuracy both methods reached
+    assert summary["methods"]["fedspine"]["time_to_target_s"] == pytest.approx(7.5)  # 5 s + half of the next 5 s
+    assert summary["methods"]["fedlora"]["time_to_target_s"] == pytest.approx(20.0)
+    assert "2.67x" in table  # fedlora needs 20 / 7.5 times the virtual time of fedspine
+    for png in ("accuracy_vs_time.png", "idle_fraction.png", "configs_fedspine.png"):
+        assert (tmp_path / "out" / png).stat().st_size > 1000
