@@ -1,0 +1,193 @@
+"""Broker administration: render mosquitto.conf and the ACL from the shared templates, manage node credentials.
+
+CLI (``python -m broker_config.fedspine_broker ...``)::
+
+    add-node NAME [--password-file F] [--password P] [--secret-out FILE] [--sighup PID]
+    remove-node NAME [--password-file F] [--sighup PID]
+    render-acl [--topic-root R] [--coordinator U ...] [--monitor U ...] [--out FILE]
+    render-config [--set KEY=VALUE ...] [--out FILE]
+
+Without ``--password`` a random password is generated and printed once (or written, mode 0600, to
+``--secret-out`` for the node's ``password_file``).  Mosquitto re-reads password and ACL files on SIGHUP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from shared.topics import DEFAULT_ROOT, TopicError, Topics, check_node_id
+
+TEMPLATE_DIR = Path(__file__).resolve().parent
+DEFAULT_PASSWORD_FILE = "/etc/mosquitto/fedspine.passwd"
+DEFAULT_COORDINATORS = ("coordinator",)
+RESERVED_USERS = ("coordinator", "monitor")
+
+
+class BrokerToolError(RuntimeError):
+    """A failed broker administration step (bad name, mosquitto_passwd error)."""
+
+
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), undefined=jinja2.StrictUndefined,
+                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+
+
+def render_config(**variables: Any) -> str:
+    """Render ``mosquitto.conf.j2``; unset variables take the template's documented defaults."""
+    return _env().get_template("mosquitto.conf.j2").render(**variables)
+
+
+def render_acl(topic_root: str = DEFAULT_ROOT, coordinator_users: Iterable[str] = DEFAULT_COORDINATORS,
+               monitor_users: Iterable[str] = ()) -> str:
+    """Render ``acl.j2`` for one topic root, the coordinator users and the read-only monitor users."""
+    Topics(topic_root)  # validates the root
+    coordinators, monitors = list(coordinator_users), list(monitor_users)
+    for u in coordinators + monitors:
+        _check_username(u)
+    if not coordinators:
+        raise BrokerToolError("at least one coordinator user is needed")
+    return _env().get_template("acl.j2").render(topic_root=topic_root, coordinator_users=coordinators,
+                                                monitor_users=monitors)
+
+
+def _check_username(name: str) -> str:
+    try:
+        return check_node_id(name)
+    except TopicError as exc:
+        raise BrokerToolError(f"invalid user name {name!r}: {exc}") from None
+
+
+def _passwd_bin() -> str:
+    exe = shutil.which("mosquitto_passwd")
+    if exe is None:
+        raise BrokerToolError("mosquitto_passwd not found: install the mosquitto package")
+    return exe
+
+
+def add_user(password_file: str | Path, username: str, password: str) -> None:
+    """Add or update ``username`` in ``password_file`` (created, mode 0640, if missing) via mosquitto_passwd -b."""
+    _check_username(username)
+    if not password or any(c in password for c in "\n\r\0"):
+        raise BrokerToolError("password must be non-empty and on one line")
+    path = Path(password_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    args = [_passwd_bin(), "-b", str(path), username, password]
+    if not path.exists():
+        args.insert(1, "-c")
+    res = subprocess.run(args, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise BrokerToolError(f"mosquitto_passwd failed for {username!r}: {(res.stderr or res.stdout).strip()}")
+    os.chmod(path, 0o640)
+
+
+def remove_user(password_file: str | Path, username: str) -> None:
+    """Remove ``username`` from ``password_file`` (an error if the file does not exist)."""
+    _check_username(username)
+    path = Path(password_file)
+    if not path.exists():
+        raise BrokerToolError(f"password file {path} does not exist")
+    res = subprocess.run([_passwd_bin(), "-D", str(path), username], capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise BrokerToolError(f"mosquitto_passwd -D failed for {username!r}: {(res.stderr or res.stdout).strip()}")
+
+
+def users_in(password_file: str | Path) -> list[str]:
+    """User names present in a mosquitto password file."""
+    path = Path(password_file)
+    if not path.exists():
+        return []
+    return [line.split(":", 1)[0] for line in path.read_text().splitlines() if ":" in line]
+
+
+def _write(text: str, out: str | None, mode: int = 0o644) -> None:
+    if out is None or out == "-":
+        sys.stdout.write(text)
+        return
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _sighup(pid: int | None) -> None:
+    if pid:
+        os.kill(pid, signal.SIGHUP)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fedspine-broker", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("add-node", help="add (or change) a node's MQTT credentials; user name == node id")
+    a.add_argument("name")
+    a.add_argument("--password-file", default=DEFAULT_PASSWORD_FILE)
+    a.add_argument("--password", help="default: a generated 32-character secret")
+    a.add_argument("--secret-out", help="write the password to this file (mode 0600) instead of printing it")
+    a.add_argument("--allow-reserved", action="store_true", help="allow the coordinator/monitor user names")
+    a.add_argument("--sighup", type=int, metavar="PID", help="make the running mosquitto reload")
+    r = sub.add_parser("remove-node", help="remove a node's credentials")
+    r.add_argument("name")
+    r.add_argument("--password-file", default=DEFAULT_PASSWORD_FILE)
+    r.add_argument("--sighup", type=int, metavar="PID")
+    acl = sub.add_parser("render-acl", help="render the ACL (node rules are patterns: no per-node lines)")
+    acl.add_argument("--topic-root", default=DEFAULT_ROOT)
+    acl.add_argument("--coordinator", action="append", help="coordinator user (repeatable)")
+    acl.add_argument("--monitor", action="append", default=[], help="read-only monitor user (repeatable)")
+    acl.add_argument("--out")
+    cfg = sub.add_parser("render-config", help="render mosquitto.conf")
+    cfg.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="template variable; VALUE parsed as JSON when possible (e.g. '[\"stderr\"]')")
+    cfg.add_argument("--out")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "add-node":
+            if args.name in RESERVED_USERS and not args.allow_reserved:
+                raise BrokerToolError(f"{args.name!r} is reserved for the coordinator/monitor ACL entries")
+            password = args.password or secrets.token_urlsafe(24)
+            add_user(args.password_file, args.name, password)
+            if args.secret_out:
+                _write(password + "\n", args.secret_out, mode=0o600)
+            elif not args.password:
+                print(password)
+            _sighup(args.sighup)
+        elif args.cmd == "remove-node":
+            remove_user(args.password_file, args.name)
+            _sighup(args.sighup)
+        elif args.cmd == "render-acl":
+            _write(render_acl(args.topic_root, args.coordinator or DEFAULT_COORDINATORS, args.monitor), args.out)
+        else:
+            variables = {}
+            for item in args.set:
+                key, sep, raw = item.partition("=")
+                if not sep or not key.isidentifier():
+                    raise BrokerToolError(f"--set expects KEY=VALUE, got {item!r}")
+                variables[key] = _parse_value(raw)
+            _write(render_config(**variables), args.out)
+    except (BrokerToolError, TopicError, OSError, jinja2.TemplateError) as exc:
+        print(f"fedspine-broker: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

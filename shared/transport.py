@@ -1,0 +1,369 @@
+"""Publish/subscribe transport: paho-mqtt 2.x over a real broker, and an in-memory bus with the same interface.
+
+Handlers registered with ``subscribe`` run on the transport's network thread with ``(topic, payload)``;
+they must only decode and enqueue.  An exception in a handler is logged and never stops the loop.
+``send_transfer`` cuts a payload into chunks (``shared.chunking``), publishes them with at most
+``max_inflight`` unacknowledged, and keeps them in an ``Outbox`` so ``resend`` can answer a
+``ResendRequest`` with only the missing chunks.
+"""
+
+from __future__ import annotations
+
+import queue
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from shared.chunking import Outbox, split
+from shared.config import BrokerConfig
+from shared.logs import get_logger
+from shared.messages import MAX_MESSAGE_BYTES, ResendRequest, encode
+from shared.topics import TopicError, Topics
+
+Handler = Callable[[str, bytes], None]
+CHUNK_OVERHEAD = 1024  # envelope of a Chunk beyond its data: type, ids, digest, counters
+_CHUNK_KINDS = ("upload", "download")
+
+
+class TransportError(RuntimeError):
+    """The broker refused us, could not be reached, or a payload breaks the transport's limits."""
+
+
+class _Base:
+    """What both transports share: payload limits, chunked sends through an Outbox, handler isolation."""
+
+    def __init__(self, topics: Topics, chunk_size: int, max_inflight: int, log: Any, outbox_bytes: int) -> None:
+        self.topics = topics
+        self.chunk_size = chunk_size
+        self.max_inflight = max_inflight
+        self.log = log
+        self.outbox = Outbox(outbox_bytes)
+        self.connected = threading.Event()
+        self._handlers: dict[str, tuple[Handler, int]] = {}
+
+    def _limit(self, topic: str) -> int:
+        try:
+            if self.topics.parse(topic).kind in _CHUNK_KINDS:
+                return self.chunk_size + CHUNK_OVERHEAD
+        except TopicError:
+            pass
+        return MAX_MESSAGE_BYTES
+
+    def _check_publish(self, topic: str, payload: bytes, qos: int) -> None:
+        if qos not in (0, 1, 2):
+            raise ValueError(f"qos must be 0, 1 or 2, got {qos}")
+        limit = self._limit(topic)
+        if len(payload) > limit:
+            raise TransportError(f"payload of {len(payload)} bytes for {topic} exceeds {limit} bytes; "
+                                 "use send_transfer for large payloads")
+
+    def _call(self, handler: Handler, topic: str, payload: bytes) -> None:
+        try:
+            handler(topic, payload)
+        except Exception:  # noqa: BLE001 - a handler bug must not kill the network thread
+            self.log.exception("handler_failed", topic=topic, size=len(payload))
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        raise NotImplementedError
+
+    def _publish_flow(self, topic: str, payload: bytes) -> None:
+        self.publish(topic, payload, qos=1)
+
+    def send_transfer(self, topic: str, payload: bytes, transfer_id: str, sender: str) -> int:
+        """Publish ``payload`` as chunks on ``topic`` (flow-controlled, QoS 1); return the number of chunks."""
+        chunks = split(payload, transfer_id, sender, self.chunk_size)
+        self.outbox.add(chunks)
+        for c in chunks:
+            self._publish_flow(topic, encode(c))
+        self.log.debug("transfer_sent", topic=topic, transfer=transfer_id, chunks=len(chunks), size=len(payload))
+        return len(chunks)
+
+    def resend(self, topic: str, request: ResendRequest) -> int:
+        """Publish only the chunks ``request`` lists (all when its list is empty); return how many."""
+        chunks = self.outbox.get(request.transfer_id, request.missing)
+        if not chunks:
+            self.log.warning("resend_unknown_transfer", transfer=request.transfer_id, requester=request.requester)
+            return 0
+        for c in chunks:
+            self._publish_flow(topic, encode(c))
+        return len(chunks)
+
+
+class MqttTransport(_Base):
+    """paho-mqtt 2.x client (MQTT 3.1.1 by default, so the embedded amqtt broker works too)."""
+
+    def __init__(self, broker: BrokerConfig, client_id: str, *, will: tuple[str, bytes] | None = None,
+                 on_connect: Callable[[], None] | None = None, clean_session: bool = True, log: Any = None,
+                 protocol: int = mqtt.MQTTv311, outbox_bytes: int = 1 << 30, stall_s: float = 30.0) -> None:
+        super().__init__(broker.topics, broker.chunk_size, broker.max_inflight,
+                         log or get_logger("transport", client_id=client_id), outbox_bytes)
+        self.broker = broker
+        self.client_id = client_id
+        self._user_on_connect = on_connect
+        self._stall_s = stall_s
+        self._cv = threading.Condition()
+        self._pending: set[int] = set()  # mids published and not yet acknowledged
+        self._early: set[int] = set()  # mids acknowledged before publish() returned them
+        self._refused: str | None = None
+        self._stopping = False
+        self._net_thread: int | None = None
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
+                        clean_session=clean_session if protocol != mqtt.MQTTv5 else None)
+        if broker.username:
+            c.username_pw_set(broker.username, broker.resolved_password())
+        if broker.tls:
+            c.tls_set(ca_certs=broker.ca_file, cert_reqs=ssl.CERT_REQUIRED)
+        if will is not None:
+            c.will_set(will[0], will[1], qos=1, retain=True)
+        c.reconnect_delay_set(broker.reconnect_min_s, broker.reconnect_max_s)  # type: ignore[arg-type]
+        c.max_inflight_messages_set(broker.max_inflight)
+        c.max_queued_messages_set(0)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_publish = self._on_publish
+        c.on_message = self._on_unrouted
+        self.client = c
+
+    # ---- paho callbacks (network thread) -------------------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        self._net_thread = threading.get_ident()
+        if reason_code.is_failure:
+            self._refused = str(reason_code)
+            self.log.error("broker_refused", reason=str(reason_code), url=self.broker.url,
+                           username=self.broker.username)
+            return
+        self._refused = None
+        subs = [(f, qos) for f, (_, qos) in self._handlers.items()]
+        if subs:
+            client.subscribe(subs)
+        self.connected.set()
+        self.log.info("broker_connected", url=self.broker.url, subscriptions=len(subs))
+        if self._user_on_connect is not None:
+            try:
+                self._user_on_connect()
+            except Exception:  # noqa: BLE001
+                self.log.exception("on_connect_failed")
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
+                       properties: Any) -> None:
+        was = self.connected.is_set()
+        self.connected.clear()
+        with self._cv:
+            self._cv.notify_all()
+        if was and not self._stopping:
+            self.log.warning("broker_disconnected", reason=str(reason_code))
+        elif was:
+            self.log.info("broker_disconnected", reason=str(reason_code))
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        with self._cv:
+            if mid in self._pending:
+                self._pending.discard(mid)
+            else:
+                self._early.add(mid)
+            self._cv.notify_all()
+
+    def _on_unrouted(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        # Some brokers deliver retained messages of topics we never subscribed to: drop them.
+        self.log.debug("unexpected_message_dropped", topic=msg.topic, size=len(msg.payload))
+
+    # ---- public API ----------------------------------------------------------------------------------
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        """Route ``topic_filter`` to ``handler``; (re)subscribed on every connect."""
+        self._handlers[topic_filter] = (handler, qos)
+        self.client.message_callback_add(
+            topic_filter, lambda _c, _u, msg, h=handler: self._call(h, msg.topic, msg.payload))
+        if self.connected.is_set():
+            self.client.subscribe(topic_filter, qos)
+
+    def start(self, timeout_s: float = 15.0) -> None:
+        """Connect and start the network thread; wait for the first CONNACK or raise TransportError."""
+        b = self.broker
+        self.client.connect_async(b.host, b.port, keepalive=b.keepalive_s)
+        self.client.loop_start()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.connected.wait(0.05):
+                return
+            if self._refused is not None:
+                self._shutdown()
+                raise TransportError(f"broker {b.url} refused {b.username or 'anonymous'!r}: {self._refused}")
+        self._shutdown()
+        raise TransportError(f"no connection to {b.url} within {timeout_s} s")
+
+    def _shutdown(self) -> None:
+        self._stopping = True
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def stop(self, flush_s: float = 5.0) -> None:
+        """Flush outstanding QoS 1 publishes (up to ``flush_s``), then disconnect gracefully."""
+        if self.connected.is_set() and threading.get_ident() != self._net_thread:
+            self.wait_published(flush_s)
+        self._shutdown()
+        self.connected.clear()
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        """Queue a publish (thread-safe; while disconnected paho keeps QoS >= 1 messages for later)."""
+        self._check_publish(topic, payload, qos)
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        if qos == 0 and info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self.log.debug("qos0_dropped_offline", topic=topic)
+            return
+        with self._cv:
+            if info.mid in self._early:
+                self._early.discard(info.mid)
+            else:
+                self._pending.add(info.mid)
+
+    def _publish_flow(self, topic: str, payload: bytes) -> None:
+        """Publish once fewer than ``max_inflight`` publishes are unacknowledged (never blocks the network
+        thread; while disconnected or stalled for ``stall_s`` paho's queue takes over)."""
+        if threading.get_ident() != self._net_thread:
+            waited_since = time.monotonic()
+            with self._cv:
+                while (len(self._pending) >= self.max_inflight and self.connected.is_set()
+                       and time.monotonic() - waited_since < self._stall_s):
+                    self._cv.wait(0.5)
+        self.publish(topic, payload, qos=1)
+
+    def wait_published(self, timeout_s: float) -> bool:
+        """Wait until every publish so far is acknowledged; False on timeout.  Never call from a handler."""
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            while self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(min(left, 0.5))
+        return True
+
+    @property
+    def outstanding(self) -> int:
+        with self._cv:
+            return len(self._pending)
+
+
+class MemoryBus:
+    """In-process broker: wildcard routing, retained messages, last wills; ``drop(topic, payload)`` may
+    return True to lose a message (fault injection in tests)."""
+
+    def __init__(self, drop: Callable[[str, bytes], bool] | None = None) -> None:
+        self.drop = drop
+        self._lock = threading.Lock()
+        self._clients: list[MemoryTransport] = []
+        self._retained: dict[str, bytes] = {}
+        self.delivered = 0
+
+    def attach(self, t: MemoryTransport) -> None:
+        with self._lock:
+            if t not in self._clients:
+                self._clients.append(t)
+
+    def detach(self, t: MemoryTransport) -> None:
+        with self._lock:
+            if t in self._clients:
+                self._clients.remove(t)
+
+    def retained(self, topic_filter: str) -> list[tuple[str, bytes]]:
+        with self._lock:
+            return [(t, p) for t, p in self._retained.items() if mqtt.topic_matches_sub(topic_filter, t)]
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        payload = bytes(payload)
+        with self._lock:
+            if retain:
+                if payload:
+                    self._retained[topic] = payload
+                else:
+                    self._retained.pop(topic, None)
+            clients = list(self._clients)
+        if self.drop is not None and self.drop(topic, payload):
+            return
+        for c in clients:
+            if c._wants(topic):
+                c._inbox.put((topic, payload))
+                self.delivered += 1
+
+
+class MemoryTransport(_Base):
+    """Same interface as MqttTransport on a MemoryBus; handlers run on this transport's own thread."""
+
+    def __init__(self, bus: MemoryBus, client_id: str, *, will: tuple[str, bytes] | None = None,
+                 on_connect: Callable[[], None] | None = None, topics: Topics | None = None,
+                 chunk_size: int = 256 * 1024, max_inflight: int = 20, log: Any = None,
+                 outbox_bytes: int = 1 << 30) -> None:
+        super().__init__(topics or Topics(), chunk_size, max_inflight,
+                         log or get_logger("transport", client_id=client_id), outbox_bytes)
+        self.bus = bus
+        self.client_id = client_id
+        self.will = will
+        self._user_on_connect = on_connect
+        self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def _wants(self, topic: str) -> bool:
+        return self.connected.is_set() and any(mqtt.topic_matches_sub(f, topic) for f in self._handlers)
+
+    def _run(self) -> None:
+        while True:
+            item = self._inbox.get()
+            if item is None:
+                return
+            topic, payload = item
+            for f, (handler, _) in list(self._handlers.items()):
+                if mqtt.topic_matches_sub(f, topic):
+                    self._call(handler, topic, payload)
+            self._inbox.task_done()
+
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        self._handlers[topic_filter] = (handler, qos)
+        if self.connected.is_set():
+            for topic, payload in self.bus.retained(topic_filter):
+                self._inbox.put((topic, payload))
+
+    def start(self, timeout_s: float = 15.0) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"memory-{self.client_id}", daemon=True)
+        self._thread.start()
+        self.connected.set()
+        self.bus.attach(self)
+        for f in list(self._handlers):
+            for topic, payload in self.bus.retained(f):
+                self._inbox.put((topic, payload))
+        if self._user_on_connect is not None:
+            self._user_on_connect()
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        self._check_publish(topic, payload, qos)
+        if not self.connected.is_set():
+            raise TransportError(f"{self.client_id} is not connected")
+        self.bus.publish(topic, payload, retain=retain)
+
+    def wait_published(self, timeout_s: float) -> bool:
+        return True
+
+    def _close(self) -> None:
+        self.connected.clear()
+        self.bus.detach(self)
+        if self._thread is not None:
+            self._inbox.put(None)
+            if threading.current_thread() is not self._thread:
+                self._thread.join(timeout=5)
+            self._thread = None
+
+    def stop(self, flush_s: float = 5.0) -> None:
+        """Graceful disconnect: the will is not published."""
+        self._close()
+
+    def kill(self) -> None:
+        """Ungraceful loss (like SIGKILL): the broker publishes the will."""
+        self._close()
+        if self.will is not None:
+            self.bus.publish(self.will[0], self.will[1], retain=True)
