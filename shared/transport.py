@@ -13,7 +13,7 @@ import queue
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -22,7 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from shared.chunking import Outbox, split
 from shared.config import BrokerConfig
 from shared.logs import get_logger
-from shared.messages import MAX_MESSAGE_BYTES, ResendRequest, encode
+from shared.messages import MAX_MESSAGE_BYTES, Chunk, ResendRequest, encode
 from shared.topics import TopicError, Topics
 
 Handler = Callable[[str, bytes], None]
@@ -74,12 +74,19 @@ class _Base:
     def _publish_flow(self, topic: str, payload: bytes) -> None:
         self.publish(topic, payload, qos=1)
 
+    def publish_chunks(self, topic: str, chunks: Iterable[Chunk]) -> int:
+        """Publish ``chunks`` in the given order (flow-controlled, QoS 1); return how many."""
+        n = 0
+        for c in chunks:
+            self._publish_flow(topic, encode(c))
+            n += 1
+        return n
+
     def send_transfer(self, topic: str, payload: bytes, transfer_id: str, sender: str) -> int:
         """Publish ``payload`` as chunks on ``topic`` (flow-controlled, QoS 1); return the number of chunks."""
         chunks = split(payload, transfer_id, sender, self.chunk_size)
         self.outbox.add(chunks)
-        for c in chunks:
-            self._publish_flow(topic, encode(c))
+        self.publish_chunks(topic, chunks)
         self.log.debug("transfer_sent", topic=topic, transfer=transfer_id, chunks=len(chunks), size=len(payload))
         return len(chunks)
 
@@ -89,9 +96,7 @@ class _Base:
         if not chunks:
             self.log.warning("resend_unknown_transfer", transfer=request.transfer_id, requester=request.requester)
             return 0
-        for c in chunks:
-            self._publish_flow(topic, encode(c))
-        return len(chunks)
+        return self.publish_chunks(topic, chunks)
 
 
 class MqttTransport(_Base):
@@ -184,6 +189,7 @@ class MqttTransport(_Base):
     def start(self, timeout_s: float = 15.0) -> None:
         """Connect and start the network thread; wait for the first CONNACK or raise TransportError."""
         b = self.broker
+        self._stopping = False
         self.client.connect_async(b.host, b.port, keepalive=b.keepalive_s)
         self.client.loop_start()
         deadline = time.monotonic() + timeout_s

@@ -1,0 +1,1 @@
+"""Transport benchmark: chunked transfer vs raw single-message mosquitto throughput."""
