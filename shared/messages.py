@@ -403,7 +403,7 @@ def _parse(payload: bytes, wire: str, max_bytes: int) -> Any:
             raise ProtocolError(f"malformed JSON: {exc}") from None
     try:
         return msgpack.unpackb(payload, raw=False, strict_map_key=True, max_bin_len=max_bytes,
-                               max_str_len=min(max_bytes, 1 << 20), max_array_len=MAX_MISSING,
+                               max_str_len=min(max_bytes, 1 << 20), max_array_len=2 * MAX_MISSING,
                                max_map_len=1024, max_ext_len=0)
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
             RecursionError) as exc:

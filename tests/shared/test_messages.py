@@ -1,0 +1,211 @@
+"""Every wire message: round trip through the codec, and the table of payloads the codec must reject."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import msgpack
+import pytest
+
+from shared.messages import (
+    MESSAGE_TYPES,
+    SCHEMA_VERSION,
+    Chunk,
+    Command,
+    CoordinatorStatus,
+    ExportReport,
+    Message,
+    NodeStatus,
+    ProtocolError,
+    ResendRequest,
+    RoundConfig,
+    RoundReport,
+    RoundTelemetry,
+    Telemetry,
+    decode,
+    encode,
+)
+
+DATA = bytes(range(256)) * 4
+SAMPLES: list[Message] = [
+    NodeStatus(node_id="node-a", state="online", ts=1.7e9, device_type="orin-nano", model_id="minilm",
+               memory_mb=7620, software_version="0.1.0", sparsity=0.25, round=3, telemetry_source="jtop"),
+    CoordinatorStatus(state="finished", ts=1.7e9, run_id="abc123", round=10, method="fedspine"),
+    Telemetry(node_id="node-a", ts=1.7e9, source="jtop", power_w=7.25, power_estimated=False,
+              rails_w={"VDD_IN": 7.25, "VDD_CPU_GPU_CV": 2.5}, cpu_percent=41.5, gpu_percent=88.0,
+              ram_used_mb=3100.0, ram_total_mb=7620.0, temperatures_c={"cpu": 51.2, "gpu": 49.0},
+              nvpmodel="15W", round=2, phase="train"),
+    Telemetry(node_id="node-b", ts=1.7e9, source="psutil", power_w=None, power_estimated=True, rails_w={},
+              cpu_percent=12.0, gpu_percent=None, ram_used_mb=1.0, ram_total_mb=2.0, temperatures_c={}),
+    RoundTelemetry(node_id="node-a", round=2, source="jtop", duration_s=31.5, energy_j=220.5, avg_power_w=7.0,
+                   power_estimated=False, avg_cpu_percent=40.0, avg_gpu_percent=None, samples=63),
+    RoundConfig(run_id="abc123", round=4, target_sparsity=0.3, rank=8, local_steps=20, deadline_ts=1.7e9 + 60,
+                upload_transfer_id="abc123.r4.a0.node-a.up", download_transfer_id=None),
+    RoundConfig(run_id="abc123", round=5, target_sparsity=0.0, rank=16, local_steps=1, deadline_ts=1.7e9,
+                upload_transfer_id="u", download_transfer_id="abc123.r5.a1.node-a.down", prune_random=True),
+    RoundReport(run_id="abc123", round=4, node_id="node-a", status="ok", transfer_id="abc123.r4.a0.node-a.up",
+                upload_bytes=123456, loss_start=0.69, loss_end=0.41, samples=640, compute_s=12.5, upload_s=0.8,
+                virtual_s=14.0, sparsity=0.3, rank=8, energy_j=95.0, avg_power_w=7.1, power_source="jtop",
+                metrics={"val_accuracy": 0.81, "test_accuracy": 0.8}, peak_memory_mb=812.5),
+    RoundReport(run_id="abc123", round=4, node_id="node-b", status="oom", error="CUDA out of memory"),
+    ExportReport(run_id="abc123", node_id="node-a", status="ok", path="/var/lib/fedspine/export", size_bytes=9_000_000,
+                 params=15_000_000, sparsity=0.5, latency_ms=3.2, metrics={"test_accuracy": 0.79}),
+    Command(command="export", run_id="abc123", round=10),
+    Command(command="stop", run_id="abc123"),
+    Chunk(transfer_id="abc123.r4.a0.node-a.up", sender="node-a", index=2, count=3, total_size=3 * len(DATA),
+          digest=hashlib.sha256(DATA * 3).hexdigest(), data=DATA),
+    ResendRequest(transfer_id="abc123.r4.a0.node-a.up", requester="coordinator", missing=[0, 5, 17]),
+    ResendRequest(transfer_id="t", requester="node-a", missing=[]),
+]
+
+
+def test_every_message_type_has_a_sample() -> None:
+    assert {type(m).TYPE for m in SAMPLES} == set(MESSAGE_TYPES)
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip(msg: Message) -> None:
+    wire = encode(msg)
+    back = decode(wire, type(msg))
+    assert back == msg
+    assert type(back) is type(msg)
+    plain = json.loads(wire) if msg.WIRE == "json" else msgpack.unpackb(wire)
+    assert plain["type"] == msg.TYPE and plain["v"] == SCHEMA_VERSION
+    if msg.WIRE == "json":  # readable with mosquitto_sub: plain UTF-8 JSON
+        wire.decode("utf-8")
+
+
+def test_decode_picks_among_expected_types() -> None:
+    report, export = SAMPLES[7], SAMPLES[9]
+    assert decode(encode(report), (RoundReport, ExportReport)) == report
+    assert decode(encode(export), (RoundReport, ExportReport)) == export
+    status, cmd = SAMPLES[0], SAMPLES[10]
+    assert decode(encode(status), (NodeStatus, Command)) == status  # mixed wires: sniffed
+    assert decode(encode(cmd), (NodeStatus, Command)) == cmd
+
+
+def test_chunk_data_travels_as_msgpack_bin_without_base64() -> None:
+    chunk = SAMPLES[12]
+    assert isinstance(chunk, Chunk)
+    wire = encode(chunk)
+    assert len(wire) < len(chunk.data) + 200
+    assert DATA in wire
+
+
+def _wire(msg: Message, **changes: object) -> dict:
+    w = msg.to_wire()
+    for k, v in changes.items():
+        if v is _DROP:
+            w.pop(k)
+        else:
+            w[k] = v
+    return w
+
+
+_DROP = object()
+CMD = Command(command="stop", run_id="r1")
+CFG = SAMPLES[5]
+REPORT = SAMPLES[7]
+CHUNK = SAMPLES[12]
+STATUS = SAMPLES[0]
+TELEMETRY = SAMPLES[2]
+
+
+def _mp(w: dict) -> bytes:
+    return msgpack.packb(w, use_bin_type=True)
+
+
+def _js(w: dict) -> bytes:
+    return json.dumps(w).encode()
+
+
+# (case id, payload, expected type(s), a fragment the error must contain)
+REJECTIONS = [
+    ("malformed-msgpack", b"\xc1\x00\x01", Command, "malformed msgpack"),
+    ("truncated-msgpack", encode(CMD)[:-3], Command, "malformed msgpack"),
+    ("trailing-bytes", encode(CMD) + b"\x00", Command, "malformed msgpack"),
+    ("malformed-json", b'{"type": "node_status", ', NodeStatus, "malformed JSON"),
+    ("invalid-utf8-json", b'{"type": "\xff"}', NodeStatus, "malformed JSON"),
+    ("empty", b"", Command, "empty payload"),
+    ("not-bytes", "text", Command, "must be bytes"),
+    ("not-a-map-msgpack", _mp([1, 2, 3]), Command, "must be a map"),  # type: ignore[arg-type]
+    ("not-a-map-json", b"[1, 2]", NodeStatus, "must be a map"),
+    ("missing-type", _mp(_wire(CMD, type=_DROP)), Command, "message type None"),
+    ("wrong-type", encode(CMD), RoundConfig, "'command' is not one of ['round_config']"),
+    ("wrong-version", _mp(_wire(CMD, v=SCHEMA_VERSION + 1)), Command, "Command.v"),
+    ("version-as-string", _mp(_wire(CMD, v="1")), Command, "Command.v"),
+    ("missing-version", _mp(_wire(CMD, v=_DROP)), Command, "Command.v: missing"),
+    ("json-wrong-version", _js(_wire(STATUS, v=0)), NodeStatus, "NodeStatus.v"),
+    ("unknown-field", _mp(_wire(CMD, evil=1)), Command, "unknown field(s) ['evil']"),
+    ("missing-field", _mp(_wire(CFG, rank=_DROP)), RoundConfig, "missing field(s) ['rank']"),
+    ("wrong-field-type", _mp(_wire(CMD, round="3")), Command, "Command.round: must be an integer"),
+    ("bool-as-int", _mp(_wire(CFG, rank=True)), RoundConfig, "RoundConfig.rank: must be an integer"),
+    ("float-as-int", _mp(_wire(CHUNK, index=1.0)), Chunk, "Chunk.index: must be an integer"),
+    ("bad-choice", _mp(_wire(CMD, command="rm -rf")), Command, "Command.command: must be one of"),
+    ("out-of-range", _mp(_wire(CFG, target_sparsity=1.5)), RoundConfig, "RoundConfig.target_sparsity: outside"),
+    ("negative-count", _mp(_wire(REPORT, upload_bytes=-1)), RoundReport, "RoundReport.upload_bytes: outside"),
+    ("nan-msgpack", _mp(_wire(REPORT, loss_end=math.nan)), RoundReport, "RoundReport.loss_end: must be finite"),
+    ("inf-msgpack", _mp(_wire(CFG, deadline_ts=math.inf)), RoundConfig, "RoundConfig.deadline_ts: must be finite"),
+    ("nan-in-map", _mp(_wire(REPORT, metrics={"acc": math.nan})), RoundReport, "metrics['acc']: must be finite"),
+    ("nan-json", _js(_wire(TELEMETRY, cpu_percent=math.nan)), Telemetry, "NaN is not allowed"),
+    ("infinity-json", _js(_wire(TELEMETRY, power_w=math.inf)), Telemetry, "Infinity is not allowed"),
+    ("oversize", _mp(_wire(CMD, run_id="x" * 300)), Command, "exceeds the limit of 100"),
+    ("long-string", _mp(_wire(CMD, run_id="x" * 300)), Command, "Command.run_id: longer than 64"),
+    ("long-error", _mp(_wire(REPORT, error="e" * 5000)), RoundReport, "RoundReport.error: longer than 2048"),
+    ("long-list", _mp(_wire(ResendRequest("t", "node-a", []), missing=list(range(65537)))), ResendRequest,
+     "ResendRequest.missing: more than 65536 items"),
+    ("huge-list", _mp({"type": "resend_request", "v": 1, "missing": [0] * 200_000}), ResendRequest,
+     "max_array_len"),
+    ("big-map", _mp(_wire(REPORT, metrics={f"m{i}": 1.0 for i in range(65)})), RoundReport,
+     "RoundReport.metrics: more than 64 items"),
+    ("map-of-strings", _mp(_wire(REPORT, metrics={"acc": "high"})), RoundReport, "must be a number"),
+    ("bad-node-id", _js(_wire(STATUS, node_id="node/a/#")), NodeStatus, "NodeStatus.node_id: invalid node id"),
+    ("bad-transfer-id", _mp(_wire(CHUNK, transfer_id="a/b")), Chunk, "Chunk.transfer_id"),
+    ("bad-digest", _mp(_wire(CHUNK, digest="abc")), Chunk, "Chunk.digest: must be a sha256"),
+    ("index-out-of-range", _mp(_wire(CHUNK, index=3)), Chunk, "Chunk.index: must be < count 3"),
+    ("data-not-bytes", _mp(_wire(CHUNK, data="text")), Chunk, "Chunk.data: must be bytes"),
+    ("data-over-total", _mp(_wire(CHUNK, total_size=10)), Chunk, "Chunk.data"),
+    ("json-null-required", _js(_wire(STATUS, ts=None)), NodeStatus, "NodeStatus.ts: must be a number"),
+    ("bool-field-int", _js(_wire(TELEMETRY, power_estimated=1)), Telemetry, "power_estimated: must be true or false"),
+]
+
+
+@pytest.mark.parametrize(("payload", "expected", "fragment"), [r[1:] for r in REJECTIONS],
+                         ids=[r[0] for r in REJECTIONS])
+def test_rejections(payload: bytes, expected: type, fragment: str) -> None:
+    max_bytes = 100 if fragment.startswith("exceeds the limit of 100") else 1 << 24
+    with pytest.raises(ProtocolError) as err:
+        decode(payload, expected, max_bytes=max_bytes)
+    assert fragment in str(err.value)
+
+
+def test_protocol_error_is_a_value_error() -> None:
+    assert issubclass(ProtocolError, ValueError)
+
+
+@pytest.mark.parametrize(("build", "fragment"), [
+    (lambda: Command(command="reboot", run_id="r"), "Command.command"),
+    (lambda: RoundConfig(run_id="r", round=0, target_sparsity=1.0, rank=8, local_steps=1, deadline_ts=0.0,
+                         upload_transfer_id="u", download_transfer_id=None), "target_sparsity"),
+    (lambda: NodeStatus(node_id="", state="online", ts=0.0), "node_id"),
+    (lambda: RoundReport(run_id="r", round=0, node_id="a", status="ok", energy_j=-1.0), "energy_j"),
+    (lambda: Chunk(transfer_id="t", sender="a", index=0, count=1, total_size=1, digest="0" * 64, data=b"ab"),
+     "Chunk.data"),
+    (lambda: Command(command="stop", run_id="r", v=2), "Command.v"),
+], ids=["choice", "sparsity-one", "empty-node", "negative-energy", "data-over-total", "version"])
+def test_invalid_messages_cannot_be_built_locally(build, fragment: str) -> None:
+    with pytest.raises(ProtocolError, match=fragment.replace("(", r"\(")):
+        build()
+
+
+def test_numbers_are_normalised() -> None:
+    msg = decode(_js(_wire(TELEMETRY, cpu_percent=3, ts=17)), Telemetry)
+    assert isinstance(msg.cpu_percent, float) and msg.cpu_percent == 3.0
+    assert isinstance(msg.ts, float)
+
+
+def test_encode_refuses_non_messages() -> None:
+    with pytest.raises(ProtocolError):
+        encode({"type": "command"})  # type: ignore[arg-type]
