@@ -1,0 +1,103 @@
+"""The broker admin tool: rendered config and ACL, credentials via mosquitto_passwd, the CLI."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from broker_config.fedspine_broker import (
+    BrokerToolError,
+    add_user,
+    main,
+    remove_user,
+    render_acl,
+    render_config,
+    users_in,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _lines(text: str) -> list[str]:
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def test_production_defaults() -> None:
+    conf = _lines(render_config())
+    for line in ("per_listener_settings false", "allow_anonymous false", "persistence true",
+                 "password_file /etc/mosquitto/fedspine.passwd", "acl_file /etc/mosquitto/fedspine.acl",
+                 "max_packet_size 1048576", "listener 1883 127.0.0.1", "user mosquitto"):
+        assert line in conf
+    assert not any(ln.startswith("message_size_limit") for ln in conf)
+    assert not any(ln.startswith("certfile") for ln in conf)  # no TLS without certificate paths
+
+
+def test_tls_listener_when_certificates_are_set() -> None:
+    conf = _lines(render_config(tls_cafile="/etc/ssl/ca.crt", tls_certfile="/etc/ssl/b.crt",
+                                tls_keyfile="/etc/ssl/b.key", port=0, log_dest=["stderr"]))
+    assert "listener 8883 0.0.0.0" in conf and "cafile /etc/ssl/ca.crt" in conf and "keyfile /etc/ssl/b.key" in conf
+    assert not any(ln.startswith("listener 1883") for ln in conf)  # port 0 disables the plain listener
+    assert "log_dest stderr" in conf
+
+
+def test_committed_example_config_matches_the_template() -> None:
+    example = (REPO / "broker_config" / "mosquitto.conf").read_text()
+    assert example == render_config(tls_cafile="/etc/mosquitto/certs/ca.crt",
+                                    tls_certfile="/etc/mosquitto/certs/broker.crt",
+                                    tls_keyfile="/etc/mosquitto/certs/broker.key")
+
+
+def test_acl_patterns_pin_nodes_to_their_subtree() -> None:
+    acl = _lines(render_acl("fleet/v1", ["coordinator", "coord2"], ["grafana"]))
+    assert acl.count("topic readwrite fleet/v1/#") == 2
+    writes = {ln.split()[-1] for ln in acl if ln.startswith("pattern write")}
+    reads = {ln.split()[-1] for ln in acl if ln.startswith("pattern read")}
+    assert writes == {f"fleet/v1/node/%u/{k}" for k in
+                      ("status", "telemetry", "telemetry/round", "report", "upload", "missing")}
+    assert reads == {"fleet/v1/node/%u/config", "fleet/v1/node/%u/download", "fleet/v1/node/%u/resend",
+                     "fleet/v1/broadcast/#", "fleet/v1/coordinator/status"}
+    i = acl.index("user grafana")
+    assert all(ln.startswith("topic read ") for ln in acl[i + 1:i + 5])
+
+
+@pytest.mark.parametrize("bad", ["a/b", "#", "", "x" * 80])
+def test_acl_refuses_bad_user_names(bad: str) -> None:
+    with pytest.raises(BrokerToolError):
+        render_acl("fedspine/v1", [bad])
+
+
+def test_add_and_remove_users(tmp_path: Path) -> None:
+    pw = tmp_path / "sub" / "passwd"
+    add_user(pw, "node-a", "s1")
+    add_user(pw, "node-b", "s2")
+    add_user(pw, "node-a", "s3")  # update, not duplicate
+    assert users_in(pw) == ["node-a", "node-b"]
+    assert "s1" not in pw.read_text() and pw.read_text().count("$7$") == 2  # hashed
+    assert stat.S_IMODE(pw.stat().st_mode) == 0o640
+    remove_user(pw, "node-a")
+    assert users_in(pw) == ["node-b"]
+    with pytest.raises(BrokerToolError):
+        add_user(pw, "bad/name", "x")
+    with pytest.raises(BrokerToolError):
+        remove_user(tmp_path / "missing", "node-b")
+
+
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pw, secret = tmp_path / "passwd", tmp_path / "node-a.secret"
+    assert main(["add-node", "node-a", "--password-file", str(pw), "--secret-out", str(secret)]) == 0
+    assert len(secret.read_text().strip()) >= 32 and stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert main(["add-node", "node-b", "--password-file", str(pw)]) == 0
+    generated = capsys.readouterr().out.strip()
+    assert len(generated) >= 32
+    assert main(["add-node", "coordinator", "--password-file", str(pw)]) == 2  # reserved name
+    assert users_in(pw) == ["node-a", "node-b"]
+    assert main(["render-acl", "--monitor", "monitor", "--out", str(tmp_path / "acl")]) == 0
+    assert "user monitor" in (tmp_path / "acl").read_text()
+    assert main(["render-config", "--set", "port=1884", "--set", 'log_dest=["stderr"]',
+                 "--out", str(tmp_path / "m.conf")]) == 0
+    assert "listener 1884 127.0.0.1" in (tmp_path / "m.conf").read_text()
+    assert main(["render-config", "--set", "oops"]) == 2
+    assert main(["remove-node", "node-a", "--password-file", str(pw)]) == 0
+    assert users_in(pw) == ["node-b"]
