@@ -14,7 +14,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -28,6 +28,22 @@ from shared.topics import TopicError, Topics
 Handler = Callable[[str, bytes], None]
 CHUNK_OVERHEAD = 1024  # envelope of a Chunk beyond its data: type, ids, digest, counters
 _CHUNK_KINDS = ("upload", "download")
+
+
+class Transport(Protocol):
+    """What round logic may use: implemented by MqttTransport and MemoryTransport."""
+
+    connected: threading.Event
+    topics: Topics
+    chunk_size: int
+
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None: ...
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None: ...
+    def start(self, timeout_s: float = 15.0) -> None: ...
+    def stop(self, flush_s: float = 5.0) -> None: ...
+    def wait_published(self, timeout_s: float) -> bool: ...
+    def send_transfer(self, topic: str, payload: bytes, transfer_id: str, sender: str) -> int: ...
+    def resend(self, topic: str, request: ResendRequest) -> int: ...
 
 
 class TransportError(RuntimeError):
@@ -115,6 +131,7 @@ class MqttTransport(_Base):
         self._pending: set[int] = set()  # mids published and not yet acknowledged
         self._early: set[int] = set()  # mids acknowledged before publish() returned them
         self._refused: str | None = None
+        self._sub_lock = threading.Lock()
         self._stopping = False
         self._net_thread: int | None = None
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
@@ -143,10 +160,11 @@ class MqttTransport(_Base):
                            username=self.broker.username)
             return
         self._refused = None
-        subs = [(f, qos) for f, (_, qos) in self._handlers.items()]
-        if subs:
-            client.subscribe(subs)
-        self.connected.set()
+        with self._sub_lock:  # subscribe() in another thread either sees connected or is in this list
+            subs = [(f, qos) for f, (_, qos) in self._handlers.items()]
+            if subs:
+                client.subscribe(subs)
+            self.connected.set()
         self.log.info("broker_connected", url=self.broker.url, subscriptions=len(subs))
         if self._user_on_connect is not None:
             try:
@@ -180,11 +198,12 @@ class MqttTransport(_Base):
     # ---- public API ----------------------------------------------------------------------------------
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
         """Route ``topic_filter`` to ``handler``; (re)subscribed on every connect."""
-        self._handlers[topic_filter] = (handler, qos)
         self.client.message_callback_add(
             topic_filter, lambda _c, _u, msg, h=handler: self._call(h, msg.topic, msg.payload))
-        if self.connected.is_set():
-            self.client.subscribe(topic_filter, qos)
+        with self._sub_lock:
+            self._handlers[topic_filter] = (handler, qos)
+            if self.connected.is_set():
+                self.client.subscribe(topic_filter, qos)
 
     def start(self, timeout_s: float = 15.0) -> None:
         """Connect and start the network thread; wait for the first CONNACK or raise TransportError."""
@@ -353,7 +372,17 @@ class MemoryTransport(_Base):
         self.bus.publish(topic, payload, retain=retain)
 
     def wait_published(self, timeout_s: float) -> bool:
-        return True
+        """Wait until every other transport on the bus has handled what it was sent (quiescence)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self.bus._lock:
+                busy = [c for c in self.bus._clients
+                        if c._inbox.unfinished_tasks and (c._thread is None or c._thread.ident != threading.get_ident())]
+            if not busy:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.002)
 
     def _close(self) -> None:
         self.connected.clear()

@@ -138,3 +138,25 @@ def test_transfer_with_losses_is_completed_by_resend(memory_bus: MemoryBus) -> N
     assert node.resend(T.node("node-a", "upload"), ResendRequest("unknown", "coordinator", [0])) == 0
     node.stop()
     coord.stop()
+
+
+def test_wait_published_waits_for_handlers(memory_bus: MemoryBus) -> None:
+    seen: list[bytes] = []
+
+    def slow(topic: str, payload: bytes) -> None:
+        import time
+
+        time.sleep(0.05)
+        seen.append(payload)
+
+    coord = MemoryTransport(memory_bus, "coordinator")
+    coord.subscribe(T.node_filter("report"), slow)
+    coord.start()
+    node = MemoryTransport(memory_bus, "node-a")
+    node.start()
+    for i in range(3):
+        node.publish(T.node("node-a", "report"), bytes([i]))
+    assert node.wait_published(5)
+    assert seen == [b"\x00", b"\x01", b"\x02"]
+    node.stop()
+    coord.stop()
