@@ -163,7 +163,10 @@ class Reassembler:
                           topic_sender=topic_sender, index=chunk.index, count=chunk.count, reason=reason)
 
     def feed(self, chunk: Chunk, sender_from_topic: str) -> bytes | None:
-        """Store ``chunk``; return the whole payload once every chunk is in and the digest matches."""
+        """Store ``chunk``; return the whole payload once every chunk is in and the digest matches.
+
+        The payload is returned as the reassembly buffer itself (a ``bytearray`` now owned by the caller,
+        bytes-like and equal to the sent bytes): no final copy of a possibly large payload."""
         if not isinstance(chunk, Chunk):
             raise ProtocolError(f"feed expects a Chunk, got {type(chunk).__name__}")
         with self._lock:
@@ -216,7 +219,7 @@ class Reassembler:
                 return None
             del self._transfers[chunk.transfer_id]
             self._done.append(chunk.transfer_id)
-            return bytes(t.buf)
+            return t.buf  # type: ignore[return-value] - bytes-like; saves a copy of the whole payload
 
     def missing(self, transfer_id: str) -> list[int]:
         """Indices still missing (``[0]`` while nothing arrived; ``[]`` for an unknown transfer)."""

@@ -2,8 +2,10 @@
 
 Handlers registered with ``subscribe`` run on the transport's network thread with ``(topic, payload)``;
 they must only decode and enqueue.  An exception in a handler is logged and never stops the loop.
-``send_transfer`` cuts a payload into chunks (``shared.chunking``), publishes them with at most
-``max_inflight`` unacknowledged, and keeps them in an ``Outbox`` so ``resend`` can answer a
+``send_transfer`` cuts a payload into chunks (``shared.chunking``) and publishes them with flow control:
+paho puts at most ``max_inflight`` on the wire, and the sender hands paho at most ``window`` (default
+4 x ``max_inflight``) unacknowledged chunks, so paho always has the next chunk ready when a PUBACK
+arrives while memory stays bounded.  Chunks stay in an ``Outbox`` so ``resend`` can answer a
 ``ResendRequest`` with only the missing chunks.
 """
 
@@ -120,13 +122,15 @@ class MqttTransport(_Base):
 
     def __init__(self, broker: BrokerConfig, client_id: str, *, will: tuple[str, bytes] | None = None,
                  on_connect: Callable[[], None] | None = None, clean_session: bool = True, log: Any = None,
-                 protocol: int = mqtt.MQTTv311, outbox_bytes: int = 1 << 30, stall_s: float = 30.0) -> None:
+                 protocol: int = mqtt.MQTTv311, outbox_bytes: int = 1 << 30, stall_s: float = 30.0,
+                 window: int | None = None) -> None:
         super().__init__(broker.topics, broker.chunk_size, broker.max_inflight,
                          log or get_logger("transport", client_id=client_id), outbox_bytes)
         self.broker = broker
         self.client_id = client_id
         self._user_on_connect = on_connect
         self._stall_s = stall_s
+        self.window = window or 4 * broker.max_inflight
         self._cv = threading.Condition()
         self._pending: set[int] = set()  # mids published and not yet acknowledged
         self._early: set[int] = set()  # mids acknowledged before publish() returned them
@@ -249,12 +253,12 @@ class MqttTransport(_Base):
                 self._pending.add(info.mid)
 
     def _publish_flow(self, topic: str, payload: bytes) -> None:
-        """Publish once fewer than ``max_inflight`` publishes are unacknowledged (never blocks the network
+        """Publish once fewer than ``window`` publishes are unacknowledged (never blocks the network
         thread; while disconnected or stalled for ``stall_s`` paho's queue takes over)."""
         if threading.get_ident() != self._net_thread:
             waited_since = time.monotonic()
             with self._cv:
-                while (len(self._pending) >= self.max_inflight and self.connected.is_set()
+                while (len(self._pending) >= self.window and self.connected.is_set()
                        and time.monotonic() - waited_since < self._stall_s):
                     self._cv.wait(0.5)
         self.publish(topic, payload, qos=1)
