@@ -128,7 +128,7 @@ class MqttTransport(_Base):
                          log or get_logger("transport", client_id=client_id), outbox_bytes)
         self.broker = broker
         self.client_id = client_id
-        self._user_on_connect = on_connect
+        self.on_connect = on_connect
         self._stall_s = stall_s
         self.window = window or 4 * broker.max_inflight
         self._cv = threading.Condition()
@@ -136,6 +136,7 @@ class MqttTransport(_Base):
         self._early: set[int] = set()  # mids acknowledged before publish() returned them
         self._refused: str | None = None
         self._sub_lock = threading.Lock()
+        self.connects = 0  # successful CONNACKs so far (reconnects included)
         self._stopping = False
         self._net_thread: int | None = None
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
@@ -164,15 +165,16 @@ class MqttTransport(_Base):
                            username=self.broker.username)
             return
         self._refused = None
+        self.connects += 1
         with self._sub_lock:  # subscribe() in another thread either sees connected or is in this list
             subs = [(f, qos) for f, (_, qos) in self._handlers.items()]
             if subs:
                 client.subscribe(subs)
             self.connected.set()
         self.log.info("broker_connected", url=self.broker.url, subscriptions=len(subs))
-        if self._user_on_connect is not None:
+        if self.on_connect is not None:
             try:
-                self._user_on_connect()
+                self.on_connect()
             except Exception:  # noqa: BLE001
                 self.log.exception("on_connect_failed")
 
@@ -334,7 +336,7 @@ class MemoryTransport(_Base):
         self.bus = bus
         self.client_id = client_id
         self.will = will
-        self._user_on_connect = on_connect
+        self.on_connect = on_connect
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 
@@ -366,8 +368,8 @@ class MemoryTransport(_Base):
         for f in list(self._handlers):
             for topic, payload in self.bus.retained(f):
                 self._inbox.put((topic, payload))
-        if self._user_on_connect is not None:
-            self._user_on_connect()
+        if self.on_connect is not None:
+            self.on_connect()
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         self._check_publish(topic, payload, qos)

@@ -255,15 +255,39 @@ def test_resubscribes_after_broker_restart() -> None:
         try:
             inbox = Inbox()
             sub = factory("coordinator", subscriptions={"fedspine/v1/node/+/status": inbox})
+            early = factory("node-b")
             b.stop()
             deadline = time.monotonic() + 5
             while sub.connected.is_set() and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert not sub.connected.is_set()
+            early.publish("fedspine/v1/node/node-b/status", b"while away")  # paho keeps QoS 1 for later
+            assert not early.wait_published(0.2)
             b.start()
             assert sub.connected.wait(15), "transport did not reconnect"
             pub = factory("node-a")
             pub.publish("fedspine/v1/node/node-a/status", b"after restart")
             assert inbox.wait_for(1, 5), "subscription was not renewed after reconnect"
+            assert early.wait_published(15), "the QoS 1 publish queued while disconnected was never acknowledged"
         finally:
             factory.close()
+
+
+def test_last_will_on_connection_loss(mqtt_transport: TransportFactory) -> None:
+    import socket
+
+    inbox = Inbox()
+    mqtt_transport("coordinator", subscriptions={"fedspine/v1/node/node-b/status": inbox})
+    status = "fedspine/v1/node/node-b/status"
+    offline = encode(NodeStatus(node_id="node-b", state="offline", ts=time.time()))
+    node = mqtt_transport("node-b", will=(status, offline))
+    node.publish(status, encode(NodeStatus(node_id="node-b", state="online", ts=time.time())), retain=True)
+    assert inbox.wait_for(1)
+    node.client.socket().shutdown(socket.SHUT_RDWR)  # the link dies without a DISCONNECT packet
+    assert inbox.wait_for(2), "mosquitto did not publish the last will"
+    assert decode(inbox.items[1][1], NodeStatus).state == "offline"
+    deadline = time.monotonic() + 10
+    while node.connects < 2 and time.monotonic() < deadline:  # and the transport reconnects by itself
+        time.sleep(0.05)
+    assert node.connects == 2 and node.connected.is_set()
+    node.publish(status, b"", retain=True)
