@@ -15,6 +15,16 @@ _lock = threading.Lock()
 _configured: tuple[bool, str] | None = None
 
 
+class _LiveStderr:
+    """Writes to whatever ``sys.stderr`` is now (test runners swap it; a stale stream may be closed)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(json: bool | None = None, level: str = "INFO") -> None:
     """Configure structlog once per process (later calls with the same arguments are no-ops).
 
@@ -43,11 +53,11 @@ def configure_logging(json: bool | None = None, level: str = "INFO") -> None:
         structlog.configure(
             processors=[*shared, renderer],
             wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level_name]),
-            logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+            logger_factory=structlog.PrintLoggerFactory(file=_LiveStderr()),  # type: ignore[arg-type]
             cache_logger_on_first_use=False,
         )
         # Standard-library logging (paho, amqtt, transformers) through the same renderer.
-        handler = logging.StreamHandler(sys.stderr)
+        handler = logging.StreamHandler(_LiveStderr())  # type: ignore[arg-type]
         handler.setFormatter(structlog.stdlib.ProcessorFormatter(
             processor=renderer,
             foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],

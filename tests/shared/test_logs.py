@@ -1,0 +1,66 @@
+"""structlog setup: JSON lines with ISO timestamps, level filtering, stdlib routing, idempotence."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from shared import logs
+
+
+class Err:
+    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
+        self.capsys = capsys
+
+    def getvalue(self) -> str:
+        return self.capsys.readouterr().err
+
+
+@pytest.fixture
+def stderr(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Iterator[Err]:
+    """Logging configured inside a test writes to capsys' stderr; structlog and the root logger are restored."""
+    saved = structlog.get_config()
+    root_handlers, root_level = list(logging.getLogger().handlers), logging.getLogger().level
+    monkeypatch.setattr(logs, "_configured", None)
+    yield Err(capsys)
+    structlog.configure(**saved)
+    logging.getLogger().handlers[:] = root_handlers
+    logging.getLogger().setLevel(root_level)
+
+
+def test_json_lines_with_iso_timestamps_and_bound_context(stderr: Err) -> None:
+    logs.configure_logging(json=True, level="INFO")
+    log = logs.get_logger("edge_node", node_id="node-a")
+    log.info("round_done", round=3, loss=0.25)
+    log.debug("hidden")
+    logging.getLogger("paho").warning("stdlib %s", "routed")
+    lines = [json.loads(x) for x in stderr.getvalue().splitlines()]
+    assert len(lines) == 2
+    first = lines[0]
+    assert first["event"] == "round_done" and first["node_id"] == "node-a" and first["logger"] == "edge_node"
+    assert first["level"] == "info" and first["round"] == 3
+    assert first["timestamp"].endswith("Z") and "T" in first["timestamp"]
+    assert lines[1]["event"] == "stdlib routed" and lines[1]["logger"] == "paho"
+
+
+def test_idempotent_and_level_checked(stderr: Err) -> None:
+    logs.configure_logging(json=True, level="warning")
+    logs.configure_logging(json=True, level="warning")
+    ours = [h for h in logging.getLogger().handlers if getattr(h, "_fedspine", False)]
+    assert len(ours) == 1
+    logs.get_logger("x").info("filtered")
+    logs.get_logger("x").warning("kept")
+    assert [json.loads(x)["event"] for x in stderr.getvalue().splitlines()] == ["kept"]
+    with pytest.raises(ValueError, match="log level"):
+        logs.configure_logging(level="LOUD")
+
+
+def test_console_renderer_when_not_json(stderr: Err) -> None:
+    logs.configure_logging(json=False)
+    logs.get_logger("coordinator").info("hello", n=1)
+    out = stderr.getvalue()
+    assert "hello" in out and "n=1" in out and not out.lstrip().startswith("{")
