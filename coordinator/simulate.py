@@ -99,22 +99,30 @@ def build_fleet(args, out: Path, profiles: dict[str, dict]) -> tuple[list[SimNod
 
 
 @contextlib.contextmanager
-def broker_for(spec: str, workdir: Path):
-    """Yield (url, username, password) of a broker: embedded, the project's mosquitto, or an existing URL."""
+def broker_for(spec: str, workdir: Path, users: list[str], root: str):
+    """Yield (url, passwords by user or None) of a broker: embedded, the project's mosquitto, or an existing URL.
+
+    With ``mosquitto`` the project's production configuration runs on a free loopback port, with a password
+    for the coordinator and for every node and the per-node ACL, so the simulation runs under the same rules
+    as a real fleet.
+    """
     if spec.startswith(("mqtt://", "mqtts://")):
-        yield spec, None, None
+        yield spec, None
         return
     if spec == "embedded":
         from shared.embedded_broker import EmbeddedBroker
 
         with EmbeddedBroker() as b:
-            yield b.url, None, None
+            yield b.url, None
         return
     if spec == "mosquitto":
-        from broker_config.fedspine_broker import local_broker
+        import secrets
 
-        with local_broker(workdir / "mosquitto") as b:
-            yield b.url, b.username, b.password
+        from broker_config.local import LocalMosquitto
+
+        creds = {u: secrets.token_urlsafe(18) for u in ["coordinator", *users]}
+        with LocalMosquitto(creds, root=root, workdir=workdir / "mosquitto") as b:
+            yield b.url(), creds
         return
     raise SystemExit(f"--broker must be embedded, mosquitto or mqtt://host:port, not {spec!r}")
 
@@ -135,22 +143,24 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broker: tuple, out: Path,
+def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broker: tuple, root: str, out: Path,
                console) -> Path:
     """Run one method end to end; return its metrics file."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    url, user, password = broker
+    url, creds = broker
     run_dir = out / method
     state_dir = run_dir / "coordinator"
     metrics = run_dir / "metrics.jsonl"
     for stale in (metrics, state_dir / "checkpoint.json"):
         stale.unlink(missing_ok=True)
-    root = f"fedspine/sim-{method}-{int(time.time())}"
-    broker_sec = {"url": url, "username": user, "password": password, "topic_root": root}
+    broker_sec = {"url": url, "topic_root": root}
+
+    def login(user: str) -> dict:
+        return {"username": user, "password": creds[user]} if creds else {}
     coord_cfg = run_dir / "coordinator.toml"
     write_toml(coord_cfg, {
-        "broker": {**broker_sec, "username": "coordinator" if user else None},
+        "broker": {**broker_sec, **login("coordinator")},
         "coordinator": {"rounds": args.rounds, "method": method, "min_nodes": len(fleet), "local_steps": args.local_steps,
                         "deadline_s": args.deadline_s, "state_dir": str(state_dir), "metrics_file": str(metrics),
                         "seed": args.seed, "join_timeout_s": 600.0},
@@ -163,7 +173,7 @@ def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broke
     for n in fleet:
         cfg = run_dir / "configs" / f"{n.node_id}.toml"
         write_toml(cfg, {
-            "broker": {**broker_sec, "username": n.node_id if user else None},
+            "broker": {**broker_sec, **login(n.node_id)},
             "node": {"id": n.node_id, "device_type": n.tier, "model_path": args.model, "data_path": str(n.folder / "train.csv"),
                      "test_path": str(n.folder / "test.csv"), "labels": labels, "state_dir": str(run_dir / "state" / n.node_id),
                      "memory_budget_mb": n.memory_mb, "torch_threads": 1, "seed": args.seed, "profile_speed": n.speed,
@@ -254,10 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"[bold]FedSpine local fleet[/]: {len(fleet)} nodes ({', '.join(n.node_id for n in fleet)}), "
                   f"{args.rounds} rounds of τ={args.local_steps}, methods: {', '.join(methods)}; results in {out}")
     runs = {}
-    with broker_for(args.broker, out) as broker:
-        console.print(f"broker: {broker[0]} ({args.broker})")
+    root = f"fedspine/sim{int(time.time())}"
+    with broker_for(args.broker, out, [n.node_id for n in fleet], root) as broker:
+        console.print(f"broker: {broker[0]} ({args.broker}), topic root {root}")
         for method in methods:
-            runs[method] = run_method(method, args, fleet, labels, broker, out, console)
+            runs[method] = run_method(method, args, fleet, labels, broker, root, out, console)
     table = write_report(runs, out, target_sparsity=args.target_sparsity, target_accuracy=args.target_accuracy)
     console.print(table)
     return 0
