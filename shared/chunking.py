@@ -227,11 +227,15 @@ class Reassembler:
             t = self._transfers.get(transfer_id)
             return t.missing() if t is not None else []
 
-    def stalled(self, idle_s: float) -> list[str]:
-        """Transfers that made no progress for ``idle_s`` seconds: time to send a ResendRequest."""
+    def stalled(self, idle_s: float, started_only: bool = False) -> list[str]:
+        """Transfers that made no progress for ``idle_s`` seconds: time to send a ResendRequest.
+
+        ``started_only`` leaves out transfers of which no chunk arrived yet (e.g. the sender is still
+        computing the payload)."""
         now = self._clock()
         with self._lock:
-            return [tid for tid, t in self._transfers.items() if now - t.last_progress >= idle_s]
+            return [tid for tid, t in self._transfers.items()
+                    if now - t.last_progress >= idle_s and not (started_only and t.count is None)]
 
     def expire(self) -> list[str]:
         """Drop transfers idle for longer than ``timeout_s``; return their ids (logged)."""

@@ -150,6 +150,8 @@ def test_missing_stalled_and_expire_with_a_fake_clock() -> None:
     r = Reassembler(1 << 20, timeout_s=30, clock=clock)
     r.expect("t", "node-a")
     assert r.missing("t") == [0] and r.missing("nope") == []
+    clock.t += 1
+    assert r.stalled(1) == ["t"] and r.stalled(1, started_only=True) == []
     r.feed(chunks[0], "node-a")
     r.feed(chunks[3], "node-a")
     assert r.missing("t") == [1, 2, 4]
