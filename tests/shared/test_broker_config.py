@@ -101,3 +101,10 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["render-config", "--set", "oops"]) == 2
     assert main(["remove-node", "node-a", "--password-file", str(pw)]) == 0
     assert users_in(pw) == ["node-b"]
+
+
+def test_ansible_style_values_strings_and_zero_port() -> None:
+    conf = _lines(render_config(log_dest="file /var/log/mosquitto/mosquitto.log", log_types="all", port="0",
+                                max_packet_size="2097152"))
+    assert "log_dest file /var/log/mosquitto/mosquitto.log" in conf and "log_type all" in conf
+    assert not any(ln.startswith("listener") for ln in conf) and "max_packet_size 2097152" in conf
