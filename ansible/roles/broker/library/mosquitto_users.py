@@ -3,6 +3,16 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import os
+import re
+import shutil
+import tempfile
+
+from ansible.module_utils.basic import AnsibleModule
+
 DOCUMENTATION = r"""
 ---
 module: mosquitto_users
@@ -37,16 +47,6 @@ added: {description: Users created, type: list, returned: always}
 updated: {description: Users whose password changed, type: list, returned: always}
 removed: {description: Users removed, type: list, returned: always}
 """
-
-import base64
-import hashlib
-import hmac
-import os
-import re
-import shutil
-import tempfile
-
-from ansible.module_utils.basic import AnsibleModule
 
 USER_RE = re.compile(r"^[^:\s#+/][^:\s]{0,127}$")
 MAX_PASSWORD = 256
