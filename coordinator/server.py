@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.transport import MqttTransport
+from shared.transport import CHUNK_OVERHEAD, MqttTransport
 
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import MetricsWriter
@@ -83,6 +83,7 @@ class Coordinator:
         self.limits = UpdateLimits()
         self.reassembler = Reassembler(max_bytes=self.limits.max_bytes, timeout_s=max(rs.deadline_s, 60.0))
         self.events: queue.Queue = queue.Queue()
+        self.chunk_limit = cfg.broker.chunk_size + CHUNK_OVERHEAD
         self.run_id = uuid.uuid4().hex[:12]
         self.round = 0  # the last completed round
         self._last: dict[str, Assignment] = {}  # each node's latest assignment (for the final sync)
@@ -138,7 +139,7 @@ class Coordinator:
         if node_id is None:
             return
         try:
-            chunk = decode(payload, Chunk)
+            chunk = decode(payload, Chunk, max_bytes=self.chunk_limit)
             whole = self.reassembler.feed(chunk, node_id)
         except ProtocolError as exc:
             self.log.warning("chunk_rejected", topic=topic, size=len(payload), error=str(exc))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-from shared.transport import MqttTransport
+from shared.transport import CHUNK_OVERHEAD, MqttTransport
 
 from edge_node.config import NodeConfig
 from shared import __version__ as SOFTWARE_VERSION
@@ -64,6 +64,7 @@ class NodeAgent:
         self.topics = cfg.broker.topics
         self.log = (log or get_logger("edge_node")).bind(node_id=self.node_id)
         self.events: queue.Queue = queue.Queue()
+        self.chunk_limit = cfg.broker.chunk_size + CHUNK_OVERHEAD
         self.downloads: queue.Queue = queue.Queue()  # completed global slices, apart from the control events
         self.reassembler = Reassembler(max_bytes=512 * 1024 * 1024, timeout_s=600.0)
         self._trainer = trainer
@@ -135,7 +136,7 @@ class NodeAgent:
         if not self._check_topic(topic, "download"):
             return
         try:
-            chunk = decode(payload, Chunk)
+            chunk = decode(payload, Chunk, max_bytes=self.chunk_limit)
             whole = self.reassembler.feed(chunk, COORDINATOR_ID)
         except ProtocolError as exc:
             self.log.warning("chunk_rejected", topic=topic, size=len(payload), error=str(exc))

@@ -294,7 +294,7 @@ class RoundConfig(Message):
     round: int = spec(lo=0, hi=10**9)
     target_sparsity: float = spec(lo=0.0, hi=0.999999)
     rank: int = spec(lo=1, hi=4096)
-    local_steps: int = spec(lo=1, hi=10**7)
+    local_steps: int = spec(lo=0, hi=10**7)  # 0: apply the global update and evaluate only (final sync)
     deadline_ts: float = _ts()
     upload_transfer_id: str = spec(check="transfer_id")
     download_transfer_id: str | None = spec(check="transfer_id")
