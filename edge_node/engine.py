@@ -1,0 +1,347 @@
+"""One local FedSpine round on the node: apply the global update, LoRA fine-tune with importance, prune, report."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from edge_node.config import TrainSettings
+from edge_node.data import (
+    BatchStream,
+    encode_causal,
+    encode_classification,
+    fixed_batches,
+    read_records,
+    split_indices,
+)
+from edge_node.exchange import apply_update, build_update
+from edge_node.importance import ImportanceTracker
+from edge_node.model import (
+    attach_lora,
+    change_rank,
+    current_rank,
+    layer_geometry,
+    load_base_model,
+    load_tokenizer,
+    lora_layers,
+    pick_device,
+    pick_dtype,
+    set_lora,
+    task_head_params,
+    unwrap,
+)
+from edge_node.pruning import LayerKept, apply_plan, kept_maps, plan_prune, restore_structure, sparsity
+from shared.updates import LoraUpdate, UpdateError
+
+INITIAL_RANK = 8
+RESUME_VERSION = 1
+
+
+class RoundInterrupted(TimeoutError):
+    """The node was asked to stop in the middle of a round."""
+
+
+@dataclass
+class RoundResult:
+    update: LoraUpdate  # after pruning, in unpruned coordinates
+    payload: bytes  # update.to_bytes()
+    loss_start: float  # validation loss before training (eval_batches of the val split)
+    loss_end: float  # same batches after training + pruning
+    samples: int  # training samples processed this round
+    compute_s: float  # wall time of the training + pruning work
+    sparsity: float  # removed prunable params / all prunable params
+    rank: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    peak_memory_mb: float = 0.0
+
+
+def _get_logger(log):
+    if log is not None:
+        return log
+    try:
+        from shared.logs import get_logger
+
+        return get_logger("edge_node.engine")
+    except ImportError:  # pragma: no cover - logs module always ships with the package
+        import structlog
+
+        return structlog.get_logger("edge_node.engine")
+
+
+class LocalTrainer:
+    """The node's model, data and optimiser state across rounds (the data never leaves this object)."""
+
+    def __init__(self, model_path: str, data_path: str, *, task: str = "seq_cls", train: TrainSettings | None = None,
+                 device: str = "auto", dtype: str = "auto", gradient_checkpointing: bool = False, seed: int = 0,
+                 test_path: str | None = None, labels: Sequence[str] | None = None, log=None,
+                 prune_scope: str = "layer") -> None:
+        self.train = train or TrainSettings()
+        self.task = task
+        self.seed = seed
+        self.prune_scope = prune_scope
+        self.log = _get_logger(log)
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.causal = task == "causal_lm"
+        torch.manual_seed(seed)
+        self.gen = torch.Generator().manual_seed(seed + 7)
+        self.tokenizer = load_tokenizer(model_path)
+        self.labels: list[str] = []
+        data = self._encode(read_records(data_path), labels, where=str(data_path))
+        self.train_idx, self.val_idx = split_indices(len(data), self.train.val_fraction, seed)
+        self.data = data
+        model = load_base_model(model_path, task, num_labels=len(self.labels) or None, dtype=self.dtype)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model = attach_lora(model, rank=INITIAL_RANK, alpha=self.train.lora_alpha,
+                                 dropout=self.train.lora_dropout, task=task).to(self.device)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.tracker = ImportanceTracker(self.model, beta=self.train.importance_beta)
+        pad = self.tokenizer.pad_token_id
+        bs = self.train.batch_size
+        self.stream = BatchStream(data, self.train_idx, bs, pad, self.causal, seed)
+        self.val_batches = fixed_batches(data, self.val_idx, bs, pad, self.causal, None)
+        self.test_batches: list[dict[str, torch.Tensor]] = []
+        if test_path:
+            test = self._encode(read_records(test_path), self.labels or None, where=str(test_path))
+            self.test_batches = fixed_batches(test, list(range(len(test))), bs, pad, self.causal, None)
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+        self.rounds = 0
+        self.log.info("trainer_ready", model=Path(model_path).name, task=task, device=str(self.device),
+                      dtype=str(self.dtype).replace("torch.", ""), train=len(self.train_idx), val=len(self.val_idx),
+                      test=sum(len(b["input_ids"]) for b in self.test_batches), labels=len(self.labels),
+                      layers=len(layer_geometry(self.model)))
+
+    def _encode(self, rows, labels, where: str):
+        if self.causal:
+            return encode_causal(rows, self.tokenizer, self.train.max_length, where=where)
+        enc, names = encode_classification(rows, self.tokenizer, self.train.max_length, labels, where=where)
+        if not self.labels:
+            self.labels = names
+        return enc
+
+    # ---- properties ---------------------------------------------------------------------------------------
+    @property
+    def sparsity(self) -> float:
+        return sparsity(self.model)
+
+    @property
+    def rank(self) -> int:
+        return current_rank(self.model)
+
+    @property
+    def has_test(self) -> bool:
+        return bool(self.test_batches)
+
+    def kept_maps(self) -> dict[int, LayerKept]:
+        return kept_maps(self.model)
+
+    # ---- steps --------------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _forward_loss(self, batch: dict[str, torch.Tensor]):
+        with self._autocast():
+            out = self.model(**self._to_device(batch))
+        return out.loss, out.logits
+
+    @torch.no_grad()
+    def _evaluate(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        self.model.eval()
+        loss_sum = correct = count = 0.0
+        for batch in batches:
+            loss, logits = self._forward_loss(batch)
+            labels = batch["labels"]
+            n = int((labels[:, 1:] != -100).sum()) if self.causal else labels.numel()
+            loss_sum += float(loss) * n
+            count += n
+            if not self.causal:
+                correct += float((logits.argmax(-1).cpu() == labels).sum())
+        if count == 0:
+            return {"loss": float("nan")}
+        out = {"loss": loss_sum / count}
+        if not self.causal:
+            out["accuracy"] = correct / count
+        else:
+            out["perplexity"] = float(torch.exp(torch.tensor(min(out["loss"], 50.0))))
+        return out
+
+    def evaluate(self, split: str = "val", max_batches: int | None = None) -> dict[str, float]:
+        if split not in ("val", "test"):
+            raise ValueError(f"split {split!r} must be val or test")
+        batches = self.val_batches if split == "val" else self.test_batches
+        return self._evaluate(batches[:max_batches] if max_batches is not None else batches)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.train.learning_rate, weight_decay=self.train.weight_decay)
+
+    def _train_step(self, opt: torch.optim.Optimizer, track: bool, timing: dict[str, float]) -> tuple[float, int]:
+        batch = next(self.stream)
+        t0 = time.perf_counter()
+        loss, _ = self._forward_loss(batch)
+        if self.scaler is not None and opt is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(opt)
+        else:
+            loss.backward()
+        t1 = time.perf_counter()
+        if track:
+            self.tracker.update(self.model)
+        t2 = time.perf_counter()
+        if opt is not None:
+            if self.scaler is not None:
+                self.scaler.step(opt)
+                self.scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+        timing["step"] += time.perf_counter() - t0 - (t2 - t1)
+        timing["importance"] += t2 - t1
+        return float(loss.detach()), len(batch["input_ids"])
+
+    # ---- the round ----------------------------------------------------------------------------------------
+    def run_round(self, *, target_sparsity: float, rank: int, local_steps: int, global_update: LoraUpdate | None,
+                  prune_random: bool = False, should_stop: Callable[[], bool] | None = None) -> RoundResult:
+        if not 0.0 <= target_sparsity < 1.0:
+            raise ValueError(f"target sparsity {target_sparsity} outside [0, 1)")
+        if rank < 1 or local_steps < 0:
+            raise ValueError(f"rank {rank} must be >= 1 and local_steps {local_steps} >= 0")
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t_start = time.perf_counter()
+        if global_update is not None:
+            apply_update(self.model, global_update, rank=rank, alpha=self.train.lora_alpha, generator=self.gen)
+        else:
+            change_rank(self.model, rank, self.train.lora_alpha, generator=self.gen)
+        eval_batches = self.val_batches[: self.train.eval_batches]
+        loss_start = self._evaluate(eval_batches)["loss"]
+        self.model.train()
+        opt = self._optimizer()
+        timing = {"step": 0.0, "importance": 0.0}
+        samples = steps = 0
+        for _ in range(local_steps):
+            if should_stop is not None and should_stop():
+                raise RoundInterrupted(f"stopped after {steps} of {local_steps} local steps")
+            _, n = self._train_step(opt, track=not prune_random, timing=timing)
+            samples += n
+            steps += 1
+        before = self.sparsity
+        pruned = False
+        if target_sparsity > before + 1e-9:
+            pruned = self._prune(target_sparsity, prune_random)
+        metrics = {f"val_{k}": v for k, v in self._evaluate(self.val_batches).items()}
+        loss_end = self._evaluate(eval_batches)["loss"]
+        if self.test_batches:
+            metrics.update({f"test_{k}": v for k, v in
+                            self.evaluate("test", self.train.test_batches).items()})
+        update = build_update(self.model)
+        compute_s = time.perf_counter() - t_start
+        payload = update.to_bytes()
+        achieved = self.sparsity
+        kept = kept_maps(self.model)
+        metrics.update(
+            params=float(sum(p.numel() for n, p in unwrap(self.model).named_parameters() if "lora_" not in n)),
+            heads_kept=float(sum(len(k.heads) for k in kept.values())),
+            channels_kept=float(sum(len(k.channels) for k in kept.values())),
+            step_ms=1000 * timing["step"] / max(steps, 1), importance_ms=1000 * timing["importance"] / max(steps, 1),
+            importance_skipped=float(self.tracker.skipped), pruned=float(pruned),
+        )
+        self.rounds += 1
+        result = RoundResult(update=update, payload=payload, loss_start=loss_start, loss_end=loss_end,
+                             samples=samples, compute_s=compute_s, sparsity=achieved, rank=current_rank(self.model),
+                             metrics=metrics, peak_memory_mb=self._peak_memory_mb())
+        self.log.info("local_round", steps=steps, loss_start=round(loss_start, 4), loss_end=round(loss_end, 4),
+                      sparsity=round(achieved, 4), rank=result.rank, compute_s=round(compute_s, 3),
+                      importance_ms=round(metrics["importance_ms"], 2), step_ms=round(metrics["step_ms"], 2))
+        return result
+
+    def _prune(self, target: float, random_groups: bool) -> bool:
+        scores = None
+        if not random_groups:
+            if not self.tracker.complete():  # no accepted step yet: one gradient pass for the scores
+                self.model.train()
+                self._train_step(None, track=True, timing={"step": 0.0, "importance": 0.0})
+                self.model.zero_grad(set_to_none=True)
+            scores = self.tracker.scores if self.tracker.complete() else None
+            if scores is None:
+                self.log.warning("importance_unavailable_random_pruning")
+        plan = plan_prune(self.model, target, scores, round_multiple=self.train.round_multiple,
+                          scope=self.prune_scope, generator=self.gen)
+        apply_plan(self.model, plan)
+        self.tracker.slice(plan)
+        return True
+
+    def _peak_memory_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+    # ---- export and resume --------------------------------------------------------------------------------
+    def merged_model(self):
+        """A copy of the pruned backbone with LoRA merged in (plain transformers modules, eval mode)."""
+        merged = copy.deepcopy(self.model).merge_and_unload()
+        return merged.eval()
+
+    def save_resume(self, directory: str | Path) -> None:
+        """Persist the pruned structure, LoRA factors, task head and importance (safetensors + json)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        for name, layer in lora_layers(self.model).items():
+            tensors[f"lora.{name}.A"] = layer.lora_A["default"].weight.detach().float().cpu().contiguous()
+            tensors[f"lora.{name}.B"] = layer.lora_B["default"].weight.detach().float().cpu().contiguous()
+        for name, p in task_head_params(self.model).items():
+            tensors[f"dense.{name}"] = p.detach().float().cpu().contiguous()
+        tensors.update(self.tracker.state())
+        meta = {"version": RESUME_VERSION, "task": self.task, "labels": self.labels, "rank": self.rank,
+                "alpha": self.train.lora_alpha, "rounds": self.rounds,
+                "kept": {str(i): {"heads": list(k.heads), "channels": list(k.channels)}
+                         for i, k in kept_maps(self.model).items()}}
+        tmp = d / "state.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, d / "state.safetensors")
+        (d / "state.json.tmp").write_text(json.dumps(meta))
+        os.replace(d / "state.json.tmp", d / "state.json")
+
+    def load_resume(self, directory: str | Path) -> None:
+        d = Path(directory)
+        if not (d / "state.json").exists() or not (d / "state.safetensors").exists():
+            return
+        meta = json.loads((d / "state.json").read_text())
+        if meta.get("version") != RESUME_VERSION or meta.get("task") != self.task:
+            raise ValueError(f"resume state in {d} does not match (version/task {meta.get('version')}/"
+                             f"{meta.get('task')})")
+        if not self.causal and meta.get("labels") != self.labels:
+            raise ValueError(f"resume state labels {meta.get('labels')} differ from the data's {self.labels}")
+        maps = {int(i): LayerKept(tuple(int(h) for h in v["heads"]), tuple(int(c) for c in v["channels"]))
+                for i, v in meta["kept"].items()}
+        restore_structure(self.model, maps)
+        tensors = load_file(str(d / "state.safetensors"))
+        for name, layer in lora_layers(self.model).items():
+            A, B = tensors.get(f"lora.{name}.A"), tensors.get(f"lora.{name}.B")
+            if A is None or B is None or A.shape[1] != layer.in_features or B.shape[0] != layer.out_features:
+                raise UpdateError(f"resume state: LoRA factors of {name} missing or mis-shaped")
+            set_lora(layer, A, B, float(meta["alpha"]))
+        with torch.no_grad():
+            for name, p in task_head_params(self.model).items():
+                if f"dense.{name}" in tensors:
+                    p.copy_(tensors[f"dense.{name}"].to(p.device, p.dtype))
+        self.tracker.load_state(tensors, self.device)
+        self.rounds = int(meta.get("rounds", 0))

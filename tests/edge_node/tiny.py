@@ -1,0 +1,96 @@
+"""Tiny random BERT / RoBERTa / DistilBERT / Llama-GQA model folders with a small WordPiece tokenizer (offline)."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import torch
+
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = ["good", "great", "happy", "love", "fine", "nice", "bad", "awful", "sad", "hate", "poor", "ugly",
+         "the", "a", "day", "movie", "food", "is", "was", "very", "and", "it", "this", "not", "so", "really",
+         "red", "blue", "green", "one", "two", "three", "yes", "no", "cat", "dog", "sun", "rain", "tea", "car"]
+POSITIVE, NEGATIVE = WORDS[:6], WORDS[6:12]
+FILLER = WORDS[12:]
+
+
+def write_tokenizer(folder: Path):
+    from transformers import BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(SPECIAL + WORDS) + "\n")
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(SPECIAL + WORDS)}, do_lower_case=True)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def tiny_config(kind: str, vocab_size: int, hidden: int = 32, heads: int = 4, kv_heads: int = 2,
+                intermediate: int = 64, layers: int = 2):
+    from transformers import BertConfig, DistilBertConfig, LlamaConfig, RobertaConfig
+
+    if kind == "bert":
+        return BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                          num_attention_heads=heads, intermediate_size=intermediate, max_position_embeddings=128,
+                          pad_token_id=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if kind == "roberta":
+        return RobertaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                             num_attention_heads=heads, intermediate_size=intermediate, max_position_embeddings=130,
+                             pad_token_id=0, bos_token_id=2, eos_token_id=3, hidden_dropout_prob=0.0,
+                             attention_probs_dropout_prob=0.0)
+    if kind == "distilbert":
+        return DistilBertConfig(vocab_size=vocab_size, dim=hidden, n_layers=layers, n_heads=heads,
+                                hidden_dim=intermediate, max_position_embeddings=128, pad_token_id=0, dropout=0.0,
+                                attention_dropout=0.0, seq_classif_dropout=0.0)
+    if kind == "llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                           num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                           intermediate_size=intermediate, max_position_embeddings=128, pad_token_id=0,
+                           bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
+    raise ValueError(kind)
+
+
+def make_model_folder(folder: Path, kind: str, task: str = "seq_cls", seed: int = 0, **sizes) -> Path:
+    """Save a tiny random model of ``kind`` (+ tokenizer) to ``folder`` and return it."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    tok = write_tokenizer(folder)
+    cfg = tiny_config(kind, len(tok), **sizes)
+    torch.manual_seed(seed)
+    cls = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    model = cls.from_config(cfg)
+    model.save_pretrained(folder)
+    return folder
+
+
+def sentiment_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """An easy synthetic task: the label is whether a positive or negative word appears."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randrange(2)
+        words = [rng.choice(FILLER) for _ in range(rng.randint(3, 8))]
+        words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label else NEGATIVE))
+        rows.append({"text": " ".join(words), "label": "pos" if label else "neg"})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def lm_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """A learnable causal LM task: the completion repeats the prompt's colour."""
+    rng = random.Random(seed)
+    colours = ["red", "blue", "green"]
+    rows = []
+    for _ in range(n):
+        c = rng.choice(colours)
+        rows.append({"prompt": f"the {rng.choice(['cat', 'dog', 'car'])} is {c} so", "completion": f"{c} {c}"})
+    return rows
