@@ -49,10 +49,16 @@ def _env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """Distinct free ports (all sockets are held open until every port is chosen)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def _tool(name: str) -> str:
@@ -205,7 +211,7 @@ def provisioned() -> Iterator[Provisioned]:
         (inventory / "hosts.yml").write_text(yaml.safe_dump(hosts))
 
         prefix = root / "fs"
-        plain_port, tls_port = _free_port(), _free_port()
+        plain_port, tls_port = _free_ports(2)
         extra = {
             "vault_fedspine_mqtt_passwords": PASSWORDS,
             "fedspine_broker_url": f"mqtts://localhost:{tls_port}",
