@@ -149,8 +149,8 @@ class LocalTrainer:
 
     # ---- steps --------------------------------------------------------------------------------------------
     def _autocast(self):
-        if self.device.type == "cuda" and self.dtype != torch.float32:
-            return torch.autocast("cuda", dtype=self.dtype)
+        if self.dtype != torch.float32:  # half base, fp32 LoRA and task head: matmuls in the base dtype
+            return torch.autocast(self.device.type, dtype=self.dtype)
         return contextlib.nullcontext()
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -149,7 +149,9 @@ def load_base_model(path: str, task: str, *, num_labels: int | None = None, dtyp
     if task == "seq_cls":
         if not num_labels or num_labels < 2:
             raise ValueError(f"sequence classification needs >= 2 labels, got {num_labels}")
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kw)
+        # A folder that already has a head for another label count gets a fresh one for ours.
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+                                                                   ignore_mismatched_sizes=True, **kw)
     elif task == "causal_lm":
         model = AutoModelForCausalLM.from_pretrained(path, **kw)
     else:

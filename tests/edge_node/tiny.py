@@ -94,3 +94,39 @@ def lm_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
         c = rng.choice(colours)
         rows.append({"prompt": f"the {rng.choice(['cat', 'dog', 'car'])} is {c} so", "completion": f"{c} {c}"})
     return rows
+
+
+_CACHE: dict[tuple[str, str], Path] = {}
+
+
+def cached_model_folder(kind: str, task: str = "seq_cls") -> Path:
+    """A tiny model folder built once per test process (under a temporary directory)."""
+    import tempfile
+
+    key = (kind, task)
+    if key not in _CACHE:
+        _CACHE[key] = make_model_folder(Path(tempfile.mkdtemp(prefix=f"tiny-{kind}-")), kind, task)
+    return _CACHE[key]
+
+
+def load_lora_model(kind: str, task: str = "seq_cls", rank: int = 4, num_labels: int = 3, seed: int = 0):
+    """A tiny model of ``kind`` with LoRA attached, B randomised so the update is non-zero (fp32, CPU, eval)."""
+    from edge_node.model import attach_lora, load_base_model, lora_layers
+
+    folder = cached_model_folder(kind, task)
+    model = load_base_model(str(folder), task, num_labels=num_labels if task == "seq_cls" else None)
+    model = attach_lora(model, rank=rank, alpha=8.0, task=task)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            b = layer.lora_B["default"].weight
+            b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
+    return model.eval()
+
+
+def random_batch(batch: int = 3, length: int = 10, vocab: int = len(SPECIAL) + len(WORDS), seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(len(SPECIAL), vocab, (batch, length), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, length - 3:] = 0  # one padded row exercises the attention mask
+    return {"input_ids": ids, "attention_mask": mask}
