@@ -45,8 +45,9 @@ class BanditSettings:
 
     delta_p: tuple[float, ...] = (0.0, 0.05, 0.10, 0.15)
     ranks: tuple[int, ...] = (2, 4, 8, 16)
-    discount: float = 0.9  # λ
-    exploration: float = 0.5  # s, the exploration bonus weight
+    discount: float = 0.95  # λ
+    exploration: float = 0.05  # s, the exploration bonus weight (rewards lie in [0, 1])
+    factored: bool = True  # one UCB over Δp and one over rank per node (ours); false: joint (Δp, r) arms
     target_sparsity: float = 0.3  # s*: every node must end at or above it
     max_sparsity: dict = field(default_factory=lambda: {"default": 0.5})  # s_max per device tier
     static_rank: int = 8  # rank used by fedlora / uniform / prune_ft / ft_prune
@@ -74,9 +75,9 @@ class RewardSettings:
     """Weights of the reward terms (each term normalised to about [0, 1] across the round's nodes)."""
 
     loss: float = 1.0
-    progress: float = 1.0
-    time: float = 1.0
-    importance: float = 0.5
+    progress: float = 0.5
+    time: float = 2.0
+    importance: float = 0.25
     energy: float = 0.5
 
     def __post_init__(self) -> None:

@@ -16,8 +16,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.transport import CHUNK_OVERHEAD, MqttTransport
-
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import MetricsWriter
 from coordinator.registry import Registry
@@ -39,6 +37,7 @@ from shared.messages import (
     encode,
 )
 from shared.topics import TopicError
+from shared.transport import CHUNK_OVERHEAD, MqttTransport
 from shared.updates import LoraUpdate, UpdateError, UpdateLimits
 
 COORDINATOR_ID = "coordinator"

@@ -1,0 +1,203 @@
+"""Aggregation of LoRA updates of different ranks and shapes (pure torch, no I/O).
+
+FedSpine (the spec): rebuild every node's update in the unpruned coordinates, ΔW_i = scale_i·B_i·A_i scattered
+at the node's kept rows/cols; average coordinate by coordinate weighted by sample count, dividing each entry
+by the weight of the nodes that kept that coordinate (a coordinate only some nodes kept is not shrunk toward
+zero; one nobody kept keeps its previous value); then give node j the best rank-r_j approximation (truncated
+SVD) of the average sliced to its kept rows/cols.
+
+Zero-padding (HetLoRA) instead pads every node's factors to the largest rank and averages B and A
+*separately*. The product of the averages is not the average of the products: with two nodes of equal weight
+it is (B1+B2)(A1+A2)/4 = (B1A1 + B2A2)/4 + (B1A2 + B2A1)/4, i.e. each node's own update is halved and cross
+terms between unrelated factors appear; and truncating the padded factors back to a low rank keeps only the
+first components, which a high-rank node dominates.  ``zero_pad_average`` implements it for the baseline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from shared.updates import LoraUpdate, ModuleUpdate, UpdateError
+
+
+def _key(t: torch.Tensor) -> str:
+    return hashlib.sha1(t.numpy().tobytes()).hexdigest()[:16]
+
+
+class GlobalLora:
+    """The global update: a dense ΔW per adapted module in unpruned coordinates, plus dense parameters."""
+
+    def __init__(self) -> None:
+        self.delta: dict[str, torch.Tensor] = {}
+        self.dense: dict[str, torch.Tensor] = {}
+        self._cache: dict[tuple, ModuleUpdate] = {}
+
+    @property
+    def empty(self) -> bool:
+        return not self.delta
+
+    def check(self, update: LoraUpdate) -> None:
+        """Refuse an update whose modules or shapes disagree with the global state (once it exists)."""
+        if self.empty:
+            return
+        if set(update.modules) != set(self.delta):
+            extra, missing = set(update.modules) - set(self.delta), set(self.delta) - set(update.modules)
+            raise UpdateError(f"module set differs from the global state (extra {sorted(extra)[:3]}, "
+                              f"missing {sorted(missing)[:3]})")
+        for name, m in update.modules.items():
+            if tuple(m.shape) != tuple(self.delta[name].shape):
+                raise UpdateError(f"lora.{name}: shape {m.shape} != global {tuple(self.delta[name].shape)}")
+        for name, t in update.dense.items():
+            if name in self.dense and tuple(t.shape) != tuple(self.dense[name].shape):
+                raise UpdateError(f"dense.{name}: shape {tuple(t.shape)} != global {tuple(self.dense[name].shape)}")
+
+    def aggregate(self, updates: Sequence[tuple[LoraUpdate, float]]) -> None:
+        """Replace the global state by the coverage-weighted average of ``updates`` ((update, weight) pairs)."""
+        if not updates:
+            return
+        for u, _ in updates:
+            self.check(u)
+        names = sorted({n for u, _ in updates for n in u.modules})
+        for name in names:
+            shape = next(u.modules[name].shape for u, _ in updates if name in u.modules)
+            num = torch.zeros(shape, dtype=torch.float32)
+            den = torch.zeros(shape, dtype=torch.float32)
+            for u, w in updates:
+                m = u.modules.get(name)
+                if m is None or w <= 0:
+                    continue
+                r, c = m.rows.unsqueeze(1), m.cols.unsqueeze(0)
+                num[r, c] += w * m.delta()
+                den[r, c] += w
+            prev = self.delta.get(name, torch.zeros(shape, dtype=torch.float32))
+            self.delta[name] = torch.where(den > 0, num / den.clamp_min(1e-30), prev)
+        dense_names = sorted({n for u, _ in updates for n in u.dense})
+        for name in dense_names:
+            pairs = [(u.dense[name].float(), w) for u, w in updates if name in u.dense and w > 0]
+            total = sum(w for _, w in pairs)
+            if total > 0:
+                self.dense[name] = sum(w * t for t, w in pairs) / total
+        self._cache.clear()
+
+    def slice_for(self, structure: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None, rank: int,
+                  alpha: float) -> LoraUpdate | None:
+        """Node view: the average sliced to ``structure`` (rows, cols per module; None = unpruned), best rank-r."""
+        if self.empty:
+            return None
+        mods = {}
+        for name, full in self.delta.items():
+            if structure is not None and name in structure:
+                rows, cols = structure[name]
+            else:
+                rows, cols = torch.arange(full.shape[0]), torch.arange(full.shape[1])
+            key = (name, _key(rows), _key(cols), rank)
+            if key not in self._cache:
+                self._cache[key] = factorize(full[rows.unsqueeze(1), cols.unsqueeze(0)], rows, cols,
+                                             tuple(full.shape), rank, alpha)
+            mods[name] = self._cache[key]
+        return LoraUpdate(mods, dict(self.dense))
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {**{f"delta.{n}": t for n, t in self.delta.items()}, **{f"dense.{n}": t for n, t in self.dense.items()}}
+
+    def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.delta = {k[len("delta."):]: v.float() for k, v in tensors.items() if k.startswith("delta.")}
+        self.dense = {k[len("dense."):]: v.float() for k, v in tensors.items() if k.startswith("dense.")}
+        self._cache.clear()
+
+
+def factorize(delta: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int], rank: int,
+              alpha: float) -> ModuleUpdate:
+    """Best rank-``rank`` factors of ``delta`` (Eckart–Young), split evenly so that (alpha/rank)·B·A ≈ delta.
+
+    Components beyond the matrix rank come out as zero rows of A / columns of B; the node re-initialises
+    all-zero rows of A so that LoRA training can use them (B stays zero, so the update is unchanged).
+    """
+    scale = alpha / rank
+    k = min(rank, *delta.shape)
+    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    root = S[:k].sqrt()
+    B = torch.zeros(delta.shape[0], rank, dtype=torch.float64)
+    A = torch.zeros(rank, delta.shape[1], dtype=torch.float64)
+    B[:, :k] = U[:, :k] * root
+    A[:k] = root.unsqueeze(1) * Vh[:k]
+    s = scale ** 0.5
+    return ModuleUpdate(A=(A / s).float(), B=(B / s).float(), rows=rows.clone(), cols=cols.clone(),
+                        shape=shape, scale=scale)
+
+
+class ZeroPadLora:
+    """HetLoRA's aggregation: zero-pad factors to the largest rank and average B and A separately.
+
+    Stored as scale-absorbed factors (√scale·B, √scale·A), so that B̃Ã is each node's update; a node of rank r
+    receives the first r components.  Only for nodes that share the unpruned structure (HetLoRA never prunes).
+    """
+
+    def __init__(self) -> None:
+        self.B: dict[str, torch.Tensor] = {}
+        self.A: dict[str, torch.Tensor] = {}
+        self.shapes: dict[str, tuple[int, int]] = {}
+        self.dense: dict[str, torch.Tensor] = {}
+
+    @property
+    def empty(self) -> bool:
+        return not self.B
+
+    def aggregate(self, updates: Sequence[tuple[LoraUpdate, float]]) -> None:
+        if not updates:
+            return
+        total = sum(w for _, w in updates)
+        for name in sorted({n for u, _ in updates for n in u.modules}):
+            ms = [(u.modules[name], w) for u, w in updates if name in u.modules]
+            rmax = max(m.rank for m, _ in ms)
+            out, inp = ms[0][0].shape
+            B = torch.zeros(out, rmax)
+            A = torch.zeros(rmax, inp)
+            for m, w in ms:
+                if m.rows.numel() != out or m.cols.numel() != inp:
+                    raise UpdateError(f"lora.{name}: zero-padding aggregation needs unpruned modules")
+                s = m.scale ** 0.5
+                B[:, : m.rank] += (w / total) * s * m.B
+                A[: m.rank] += (w / total) * s * m.A
+            self.B[name], self.A[name], self.shapes[name] = B, A, (out, inp)
+        for name in sorted({n for u, _ in updates for n in u.dense}):
+            pairs = [(u.dense[name].float(), w) for u, w in updates if name in u.dense]
+            self.dense[name] = sum(w * t for t, w in pairs) / sum(w for _, w in pairs)
+
+    def slice_for(self, rank: int, alpha: float) -> LoraUpdate | None:
+        if self.empty:
+            return None
+        scale = alpha / rank
+        s = scale ** 0.5
+        mods = {}
+        for name, B in self.B.items():
+            A = self.A[name]
+            r = min(rank, B.shape[1])
+            Bn, An = torch.zeros(B.shape[0], rank), torch.zeros(rank, A.shape[1])
+            Bn[:, :r], An[:r] = B[:, :r] / s, A[:r] / s
+            out, inp = self.shapes[name]
+            mods[name] = ModuleUpdate(A=An, B=Bn, rows=torch.arange(out), cols=torch.arange(inp), shape=(out, inp),
+                                      scale=scale)
+        return LoraUpdate(mods, dict(self.dense))
+
+    def delta(self, name: str) -> torch.Tensor:
+        return self.B[name] @ self.A[name]
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {**{f"zpB.{n}": t for n, t in self.B.items()}, **{f"zpA.{n}": t for n, t in self.A.items()},
+                **{f"dense.{n}": t for n, t in self.dense.items()}}
+
+    def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.B = {k[4:]: v for k, v in tensors.items() if k.startswith("zpB.")}
+        self.A = {k[4:]: v for k, v in tensors.items() if k.startswith("zpA.")}
+        self.shapes = {n: (b.shape[0], self.A[n].shape[1]) for n, b in self.B.items()}
+        self.dense = {k[6:]: v for k, v in tensors.items() if k.startswith("dense.")}
+
+
+def fedavg(updates: Sequence[tuple[LoraUpdate, float]], name: str) -> torch.Tensor:
+    """Plain FedAvg of the dense updates of one module (all nodes share the structure): the reference."""
+    total = sum(w for _, w in updates)
+    return sum(w * u.modules[name].dense_delta() for u, w in updates) / total

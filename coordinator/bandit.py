@@ -1,0 +1,194 @@
+"""S-UCB: one discounted-UCB bandit per node over (pruning increment, LoRA rank) arms (pure, no I/O).
+
+    N_t(a) = Σ_{u<t} λ^{t-1-u} 1[a_u = a]             discounted plays
+    X_t(a) = Σ_{u<t} λ^{t-1-u} r_u 1[a_u = a] / N_t(a)  discounted mean reward
+    U_t(a) = X_t(a) + s · sqrt(log(Σ_a N_t(a)) / N_t(a))   (untried arms first, in a per-node random order)
+
+Arms are increments (Δp, r), so exploring an arm never locks a node at a high sparsity (pruning is monotone).
+Constraints applied when choosing: the node's sparsity never exceeds its tier cap s_max; when the rounds left
+can no longer close the gap to the fleet target s* with the largest increment, only arms that keep the
+target reachable are allowed, and on the last round the increment needed is forced; arms at least as heavy
+as one that ran out of memory (same or lower sparsity, same or higher rank) are excluded for that node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from dataclasses import dataclass, field
+
+Arm = tuple[float, int]  # (Δp, rank)
+EPS = 1e-9
+
+
+def node_rng(seed: int, node_id: str) -> random.Random:
+    """A per-node RNG that is the same in every process (Python's str hash is salted per process)."""
+    digest = hashlib.sha256(f"{seed}/{node_id}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+@dataclass
+class DiscountedUCB:
+    """The discounted UCB of one node."""
+
+    arms: list[Arm]
+    discount: float
+    exploration: float
+    rng: random.Random
+    counts: list[float] = field(default_factory=list)  # N_t(a)
+    sums: list[float] = field(default_factory=list)  # Σ λ^… r_u for arm a
+    plays: list[int] = field(default_factory=list)  # undiscounted, to know which arms were tried
+
+    def __post_init__(self) -> None:
+        k = len(self.arms)
+        self.counts = self.counts or [0.0] * k
+        self.sums = self.sums or [0.0] * k
+        self.plays = self.plays or [0] * k
+
+    def index(self, a: int, explore: bool = True) -> float:
+        """U_t(a); +inf for an arm never tried.  ``explore=False`` gives the discounted mean alone."""
+        if self.plays[a] == 0 or self.counts[a] <= 0:
+            return math.inf
+        total = sum(self.counts)
+        bonus = self.exploration * math.sqrt(max(math.log(total), 0.0) / self.counts[a]) if total > 1 else 0.0
+        return self.sums[a] / self.counts[a] + (bonus if explore else 0.0)
+
+    def select(self, allowed: list[int], explore: bool = True) -> int:
+        """argmax U_t over ``allowed`` (untried first, ties at random); greedy on the mean when not exploring."""
+        if not allowed:
+            raise ValueError("no arm allowed")
+        untried = [a for a in allowed if self.plays[a] == 0]
+        if untried and explore:
+            return self.rng.choice(untried)
+        scores = {a: self.index(a, explore) for a in allowed if self.plays[a] > 0} or {a: 0.0 for a in allowed}
+        best = max(scores.values())
+        return self.rng.choice([a for a, v in scores.items() if v >= best - 1e-12])
+
+    def update(self, a: int, reward: float) -> None:
+        if not math.isfinite(reward):
+            raise ValueError(f"reward {reward} is not finite")
+        self.counts = [self.discount * c for c in self.counts]
+        self.sums = [self.discount * s for s in self.sums]
+        self.counts[a] += 1.0
+        self.sums[a] += reward
+        self.plays[a] += 1
+
+    def state_dict(self) -> dict:
+        st = self.rng.getstate()
+        return {"counts": self.counts, "sums": self.sums, "plays": self.plays,
+                "rng": [st[0], list(st[1]), st[2]]}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.counts, self.sums, self.plays = list(d["counts"]), list(d["sums"]), list(d["plays"])
+        v, internal, gauss = d["rng"]
+        self.rng.setstate((v, tuple(internal), gauss))
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The configuration chosen for one node: its new absolute sparsity, rank and the arm behind it."""
+
+    arm_index: int
+    arm: Arm
+    target_sparsity: float
+    rank: int
+    forced: bool  # the target constraint overruled the bandit
+
+
+class FleetBandit:
+    """Per-node S-UCB with the sparsity constraints and out-of-memory exclusions.
+
+    ``factored=True`` (default, ours) keeps two discounted UCBs per node, one over Δp and one over the rank,
+    both updated with the round's reward: 4 + 4 arms are explored in 4 rounds instead of 16, which matters
+    when a run has only a few dozen rounds and every exploratory increment is irreversible.
+    ``factored=False`` is the joint bandit over the (Δp, r) grid.
+    """
+
+    def __init__(self, delta_p: tuple[float, ...], ranks: tuple[int, ...], *, discount: float, exploration: float,
+                 target_sparsity: float, total_rounds: int, seed: int = 0, factored: bool = True) -> None:
+        self.delta_p = [float(d) for d in delta_p]
+        self.ranks = [int(r) for r in ranks]
+        self.arms: list[Arm] = [(dp, r) for dp in self.delta_p for r in self.ranks]
+        self.discount, self.exploration = discount, exploration
+        self.target, self.total_rounds, self.seed, self.factored = target_sparsity, total_rounds, seed, factored
+        self.max_dp = max(self.delta_p)
+        self.bandits: dict[str, dict[str, DiscountedUCB]] = {}
+        self.oom: dict[str, list[tuple[float, int]]] = {}  # node -> (sparsity, rank) that ran out of memory
+
+    def _bandits(self, node_id: str) -> dict[str, DiscountedUCB]:
+        if node_id not in self.bandits:
+            rng = node_rng(self.seed, node_id)
+            if self.factored:
+                self.bandits[node_id] = {
+                    "dp": DiscountedUCB([(d, 0) for d in self.delta_p], self.discount, self.exploration, rng),
+                    "rank": DiscountedUCB([(0.0, r) for r in self.ranks], self.discount, self.exploration, rng),
+                }
+            else:
+                self.bandits[node_id] = {"joint": DiscountedUCB(list(self.arms), self.discount, self.exploration, rng)}
+        return self.bandits[node_id]
+
+    def _too_heavy(self, node_id: str, sparsity: float, rank: int) -> bool:
+        return any(sparsity <= s + EPS and rank >= r for s, r in self.oom.get(node_id, ()))
+
+    def choose(self, node_id: str, rnd: int, sparsity: float, cap: float) -> Choice:
+        """Pick the configuration of ``node_id`` for round ``rnd`` (1-based) given its current sparsity."""
+        b = self._bandits(node_id)
+        rounds_left = max(self.total_rounds - rnd + 1, 1)
+        goal = min(self.target, cap)
+        # The smallest increment this round that still lets the remaining rounds reach the target.
+        need_now = goal - sparsity - self.max_dp * (rounds_left - 1)
+
+        def target_of(dp: float) -> float:
+            return min(sparsity + dp, cap)
+
+        def fits(dp: float, r: int) -> bool:
+            return not self._too_heavy(node_id, target_of(dp), r)
+
+        dps = [d for d in self.delta_p if d >= need_now - EPS and any(fits(d, r) for r in self.ranks)]
+        forced = not dps and need_now > self.max_dp + EPS
+        if not dps:  # the gap cannot be closed (or memory rules the rest out): the largest increment that fits
+            dps = [max((d for d in self.delta_p if any(fits(d, r) for r in self.ranks)), default=self.max_dp)]
+        # Below the target every increment is needed anyway, so exploring is safe; at or above it an increment is
+        # permanent, so Δp is chosen on the evidence alone (no exploration bonus, no untried-first).
+        explore_dp = sparsity < goal - EPS
+        if self.factored:
+            dp = b["dp"].arms[b["dp"].select([i for i, a in enumerate(b["dp"].arms) if a[0] in dps], explore_dp)][0]
+            ok = [i for i, a in enumerate(b["rank"].arms) if fits(dp, a[1])] or [0]
+            rank = b["rank"].arms[b["rank"].select(ok)][1]
+        else:
+            ok = [i for i, a in enumerate(self.arms) if a[0] in dps and fits(*a)]
+            ok = ok or [min(range(len(self.arms)), key=lambda i: (-self.arms[i][0], self.arms[i][1]))]
+            if not explore_dp:  # exploit on Δp > 0 arms only when the evidence favours them
+                ok = [i for i in ok if self.arms[i][0] == 0.0 or b["joint"].plays[i] > 0] or ok
+            dp, rank = self.arms[b["joint"].select(ok)]
+        target = target_of(dp)
+        if forced or (rounds_left == 1 and target < goal - EPS):
+            target, forced = max(target, goal), True
+        arm = (dp, rank)
+        return Choice(arm_index=self.arms.index(arm), arm=arm, target_sparsity=float(min(target, cap)), rank=rank,
+                      forced=forced)
+
+    def update(self, node_id: str, arm_index: int, reward: float) -> None:
+        dp, rank = self.arms[arm_index]
+        b = self._bandits(node_id)
+        if self.factored:
+            b["dp"].update(self.delta_p.index(dp), reward)
+            b["rank"].update(self.ranks.index(rank), reward)
+        else:
+            b["joint"].update(arm_index, reward)
+
+    def out_of_memory(self, node_id: str, sparsity: float, rank: int) -> None:
+        """Exclude this configuration and every heavier one (same or lower sparsity, same or higher rank)."""
+        self.oom.setdefault(node_id, []).append((float(sparsity), int(rank)))
+
+    def state_dict(self) -> dict:
+        return {"bandits": {n: {k: u.state_dict() for k, u in b.items()} for n, b in self.bandits.items()},
+                "oom": {n: [list(x) for x in v] for n, v in self.oom.items()}}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.bandits = {}
+        for n, st in d.get("bandits", {}).items():
+            for k, u in self._bandits(n).items():
+                u.load_state_dict(st[k])
+        self.oom = {n: [(float(s), int(r)) for s, r in v] for n, v in d.get("oom", {}).items()}

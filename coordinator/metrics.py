@@ -1,0 +1,70 @@
+"""Round metrics as JSON lines (one object per node and round, one per round, one per export) and a summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+class MetricsWriter:
+    """Append-only JSONL; every line carries ``kind`` (node, round, export) and a timestamp."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def _write(self, kind: str, rec: dict) -> None:
+        self._fh.write(json.dumps(_clean({"kind": kind, "ts": time.time(), **rec}), sort_keys=True) + "\n")
+        self._fh.flush()
+
+    def node_round(self, rec: dict) -> None:
+        self._write("node", rec)
+
+    def round_summary(self, rec: dict) -> None:
+        self._write("round", rec)
+
+    def export(self, report) -> None:
+        self._write("export", {"node_id": report.node_id, "node": report.node_id, "status": report.status,
+                               "error": report.error, "path": report.path, "size_bytes": report.size_bytes,
+                               "params": report.params, "sparsity": report.sparsity, "latency_ms": report.latency_ms,
+                               "metrics": dict(report.metrics)})
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def summarize(path: str | Path) -> str:
+    """A plain-text table of the run: per round participants, accepted, idle fraction, mean loss, accuracy."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    nodes = [r for r in rows if r.get("kind") == "node" and r.get("status") == "ok"]
+    lines = [f"{'round':>5} {'accepted':>8} {'idle':>6} {'loss_end':>9} {'test_acc':>8} {'sparsity':>8}"]
+    for r in (r for r in rows if r.get("kind") == "round"):
+        mine = [n for n in nodes if n["round"] == r["round"]]
+        loss, acc, sp = (_mean(mine, k) for k in ("loss_end", "m_test_accuracy", "sparsity"))
+        lines.append(f"{r['round']:>5} {r.get('accepted', len(mine)):>8} {r.get('idle_fraction', 0.0):>6.1%} "
+                     f"{loss:>9.4f} {acc:>8.3f} {sp:>8.3f}")
+    for e in (r for r in rows if r.get("kind") == "export"):
+        lines.append(f"export {e['node_id']}: {e['status']} {e.get('size_bytes', 0) / 1e6:.1f} MB, "
+                     f"{e.get('latency_ms', 0.0):.1f} ms, sparsity {e.get('sparsity', 0.0):.2f}, "
+                     f"accuracy {e.get('metrics', {}).get('accuracy', float('nan')):.3f}")
+    return "\n".join(lines)

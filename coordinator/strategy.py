@@ -1,0 +1,255 @@
+"""Round policy: which configuration each node gets, and what an accepted round does to the global state.
+
+One ``Strategy`` class serves FedSpine and the baselines of the spec; they differ only in how a round is
+configured (the schedule) and how updates are combined:
+
+| method    | sparsity schedule                                  | rank                 | aggregation  |
+|-----------|----------------------------------------------------|----------------------|--------------|
+| fedspine  | per-node S-UCB increments, every node ends >= s*   | per-node S-UCB       | coverage avg |
+| fedlora   | none                                               | static_rank          | coverage avg |
+| hetlora   | none                                               | by device tier       | zero-padding |
+| uniform   | the same linear increments for all, s* by 2/3 of T | static_rank          | coverage avg |
+| prune_ft  | s* in round 1 (pruned after its τ steps)           | static_rank          | coverage avg |
+| ft_prune  | none, then s* in the last ~15 % of rounds          | static_rank          | coverage avg |
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from coordinator.aggregation import GlobalLora, ZeroPadLora
+from coordinator.bandit import FleetBandit
+from coordinator.config import CoordinatorConfig
+from coordinator.reward import RewardInput, rewards
+from shared.updates import LoraUpdate, UpdateError
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node_id: str
+    device_type: str = "default"
+    memory_mb: int = 0
+
+
+@dataclass(frozen=True)
+class Assignment:
+    node_id: str
+    target_sparsity: float
+    rank: int
+    local_steps: int
+    arm: tuple[float, int] | None = None
+    prune_random: bool = False
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    """One node's accepted round result (validated at the boundary)."""
+
+    node_id: str
+    update: LoraUpdate
+    samples: int
+    loss_start: float
+    loss_end: float
+    compute_s: float
+    round_time_s: float  # completion time: virtual (simulated device) or measured
+    sparsity: float
+    rank: int
+    energy_j: float | None
+    upload_bytes: int
+
+
+@dataclass(frozen=True)
+class Failure:
+    node_id: str
+    reason: str  # timeout | oom | error | rejected | offline
+
+
+@dataclass
+class RoundSummary:
+    round: int
+    idle_fraction: float
+    mean_round_time_s: float
+    max_round_time_s: float
+    node_terms: dict[str, dict] = field(default_factory=dict)  # node -> {"terms": {...}, "reward": r}
+
+    def log_fields(self) -> dict:
+        return {"idle_fraction": round(self.idle_fraction, 4), "max_round_time_s": round(self.max_round_time_s, 3),
+                "rewards": {n: round(v["reward"], 4) for n, v in self.node_terms.items()}}
+
+    def node_fields(self, node_id: str) -> dict:
+        v = self.node_terms.get(node_id)
+        if v is None:
+            return {}
+        return {"reward": v["reward"], **{f"r_{k}": t for k, t in v["terms"].items()}}
+
+    def round_fields(self) -> dict:
+        return {"idle_fraction": self.idle_fraction, "mean_round_time_s": self.mean_round_time_s,
+                "max_round_time_s": self.max_round_time_s}
+
+
+def idle_fraction(times: Sequence[float]) -> float:
+    """Mean share of the round each node waits for the slowest one."""
+    slowest = max(times, default=0.0)
+    if slowest <= 0:
+        return 0.0
+    return sum((slowest - t) / slowest for t in times) / len(times)
+
+
+@dataclass
+class NodeState:
+    sparsity: float = 0.0
+    rank: int = 0
+    structure: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # kept rows/cols per module
+    deviation: float | None = None  # |T - T̄| / T̄ in the node's last accepted round
+
+
+class Strategy:
+    """Configure rounds and aggregate them, for FedSpine and every baseline (``method``)."""
+
+    def __init__(self, cfg: CoordinatorConfig, total_rounds: int, seed: int = 0) -> None:
+        self.cfg, self.method, self.total_rounds = cfg, cfg.coordinator.method, total_rounds
+        b = cfg.bandit
+        self.alpha = 16.0  # LoRA alpha of the nodes' TrainSettings default; scale = alpha / rank
+        self.bandit = FleetBandit(b.delta_p, b.ranks, discount=b.discount, exploration=b.exploration,
+                                  target_sparsity=b.target_sparsity, total_rounds=total_rounds, seed=seed,
+                                  factored=b.factored)
+        self.global_ = ZeroPadLora() if self.method == "hetlora" else GlobalLora()
+        self.nodes: dict[str, NodeState] = {}
+        self._pending: dict[str, tuple[Assignment, float]] = {}  # node -> (assignment, sparsity before)
+
+    @property
+    def name(self) -> str:
+        return self.method
+
+    # ---- configure ----------------------------------------------------------------------------------------
+    def _state(self, node_id: str) -> NodeState:
+        return self.nodes.setdefault(node_id, NodeState())
+
+    def _schedule(self, rnd: int, node: NodeInfo, st: NodeState) -> tuple[float, int, tuple | None]:
+        b, T = self.cfg.bandit, self.total_rounds
+        target, rank = b.target_sparsity, b.static_rank
+        if self.method == "fedspine":
+            c = self.bandit.choose(node.node_id, rnd, st.sparsity, b.cap(node.device_type))
+            return c.target_sparsity, c.rank, (c.arm_index, c.forced)
+        if self.method == "fedlora":
+            return st.sparsity, rank, None
+        if self.method == "hetlora":
+            return st.sparsity, int(b.tier_ranks.get(node.device_type, b.tier_ranks.get("default", rank))), None
+        if self.method == "uniform":
+            reach = max(1, math.ceil(2 * T / 3))
+            return max(st.sparsity, min(target, target * rnd / reach)), rank, None
+        if self.method == "prune_ft":
+            return max(st.sparsity, target), rank, None
+        if self.method == "ft_prune":
+            prune_round = T - max(1, round(0.15 * T)) + 1 if T > 1 else 1
+            return (max(st.sparsity, target) if rnd >= prune_round else st.sparsity), rank, None
+        raise ValueError(f"unknown method {self.method!r}")
+
+    def configure_round(self, rnd: int, nodes: Sequence[NodeInfo]) -> list[Assignment]:
+        out = []
+        self._pending = {}
+        for node in nodes:
+            st = self._state(node.node_id)
+            target, rank, meta = self._schedule(rnd, node, st)
+            arm = None
+            if meta is not None:
+                arm = self.bandit.arms[meta[0]]
+            a = Assignment(node_id=node.node_id, target_sparsity=float(max(target, st.sparsity)), rank=int(rank),
+                           local_steps=self.cfg.coordinator.local_steps, arm=arm)
+            self._pending[node.node_id] = (a, st.sparsity)
+            out.append(a)
+        return out
+
+    def global_slice(self, node_id: str, rank: int) -> LoraUpdate | None:
+        if isinstance(self.global_, ZeroPadLora):
+            return self.global_.slice_for(rank, self.alpha)
+        return self.global_.slice_for(self._state(node_id).structure, rank, self.alpha)
+
+    # ---- aggregate ----------------------------------------------------------------------------------------
+    def check_update(self, node_id: str, update: LoraUpdate, assignment: Assignment) -> None:
+        """Refuse an update that cannot be this node's answer to ``assignment`` (raises UpdateError)."""
+        ranks = {m.rank for m in update.modules.values()}
+        if ranks and ranks != {assignment.rank}:
+            raise UpdateError(f"update ranks {sorted(ranks)} differ from the assigned rank {assignment.rank}")
+        if isinstance(self.global_, GlobalLora):
+            self.global_.check(update)
+        prev = self._state(node_id).structure
+        if prev is not None:
+            for name, m in update.modules.items():
+                if name in prev and not (set(m.rows.tolist()) <= set(prev[name][0].tolist())
+                                         and set(m.cols.tolist()) <= set(prev[name][1].tolist())):
+                    raise UpdateError(f"lora.{name}: kept indices grew back (pruning is monotone)")
+
+    def record_failures(self, rnd: int, failures: Sequence[Failure]) -> None:
+        """Out-of-memory failures exclude that arm and every heavier one for the node."""
+        for f in failures:
+            if f.reason == "oom" and f.node_id in self._pending:
+                a, _ = self._pending[f.node_id]
+                self.bandit.out_of_memory(f.node_id, a.target_sparsity, a.rank)
+
+    def aggregate_round(self, rnd: int, results: Sequence[NodeResult], failures: Sequence[Failure]) -> RoundSummary:
+        self.record_failures(rnd, failures)
+        self.global_.aggregate([(r.update, float(r.samples)) for r in results])
+        for r in results:
+            st = self._state(r.node_id)
+            st.sparsity = max(st.sparsity, float(r.sparsity))
+            st.rank = r.rank
+            st.structure = {n: (m.rows.clone(), m.cols.clone()) for n, m in r.update.modules.items()}
+        times = [r.round_time_s for r in results]
+        summary = RoundSummary(round=rnd, idle_fraction=idle_fraction(times),
+                               mean_round_time_s=sum(times) / max(len(times), 1), max_round_time_s=max(times, default=0.0))
+        inputs = [RewardInput(node_id=r.node_id, loss_start=r.loss_start, loss_end=r.loss_end,
+                              delta_sparsity=self._progress(r),
+                              round_time_s=r.round_time_s, importance=r.update.norm(), energy_j=r.energy_j,
+                              samples=r.samples, prev_deviation=self._state(r.node_id).deviation)
+                  for r in results]
+        summary.node_terms = rewards(inputs, self.cfg.reward, self.cfg.bandit.target_sparsity)
+        mean_t = summary.mean_round_time_s
+        for r in results:
+            self._state(r.node_id).deviation = abs(r.round_time_s - mean_t) / mean_t if mean_t > 0 else 0.0
+        if self.method == "fedspine":
+            for r in results:
+                a, _ = self._pending.get(r.node_id, (None, 0.0))
+                if a is not None and a.arm is not None:
+                    self.bandit.update(r.node_id, self.bandit.arms.index(a.arm), summary.node_terms[r.node_id]["reward"])
+        return summary
+
+    def _progress(self, r: NodeResult) -> float:
+        """Sparsity gained this round toward the fleet target (pruning beyond s* earns no progress)."""
+        before = self._pending.get(r.node_id, (None, 0.0))[1]
+        goal = self.cfg.bandit.target_sparsity
+        return max(min(float(r.sparsity), goal) - min(before, goal), 0.0)
+
+    # ---- persistence --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """JSON-able state plus ``tensors`` (global state and node structures) for the checkpoint store."""
+        tensors = dict(self.global_.state_tensors())
+        nodes = {}
+        for nid, st in self.nodes.items():
+            nodes[nid] = {"sparsity": st.sparsity, "rank": st.rank, "deviation": st.deviation,
+                          "modules": sorted(st.structure or {})}
+            for name, (rows, cols) in (st.structure or {}).items():
+                tensors[f"structure.{nid}.{name}.rows"] = rows
+                tensors[f"structure.{nid}.{name}.cols"] = cols
+        return {"method": self.method, "bandit": self.bandit.state_dict(), "nodes": nodes, "tensors": tensors}
+
+    def load_state_dict(self, d: dict) -> None:
+        if d.get("method") != self.method:
+            raise ValueError(f"checkpoint was written by method {d.get('method')!r}, not {self.method!r}")
+        tensors = d.get("tensors", {})
+        self.bandit.load_state_dict(d["bandit"])
+        self.global_.load_tensors({k: v for k, v in tensors.items() if not k.startswith("structure.")})
+        self.nodes = {}
+        for nid, st in d["nodes"].items():
+            structure = {name: (tensors[f"structure.{nid}.{name}.rows"], tensors[f"structure.{nid}.{name}.cols"])
+                         for name in st["modules"]} or None
+            self.nodes[nid] = NodeState(sparsity=float(st["sparsity"]), rank=int(st["rank"]), structure=structure,
+                                        deviation=st.get("deviation"))
+
+
+def make_strategy(cfg: CoordinatorConfig, total_rounds: int, seed: int = 0) -> Strategy:
+    return Strategy(cfg, total_rounds=total_rounds, seed=seed)

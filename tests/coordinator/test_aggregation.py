@@ -1,0 +1,88 @@
+"""Mixed-rank, mixed-structure aggregation against FedAvg, zero-padding and the SVD optimum."""
+
+import pytest
+import torch
+
+from coordinator.aggregation import GlobalLora, ZeroPadLora, factorize, fedavg
+from shared.updates import LoraUpdate, ModuleUpdate, UpdateError
+
+
+def upd(rank, rows=None, cols=None, shape=(6, 5), seed=0, dense=None, alpha=16.0):
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.arange(shape[0]) if rows is None else torch.tensor(rows)
+    cols = torch.arange(shape[1]) if cols is None else torch.tensor(cols)
+    m = ModuleUpdate(A=torch.randn(rank, len(cols), generator=g), B=torch.randn(len(rows), rank, generator=g),
+                     rows=rows, cols=cols, shape=shape, scale=alpha / rank)
+    return LoraUpdate({"q": m}, dense or {})
+
+
+def test_equals_fedavg_when_structure_and_rank_are_shared():
+    ups = [(upd(4, seed=i, dense={"head": torch.full((2,), float(i))}), w) for i, w in enumerate([10.0, 30.0, 60.0])]
+    g = GlobalLora()
+    g.aggregate(ups)
+    assert torch.allclose(g.delta["q"], fedavg(ups, "q"), atol=1e-5)
+    assert torch.allclose(g.dense["head"], torch.full((2,), (0 * 10 + 1 * 30 + 2 * 60) / 100))
+
+
+def test_coordinate_kept_by_one_node_is_not_shrunk_and_uncovered_keeps_previous():
+    a = upd(2, rows=[0, 1, 2, 3, 4, 5], seed=1)
+    b = upd(2, rows=[0, 1, 2], seed=2)  # pruned rows 3..5
+    g = GlobalLora()
+    g.aggregate([(a, 1.0), (b, 3.0)])
+    da, db = a.modules["q"].dense_delta(), b.modules["q"].dense_delta()
+    assert torch.allclose(g.delta["q"][3:], da[3:], atol=1e-5)  # only a kept rows 3..5: its value, unshrunk
+    assert torch.allclose(g.delta["q"][:3], (da[:3] + 3 * db[:3]) / 4, atol=1e-5)
+    prev = g.delta["q"].clone()
+    g.aggregate([(b, 1.0)])  # nobody kept rows 3..5 this round: they keep the previous value
+    assert torch.allclose(g.delta["q"][3:], prev[3:])
+    assert torch.allclose(g.delta["q"][:3], db[:3], atol=1e-5)
+
+
+def test_zero_padding_differs_from_the_average_of_updates_as_documented():
+    lo, hi = upd(2, seed=3), upd(8, seed=4)
+    g, z = GlobalLora(), ZeroPadLora()
+    g.aggregate([(lo, 1.0), (hi, 1.0)])
+    z.aggregate([(lo, 1.0), (hi, 1.0)])
+    true = (lo.modules["q"].dense_delta() + hi.modules["q"].dense_delta()) / 2
+    assert torch.allclose(g.delta["q"], true, atol=1e-5)
+    # zero padding: ((B1+B2)/2)((A1+A2)/2) = (B1A1 + B2A2)/4 + cross terms
+    s_lo, s_hi = lo.modules["q"].scale ** 0.5, hi.modules["q"].scale ** 0.5
+    B1 = torch.nn.functional.pad(s_lo * lo.modules["q"].B, (0, 6))
+    A1 = torch.nn.functional.pad(s_lo * lo.modules["q"].A, (0, 0, 0, 6))
+    B2, A2 = s_hi * hi.modules["q"].B, s_hi * hi.modules["q"].A
+    expected = (B1 @ A1 + B2 @ A2) / 4 + (B1 @ A2 + B2 @ A1) / 4
+    assert torch.allclose(z.delta("q"), expected, atol=1e-4)
+    assert (z.delta("q") - true).norm() > 0.1 * true.norm()
+    with pytest.raises(UpdateError):
+        z.aggregate([(upd(2, rows=[0, 1]), 1.0)])  # zero-padding cannot combine pruned structures
+
+
+def test_slice_at_full_rank_is_exact_and_lower_rank_is_eckart_young():
+    g = GlobalLora()
+    g.aggregate([(upd(4, seed=5), 1.0), (upd(4, seed=6), 1.0)])
+    full = g.delta["q"]
+    rows, cols = torch.tensor([0, 2, 3, 5]), torch.tensor([1, 2, 4])
+    sl = g.slice_for({"q": (rows, cols)}, rank=3, alpha=16.0).modules["q"]
+    target = full[rows.unsqueeze(1), cols.unsqueeze(0)]
+    assert torch.allclose(sl.delta(), target, atol=1e-4)  # rank 3 >= min(4, 3): exact
+    low = g.slice_for(None, rank=2, alpha=16.0).modules["q"]
+    S = torch.linalg.svdvals(full.double())
+    err = (low.delta().double() - full.double()).norm()
+    assert err == pytest.approx(S[2:].square().sum().sqrt().item(), rel=1e-4)
+    assert low.scale == pytest.approx(8.0) and low.rank == 2
+
+
+def test_factorize_pads_missing_components_with_zeros():
+    m = factorize(torch.ones(3, 2), torch.arange(3), torch.arange(2), (3, 2), rank=4, alpha=8.0)
+    assert m.A.shape == (4, 2) and m.B.shape == (3, 4)
+    assert torch.count_nonzero(m.A[1:]) == 0  # rank-1 matrix: components 2..4 are zero
+    assert torch.allclose(m.delta(), torch.ones(3, 2), atol=1e-5)
+
+
+def test_mismatched_shapes_are_rejected_once_the_global_exists():
+    g = GlobalLora()
+    g.aggregate([(upd(2), 1.0)])
+    with pytest.raises(UpdateError):
+        g.check(upd(2, shape=(7, 5)))
+    with pytest.raises(UpdateError):
+        g.check(LoraUpdate({"other": upd(2).modules["q"]}))
