@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-from shared.transport import CHUNK_OVERHEAD, MqttTransport
 
 from edge_node.config import NodeConfig
 from shared import __version__ as SOFTWARE_VERSION
@@ -35,6 +34,7 @@ from shared.messages import (
     encode,
 )
 from shared.topics import TopicError
+from shared.transport import CHUNK_OVERHEAD, MqttTransport
 from shared.updates import LoraUpdate, UpdateError
 
 COORDINATOR_ID = "coordinator"
@@ -90,7 +90,7 @@ class NodeAgent:
             self._trainer = LocalTrainer(
                 n.model_path, n.data_path, task=n.task, train=self.cfg.train, device=n.device, dtype=n.dtype,
                 gradient_checkpointing=n.gradient_checkpointing, seed=n.seed, test_path=n.test_path or None,
-                log=self.log,
+                labels=list(n.labels) or None, log=self.log,
             )
             resume = self.state_dir / "trainer"
             if resume.exists() and hasattr(self._trainer, "load_resume"):

@@ -17,10 +17,9 @@ def _coordinator(args: argparse.Namespace) -> int:
 
 
 def _node(args: argparse.Namespace) -> int:
-    from edge_node.telemetry import TelemetryPublisher, make_provider
-
     from edge_node.agent import NodeAgent
     from edge_node.config import NodeConfig
+    from edge_node.telemetry import TelemetryPublisher, make_provider
 
     cfg = NodeConfig.load(args.config)
     if cfg.node.torch_threads:
