@@ -19,7 +19,7 @@ class NodeEntry:
     software_version: str
     online: bool
     last_change: float
-    joined_round: int  # the round during which it (last) came online; it takes part from the next one
+    joined_round: int  # last completed (or in-progress) round when it came online; it takes part after it
 
     def info(self) -> NodeInfo:
         return NodeInfo(node_id=self.node_id, device_type=self.device_type, memory_mb=self.memory_mb)

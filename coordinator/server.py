@@ -85,6 +85,7 @@ class Coordinator:
         self.chunk_limit = cfg.broker.chunk_size + CHUNK_OVERHEAD
         self.run_id = uuid.uuid4().hex[:12]
         self.round = 0  # the last completed round
+        self._active = 0  # the round being collected right now (0 between rounds)
         self._last: dict[str, Assignment] = {}  # each node's latest assignment (for the final sync)
         self._stop = threading.Event()
         status_off = encode(CoordinatorStatus(state="offline", ts=time.time(), run_id=self.run_id))
@@ -176,7 +177,8 @@ class Coordinator:
             return None
 
     def _apply_status(self, node_id: str, status: NodeStatus) -> None:
-        change = self.registry.apply(status, time.time(), self.round + 1)
+        # A node that joins while a round is collected takes part from the next one.
+        change = self.registry.apply(status, time.time(), self._active or self.round)
         if change in ("joined", "left"):
             self.log.info(f"node_{change}", node=node_id, device_type=status.device_type, live=len(self.registry.live()))
 
@@ -282,7 +284,11 @@ class Coordinator:
         log.info("round_started", participants=[a.node_id for a in assignments],
                  configs={a.node_id: {"sparsity": round(a.target_sparsity, 4), "rank": a.rank} for a in assignments})
 
-        results, failures = self._collect(rnd, pending, time.monotonic() + rs.deadline_s, log)
+        self._active = rnd
+        try:
+            results, failures = self._collect(rnd, pending, time.monotonic() + rs.deadline_s, log)
+        finally:
+            self._active = 0
         for p in pending.values():
             self.reassembler.forget(p.upload_tid)
         quorum = max(1, int(-(-rs.quorum * len(assignments) // 1)))

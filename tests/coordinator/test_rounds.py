@@ -1,0 +1,155 @@
+"""The coordinator's round loop with real node agents over the in-memory bus (fake trainers, no broker)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from coordinator.config import CoordinatorConfig
+from coordinator.server import Coordinator
+from coordinator.state import CheckpointStore
+from edge_node.agent import NodeAgent
+from edge_node.config import NodeConfig
+from shared.transport import MemoryBus, MemoryTransport
+from shared.updates import LoraUpdate, ModuleUpdate
+
+
+@dataclass
+class FakeResult:
+    update: LoraUpdate
+    payload: bytes
+    loss_start: float
+    loss_end: float
+    samples: int
+    compute_s: float
+    sparsity: float
+    rank: int
+    metrics: dict = field(default_factory=dict)
+    peak_memory_mb: float = 0.0
+
+
+class FakeTrainer:
+    """Answers a round like LocalTrainer: an update at the assigned rank over its (shrinking) structure."""
+
+    def __init__(self, name: str, behaviour: str = "ok", delay_s: float = 0.0) -> None:
+        self.name, self.behaviour, self.delay_s = name, behaviour, delay_s
+        self.sparsity, self.calls, self.received = 0.0, [], []
+
+    def run_round(self, *, target_sparsity, rank, local_steps, global_update, prune_random=False, should_stop=None):
+        self.calls.append((target_sparsity, rank, local_steps))
+        self.received.append(global_update)
+        if self.behaviour == "oom":
+            raise MemoryError("CUDA out of memory (simulated)")
+        time.sleep(self.delay_s)
+        self.sparsity = max(self.sparsity, target_sparsity)
+        kept = max(1, round(8 * (1 - self.sparsity)))
+        g = torch.Generator().manual_seed(len(self.calls) * 31 + len(self.name))
+        m = ModuleUpdate(A=torch.randn(rank, 4, generator=g) * 0.1, B=torch.randn(kept, rank, generator=g) * 0.1,
+                         rows=torch.arange(kept), cols=torch.arange(4), shape=(8, 4), scale=16.0 / rank)
+        u = LoraUpdate({"layer.q": m}, {"classifier.weight": torch.ones(2, 4)})
+        return FakeResult(update=u, payload=u.to_bytes(), loss_start=1.0, loss_end=0.9, samples=32, compute_s=0.01,
+                          sparsity=self.sparsity, rank=rank, metrics={"test_accuracy": 0.5})
+
+
+def start_fleet(tmp_path, trainers: dict[str, FakeTrainer], **coordinator):
+    bus = MemoryBus()
+    cfg = CoordinatorConfig.from_dict({"coordinator": {"rounds": 3, "min_nodes": len(trainers), "local_steps": 2,
+                                                       "deadline_s": 5.0, "state_dir": str(tmp_path / "coord"),
+                                                       "export_at_end": False, "join_timeout_s": 10.0, **coordinator}})
+    coord = Coordinator(cfg, transport=MemoryTransport(bus, "coordinator"))
+    agents = []
+    for i, (nid, tr) in enumerate(trainers.items()):
+        ncfg = NodeConfig.from_dict({"node": {"id": nid, "device_type": ("agx", "nx", "tx2")[i % 3],
+                                              "state_dir": str(tmp_path / nid)}})
+        a = NodeAgent(ncfg, trainer=tr)
+        a.transport = MemoryTransport(bus, nid, on_connect=a._on_connect,
+                                      will=(a.topics.node(nid, "status"), b""))
+        agents.append(a)
+        threading.Thread(target=a.run, daemon=True).start()
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.setdefault("summary", coord.run()), daemon=True)
+    t.start()
+    return coord, agents, t, out
+
+
+def rows(tmp_path, kind):
+    lines = (tmp_path / "coord" / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_three_rounds_aggregate_and_checkpoint(tmp_path):
+    trainers = {n: FakeTrainer(n) for n in ("agx-1", "nx-2", "tx2-3")}
+    coord, agents, t, out = start_fleet(tmp_path, trainers)
+    t.join(60)
+    for a in agents:
+        a.stop()
+    assert out["summary"].rounds_done == 3 and not out["summary"].stopped_early
+    assert [r["accepted"] for r in rows(tmp_path, "round")] == [3, 3, 3]
+    for tr in trainers.values():
+        assert tr.received[0] is None and all(g is not None for g in tr.received[1:])  # global slice from round 2
+        assert tr.calls[-1][2] == 0  # the final sync: apply the aggregate and evaluate only
+        assert tr.sparsity >= 0.3 - 1e-9
+    ckpt = CheckpointStore(tmp_path / "coord").load()
+    assert ckpt["round"] == 3 and "delta.layer.q" in ckpt["strategy"]["tensors"]
+
+
+def test_oom_node_is_reported_and_the_round_goes_on(tmp_path):
+    trainers = {"agx-1": FakeTrainer("agx-1"), "nx-2": FakeTrainer("nx-2"), "tx2-3": FakeTrainer("tx2-3", "oom")}
+    coord, agents, t, out = start_fleet(tmp_path, trainers, rounds=2)
+    t.join(60)
+    for a in agents:
+        a.stop()
+    assert out["summary"].rounds_done == 2
+    node_rows = [r for r in rows(tmp_path, "node") if not r.get("eval_only")]
+    assert {r["status"] for r in node_rows if r["node"] == "tx2-3"} == {"oom"}
+    assert [r["accepted"] for r in rows(tmp_path, "round")] == [2, 2]
+    first, second = trainers["tx2-3"].calls[:2]
+    # the arm that ran out of memory and every heavier one (same or lower sparsity, same or higher rank) is gone
+    assert not (second[0] <= first[0] + 1e-9 and second[1] >= first[1])
+    assert coord.registry.is_live("tx2-3")  # the node stayed alive
+
+
+def test_silent_node_times_out_without_stalling_the_fleet(tmp_path):
+    trainers = {"agx-1": FakeTrainer("agx-1"), "nx-2": FakeTrainer("nx-2"),
+                "tx2-3": FakeTrainer("tx2-3", delay_s=30.0)}
+    coord, agents, t, out = start_fleet(tmp_path, trainers, rounds=1, deadline_s=2.0)
+    t0 = time.monotonic()
+    t.join(30)
+    assert time.monotonic() - t0 < 15  # the deadline, not the slow node, ends the round
+    for a in agents:
+        a.stop()
+    assert out["summary"].rounds_done == 1
+    statuses = {r["node"]: r["status"] for r in rows(tmp_path, "node") if not r.get("eval_only")}
+    assert statuses == {"agx-1": "ok", "nx-2": "ok", "tx2-3": "timeout"}
+
+
+def test_below_quorum_round_is_retried_then_training_stops(tmp_path):
+    trainers = {n: FakeTrainer(n, "oom") for n in ("agx-1", "nx-2")}
+    coord, agents, t, out = start_fleet(tmp_path, trainers, rounds=2, max_retries=1)
+    t.join(60)
+    for a in agents:
+        a.stop()
+    assert out["summary"].rounds_done == 0 and "quorum" in out["summary"].stopped_early
+    assert len(trainers["agx-1"].calls) == 2  # the round was tried twice
+    assert not (tmp_path / "coord" / "checkpoint.json").exists()
+
+
+@pytest.mark.parametrize("state", ["offline"])
+def test_registry_ignores_unknown_offline_and_tracks_presence(state):
+    from coordinator.registry import Registry
+    from shared.messages import NodeStatus
+
+    reg = Registry()
+    assert reg.apply(NodeStatus(node_id="a", state=state, ts=1.0), 1.0, 0) is None
+    assert reg.apply(NodeStatus(node_id="a", state="online", ts=1.0, device_type="nx"), 1.0, 0) == "joined"
+    assert [n.node_id for n in reg.live(for_round=1)] == ["a"]
+    assert reg.apply(NodeStatus(node_id="b", state="online", ts=2.0), 2.0, 1) == "joined"
+    assert [n.node_id for n in reg.live(for_round=1)] == ["a"]  # b joined during round 1: from round 2 on
+    assert [n.node_id for n in reg.live(for_round=2)] == ["a", "b"]
+    assert reg.apply(NodeStatus(node_id="a", state="offline", ts=3.0), 3.0, 1) == "left"
+    assert [n.node_id for n in reg.live()] == ["b"]
