@@ -246,8 +246,9 @@ class LocalTrainer:
         pruned = False
         if target_sparsity > before + 1e-9:
             pruned = self._prune(target_sparsity, prune_random)
-        metrics = {f"val_{k}": v for k, v in self._evaluate(self.val_batches).items()}
-        loss_end = self._evaluate(eval_batches)["loss"]
+        end = self._evaluate(eval_batches)  # the same batches as loss_start: one pass gives loss and accuracy
+        loss_end = end["loss"]
+        metrics = {f"val_{k}": v for k, v in end.items()}
         if self.test_batches:
             metrics.update({f"test_{k}": v for k, v in
                             self.evaluate("test", self.train.test_batches).items()})

@@ -281,6 +281,6 @@ def task_head_params(model: nn.Module) -> dict[str, nn.Parameter]:
     """Trainable non-LoRA parameters (the task head), by name relative to the transformers model."""
     out: dict[str, nn.Parameter] = {}
     for name, p in unwrap(model).named_parameters():
-        if p.requires_grad and ".lora_" not in name and "lora_" not in name.split(".")[0]:
+        if p.requires_grad and ".lora_" not in name:
             out[name.replace(".modules_to_save.default", "")] = p
     return out

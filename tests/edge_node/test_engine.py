@@ -85,8 +85,8 @@ def test_resume_merge_and_stop(cls_data, tmp_path):
         tr.run_round(target_sparsity=0.5, rank=4, local_steps=5, global_update=None, should_stop=lambda: True)
 
 
-def test_half_precision_base_on_cpu(cls_data):
-    tr = _trainer(cls_data, dtype="bfloat16")
+def test_half_precision_base_and_checkpointing_on_cpu(cls_data):
+    tr = _trainer(cls_data, dtype="bfloat16", gradient_checkpointing=True)
     res = tr.run_round(target_sparsity=0.3, rank=4, local_steps=3, global_update=None)
     assert res.sparsity >= 0.3
     assert all(m.A.dtype == torch.float32 for m in res.update.modules.values())
