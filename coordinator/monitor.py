@@ -1,0 +1,187 @@
+"""``fedspine monitor``: a live terminal view of a fleet, built only from what the broker carries.
+
+It subscribes like any other MQTT client (presence, telemetry, round reports, coordinator status) and needs
+no coordinator internals; with the production ACL use the read-only ``monitor`` user.  ``FleetView`` holds the
+state and is pure (tested without a broker); malformed messages are logged once and dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from shared.config import BrokerConfig
+from shared.logs import get_logger
+from shared.messages import (
+    CoordinatorStatus,
+    ExportReport,
+    NodeStatus,
+    ProtocolError,
+    RoundReport,
+    RoundTelemetry,
+    Telemetry,
+    decode,
+)
+from shared.topics import TopicError, Topics
+
+
+@dataclass
+class NodeRow:
+    node_id: str
+    state: str = "?"
+    device_type: str = ""
+    round: int = -1
+    phase: str = ""
+    sparsity: float | None = None
+    rank: int | None = None
+    power_w: float | None = None
+    power_source: str = ""
+    cpu_percent: float | None = None
+    gpu_percent: float | None = None
+    loss: float | None = None
+    accuracy: float | None = None
+    energy_j: float | None = None
+    last_seen: float = 0.0
+
+
+@dataclass
+class FleetView:
+    """The fleet as seen on the broker; ``apply`` takes raw (topic, payload) pairs."""
+
+    topics: Topics
+    nodes: dict[str, NodeRow] = field(default_factory=dict)
+    coordinator: CoordinatorStatus | None = None
+    rejected: int = 0
+
+    def _row(self, node_id: str) -> NodeRow:
+        return self.nodes.setdefault(node_id, NodeRow(node_id))
+
+    def apply(self, topic: str, payload: bytes, log=None) -> bool:
+        """Update the view; return False (and log one line) for anything malformed."""
+        try:
+            parsed = self.topics.parse(topic)
+            if parsed.kind == "coordinator_status":
+                self.coordinator = decode(payload, CoordinatorStatus)
+                return True
+            if parsed.node_id is None:
+                return False
+            if parsed.kind == "status":
+                st = decode(payload, NodeStatus)
+                self._check(st.node_id, parsed.node_id)
+                row = self._row(parsed.node_id)
+                row.state, row.device_type = st.state, st.device_type or row.device_type
+                row.sparsity = st.sparsity if st.state == "online" else row.sparsity
+                row.round = max(row.round, st.round)
+            elif parsed.kind == "telemetry":
+                t = decode(payload, Telemetry)
+                self._check(t.node_id, parsed.node_id)
+                row = self._row(parsed.node_id)
+                row.power_w, row.power_source = t.power_w, t.source
+                row.cpu_percent, row.gpu_percent, row.phase = t.cpu_percent, t.gpu_percent, t.phase
+                row.round = max(row.round, t.round)
+            elif parsed.kind == "telemetry/round":
+                rt = decode(payload, RoundTelemetry)
+                self._check(rt.node_id, parsed.node_id)
+                self._row(parsed.node_id).energy_j = rt.energy_j
+            elif parsed.kind == "report":
+                rep = decode(payload, (RoundReport, ExportReport))
+                self._check(rep.node_id, parsed.node_id)
+                row = self._row(parsed.node_id)
+                if isinstance(rep, RoundReport):
+                    row.round = max(row.round, rep.round)
+                    if rep.status == "ok":
+                        row.loss, row.sparsity, row.rank = rep.loss_end, rep.sparsity, rep.rank
+                        row.accuracy = rep.metrics.get("test_accuracy", rep.metrics.get("val_accuracy", row.accuracy))
+                    else:
+                        row.phase = rep.status
+                else:
+                    row.phase = "exported" if rep.status == "ok" else "export failed"
+                    row.accuracy = rep.metrics.get("accuracy", row.accuracy)
+            else:
+                return False
+        except (ProtocolError, TopicError) as exc:
+            self.rejected += 1
+            (log or get_logger("monitor")).warning("message_rejected", topic=topic, size=len(payload), error=str(exc))
+            return False
+        self._row(parsed.node_id).last_seen = time.time()
+        return True
+
+    @staticmethod
+    def _check(named: str, from_topic: str) -> None:
+        if named != from_topic:
+            raise ProtocolError(f"message names node {named!r} but came on {from_topic!r}'s topic")
+
+    def table(self):
+        from rich.table import Table
+
+        c = self.coordinator
+        title = "FedSpine fleet" + (f" - coordinator {c.state}, round {c.round}, {c.method}" if c else "")
+        t = Table(title=title)
+        for col in ("node", "presence", "tier", "round", "phase", "sparsity", "rank", "power W", "source",
+                    "CPU %", "GPU %", "loss", "accuracy", "energy J"):
+            t.add_column(col, justify="right" if col not in ("node", "presence", "tier", "phase", "source") else "left")
+
+        def f(v, fmt):
+            return "-" if v is None else format(v, fmt)
+
+        for r in sorted(self.nodes.values(), key=lambda r: r.node_id):
+            t.add_row(r.node_id, "[green]online" if r.state == "online" else f"[red]{r.state}", r.device_type,
+                      f(r.round if r.round >= 0 else None, "d"), r.phase, f(r.sparsity, ".2f"), f(r.rank, "d"),
+                      f(r.power_w, ".1f"), r.power_source, f(r.cpu_percent, ".0f"), f(r.gpu_percent, ".0f"),
+                      f(r.loss, ".4f"), f(r.accuracy, ".3f"), f(r.energy_j, ".0f"))
+        return t
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    from shared.transport import MqttTransport
+
+    ap = argparse.ArgumentParser(prog="fedspine monitor", description="Live view of a FedSpine fleet over MQTT.")
+    ap.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt://host:port or mqtts://host:8883")
+    ap.add_argument("--username", default=None)
+    ap.add_argument("--password-file", default=None)
+    ap.add_argument("--ca-file", default=None)
+    ap.add_argument("--root", default="fedspine/v1", help="topic root")
+    ap.add_argument("--once", action="store_true", help="print one snapshot after --duration seconds and exit")
+    ap.add_argument("--duration", type=float, default=3.0)
+    a = ap.parse_args(argv)
+    broker = BrokerConfig(url=a.broker, username=a.username, password_file=a.password_file, ca_file=a.ca_file,
+                          topic_root=a.root)
+    log = get_logger("monitor")
+    view = FleetView(Topics(a.root))
+    lock = threading.Lock()
+
+    def handle(topic: str, payload: bytes) -> None:
+        with lock:
+            view.apply(topic, payload, log)
+
+    client = MqttTransport(broker, client_id=f"fedspine-monitor-{int(time.time() * 1000) % 10**9}")
+    for flt in (view.topics.node_filter("status"), view.topics.telemetry_filter, view.topics.node_filter("report"),
+                view.topics.coordinator_status):
+        client.subscribe(flt, handle, qos=0)
+    client.start()
+    console = Console()
+    try:
+        if a.once:
+            time.sleep(a.duration)
+            with lock:
+                console.print(view.table())
+            return 0
+        with Live(view.table(), console=console, refresh_per_second=2) as live:
+            while True:
+                time.sleep(0.5)
+                with lock:
+                    live.update(view.table())
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        client.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

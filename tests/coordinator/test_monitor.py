@@ -1,0 +1,43 @@
+"""The live fleet view, fed raw (topic, payload) pairs as they come off the broker."""
+
+from structlog.testing import capture_logs
+
+from coordinator.monitor import FleetView
+from shared.messages import CoordinatorStatus, NodeStatus, RoundReport, RoundTelemetry, Telemetry, encode
+from shared.topics import Topics
+
+T = Topics("fedspine/v1")
+
+
+def test_view_follows_presence_telemetry_and_reports():
+    v = FleetView(T)
+    assert v.apply(T.node("agx-1", "status"), encode(NodeStatus(node_id="agx-1", state="online", ts=1.0,
+                                                                device_type="agx")))
+    assert v.apply(T.node("agx-1", "telemetry"), encode(Telemetry(
+        node_id="agx-1", ts=2.0, source="jtop", power_w=9.5, power_estimated=False, rails_w={}, cpu_percent=55.0,
+        gpu_percent=80.0, ram_used_mb=1.0, ram_total_mb=2.0, temperatures_c={}, round=2, phase="training")))
+    assert v.apply(T.node("agx-1", "report"), encode(RoundReport(
+        run_id="r", round=2, node_id="agx-1", status="ok", loss_end=0.42, sparsity=0.3, rank=4,
+        metrics={"test_accuracy": 0.71})))
+    assert v.apply(T.node("agx-1", "telemetry/round"), encode(RoundTelemetry(
+        node_id="agx-1", round=2, source="jtop", duration_s=10.0, energy_j=95.0, avg_power_w=9.5,
+        power_estimated=False, avg_cpu_percent=50.0, avg_gpu_percent=70.0, samples=20)))
+    assert v.apply(T.coordinator_status, encode(CoordinatorStatus(state="online", ts=3.0, round=2, method="fedspine")))
+    row = v.nodes["agx-1"]
+    assert (row.state, row.device_type, row.round, row.phase) == ("online", "agx", 2, "training")
+    assert (row.power_w, row.power_source, row.loss, row.sparsity, row.rank) == (9.5, "jtop", 0.42, 0.3, 4)
+    assert row.accuracy == 0.71 and row.energy_j == 95.0
+    v.apply(T.node("agx-1", "status"), encode(NodeStatus(node_id="agx-1", state="offline", ts=4.0)))
+    assert v.nodes["agx-1"].state == "offline"
+    assert v.table().row_count == 1
+
+
+def test_malformed_and_spoofed_messages_are_dropped_with_one_line_each():
+    v = FleetView(T)
+    spoof = encode(NodeStatus(node_id="nx-2", state="online", ts=1.0))
+    with capture_logs() as logs:
+        assert not v.apply(T.node("agx-1", "status"), spoof)  # names another node than its topic
+        assert not v.apply(T.node("agx-1", "telemetry"), b"{not json")
+        assert not v.apply("other/tree/x", b"{}")
+    assert v.nodes == {} and v.rejected == 3
+    assert [e["event"] for e in logs] == ["message_rejected"] * 3
