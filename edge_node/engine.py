@@ -116,7 +116,8 @@ class LocalTrainer:
         if test_path:
             test = self._encode(read_records(test_path), self.labels or None, where=str(test_path))
             self.test_batches = fixed_batches(test, list(range(len(test))), bs, pad, self.causal, None)
-        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+        fp16_cuda = self.dtype == torch.float16 and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if fp16_cuda else None  # fp16 needs loss scaling, bf16 not
         self.rounds = 0
         self.log.info("trainer_ready", model=Path(model_path).name, task=task, device=str(self.device),
                       dtype=str(self.dtype).replace("torch.", ""), train=len(self.train_idx), val=len(self.val_idx),
