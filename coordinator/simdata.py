@@ -47,7 +47,7 @@ def split_test(labels: list[str], test_size: int, seed: int) -> tuple[np.ndarray
     test = np.concatenate([rng.permutation(np.flatnonzero(lab == c))[:per_class] for c in classes])
     mask = np.ones(len(labels), dtype=bool)
     mask[test] = False
-    return np.sort(test), np.flatnonzero(mask)
+    return rng.permutation(test), np.flatnonzero(mask)  # shuffled: the corpus is sorted by label
 
 
 def dirichlet_split(labels: list[str] | np.ndarray, pool: np.ndarray, n_nodes: int, alpha: float,

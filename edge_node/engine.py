@@ -115,7 +115,10 @@ class LocalTrainer:
         self.test_batches: list[dict[str, torch.Tensor]] = []
         if test_path:
             test = self._encode(read_records(test_path), self.labels or None, where=str(test_path))
-            self.test_batches = fixed_batches(test, list(range(len(test))), bs, pad, self.causal, None)
+            # A fixed permutation (the same on every node) so that a few test batches are a fair sample even when
+            # the file is sorted by label.
+            order = torch.randperm(len(test), generator=torch.Generator().manual_seed(0)).tolist()
+            self.test_batches = fixed_batches(test, order, bs, pad, self.causal, None)
         fp16_cuda = self.dtype == torch.float16 and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if fp16_cuda else None  # fp16 needs loss scaling, bf16 not
         self.rounds = 0
@@ -231,8 +234,19 @@ class LocalTrainer:
             apply_update(self.model, global_update, rank=rank, alpha=self.train.lora_alpha, generator=self.gen)
         else:
             change_rank(self.model, rank, self.train.lora_alpha, generator=self.gen)
+        metrics: dict[str, float] = {}
+        t_eval = time.perf_counter()
+        if self.test_batches:  # the global model at this node's structure: evaluation only, not round work
+            metrics.update({f"test_{k}": v for k, v in self.evaluate("test", self.train.test_batches).items()})
+        t_eval = time.perf_counter() - t_eval
         eval_batches = self.val_batches[: self.train.eval_batches]
         loss_start = self._evaluate(eval_batches)["loss"]
+        # Prune first, then tune: the importance accumulated over the previous round's steps picks the groups
+        # (a short gradient pass when there is none yet), and this round's steps recover from the cut.
+        before = self.sparsity
+        pruned = False
+        if target_sparsity > before + 1e-9:
+            pruned = self._prune(target_sparsity, prune_random)
         self.model.train()
         opt = self._optimizer()
         timing = {"step": 0.0, "importance": 0.0}
@@ -243,18 +257,11 @@ class LocalTrainer:
             _, n = self._train_step(opt, track=not prune_random, timing=timing)
             samples += n
             steps += 1
-        before = self.sparsity
-        pruned = False
-        if target_sparsity > before + 1e-9:
-            pruned = self._prune(target_sparsity, prune_random)
         end = self._evaluate(eval_batches)  # the same batches as loss_start: one pass gives loss and accuracy
         loss_end = end["loss"]
-        metrics = {f"val_{k}": v for k, v in end.items()}
-        if self.test_batches:
-            metrics.update({f"test_{k}": v for k, v in
-                            self.evaluate("test", self.train.test_batches).items()})
+        metrics.update({f"val_{k}": v for k, v in end.items()})
         update = build_update(self.model)
-        compute_s = time.perf_counter() - t_start
+        compute_s = time.perf_counter() - t_start - t_eval
         payload = update.to_bytes()
         achieved = self.sparsity
         kept = kept_maps(self.model)
