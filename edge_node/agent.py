@@ -291,8 +291,12 @@ class NodeAgent:
         n = self.cfg.node
         virtual_s = 0.0
         if n.profile_uplink_mbps > 0:
-            # Simulated device: its compute time scaled by the profile speed, plus the profile's uplink.
-            virtual_s = (result.compute_s / n.profile_speed + len(result.payload) * 8 / (n.profile_uplink_mbps * 1e6)
+            # Simulated device: its compute time scaled by the profile speed, plus the profile's uplink.  With one
+            # torch thread the training thread's CPU time is that compute, whatever else shares the machine.
+            import torch
+
+            compute = result.metrics.get("cpu_s", result.compute_s) if torch.get_num_threads() == 1 else result.compute_s
+            virtual_s = (compute / n.profile_speed + len(result.payload) * 8 / (n.profile_uplink_mbps * 1e6)
                          + n.profile_latency_s)
         report = RoundReport(
             **base, status="ok", transfer_id=cfg.upload_transfer_id, upload_bytes=len(result.payload),

@@ -229,16 +229,16 @@ class LocalTrainer:
             raise ValueError(f"rank {rank} must be >= 1 and local_steps {local_steps} >= 0")
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        t_start = time.perf_counter()
+        t_start, cpu_start = time.perf_counter(), time.thread_time()
         if global_update is not None:
             apply_update(self.model, global_update, rank=rank, alpha=self.train.lora_alpha, generator=self.gen)
         else:
             change_rank(self.model, rank, self.train.lora_alpha, generator=self.gen)
         metrics: dict[str, float] = {}
-        t_eval = time.perf_counter()
+        t_eval, cpu_eval = time.perf_counter(), time.thread_time()
         if self.test_batches:  # the global model at this node's structure: evaluation only, not round work
             metrics.update({f"test_{k}": v for k, v in self.evaluate("test", self.train.test_batches).items()})
-        t_eval = time.perf_counter() - t_eval
+        t_eval, cpu_eval = time.perf_counter() - t_eval, time.thread_time() - cpu_eval
         eval_batches = self.val_batches[: self.train.eval_batches]
         loss_start = self._evaluate(eval_batches)["loss"]
         # Prune first, then tune: the importance accumulated over the previous round's steps picks the groups
@@ -262,6 +262,9 @@ class LocalTrainer:
         metrics.update({f"val_{k}": v for k, v in end.items()})
         update = build_update(self.model)
         compute_s = time.perf_counter() - t_start - t_eval
+        # CPU time of this thread: with one torch thread it is the round's compute, unaffected by other
+        # processes competing for the cores (what a simulated device's virtual clock should use).
+        metrics["cpu_s"] = time.thread_time() - cpu_start - cpu_eval
         payload = update.to_bytes()
         achieved = self.sparsity
         kept = kept_maps(self.model)
