@@ -22,6 +22,9 @@ import torch
 
 from shared.updates import LoraUpdate, ModuleUpdate, UpdateError
 
+OVERSAMPLE = 16
+POWER_ITERS = 4
+
 
 def _key(t: torch.Tensor) -> str:
     return hashlib.sha1(t.numpy().tobytes()).hexdigest()[:16]
@@ -118,7 +121,17 @@ def factorize(delta: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, shape
     """
     scale = alpha / rank
     k = min(rank, *delta.shape)
-    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    oversample = rank + OVERSAMPLE
+    if min(delta.shape) <= 2 * oversample:
+        U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    else:
+        # Randomized truncated SVD (Halko et al.): exact when the update's rank fits the oversampled subspace,
+        # within noise of the optimum otherwise; 10-20x cheaper than a full SVD of a MiniLM FFN slice.
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(0)  # deterministic (resume must reproduce the same factors)
+        U, S, V = torch.svd_lowrank(delta.double(), q=oversample, niter=POWER_ITERS)
+        torch.random.set_rng_state(gen_state)
+        Vh = V.T
     root = S[:k].sqrt()
     B = torch.zeros(delta.shape[0], rank, dtype=torch.float64)
     A = torch.zeros(rank, delta.shape[1], dtype=torch.float64)

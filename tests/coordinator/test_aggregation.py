@@ -86,3 +86,15 @@ def test_mismatched_shapes_are_rejected_once_the_global_exists():
         g.check(upd(2, shape=(7, 5)))
     with pytest.raises(UpdateError):
         g.check(LoraUpdate({"other": upd(2).modules["q"]}))
+
+
+def test_randomized_svd_path_matches_the_exact_optimum_on_large_slices():
+    g = torch.Generator().manual_seed(0)
+    # rank 20 fits the oversampled subspace (8 + 16): exact; rank 30 plus noise does not: near-optimal
+    noisy = torch.randn(400, 30, generator=g) @ torch.randn(30, 300, generator=g) + 0.01 * torch.randn(400, 300, generator=g)
+    for delta in (torch.randn(400, 20, generator=g) @ torch.randn(20, 300, generator=g), noisy):
+        m = factorize(delta, torch.arange(400), torch.arange(300), (400, 300), rank=8, alpha=16.0)
+        S = torch.linalg.svdvals(delta.double())
+        optimum = S[8:].square().sum().sqrt().item()
+        err = (m.delta().double() - delta.double()).norm().item()
+        assert optimum * (1 - 1e-6) <= err <= optimum * 1.001 + 1e-6  # factors are stored in float32
