@@ -135,12 +135,48 @@ class FleetView:
         return t
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_monitor(broker: BrokerConfig, *, once: bool = False, duration_s: float = 3.0, console=None,
+                client_id: str | None = None) -> FleetView:
+    """Follow the fleet on ``broker``; with ``once`` print one snapshot after ``duration_s`` and return the view."""
     from rich.console import Console
     from rich.live import Live
 
     from shared.transport import MqttTransport
 
+    log = get_logger("monitor")
+    view = FleetView(broker.topics)
+    lock = threading.Lock()
+
+    def handle(topic: str, payload: bytes) -> None:
+        with lock:
+            view.apply(topic, payload, log)
+
+    client = MqttTransport(broker, client_id or f"fedspine-monitor-{int(time.time() * 1000) % 10**9}")
+    for flt in (view.topics.node_filter("status"), view.topics.telemetry_filter, view.topics.node_filter("report"),
+                view.topics.coordinator_status):
+        client.subscribe(flt, handle, qos=0)
+    client.start()
+    console = console or Console()
+    try:
+        if once:
+            time.sleep(duration_s)
+            with lock:
+                console.print(view.table())
+            return view
+        deadline = time.monotonic() + duration_s if duration_s > 0 else float("inf")
+        with Live(view.table(), console=console, refresh_per_second=2) as live:
+            while time.monotonic() < deadline:
+                time.sleep(0.5)
+                with lock:
+                    live.update(view.table())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.stop()
+    return view
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fedspine monitor", description="Live view of a FedSpine fleet over MQTT.")
     ap.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt://host:port or mqtts://host:8883")
     ap.add_argument("--username", default=None)
@@ -148,39 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ca-file", default=None)
     ap.add_argument("--root", default="fedspine/v1", help="topic root")
     ap.add_argument("--once", action="store_true", help="print one snapshot after --duration seconds and exit")
-    ap.add_argument("--duration", type=float, default=3.0)
+    ap.add_argument("--duration", type=float, default=None,
+                    help="seconds to listen (default: 3 with --once, else until Ctrl-C)")
     a = ap.parse_args(argv)
     broker = BrokerConfig(url=a.broker, username=a.username, password_file=a.password_file, ca_file=a.ca_file,
                           topic_root=a.root)
-    log = get_logger("monitor")
-    view = FleetView(Topics(a.root))
-    lock = threading.Lock()
-
-    def handle(topic: str, payload: bytes) -> None:
-        with lock:
-            view.apply(topic, payload, log)
-
-    client = MqttTransport(broker, client_id=f"fedspine-monitor-{int(time.time() * 1000) % 10**9}")
-    for flt in (view.topics.node_filter("status"), view.topics.telemetry_filter, view.topics.node_filter("report"),
-                view.topics.coordinator_status):
-        client.subscribe(flt, handle, qos=0)
-    client.start()
-    console = Console()
-    try:
-        if a.once:
-            time.sleep(a.duration)
-            with lock:
-                console.print(view.table())
-            return 0
-        with Live(view.table(), console=console, refresh_per_second=2) as live:
-            while True:
-                time.sleep(0.5)
-                with lock:
-                    live.update(view.table())
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        client.stop()
+    duration = a.duration if a.duration is not None else (3.0 if a.once else 0.0)
+    run_monitor(broker, once=a.once, duration_s=duration)
+    return 0
 
 
 if __name__ == "__main__":

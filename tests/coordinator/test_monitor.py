@@ -1,8 +1,16 @@
 """The live fleet view, fed raw (topic, payload) pairs as they come off the broker."""
 
+import json
+import subprocess
+import time
+
+import pytest
+from rich.console import Console
 from structlog.testing import capture_logs
 
-from coordinator.monitor import FleetView
+from coordinator.monitor import FleetView, run_monitor
+from edge_node.telemetry import PsutilProvider, TelemetryPublisher
+from shared.config import BrokerConfig
 from shared.messages import CoordinatorStatus, NodeStatus, RoundReport, RoundTelemetry, Telemetry, encode
 from shared.topics import Topics
 
@@ -41,3 +49,43 @@ def test_malformed_and_spoofed_messages_are_dropped_with_one_line_each():
         assert not v.apply("other/tree/x", b"{}")
     assert v.nodes == {} and v.rejected == 3
     assert [e["event"] for e in logs] == ["message_rejected"] * 3
+
+
+@pytest.mark.mosquitto
+def test_fleet_followed_through_mosquitto_with_sub_and_monitor(mqtt_transport, tmp_path):
+    """A non-Jetson node publishes fallback telemetry; mosquitto_sub -v (monitor user) prints readable JSON lines
+    and ``fedspine monitor --once`` shows the node, connecting like any other client."""
+    b = mqtt_transport.broker
+    node = mqtt_transport("node-a")
+    topics = node.topics
+    node.publish(topics.node("node-a", "status"), encode(NodeStatus(node_id="node-a", state="online", ts=time.time(),
+                                                                    device_type="x86", telemetry_source="psutil")),
+                 retain=True)
+    pub = TelemetryPublisher(PsutilProvider(), node.publish, topics, "node-a", interval_s=0.3, sample_s=0.1)
+    pub.start()
+    try:
+        pub.set_phase("training", 1)
+        out = subprocess.run(["mosquitto_sub", "-h", b.host, "-p", str(b.port), "-u", "monitor", "-P",
+                              b.users["monitor"], "-v", "-t", topics.telemetry_filter, "-C", "2", "-W", "10"],
+                             capture_output=True, text=True, timeout=15, check=True).stdout
+        lines = out.strip().splitlines()
+        assert len(lines) == 2
+        for line in lines:
+            topic, _, body = line.partition(" ")
+            doc = json.loads(body)
+            assert topic == f"{b.root}/node/node-a/telemetry"
+            assert doc["source"] == "psutil" and doc["node_id"] == "node-a" and doc["phase"] == "training"
+            assert 0.0 <= doc["cpu_percent"] <= 100.0 and doc["ram_total_mb"] > 0
+        pw = tmp_path / "monitor.pw"
+        pw.write_text(b.users["monitor"])
+        console = Console(record=True, width=200)
+        view = run_monitor(BrokerConfig(url=b.url(), username="monitor", password_file=str(pw), topic_root=b.root),
+                           once=True, duration_s=1.5, console=console, client_id="test-monitor")
+    finally:
+        pub.stop()
+        node.publish(topics.node("node-a", "status"), b"", retain=True)  # leave no retained state behind
+    row = view.nodes["node-a"]
+    assert (row.state, row.device_type, row.power_source, row.phase) == ("online", "x86", "psutil", "training")
+    assert row.cpu_percent is not None and view.rejected == 0
+    text = console.export_text()
+    assert "node-a" in text and "psutil" in text and "online" in text
