@@ -72,9 +72,19 @@ class GlobalLora:
                 m = u.modules.get(name)
                 if m is None or w <= 0:
                     continue
-                r, c = m.rows.unsqueeze(1), m.cols.unsqueeze(0)
-                num[r, c] += w * m.delta()
-                den[r, c] += w
+                d = m.delta().mul_(w)
+                if m.rows.numel() == shape[0] and m.cols.numel() == shape[1]:  # unpruned: no scatter needed
+                    num += d
+                    den += w
+                    continue
+                if m.rows.numel() != shape[0]:
+                    d = torch.zeros(shape[0], d.shape[1]).index_copy_(0, m.rows, d)
+                if m.cols.numel() != shape[1]:
+                    d = torch.zeros(shape).index_copy_(1, m.cols, d)
+                num += d
+                rmask = torch.zeros(shape[0]).index_fill_(0, m.rows, w)
+                cmask = torch.zeros(shape[1]).index_fill_(0, m.cols, 1.0)
+                den.addr_(rmask, cmask)
             prev = self.delta.get(name, torch.zeros(shape, dtype=torch.float32))
             self.delta[name] = torch.where(den > 0, num / den.clamp_min(1e-30), prev)
         dense_names = sorted({n for u, _ in updates for n in u.dense})
@@ -90,6 +100,9 @@ class GlobalLora:
         """Node view: the average sliced to ``structure`` (rows, cols per module; None = unpruned), best rank-r."""
         if self.empty:
             return None
+        whole = (rank, tuple((n, _key(r), _key(c)) for n, (r, c) in sorted((structure or {}).items())))
+        if whole in self._cache:  # nodes with the same structure and rank share one object (and its bytes)
+            return self._cache[whole]
         mods = {}
         for name, full in self.delta.items():
             if structure is not None and name in structure:
@@ -101,7 +114,8 @@ class GlobalLora:
                 self._cache[key] = factorize(full[rows.unsqueeze(1), cols.unsqueeze(0)], rows, cols,
                                              tuple(full.shape), rank, alpha)
             mods[name] = self._cache[key]
-        return LoraUpdate(mods, dict(self.dense))
+        self._cache[whole] = LoraUpdate(mods, dict(self.dense))
+        return self._cache[whole]
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {**{f"delta.{n}": t for n, t in self.delta.items()}, **{f"dense.{n}": t for n, t in self.dense.items()}}

@@ -337,6 +337,7 @@ class Coordinator:
         """Publish each participant's configuration and its slice of the global LoRA (chunked)."""
         deadline_ts = time.time() + self.cfg.coordinator.deadline_s
         pending: dict[str, _Pending] = {}
+        encoded: dict[int, bytes] = {}  # nodes of equal structure and rank share one slice: serialise it once
         for a in assignments:
             up_tid = f"{self.run_id}.r{rnd}.a{attempt}.{a.node_id}.up"
             g = self.strategy.global_slice(a.node_id, a.rank)
@@ -350,7 +351,9 @@ class Coordinator:
             pending[a.node_id] = _Pending(assignment=a, upload_tid=up_tid, sent_at=time.monotonic())
             self.transport.publish(self.topics.node(a.node_id, "config"), encode(cfg_msg), qos=1)
             if g is not None:
-                self.transport.send_transfer(self.topics.node(a.node_id, "download"), g.to_bytes(), down_tid,
+                if id(g) not in encoded:
+                    encoded[id(g)] = g.to_bytes()
+                self.transport.send_transfer(self.topics.node(a.node_id, "download"), encoded[id(g)], down_tid,
                                              COORDINATOR_ID)
         return pending
 

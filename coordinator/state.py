@@ -50,7 +50,7 @@ class CheckpointStore:
         _atomic_write(self.dir / tensor_file, lambda p: save_file(tensors, str(p), metadata={"format": "fedspine-ckpt"}))
         state["strategy"] = strategy
         state["tensor_file"] = tensor_file
-        _atomic_write(self.path, lambda p: p.write_text(json.dumps(state, indent=1, sort_keys=True)))
+        _atomic_write(self.path, lambda p: p.write_text(json.dumps(state, separators=(",", ":"), sort_keys=True)))
         for old in self.dir.glob("global-*.safetensors"):
             if old.name != tensor_file:
                 old.unlink(missing_ok=True)
