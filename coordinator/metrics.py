@@ -54,17 +54,26 @@ def _mean(rows: list[dict], key: str) -> float:
 
 
 def summarize(path: str | Path) -> str:
-    """A plain-text table of the run: per round participants, accepted, idle fraction, mean loss, accuracy."""
+    """A plain-text table of the run: per method and round the accepted nodes, idle fraction, mean loss,
+    accuracy, sparsity and upload volume; then the final evaluation (if any) and the exports."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     nodes = [r for r in rows if r.get("kind") == "node" and r.get("status") == "ok"]
-    lines = [f"{'round':>5} {'accepted':>8} {'idle':>6} {'loss_end':>9} {'test_acc':>8} {'sparsity':>8}"]
+    trained = [r for r in nodes if not r.get("eval_only")]
+    lines = [f"{'method':>10} {'round':>5} {'accepted':>8} {'idle':>6} {'loss_end':>9} {'test_acc':>8} "
+             f"{'sparsity':>8} {'up_MB':>8}"]
     for r in (r for r in rows if r.get("kind") == "round"):
-        mine = [n for n in nodes if n["round"] == r["round"]]
+        mine = [n for n in trained if n.get("round") == r["round"] and n.get("method") == r.get("method")]
         loss, acc, sp = (_mean(mine, k) for k in ("loss_end", "m_test_accuracy", "sparsity"))
-        lines.append(f"{r['round']:>5} {r.get('accepted', len(mine)):>8} {r.get('idle_fraction', 0.0):>6.1%} "
-                     f"{loss:>9.4f} {acc:>8.3f} {sp:>8.3f}")
+        up = sum(n.get("upload_bytes") or 0 for n in mine) / 1e6
+        lines.append(f"{str(r.get('method', '-')):>10} {r['round']:>5} {r.get('accepted', len(mine)):>8} "
+                     f"{r.get('idle_fraction') or 0.0:>6.1%} {loss:>9.4f} {acc:>8.3f} {sp:>8.3f} {up:>8.3f}")
+    final = [n for n in nodes if n.get("eval_only")]
+    if final:
+        lines.append(f"final evaluation: {len(final)} nodes, test accuracy {_mean(final, 'm_test_accuracy'):.3f}, "
+                     f"sparsity {_mean(final, 'sparsity'):.3f}")
     for e in (r for r in rows if r.get("kind") == "export"):
-        lines.append(f"export {e['node_id']}: {e['status']} {e.get('size_bytes', 0) / 1e6:.1f} MB, "
-                     f"{e.get('latency_ms', 0.0):.1f} ms, sparsity {e.get('sparsity', 0.0):.2f}, "
-                     f"accuracy {e.get('metrics', {}).get('accuracy', float('nan')):.3f}")
+        acc = (e.get("metrics") or {}).get("accuracy")
+        lines.append(f"export {e['node_id']}: {e['status']} {(e.get('size_bytes') or 0) / 1e6:.1f} MB, "
+                     f"{e.get('latency_ms') or 0.0:.1f} ms, sparsity {e.get('sparsity') or 0.0:.2f}, "
+                     f"accuracy {acc if isinstance(acc, (int, float)) else float('nan'):.3f}")
     return "\n".join(lines)
