@@ -133,6 +133,12 @@ def render(report: Report) -> str:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # Outcomes of tests outside this folder (the referenced ones): this conftest's runtest hooks only see its own.
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    for reports in (getattr(reporter, "stats", None) or {}).values():
+        for rep in reports:
+            if getattr(rep, "when", None) == "call" and rep.nodeid not in _REPORT.results:
+                _REPORT.results[rep.nodeid] = rep.outcome
     target = os.environ.get("FEDSPINE_RELIABILITY_REPORT", str(DEFAULT_OUT))
     if _REPORT.ran == 0 or target == "0":
         return
