@@ -29,11 +29,10 @@ from shared.messages import (
     CoordinatorStatus,
     ExportReport,
     NodeStatus,
-    ProtocolError,
     ResendRequest,
     RoundConfig,
     RoundReport,
-    decode,
+    decode_from,
     encode,
 )
 from shared.topics import TopicError
@@ -108,58 +107,34 @@ class Coordinator:
 
     def _handle_status(self, topic: str, payload: bytes) -> None:
         node_id = self._node_of(topic, "status")
-        if node_id is None or not payload:
+        if node_id is None or not payload:  # an empty retained message clears a status: nothing to learn
             return
-        try:
-            status = decode(payload, NodeStatus)
-        except ProtocolError as exc:
-            self.log.warning("message_rejected", topic=topic, size=len(payload), error=str(exc))
-            return
-        if status.node_id != node_id:
-            self.log.warning("message_rejected", topic=topic, error=f"status names node {status.node_id!r}")
-            return
-        self.events.put(("status", node_id, status))
+        status = decode_from(payload, NodeStatus, topic=topic, log=self.log, sender=node_id)
+        if status is not None:
+            self.events.put(("status", node_id, status))
 
     def _handle_report(self, topic: str, payload: bytes) -> None:
         node_id = self._node_of(topic, "report")
-        if node_id is None:
-            return
-        try:
-            msg = decode(payload, (RoundReport, ExportReport))
-        except ProtocolError as exc:
-            self.log.warning("message_rejected", topic=topic, size=len(payload), error=str(exc))
-            return
-        if msg.node_id != node_id:
-            self.log.warning("message_rejected", topic=topic, error=f"report names node {msg.node_id!r}")
-            return
-        self.events.put(("report", node_id, msg))
+        msg = node_id and decode_from(payload, (RoundReport, ExportReport), topic=topic, log=self.log, sender=node_id)
+        if msg:
+            self.events.put(("report", node_id, msg))
 
     def _handle_upload(self, topic: str, payload: bytes) -> None:
         node_id = self._node_of(topic, "upload")
-        if node_id is None:
+        chunk = node_id and decode_from(payload, Chunk, topic=topic, log=self.log, max_bytes=self.chunk_limit,
+                                          event="chunk_rejected")
+        if not chunk:
             return
-        try:
-            chunk = decode(payload, Chunk, max_bytes=self.chunk_limit)
-            whole = self.reassembler.feed(chunk, node_id)
-        except ProtocolError as exc:
-            self.log.warning("chunk_rejected", topic=topic, size=len(payload), error=str(exc))
-            return
+        whole = self.reassembler.feed(chunk, node_id)  # logs its own rejections (sender, digest, unknown…)
         if whole is not None:
             self.events.put(("upload", node_id, (chunk.transfer_id, whole)))
 
     def _handle_missing(self, topic: str, payload: bytes) -> None:
         node_id = self._node_of(topic, "missing")
-        if node_id is None:
-            return
-        try:
-            req = decode(payload, ResendRequest)
-        except ProtocolError as exc:
-            self.log.warning("message_rejected", topic=topic, size=len(payload), error=str(exc))
-            return
-        if req.requester != node_id:
-            self.log.warning("message_rejected", topic=topic, error=f"resend request from {req.requester!r}")
-            return
-        self.events.put(("missing", node_id, req))
+        req = node_id and decode_from(payload, ResendRequest, topic=topic, log=self.log, sender=node_id,
+                                      sender_field="requester")
+        if req:
+            self.events.put(("missing", node_id, req))
 
     # ---- main thread --------------------------------------------------------------------------------
     def _publish_status(self, state: str) -> None:

@@ -26,11 +26,10 @@ from shared.messages import (
     Command,
     ExportReport,
     NodeStatus,
-    ProtocolError,
     ResendRequest,
     RoundConfig,
     RoundReport,
-    decode,
+    decode_from,
     encode,
 )
 from shared.topics import TopicError
@@ -125,42 +124,33 @@ class NodeAgent:
         return parsed.kind == kind and parsed.node_id == self.node_id
 
     def _handle_config(self, topic: str, payload: bytes) -> None:
-        if not self._check_topic(topic, "config"):
-            return
-        try:
-            self.events.put(("config", decode(payload, RoundConfig)))
-        except ProtocolError as exc:
-            self.log.warning("message_rejected", topic=topic, size=len(payload), error=str(exc))
+        cfg = self._check_topic(topic, "config") and decode_from(payload, RoundConfig, topic=topic, log=self.log)
+        if cfg:
+            self.events.put(("config", cfg))
 
     def _handle_download(self, topic: str, payload: bytes) -> None:
-        if not self._check_topic(topic, "download"):
+        chunk = self._check_topic(topic, "download") and decode_from(
+            payload, Chunk, topic=topic, log=self.log, sender=COORDINATOR_ID, sender_field="sender",
+            max_bytes=self.chunk_limit, event="chunk_rejected")
+        if not chunk:
             return
-        try:
-            chunk = decode(payload, Chunk, max_bytes=self.chunk_limit)
-            whole = self.reassembler.feed(chunk, COORDINATOR_ID)
-        except ProtocolError as exc:
-            self.log.warning("chunk_rejected", topic=topic, size=len(payload), error=str(exc))
-            return
+        whole = self.reassembler.feed(chunk, COORDINATOR_ID)  # logs its own rejections
         if whole is not None:
             self.downloads.put((chunk.transfer_id, whole))
 
     def _handle_resend(self, topic: str, payload: bytes) -> None:
-        if not self._check_topic(topic, "resend"):
-            return
-        try:
-            req = decode(payload, ResendRequest)
-        except ProtocolError as exc:
-            self.log.warning("message_rejected", topic=topic, size=len(payload), error=str(exc))
+        req = self._check_topic(topic, "resend") and decode_from(
+            payload, ResendRequest, topic=topic, log=self.log, sender=COORDINATOR_ID, sender_field="requester")
+        if not req:
             return
         # Answered right here: the outbox is thread-safe and this must work while training runs.
         sent = self.transport.resend(self.topics.node(self.node_id, "upload"), req)
         self.log.info("upload_chunks_resent", transfer=req.transfer_id, asked=len(req.missing), sent=sent)
 
     def _handle_command(self, topic: str, payload: bytes) -> None:
-        try:
-            self.events.put(("command", decode(payload, Command)))
-        except ProtocolError as exc:
-            self.log.warning("message_rejected", topic=topic, size=len(payload), error=str(exc))
+        cmd = decode_from(payload, Command, topic=topic, log=self.log)
+        if cmd:
+            self.events.put(("command", cmd))
 
     # ---- main loop ----------------------------------------------------------------------------------------------
     def stop(self) -> None:

@@ -445,3 +445,22 @@ def decode(payload: bytes, expected: type[M] | tuple[type, ...], *, max_bytes: i
         return cls(**data)  # __post_init__ validates every field
     except TypeError as exc:  # pragma: no cover - guarded above
         raise ProtocolError(f"{cls.__name__}: {exc}") from None
+
+
+def decode_from(payload: bytes, expected: type[M] | tuple[type, ...], *, topic: str, log: Any,
+                sender: str | None = None, sender_field: str = "node_id", max_bytes: int = MAX_MESSAGE_BYTES,
+                event: str = "message_rejected") -> M | None:
+    """``decode`` for network handlers: on any defect log one ``event`` line and return None.
+
+    With ``sender`` (the node id in the topic), the message's ``sender_field`` must name that same node, so a
+    client cannot speak for another one even where the broker's ACL would let it through.
+    """
+    try:
+        msg = decode(payload, expected, max_bytes=max_bytes)
+        if sender is not None and getattr(msg, sender_field) != sender:
+            raise ProtocolError(f"{type(msg).__name__}.{sender_field}: {getattr(msg, sender_field)!r} "
+                                f"is not the topic's node {sender!r}")
+    except ProtocolError as exc:
+        log.warning(event, topic=topic, size=len(payload), error=str(exc))
+        return None
+    return msg
