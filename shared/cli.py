@@ -10,9 +10,13 @@ from shared.logs import configure_logging
 
 def _coordinator(args: argparse.Namespace) -> int:
     from coordinator.config import CoordinatorConfig
+    from coordinator.metrics import summarize
     from coordinator.server import Coordinator
 
-    summary = Coordinator(CoordinatorConfig.load(args.config)).run()
+    coordinator = Coordinator(CoordinatorConfig.load(args.config))
+    summary = coordinator.run()
+    if coordinator.metrics.path.exists():
+        print(summarize(coordinator.metrics.path), flush=True)  # the run's table, on stdout, beside the JSON logs
     return 0 if not summary.stopped_early else 3
 
 
