@@ -146,8 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     print("(a) inference latency, parameters, memory", flush=True)
     inf = inference(reps=4 if quick else 15)
+    out.write_text(json.dumps({"inference": inf, "quick": quick}, indent=2))  # kept even if (b) is cut short
     print("(b) importance-guided vs random pruning at 0.3", flush=True)
-    abl = ablation(seeds, workdir=out.parent, **sizes)
+    work = out.parent / f"{out.stem}-data"
+    work.mkdir(parents=True, exist_ok=True)
+    abl = ablation(seeds, workdir=work, **sizes)
     result = {"inference": inf, "ablation": {"settings": sizes, "seeds": abl}, "torch": torch.__version__,
               "quick": quick}
     v = inf["variants"]
