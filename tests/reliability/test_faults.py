@@ -4,7 +4,12 @@ loop are the production code paths; only the training is simulated (fixed delays
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +21,9 @@ import pytest
 
 from coordinator.config import CoordinatorConfig
 from coordinator.server import Coordinator
+from coordinator.simulate import write_toml
 from coordinator.state import CheckpointStore
+from coordinator.strategy import NodeResult
 from edge_node.agent import NodeAgent
 from edge_node.config import NodeConfig
 from shared.messages import NodeStatus, decode
@@ -135,3 +142,159 @@ def test_broker_restart_mid_round_clients_reconnect_and_the_run_completes(tmp_pa
     reliability.add("faults", "broker restarted (stop, 2 s down, start) during round 1's local training", 1,
                     f"coordinator and {len(trainers)} nodes reconnected by themselves; rounds 1-2 aggregated once "
                     f"each (accepted {[r['accepted'] for r in rounds]}); checkpoint at round 2")
+
+
+# ---- node processes (tests/reliability/fake_node.py) -------------------------------------------------------
+REPO = Path(__file__).resolve().parents[2]
+CHUNK = 16 * 1024
+
+
+class NodeProcs:
+    """Node agent processes with fake trainers; logs under <root>/logs; ``sent(node)`` = digests it uploaded."""
+
+    def __init__(self, broker, root: Path) -> None:
+        self.broker, self.root, self.procs = broker, root, {}
+
+    def start(self, nid: str, *args: str) -> subprocess.Popen:
+        b = self.broker.broker_config(nid, keepalive_s=KEEPALIVE_S, reconnect_min_s=0.2, reconnect_max_s=2.0,
+                                      chunk_size=CHUNK)
+        cfg = self.root / f"{nid}.toml"
+        write_toml(cfg, {"broker": {k: v for k, v in asdict(b).items() if v is not None},
+                         "node": {"id": nid, "state_dir": str(self.root / nid)}})
+        log = self.root / "logs" / f"{nid}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        with open(log, "ab") as fh:
+            p = subprocess.Popen([sys.executable, "-m", "tests.reliability.fake_node", "--config", str(cfg), *args],
+                                 stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        self.procs[nid] = p
+        return p
+
+    def sent(self, nid: str) -> list[str]:
+        f = self.root / nid / "sent.txt"
+        return [line.split()[1] for line in f.read_text().splitlines()] if f.exists() else []
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def spy_accepted(coord: Coordinator) -> tuple[list, list]:
+    """Record (round, node, sha256 of the upload) for every accepted upload and (round, nodes) per aggregation."""
+    accepted: list[tuple[int, str, str]] = []
+    aggregated: list[tuple[int, list[str]]] = []
+    accept, aggregate = coord._accept, coord.strategy.aggregate_round
+
+    def _accept(p, log):  # type: ignore[no-untyped-def]
+        res = accept(p, log)
+        if isinstance(res, NodeResult):
+            accepted.append((coord._active, p.assignment.node_id, hashlib.sha256(bytes(p.payload)).hexdigest()))
+        return res
+
+    def _aggregate(rnd, results, failures):  # type: ignore[no-untyped-def]
+        aggregated.append((rnd, sorted(r.node_id for r in results)))
+        return aggregate(rnd, results, failures)
+
+    coord._accept = _accept  # type: ignore[method-assign]
+    coord.strategy.aggregate_round = _aggregate  # type: ignore[method-assign]
+    return accepted, aggregated
+
+
+def check_nothing_lost(accepted, aggregated, nodes: NodeProcs, rounds_done: int) -> None:
+    """Every aggregated update was accepted once in that round and is byte-identical to one its node sent."""
+    accepted = [a for a in accepted if a[0] > 0]  # round 0: the final evaluation-only sync, never aggregated
+    assert [r for r, _ in aggregated] == list(range(1, rounds_done + 1))  # each round aggregated exactly once
+    for rnd, ids in aggregated:
+        got = sorted(n for r, n, _ in accepted if r == rnd)
+        assert got == ids, (rnd, got, ids)
+    digests = [d for _, _, d in accepted]
+    assert len(digests) == len(set(digests)), "an update was counted twice"
+    for _, nid, d in accepted:
+        assert d in nodes.sent(nid), f"{nid}: aggregated an update it never sent"
+
+
+def coordinator_for(broker, tmp_path: Path, **settings) -> Coordinator:
+    b = broker.broker_config("coordinator", keepalive_s=KEEPALIVE_S, reconnect_min_s=0.2, reconnect_max_s=2.0,
+                             chunk_size=CHUNK)
+    cfg = CoordinatorConfig.from_dict({
+        "broker": {k: v for k, v in asdict(b).items() if v is not None},
+        "coordinator": {"min_nodes": 2, "local_steps": 2, "state_dir": str(tmp_path / "coord"),
+                        "export_at_end": False, "join_timeout_s": 60.0, **settings}})
+    return Coordinator(cfg)
+
+
+def test_node_killed_mid_upload_round_completes_without_it_and_it_rejoins(tmp_path, reliability) -> None:
+    ROUNDS = 5  # noqa: N806
+    with running_broker(tls=False) as broker:
+        nodes = NodeProcs(broker, tmp_path)
+        watch = TransportFactory(broker)
+        try:
+            uploads = Inbox()
+            watch("coordinator", subscriptions={"fedspine/v1/node/node-b/upload": uploads})
+            coord = coordinator_for(broker, tmp_path, rounds=ROUNDS, deadline_s=15.0)
+            accepted, aggregated = spy_accepted(coord)
+            out: dict = {}
+            t = threading.Thread(target=lambda: out.setdefault("s", coord.run()), daemon=True)
+            t.start()
+            nodes.start("node-a", "--send-delay", "0.1", "--kb", "512")  # rounds of a few seconds: time to rejoin
+            nodes.start("node-b", "--send-delay", "0.25", "--kb", "512")  # ~32 chunks, ~8 s of upload
+            assert uploads.wait_for(3, 90), "node-b never started uploading"
+            nodes.procs["node-b"].send_signal(signal.SIGKILL)  # in the middle of its upload
+            nodes.procs["node-b"].wait(10)
+            killed_digest = nodes.sent("node-b")[0]
+            time.sleep(2.0)
+            nodes.start("node-b", "--kb", "512")  # restarted: same identity, state dir and model width
+            t.join(180)
+            assert not t.is_alive(), "the run did not finish"
+            summary = out["s"]
+        finally:
+            coord.stop()
+            nodes.stop()
+            watch.close()
+    assert summary.rounds_done == ROUNDS and not summary.stopped_early, summary
+    assert aggregated[0] == (1, ["node-a"]), aggregated  # round 1 completed with the survivor only
+    assert any("node-b" in ids for _, ids in aggregated[1:]), aggregated  # the restarted node took part later
+    assert killed_digest not in [d for _, _, d in accepted]  # nothing of the partial transfer was aggregated
+    check_nothing_lost(accepted, aggregated, nodes, ROUNDS)
+    reliability.add("faults", "node SIGKILLed in the middle of its upload (after 3 of ~32 chunks), restarted 2 s "
+                    "later", 1, f"round 1 aggregated node-a only; partial transfer discarded; node-b rejoined "
+                    f"(aggregated per round: {[ids for _, ids in aggregated]}); aggregate = exactly the accepted "
+                    "updates, byte-identical to what was sent, none twice")
+
+
+def test_slow_uplink_is_cut_by_the_deadline_not_stalling_the_fleet(tmp_path, reliability) -> None:
+    deadline_s = 8.0
+    with running_broker(tls=False) as broker:
+        nodes = NodeProcs(broker, tmp_path)
+        try:
+            coord = coordinator_for(broker, tmp_path, rounds=2, deadline_s=deadline_s)
+            accepted, aggregated = spy_accepted(coord)
+            out: dict = {}
+            t = threading.Thread(target=lambda: out.setdefault("s", coord.run()), daemon=True)
+            t.start()
+            nodes.start("node-a")
+            nodes.start("node-b", "--send-delay", "1.0", "--kb", "512")  # ~32 s of upload for an 8 s deadline
+            t.join(150)
+            assert not t.is_alive(), "the run did not finish"
+            summary = out["s"]
+        finally:
+            coord.stop()
+            nodes.stop()
+    assert summary.rounds_done == 2 and not summary.stopped_early, summary
+    rows = [json.loads(x) for x in (tmp_path / "coord" / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in rows if r.get("kind") == "round"]
+    assert all(r["round_wall_s"] < deadline_s + 5 for r in rounds), rounds  # the deadline ends the round
+    slow = [r for r in rows if r.get("kind") == "node" and r["node"] == "node-b" and not r.get("eval_only")]
+    assert slow and all(r["status"] == "timeout" for r in slow), slow
+    assert all(ids == ["node-a"] for _, ids in aggregated), aggregated
+    check_nothing_lost(accepted, aggregated, nodes, 2)
+    reliability.add("faults", f"node with a slow uplink (1 s injected before each upload chunk, ~32 s per upload, "
+                    f"deadline {deadline_s:.0f} s)", len(slow),
+                    f"rounds ended at the deadline (wall {[round(r['round_wall_s'], 1) for r in rounds]} s); "
+                    "node-b 'timeout', recorded for the bandit; node-a aggregated every round")
