@@ -123,7 +123,8 @@ def render(report: Report) -> str:
     lines += ["", "## Proven elsewhere in the suite (referenced)", "",
               "| Area | Point | Test | Result in this run |", "|---|---|---|---|"]
     for area, point, nodeid in REFERENCED:
-        lines.append(f"| {area} | {point} | `{nodeid}` | {report.results.get(nodeid, 'not run in this session')} |")
+        got = sorted({v for k, v in report.results.items() if k == nodeid or k.startswith(nodeid + "[")})
+        lines.append(f"| {area} | {point} | `{nodeid}` | {', '.join(got) or 'not run in this session'} |")
     totals: dict[str, int] = {}
     for r in report.rows:
         totals[r.area] = totals.get(r.area, 0) + r.count

@@ -248,9 +248,12 @@ def record(reliability, handler: str, st: Stats) -> None:
         if st.rejected[cls]:
             parts.append(f"{st.rejected[cls]} rejected (1 warning each, state unchanged)")
         if st.accepted[cls]:
-            parts.append(f"{st.accepted[cls]} accepted (still valid: harmless mutation)")
+            valid = "control" in cls or "replay" in cls
+            parts.append(f"{st.accepted[cls]} accepted" + ("" if valid else " (mutation left a valid message, "
+                                                                      "re-validated; or a valid first chunk)"))
         if st.quiet[cls]:
-            parts.append(f"{st.quiet[cls]} dropped quietly as duplicates")
+            parts.append(f"{st.quiet[cls]} ignored without a log line, state unchanged "
+                         "(retained-status clear / completed-transfer duplicate, by design)")
         reliability.add(f"fuzz {handler}", cls, st.classes[cls], "; ".join(parts) + "; 0 crashes")
 
 
