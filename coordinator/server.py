@@ -421,6 +421,8 @@ class Coordinator:
         a, r = p.assignment, p.report
         assert r is not None and p.payload is not None
         if r.upload_bytes and r.upload_bytes != len(p.payload):
+            log.warning("update_rejected", node=a.node_id,
+                        error=f"reported upload_bytes {r.upload_bytes} != received {len(p.payload)}")
             return Failure(a.node_id, "rejected")
         try:
             update = LoraUpdate.from_bytes(p.payload, self.limits)
