@@ -126,6 +126,9 @@ class NodeAgent:
     def _handle_config(self, topic: str, payload: bytes) -> None:
         cfg = self._check_topic(topic, "config") and decode_from(payload, RoundConfig, topic=topic, log=self.log)
         if cfg:
+            if cfg.download_transfer_id and time.time() <= cfg.deadline_ts:
+                # Here, not when the main thread gets to the config: the slice's chunks follow right behind it.
+                self.reassembler.expect(cfg.download_transfer_id, COORDINATOR_ID)
             self.events.put(("config", cfg))
 
     def _handle_download(self, topic: str, payload: bytes) -> None:
@@ -230,8 +233,6 @@ class NodeAgent:
             return
         self._round = cfg.round
         log.info("round_config", target_sparsity=cfg.target_sparsity, rank=cfg.rank, local_steps=cfg.local_steps)
-        if cfg.download_transfer_id:
-            self.reassembler.expect(cfg.download_transfer_id, COORDINATOR_ID)
         report = self._train_and_upload(cfg, log)
         self.transport.publish(self.topics.node(self.node_id, "report"), encode(report), qos=1)
         self._done = _Done(cfg.run_id, cfg.round, report)
