@@ -137,6 +137,8 @@ class MqttTransport(_Base):
         self._refused: str | None = None
         self._sub_lock = threading.Lock()
         self.connects = 0  # successful CONNACKs so far (reconnects included)
+        self.subscribed = threading.Event()  # the subscriptions made before start() are active (SUBACK)
+        self._suback_mid: int | None = None
         self._stopping = False
         self._net_thread: int | None = None
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
@@ -151,6 +153,7 @@ class MqttTransport(_Base):
         c.max_inflight_messages_set(broker.max_inflight)
         c.max_queued_messages_set(0)
         c.on_connect = self._on_connect
+        c.on_subscribe = self._on_subscribe
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
         c.on_message = self._on_unrouted
@@ -169,7 +172,9 @@ class MqttTransport(_Base):
         with self._sub_lock:  # subscribe() in another thread either sees connected or is in this list
             subs = [(f, qos) for f, (_, qos) in self._handlers.items()]
             if subs:
-                client.subscribe(subs)
+                self._suback_mid = client.subscribe(subs)[1]
+            else:
+                self.subscribed.set()
             self.connected.set()
         self.log.info("broker_connected", url=self.broker.url, subscriptions=len(subs))
         if self.on_connect is not None:
@@ -177,6 +182,10 @@ class MqttTransport(_Base):
                 self.on_connect()
             except Exception:  # noqa: BLE001
                 self.log.exception("on_connect_failed")
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        if mid == self._suback_mid:
+            self.subscribed.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:
@@ -212,14 +221,15 @@ class MqttTransport(_Base):
                 self.client.subscribe(topic_filter, qos)
 
     def start(self, timeout_s: float = 15.0) -> None:
-        """Connect and start the network thread; wait for the first CONNACK or raise TransportError."""
+        """Connect and start the network thread; return once connected and the subscriptions made so far are
+        acknowledged (messages published after that reach this client), or raise TransportError."""
         b = self.broker
         self._stopping = False
         self.client.connect_async(b.host, b.port, keepalive=b.keepalive_s)
         self.client.loop_start()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.connected.wait(0.05):
+            if self.connected.wait(0.05) and self.subscribed.wait(max(0.0, min(0.05, deadline - time.monotonic()))):
                 return
             if self._refused is not None:
                 self._shutdown()
