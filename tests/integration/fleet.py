@@ -18,6 +18,19 @@ from tests.edge_node.tiny import make_model_folder, sentiment_rows, write_csv
 REPO = Path(__file__).resolve().parents[2]
 
 
+def stop_processes(procs, timeout_s: float = 20) -> None:
+    """SIGTERM every process still running, wait, and SIGKILL the ones that did not exit in time."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def tiny_model(folder: Path) -> Path:
     if not (folder / "config.json").exists():
         make_model_folder(folder, "bert", hidden=32, heads=4, intermediate=64, layers=2)
@@ -64,14 +77,7 @@ class Fleet:
         return self.procs["coordinator"].wait(timeout=timeout_s)
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(self.procs.values(), timeout_s=20)
 
     def rows(self, kind: str | None = None) -> list[dict]:
         if not self.metrics.exists():

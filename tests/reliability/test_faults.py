@@ -29,6 +29,7 @@ from edge_node.config import NodeConfig
 from shared.messages import NodeStatus, decode
 from tests.broker import Inbox, TransportFactory, running_broker
 from tests.coordinator.test_rounds import FakeTrainer
+from tests.integration.fleet import stop_processes
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
 KEEPALIVE_S = 5
@@ -175,14 +176,7 @@ class NodeProcs:
         return [line.split()[1] for line in f.read_text().splitlines()] if f.exists() else []
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(self.procs.values(), timeout_s=15)
 
 
 def spy_accepted(coord: Coordinator) -> tuple[list, list]:
