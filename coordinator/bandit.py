@@ -9,6 +9,16 @@ Constraints applied when choosing: the node's sparsity never exceeds its tier ca
 can no longer close the gap to the fleet target s* with the largest increment, only arms that keep the
 target reachable are allowed, and on the last round the increment needed is forced; arms at least as heavy
 as one that ran out of memory (same or lower sparsity, same or higher rank) are excluded for that node.
+
+Beyond the target (ours): every increment is permanent and earns no pruning progress, so the evidence
+gathered below the target (where progress pays every increment) says nothing about it. Δp is then chosen by
+a separate discounted bandit that sees only rounds played at or above the target, climbing a ladder: first
+Δp = 0, then each larger increment is tried once only while the largest one tried so far has the best mean
+(pruning further has paid, e.g. a slow node catching up with the fleet); otherwise greedy on the means. A
+fast node that tries one small step and drifts away from the fleet stops there; a slow node climbs to its cap.
+A node that finished before the fleet's mean time in its last round gets Δp = 0 beyond the target: pruning
+makes a node faster, so for it every further increment can only widen its gap to the fleet (worse time
+term), cost accuracy (worse loss term) and earn no progress: those arms are dominated.
 """
 
 from __future__ import annotations
@@ -100,6 +110,7 @@ class Choice:
     target_sparsity: float
     rank: int
     forced: bool  # the target constraint overruled the bandit
+    beyond_target: bool = False  # chosen at or above the target, by the ladder (see the module docstring)
 
 
 class FleetBandit:
@@ -125,23 +136,42 @@ class FleetBandit:
     def _bandits(self, node_id: str) -> dict[str, DiscountedUCB]:
         if node_id not in self.bandits:
             key = f"{self.seed}/{node_id}"
+            post = DiscountedUCB([(d, 0) for d in self.delta_p], self.discount, self.exploration,
+                                 CounterRng(key + "/post"))
             if self.factored:
                 self.bandits[node_id] = {
                     "dp": DiscountedUCB([(d, 0) for d in self.delta_p], self.discount, self.exploration,
                                         CounterRng(key + "/dp")),
                     "rank": DiscountedUCB([(0.0, r) for r in self.ranks], self.discount, self.exploration,
                                           CounterRng(key + "/rank")),
+                    "post": post,
                 }
             else:
                 self.bandits[node_id] = {"joint": DiscountedUCB(list(self.arms), self.discount, self.exploration,
-                                                                CounterRng(key + "/joint"))}
+                                                                CounterRng(key + "/joint")), "post": post}
         return self.bandits[node_id]
+
+    def _ladder(self, post: DiscountedUCB, dps: list[float]) -> float:
+        """Δp beyond the target: Δp = 0 first, the next larger increment only while pruning more has paid."""
+        rungs = sorted(i for i, a in enumerate(post.arms) if a[0] in dps)
+        tried = [i for i in rungs if post.plays[i] > 0]
+        if not tried:
+            return post.arms[rungs[0]][0]
+        mean = {i: post.index(i, explore=False) for i in tried}
+        top = max(tried, key=lambda i: post.arms[i][0])
+        higher = [i for i in rungs if post.arms[i][0] > post.arms[top][0] and post.plays[i] == 0]
+        if higher and mean[top] >= max(mean.values()) - 1e-12:
+            return post.arms[higher[0]][0]
+        return post.arms[post.select(tried, explore=False)][0]
 
     def _too_heavy(self, node_id: str, sparsity: float, rank: int) -> bool:
         return any(sparsity <= s + EPS and rank >= r for s, r in self.oom.get(node_id, ()))
 
-    def choose(self, node_id: str, rnd: int, sparsity: float, cap: float) -> Choice:
-        """Pick the configuration of ``node_id`` for round ``rnd`` (1-based) given its current sparsity."""
+    def choose(self, node_id: str, rnd: int, sparsity: float, cap: float, behind: bool | None = None) -> Choice:
+        """Pick the configuration of ``node_id`` for round ``rnd`` (1-based) given its current sparsity.
+
+        ``behind``: the node finished after the fleet's mean completion time in its last round (None: unknown).
+        """
         b = self._bandits(node_id)
         rounds_left = max(self.total_rounds - rnd + 1, 1)
         goal = min(self.target, cap)
@@ -160,27 +190,35 @@ class FleetBandit:
             dps = [max((d for d in self.delta_p if any(fits(d, r) for r in self.ranks)), default=self.max_dp)]
         # Below the target every increment is needed anyway, so exploring is safe; at or above it an increment is
         # permanent, so Δp is chosen on the evidence alone (no exploration bonus, no untried-first).
-        explore_dp = sparsity < goal - EPS
+        distinct: list[float] = []  # near the cap larger increments land on the same sparsity: keep the smallest
+        for d in sorted(dps):
+            if all(abs(target_of(d) - target_of(k)) > EPS for k in distinct):
+                distinct.append(d)
+        dps = distinct
+        beyond = sparsity >= goal - EPS
+        if beyond and len(dps) > 1:
+            dps = [dps[0]] if behind is False else [self._ladder(b["post"], dps)]
         if self.factored:
-            dp = b["dp"].arms[b["dp"].select([i for i, a in enumerate(b["dp"].arms) if a[0] in dps], explore_dp)][0]
+            dp = b["dp"].arms[b["dp"].select([i for i, a in enumerate(b["dp"].arms) if a[0] in dps])][0]
             ok = [i for i, a in enumerate(b["rank"].arms) if fits(dp, a[1])] or [0]
             rank = b["rank"].arms[b["rank"].select(ok)][1]
         else:
             ok = [i for i, a in enumerate(self.arms) if a[0] in dps and fits(*a)]
             ok = ok or [min(range(len(self.arms)), key=lambda i: (-self.arms[i][0], self.arms[i][1]))]
-            if not explore_dp:  # exploit on Δp > 0 arms only when the evidence favours them
-                ok = [i for i in ok if self.arms[i][0] == 0.0 or b["joint"].plays[i] > 0] or ok
             dp, rank = self.arms[b["joint"].select(ok)]
         target = target_of(dp)
         if forced or (rounds_left == 1 and target < goal - EPS):
             target, forced = max(target, goal), True
         arm = (dp, rank)
         return Choice(arm_index=self.arms.index(arm), arm=arm, target_sparsity=float(min(target, cap)), rank=rank,
-                      forced=forced)
+                      forced=forced, beyond_target=beyond)
 
-    def update(self, node_id: str, arm_index: int, reward: float) -> None:
+    def update(self, node_id: str, arm_index: int, reward: float, beyond_target: bool = False) -> None:
+        """Credit ``reward`` to the arm played; ``beyond_target``: it was chosen at or above the target."""
         dp, rank = self.arms[arm_index]
         b = self._bandits(node_id)
+        if beyond_target:
+            b["post"].update(self.delta_p.index(dp), reward)
         if self.factored:
             b["dp"].update(self.delta_p.index(dp), reward)
             b["rank"].update(self.ranks.index(rank), reward)
@@ -199,5 +237,6 @@ class FleetBandit:
         self.bandits = {}
         for n, st in d.get("bandits", {}).items():
             for k, u in self._bandits(n).items():
-                u.load_state_dict(st[k])
+                if k in st:  # checkpoints from before the ladder have no "post" bandit
+                    u.load_state_dict(st[k])
         self.oom = {n: [(float(s), int(r)) for s, r in v] for n, v in d.get("oom", {}).items()}

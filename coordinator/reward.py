@@ -3,9 +3,11 @@
 - loss:       (L_start - L_end) / L_start, relative to the round's best (clipped to [0, 1]);
 - progress:   Δs / s*, Δs counted only up to the fleet target s* (pruning beyond it earns nothing here);
 - time:       alignment with the fleet, d_i = |T_i - T̄| / T̄ with T̄ the round's mean completion time (ours: the
-              *gain* in alignment over the node's previous round, 0.5 + 0.5 (d_i,prev - d_i) / max_j |gain_j|,
-              so the reward credits what this round's choice changed: a fast node that prunes further drifts
-              away from the fleet, a slow one that prunes catches up; 1 - d_i when there is no previous round);
+              *gain* in alignment that the node's own change made, measured against this round's T̄:
+              g_i = (|T_i,prev - T̄| - |T_i - T̄|) / T̄ with T_i,prev the node's previous round time, mapped
+              to 0.5 + 0.5 g_i / max_j |g_j|. The reward credits what this round's choice changed and not what
+              the other nodes did: a fast node that prunes further drifts away from the fleet, a slow one that
+              prunes catches up. 1 - d_i when the node has no previous round);
 - importance: ‖scale·B·A‖ summed over modules, relative to the round's largest;
 - energy:     energy per local sample, the round's lowest over the node's (1 = most frugal); skipped
               (weight 0) when not every node reported energy.
@@ -33,7 +35,7 @@ class RewardInput:
     importance: float
     energy_j: float | None
     samples: int
-    prev_deviation: float | None = None  # |T - T̄| / T̄ of this node in its previous round, if any
+    prev_time_s: float | None = None  # this node's completion time in its previous round, if any
 
 
 def _clip01(x: float) -> float:
@@ -49,7 +51,8 @@ def rewards(inputs: Sequence[RewardInput], weights: RewardSettings, target_spars
     times = [x.round_time_s for x in inputs]
     mean_t = sum(times) / len(times)
     dev = [abs(t - mean_t) / mean_t if mean_t > 0 else 0.0 for t in times]
-    gains = [x.prev_deviation - dev[i] if x.prev_deviation is not None else 0.0 for i, x in enumerate(inputs)]
+    gains = [abs(x.prev_time_s - mean_t) / mean_t - dev[i] if x.prev_time_s is not None and mean_t > 0 else 0.0
+             for i, x in enumerate(inputs)]
     top_gain = max(abs(g) for g in gains)
     best_imp = max(x.importance for x in inputs)
     per_sample = [x.energy_j / max(x.samples, 1) if x.energy_j is not None else None for x in inputs]

@@ -104,7 +104,8 @@ class NodeState:
     sparsity: float = 0.0
     rank: int = 0
     structure: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # kept rows/cols per module
-    deviation: float | None = None  # |T - T̄| / T̄ in the node's last accepted round
+    last_time_s: float | None = None  # completion time in the node's last accepted round
+    behind: bool | None = None  # it finished after the round's mean completion time in that round
 
 
 class Strategy:
@@ -120,6 +121,7 @@ class Strategy:
         self.global_ = ZeroPadLora() if self.method == "hetlora" else GlobalLora()
         self.nodes: dict[str, NodeState] = {}
         self._pending: dict[str, tuple[Assignment, float]] = {}  # node -> (assignment, sparsity before)
+        self._beyond: dict[str, bool] = {}  # node -> this round's Δp was chosen at or above the target
 
     @property
     def name(self) -> str:
@@ -133,7 +135,8 @@ class Strategy:
         b, T = self.cfg.bandit, self.total_rounds
         target, rank = b.target_sparsity, b.static_rank
         if self.method == "fedspine":
-            c = self.bandit.choose(node.node_id, rnd, st.sparsity, b.cap(node.device_type))
+            c = self.bandit.choose(node.node_id, rnd, st.sparsity, b.cap(node.device_type), behind=st.behind)
+            self._beyond[node.node_id] = c.beyond_target
             return c.target_sparsity, c.rank, (c.arm_index, c.forced)
         if self.method == "fedlora":
             return st.sparsity, rank, None
@@ -151,7 +154,7 @@ class Strategy:
 
     def configure_round(self, rnd: int, nodes: Sequence[NodeInfo]) -> list[Assignment]:
         out = []
-        self._pending = {}
+        self._pending, self._beyond = {}, {}
         for node in nodes:
             st = self._state(node.node_id)
             target, rank, meta = self._schedule(rnd, node, st)
@@ -205,17 +208,19 @@ class Strategy:
         inputs = [RewardInput(node_id=r.node_id, loss_start=r.loss_start, loss_end=r.loss_end,
                               delta_sparsity=self._progress(r),
                               round_time_s=r.round_time_s, importance=r.update.norm(), energy_j=r.energy_j,
-                              samples=r.samples, prev_deviation=self._state(r.node_id).deviation)
+                              samples=r.samples, prev_time_s=self._state(r.node_id).last_time_s)
                   for r in results]
         summary.node_terms = rewards(inputs, self.cfg.reward, self.cfg.bandit.target_sparsity)
-        mean_t = summary.mean_round_time_s
         for r in results:
-            self._state(r.node_id).deviation = abs(r.round_time_s - mean_t) / mean_t if mean_t > 0 else 0.0
+            st = self._state(r.node_id)
+            st.last_time_s = float(r.round_time_s)
+            st.behind = r.round_time_s > summary.mean_round_time_s if len(results) > 1 else None
         if self.method == "fedspine":
             for r in results:
                 a, _ = self._pending.get(r.node_id, (None, 0.0))
                 if a is not None and a.arm is not None:
-                    self.bandit.update(r.node_id, self.bandit.arms.index(a.arm), summary.node_terms[r.node_id]["reward"])
+                    self.bandit.update(r.node_id, self.bandit.arms.index(a.arm), summary.node_terms[r.node_id]["reward"],
+                                       beyond_target=self._beyond.get(r.node_id, False))
         return summary
 
     def _progress(self, r: NodeResult) -> float:
@@ -230,7 +235,7 @@ class Strategy:
         tensors = dict(self.global_.state_tensors())
         nodes = {}
         for nid, st in self.nodes.items():
-            nodes[nid] = {"sparsity": st.sparsity, "rank": st.rank, "deviation": st.deviation,
+            nodes[nid] = {"sparsity": st.sparsity, "rank": st.rank, "last_time_s": st.last_time_s, "behind": st.behind,
                           "modules": sorted(st.structure or {})}
             for name, (rows, cols) in (st.structure or {}).items():
                 tensors[f"structure.{nid}.{name}.rows"] = rows
@@ -248,7 +253,7 @@ class Strategy:
             structure = {name: (tensors[f"structure.{nid}.{name}.rows"], tensors[f"structure.{nid}.{name}.cols"])
                          for name in st["modules"]} or None
             self.nodes[nid] = NodeState(sparsity=float(st["sparsity"]), rank=int(st["rank"]), structure=structure,
-                                        deviation=st.get("deviation"))
+                                        last_time_s=st.get("last_time_s"), behind=st.get("behind"))
 
 
 def make_strategy(cfg: CoordinatorConfig, total_rounds: int, seed: int = 0) -> Strategy:

@@ -72,6 +72,50 @@ def test_out_of_memory_excludes_the_arm_and_every_heavier_one():
     assert c.arm == (0.1, 4)
 
 
+@pytest.mark.parametrize("factored", [True, False])
+def test_beyond_the_target_the_ladder_tries_no_increment_first_and_climbs_only_while_it_pays(factored):
+    fb = FleetBandit((0.0, 0.05, 0.1, 0.15), (4,), discount=1.0, exploration=0.5, target_sparsity=0.3,
+                     total_rounds=50, seed=0, factored=factored)
+    # Below the target an increment got a high reward: that evidence must not carry over beyond it.
+    below = fb.choose("n", 1, 0.0, cap=0.6)
+    assert not below.beyond_target
+    fb.update("n", fb.arms.index((0.15, 4)), 1.0)
+    c = fb.choose("n", 2, 0.3, cap=0.6)
+    assert c.beyond_target and c.arm[0] == 0.0  # first Δp = 0
+    fb.update("n", c.arm_index, 0.5, beyond_target=True)
+    c = fb.choose("n", 3, 0.3, cap=0.6)
+    assert c.arm[0] == 0.05  # then the smallest step, once
+    fb.update("n", c.arm_index, 0.4, beyond_target=True)  # it did not pay
+    for rnd in range(4, 10):
+        c = fb.choose("n", rnd, 0.35, cap=0.6)
+        assert c.arm[0] == 0.0  # no larger step is tried; greedy back to Δp = 0
+        fb.update("n", c.arm_index, 0.5, beyond_target=True)
+
+
+def test_the_ladder_climbs_while_pruning_pays_and_stops_at_the_cap():
+    fb = FleetBandit((0.0, 0.05, 0.1), (4,), discount=1.0, exploration=0.5, target_sparsity=0.3,
+                     total_rounds=50, seed=0)
+    s, picked = 0.3, []
+    for rnd in range(1, 8):
+        c = fb.choose("slow", rnd, s, cap=0.5, behind=True)
+        picked.append(c.arm[0])
+        s = c.target_sparsity
+        fb.update("slow", c.arm_index, 0.4 + c.arm[0], beyond_target=True)  # more pruning, more reward
+    assert picked[:3] == [0.0, 0.05, 0.1]
+    assert s == pytest.approx(0.5)
+    assert fb.choose("slow", 9, 0.5, cap=0.5, behind=True).target_sparsity == pytest.approx(0.5)
+
+
+def test_a_node_ahead_of_the_fleet_gets_no_increment_beyond_the_target():
+    fb = FleetBandit((0.0, 0.05, 0.1), (4,), discount=1.0, exploration=0.5, target_sparsity=0.3,
+                     total_rounds=50, seed=0)
+    for rnd in range(1, 10):
+        c = fb.choose("fast", rnd, 0.3, cap=0.5, behind=False)
+        assert c.arm[0] == 0.0 and c.target_sparsity == pytest.approx(0.3)
+        fb.update("fast", c.arm_index, 1.0 if rnd % 2 else 0.0, beyond_target=True)
+    assert fb.choose("fast", 1, 0.1, cap=0.5, behind=False).beyond_target is False  # below the target: free
+
+
 def _update(rank: int, seed: int) -> LoraUpdate:
     g = torch.Generator().manual_seed(seed)
     m = ModuleUpdate(A=torch.randn(rank, 8, generator=g) * 0.1, B=torch.randn(8, rank, generator=g) * 0.1,
@@ -105,11 +149,12 @@ def simulate_fleet(rounds: int = 30, seed: int = 0):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_synthetic_fleet_slow_nodes_get_lower_ranks_at_least_as_much_pruning_and_times_align(seed):
+def test_synthetic_fleet_slow_nodes_get_more_pruning_and_lower_ranks_and_times_align(seed):
     strat, history = simulate_fleet(rounds=30, seed=seed)
     final = history[-1]
     assert all(final[n][0] >= 0.3 - 1e-9 for n in final)  # everyone reached the target
-    assert final["slow"][0] >= final["fast"][0]  # (with the default cap both often end at s_max = 0.5)
+    assert all(b[n][0] >= a[n][0] for a, b in zip(history, history[1:], strict=False) for n in final)  # monotone
+    assert final["slow"][0] > final["fast"][0] + 0.1, final  # slow devices are pruned further
     late = history[-10:]
     mean_rank = {n: statistics.mean(h[n][1] for h in late) for n in final}
     assert mean_rank["slow"] + 4 < mean_rank["fast"], mean_rank  # slow devices learn low ranks
@@ -120,4 +165,4 @@ def test_synthetic_fleet_slow_nodes_get_lower_ranks_at_least_as_much_pruning_and
 
     early = statistics.mean(spread(h) for h in history[:3])
     late_spread = statistics.mean(spread(h) for h in history[-5:])
-    assert late_spread < 0.92 * early, (early, late_spread)
+    assert late_spread < 0.85 * early, (early, late_spread)
