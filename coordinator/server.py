@@ -8,6 +8,7 @@ all arrived or the deadline passed -> aggregate (if the quorum is met) -> update
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import queue
 import signal
 import threading
@@ -450,7 +451,8 @@ class Coordinator:
                            round_time_s=res.round_time_s, wall_s=p.received_at - p.sent_at,
                            sparsity=rep.sparsity, upload_bytes=res.upload_bytes, energy_j=rep.energy_j,
                            avg_power_w=rep.avg_power_w, power_source=rep.power_source,
-                           peak_memory_mb=rep.peak_memory_mb, **{f"m_{k}": v for k, v in rep.metrics.items()})
+                           peak_memory_mb=rep.peak_memory_mb, **{f"m_{k}": v for k, v in rep.metrics.items()},
+                           update_sha256=hashlib.sha256(p.payload or b"").hexdigest())  # audit: what was aggregated
             else:
                 rec.update(status=next((f.reason for f in failures if f.node_id == a.node_id), "missing"))
             rec.update(summary.node_fields(a.node_id))

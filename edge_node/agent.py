@@ -6,6 +6,7 @@ the connection (and the presence) alive however long a local round takes.
 
 from __future__ import annotations
 
+import collections
 import gc
 import json
 import queue
@@ -45,6 +46,14 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)) or "out of memory" in str(exc).lower()
 
 
+class Superseded(Exception):
+    """The round being worked on is no longer the newest configuration this node received."""
+
+
+def _key(cfg: RoundConfig) -> tuple:
+    return (cfg.run_id, cfg.round, cfg.upload_transfer_id)
+
+
 @dataclass
 class _Done:
     """The last round this node completed, kept to answer a repeated config without re-training."""
@@ -70,6 +79,10 @@ class NodeAgent:
         self._telemetry = telemetry
         self._round = -1
         self._done: _Done | None = None
+        # (run id, round, upload transfer) of the newest live config received: a round being worked on whose
+        # config is no longer the newest (a restarted coordinator, a retry after the deadline) is abandoned.
+        self._latest: tuple | None = None
+        self._seen: collections.deque = collections.deque(maxlen=256)
         self._stop = threading.Event()
         self.state_dir = Path(cfg.node.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -126,9 +139,12 @@ class NodeAgent:
     def _handle_config(self, topic: str, payload: bytes) -> None:
         cfg = self._check_topic(topic, "config") and decode_from(payload, RoundConfig, topic=topic, log=self.log)
         if cfg:
-            if cfg.download_transfer_id and time.time() <= cfg.deadline_ts:
-                # Here, not when the main thread gets to the config: the slice's chunks follow right behind it.
-                self.reassembler.expect(cfg.download_transfer_id, COORDINATOR_ID)
+            if time.time() <= cfg.deadline_ts and _key(cfg) not in self._seen:  # a redelivered config is not news
+                self._seen.append(_key(cfg))
+                self._latest = _key(cfg)
+                if cfg.download_transfer_id:
+                    # Here, not when the main thread gets to it: the slice's chunks follow right behind the config.
+                    self.reassembler.expect(cfg.download_transfer_id, COORDINATOR_ID)
             self.events.put(("config", cfg))
 
     def _handle_download(self, topic: str, payload: bytes) -> None:
@@ -196,12 +212,17 @@ class NodeAgent:
             t.wait_published(5.0)
             t.stop()
 
+    def _superseded(self, cfg: RoundConfig) -> bool:
+        return self._latest is not None and self._latest != _key(cfg)
+
     def _wait_download(self, cfg: RoundConfig, log) -> LoraUpdate | None:
         """Wait for the global slice of this round; ask for missing chunks when it stalls."""
         tid = cfg.download_transfer_id
         deadline = cfg.deadline_ts
         last_ask = time.time()
         while not self._stop.is_set() and time.time() < deadline:
+            if self._superseded(cfg):
+                raise Superseded("a newer configuration arrived while waiting for the global update")
             try:
                 got_tid, data = self.downloads.get(timeout=1.0)
             except queue.Empty:
@@ -231,9 +252,16 @@ class NodeAgent:
         if time.time() > cfg.deadline_ts:
             log.info("config_past_deadline_dropped")
             return
+        if self._superseded(cfg):
+            log.info("config_superseded_dropped", newer_round=self._latest[1] if self._latest else None)
+            return
         self._round = cfg.round
         log.info("round_config", target_sparsity=cfg.target_sparsity, rank=cfg.rank, local_steps=cfg.local_steps)
-        report = self._train_and_upload(cfg, log)
+        try:
+            report = self._train_and_upload(cfg, log)
+        except Superseded as exc:  # its coordinator moved on (or restarted): nobody waits for this answer
+            log.info("round_superseded", error=str(exc))
+            return
         self.transport.publish(self.topics.node(self.node_id, "report"), encode(report), qos=1)
         self._done = _Done(cfg.run_id, cfg.round, report)
 
@@ -248,7 +276,8 @@ class NodeAgent:
             try:
                 result = self.trainer.run_round(
                     target_sparsity=cfg.target_sparsity, rank=cfg.rank, local_steps=cfg.local_steps,
-                    global_update=global_update, prune_random=cfg.prune_random, should_stop=self._stop.is_set,
+                    global_update=global_update, prune_random=cfg.prune_random,
+                    should_stop=lambda: self._stop.is_set() or self._superseded(cfg),
                 )
             finally:
                 energy = meter.end_round() if meter is not None else None
@@ -256,6 +285,8 @@ class NodeAgent:
                     self._telemetry.set_phase("uploading", cfg.round)
             if energy is not None:
                 self.transport.publish(self.topics.node(self.node_id, "telemetry/round"), encode(energy), qos=0)
+            if self._superseded(cfg):
+                raise Superseded("a newer configuration arrived during local training")
             t0 = time.perf_counter()
             self.transport.send_transfer(self.topics.node(self.node_id, "upload"), result.payload,
                                          cfg.upload_transfer_id, self.node_id)
@@ -265,7 +296,11 @@ class NodeAgent:
         except UpdateError as exc:
             log.warning("global_update_rejected", error=str(exc))
             return RoundReport(**base, status="error", error=f"global update rejected: {exc}"[:500])
+        except Superseded:
+            raise
         except TimeoutError as exc:
+            if self._superseded(cfg):
+                raise Superseded(str(exc)) from exc
             log.warning("round_abandoned", error=str(exc))
             return RoundReport(**base, status="error", error=str(exc)[:500])
         except Exception as exc:  # noqa: BLE001 - a failed round is reported, never crashes the node

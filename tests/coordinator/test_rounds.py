@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -39,6 +40,7 @@ class FakeTrainer:
     def __init__(self, name: str, behaviour: str = "ok", delay_s: float = 0.0) -> None:
         self.name, self.behaviour, self.delay_s = name, behaviour, delay_s
         self.sparsity, self.calls, self.received = 0.0, [], []
+        self.sent: dict[str, bytes] = {}  # sha256 -> every update payload it produced
 
     def run_round(self, *, target_sparsity, rank, local_steps, global_update, prune_random=False, should_stop=None):
         self.calls.append((target_sparsity, rank, local_steps))
@@ -51,8 +53,10 @@ class FakeTrainer:
         g = torch.Generator().manual_seed(len(self.calls) * 31 + len(self.name))
         m = ModuleUpdate(A=torch.randn(rank, 4, generator=g) * 0.1, B=torch.randn(kept, rank, generator=g) * 0.1,
                          rows=torch.arange(kept), cols=torch.arange(4), shape=(8, 4), scale=16.0 / rank)
-        u = LoraUpdate({"layer.q": m}, {"classifier.weight": torch.ones(2, 4)})
-        return FakeResult(update=u, payload=u.to_bytes(), loss_start=1.0, loss_end=0.9, samples=32, compute_s=0.01,
+        u = LoraUpdate({"layer.q": m}, {"classifier.weight": torch.ones(2, 4) * len(self.calls)})
+        payload = u.to_bytes()
+        self.sent[hashlib.sha256(payload).hexdigest()] = payload
+        return FakeResult(update=u, payload=payload, loss_start=1.0, loss_end=0.9, samples=32, compute_s=0.01,
                           sparsity=self.sparsity, rank=rank, metrics={"test_accuracy": 0.5})
 
 
@@ -153,3 +157,64 @@ def test_registry_ignores_unknown_offline_and_tracks_presence(state):
     assert [n.node_id for n in reg.live(for_round=2)] == ["a", "b"]
     assert reg.apply(NodeStatus(node_id="a", state="offline", ts=3.0), 3.0, 1) == "left"
     assert [n.node_id for n in reg.live()] == ["b"]
+
+
+class StoppableTrainer(FakeTrainer):
+    """A FakeTrainer whose local steps take ``step_s`` each and honour ``should_stop`` like LocalTrainer."""
+
+    def __init__(self, name: str, step_s: float) -> None:
+        super().__init__(name)
+        self.step_s, self.interrupted = step_s, 0
+
+    def run_round(self, *, local_steps, should_stop=None, **kw):  # type: ignore[no-untyped-def, override]
+        from edge_node.engine import RoundInterrupted
+
+        for _ in range(local_steps):
+            if should_stop is not None and should_stop():
+                self.interrupted += 1
+                raise RoundInterrupted("stopped")
+            time.sleep(self.step_s)
+        return super().run_round(local_steps=local_steps, should_stop=should_stop, **kw)
+
+
+@pytest.mark.parametrize("stage", ["waiting_for_download", "training"])
+def test_a_newer_config_supersedes_the_round_in_progress(tmp_path, stage):
+    """A restarted coordinator (new config for the same round) must not wait for the node to finish the dead
+    run's round: the node drops it at once, without a report, and answers the newer config."""
+    from shared.messages import RoundConfig, RoundReport, decode, encode
+
+    bus = MemoryBus()
+    tr = StoppableTrainer("n1", step_s=0.2)
+    agent = NodeAgent(NodeConfig.from_dict({"node": {"id": "n1", "state_dir": str(tmp_path / "n1")}}), trainer=tr)
+    agent.transport = MemoryTransport(bus, "n1", on_connect=agent._on_connect)
+    reports: list[RoundReport] = []
+    coord = MemoryTransport(bus, "coordinator")
+    coord.subscribe("fedspine/v1/node/n1/report", lambda t, p: reports.append(decode(p, RoundReport)))
+    coord.start()
+    threading.Thread(target=agent.run, daemon=True).start()
+    time.sleep(0.3)
+    deadline = time.time() + 60
+    old = RoundConfig(run_id="dead-run", round=2, target_sparsity=0.1, rank=4, local_steps=100, deadline_ts=deadline,
+                      upload_transfer_id="up-old", download_transfer_id="down-old" if stage != "training" else None)
+    new = RoundConfig(run_id="dead-run", round=2, target_sparsity=0.1, rank=4, local_steps=2, deadline_ts=deadline,
+                      upload_transfer_id="up-new", download_transfer_id=None)
+    topic = "fedspine/v1/node/n1/config"
+    try:
+        coord.publish(topic, encode(old))
+        time.sleep(1.0)  # the old round is waiting for its global slice, or training (100 steps = 20 s)
+        t0 = time.monotonic()
+        coord.publish(topic, encode(new))
+        end = time.monotonic() + 10
+        while not reports and time.monotonic() < end:
+            time.sleep(0.05)
+        took = time.monotonic() - t0
+        coord.publish(topic, encode(new))  # a redelivered config is answered again, not news
+        time.sleep(0.5)
+    finally:
+        agent.stop()
+        coord.stop()
+    assert reports and reports[0].transfer_id == "up-new" and reports[0].status == "ok", reports
+    assert all(r.transfer_id == "up-new" for r in reports)  # nothing was ever reported for the old round
+    assert took < 5.0, took  # not the old round's 60 s deadline, nor its 20 s of training
+    assert [c[2] for c in tr.calls] == [2]  # trained once, for the newer config only
+    assert tr.interrupted == (1 if stage == "training" else 0)

@@ -3,8 +3,8 @@
 
 The production ``NodeAgent`` and ``MqttTransport`` run unchanged; only training is simulated (a LoRA update of
 about ``--kb`` kB) and, with ``--send-delay``, every upload chunk is delayed (a slow uplink injected in the sends).
-Each update it uploads is appended as ``round sha256`` to ``<state_dir>/sent.txt`` so tests can check that the
-coordinator aggregated exactly what was sent.
+Each update it uploads is appended as ``round sha256`` to ``<state_dir>/sent.txt`` and kept as
+``<state_dir>/sent/<sha256>.safetensors``, so tests can rebuild the global model from exactly what was sent.
 """
 
 from __future__ import annotations
@@ -47,8 +47,12 @@ class PayloadTrainer:
         u = LoraUpdate({"layer.q": m}, {"classifier.weight": torch.ones(2, 4)})
         payload = u.to_bytes()
         if local_steps > 0:
+            digest = hashlib.sha256(payload).hexdigest()
             with open(self.sent_log, "a") as fh:
-                fh.write(f"{self.rounds} {hashlib.sha256(payload).hexdigest()}\n")
+                fh.write(f"{self.rounds} {digest}\n")
+            sent = self.sent_log.parent / "sent"
+            sent.mkdir(exist_ok=True)
+            (sent / f"{digest}.safetensors").write_bytes(payload)
         return FakeResult(update=u, payload=payload, loss_start=1.0, loss_end=0.9, samples=32, compute_s=0.01,
                           sparsity=self.sparsity, rank=rank)
 

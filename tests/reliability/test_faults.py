@@ -18,7 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
+from coordinator.aggregation import GlobalLora
 from coordinator.config import CoordinatorConfig
 from coordinator.server import Coordinator
 from coordinator.simulate import write_toml
@@ -27,6 +29,7 @@ from coordinator.strategy import NodeResult
 from edge_node.agent import NodeAgent
 from edge_node.config import NodeConfig
 from shared.messages import NodeStatus, decode
+from shared.updates import LoraUpdate
 from tests.broker import Inbox, TransportFactory, running_broker
 from tests.coordinator.test_rounds import FakeTrainer
 from tests.integration.fleet import stop_processes
@@ -110,10 +113,12 @@ def test_local_round_far_longer_than_keepalive_keeps_connection_and_presence(tmp
             assert node_rows["node-b"]["wall_s"] >= 5 * KEEPALIVE_S - 1
             assert [s.state for s in seen] and all(s.state == "online" for s in seen), [s.state for s in seen]
             assert trainers["node-b"].calls[0][2] == 2  # its configuration arrived intact (local_steps)
+            replayed = check_global_is_the_aggregate(f.state_dir, {k: v for t in trainers.values() for k, v in t.sent.items()})
         finally:
             watch.close()
     reliability.add("faults", f"local round of {5 * KEEPALIVE_S} s with a {KEEPALIVE_S} s MQTT keep-alive "
-                    "(slow device)", 1, "one connection throughout, only 'online' presence, update accepted")
+                    "(slow device)", 1, "one connection throughout, only 'online' presence, update accepted; global model = "
+                    f"replayed aggregate of the {replayed} accepted updates")
 
 
 def test_broker_restart_mid_round_clients_reconnect_and_the_run_completes(tmp_path, reliability) -> None:
@@ -140,9 +145,11 @@ def test_broker_restart_mid_round_clients_reconnect_and_the_run_completes(tmp_pa
         assert all(r["accepted"] >= 1 for r in rounds)
         ckpt = CheckpointStore(f.state_dir).load()
         assert ckpt is not None and ckpt["round"] == 2
+        replayed = check_global_is_the_aggregate(f.state_dir, {k: v for t in trainers.values() for k, v in t.sent.items()})
     reliability.add("faults", "broker restarted (stop, 2 s down, start) during round 1's local training", 1,
                     f"coordinator and {len(trainers)} nodes reconnected by themselves; rounds 1-2 aggregated once "
-                    f"each (accepted {[r['accepted'] for r in rounds]}); checkpoint at round 2")
+                    f"each (accepted {[r['accepted'] for r in rounds]}); checkpoint at round 2 = replayed aggregate of the "
+                    f"{replayed} accepted updates")
 
 
 # ---- node processes (tests/reliability/fake_node.py) -------------------------------------------------------
@@ -213,6 +220,36 @@ def check_nothing_lost(accepted, aggregated, nodes: NodeProcs, rounds_done: int)
         assert d in nodes.sent(nid), f"{nid}: aggregated an update it never sent"
 
 
+def check_global_is_the_aggregate(state_dir: Path, sent: dict[str, bytes]) -> int:
+    """Rebuild the global model from scratch, round by round, from the updates *as their nodes sent them*
+    (``sent``: sha256 -> payload), taking exactly those the coordinator's metrics record as accepted in each
+    round; it must equal the checkpointed global model. Returns the number of updates replayed."""
+    rows = [json.loads(x) for x in (state_dir / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r["round"] for r in rows if r.get("kind") == "round"]
+    assert rounds == sorted(set(rounds)), rounds  # each round recorded once
+    accepted = [r for r in rows if r.get("kind") == "node" and r.get("status") == "ok" and not r.get("eval_only")]
+    digests = [r["update_sha256"] for r in accepted]
+    assert len(digests) == len(set(digests)), "an update was counted twice"
+    replay = GlobalLora()
+    for rnd in rounds:
+        mine = [r for r in accepted if r["round"] == rnd]
+        assert mine, f"round {rnd} aggregated nothing"
+        replay.aggregate([(LoraUpdate.from_bytes(sent[r["update_sha256"]]), float(r["samples"])) for r in mine])
+    ck = CheckpointStore(state_dir).load()
+    assert ck is not None and ck["round"] == rounds[-1]
+    got = {k: v for k, v in ck["strategy"]["tensors"].items() if not k.startswith("structure.")}
+    want = replay.state_tensors()
+    assert set(got) == set(want), (sorted(got), sorted(want))
+    for k, v in want.items():
+        assert torch.allclose(got[k], v, atol=1e-6, rtol=1e-5), k
+    return len(accepted)
+
+
+def sent_payloads(root: Path, node_ids) -> dict[str, bytes]:
+    """What fake node processes under ``root`` uploaded (tests/reliability/fake_node.py)."""
+    return {f.stem: f.read_bytes() for nid in node_ids for f in (root / nid / "sent").glob("*.safetensors")}
+
+
 def coordinator_for(broker, tmp_path: Path, **settings) -> Coordinator:
     b = broker.broker_config("coordinator", keepalive_s=KEEPALIVE_S, reconnect_min_s=0.2, reconnect_max_s=2.0,
                              chunk_size=CHUNK)
@@ -256,10 +293,11 @@ def test_node_killed_mid_upload_round_completes_without_it_and_it_rejoins(tmp_pa
     assert any("node-b" in ids for _, ids in aggregated[1:]), aggregated  # the restarted node took part later
     assert killed_digest not in [d for _, _, d in accepted]  # nothing of the partial transfer was aggregated
     check_nothing_lost(accepted, aggregated, nodes, ROUNDS)
+    replayed = check_global_is_the_aggregate(tmp_path / "coord", sent_payloads(tmp_path, ("node-a", "node-b")))
     reliability.add("faults", "node SIGKILLed in the middle of its upload (after 3 of ~32 chunks), restarted 2 s "
                     "later", 1, f"round 1 aggregated node-a only; partial transfer discarded; node-b rejoined "
-                    f"(aggregated per round: {[ids for _, ids in aggregated]}); aggregate = exactly the accepted "
-                    "updates, byte-identical to what was sent, none twice")
+                    f"(aggregated per round: {[ids for _, ids in aggregated]}); global model = replayed aggregate of "
+                    f"exactly the {replayed} accepted updates as sent, none twice")
 
 
 def test_slow_uplink_is_cut_by_the_deadline_not_stalling_the_fleet(tmp_path, reliability) -> None:
@@ -288,10 +326,12 @@ def test_slow_uplink_is_cut_by_the_deadline_not_stalling_the_fleet(tmp_path, rel
     assert slow and all(r["status"] == "timeout" for r in slow), slow
     assert all(ids == ["node-a"] for _, ids in aggregated), aggregated
     check_nothing_lost(accepted, aggregated, nodes, 2)
+    replayed = check_global_is_the_aggregate(tmp_path / "coord", sent_payloads(tmp_path, ("node-a", "node-b")))
     reliability.add("faults", f"node with a slow uplink (1 s injected before each upload chunk, ~32 s per upload, "
                     f"deadline {deadline_s:.0f} s)", len(slow),
                     f"rounds ended at the deadline (wall {[round(r['round_wall_s'], 1) for r in rounds]} s); "
-                    "node-b 'timeout', recorded for the bandit; node-a aggregated every round")
+                    "node-b 'timeout', recorded for the bandit; node-a aggregated every round; global model = "
+                    f"replayed aggregate of the {replayed} accepted updates")
 
 
 def test_coordinator_killed_mid_round_resumes_from_checkpoint(tmp_path, reliability) -> None:
@@ -347,7 +387,14 @@ def test_coordinator_killed_mid_round_resumes_from_checkpoint(tmp_path, reliabil
     accepted = [r["accepted"] for r in rows if r.get("kind") == "round"]
     assert all(a >= 1 for a in accepted)
     retries = sum(1 for e in events if e.get("event") == "round_below_quorum")
+    replayed = check_global_is_the_aggregate(state, sent_payloads(tmp_path, ("node-a", "node-b")))
+    node_events = [json.loads(x).get("event") for nid in ("node-a", "node-b")
+                   for x in (tmp_path / "logs" / f"{nid}.log").read_text().splitlines() if x.startswith("{")]
+    answered = node_events.count("config_repeated_report_resent")  # same round, same transfer: answered again
+    superseded = node_events.count("round_superseded") + node_events.count("config_superseded_dropped")
     reliability.add("faults", "coordinator process SIGKILLed while collecting round 2, restarted", 1,
-                    f"resumed from the round-1 checkpoint (same run id); round 2 retried {retries} time(s) while "
-                    f"nodes finished the dead run's round; rounds 1-{rounds} aggregated and recorded once each "
-                    f"(accepted {accepted}), exit 0")
+                    f"resumed from the round-1 checkpoint (same run id) and re-sent round 2's configuration; nodes "
+                    f"answered it without retraining ({answered}x) or dropped the dead run's work ({superseded}x); "
+                    f"round 2 retried {retries} time(s); rounds 1-{rounds} aggregated and "
+                    f"recorded once each (accepted {accepted}); global model = replayed aggregate of exactly the "
+                    f"{replayed} accepted updates as sent; exit 0")
