@@ -30,6 +30,7 @@ class Registry:
 
     def __init__(self) -> None:
         self._nodes: dict[str, NodeEntry] = {}
+        self._online = 0  # number of entries with online=True, kept in step by apply()
 
     def apply(self, status: NodeStatus, now: float, current_round: int) -> str | None:
         """Apply one presence message; return "joined", "left", "updated" or None (nothing changed)."""
@@ -43,6 +44,7 @@ class Registry:
                 memory_mb=status.memory_mb, software_version=status.software_version, online=True,
                 last_change=now, joined_round=current_round,
             )
+            self._online += 1
             return "joined"
         if online:
             changed = not entry.online
@@ -52,10 +54,12 @@ class Registry:
             entry.software_version = status.software_version or entry.software_version
             if changed:
                 entry.online, entry.last_change, entry.joined_round = True, now, current_round
+                self._online += 1
                 return "joined"
             return "updated"
         if entry.online:
             entry.online, entry.last_change = False, now
+            self._online -= 1
             return "left"
         return None
 
@@ -66,6 +70,9 @@ class Registry:
             for e in sorted(self._nodes.values(), key=lambda e: e.node_id)
             if e.online and (for_round is None or e.joined_round < for_round)
         ]
+
+    def live_count(self) -> int:
+        return self._online
 
     def is_live(self, node_id: str) -> bool:
         entry = self._nodes.get(node_id)
@@ -83,3 +90,4 @@ class Registry:
     def load_state_dict(self, state: dict) -> None:
         """Restore known nodes; presence is re-learnt from the broker's retained status messages."""
         self._nodes = {nid: NodeEntry(**{**e, "online": False}) for nid, e in state.items()}
+        self._online = 0

@@ -156,7 +156,7 @@ class Coordinator:
         # A node that joins while a round is collected takes part from the next one.
         change = self.registry.apply(status, time.time(), self._active or self.round)
         if change in ("joined", "left"):
-            self.log.info(f"node_{change}", node=node_id, device_type=status.device_type, live=len(self.registry.live()))
+            self.log.info(f"node_{change}", node=node_id, device_type=status.device_type, live=self.registry.live_count())
 
     def run(self) -> RunSummary:
         rs = self.cfg.coordinator
@@ -225,7 +225,7 @@ class Coordinator:
     def _wait_for_nodes(self, n: int, timeout_s: float) -> bool:
         end = time.monotonic() + timeout_s
         while not self._stop.is_set():
-            if len(self.registry.live()) >= n:
+            if self.registry.live_count() >= n:
                 return True
             if time.monotonic() >= end:
                 return False
@@ -347,6 +347,7 @@ class Coordinator:
         results: dict[str, NodeResult] = {}
         failures: dict[str, Failure] = {}
         open_ids = set(pending)
+        next_scan = 0.0  # stalled uploads are looked for twice a second, not after every message (O(n) each)
         while open_ids and not self._stop.is_set():
             now = time.monotonic()
             if now >= deadline:
@@ -379,7 +380,9 @@ class Coordinator:
                         failures[node_id] = res
                     else:
                         results[node_id] = res
-            self._ask_for_missing(pending, open_ids)
+            if time.monotonic() >= next_scan:
+                self._ask_for_missing(pending, open_ids)
+                next_scan = time.monotonic() + 0.5
         for node_id in open_ids:
             failures[node_id] = Failure(node_id, "timeout")
         return list(results.values()), list(failures.values())

@@ -23,7 +23,7 @@ from benchmarks.brokers import mosquitto
 from coordinator.simulate import write_toml
 
 
-def measure(n: int, rounds: int, swarm_procs: int, workdir: Path) -> dict:
+def measure(n: int, rounds: int, swarm_procs: int, workdir: Path, profile: Path | None = None) -> dict:
     with mosquitto(workdir / f"broker-{n}") as (host, port):
         root = f"fedspine/bench{n}"
         metrics = workdir / f"metrics-{n}.jsonl"
@@ -41,8 +41,9 @@ def measure(n: int, rounds: int, swarm_procs: int, workdir: Path) -> dict:
                                    "--count", str(min(per, n - i * per))], env=env)
                  for i in range(swarm_procs) if i * per < n]
         t0 = time.monotonic()
-        coord = subprocess.run([sys.executable, "-m", "shared.cli", "--log-format", "json", "--log-level", "WARNING",
-                                "coordinator", "--config", str(cfg)], env=env, capture_output=True, text=True)
+        prof = ["-m", "cProfile", "-o", str(profile / f"coordinator-{n}.prof")] if profile else []
+        coord = subprocess.run([sys.executable, *prof, "-m", "shared.cli", "--log-format", "json", "--log-level",
+                                "WARNING", "coordinator", "--config", str(cfg)], env=env, capture_output=True, text=True)
         wall = time.monotonic() - t0
         for p in swarm:
             p.terminate()
@@ -65,11 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--swarm-procs", type=int, default=4)
     ap.add_argument("--out", default="results/coordinator.json")
+    ap.add_argument("--profile", action="store_true",
+                    help="run the coordinator under cProfile; writes coordinator-<n>.prof beside --out")
     a = ap.parse_args(argv)
+    profile = Path(a.out).parent if a.profile else None
+    if profile:
+        profile.mkdir(parents=True, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="fedspine-bench-") as tmp:
         for n in (int(x) for x in a.sizes.split(",")):
-            results.append(measure(n, a.rounds, a.swarm_procs, Path(tmp)))
+            results.append(measure(n, a.rounds, a.swarm_procs, Path(tmp), profile))
             print(f"  {n} nodes: median coordinator CPU {results[-1]['median_cpu_s']:.2f} s/round", flush=True)
     base = results[0]
     lines = ["| nodes | rounds | accepted per round | coordinator CPU s/round (median) | CPU ms per node | "

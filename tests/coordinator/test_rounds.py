@@ -155,8 +155,16 @@ def test_registry_ignores_unknown_offline_and_tracks_presence(state):
     assert reg.apply(NodeStatus(node_id="b", state="online", ts=2.0), 2.0, 1) == "joined"
     assert [n.node_id for n in reg.live(for_round=1)] == ["a"]  # b joined during round 1: from round 2 on
     assert [n.node_id for n in reg.live(for_round=2)] == ["a", "b"]
+    assert reg.live_count() == 2
     assert reg.apply(NodeStatus(node_id="a", state="offline", ts=3.0), 3.0, 1) == "left"
-    assert [n.node_id for n in reg.live()] == ["b"]
+    assert reg.apply(NodeStatus(node_id="a", state="offline", ts=3.5), 3.5, 1) is None  # no double count
+    assert [n.node_id for n in reg.live()] == ["b"] and reg.live_count() == 1
+    assert reg.apply(NodeStatus(node_id="b", state="online", ts=4.0), 4.0, 1) == "updated"
+    assert reg.apply(NodeStatus(node_id="a", state="online", ts=5.0), 5.0, 1) == "joined"
+    assert reg.live_count() == 2
+    restored = Registry()
+    restored.load_state_dict(reg.state_dict())
+    assert restored.live_count() == 0  # presence is re-learnt from the broker after a restart
 
 
 class StoppableTrainer(FakeTrainer):
