@@ -112,7 +112,11 @@ class _Base:
         """Publish only the chunks ``request`` lists (all when its list is empty); return how many."""
         chunks = self.outbox.get(request.transfer_id, request.missing)
         if not chunks:
-            self.log.warning("resend_unknown_transfer", transfer=request.transfer_id, requester=request.requester)
+            if request.transfer_id in self.outbox:  # known transfer, but none of the asked indices exist
+                self.log.warning("resend_indices_out_of_range", transfer=request.transfer_id,
+                                 requester=request.requester, asked=len(request.missing))
+            else:
+                self.log.warning("resend_unknown_transfer", transfer=request.transfer_id, requester=request.requester)
             return 0
         return self.publish_chunks(topic, chunks)
 

@@ -55,7 +55,7 @@ ROOT = "fedspine/v1"
 NODE, OTHER = "node-a", "node-b"
 
 # warning events whose name is the whole reason (they carry no error/reason field)
-SELF_EXPLAINING = {"resend_unknown_transfer"}
+SELF_EXPLAINING = {"resend_unknown_transfer", "resend_indices_out_of_range"}
 Case = tuple[str, str, bytes, str]  # (input class, topic, payload, expect: accept | reject | any | quiet)
 
 
