@@ -288,7 +288,8 @@ class Coordinator:
         rnd = self.round + 1
         log = self.log.bind(round=rnd)
         assignments = [
-            Assignment(node_id=a.node_id, target_sparsity=a.target_sparsity, rank=a.rank, local_steps=0, arm=None)
+            Assignment(node_id=a.node_id, target_sparsity=a.target_sparsity, rank=self.strategy.final_rank(),
+                       local_steps=0, arm=None)
             for nid, a in sorted(self._last.items()) if self.registry.is_live(nid)
         ]
         if not assignments:

@@ -167,6 +167,17 @@ class Strategy:
             out.append(a)
         return out
 
+    def final_rank(self) -> int:
+        """Rank of the slice each node receives in the final sync: the largest any node trained with. The node
+        merges it into its pruned weights for export, so the deployed model costs the same at any rank, and a
+        low training rank (a slow device's) should not truncate the global model it deploys."""
+        b = self.cfg.bandit
+        if self.method == "fedspine":
+            return max(b.ranks)
+        if self.method == "hetlora":
+            return max(int(r) for r in b.tier_ranks.values())
+        return int(b.static_rank)
+
     def global_slice(self, node_id: str, rank: int) -> LoraUpdate | None:
         if isinstance(self.global_, ZeroPadLora):
             return self.global_.slice_for(rank, self.alpha)

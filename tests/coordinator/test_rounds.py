@@ -97,6 +97,8 @@ def test_three_rounds_aggregate_and_checkpoint(tmp_path):
     for tr in trainers.values():
         assert tr.received[0] is None and all(g is not None for g in tr.received[1:])  # global slice from round 2
         assert tr.calls[-1][2] == 0  # the final sync: apply the aggregate and evaluate only
+        # ... at the largest rank, whatever the node trained with: the export merges it at no inference cost
+        assert tr.calls[-1][1] == 16 and {m.rank for m in tr.received[-1].modules.values()} == {16}
         assert tr.sparsity >= 0.3 - 1e-9
     ckpt = CheckpointStore(tmp_path / "coord").load()
     assert ckpt["round"] == 3 and "delta.layer.q" in ckpt["strategy"]["tensors"]

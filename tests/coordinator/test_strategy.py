@@ -109,3 +109,13 @@ def test_checkpoint_is_atomic_and_replaces_old_tensor_files(tmp_path):
     st = store.load()
     assert st["round"] == 2 and torch.equal(st["strategy"]["tensors"]["t"], torch.full((2,), 2.0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.json", "global-000002.safetensors"]
+
+
+def test_final_sync_rank_is_the_largest_rank_the_method_trains_with():
+    ranks = {}
+    for method in ("fedspine", "hetlora", "fedlora", "prune_ft"):
+        cfg = CoordinatorConfig.from_dict({"coordinator": {"method": method, "rounds": 2},
+                                           "bandit": {"ranks": [2, 4, 32], "static_rank": 8,
+                                                      "tier_ranks": {"agx": 12, "tx2": 4, "default": 6}}})
+        ranks[method] = make_strategy(cfg, total_rounds=2).final_rank()
+    assert ranks == {"fedspine": 32, "hetlora": 12, "fedlora": 8, "prune_ft": 8}
