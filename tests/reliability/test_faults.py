@@ -442,7 +442,7 @@ def test_real_training_fleet_survives_a_node_and_the_coordinator_killed(tmp_path
     users = {"coordinator": "c-pw", "monitor": "m-pw", **{n: f"{n}-pw" for n in nodes}}
     with running_broker(tls=False, users=users) as broker:
         fleet = make_fleet(tmp_path, broker, tiny_model(tmp_path / "tiny-bert"), nodes, rounds=rounds,
-                           local_steps=60, deadline_s=40.0, coordinator={"export_at_end": True})
+                           local_steps=100, deadline_s=40.0, coordinator={"export_at_end": True})
         wire = Inbox()
         watch = TransportFactory(broker)
         watch("coordinator", "test-observer", subscriptions={f"{broker.root}/node/+/upload": wire})
@@ -458,9 +458,8 @@ def test_real_training_fleet_survives_a_node_and_the_coordinator_killed(tmp_path
             fleet.kill("nx-2")  # while it trains round 2
             time.sleep(1.0)
             fleet.start("nx-2")
-            assert fleet.wait_for(lambda: started("coordinator", 3, "round_started"), 180)
-            time.sleep(1.0)  # round 3's configs and slices are out, the nodes train
-            killed_at = store.load()["round"]
+            assert fleet.wait_for(lambda: started("coordinator", 3, "round_started"), 180, poll_s=0.05)
+            killed_at = store.load()["round"]  # round 3's configs and slices are out, the nodes train
             fleet.kill("coordinator")
             assert killed_at == 2, killed_at  # killed before round 3 was committed
             fleet.start("coordinator")

@@ -70,11 +70,12 @@ def test_acl_refuses_bad_user_names(bad: str) -> None:
 
 def test_add_and_remove_users(tmp_path: Path) -> None:
     pw = tmp_path / "sub" / "passwd"
-    add_user(pw, "node-a", "s1")
-    add_user(pw, "node-b", "s2")
-    add_user(pw, "node-a", "s3")  # update, not duplicate
+    add_user(pw, "node-a", "first-secret-1")
+    add_user(pw, "node-b", "second-secret-2")
+    add_user(pw, "node-a", "third-secret-3")  # update, not duplicate
     assert users_in(pw) == ["node-a", "node-b"]
-    assert "s1" not in pw.read_text() and pw.read_text().count("$7$") == 2  # hashed
+    text = pw.read_text()
+    assert "secret" not in text and text.count("$7$") == 2  # hashed: no plain password in the file
     assert stat.S_IMODE(pw.stat().st_mode) == 0o640
     remove_user(pw, "node-a")
     assert users_in(pw) == ["node-b"]
