@@ -2,8 +2,9 @@
 
 Each test calls ``reliability.add(...)`` for every class of fault or bad input it tried, once its assertions
 passed; rows of a test that failed are still written, marked FAILED.  The markdown is written at the end of
-any session in which at least one test of this folder ran (``FEDSPINE_RELIABILITY_REPORT`` overrides the
-output path; ``0`` disables writing).
+any session in which at least one test of this folder ran: docs/reliability.md when every test file of
+this folder ran with nothing deselected, results/reliability-partial.md otherwise
+(``FEDSPINE_RELIABILITY_REPORT`` overrides the output path; ``0`` disables writing).
 """
 
 from __future__ import annotations
@@ -143,6 +144,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     target = os.environ.get("FEDSPINE_RELIABILITY_REPORT", str(DEFAULT_OUT))
     if _REPORT.ran == 0 or target == "0":
         return
+    # A partial run (one file, -k, -m) must not replace the committed report of the whole suite.
+    here = Path(__file__).parent
+    ran_files = {Path(str(item.fspath)).name for item in session.items if Path(str(item.fspath)).parent == here}
+    whole = ran_files == {f.name for f in here.glob("test_*.py")} and not (getattr(reporter, "stats", {}) or {}).get("deselected")
+    if target == str(DEFAULT_OUT) and not whole:
+        target = str(REPO / "results" / "reliability-partial.md")
     out = Path(target)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(_REPORT))
