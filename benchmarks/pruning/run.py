@@ -8,7 +8,7 @@
     then the same model is pruned to 0.3 either by the LoRA-guided importance or by random groups (same
     counts), then the same recovery steps; test accuracy on a fixed, balanced held-out split.
 
-    python -m benchmarks.pruning.run [--quick] [--seeds 0,1] [--out results/pruning.json]
+    python -m benchmarks.pruning.run [--quick] [--inference-only] [--seeds 0,1] [--out results/pruning.json]
 """
 
 from __future__ import annotations
@@ -51,19 +51,23 @@ def pruned_model(p: float, multiple: int = 1):
 VARIANTS = {"dense": (0.0, 1), "p0.3": (0.3, 1), "p0.3/64": (0.3, 64), "p0.5": (0.5, 1)}
 
 
-def peak_rss_mb(variant: str, threads: int) -> float:
-    """Peak RSS of a fresh process that loads, prunes and runs one batch of ``variant``."""
+def peak_rss_mb(folder: Path, threads: int) -> float:
+    """Peak RSS of a fresh process that loads the exported model in ``folder`` (as a device deploys it: plain
+    transformers, ``trust_remote_code``) and runs one batch; the interpreter, torch and transformers included."""
     code = (f"import torch, resource; torch.set_num_threads({threads});"
-            "from benchmarks.pruning.run import pruned_model, VARIANTS;"
-            f"m = pruned_model(*VARIANTS[{variant!r}]); ids = torch.randint(1000, 30000, (32, 64));"
+            "from transformers import AutoModelForSequenceClassification as A;"
+            f"m = A.from_pretrained({str(folder)!r}, trust_remote_code=True).eval();"
+            "ids = torch.randint(1000, 30000, (32, 64));"
             "torch.inference_mode().__enter__(); m(input_ids=ids, attention_mask=torch.ones_like(ids));"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
                          cwd=Path(__file__).resolve().parents[2])
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def inference(reps: int) -> dict:
+def inference(reps: int, workdir: Path) -> dict:
+    from edge_node.export import export_pruned_model
     from edge_node.pruning import sparsity
 
     models = {name: pruned_model(*v) for name, v in VARIANTS.items()}
@@ -90,8 +94,10 @@ def inference(reps: int) -> dict:
             ratios = [d / x for d, x in zip(times["dense"], times[n], strict=True)]
             res["variants"][n][f"latency_ms_t{threads}"] = 1000 * statistics.median(times[n])
             res["variants"][n][f"speedup_t{threads}"] = statistics.median(ratios)
-    for n in models:
-        res["variants"][n]["peak_rss_mb"] = peak_rss_mb(n, 1)
+    for n, m in models.items():
+        info = export_pruned_model(m, workdir / f"export-{n.replace('/', '-')}")
+        res["variants"][n]["export_mb"] = info.size_bytes / 1e6
+        res["variants"][n]["peak_rss_mb"] = peak_rss_mb(info.path, 1)
     return res
 
 
@@ -137,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--out", default="results/pruning.json")
+    ap.add_argument("--inference-only", action="store_true", help="part (a) only")
     a = ap.parse_args(argv)
     quick = a.quick
     seeds = [int(s) for s in a.seeds.split(",")][: 1 if quick else None]
@@ -144,22 +151,27 @@ def main(argv: list[str] | None = None) -> int:
                  train_n=600 if quick else 4000, test_n=150 if quick else 1200)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    print("(a) inference latency, parameters, memory", flush=True)
-    inf = inference(reps=4 if quick else 15)
-    out.write_text(json.dumps({"inference": inf, "quick": quick}, indent=2))  # kept even if (b) is cut short
-    print("(b) importance-guided vs random pruning at 0.3", flush=True)
     work = out.parent / f"{out.stem}-data"
     work.mkdir(parents=True, exist_ok=True)
+    print("(a) inference latency, parameters, memory", flush=True)
+    inf = inference(reps=4 if quick else 15, workdir=work)
+    out.write_text(json.dumps({"inference": inf, "quick": quick}, indent=2))  # kept even if (b) is cut short
+    if a.inference_only:
+        print(json.dumps(inf, indent=2))
+        return 0
+    print("(b) importance-guided vs random pruning at 0.3", flush=True)
     abl = ablation(seeds, workdir=work, **sizes)
     result = {"inference": inf, "ablation": {"settings": sizes, "seeds": abl}, "torch": torch.__version__,
               "quick": quick}
     v = inf["variants"]
     lines = ["| variant | sparsity | params | encoder params | latency 1 thr (ms) | speed-up 1 thr | "
-             "latency 2 thr (ms) | speed-up 2 thr | peak RSS (MB) |", "|---|---|---|---|---|---|---|---|---|"]
+             "latency 2 thr (ms) | speed-up 2 thr | export (MB) | peak RSS, deployed (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for n, r in v.items():
         lines.append(f"| {n} | {r['sparsity']:.3f} | {r['params']:,} | {r['encoder_params']:,} "
                      f"({r['encoder_params'] / v['dense']['encoder_params'] - 1:+.1%}) | {r['latency_ms_t1']:.1f} | "
-                     f"{r['speedup_t1']:.2f}x | {r['latency_ms_t2']:.1f} | {r['speedup_t2']:.2f}x | {r['peak_rss_mb']:.0f} |")
+                     f"{r['speedup_t1']:.2f}x | {r['latency_ms_t2']:.1f} | {r['speedup_t2']:.2f}x | {r['export_mb']:.1f} | "
+                     f"{r['peak_rss_mb']:.0f} |")
     lines += ["", f"Pruning at 0.3 after {sizes['finetune_rounds'] * sizes['tau']} fine-tune steps, then "
               f"{sizes['recovery_rounds'] * sizes['tau']} recovery steps (test accuracy, {sizes['test_n']} tweets):", "",
               "| seed | dense (before pruning) | importance-guided | random |", "|---|---|---|---|"]
