@@ -8,7 +8,6 @@ all arrived or the deadline passed -> aggregate (if the quorum is met) -> update
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import queue
 import signal
 import threading
@@ -52,6 +51,7 @@ class _Pending:
     sent_at: float
     report: RoundReport | None = None
     payload: bytes | None = None
+    digest: str = ""  # sha256 of the payload, checked by the reassembler
     received_at: float = 0.0
     resend_asked_at: float = 0.0
 
@@ -128,7 +128,7 @@ class Coordinator:
             return
         whole = self.reassembler.feed(chunk, node_id)  # logs its own rejections (sender, digest, unknown…)
         if whole is not None:
-            self.events.put(("upload", node_id, (chunk.transfer_id, whole)))
+            self.events.put(("upload", node_id, (chunk.transfer_id, whole, chunk.digest)))  # digest: verified
 
     def _handle_missing(self, topic: str, payload: bytes) -> None:
         node_id = self._node_of(topic, "missing")
@@ -369,11 +369,11 @@ class Coordinator:
                 elif kind == "report":
                     self._take_report(rnd, p, payload, failures, open_ids, log)
                 elif kind == "upload":
-                    tid, data = payload
+                    tid, data, digest = payload
                     if tid != p.upload_tid:
                         log.warning("upload_rejected", node=node_id, transfer=tid, error="unexpected transfer id")
                     else:
-                        p.payload, p.received_at = data, time.monotonic()
+                        p.payload, p.digest, p.received_at = data, digest, time.monotonic()
                 if p is not None and node_id in open_ids and p.report is not None and p.payload is not None:
                     res = self._accept(p, log)
                     open_ids.discard(node_id)
@@ -456,7 +456,7 @@ class Coordinator:
                            sparsity=rep.sparsity, upload_bytes=res.upload_bytes, energy_j=rep.energy_j,
                            avg_power_w=rep.avg_power_w, power_source=rep.power_source,
                            peak_memory_mb=rep.peak_memory_mb, **{f"m_{k}": v for k, v in rep.metrics.items()},
-                           update_sha256=hashlib.sha256(p.payload or b"").hexdigest())  # audit: what was aggregated
+                           update_sha256=p.digest)  # audit: what was aggregated
             else:
                 rec.update(status=next((f.reason for f in failures if f.node_id == a.node_id), "missing"))
             rec.update(summary.node_fields(a.node_id))
