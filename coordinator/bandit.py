@@ -188,8 +188,8 @@ class FleetBandit:
         forced = not dps and need_now > self.max_dp + EPS
         if not dps:  # the gap cannot be closed (or memory rules the rest out): the largest increment that fits
             dps = [max((d for d in self.delta_p if any(fits(d, r) for r in self.ranks)), default=self.max_dp)]
-        # Below the target every increment is needed anyway, so exploring is safe; at or above it an increment is
-        # permanent, so Δp is chosen on the evidence alone (no exploration bonus, no untried-first).
+        # Below the target every increment is needed anyway, so Δp is explored freely; at or above it an increment
+        # is permanent, so Δp comes from the ladder (or is 0 for a node ahead of the fleet), see the module docstring.
         distinct: list[float] = []  # near the cap larger increments land on the same sparsity: keep the smallest
         for d in sorted(dps):
             if all(abs(target_of(d) - target_of(k)) > EPS for k in distinct):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from coordinator.aggregation import GlobalLora, ZeroPadLora
-from coordinator.bandit import FleetBandit
+from coordinator.bandit import Choice, FleetBandit
 from coordinator.config import CoordinatorConfig
 from coordinator.reward import RewardInput, rewards
 from shared.updates import LoraUpdate, UpdateError
@@ -120,8 +120,8 @@ class Strategy:
                                   factored=b.factored)
         self.global_ = ZeroPadLora() if self.method == "hetlora" else GlobalLora()
         self.nodes: dict[str, NodeState] = {}
-        self._pending: dict[str, tuple[Assignment, float]] = {}  # node -> (assignment, sparsity before)
-        self._beyond: dict[str, bool] = {}  # node -> this round's Δp was chosen at or above the target
+        # node -> (assignment, sparsity before, whether the bandit chose its Δp at or above the target)
+        self._pending: dict[str, tuple[Assignment, float, bool]] = {}
 
     @property
     def name(self) -> str:
@@ -131,13 +131,12 @@ class Strategy:
     def _state(self, node_id: str) -> NodeState:
         return self.nodes.setdefault(node_id, NodeState())
 
-    def _schedule(self, rnd: int, node: NodeInfo, st: NodeState) -> tuple[float, int, tuple | None]:
+    def _schedule(self, rnd: int, node: NodeInfo, st: NodeState) -> tuple[float, int, Choice | None]:
         b, T = self.cfg.bandit, self.total_rounds
         target, rank = b.target_sparsity, b.static_rank
         if self.method == "fedspine":
             c = self.bandit.choose(node.node_id, rnd, st.sparsity, b.cap(node.device_type), behind=st.behind)
-            self._beyond[node.node_id] = c.beyond_target
-            return c.target_sparsity, c.rank, (c.arm_index, c.forced)
+            return c.target_sparsity, c.rank, c
         if self.method == "fedlora":
             return st.sparsity, rank, None
         if self.method == "hetlora":
@@ -154,16 +153,13 @@ class Strategy:
 
     def configure_round(self, rnd: int, nodes: Sequence[NodeInfo]) -> list[Assignment]:
         out = []
-        self._pending, self._beyond = {}, {}
+        self._pending = {}
         for node in nodes:
             st = self._state(node.node_id)
-            target, rank, meta = self._schedule(rnd, node, st)
-            arm = None
-            if meta is not None:
-                arm = self.bandit.arms[meta[0]]
+            target, rank, choice = self._schedule(rnd, node, st)
             a = Assignment(node_id=node.node_id, target_sparsity=float(max(target, st.sparsity)), rank=int(rank),
-                           local_steps=self.cfg.coordinator.local_steps, arm=arm)
-            self._pending[node.node_id] = (a, st.sparsity)
+                           local_steps=self.cfg.coordinator.local_steps, arm=choice.arm if choice else None)
+            self._pending[node.node_id] = (a, st.sparsity, bool(choice and choice.beyond_target))
             out.append(a)
         return out
 
@@ -202,7 +198,7 @@ class Strategy:
         """Out-of-memory failures exclude that arm and every heavier one for the node."""
         for f in failures:
             if f.reason == "oom" and f.node_id in self._pending:
-                a, _ = self._pending[f.node_id]
+                a = self._pending[f.node_id][0]
                 self.bandit.out_of_memory(f.node_id, a.target_sparsity, a.rank)
 
     def aggregate_round(self, rnd: int, results: Sequence[NodeResult], failures: Sequence[Failure]) -> RoundSummary:
@@ -228,15 +224,15 @@ class Strategy:
             st.behind = r.round_time_s > summary.mean_round_time_s if len(results) > 1 else None
         if self.method == "fedspine":
             for r in results:
-                a, _ = self._pending.get(r.node_id, (None, 0.0))
+                a, _, beyond = self._pending.get(r.node_id, (None, 0.0, False))
                 if a is not None and a.arm is not None:
                     self.bandit.update(r.node_id, self.bandit.arms.index(a.arm), summary.node_terms[r.node_id]["reward"],
-                                       beyond_target=self._beyond.get(r.node_id, False))
+                                       beyond_target=beyond)
         return summary
 
     def _progress(self, r: NodeResult) -> float:
         """Sparsity gained this round toward the fleet target (pruning beyond s* earns no progress)."""
-        before = self._pending.get(r.node_id, (None, 0.0))[1]
+        before = self._pending.get(r.node_id, (None, 0.0, False))[1]
         goal = self.cfg.bandit.target_sparsity
         return max(min(float(r.sparsity), goal) - min(before, goal), 0.0)
 
