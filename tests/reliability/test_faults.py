@@ -402,20 +402,22 @@ def test_coordinator_killed_mid_round_resumes_from_checkpoint(tmp_path, reliabil
 
 # ---- real training: node and coordinator processes on a tiny BERT ----------------------------------------
 def wire_payloads(chunks: list[tuple[str, bytes]]) -> dict[str, bytes]:
-    """Whole uploads rebuilt from chunks captured on the wire (sha256 -> payload), each digest verified."""
+    """Whole uploads rebuilt from chunks captured on the wire (sha256 -> payload) by the project's Reassembler,
+    which checks each transfer's digest; repeated chunks (resends) are dropped as duplicates."""
+    from shared.chunking import Reassembler
     from shared.messages import Chunk
 
-    parts: dict[str, dict[int, Chunk]] = {}
+    r = Reassembler(max_bytes=512 * 1024 * 1024, timeout_s=3600.0)
+    expected: set[str] = set()
+    out = {}
     for _, raw in chunks:
         c = decode(raw, Chunk)
-        parts.setdefault(c.transfer_id, {})[c.index] = c
-    out = {}
-    for got in parts.values():
-        first = next(iter(got.values()))
-        if len(got) == first.count:
-            data = b"".join(bytes(got[i].data) for i in range(first.count))
-            assert hashlib.sha256(data).hexdigest() == first.digest
-            out[first.digest] = data
+        if c.transfer_id not in expected:
+            expected.add(c.transfer_id)
+            r.expect(c.transfer_id, c.sender)
+        whole = r.feed(c, c.sender)
+        if whole is not None:
+            out[c.digest] = bytes(whole)
     return out
 
 
