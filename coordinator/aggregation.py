@@ -6,6 +6,15 @@ by the weight of the nodes that kept that coordinate (a coordinate only some nod
 zero; one nobody kept keeps its previous value); then give node j the best rank-r_j approximation (truncated
 SVD) of the average sliced to its kept rows/cols.
 
+What a node uploads is its whole LoRA state, which started from that truncated slice.  Averaging those states
+as they are would drop, every round, the part of the global update that the truncation withheld from each
+node: a rank-2 node pulls the average toward its rank-2 view of it, and with static ranks the average of
+three rank-8 states (rank up to 24) is cut back to its top 8 components before anyone trains on the rest.
+So ``aggregate`` takes the slice each node started from and averages what the node *changed*: node i
+contributes ΔW_i + (G − S_i) on its kept coordinates, where G is the global update before the round and S_i
+the slice it received, i.e. G + (ΔW_i − S_i).  With no truncation (S_i = G there) this is exactly the
+average of the states, and with a shared structure it is FedAvg of the changes, G + Σ w_i (ΔW_i − S_i) / Σ w_i.
+
 Zero-padding (HetLoRA) instead pads every node's factors to the largest rank and averages B and A
 *separately*. The product of the averages is not the average of the products: with two nodes of equal weight
 it is (B1+B2)(A1+A2)/4 = (B1A1 + B2A2)/4 + (B1A2 + B2A1)/4, i.e. each node's own update is halved and cross
@@ -57,10 +66,18 @@ class GlobalLora:
             if name in self.dense and tuple(t.shape) != tuple(self.dense[name].shape):
                 raise UpdateError(f"dense.{name}: shape {tuple(t.shape)} != global {tuple(self.dense[name].shape)}")
 
-    def aggregate(self, updates: Sequence[tuple[LoraUpdate, float]]) -> None:
-        """Replace the global state by the coverage-weighted average of ``updates`` ((update, weight) pairs)."""
+    def aggregate(self, updates: Sequence[tuple[LoraUpdate, float]],
+                  starts: Sequence[LoraUpdate | None] | None = None) -> None:
+        """Replace the global state by the coverage-weighted average of ``updates`` ((update, weight) pairs).
+
+        ``starts[i]``, when given, is the slice node i received this round (None: it received nothing, the
+        global state was empty); node i then contributes its change added to the global state, see the module
+        docstring.  Without ``starts`` the states are averaged as they are.
+        """
         if not updates:
             return
+        if starts is not None and len(starts) != len(updates):
+            raise ValueError(f"{len(starts)} starting slices for {len(updates)} updates")
         for u, _ in updates:
             self.check(u)
         names = sorted({n for u, _ in updates for n in u.modules})
@@ -68,11 +85,14 @@ class GlobalLora:
             shape = next(u.modules[name].shape for u, _ in updates if name in u.modules)
             num = torch.zeros(shape, dtype=torch.float32)
             den = torch.zeros(shape, dtype=torch.float32)
-            for u, w in updates:
+            for i, (u, w) in enumerate(updates):
                 m = u.modules.get(name)
                 if m is None or w <= 0:
                     continue
-                d = m.delta().mul_(w)
+                d = m.delta()
+                if starts is not None and name in self.delta:
+                    d += self._withheld(name, m, starts[i])
+                d.mul_(w)
                 if m.rows.numel() == shape[0] and m.cols.numel() == shape[1]:  # unpruned: no scatter needed
                     num += d
                     den += w
@@ -94,6 +114,15 @@ class GlobalLora:
             if total > 0:
                 self.dense[name] = sum(w * t for t, w in pairs) / total
         self._cache.clear()
+
+    def _withheld(self, name: str, m: ModuleUpdate, start: LoraUpdate | None) -> torch.Tensor:
+        """G − S on ``m``'s kept coordinates: the part of the global update node's slice did not carry."""
+        rows, cols = m.rows.unsqueeze(1), m.cols.unsqueeze(0)
+        out = self.delta[name][rows, cols].clone()
+        s = start.modules.get(name) if start is not None else None
+        if s is not None:
+            out -= s.dense_delta()[rows, cols]
+        return out
 
     def slice_for(self, structure: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None, rank: int,
                   alpha: float) -> LoraUpdate | None:

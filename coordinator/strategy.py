@@ -27,6 +27,8 @@ from coordinator.config import CoordinatorConfig
 from coordinator.reward import RewardInput, rewards
 from shared.updates import LoraUpdate, UpdateError
 
+LORA_ALPHA = 16.0  # LoRA alpha of the nodes' TrainSettings default: a slice of rank r has scale alpha / r
+
 
 @dataclass(frozen=True)
 class NodeInfo:
@@ -114,7 +116,7 @@ class Strategy:
     def __init__(self, cfg: CoordinatorConfig, total_rounds: int, seed: int = 0) -> None:
         self.cfg, self.method, self.total_rounds = cfg, cfg.coordinator.method, total_rounds
         b = cfg.bandit
-        self.alpha = 16.0  # LoRA alpha of the nodes' TrainSettings default; scale = alpha / rank
+        self.alpha = LORA_ALPHA
         self.bandit = FleetBandit(b.delta_p, b.ranks, discount=b.discount, exploration=b.exploration,
                                   target_sparsity=b.target_sparsity, total_rounds=total_rounds, seed=seed,
                                   factored=b.factored)
@@ -203,7 +205,13 @@ class Strategy:
 
     def aggregate_round(self, rnd: int, results: Sequence[NodeResult], failures: Sequence[Failure]) -> RoundSummary:
         self.record_failures(rnd, failures)
-        self.global_.aggregate([(r.update, float(r.samples)) for r in results])
+        pairs = [(r.update, float(r.samples)) for r in results]
+        if isinstance(self.global_, GlobalLora):
+            # What each node started from: the slice configure/send gave it (its structure and rank before this
+            # round's results; cached in the global state until it changes, so this recomputes nothing).
+            self.global_.aggregate(pairs, starts=[self.global_slice(r.node_id, r.rank) for r in results])
+        else:
+            self.global_.aggregate(pairs)
         for r in results:
             st = self._state(r.node_id)
             st.sparsity = max(st.sparsity, float(r.sparsity))

@@ -98,3 +98,47 @@ def test_randomized_svd_path_matches_the_exact_optimum_on_large_slices():
         optimum = S[8:].square().sum().sqrt().item()
         err = (m.delta().double() - delta.double()).norm().item()
         assert optimum * (1 - 1e-6) <= err <= optimum * 1.001 + 1e-6  # factors are stored in float32
+
+
+def _from_delta(delta, rank, rows=None, cols=None, alpha=16.0):
+    rows = torch.arange(delta.shape[0]) if rows is None else torch.tensor(rows)
+    cols = torch.arange(delta.shape[1]) if cols is None else torch.tensor(cols)
+    return LoraUpdate({"q": factorize(delta[rows.unsqueeze(1), cols.unsqueeze(0)], rows, cols,
+                                      tuple(delta.shape), rank, alpha)})
+
+
+def test_a_node_that_changed_nothing_leaves_the_global_unchanged_whatever_its_rank():
+    g = GlobalLora()
+    g.aggregate([(upd(4, seed=7), 1.0), (upd(4, seed=8), 1.0)])  # rank up to 5 (the shape's limit)
+    before = g.delta["q"].clone()
+    start = g.slice_for(None, rank=2, alpha=16.0)  # a rank-2 node receives the best rank-2 view of it
+    assert (start.modules["q"].dense_delta() - before).norm() > 0.1 * before.norm()
+    g.aggregate([(start, 1.0)], starts=[start])  # ... and sends it back untouched
+    assert torch.allclose(g.delta["q"], before, atol=1e-5)
+    g2 = GlobalLora()
+    g2.load_tensors({"delta.q": before})
+    g2.aggregate([(start, 1.0)])  # averaging states instead: the global collapses to rank 2
+    assert torch.linalg.matrix_rank(g2.delta["q"]) == 2
+
+
+def test_changes_are_averaged_on_top_of_the_global_with_coverage_weights():
+    gen = torch.Generator().manual_seed(3)
+    G = torch.randn(6, 5, generator=gen) @ torch.randn(5, 5, generator=gen)  # full rank 5
+    g = GlobalLora()
+    g.load_tensors({"delta.q": G.clone()})
+    s_lo = g.slice_for(None, rank=2, alpha=16.0)  # node a: rank 2, all rows
+    s_hi = g.slice_for({"q": (torch.arange(3), torch.arange(5))}, rank=4, alpha=16.0)  # node b: rows 0..2, rank 4
+    d_a, d_b = 0.1 * torch.randn(6, 5, generator=gen), 0.1 * torch.randn(6, 5, generator=gen)
+    # what each node trained: its start plus a change of its own rank (exact factors of start + change)
+    fin_a = _from_delta(s_lo.modules["q"].dense_delta() + d_a, rank=5)
+    fin_b = _from_delta(s_hi.modules["q"].dense_delta() + d_b, rank=5, rows=[0, 1, 2])
+    g.aggregate([(fin_a, 1.0), (fin_b, 3.0)], starts=[s_lo, s_hi])
+    want = G.clone()
+    want[:3] += (d_a[:3] + 3 * d_b[:3]) / 4  # rows both kept: weighted mean of the changes
+    want[3:] += d_a[3:]  # rows only a kept: a's change, unshrunk
+    assert torch.allclose(g.delta["q"], want, atol=1e-4)
+
+
+def test_starts_must_match_the_updates():
+    with pytest.raises(ValueError):
+        GlobalLora().aggregate([(upd(2), 1.0)], starts=[])

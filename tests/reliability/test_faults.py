@@ -25,7 +25,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.server import Coordinator
 from coordinator.simulate import write_toml
 from coordinator.state import CheckpointStore
-from coordinator.strategy import NodeResult
+from coordinator.strategy import LORA_ALPHA, NodeResult
 from edge_node.agent import NodeAgent
 from edge_node.config import NodeConfig
 from shared.messages import NodeStatus, decode
@@ -231,10 +231,17 @@ def check_global_is_the_aggregate(state_dir: Path, sent: dict[str, bytes], metri
     digests = [r["update_sha256"] for r in accepted]
     assert len(digests) == len(set(digests)), "an update was counted twice"
     replay = GlobalLora()
+    structure: dict[str, dict] = {}  # node -> kept rows/cols of its last accepted update (what it was sliced to)
     for rnd in rounds:
         mine = [r for r in accepted if r["round"] == rnd]
         assert mine, f"round {rnd} aggregated nothing"
-        replay.aggregate([(LoraUpdate.from_bytes(sent[r["update_sha256"]]), float(r["samples"])) for r in mine])
+        ups = [LoraUpdate.from_bytes(sent[r["update_sha256"]]) for r in mine]
+        # Each node started from the global state sliced to its structure and truncated to its rank.
+        starts = [replay.slice_for(structure.get(r["node"]), next(iter(u.modules.values())).rank, LORA_ALPHA)
+                  for r, u in zip(mine, ups, strict=True)]
+        replay.aggregate([(u, float(r["samples"])) for r, u in zip(mine, ups, strict=True)], starts=starts)
+        for r, u in zip(mine, ups, strict=True):
+            structure[r["node"]] = {n: (m.rows, m.cols) for n, m in u.modules.items()}
     ck = CheckpointStore(state_dir).load()
     assert ck is not None and ck["round"] == rounds[-1]
     got = {k: v for k, v in ck["strategy"]["tensors"].items() if not k.startswith("structure.")}
