@@ -15,6 +15,9 @@ contributes ΔW_i + (G − S_i) on its kept coordinates, where G is the global u
 the slice it received, i.e. G + (ΔW_i − S_i).  With no truncation (S_i = G there) this is exactly the
 average of the states, and with a shared structure it is FedAvg of the changes, G + Σ w_i (ΔW_i − S_i) / Σ w_i.
 
+Group importance that nodes report with their updates is averaged the same way, coverage-weighted per group
+(a group scored only by the nodes that still have it), and sent back to every node with its slice.
+
 Zero-padding (HetLoRA) instead pads every node's factors to the largest rank and averages B and A
 *separately*. The product of the averages is not the average of the products: with two nodes of equal weight
 it is (B1+B2)(A1+A2)/4 = (B1A1 + B2A2)/4 + (B1A2 + B2A1)/4, i.e. each node's own update is halved and cross
@@ -29,7 +32,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from shared.updates import LoraUpdate, ModuleUpdate, UpdateError
+from shared.updates import GroupScores, LoraUpdate, ModuleUpdate, UpdateError
 
 OVERSAMPLE = 16
 POWER_ITERS = 4
@@ -45,6 +48,8 @@ class GlobalLora:
     def __init__(self) -> None:
         self.delta: dict[str, torch.Tensor] = {}
         self.dense: dict[str, torch.Tensor] = {}
+        self.importance: dict[str, torch.Tensor] = {}  # "<layer>.<kind>" -> fleet mean score per group
+        self.scored: dict[str, torch.Tensor] = {}  # same keys -> bool, groups some node has scored
         self._cache: dict[tuple, ModuleUpdate] = {}
 
     @property
@@ -65,6 +70,9 @@ class GlobalLora:
         for name, t in update.dense.items():
             if name in self.dense and tuple(t.shape) != tuple(self.dense[name].shape):
                 raise UpdateError(f"dense.{name}: shape {tuple(t.shape)} != global {tuple(self.dense[name].shape)}")
+        for key, g in update.importance.items():
+            if key in self.importance and g.size != self.importance[key].numel():
+                raise UpdateError(f"importance.{key}: size {g.size} != global {self.importance[key].numel()}")
 
     def aggregate(self, updates: Sequence[tuple[LoraUpdate, float]],
                   starts: Sequence[LoraUpdate | None] | None = None) -> None:
@@ -113,7 +121,33 @@ class GlobalLora:
             total = sum(w for _, w in pairs)
             if total > 0:
                 self.dense[name] = sum(w * t for t, w in pairs) / total
+        self._aggregate_importance(updates)
         self._cache.clear()
+
+    def _aggregate_importance(self, updates: Sequence[tuple[LoraUpdate, float]]) -> None:
+        for key in sorted({k for u, _ in updates for k in u.importance}):
+            size = self.importance[key].numel() if key in self.importance else \
+                next(u.importance[key].size for u, _ in updates if key in u.importance)
+            num = torch.zeros(size, dtype=torch.float32)
+            den = torch.zeros(size, dtype=torch.float32)
+            for u, w in updates:
+                g = u.importance.get(key)
+                if g is None or w <= 0 or g.size != size:  # a disagreeing size is refused by check() first
+                    continue
+                num.index_add_(0, g.idx, g.score.float() * w)
+                den.index_add_(0, g.idx, torch.full((g.idx.numel(),), float(w)))
+            prev = self.importance.get(key, torch.zeros(size))
+            self.importance[key] = torch.where(den > 0, num / den.clamp_min(1e-30), prev)
+            self.scored[key] = self.scored.get(key, torch.zeros(size, dtype=torch.bool)) | (den > 0)
+
+    def fleet_importance(self) -> dict[str, GroupScores]:
+        """The fleet's averaged importance of every group some node has scored (what each slice carries)."""
+        out = {}
+        for key, scores in self.importance.items():
+            idx = self.scored[key].nonzero().flatten()
+            if idx.numel():
+                out[key] = GroupScores(idx=idx, score=scores[idx].clone(), size=scores.numel())
+        return out
 
     def _withheld(self, name: str, m: ModuleUpdate, start: LoraUpdate | None) -> torch.Tensor:
         """G − S on ``m``'s kept coordinates: the part of the global update node's slice did not carry."""
@@ -143,15 +177,22 @@ class GlobalLora:
                 self._cache[key] = factorize(full[rows.unsqueeze(1), cols.unsqueeze(0)], rows, cols,
                                              tuple(full.shape), rank, alpha)
             mods[name] = self._cache[key]
-        self._cache[whole] = LoraUpdate(mods, dict(self.dense))
+        if "importance" not in self._cache:
+            self._cache["importance"] = self.fleet_importance()
+        self._cache[whole] = LoraUpdate(mods, dict(self.dense), self._cache["importance"])
         return self._cache[whole]
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {**{f"delta.{n}": t for n, t in self.delta.items()}, **{f"dense.{n}": t for n, t in self.dense.items()}}
+        return {**{f"delta.{n}": t for n, t in self.delta.items()}, **{f"dense.{n}": t for n, t in self.dense.items()},
+                **{f"importance.{k}": t for k, t in self.importance.items()},
+                **{f"scored.{k}": t.to(torch.uint8) for k, t in self.scored.items()}}
 
     def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
         self.delta = {k[len("delta."):]: v.float() for k, v in tensors.items() if k.startswith("delta.")}
         self.dense = {k[len("dense."):]: v.float() for k, v in tensors.items() if k.startswith("dense.")}
+        self.importance = {k[len("importance."):]: v.float() for k, v in tensors.items() if k.startswith("importance.")}
+        self.scored = {k: tensors.get(f"scored.{k}", torch.ones(v.numel(), dtype=torch.uint8)).bool()
+                       for k, v in self.importance.items()}
         self._cache.clear()
 
 

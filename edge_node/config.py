@@ -60,6 +60,9 @@ class TrainSettings:
     eval_batches: int = 4  # batches of the local validation split used for loss_start / loss_end
     test_batches: int = 8  # batches of the test file (if any) evaluated each round, for accuracy curves
     importance_beta: float = 0.9
+    # weight of the fleet's averaged importance (sent by the coordinator) against this node's own when pruning:
+    # 0 = own data only (the spec's node-side rule), 1 = the fleet's view only
+    fleet_importance: float = 0.5
     round_multiple: int = 1  # round kept FFN channels to a multiple of this (never below the target)
 
     def __post_init__(self) -> None:
@@ -69,6 +72,8 @@ class TrainSettings:
             raise ConfigError(f"[train] learning_rate {self.learning_rate} outside (0, 1)")
         if not 0 <= self.importance_beta < 1:
             raise ConfigError(f"[train] importance_beta {self.importance_beta} outside [0, 1)")
+        if not 0 <= self.fleet_importance <= 1:
+            raise ConfigError(f"[train] fleet_importance {self.fleet_importance} outside [0, 1]")
         if not 0 < self.val_fraction < 0.5:
             raise ConfigError(f"[train] val_fraction {self.val_fraction} outside (0, 0.5)")
 

@@ -25,7 +25,7 @@ from edge_node.data import (
     split_indices,
 )
 from edge_node.exchange import apply_update, build_update
-from edge_node.importance import ImportanceTracker
+from edge_node.importance import ImportanceTracker, blend, fleet_report
 from edge_node.model import (
     attach_lora,
     change_rank,
@@ -41,7 +41,7 @@ from edge_node.model import (
     unwrap,
 )
 from edge_node.pruning import LayerKept, apply_plan, kept_maps, plan_prune, restore_structure, sparsity
-from shared.updates import LoraUpdate, UpdateError
+from shared.updates import GroupScores, LoraUpdate, UpdateError
 
 INITIAL_RANK = 8
 RESUME_VERSION = 1
@@ -108,6 +108,7 @@ class LocalTrainer:
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.tracker = ImportanceTracker(self.model, beta=self.train.importance_beta)
+        self.fleet_scores: dict[str, GroupScores] = {}  # the fleet's averaged importance, from the last global update
         pad = self.tokenizer.pad_token_id
         bs = self.train.batch_size
         self.stream = BatchStream(data, self.train_idx, bs, pad, self.causal, seed)
@@ -232,6 +233,7 @@ class LocalTrainer:
         t_start, cpu_start = time.perf_counter(), time.thread_time()
         if global_update is not None:
             apply_update(self.model, global_update, rank=rank, alpha=self.train.lora_alpha, generator=self.gen)
+            self.fleet_scores = dict(global_update.importance)
         else:
             change_rank(self.model, rank, self.train.lora_alpha, generator=self.gen)
         metrics: dict[str, float] = {}
@@ -260,7 +262,8 @@ class LocalTrainer:
         end = self._evaluate(eval_batches)  # the same batches as loss_start: one pass gives loss and accuracy
         loss_end = end["loss"]
         metrics.update({f"val_{k}": v for k, v in end.items()})
-        update = build_update(self.model)
+        # Report this round's smoothed importance with the update (the coordinator averages it over the fleet).
+        update = build_update(self.model, fleet_report(self.tracker.scores, self.model) if self.tracker.complete() else None)
         compute_s = time.perf_counter() - t_start - t_eval
         # CPU time of this thread: with one torch thread it is the round's compute, unaffected by other
         # processes competing for the cores (what a simulated device's virtual clock should use).
@@ -294,6 +297,8 @@ class LocalTrainer:
             scores = self.tracker.scores if self.tracker.complete() else None
             if scores is None:
                 self.log.warning("importance_unavailable_random_pruning")
+            else:
+                scores = blend(scores, self.model, self.fleet_scores, self.train.fleet_importance)
         plan = plan_prune(self.model, target, scores, round_multiple=self.train.round_multiple,
                           scope=self.prune_scope, generator=self.gen)
         apply_plan(self.model, plan)

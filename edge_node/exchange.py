@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
-from edge_node.model import lora_factors, lora_layers, refactor, set_lora, task_head_params
+from edge_node.model import layer_geometry, lora_factors, lora_layers, refactor, set_lora, task_head_params
 from edge_node.pruning import module_maps
-from shared.updates import LoraUpdate, ModuleUpdate, UpdateError
+from shared.updates import GroupScores, LoraUpdate, ModuleUpdate, UpdateError
 
 
-def build_update(model: nn.Module) -> LoraUpdate:
-    """This node's LoRA factors with its kept rows/cols (unpruned numbering) plus the task head, all fp32 CPU."""
+def build_update(model: nn.Module, importance: Mapping[str, GroupScores] | None = None) -> LoraUpdate:
+    """This node's LoRA factors with its kept rows/cols (unpruned numbering) plus the task head, all fp32 CPU,
+    and its group importance when given (``importance.fleet_report``)."""
     maps = module_maps(model)
     modules: dict[str, ModuleUpdate] = {}
     for name, layer in lora_layers(model).items():
@@ -22,7 +25,7 @@ def build_update(model: nn.Module) -> LoraUpdate:
             rows=rows.clone(), cols=cols.clone(), shape=shape, scale=scale,
         )
     dense = {name: p.detach().float().cpu().clone() for name, p in task_head_params(model).items()}
-    return LoraUpdate(modules=modules, dense=dense)
+    return LoraUpdate(modules=modules, dense=dense, importance=dict(importance or {}))
 
 
 def _select(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,6 +66,12 @@ def apply_update(model: nn.Module, update: LoraUpdate, *, rank: int, alpha: floa
             raise UpdateError(f"dense.{name}: not a trainable parameter of this model")
         if tuple(t.shape) != tuple(heads[name].shape):
             raise UpdateError(f"dense.{name}: shape {tuple(t.shape)} != {tuple(heads[name].shape)}")
+    geometry = {str(g.index): g for g in layer_geometry(model)}
+    for key, g in update.importance.items():
+        layer, _, kind = key.partition(".")
+        geo = geometry.get(layer)
+        if geo is None or g.size != (geo.n_kv_heads if kind == "heads" else geo.intermediate):
+            raise UpdateError(f"importance.{key}: no such layer, or size {g.size} differs from this model's")
     new_scale = alpha / rank
     for name, layer in layers.items():
         mod = update.modules.get(name)

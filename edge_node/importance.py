@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
 from edge_node.model import LayerGeometry, arch_of, layer_geometry, unwrap
 from edge_node.pruning import kept_maps
+from shared.updates import GroupScores
 
 
 def module_scores(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, grad_a: torch.Tensor,
@@ -122,3 +125,50 @@ class ImportanceTracker:
             h, c = tensors.get(f"importance.{g.index}.heads"), tensors.get(f"importance.{g.index}.channels")
             if h is not None and c is not None:
                 self.scores[g.index] = (h.to(device), c.to(device))
+
+
+def fleet_report(scores: dict[int, tuple[torch.Tensor, torch.Tensor]], model: nn.Module) -> dict[str, GroupScores]:
+    """This node's smoothed scores in unpruned numbering, each layer's heads and channels L2-normalised (so that
+    nodes weigh alike when the coordinator averages them)."""
+    kept = kept_maps(unwrap(model))
+    out: dict[str, GroupScores] = {}
+    for g in layer_geometry(model):
+        if g.index not in scores:
+            continue
+        h, c = scores[g.index]
+        k = kept[g.index]
+        out[f"{g.index}.heads"] = GroupScores(torch.tensor(k.heads, dtype=torch.int64),
+                                              _norm(h.detach().float().cpu()).clamp_min(0), g.n_kv_heads)
+        out[f"{g.index}.channels"] = GroupScores(torch.tensor(k.channels, dtype=torch.int64),
+                                                 _norm(c.detach().float().cpu()).clamp_min(0), g.intermediate)
+    return out
+
+
+def _mix(local: torch.Tensor, kept: tuple[int, ...], fleet: GroupScores | None, weight: float) -> torch.Tensor:
+    own = _norm(local.float())
+    if fleet is None:
+        return own
+    ours = torch.tensor(kept, dtype=torch.int64)
+    pos = torch.searchsorted(fleet.idx, ours).clamp(max=fleet.idx.numel() - 1)
+    present = fleet.idx[pos] == ours
+    if not bool(present.any()):
+        return own
+    theirs = torch.where(present, fleet.score[pos].float(), torch.zeros(())).to(own.device)
+    theirs = torch.where(present.to(own.device), _norm(theirs), own)  # a group the fleet never scored: ours
+    return (1 - weight) * own + weight * theirs
+
+
+def blend(scores: dict[int, tuple[torch.Tensor, torch.Tensor]], model: nn.Module,
+          fleet: Mapping[str, GroupScores], weight: float) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Scores to prune by: (1 − w)·own + w·fleet per layer and kind, both L2-normalised over the kept groups.
+
+    ``fleet`` is the coordinator's average of every node's reported scores (unpruned numbering).  With
+    ``weight`` 0 (or no fleet scores) this is the node's own importance, as the spec has it; with a skewed
+    local shard the fleet's view keeps the groups that the other nodes' data needs.
+    """
+    if weight <= 0 or not fleet:
+        return scores
+    kept = kept_maps(unwrap(model))
+    return {idx: (_mix(h, kept[idx].heads, fleet.get(f"{idx}.heads"), weight),
+                  _mix(c, kept[idx].channels, fleet.get(f"{idx}.channels"), weight))
+            for idx, (h, c) in scores.items()}

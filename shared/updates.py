@@ -15,6 +15,13 @@ On the wire an update is safetensors bytes (never pickle)::
     lora.<module>.shape   int64   [2]           (out, in) of the unpruned module
     lora.<module>.scale   float32 [1]           alpha / r
     dense.<param>         float32 [...]         e.g. dense.classifier.weight
+    importance.<layer>.<heads|channels>.idx    int64   [k]  groups scored, sorted, unique, in [0, size)
+    importance.<layer>.<heads|channels>.score  float32 [k]  finite, >= 0 (a node's scores are L2-normalised)
+    importance.<layer>.<heads|channels>.size   int64   [1]  the layer's unpruned group count
+
+The optional ``importance`` section carries group importance in unpruned numbering: a node reports the
+smoothed scores of the groups it still has, and the coordinator sends back the fleet's coverage-weighted
+average, so that a node whose data is skewed does not prune what the rest of the fleet needs.
 
 ``<module>`` is the module's name relative to the transformers model (no peft prefixes), e.g.
 ``bert.encoder.layer.0.attention.self.query`` or ``model.layers.0.mlp.up_proj``.
@@ -82,17 +89,48 @@ class ModuleUpdate:
 
 
 @dataclass(frozen=True)
+class GroupScores:
+    """Importance of one layer's head groups or FFN channels, for the groups in ``idx`` (unpruned numbering)."""
+
+    idx: torch.Tensor  # int64 [k], sorted, unique, in [0, size)
+    score: torch.Tensor  # float32 [k], finite, >= 0
+    size: int  # the layer's unpruned number of groups
+
+    def validate(self, key: str, limits: UpdateLimits = UpdateLimits()) -> None:
+        layer, _, kind = key.partition(".")
+        if not layer.isdigit() or kind not in IMPORTANCE_KINDS:
+            raise UpdateError(f"importance.{key}: key must be <layer>.heads or <layer>.channels")
+        if not 0 < self.size <= limits.max_dim:
+            raise UpdateError(f"importance.{key}.size: {self.size} outside (0, {limits.max_dim}]")
+        if self.idx.dtype != torch.int64 or self.idx.dim() != 1:
+            raise UpdateError(f"importance.{key}.idx: must be a 1-d int64 tensor")
+        _check_index(f"importance.{key}", "idx", self.idx, self.size, prefix="")
+        if self.score.dtype not in _FLOAT_DTYPES or tuple(self.score.shape) != (self.idx.numel(),):
+            raise UpdateError(f"importance.{key}.score: must be a float vector as long as idx")
+        if not bool(torch.isfinite(self.score).all()) or bool((self.score < 0).any()):
+            raise UpdateError(f"importance.{key}.score: must be finite and >= 0")
+
+
+IMPORTANCE_KINDS = ("heads", "channels")
+
+
+@dataclass(frozen=True)
 class LoraUpdate:
-    """A whole update: adapted modules plus densely trained parameters."""
+    """A whole update: adapted modules plus densely trained parameters (and optionally group importance)."""
 
     modules: Mapping[str, ModuleUpdate]
     dense: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    importance: Mapping[str, GroupScores] = field(default_factory=dict)  # "<layer>.<heads|channels>"
 
     def validate(self, limits: UpdateLimits = UpdateLimits()) -> None:
         if len(self.modules) > limits.max_modules:
             raise UpdateError(f"update has {len(self.modules)} modules, more than {limits.max_modules}")
+        if len(self.importance) > 2 * limits.max_modules:
+            raise UpdateError(f"update has {len(self.importance)} importance entries, more than allowed")
         for name, mod in self.modules.items():
             _check_module(name, mod, limits)
+        for key, g in self.importance.items():
+            g.validate(key, limits)
         for name, t in self.dense.items():
             _check_name(name)
             if t.dtype not in _FLOAT_DTYPES:
@@ -116,6 +154,10 @@ class LoraUpdate:
             tensors[p + ".scale"] = torch.tensor([m.scale], dtype=torch.float32)
         for name, t in self.dense.items():
             tensors[f"dense.{name}"] = t.detach().float().contiguous().cpu()
+        for key, g in self.importance.items():
+            tensors[f"importance.{key}.idx"] = g.idx.detach().to(torch.int64).contiguous().cpu()
+            tensors[f"importance.{key}.score"] = g.score.detach().float().contiguous().cpu()
+            tensors[f"importance.{key}.size"] = torch.tensor([g.size], dtype=torch.int64)
         return st_save(tensors, metadata={"format": FORMAT, "version": FORMAT_VERSION})
 
     @classmethod
@@ -134,9 +176,16 @@ class LoraUpdate:
             raise UpdateError(f"malformed safetensors payload: {exc}") from None
         parts: dict[str, dict[str, torch.Tensor]] = {}
         dense: dict[str, torch.Tensor] = {}
+        imp_parts: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in tensors.items():
             if key.startswith("dense."):
                 dense[key[len("dense."):]] = t.float() if t.dtype in _FLOAT_DTYPES else t
+                continue
+            if key.startswith("importance."):
+                name, _, part = key[len("importance."):].rpartition(".")
+                if part not in ("idx", "score", "size") or not name:
+                    raise UpdateError(f"unexpected tensor {key!r}")
+                imp_parts.setdefault(name, {})[part] = t
                 continue
             if not key.startswith("lora."):
                 raise UpdateError(f"unexpected tensor {key!r}")
@@ -161,7 +210,16 @@ class LoraUpdate:
                 A=p["A"].float(), B=p["B"].float(), rows=p["rows"], cols=p["cols"],
                 shape=(int(p["shape"][0]), int(p["shape"][1])), scale=float(p["scale"][0]),
             )
-        update = cls(modules=modules, dense=dense)
+        importance: dict[str, GroupScores] = {}
+        for name, p in imp_parts.items():
+            missing = {"idx", "score", "size"} - p.keys()
+            if missing:
+                raise UpdateError(f"importance.{name}: missing {sorted(missing)}")
+            if p["size"].dtype != torch.int64 or p["size"].numel() != 1:
+                raise UpdateError(f"importance.{name}.size: must be one int64")
+            importance[name] = GroupScores(idx=p["idx"], score=p["score"].float() if p["score"].dtype in _FLOAT_DTYPES
+                                           else p["score"], size=int(p["size"][0]))
+        update = cls(modules=modules, dense=dense, importance=importance)
         update.validate(limits)
         return update
 
@@ -187,13 +245,13 @@ def _check_name(name: str) -> None:
         raise UpdateError(f"invalid parameter name {name!r}")
 
 
-def _check_index(name: str, part: str, idx: torch.Tensor, bound: int) -> None:
+def _check_index(name: str, part: str, idx: torch.Tensor, bound: int, prefix: str = "lora.") -> None:
     if idx.numel() == 0:
-        raise UpdateError(f"lora.{name}.{part}: empty (a layer keeps at least one group)")
+        raise UpdateError(f"{prefix}{name}.{part}: empty (a layer keeps at least one group)")
     if int(idx.min()) < 0 or int(idx.max()) >= bound:
-        raise UpdateError(f"lora.{name}.{part}: indices outside [0, {bound})")
+        raise UpdateError(f"{prefix}{name}.{part}: indices outside [0, {bound})")
     if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
-        raise UpdateError(f"lora.{name}.{part}: indices must be sorted and unique")
+        raise UpdateError(f"{prefix}{name}.{part}: indices must be sorted and unique")
 
 
 def _check_module(name: str, m: ModuleUpdate, limits: UpdateLimits) -> None:

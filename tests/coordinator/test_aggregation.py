@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from coordinator.aggregation import GlobalLora, ZeroPadLora, factorize, fedavg
-from shared.updates import LoraUpdate, ModuleUpdate, UpdateError
+from shared.updates import GroupScores, LoraUpdate, ModuleUpdate, UpdateError
 
 
 def upd(rank, rows=None, cols=None, shape=(6, 5), seed=0, dense=None, alpha=16.0):
@@ -142,3 +142,39 @@ def test_changes_are_averaged_on_top_of_the_global_with_coverage_weights():
 def test_starts_must_match_the_updates():
     with pytest.raises(ValueError):
         GlobalLora().aggregate([(upd(2), 1.0)], starts=[])
+
+
+def _imp(idx, score, size=6):
+    return {"0.channels": GroupScores(idx=torch.tensor(idx), score=torch.tensor(score), size=size)}
+
+
+def test_fleet_importance_is_a_coverage_weighted_average_carried_by_every_slice():
+    a = LoraUpdate(upd(2).modules, {}, _imp([0, 1, 2, 3, 4, 5], [0.6, 0.0, 0.0, 0.0, 0.0, 0.8]))
+    b = LoraUpdate(upd(2, seed=1).modules, {}, _imp([0, 1, 5], [1.0, 0.0, 0.0]))  # b pruned channels 2..4
+    g = GlobalLora()
+    g.aggregate([(a, 1.0), (b, 3.0)], starts=[None, None])
+    got = g.fleet_importance()["0.channels"]
+    assert got.idx.tolist() == [0, 1, 2, 3, 4, 5] and got.size == 6
+    want = torch.tensor([(0.6 + 3 * 1.0) / 4, 0.0, 0.0, 0.0, 0.0, 0.8 / 4])  # 2..4: only a scored them, unshrunk
+    assert torch.allclose(got.score, want)
+    for sl in (g.slice_for(None, 2, 16.0), g.slice_for({"q": (torch.arange(3), torch.arange(5))}, 2, 16.0)):
+        assert torch.allclose(sl.importance["0.channels"].score, want)  # the same fleet view for every node
+        assert LoraUpdate.from_bytes(sl.to_bytes()).importance.keys() == {"0.channels"}
+    g.aggregate([(LoraUpdate(upd(2).modules, {}, _imp([5], [0.2])), 1.0)])  # nobody else scored: keep the rest
+    assert torch.allclose(g.fleet_importance()["0.channels"].score, torch.cat([want[:5], torch.tensor([0.2])]))
+    restored = GlobalLora()
+    restored.load_tensors(g.state_tensors())  # the checkpoint keeps it
+    assert torch.equal(restored.fleet_importance()["0.channels"].score, g.fleet_importance()["0.channels"].score)
+    with pytest.raises(UpdateError, match="importance.0.channels"):
+        g.check(LoraUpdate(upd(2).modules, {}, _imp([0], [1.0], size=7)))
+
+
+def test_importance_on_the_wire_is_validated():
+    good = LoraUpdate(upd(2).modules, {}, _imp([0, 2], [0.5, 0.1]))
+    assert torch.equal(LoraUpdate.from_bytes(good.to_bytes()).importance["0.channels"].idx, torch.tensor([0, 2]))
+    bad = [_imp([0, 2], [0.5, float("nan")]), _imp([0, 2], [0.5, -0.1]), _imp([2, 0], [0.5, 0.1]),
+           _imp([0, 6], [0.5, 0.1]), _imp([0, 2], [0.5]), {"x.heads": _imp([0], [1.0])["0.channels"]},
+           {"0.ffn": _imp([0], [1.0])["0.channels"]}]
+    for imp in bad:
+        with pytest.raises(UpdateError, match="importance"):
+            LoraUpdate.from_bytes(LoraUpdate(upd(2).modules, {}, imp).to_bytes())

@@ -10,7 +10,8 @@ import torch
 
 from edge_node.config import TrainSettings
 from edge_node.engine import LocalTrainer, RoundInterrupted
-from shared.updates import LoraUpdate
+from edge_node.model import layer_geometry
+from shared.updates import GroupScores, LoraUpdate, UpdateError
 from tests.edge_node.tiny import cached_model_folder, lm_rows, random_batch, sentiment_rows, write_csv
 
 QUIET = structlog.wrap_logger(structlog.PrintLogger(), wrapper_class=structlog.make_filtering_bound_logger(
@@ -92,3 +93,41 @@ def test_half_precision_base_and_checkpointing_on_cpu(cls_data):
     assert all(m.A.dtype == torch.float32 for m in res.update.modules.values())
     all_finite = all(torch.isfinite(m.B).all() for m in res.update.modules.values())
     assert all_finite
+
+
+def test_importance_is_reported_and_the_fleet_view_steers_pruning(cls_data):
+    tr = _trainer(cls_data)
+    first = tr.run_round(target_sparsity=0.0, rank=4, local_steps=6, global_update=None)
+    report = LoraUpdate.from_bytes(first.payload).importance  # travels with the update, unpruned numbering
+    geo = {str(g.index): g for g in layer_geometry(tr.model)}
+    assert set(report) == {f"{i}.{k}" for i in geo for k in ("heads", "channels")}
+    for key, g in report.items():
+        layer, _, kind = key.partition(".")
+        assert g.size == (geo[layer].n_kv_heads if kind == "heads" else geo[layer].intermediate)
+        assert g.idx.tolist() == list(range(g.size)) and torch.linalg.vector_norm(g.score).item() == pytest.approx(1.0)
+    # A fleet view that ranks groups in reverse order of this node's own scores decides when given full weight.
+    fleet = {key: GroupScores(idx=g.idx, score=g.score.max() - g.score + 1e-3, size=g.size) for key, g in report.items()}
+    glob = LoraUpdate(first.update.modules, first.update.dense, fleet)
+    tr.train = TrainSettings(**{**SETTINGS.__dict__, "fleet_importance": 1.0})
+    tr.run_round(target_sparsity=0.3, rank=4, local_steps=2, global_update=glob)
+    fleet_top = {}
+    for i, k in tr.kept_maps().items():
+        for kind, have in (("heads", k.heads), ("channels", k.channels)):
+            fleet_top[f"{i}.{kind}"] = set(torch.topk(fleet[f"{i}.{kind}"].score, k=len(have)).indices.tolist())
+            assert set(have) == fleet_top[f"{i}.{kind}"], (i, kind)
+    # With weight 0 the node prunes by its own scores (the same first round): the fleet's choice does not survive.
+    own = _trainer(cls_data, train=TrainSettings(**{**SETTINGS.__dict__, "fleet_importance": 0.0}))
+    own.run_round(target_sparsity=0.0, rank=4, local_steps=6, global_update=None)
+    own.run_round(target_sparsity=0.3, rank=4, local_steps=2, global_update=glob)
+    assert all(set(k.channels) != fleet_top[f"{i}.channels"] for i, k in own.kept_maps().items())
+
+
+def test_fleet_importance_of_the_wrong_model_is_refused_before_anything_changes(cls_data):
+    tr = _trainer(cls_data)
+    res = tr.run_round(target_sparsity=0.0, rank=4, local_steps=2, global_update=None)
+    bad = LoraUpdate(res.update.modules, res.update.dense,
+                     {"0.channels": GroupScores(idx=torch.tensor([0, 1]), score=torch.ones(2), size=7)})
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters() if "lora_" in n}
+    with pytest.raises(UpdateError, match="importance.0.channels"):
+        tr.run_round(target_sparsity=0.0, rank=4, local_steps=2, global_update=bad)
+    assert all(torch.equal(p, before[n]) for n, p in tr.model.named_parameters() if "lora_" in n)

@@ -47,7 +47,7 @@ from shared.messages import (
     encode,
 )
 from shared.transport import MemoryBus, MemoryTransport
-from shared.updates import LoraUpdate, ModuleUpdate
+from shared.updates import GroupScores, LoraUpdate, ModuleUpdate
 
 N = 10_000
 SEED = 8_2026
@@ -701,7 +701,8 @@ def _update(rng: random.Random, rank: int) -> LoraUpdate:
     kept = rng.randint(1, 8)
     m = ModuleUpdate(A=torch.randn(rank, 4, generator=g) * 0.1, B=torch.randn(kept, rank, generator=g) * 0.1,
                      rows=torch.arange(kept), cols=torch.arange(4), shape=(8, 4), scale=16.0 / rank)
-    return LoraUpdate({"layer.q": m}, {"classifier.weight": torch.ones(2, 4)})
+    imp = {"0.heads": GroupScores(idx=torch.arange(3), score=torch.rand(3, generator=g), size=4)}
+    return LoraUpdate({"layer.q": m}, {"classifier.weight": torch.ones(2, 4)}, imp)
 
 
 def _raw_tensors(u: LoraUpdate) -> dict[str, torch.Tensor]:
@@ -711,6 +712,9 @@ def _raw_tensors(u: LoraUpdate) -> dict[str, torch.Tensor]:
                     f"lora.{name}.cols": m.cols, f"lora.{name}.shape": torch.tensor(m.shape, dtype=torch.int64),
                     f"lora.{name}.scale": torch.tensor([m.scale])})
     out.update({f"dense.{k}": v for k, v in u.dense.items()})
+    for k, g in u.importance.items():
+        out.update({f"importance.{k}.idx": g.idx, f"importance.{k}.score": g.score,
+                    f"importance.{k}.size": torch.tensor([g.size], dtype=torch.int64)})
     return out
 
 
@@ -731,7 +735,7 @@ def update_cases(rng: random.Random, rank: int) -> Iterator[tuple[str, bytes, st
             continue
         t = {k: v.clone() for k, v in raw.items()}
         key = "lora.layer.q"
-        op = rng.randrange(12)
+        op = rng.randrange(13)
         if op == 0:
             t[f"{key}.{rng.choice('AB')}"].view(-1)[0] = rng.choice([float("nan"), float("inf"), -float("inf")])
             cls = "NaN/Inf in A or B"
@@ -767,6 +771,23 @@ def update_cases(rng: random.Random, rank: int) -> Iterator[tuple[str, bytes, st
         elif op == 10:
             t[f"{key}.A"] = torch.randn(rank, 4, 1)
             cls = "A or B not a matrix"
+        elif op == 11:
+            imp = "importance.0.heads"
+            bad = rng.randrange(6)
+            if bad == 0:
+                t[f"{imp}.score"][0] = rng.choice([float("nan"), float("inf"), -1.0])
+            elif bad == 1:
+                t[f"{imp}.idx"] = torch.tensor(rng.choice([[0, 1, 4], [-1, 0, 1], [2, 1, 0], [1, 1, 2]]))
+            elif bad == 2:
+                t[f"{imp}.size"] = rng.choice([torch.tensor([0]), torch.tensor([4, 4]), torch.tensor([4.0])])
+            elif bad == 3:
+                del t[f"{imp}.{rng.choice(['idx', 'score', 'size'])}"]
+            elif bad == 4:
+                t[f"{imp}.score"] = torch.rand(rng.choice([2, 4]))
+            else:
+                t[rng.choice(["importance.x.heads.idx", "importance.0.ffn.idx", "importance.0.heads.max"])] = \
+                    torch.zeros(3, dtype=torch.int64)
+            cls = "importance: NaN/negative score, bad indices, size, missing part, length or key"
         else:
             cls = "wrong metadata (format/version)"
             yield cls, st_save(t, metadata=rng.choice([{}, {"format": "other", "version": "1"},
