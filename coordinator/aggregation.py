@@ -50,7 +50,7 @@ class GlobalLora:
         self.dense: dict[str, torch.Tensor] = {}
         self.importance: dict[str, torch.Tensor] = {}  # "<layer>.<kind>" -> fleet mean score per group
         self.scored: dict[str, torch.Tensor] = {}  # same keys -> bool, groups some node has scored
-        self._cache: dict[tuple, ModuleUpdate] = {}
+        self._cache: dict = {}  # slices by (module, rows, cols, rank) and by whole structure; "importance"
 
     @property
     def empty(self) -> bool:
@@ -93,13 +93,17 @@ class GlobalLora:
             shape = next(u.modules[name].shape for u, _ in updates if name in u.modules)
             num = torch.zeros(shape, dtype=torch.float32)
             den = torch.zeros(shape, dtype=torch.float32)
+            withheld: dict[int, torch.Tensor] = {}  # G - S per distinct slice (nodes alike share one)
             for i, (u, w) in enumerate(updates):
                 m = u.modules.get(name)
                 if m is None or w <= 0:
                     continue
                 d = m.delta()
                 if starts is not None and name in self.delta:
-                    d += self._withheld(name, m, starts[i])
+                    s = starts[i].modules.get(name) if starts[i] is not None else None
+                    if id(s) not in withheld:
+                        withheld[id(s)] = self.delta[name] - s.dense_delta() if s is not None else self.delta[name]
+                    d += withheld[id(s)][m.rows.unsqueeze(1), m.cols.unsqueeze(0)]
                 d.mul_(w)
                 if m.rows.numel() == shape[0] and m.cols.numel() == shape[1]:  # unpruned: no scatter needed
                     num += d
@@ -147,15 +151,6 @@ class GlobalLora:
             idx = self.scored[key].nonzero().flatten()
             if idx.numel():
                 out[key] = GroupScores(idx=idx, score=scores[idx].clone(), size=scores.numel())
-        return out
-
-    def _withheld(self, name: str, m: ModuleUpdate, start: LoraUpdate | None) -> torch.Tensor:
-        """G − S on ``m``'s kept coordinates: the part of the global update node's slice did not carry."""
-        rows, cols = m.rows.unsqueeze(1), m.cols.unsqueeze(0)
-        out = self.delta[name][rows, cols].clone()
-        s = start.modules.get(name) if start is not None else None
-        if s is not None:
-            out -= s.dense_delta()[rows, cols]
         return out
 
     def slice_for(self, structure: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None, rank: int,
