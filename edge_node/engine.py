@@ -243,11 +243,14 @@ class LocalTrainer:
         t_eval, cpu_eval = time.perf_counter() - t_eval, time.thread_time() - cpu_eval
         eval_batches = self.val_batches[: self.train.eval_batches]
         loss_start = self._evaluate(eval_batches)["loss"]
-        # Prune first, then tune: the importance accumulated over the previous round's steps picks the groups
-        # (a short gradient pass when there is none yet), and this round's steps recover from the cut.
+        # Prune first, then tune: the importance accumulated over the previous round's steps picks the groups, and
+        # this round's steps recover from the cut.  A node with no importance yet (its first cut) prunes at the end
+        # of the round instead, from this round's τ steps of importance (the spec's order), not from one batch.
         before = self.sparsity
+        cut = target_sparsity > before + 1e-9
+        deferred = cut and not prune_random and not self.tracker.complete() and local_steps > 0
         pruned = False
-        if target_sparsity > before + 1e-9:
+        if cut and not deferred:
             pruned = self._prune(target_sparsity, prune_random)
         self.model.train()
         opt = self._optimizer()
@@ -259,6 +262,8 @@ class LocalTrainer:
             _, n = self._train_step(opt, track=not prune_random, timing=timing)
             samples += n
             steps += 1
+        if deferred:
+            pruned = self._prune(target_sparsity, prune_random)
         end = self._evaluate(eval_batches)  # the same batches as loss_start: one pass gives loss and accuracy
         loss_end = end["loss"]
         metrics.update({f"val_{k}": v for k, v in end.items()})

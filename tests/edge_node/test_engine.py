@@ -131,3 +131,20 @@ def test_fleet_importance_of_the_wrong_model_is_refused_before_anything_changes(
     with pytest.raises(UpdateError, match="importance.0.channels"):
         tr.run_round(target_sparsity=0.0, rank=4, local_steps=2, global_update=bad)
     assert all(torch.equal(p, before[n]) for n, p in tr.model.named_parameters() if "lora_" in n)
+
+
+def test_first_cut_waits_for_the_rounds_importance_later_cuts_come_first(cls_data):
+    tr = _trainer(cls_data)
+    seen = []
+    real = tr._prune
+
+    def spy(target, random_groups):
+        seen.append((tr.tracker.steps, tr.sparsity))
+        return real(target, random_groups)
+
+    tr._prune = spy
+    res = tr.run_round(target_sparsity=0.2, rank=4, local_steps=5, global_update=None)
+    assert seen == [(5, 0.0)] and res.sparsity >= 0.2 - 1e-9  # cut after the 5 steps' importance, not 1 batch
+    assert res.loss_end == pytest.approx(tr.evaluate("val", SETTINGS.eval_batches)["loss"], rel=1e-5)  # after it
+    tr.run_round(target_sparsity=0.3, rank=4, local_steps=5, global_update=None)
+    assert seen[1] == (5, pytest.approx(res.sparsity))  # later cuts: at the start, from the previous round's steps
