@@ -179,7 +179,8 @@ def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broke
                      "memory_budget_mb": n.memory_mb, "torch_threads": 1, "seed": args.seed, "profile_speed": n.speed,
                      "profile_uplink_mbps": n.uplink_mbps, "profile_latency_s": n.latency_s},
             "train": {"batch_size": args.batch_size, "max_length": args.max_length, "learning_rate": args.lr,
-                      "test_batches": args.test_batches},
+                      "test_batches": args.test_batches,
+                      **({} if args.fleet_importance is None else {"fleet_importance": args.fleet_importance})},
             "telemetry": {"interval_s": 5.0},
         })
         procs[n.node_id] = _spawn(cli + ["node", "--config", str(cfg)], run_dir / "logs" / f"{n.node_id}.log", env)
@@ -235,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label mix")
     ap.add_argument("--test-size", type=int, default=600)
     ap.add_argument("--test-batches", type=int, default=8, help="test batches evaluated per round (curves)")
+    ap.add_argument("--fleet-importance", type=float, default=None,
+                    help="nodes' [train] fleet_importance (weight of the fleet's importance when pruning; default 0.5)")
     ap.add_argument("--deadline-s", type=float, default=900.0)
     ap.add_argument("--broker", default="embedded", help="embedded | mosquitto | mqtt://host:port")
     ap.add_argument("--model", default=None, help="local model folder (default: the packaged all-MiniLM-L6-v2)")
