@@ -136,7 +136,7 @@ class GlobalLora:
             den = torch.zeros(size, dtype=torch.float32)
             for u, w in updates:
                 g = u.importance.get(key)
-                if g is None or w <= 0 or g.size != size:  # a disagreeing size is refused by check() first
+                if g is None or w <= 0 or g.size != size:  # check() refuses such a size once the key exists
                     continue
                 num.index_add_(0, g.idx, g.score.float() * w)
                 den.index_add_(0, g.idx, torch.full((g.idx.numel(),), float(w)))
