@@ -15,6 +15,11 @@ contributes ΔW_i + (G − S_i) on its kept coordinates, where G is the global u
 the slice it received, i.e. G + (ΔW_i − S_i).  With no truncation (S_i = G there) this is exactly the
 average of the states, and with a shared structure it is FedAvg of the changes, G + Σ w_i (ΔW_i − S_i) / Σ w_i.
 
+``coverage = "round"`` (an option; the spec's rule, ``"kept"``, is the default) divides a coordinate's summed
+change by the weight of all the round's nodes instead: a node that pruned the coordinate counts as a zero
+change there.  The value is not shrunk toward zero (G stays), only a step that few nodes took is damped, so a
+coordinate that one node with skewed data alone still has does not drift on that node's data alone.
+
 Group importance that nodes report with their updates is averaged the same way, coverage-weighted per group
 (a group scored only by the nodes that still have it), and sent back to every node with its slice.
 
@@ -34,6 +39,7 @@ import torch
 
 from shared.updates import GroupScores, LoraUpdate, ModuleUpdate, UpdateError
 
+COVERAGE = ("kept", "round")  # divide a coordinate's change by the weight of the nodes that kept it, or of all
 OVERSAMPLE = 16
 POWER_ITERS = 4
 
@@ -45,7 +51,10 @@ def _key(t: torch.Tensor) -> str:
 class GlobalLora:
     """The global update: a dense ΔW per adapted module in unpruned coordinates, plus dense parameters."""
 
-    def __init__(self) -> None:
+    def __init__(self, coverage: str = "kept") -> None:
+        if coverage not in COVERAGE:
+            raise ValueError(f"coverage {coverage!r} must be one of {COVERAGE}")
+        self.coverage = coverage
         self.delta: dict[str, torch.Tensor] = {}
         self.dense: dict[str, torch.Tensor] = {}
         self.importance: dict[str, torch.Tensor] = {}  # "<layer>.<kind>" -> fleet mean score per group
@@ -118,6 +127,11 @@ class GlobalLora:
                 cmask = torch.zeros(shape[1]).index_fill_(0, m.cols, 1.0)
                 den.addr_(rmask, cmask)
             prev = self.delta.get(name, torch.zeros(shape, dtype=torch.float32))
+            if self.coverage == "round" and starts is not None and name in self.delta:
+                # A node that pruned a coordinate made no change there: it counts with weight w and change 0.
+                total = float(sum(w for u, w in updates if name in u.modules and w > 0))
+                num += (total - den) * prev
+                den = torch.where(den > 0, torch.full_like(den, total), den)
             self.delta[name] = torch.where(den > 0, num / den.clamp_min(1e-30), prev)
         dense_names = sorted({n for u, _ in updates for n in u.dense})
         for name in dense_names:

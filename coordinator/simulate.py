@@ -161,7 +161,7 @@ def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broke
     coord_cfg = run_dir / "coordinator.toml"
     write_toml(coord_cfg, {
         "broker": {**broker_sec, **login("coordinator")},
-        "coordinator": {"rounds": args.rounds, "method": method, "min_nodes": len(fleet), "local_steps": args.local_steps,
+        "coordinator": {"rounds": args.rounds, "method": method, "coverage": args.coverage, "min_nodes": len(fleet), "local_steps": args.local_steps,
                         "deadline_s": args.deadline_s, "state_dir": str(state_dir), "metrics_file": str(metrics),
                         "seed": args.seed, "join_timeout_s": 600.0},
         "bandit": {"target_sparsity": args.target_sparsity, "static_rank": args.rank},
@@ -236,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label mix")
     ap.add_argument("--test-size", type=int, default=600)
     ap.add_argument("--test-batches", type=int, default=8, help="test batches evaluated per round (curves)")
+    ap.add_argument("--coverage", default="kept", choices=("kept", "round"),
+                    help="aggregation: divide a coordinate's change by the weight of the nodes that kept it, or of all")
     ap.add_argument("--fleet-importance", type=float, default=None,
                     help="nodes' [train] fleet_importance (weight of the fleet's importance when pruning; default 0.5)")
     ap.add_argument("--deadline-s", type=float, default=900.0)

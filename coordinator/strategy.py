@@ -120,7 +120,7 @@ class Strategy:
         self.bandit = FleetBandit(b.delta_p, b.ranks, discount=b.discount, exploration=b.exploration,
                                   target_sparsity=b.target_sparsity, total_rounds=total_rounds, seed=seed,
                                   factored=b.factored)
-        self.global_ = ZeroPadLora() if self.method == "hetlora" else GlobalLora()
+        self.global_ = ZeroPadLora() if self.method == "hetlora" else GlobalLora(cfg.coordinator.coverage)
         self.nodes: dict[str, NodeState] = {}
         # node -> (assignment, sparsity before, whether the bandit chose its Δp at or above the target)
         self._pending: dict[str, tuple[Assignment, float, bool]] = {}

@@ -178,3 +178,25 @@ def test_importance_on_the_wire_is_validated():
     for imp in bad:
         with pytest.raises(UpdateError, match="importance"):
             LoraUpdate.from_bytes(LoraUpdate(upd(2).modules, {}, imp).to_bytes())
+
+
+def test_round_coverage_damps_a_step_few_nodes_took_without_shrinking_the_value():
+    gen = torch.Generator().manual_seed(4)
+    G = torch.randn(6, 5, generator=gen)
+    full, part = {"q": (torch.arange(6), torch.arange(5))}, {"q": (torch.arange(3), torch.arange(5))}
+    d_a, d_b = 0.1 * torch.randn(6, 5, generator=gen), 0.1 * torch.randn(6, 5, generator=gen)
+    out = {}
+    for coverage in ("kept", "round"):
+        g = GlobalLora(coverage)
+        g.load_tensors({"delta.q": G.clone()})
+        s_a, s_b = g.slice_for(full, 5, 16.0), g.slice_for(part, 5, 16.0)  # rank 5: exact slices
+        fin_a = _from_delta(G + d_a, rank=5)  # node a kept every row
+        fin_b = _from_delta(G + d_b, rank=5, rows=[0, 1, 2])  # node b pruned rows 3..5
+        g.aggregate([(fin_a, 1.0), (fin_b, 3.0)], starts=[s_a, s_b])
+        out[coverage] = g.delta["q"]
+    both = G[:3] + (d_a[:3] + 3 * d_b[:3]) / 4
+    assert torch.allclose(out["kept"][:3], both, atol=1e-4) and torch.allclose(out["round"][:3], both, atol=1e-4)
+    assert torch.allclose(out["kept"][3:], G[3:] + d_a[3:], atol=1e-4)  # a alone kept them: its whole step
+    assert torch.allclose(out["round"][3:], G[3:] + d_a[3:] / 4, atol=1e-4)  # b's weight counts as no change
+    with pytest.raises(ValueError):
+        GlobalLora("other")
