@@ -37,9 +37,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from coordinator.config import COVERAGE
 from shared.updates import GroupScores, LoraUpdate, ModuleUpdate, UpdateError
 
-COVERAGE = ("kept", "round")  # divide a coordinate's change by the weight of the nodes that kept it, or of all
 OVERSAMPLE = 16
 POWER_ITERS = 4
 

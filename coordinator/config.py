@@ -8,6 +8,7 @@ from pathlib import Path
 from shared.config import BrokerConfig, ConfigError, from_mapping, load_toml
 
 METHODS = ("fedspine", "fedlora", "hetlora", "uniform", "prune_ft", "ft_prune")
+COVERAGE = ("kept", "round")  # whose weight divides a coordinate's averaged change (coordinator/aggregation.py)
 
 
 @dataclass(frozen=True)
@@ -27,13 +28,13 @@ class RoundSettings:
     metrics_file: str = ""  # default <state_dir>/metrics.jsonl
     seed: int = 0
     export_at_end: bool = True
-    coverage: str = "kept"  # kept | round: whose weight divides a coordinate's averaged change (aggregation.py)
+    coverage: str = "kept"  # one of COVERAGE
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"[coordinator] method {self.method!r} must be one of {METHODS}")
-        if self.coverage not in ("kept", "round"):
-            raise ConfigError(f"[coordinator] coverage {self.coverage!r} must be kept or round")
+        if self.coverage not in COVERAGE:
+            raise ConfigError(f"[coordinator] coverage {self.coverage!r} must be one of {COVERAGE}")
         if self.rounds < 1 or self.local_steps < 1:
             raise ConfigError(f"[coordinator] rounds {self.rounds} and local_steps {self.local_steps} must be >= 1")
         if not 0 < self.fraction <= 1 or not 0 < self.quorum <= 1:

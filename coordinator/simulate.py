@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.config import METHODS
+from coordinator.config import COVERAGE, METHODS
 from coordinator.simdata import dirichlet_split, label_histogram, load_tweets, split_test, write_csv
 from shared.config import load_toml
 
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label mix")
     ap.add_argument("--test-size", type=int, default=600)
     ap.add_argument("--test-batches", type=int, default=8, help="test batches evaluated per round (curves)")
-    ap.add_argument("--coverage", default="kept", choices=("kept", "round"),
+    ap.add_argument("--coverage", default="kept", choices=COVERAGE,
                     help="aggregation: divide a coordinate's change by the weight of the nodes that kept it, or of all")
     ap.add_argument("--fleet-importance", type=float, default=None,
                     help="nodes' [train] fleet_importance (weight of the fleet's importance when pruning; default 0.5)")
