@@ -28,7 +28,7 @@ def build_update(model: nn.Module, importance: Mapping[str, GroupScores] | None 
     return LoraUpdate(modules=modules, dense=dense, importance=dict(importance or {}))
 
 
-def _select(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def select_positions(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions in ``theirs`` of each of ``ours`` and a mask of those present (both sorted, unique)."""
     pos = torch.searchsorted(theirs, ours).clamp(max=theirs.numel() - 1)
     return pos, theirs[pos] == ours
@@ -36,8 +36,8 @@ def _select(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def slice_module(mod: ModuleUpdate, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors (B_sub, A_sub) of ``mod`` restricted to our kept rows/cols; coordinates it lacks are zero."""
-    r_pos, r_ok = _select(rows, mod.rows)
-    c_pos, c_ok = _select(cols, mod.cols)
+    r_pos, r_ok = select_positions(rows, mod.rows)
+    c_pos, c_ok = select_positions(cols, mod.cols)
     B = mod.B.float()[r_pos] * r_ok.unsqueeze(1)
     A = mod.A.float()[:, c_pos] * c_ok.unsqueeze(0)
     return B, A

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from edge_node.exchange import select_positions
 from edge_node.model import LayerGeometry, arch_of, layer_geometry, unwrap
 from edge_node.pruning import kept_maps
 from shared.updates import GroupScores
@@ -148,9 +149,7 @@ def _mix(local: torch.Tensor, kept: tuple[int, ...], fleet: GroupScores | None, 
     own = _norm(local.float())
     if fleet is None:
         return own
-    ours = torch.tensor(kept, dtype=torch.int64)
-    pos = torch.searchsorted(fleet.idx, ours).clamp(max=fleet.idx.numel() - 1)
-    present = fleet.idx[pos] == ours
+    pos, present = select_positions(torch.tensor(kept, dtype=torch.int64), fleet.idx)
     if not bool(present.any()):
         return own
     theirs = torch.where(present, fleet.score[pos].float(), torch.zeros(())).to(own.device)
