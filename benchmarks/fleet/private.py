@@ -3,7 +3,7 @@ coordinates that only that node kept set to zero (the part of the global update 
 
     python -m benchmarks.fleet.private results/fleet/fedspine [--nodes-dir results/fleet/nodes]
 
-Reads the coordinator's last checkpoint and each node's resume state (its pruned structure and task head) from
+Reads the coordinator's configuration and last checkpoint and each node's resume state (its pruned structure and task head) from
 the run folder and each node's test file; prints a table.  Offline, nothing is sent anywhere.
 """
 
@@ -15,29 +15,18 @@ import sys
 from pathlib import Path
 
 import structlog
-import torch
 
 from coordinator.aggregation import GlobalLora
+from coordinator.config import CoordinatorConfig
 from coordinator.simulate import default_model_path
 from coordinator.state import CheckpointStore
-from coordinator.strategy import LORA_ALPHA
+from coordinator.strategy import LORA_ALPHA, make_strategy
 from edge_node.config import TrainSettings
 from edge_node.engine import LocalTrainer
 from edge_node.exchange import apply_update
 
 QUIET = structlog.wrap_logger(structlog.PrintLogger(), wrapper_class=structlog.make_filtering_bound_logger(
     logging.WARNING))
-
-
-def structures(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """node -> module -> (kept rows, kept cols), from a checkpoint's ``structure.<node>.<module>.rows|cols``."""
-    out: dict[str, dict[str, list]] = {}
-    for key, t in tensors.items():
-        if key.startswith("structure."):
-            node, rest = key[len("structure."):].split(".", 1)
-            module, part = rest.rsplit(".", 1)
-            out.setdefault(node, {}).setdefault(module, [None, None])[0 if part == "rows" else 1] = t
-    return {n: {m: (r, c) for m, (r, c) in mods.items()} for n, mods in out.items()}
 
 
 def private(node: str, kept: dict, module: str) -> tuple[list[int], list[int]]:
@@ -69,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run", help="one method's run folder, e.g. results/fleet/fedspine")
     ap.add_argument("--nodes-dir", default=None, help="the nodes' data folders (default: <run>/../nodes)")
     ap.add_argument("--model", default=None)
-    ap.add_argument("--rank", type=int, default=16, help="rank of the slice (the final sync's: 16 for FedSpine, 8 static)")
     a = ap.parse_args(argv)
     run = Path(a.run)
     nodes_dir = Path(a.nodes_dir) if a.nodes_dir else run.parent / "nodes"
@@ -77,21 +65,23 @@ def main(argv: list[str] | None = None) -> int:
     if ck is None:
         print(f"no checkpoint under {run / 'coordinator'}", file=sys.stderr)
         return 2
-    tensors = ck["strategy"]["tensors"]
-    g = GlobalLora()
-    g.load_tensors({k: v for k, v in tensors.items() if not k.startswith("structure.")})
-    kept = structures(tensors)
-    rank = a.rank
+    cfg = CoordinatorConfig.load(run / "coordinator.toml")
+    strategy = make_strategy(cfg, total_rounds=cfg.coordinator.rounds)
+    strategy.load_state_dict(ck["strategy"])  # the global update and every node's structure, as the coordinator had them
+    g, rank = strategy.global_, strategy.final_rank()  # the final sync's slice rank
+    if not isinstance(g, GlobalLora):
+        print(f"method {strategy.method} never prunes: nothing is private to a node", file=sys.stderr)
+        return 2
+    kept = {n: st.structure for n, st in strategy.nodes.items() if st.structure}
     labels = ["negative", "neutral", "positive"]
     print("| node | kept only by it (rows+cols) | accuracy | without its private coordinates |")
     print("|---|---|---|---|")
     for node in sorted(kept):
+        tr = LocalTrainer(a.model or default_model_path(), str(nodes_dir / node / "train.csv"), device="cpu",
+                          train=TrainSettings(), log=QUIET, test_path=str(nodes_dir / node / "test.csv"), labels=labels)
+        tr.load_resume(run / "state" / node / "trainer")
         accs = []
-        for glob in (g, without_private(g, node, kept)):
-            tr = LocalTrainer(a.model or default_model_path(), str(nodes_dir / node / "train.csv"), device="cpu",
-                              train=TrainSettings(), log=QUIET, test_path=str(nodes_dir / node / "test.csv"),
-                              labels=labels)
-            tr.load_resume(run / "state" / node / "trainer")
+        for glob in (g, without_private(g, node, kept)):  # each slice replaces the LoRA factors and task head
             apply_update(tr.model, glob.slice_for(kept[node], rank, LORA_ALPHA), rank=rank, alpha=LORA_ALPHA)
             accs.append(tr.evaluate("test")["accuracy"])
         print(f"| {node} | {private_count(node, kept)} | {accs[0]:.3f} | {accs[1]:.3f} |")

@@ -2,16 +2,14 @@
 
 import torch
 
-from benchmarks.fleet.private import private, private_count, structures, without_private
+from benchmarks.fleet.private import private, private_count, without_private
 from coordinator.aggregation import GlobalLora
 
 
 def test_private_coordinates_are_those_no_other_node_kept_and_only_they_are_zeroed():
-    t = {"structure.a.q.rows": torch.tensor([0, 1, 2, 3]), "structure.a.q.cols": torch.tensor([0, 1, 2]),
-         "structure.b.q.rows": torch.tensor([0, 1]), "structure.b.q.cols": torch.tensor([0, 2]),
-         "structure.c.q.rows": torch.tensor([1, 2]), "structure.c.q.cols": torch.tensor([0, 2])}
-    kept = structures(t)
-    assert set(kept) == {"a", "b", "c"} and torch.equal(kept["b"]["q"][1], torch.tensor([0, 2]))
+    kept = {"a": {"q": (torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2]))},
+            "b": {"q": (torch.tensor([0, 1]), torch.tensor([0, 2]))},
+            "c": {"q": (torch.tensor([1, 2]), torch.tensor([0, 2]))}}
     assert private("a", kept, "q") == ([3], [1]) and private("b", kept, "q") == ([], [])
     assert private_count("a", kept) == 2
     g = GlobalLora()
