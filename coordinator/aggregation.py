@@ -84,39 +84,49 @@ class GlobalLora:
                 raise UpdateError(f"importance.{key}: size {g.size} != global {self.importance[key].numel()}")
 
     def aggregate(self, updates: Sequence[tuple[LoraUpdate, float]],
-                  starts: Sequence[LoraUpdate | None] | None = None) -> None:
+                  starts: Sequence[LoraUpdate | None] | None = None, steps: Sequence[int] | None = None) -> None:
         """Replace the global state by the coverage-weighted average of ``updates`` ((update, weight) pairs).
 
         ``starts[i]``, when given, is the slice node i received this round (None: it received nothing, the
         global state was empty); node i then contributes its change added to the global state, see the module
         docstring.  Without ``starts`` the states are averaged as they are.
+
+        ``steps[i]``, when given with ``starts``, is how many local steps node i ran; changes are then averaged
+        as FedNova does (Wang et al., 2020): each per step, scaled back by the weighted mean step count of the
+        nodes that kept the coordinate.  A node that ran more steps then moves the average no further per step
+        than the others, instead of pulling it toward its own data's optimum.  Equal steps change nothing.
         """
         if not updates:
             return
         if starts is not None and len(starts) != len(updates):
             raise ValueError(f"{len(starts)} starting slices for {len(updates)} updates")
+        if steps is not None and (len(steps) != len(updates) or any(t < 1 for t in steps)):
+            raise ValueError(f"steps {list(steps)} must be >= 1, one per update")
         for u, _ in updates:
             self.check(u)
+        paces = [float(t) for t in steps] if steps is not None and starts is not None else [1.0] * len(updates)
         names = sorted({n for u, _ in updates for n in u.modules})
         for name in names:
             shape = next(u.modules[name].shape for u, _ in updates if name in u.modules)
             num = torch.zeros(shape, dtype=torch.float32)
             den = torch.zeros(shape, dtype=torch.float32)
-            withheld: dict[int, torch.Tensor] = {}  # G - S per distinct slice (nodes alike share one)
+            pace = torch.zeros(shape, dtype=torch.float32)  # Σ w·steps over the nodes that kept each coordinate
+            received: dict[int, torch.Tensor] = {}  # each distinct slice as a dense matrix (nodes alike share one)
             for i, (u, w) in enumerate(updates):
                 m = u.modules.get(name)
                 if m is None or w <= 0:
                     continue
                 d = m.delta()
-                if starts is not None and name in self.delta:
-                    s = starts[i].modules.get(name) if starts[i] is not None else None
-                    if id(s) not in withheld:
-                        withheld[id(s)] = self.delta[name] - s.dense_delta() if s is not None else self.delta[name]
-                    d += withheld[id(s)][m.rows.unsqueeze(1), m.cols.unsqueeze(0)]
-                d.mul_(w)
+                s = starts[i].modules.get(name) if starts is not None and starts[i] is not None else None
+                if s is not None:
+                    if id(s) not in received:
+                        received[id(s)] = s.dense_delta()
+                    d -= received[id(s)][m.rows.unsqueeze(1), m.cols.unsqueeze(0)]
+                d.mul_(w / paces[i])
                 if m.rows.numel() == shape[0] and m.cols.numel() == shape[1]:  # unpruned: no scatter needed
                     num += d
                     den += w
+                    pace += w * paces[i]
                     continue
                 if m.rows.numel() != shape[0]:
                     d = torch.zeros(shape[0], d.shape[1]).index_copy_(0, m.rows, d)
@@ -126,21 +136,40 @@ class GlobalLora:
                 rmask = torch.zeros(shape[0]).index_fill_(0, m.rows, w)
                 cmask = torch.zeros(shape[1]).index_fill_(0, m.cols, 1.0)
                 den.addr_(rmask, cmask)
-            prev = self.delta.get(name, torch.zeros(shape, dtype=torch.float32))
-            if self.coverage == "round" and starts is not None and name in self.delta:
+                pace.addr_(rmask, cmask, alpha=paces[i])
+            prev = self.delta.get(name)
+            if starts is None:  # average the states
+                self.delta[name] = torch.where(den > 0, num / den.clamp_min(1e-30),
+                                               prev if prev is not None else torch.zeros(shape))
+                continue
+            if self.coverage == "round" and prev is not None:
                 # A node that pruned a coordinate made no change there: it counts with weight w and change 0.
-                total = float(sum(w for u, w in updates if name in u.modules and w > 0))
-                num += (total - den) * prev
-                den = torch.where(den > 0, torch.full_like(den, total), den)
-            self.delta[name] = torch.where(den > 0, num / den.clamp_min(1e-30), prev)
-        dense_names = sorted({n for u, _ in updates for n in u.dense})
-        for name in dense_names:
-            pairs = [(u.dense[name].float(), w) for u, w in updates if name in u.dense and w > 0]
-            total = sum(w for _, w in pairs)
-            if total > 0:
-                self.dense[name] = sum(w * t for t, w in pairs) / total
+                held = [(w, paces[i]) for i, (u, w) in enumerate(updates) if name in u.modules and w > 0]
+                total = sum(w for w, _ in held)
+                den, pace = (torch.where(den > 0, torch.full_like(den, v), den)
+                             for v in (total, sum(w * t for w, t in held)))
+            change = torch.where(den > 0, num * pace / den.square().clamp_min(1e-30), torch.zeros(shape))
+            self.delta[name] = change if prev is None else prev + change
+        self._aggregate_dense(updates, starts, paces)
         self._aggregate_importance(updates)
         self._cache.clear()
+
+    def _aggregate_dense(self, updates: Sequence[tuple[LoraUpdate, float]],
+                         starts: Sequence[LoraUpdate | None] | None, paces: Sequence[float]) -> None:
+        """Dense parameters (e.g. the task head) every node holds whole: the same average of changes, from the
+        global value each node received (without one, a node's change is counted from the global value)."""
+        for name in sorted({n for u, _ in updates for n in u.dense}):
+            held = [(i, u.dense[name].float(), w) for i, (u, w) in enumerate(updates) if name in u.dense and w > 0]
+            total = sum(w for _, _, w in held)
+            if total <= 0:
+                continue
+            prev = self.dense.get(name)
+            base = prev if prev is not None and tuple(prev.shape) == tuple(held[0][1].shape) else torch.zeros_like(held[0][1])
+            change = torch.zeros_like(base)
+            for i, t, w in held:
+                s = starts[i].dense.get(name) if starts is not None and starts[i] is not None else None
+                change += (w / paces[i]) * (t - (s.float() if s is not None else base))
+            self.dense[name] = base + change * (sum(w * paces[i] for i, _, w in held) / total) / total
 
     def _aggregate_importance(self, updates: Sequence[tuple[LoraUpdate, float]]) -> None:
         for key in sorted({k for u, _ in updates for k in u.importance}):

@@ -29,6 +29,10 @@ class RoundSettings:
     seed: int = 0
     export_at_end: bool = True
     coverage: str = "kept"  # one of COVERAGE
+    # Step alignment (ours): for these methods a node that would finish early runs more local steps, up to
+    # max_steps_factor × τ, so that it completes with the round's slowest node at τ steps (strategy.aligned_steps).
+    align_steps: tuple[str, ...] = ("fedspine",)
+    max_steps_factor: float = 5.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -39,6 +43,10 @@ class RoundSettings:
             raise ConfigError(f"[coordinator] rounds {self.rounds} and local_steps {self.local_steps} must be >= 1")
         if not 0 < self.fraction <= 1 or not 0 < self.quorum <= 1:
             raise ConfigError(f"[coordinator] fraction {self.fraction} / quorum {self.quorum} outside (0, 1]")
+        if unknown := sorted(set(self.align_steps) - set(METHODS)):
+            raise ConfigError(f"[coordinator] align_steps {unknown} are not methods {METHODS}")
+        if not 1 <= self.max_steps_factor <= 100:
+            raise ConfigError(f"[coordinator] max_steps_factor {self.max_steps_factor} outside [1, 100]")
         if self.deadline_s <= 0 or self.min_nodes < 1:
             raise ConfigError("[coordinator] deadline_s must be > 0 and min_nodes >= 1")
 

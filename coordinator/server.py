@@ -429,6 +429,9 @@ class Coordinator:
             log.warning("update_rejected", node=a.node_id,
                         error=f"reported upload_bytes {r.upload_bytes} != received {len(p.payload)}")
             return Failure(a.node_id, "rejected")
+        if r.steps and r.steps != a.local_steps:  # the steps weight the node's change (aggregation.py)
+            log.warning("update_rejected", node=a.node_id, error=f"ran {r.steps} local steps, not the assigned {a.local_steps}")
+            return Failure(a.node_id, "rejected")
         try:
             update = LoraUpdate.from_bytes(p.payload, self.limits)
             self.strategy.check_update(a.node_id, update, a)
@@ -439,7 +442,8 @@ class Coordinator:
         return NodeResult(
             node_id=a.node_id, update=update, samples=r.samples, loss_start=r.loss_start, loss_end=r.loss_end,
             compute_s=r.compute_s, round_time_s=round_time, sparsity=r.sparsity, rank=r.rank,
-            energy_j=r.energy_j, upload_bytes=len(p.payload),
+            energy_j=r.energy_j, upload_bytes=len(p.payload), steps=a.local_steps, examples=r.examples,
+            train_s=min(r.train_s, round_time),
         )
 
     def _write_metrics(self, rnd, assignments, results, failures, summary, pending, cost: dict) -> None:
@@ -451,7 +455,7 @@ class Coordinator:
             if res is not None and p.report is not None:
                 rep = p.report
                 rec.update(status="ok", loss_start=rep.loss_start, loss_end=rep.loss_end, samples=rep.samples,
-                           compute_s=rep.compute_s, upload_s=rep.upload_s, virtual_s=rep.virtual_s,
+                           steps=res.steps, examples=rep.examples, train_s=rep.train_s, compute_s=rep.compute_s, upload_s=rep.upload_s, virtual_s=rep.virtual_s,
                            round_time_s=res.round_time_s, wall_s=p.received_at - p.sent_at,
                            sparsity=rep.sparsity, upload_bytes=res.upload_bytes, energy_j=rep.energy_j,
                            avg_power_w=rep.avg_power_w, power_source=rep.power_source,

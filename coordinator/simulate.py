@@ -163,7 +163,10 @@ def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broke
         "broker": {**broker_sec, **login("coordinator")},
         "coordinator": {"rounds": args.rounds, "method": method, "coverage": args.coverage, "min_nodes": len(fleet), "local_steps": args.local_steps,
                         "deadline_s": args.deadline_s, "state_dir": str(state_dir), "metrics_file": str(metrics),
-                        "seed": args.seed, "join_timeout_s": 600.0},
+                        "seed": args.seed, "join_timeout_s": 600.0,
+                        **({} if args.align_steps is None else
+                           {"align_steps": [m for m in args.align_steps.split(",") if m and m != "none"]}),
+                        **({} if args.max_steps_factor is None else {"max_steps_factor": args.max_steps_factor})},
         "bandit": {"target_sparsity": args.target_sparsity, "static_rank": args.rank},
     })
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -240,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="aggregation: divide a coordinate's change by the weight of the nodes that kept it, or of all")
     ap.add_argument("--fleet-importance", type=float, default=None,
                     help="nodes' [train] fleet_importance (weight of the fleet's importance when pruning; default 0.5)")
+    ap.add_argument("--align-steps", default=None,
+                    help="methods whose fast nodes run more local steps instead of waiting (comma-separated, or "
+                         "'none'; default: fedspine)")
+    ap.add_argument("--max-steps-factor", type=float, default=None,
+                    help="with --align-steps, at most this many times τ local steps per round (default 5)")
     ap.add_argument("--deadline-s", type=float, default=900.0)
     ap.add_argument("--broker", default="embedded", help="embedded | mosquitto | mqtt://host:port")
     ap.add_argument("--model", default=None, help="local model folder (default: the packaged all-MiniLM-L6-v2)")

@@ -62,6 +62,15 @@ class NodeResult:
     rank: int
     energy_j: float | None
     upload_bytes: int
+    steps: int = 0  # local steps run (0: unknown, taken as τ)
+    examples: int = 0  # the node's training examples (0: unknown; the weight falls back to samples per step)
+    train_s: float = 0.0  # the local steps' share of round_time_s (0: unknown)
+
+    def paced_time_s(self, tau: int) -> float:
+        """The completion time this node would have had at τ local steps (its round time when it ran τ)."""
+        if self.train_s <= 0 or self.steps <= 0:
+            return self.round_time_s
+        return self.round_time_s - self.train_s + tau * self.train_s / self.steps
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,20 @@ class RoundSummary:
                 "max_round_time_s": self.max_round_time_s}
 
 
+def aligned_steps(timing: dict[str, tuple[float, float]], tau: int, most: int) -> dict[str, int]:
+    """Local steps per node so that every node finishes with the slowest one at τ steps (ours).
+
+    ``timing``: node -> (fixed seconds of its round, seconds per local step), from its last round.  A round
+    takes as long as its slowest node, so a node that would finish early runs more steps in that time instead
+    of waiting: up to ``most``, never fewer than τ.  The S-UCB configuration (pruning, rank) still decides how
+    fast each node is; this only fills the wait that pruning and rank cannot remove.
+    """
+    if not timing or most <= tau:
+        return {n: tau for n in timing}
+    finish = max(fixed + tau * per_step for fixed, per_step in timing.values())
+    return {n: max(tau, min(most, int((finish - fixed) / per_step))) for n, (fixed, per_step) in timing.items()}
+
+
 def idle_fraction(times: Sequence[float]) -> float:
     """Mean share of the round each node waits for the slowest one."""
     slowest = max(times, default=0.0)
@@ -106,7 +129,9 @@ class NodeState:
     sparsity: float = 0.0
     rank: int = 0
     structure: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # kept rows/cols per module
-    last_time_s: float | None = None  # completion time in the node's last accepted round
+    last_time_s: float | None = None  # completion time at τ steps in the node's last accepted round
+    fixed_s: float | None = None  # that round's time outside the local steps
+    step_s: float | None = None  # and per local step
     behind: bool | None = None  # it finished after the round's mean completion time in that round
 
 
@@ -156,11 +181,17 @@ class Strategy:
     def configure_round(self, rnd: int, nodes: Sequence[NodeInfo]) -> list[Assignment]:
         out = []
         self._pending = {}
+        c = self.cfg.coordinator
+        steps = {}
+        if self.method in c.align_steps:
+            timing = {n.node_id: (st.fixed_s, st.step_s) for n in nodes
+                      if (st := self._state(n.node_id)).step_s and st.fixed_s is not None}
+            steps = aligned_steps(timing, c.local_steps, int(c.max_steps_factor * c.local_steps))
         for node in nodes:
             st = self._state(node.node_id)
             target, rank, choice = self._schedule(rnd, node, st)
             a = Assignment(node_id=node.node_id, target_sparsity=float(max(target, st.sparsity)), rank=int(rank),
-                           local_steps=self.cfg.coordinator.local_steps, arm=choice.arm if choice else None)
+                           local_steps=steps.get(node.node_id, c.local_steps), arm=choice.arm if choice else None)
             self._pending[node.node_id] = (a, st.sparsity, bool(choice and choice.beyond_target))
             out.append(a)
         return out
@@ -205,11 +236,13 @@ class Strategy:
 
     def aggregate_round(self, rnd: int, results: Sequence[NodeResult], failures: Sequence[Failure]) -> RoundSummary:
         self.record_failures(rnd, failures)
-        pairs = [(r.update, float(r.samples)) for r in results]
+        tau = self.cfg.coordinator.local_steps
+        pairs = list(zip([r.update for r in results], node_weights(results, tau), strict=True))
         if isinstance(self.global_, GlobalLora):
             # What each node started from: the slice configure/send gave it (its structure and rank before this
             # round's results; cached in the global state until it changes, so this recomputes nothing).
-            self.global_.aggregate(pairs, starts=[self.global_slice(r.node_id, r.rank) for r in results])
+            self.global_.aggregate(pairs, starts=[self.global_slice(r.node_id, r.rank) for r in results],
+                                   steps=[r.steps or tau for r in results])
         else:
             self.global_.aggregate(pairs)
         for r in results:
@@ -220,16 +253,22 @@ class Strategy:
         times = [r.round_time_s for r in results]
         summary = RoundSummary(round=rnd, idle_fraction=idle_fraction(times),
                                mean_round_time_s=sum(times) / max(len(times), 1), max_round_time_s=max(times, default=0.0))
+        # The bandit judges speed at equal work: each node's time had it run τ steps (aligned steps fill the
+        # wait, so actual completion times say nothing about which configuration made a node fast).
+        paced = {r.node_id: r.paced_time_s(tau) for r in results}
         inputs = [RewardInput(node_id=r.node_id, loss_start=r.loss_start, loss_end=r.loss_end,
                               delta_sparsity=self._progress(r),
-                              round_time_s=r.round_time_s, importance=r.update.norm(), energy_j=r.energy_j,
+                              round_time_s=paced[r.node_id], importance=r.update.norm(), energy_j=r.energy_j,
                               samples=r.samples, prev_time_s=self._state(r.node_id).last_time_s)
                   for r in results]
         summary.node_terms = rewards(inputs, self.cfg.reward, self.cfg.bandit.target_sparsity)
+        mean_paced = sum(paced.values()) / max(len(paced), 1)
         for r in results:
             st = self._state(r.node_id)
-            st.last_time_s = float(r.round_time_s)
-            st.behind = r.round_time_s > summary.mean_round_time_s if len(results) > 1 else None
+            st.last_time_s = paced[r.node_id]
+            st.behind = paced[r.node_id] > mean_paced if len(results) > 1 else None
+            if r.train_s > 0 and r.steps > 0:
+                st.fixed_s, st.step_s = max(r.round_time_s - r.train_s, 0.0), r.train_s / r.steps
         if self.method == "fedspine":
             for r in results:
                 a, _, beyond = self._pending.get(r.node_id, (None, 0.0, False))
@@ -251,7 +290,7 @@ class Strategy:
         nodes = {}
         for nid, st in self.nodes.items():
             nodes[nid] = {"sparsity": st.sparsity, "rank": st.rank, "last_time_s": st.last_time_s, "behind": st.behind,
-                          "modules": sorted(st.structure or {})}
+                          "fixed_s": st.fixed_s, "step_s": st.step_s, "modules": sorted(st.structure or {})}
             for name, (rows, cols) in (st.structure or {}).items():
                 tensors[f"structure.{nid}.{name}.rows"] = rows
                 tensors[f"structure.{nid}.{name}.cols"] = cols
@@ -268,7 +307,16 @@ class Strategy:
             structure = {name: (tensors[f"structure.{nid}.{name}.rows"], tensors[f"structure.{nid}.{name}.cols"])
                          for name in st["modules"]} or None
             self.nodes[nid] = NodeState(sparsity=float(st["sparsity"]), rank=int(st["rank"]), structure=structure,
-                                        last_time_s=st.get("last_time_s"), behind=st.get("behind"))
+                                        last_time_s=st.get("last_time_s"), behind=st.get("behind"),
+                                        fixed_s=st.get("fixed_s"), step_s=st.get("step_s"))
+
+
+def node_weights(results: Sequence[NodeResult], tau: int) -> list[float]:
+    """Aggregation weight of each node: its training examples (FedAvg's n_i) when every node reported them,
+    else its samples per local step (equal batches: equal weights, whatever the steps)."""
+    if results and all(r.examples > 0 for r in results):
+        return [float(r.examples) for r in results]
+    return [r.samples / (r.steps or tau) for r in results]
 
 
 def make_strategy(cfg: CoordinatorConfig, total_rounds: int, seed: int = 0) -> Strategy:

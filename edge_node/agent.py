@@ -315,19 +315,22 @@ class NodeAgent:
             if self._telemetry is not None:
                 self._telemetry.set_phase("idle", cfg.round)
         n = self.cfg.node
-        virtual_s = 0.0
+        virtual_s, train_s = 0.0, result.train_s
         if n.profile_uplink_mbps > 0:
             # Simulated device: its compute time scaled by the profile speed, plus the profile's uplink.  With one
             # torch thread the training thread's CPU time is that compute, whatever else shares the machine.
             import torch
 
-            compute = result.metrics.get("cpu_s", result.compute_s) if torch.get_num_threads() == 1 else result.compute_s
+            one = torch.get_num_threads() == 1
+            compute = result.metrics.get("cpu_s", result.compute_s) if one else result.compute_s
             virtual_s = (compute / n.profile_speed + len(result.payload) * 8 / (n.profile_uplink_mbps * 1e6)
                          + n.profile_latency_s)
+            train_s = (result.metrics.get("train_cpu_s", result.train_s) if one else result.train_s) / n.profile_speed
         report = RoundReport(
             **base, status="ok", transfer_id=cfg.upload_transfer_id, upload_bytes=len(result.payload),
-            loss_start=result.loss_start, loss_end=result.loss_end, samples=result.samples,
-            compute_s=result.compute_s, upload_s=upload_s, virtual_s=virtual_s, sparsity=result.sparsity,
+            loss_start=result.loss_start, loss_end=result.loss_end, samples=result.samples, steps=result.steps,
+            examples=result.examples, compute_s=result.compute_s, train_s=train_s, upload_s=upload_s,
+            virtual_s=virtual_s, sparsity=result.sparsity,
             rank=result.rank, energy_j=energy.energy_j if energy is not None else None,
             avg_power_w=energy.avg_power_w if energy is not None else None,
             power_source=energy.source if energy is not None else "", metrics=dict(result.metrics),

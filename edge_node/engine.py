@@ -63,6 +63,9 @@ class RoundResult:
     rank: int
     metrics: dict[str, float] = field(default_factory=dict)
     peak_memory_mb: float = 0.0
+    steps: int = 0  # local steps run
+    examples: int = 0  # local training examples
+    train_s: float = 0.0  # wall time of the local steps (metrics["train_cpu_s"]: their CPU time on this thread)
 
 
 def _get_logger(log):
@@ -256,12 +259,14 @@ class LocalTrainer:
         opt = self._optimizer()
         timing = {"step": 0.0, "importance": 0.0}
         samples = steps = 0
+        t_train, cpu_train = time.perf_counter(), time.thread_time()
         for _ in range(local_steps):
             if should_stop is not None and should_stop():
                 raise RoundInterrupted(f"stopped after {steps} of {local_steps} local steps")
             _, n = self._train_step(opt, track=not prune_random, timing=timing)
             samples += n
             steps += 1
+        t_train, cpu_train = time.perf_counter() - t_train, time.thread_time() - cpu_train
         if deferred:
             pruned = self._prune(target_sparsity, prune_random)
         end = self._evaluate(eval_batches)  # the same batches as loss_start: one pass gives loss and accuracy
@@ -273,6 +278,7 @@ class LocalTrainer:
         # CPU time of this thread: with one torch thread it is the round's compute, unaffected by other
         # processes competing for the cores (what a simulated device's virtual clock should use).
         metrics["cpu_s"] = time.thread_time() - cpu_start - cpu_eval
+        metrics["train_cpu_s"] = cpu_train
         payload = update.to_bytes()
         achieved = self.sparsity
         kept = kept_maps(self.model)
@@ -286,7 +292,8 @@ class LocalTrainer:
         self.rounds += 1
         result = RoundResult(update=update, payload=payload, loss_start=loss_start, loss_end=loss_end,
                              samples=samples, compute_s=compute_s, sparsity=achieved, rank=current_rank(self.model),
-                             metrics=metrics, peak_memory_mb=self._peak_memory_mb())
+                             metrics=metrics, peak_memory_mb=self._peak_memory_mb(), steps=steps,
+                             examples=len(self.train_idx), train_s=t_train)
         self.log.info("local_round", steps=steps, loss_start=round(loss_start, 4), loss_end=round(loss_end, 4),
                       sparsity=round(achieved, 4), rank=result.rank, compute_s=round(compute_s, 3),
                       importance_ms=round(metrics["importance_ms"], 2), step_ms=round(metrics["step_ms"], 2))

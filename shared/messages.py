@@ -314,7 +314,10 @@ class RoundReport(Message):
     loss_start: float = spec(0.0, lo=-_BIG, hi=_BIG)
     loss_end: float = spec(0.0, lo=-_BIG, hi=_BIG)
     samples: int = _count(0)
+    steps: int = _count(0)  # local steps run (0: not reported; the assigned local_steps)
+    examples: int = _count(0)  # size of the node's local training set (the aggregation weight)
     compute_s: float = _seconds(0.0)
+    train_s: float = _seconds(0.0)  # the local steps' share of the round time, on the same clock as virtual_s/wall
     upload_s: float = _seconds(0.0)
     virtual_s: float = _seconds(0.0)
     sparsity: float = _frac(0.0)

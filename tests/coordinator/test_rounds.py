@@ -6,7 +6,6 @@ import hashlib
 import json
 import threading
 import time
-from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -16,22 +15,9 @@ from coordinator.server import Coordinator
 from coordinator.state import CheckpointStore
 from edge_node.agent import NodeAgent
 from edge_node.config import NodeConfig
+from edge_node.engine import RoundResult
 from shared.transport import MemoryBus, MemoryTransport
 from shared.updates import LoraUpdate, ModuleUpdate
-
-
-@dataclass
-class FakeResult:
-    update: LoraUpdate
-    payload: bytes
-    loss_start: float
-    loss_end: float
-    samples: int
-    compute_s: float
-    sparsity: float
-    rank: int
-    metrics: dict = field(default_factory=dict)
-    peak_memory_mb: float = 0.0
 
 
 class FakeTrainer:
@@ -56,8 +42,8 @@ class FakeTrainer:
         u = LoraUpdate({"layer.q": m}, {"classifier.weight": torch.ones(2, 4) * len(self.calls)})
         payload = u.to_bytes()
         self.sent[hashlib.sha256(payload).hexdigest()] = payload
-        return FakeResult(update=u, payload=payload, loss_start=1.0, loss_end=0.9, samples=32, compute_s=0.01,
-                          sparsity=self.sparsity, rank=rank, metrics={"test_accuracy": 0.5})
+        return RoundResult(update=u, payload=payload, loss_start=1.0, loss_end=0.9, samples=32, compute_s=0.01,
+                          sparsity=self.sparsity, rank=rank, metrics={"test_accuracy": 0.5}, steps=local_steps, examples=64)
 
 
 def start_fleet(tmp_path, trainers: dict[str, FakeTrainer], **coordinator):

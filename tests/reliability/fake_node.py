@@ -34,7 +34,7 @@ class PayloadTrainer:
 
     def run_round(self, *, target_sparsity, rank, local_steps, global_update, prune_random=False,
                   should_stop=None):  # type: ignore[no-untyped-def]
-        from tests.coordinator.test_rounds import FakeResult
+        from edge_node.engine import RoundResult
 
         self.rounds += 1
         self.sparsity = max(self.sparsity, target_sparsity)
@@ -53,8 +53,8 @@ class PayloadTrainer:
             sent = self.sent_log.parent / "sent"
             sent.mkdir(exist_ok=True)
             (sent / f"{digest}.safetensors").write_bytes(payload)
-        return FakeResult(update=u, payload=payload, loss_start=1.0, loss_end=0.9, samples=32, compute_s=0.01,
-                          sparsity=self.sparsity, rank=rank)
+        return RoundResult(update=u, payload=payload, loss_start=1.0, loss_end=0.9, samples=32, compute_s=0.01,
+                          sparsity=self.sparsity, rank=rank, steps=local_steps, examples=64)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -239,7 +239,10 @@ def check_global_is_the_aggregate(state_dir: Path, sent: dict[str, bytes], metri
         # Each node started from the global state sliced to its structure and truncated to its rank.
         starts = [replay.slice_for(structure.get(r["node"]), next(iter(u.modules.values())).rank, LORA_ALPHA)
                   for r, u in zip(mine, ups, strict=True)]
-        replay.aggregate([(u, float(r["samples"])) for r, u in zip(mine, ups, strict=True)], starts=starts)
+        # Weighted by training examples (every node reports them), each change per local step (FedNova).
+        assert all(r["examples"] > 0 and r["steps"] > 0 for r in mine)
+        replay.aggregate([(u, float(r["examples"])) for r, u in zip(mine, ups, strict=True)], starts=starts,
+                         steps=[r["steps"] for r in mine])
         for r, u in zip(mine, ups, strict=True):
             structure[r["node"]] = {n: (m.rows, m.cols) for n, m in u.modules.items()}
     ck = CheckpointStore(state_dir).load()
