@@ -200,3 +200,33 @@ def test_round_coverage_damps_a_step_few_nodes_took_without_shrinking_the_value(
     assert torch.allclose(out["round"][3:], G[3:] + d_a[3:] / 4, atol=1e-4)  # b's weight counts as no change
     with pytest.raises(ValueError):
         GlobalLora("other")
+
+
+def test_changes_are_averaged_per_local_step_when_nodes_ran_different_steps():
+    """FedNova's normalisation: a node that ran 4x the steps moves the average no further per step."""
+    gen = torch.Generator().manual_seed(5)
+    G = torch.randn(6, 5, generator=gen)
+    full, part = {"q": (torch.arange(6), torch.arange(5))}, {"q": (torch.arange(3), torch.arange(5))}
+    a, b = 0.1 * torch.randn(6, 5, generator=gen), 0.1 * torch.randn(6, 5, generator=gen)  # per-step changes
+
+    def run(steps):
+        g = GlobalLora()
+        g.load_tensors({"delta.q": G.clone(), "dense.head": torch.zeros(2)})
+        s_a, s_b = g.slice_for(full, 5, 16.0), g.slice_for(part, 5, 16.0)
+        fin_a = LoraUpdate(_from_delta(G + 4 * a, rank=5).modules, {"head": torch.full((2,), 4.0)})  # 4 steps
+        fin_b = LoraUpdate(_from_delta(G + b, rank=5, rows=[0, 1, 2]).modules, {"head": torch.full((2,), 1.0)})
+        g.aggregate([(fin_a, 1.0), (fin_b, 1.0)], starts=[s_a, s_b], steps=steps)
+        return g
+
+    g = run([4, 1])
+    tau_eff = (4 + 1) / 2  # the weighted mean steps of the nodes that kept rows 0..2
+    assert torch.allclose(g.delta["q"][:3], G[:3] + tau_eff * (a[:3] + b[:3]) / 2, atol=1e-4)
+    assert torch.allclose(g.delta["q"][3:], G[3:] + 4 * a[3:], atol=1e-4)  # a alone kept them: its whole change
+    assert torch.allclose(g.dense["head"], torch.full((2,), tau_eff * (4 / 4 + 1 / 1) / 2))
+    plain = run(None)  # without steps: the plain average of the changes, dominated by the node that ran longer
+    assert torch.allclose(plain.delta["q"][:3], G[:3] + (4 * a[:3] + b[:3]) / 2, atol=1e-4)
+    same = run([3, 3])  # equal steps: the same as no steps
+    assert torch.allclose(same.delta["q"], plain.delta["q"], atol=1e-5)
+    assert torch.allclose(same.dense["head"], plain.dense["head"])
+    with pytest.raises(ValueError, match="steps"):
+        GlobalLora().aggregate([(upd(2), 1.0)], starts=[None], steps=[0])

@@ -23,8 +23,8 @@ from shared.updates import LoraUpdate, ModuleUpdate
 class FakeTrainer:
     """Answers a round like LocalTrainer: an update at the assigned rank over its (shrinking) structure."""
 
-    def __init__(self, name: str, behaviour: str = "ok", delay_s: float = 0.0) -> None:
-        self.name, self.behaviour, self.delay_s = name, behaviour, delay_s
+    def __init__(self, name: str, behaviour: str = "ok", delay_s: float = 0.0, step_s: float = 0.0) -> None:
+        self.name, self.behaviour, self.delay_s, self.step_s = name, behaviour, delay_s, step_s
         self.sparsity, self.calls, self.received = 0.0, [], []
         self.sent: dict[str, bytes] = {}  # sha256 -> every update payload it produced
 
@@ -33,7 +33,7 @@ class FakeTrainer:
         self.received.append(global_update)
         if self.behaviour == "oom":
             raise MemoryError("CUDA out of memory (simulated)")
-        time.sleep(self.delay_s)
+        time.sleep(self.delay_s + self.step_s * local_steps)
         self.sparsity = max(self.sparsity, target_sparsity)
         kept = max(1, round(8 * (1 - self.sparsity)))
         g = torch.Generator().manual_seed(len(self.calls) * 31 + len(self.name))
@@ -43,7 +43,8 @@ class FakeTrainer:
         payload = u.to_bytes()
         self.sent[hashlib.sha256(payload).hexdigest()] = payload
         return RoundResult(update=u, payload=payload, loss_start=1.0, loss_end=0.9, samples=32, compute_s=0.01,
-                          sparsity=self.sparsity, rank=rank, metrics={"test_accuracy": 0.5}, steps=local_steps, examples=64)
+                          sparsity=self.sparsity, rank=rank, metrics={"test_accuracy": 0.5}, examples=64,
+                           steps=local_steps + (self.behaviour == "miscount"), train_s=self.step_s * local_steps)
 
 
 def start_fleet(tmp_path, trainers: dict[str, FakeTrainer], **coordinator):
@@ -104,6 +105,21 @@ def test_oom_node_is_reported_and_the_round_goes_on(tmp_path):
     # the arm that ran out of memory and every heavier one (same or lower sparsity, same or higher rank) is gone
     assert not (second[0] <= first[0] + 1e-9 and second[1] >= first[1])
     assert coord.registry.is_live("tx2-3")  # the node stayed alive
+
+
+def test_fast_nodes_are_given_more_steps_and_a_miscounted_round_is_rejected(tmp_path):
+    trainers = {"agx-1": FakeTrainer("agx-1", step_s=0.01), "nx-2": FakeTrainer("nx-2", "miscount", step_s=0.01),
+                "tx2-3": FakeTrainer("tx2-3", step_s=0.1)}
+    coord, agents, t, out = start_fleet(tmp_path, trainers, rounds=2, max_steps_factor=5)
+    t.join(60)
+    for a in agents:
+        a.stop()
+    assert out["summary"].rounds_done == 2
+    assert [c[2] for c in trainers["agx-1"].calls[:2]] == [2, 10]  # τ, then 5τ: it would finish 10x early
+    assert [c[2] for c in trainers["tx2-3"].calls[:2]] == [2, 2]  # the slowest runs τ
+    node_rows = [r for r in rows(tmp_path, "node") if not r.get("eval_only")]
+    assert {r["status"] for r in node_rows if r["node"] == "nx-2"} == {"rejected"}  # ran one step it was not given
+    assert [r["steps"] for r in node_rows if r["node"] == "agx-1"] == [2, 10]
 
 
 def test_silent_node_times_out_without_stalling_the_fleet(tmp_path):

@@ -5,7 +5,9 @@ import torch
 
 from coordinator.config import CoordinatorConfig
 from coordinator.state import CheckpointStore
-from coordinator.strategy import Assignment, Failure, NodeInfo, NodeResult, idle_fraction, make_strategy
+from coordinator.strategy import (Assignment, Failure, NodeInfo, NodeResult, aligned_steps, idle_fraction, make_strategy,
+                                  node_weights)
+from shared.config import ConfigError
 from shared.updates import LoraUpdate, ModuleUpdate, UpdateError
 
 NODES = [NodeInfo("agx-1", "agx"), NodeInfo("nx-2", "nx"), NodeInfo("tx2-3", "tx2")]
@@ -119,3 +121,59 @@ def test_final_sync_rank_is_the_largest_rank_the_method_trains_with():
                                                       "tier_ranks": {"agx": 12, "tx2": 4, "default": 6}}})
         ranks[method] = make_strategy(cfg, total_rounds=2).final_rank()
     assert ranks == {"fedspine": 32, "hetlora": 12, "fedlora": 8, "prune_ft": 8}
+
+
+def test_aligned_steps_fill_the_wait_for_the_slowest_node_within_bounds():
+    timing = {"fast": (1.0, 1.0), "mid": (2.0, 2.5), "slow": (5.0, 5.0)}  # (fixed s, s per step)
+    got = aligned_steps(timing, tau=20, most=100)
+    assert got == {"fast": 100, "mid": 41, "slow": 20}  # slow at τ finishes at 105 s; mid: 2 + 41·2.5 = 104.5
+    assert aligned_steps(timing, tau=20, most=60)["fast"] == 60  # capped
+    assert aligned_steps(timing, tau=20, most=20) == {"fast": 20, "mid": 20, "slow": 20}  # off
+    assert aligned_steps({"a": (9.0, 1.0), "b": (0.0, 1.0)}, tau=5, most=50) == {"a": 5, "b": 14}  # fixed cost counts
+
+
+def _timed(a: Assignment, rnd: int, per_step: float, fixed: float = 2.0) -> NodeResult:
+    r = result(a, rnd)
+    return NodeResult(**{**r.__dict__, "steps": a.local_steps, "train_s": per_step * a.local_steps,
+                         "round_time_s": fixed + per_step * a.local_steps, "examples": 100})
+
+
+@pytest.mark.parametrize("method", ["fedspine", "fedlora"])
+def test_fast_nodes_run_more_steps_only_where_steps_are_aligned(method):
+    strat = make_strategy(cfg(method), total_rounds=10)
+    per_step = {"agx-1": 0.2, "nx-2": 0.4, "tx2-3": 1.0}
+    first = strat.configure_round(1, NODES)
+    assert all(a.local_steps == 5 for a in first)  # no timing yet: τ for everyone
+    summary = strat.aggregate_round(1, [_timed(a, 1, per_step[a.node_id]) for a in first], [])
+    assert summary.idle_fraction > 0.3
+    second = {a.node_id: a.local_steps for a in strat.configure_round(2, NODES)}
+    if method == "fedlora":
+        assert second == {"agx-1": 5, "nx-2": 5, "tx2-3": 5}
+        return
+    assert second == {"agx-1": 25, "nx-2": 12, "tx2-3": 5}  # 25 = min(5τ, (2 + 5·1.0 - 2) / 0.2)
+    results = [_timed(a, 2, per_step[a.node_id]) for a in strat.configure_round(2, NODES)]
+    summary = strat.aggregate_round(2, results, [])
+    assert summary.idle_fraction < 0.05
+    # The bandit sees each node's time at τ steps, not its aligned completion time.
+    assert strat.nodes["agx-1"].last_time_s == pytest.approx(2.0 + 5 * 0.2)
+    assert strat.nodes["agx-1"].behind is False and strat.nodes["tx2-3"].behind is True
+    restored = make_strategy(cfg(method), total_rounds=10)
+    restored.load_state_dict(strat.state_dict())  # the timing survives a restart
+    assert {a.node_id: a.local_steps for a in restored.configure_round(3, NODES)} == \
+        {a.node_id: a.local_steps for a in strat.configure_round(3, NODES)}
+
+
+def test_aggregation_weights_are_training_examples_else_samples_per_step():
+    a = Assignment("n", 0.0, 8, 5)
+    r1 = NodeResult(**{**result(a, 1).__dict__, "examples": 300, "steps": 20, "samples": 320})
+    r2 = NodeResult(**{**result(a, 1).__dict__, "examples": 100, "steps": 5, "samples": 80})
+    assert node_weights([r1, r2], tau=5) == [300.0, 100.0]
+    r2 = NodeResult(**{**r2.__dict__, "examples": 0})  # one node did not report: per-step batches for all
+    assert node_weights([r1, r2], tau=5) == [16.0, 16.0]
+
+
+def test_step_alignment_settings_are_checked():
+    with pytest.raises(ConfigError, match="align_steps"):
+        CoordinatorConfig.from_dict({"coordinator": {"align_steps": ["fedspine", "fedfoo"]}})
+    with pytest.raises(ConfigError, match="max_steps_factor"):
+        CoordinatorConfig.from_dict({"coordinator": {"max_steps_factor": 0.5}})

@@ -39,6 +39,8 @@ def test_rounds_learn_prune_monotone_and_report(cls_data):
         assert res.rank == rank and res.samples == 15 * 16
         assert res.sparsity >= target - 1e-9 and res.sparsity == pytest.approx(tr.sparsity)
         assert res.compute_s > 0 and res.peak_memory_mb > 0
+        assert res.steps == 15 and res.examples == len(tr.train_idx) > 0  # what the coordinator weighs and paces
+        assert 0 < res.train_s < res.compute_s and 0 < res.metrics["train_cpu_s"] <= res.metrics["cpu_s"]
         assert LoraUpdate.from_bytes(res.payload).modules.keys() == res.update.modules.keys()
         assert {"val_accuracy", "val_loss", "params", "heads_kept", "channels_kept"} <= res.metrics.keys()
     sparsities = [r.sparsity for r in results]
