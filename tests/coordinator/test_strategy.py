@@ -5,8 +5,16 @@ import torch
 
 from coordinator.config import CoordinatorConfig
 from coordinator.state import CheckpointStore
-from coordinator.strategy import (Assignment, Failure, NodeInfo, NodeResult, aligned_steps, idle_fraction, make_strategy,
-                                  node_weights)
+from coordinator.strategy import (
+    Assignment,
+    Failure,
+    NodeInfo,
+    NodeResult,
+    aligned_steps,
+    idle_fraction,
+    make_strategy,
+    node_weights,
+)
 from shared.config import ConfigError
 from shared.updates import LoraUpdate, ModuleUpdate, UpdateError
 
