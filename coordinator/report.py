@@ -30,7 +30,8 @@ class MethodResult:
     params: int | None = None
     time_to_target_s: float | None = None
     per_round_idle: list[float] = field(default_factory=list)
-    configs: dict[str, list[tuple[int, float, int]]] = field(default_factory=dict)  # node -> (round, sparsity, rank)
+    # node -> (round, sparsity, rank, local steps)
+    configs: dict[str, list[tuple[int, float, int, int]]] = field(default_factory=dict)
 
 
 def _rows(path: Path) -> list[dict]:
@@ -70,7 +71,8 @@ def analyse(method: str, metrics_path: Path) -> MethodResult:
             res.rounds += 1
         res.upload_bytes += sum(int(r.get("upload_bytes", 0)) for r in ok)
         for r in ok:
-            res.configs.setdefault(r["node"], []).append((rnd, float(r.get("sparsity", 0.0)), int(r.get("rank", 0))))
+            res.configs.setdefault(r["node"], []).append((rnd, float(r.get("sparsity", 0.0)), int(r.get("rank", 0)),
+                                                          int(r.get("steps") or 0)))
     res.virtual_time_s = clock
     if res.per_round_idle:
         res.idle_fraction = mean(res.per_round_idle)
@@ -168,12 +170,14 @@ def _plots(results: dict[str, MethodResult], out: Path, target: float | None) ->
     for r in results.values():
         if not r.configs:
             continue
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(14, 4))
         for node, seq in sorted(r.configs.items()):
             a1.plot([s[0] for s in seq], [s[1] for s in seq], marker="o", ms=3, label=node)
             a2.plot([s[0] for s in seq], [s[2] for s in seq], marker="o", ms=3, label=node)
+            a3.plot([s[0] for s in seq], [s[3] for s in seq], marker="o", ms=3, label=node)
         a1.set(xlabel="round", ylabel="sparsity", title=f"{r.method}: sparsity per node")
         a2.set(xlabel="round", ylabel="LoRA rank", title=f"{r.method}: rank per node")
+        a3.set(xlabel="round", ylabel="local steps", title=f"{r.method}: local steps per node")
         a1.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / f"configs_{r.method}.png", dpi=120)

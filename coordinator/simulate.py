@@ -200,7 +200,8 @@ def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broke
                 if done:
                     last = done[-1]
                     nodes = [r for r in rows if r.get("kind") == "node" and r.get("round") == last["round"]]
-                    info = " ".join(f"{r['node']}:p={r.get('sparsity', 0):.2f},r={r.get('rank')}" for r in nodes)
+                    info = " ".join(f"{r['node']}:p={r.get('sparsity', 0):.2f},r={r.get('rank')},k={r.get('steps')}"
+                                    for r in nodes)
                     acc = last.get("test_accuracy")
                     progress.update(task, completed=last["round"],
                                     info=(f"acc={acc:.3f} " if isinstance(acc, float) else "") + info)
