@@ -455,7 +455,8 @@ class Coordinator:
             if res is not None and p.report is not None:
                 rep = p.report
                 rec.update(status="ok", loss_start=rep.loss_start, loss_end=rep.loss_end, samples=rep.samples,
-                           steps=res.steps, examples=rep.examples, train_s=rep.train_s, compute_s=rep.compute_s, upload_s=rep.upload_s, virtual_s=rep.virtual_s,
+                           steps=res.steps, examples=rep.examples, train_s=rep.train_s, compute_s=rep.compute_s,
+                           upload_s=rep.upload_s, virtual_s=rep.virtual_s,
                            round_time_s=res.round_time_s, wall_s=p.received_at - p.sent_at,
                            sparsity=rep.sparsity, upload_bytes=res.upload_bytes, energy_j=rep.energy_j,
                            avg_power_w=rep.avg_power_w, power_source=rep.power_source,

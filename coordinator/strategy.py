@@ -66,11 +66,16 @@ class NodeResult:
     examples: int = 0  # the node's training examples (0: unknown; the weight falls back to samples per step)
     train_s: float = 0.0  # the local steps' share of round_time_s (0: unknown)
 
+    def timing(self) -> tuple[float, float] | None:
+        """(seconds of the round outside the local steps, seconds per local step), or None if not reported."""
+        if self.train_s <= 0 or self.steps <= 0:
+            return None
+        return max(self.round_time_s - self.train_s, 0.0), self.train_s / self.steps
+
     def paced_time_s(self, tau: int) -> float:
         """The completion time this node would have had at τ local steps (its round time when it ran τ)."""
-        if self.train_s <= 0 or self.steps <= 0:
-            return self.round_time_s
-        return self.round_time_s - self.train_s + tau * self.train_s / self.steps
+        t = self.timing()
+        return self.round_time_s if t is None else t[0] + tau * t[1]
 
 
 @dataclass(frozen=True)
@@ -267,8 +272,8 @@ class Strategy:
             st = self._state(r.node_id)
             st.last_time_s = paced[r.node_id]
             st.behind = paced[r.node_id] > mean_paced if len(results) > 1 else None
-            if r.train_s > 0 and r.steps > 0:
-                st.fixed_s, st.step_s = max(r.round_time_s - r.train_s, 0.0), r.train_s / r.steps
+            if (t := r.timing()) is not None:
+                st.fixed_s, st.step_s = t
         if self.method == "fedspine":
             for r in results:
                 a, _, beyond = self._pending.get(r.node_id, (None, 0.0, False))
