@@ -20,6 +20,12 @@ change by the weight of all the round's nodes instead: a node that pruned the co
 change there.  The value is not shrunk toward zero (G stays), only a step that few nodes took is damped, so a
 coordinate that one node with skewed data alone still has does not drift on that node's data alone.
 
+``min_keepers`` (ours, default 2 in the coordinator's config) changes a coordinate only where at least that many
+of the round's nodes kept it (at most the number of nodes in the round, so a one-node round still learns);
+elsewhere the coordinate keeps its previous value.  Every change the global update ever received was then
+averaged over at least two nodes' data: a coordinate that one node alone still has is not trained on that
+node's skewed data alone, round after round, and the node deploys the federated value there.
+
 Group importance that nodes report with their updates is averaged the same way, coverage-weighted per group
 (a group scored only by the nodes that still have it), and sent back to every node with its slice.
 
@@ -51,10 +57,13 @@ def _key(t: torch.Tensor) -> str:
 class GlobalLora:
     """The global update: a dense ΔW per adapted module in unpruned coordinates, plus dense parameters."""
 
-    def __init__(self, coverage: str = "kept") -> None:
+    def __init__(self, coverage: str = "kept", min_keepers: int = 1) -> None:
         if coverage not in COVERAGE:
             raise ValueError(f"coverage {coverage!r} must be one of {COVERAGE}")
+        if min_keepers < 1:
+            raise ValueError(f"min_keepers {min_keepers} must be >= 1")
         self.coverage = coverage
+        self.min_keepers = min_keepers
         self.delta: dict[str, torch.Tensor] = {}
         self.dense: dict[str, torch.Tensor] = {}
         self.importance: dict[str, torch.Tensor] = {}  # "<layer>.<kind>" -> fleet mean score per group
@@ -105,12 +114,14 @@ class GlobalLora:
         for u, _ in updates:
             self.check(u)
         paces = [float(t) for t in steps] if steps is not None and starts is not None else [1.0] * len(updates)
+        need = min(self.min_keepers, sum(1 for _, w in updates if w > 0))
         names = sorted({n for u, _ in updates for n in u.modules})
         for name in names:
             shape = next(u.modules[name].shape for u, _ in updates if name in u.modules)
             num = torch.zeros(shape, dtype=torch.float32)
             den = torch.zeros(shape, dtype=torch.float32)
             pace = torch.zeros(shape, dtype=torch.float32)  # Σ w·steps over the nodes that kept each coordinate
+            keepers = torch.zeros(shape, dtype=torch.float32) if need > 1 else None  # how many nodes kept each
             received: dict[int, torch.Tensor] = {}  # each distinct slice as a dense matrix (nodes alike share one)
             for i, (u, w) in enumerate(updates):
                 m = u.modules.get(name)
@@ -127,6 +138,8 @@ class GlobalLora:
                     num += d
                     den += w
                     pace += w * paces[i]
+                    if keepers is not None:
+                        keepers += 1
                     continue
                 if m.rows.numel() != shape[0]:
                     d = torch.zeros(shape[0], d.shape[1]).index_copy_(0, m.rows, d)
@@ -137,7 +150,11 @@ class GlobalLora:
                 cmask = torch.zeros(shape[1]).index_fill_(0, m.cols, 1.0)
                 den.addr_(rmask, cmask)
                 pace.addr_(rmask, cmask, alpha=paces[i])
+                if keepers is not None:
+                    keepers.addr_(torch.zeros(shape[0]).index_fill_(0, m.rows, 1.0), cmask)
             prev = self.delta.get(name)
+            if keepers is not None:  # too few keepers: no change there (the previous value, or zero, stays)
+                den = torch.where(keepers >= need, den, torch.zeros_like(den))
             if starts is None:  # average the states
                 self.delta[name] = torch.where(den > 0, num / den.clamp_min(1e-30),
                                                prev if prev is not None else torch.zeros(shape))

@@ -29,6 +29,9 @@ class RoundSettings:
     seed: int = 0
     export_at_end: bool = True
     coverage: str = "kept"  # one of COVERAGE
+    # A coordinate of the global update changes only where at least this many of the round's nodes kept it (ours;
+    # 1 = the spec's rule): a coordinate one node alone still has is not trained on that node's data alone.
+    min_keepers: int = 2
     # Step alignment (ours): for these methods a node that would finish early runs more local steps, up to
     # max_steps_factor × τ, so that it completes with the round's slowest node at τ steps (strategy.aligned_steps).
     align_steps: tuple[str, ...] = ("fedspine",)
@@ -39,6 +42,8 @@ class RoundSettings:
             raise ConfigError(f"[coordinator] method {self.method!r} must be one of {METHODS}")
         if self.coverage not in COVERAGE:
             raise ConfigError(f"[coordinator] coverage {self.coverage!r} must be one of {COVERAGE}")
+        if self.min_keepers < 1:
+            raise ConfigError(f"[coordinator] min_keepers {self.min_keepers} must be >= 1")
         if self.rounds < 1 or self.local_steps < 1:
             raise ConfigError(f"[coordinator] rounds {self.rounds} and local_steps {self.local_steps} must be >= 1")
         if not 0 < self.fraction <= 1 or not 0 < self.quorum <= 1:

@@ -20,9 +20,12 @@ class NodeEntry:
     online: bool
     last_change: float
     joined_round: int  # last completed (or in-progress) round when it came online; it takes part after it
+    step_s: float = 0.0  # its startup timing (NodeStatus), for sizing its first round
+    overhead_s: float = 0.0
 
     def info(self) -> NodeInfo:
-        return NodeInfo(node_id=self.node_id, device_type=self.device_type, memory_mb=self.memory_mb)
+        return NodeInfo(node_id=self.node_id, device_type=self.device_type, memory_mb=self.memory_mb,
+                        step_s=self.step_s, overhead_s=self.overhead_s)
 
 
 class Registry:
@@ -42,7 +45,7 @@ class Registry:
             self._nodes[status.node_id] = NodeEntry(
                 node_id=status.node_id, device_type=status.device_type or "default", model_id=status.model_id,
                 memory_mb=status.memory_mb, software_version=status.software_version, online=True,
-                last_change=now, joined_round=current_round,
+                last_change=now, joined_round=current_round, step_s=status.step_s, overhead_s=status.overhead_s,
             )
             self._online += 1
             return "joined"
@@ -52,6 +55,8 @@ class Registry:
             entry.model_id = status.model_id or entry.model_id
             entry.memory_mb = status.memory_mb or entry.memory_mb
             entry.software_version = status.software_version or entry.software_version
+            if status.step_s > 0:
+                entry.step_s, entry.overhead_s = status.step_s, status.overhead_s
             if changed:
                 entry.online, entry.last_change, entry.joined_round = True, now, current_round
                 self._online += 1

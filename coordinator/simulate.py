@@ -161,7 +161,8 @@ def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broke
     coord_cfg = run_dir / "coordinator.toml"
     write_toml(coord_cfg, {
         "broker": {**broker_sec, **login("coordinator")},
-        "coordinator": {"rounds": args.rounds, "method": method, "coverage": args.coverage, "min_nodes": len(fleet), "local_steps": args.local_steps,
+        "coordinator": {"rounds": args.rounds, "method": method, "coverage": args.coverage,
+                        "min_keepers": args.min_keepers, "min_nodes": len(fleet), "local_steps": args.local_steps,
                         "deadline_s": args.deadline_s, "state_dir": str(state_dir), "metrics_file": str(metrics),
                         "seed": args.seed, "join_timeout_s": 600.0,
                         **({} if args.align_steps is None else
@@ -242,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--test-batches", type=int, default=8, help="test batches evaluated per round (curves)")
     ap.add_argument("--coverage", default="kept", choices=COVERAGE,
                     help="aggregation: divide a coordinate's change by the weight of the nodes that kept it, or of all")
+    ap.add_argument("--min-keepers", type=int, default=2,
+                    help="a coordinate changes only where at least this many of the round's nodes kept it (1: the spec)")
     ap.add_argument("--fleet-importance", type=float, default=None,
                     help="nodes' [train] fleet_importance (weight of the fleet's importance when pruning; default 0.5)")
     ap.add_argument("--align-steps", default=None,

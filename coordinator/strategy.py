@@ -35,6 +35,8 @@ class NodeInfo:
     node_id: str
     device_type: str = "default"
     memory_mb: int = 0
+    step_s: float = 0.0  # seconds per local step the node measured when it joined (0: unknown)
+    overhead_s: float = 0.0  # and of its round's work outside the steps
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,8 @@ class Strategy:
         self.bandit = FleetBandit(b.delta_p, b.ranks, discount=b.discount, exploration=b.exploration,
                                   target_sparsity=b.target_sparsity, total_rounds=total_rounds, seed=seed,
                                   factored=b.factored)
-        self.global_ = ZeroPadLora() if self.method == "hetlora" else GlobalLora(cfg.coordinator.coverage)
+        c = cfg.coordinator
+        self.global_ = ZeroPadLora() if self.method == "hetlora" else GlobalLora(c.coverage, c.min_keepers)
         self.nodes: dict[str, NodeState] = {}
         # node -> (assignment, sparsity before, whether the bandit chose its Δp at or above the target)
         self._pending: dict[str, tuple[Assignment, float, bool]] = {}
@@ -189,8 +192,13 @@ class Strategy:
         c = self.cfg.coordinator
         steps = {}
         if self.method in c.align_steps:
-            timing = {n.node_id: (st.fixed_s, st.step_s) for n in nodes
-                      if (st := self._state(n.node_id)).step_s and st.fixed_s is not None}
+            timing = {}
+            for n in nodes:  # the node's last round; before it has one, what it measured when it joined
+                st = self._state(n.node_id)
+                if st.step_s and st.fixed_s is not None:
+                    timing[n.node_id] = (st.fixed_s, st.step_s)
+                elif n.step_s > 0:
+                    timing[n.node_id] = (n.overhead_s, n.step_s)
             steps = aligned_steps(timing, c.local_steps, int(c.max_steps_factor * c.local_steps))
         for node in nodes:
             st = self._state(node.node_id)

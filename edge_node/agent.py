@@ -77,6 +77,7 @@ class NodeAgent:
         self.reassembler = Reassembler(max_bytes=512 * 1024 * 1024, timeout_s=600.0)
         self._trainer = trainer
         self._telemetry = telemetry
+        self._timing = (0.0, 0.0)  # (seconds per local step, of the rest of a round) measured at startup
         self._round = -1
         self._done: _Done | None = None
         # (run id, round, upload transfer) of the newest live config received: a round being worked on whose
@@ -110,6 +111,36 @@ class NodeAgent:
                 self.log.info("trainer_resumed", sparsity=self._trainer.sparsity)
         return self._trainer
 
+    @property
+    def simulated(self) -> bool:
+        """This process stands for a device profile (benchmarks/fleet): times are reported on a virtual clock."""
+        return self.cfg.node.profile_uplink_mbps > 0
+
+    def _device_s(self, wall: float, cpu: float | None) -> float:
+        """Seconds on this device's clock: the wall time, or on a simulated device the compute time scaled by the
+        profile speed.  With one torch thread the thread's CPU time is that compute, whatever else shares the
+        machine."""
+        if not self.simulated:
+            return wall
+        import torch
+
+        return (cpu if cpu is not None and torch.get_num_threads() == 1 else wall) / self.cfg.node.profile_speed
+
+    def _calibrate(self) -> None:
+        """Time a few local steps before joining, so that the coordinator can size this node's first round."""
+        steps = self.cfg.node.calibration_steps
+        if steps <= 0 or not hasattr(self.trainer, "calibrate"):
+            return
+        try:
+            c = self.trainer.calibrate(steps)
+        except Exception as exc:  # noqa: BLE001 - without a timing the node still works (first round at τ)
+            self.log.warning("calibration_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+            return
+        self._timing = (self._device_s(c["step_s"], c.get("step_cpu_s")),
+                        self._device_s(c["fixed_s"], c.get("fixed_cpu_s"))
+                        + (self.cfg.node.profile_latency_s if self.simulated else 0.0))
+        self.log.info("calibrated", steps=steps, step_s=round(self._timing[0], 4), overhead_s=round(self._timing[1], 4))
+
     # ---- presence -----------------------------------------------------------------------------------------
     def _status(self, state: str) -> NodeStatus:
         n = self.cfg.node
@@ -119,7 +150,7 @@ class NodeAgent:
             node_id=self.node_id, state=state, ts=time.time(), device_type=n.device_type,
             model_id=Path(n.model_path).name if n.model_path else "", memory_mb=memory,
             software_version=SOFTWARE_VERSION, sparsity=sparsity, round=self._round,
-            telemetry_source=getattr(self._telemetry, "source", ""),
+            telemetry_source=getattr(self._telemetry, "source", ""), step_s=self._timing[0], overhead_s=self._timing[1],
         )
 
     def _on_connect(self) -> None:
@@ -180,6 +211,7 @@ class NodeAgent:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
         _ = self.trainer  # load model and data before announcing: a node that joins is ready to work
+        self._calibrate()
         t = self.transport
         t.subscribe(self.topics.node(self.node_id, "config"), self._handle_config)
         t.subscribe(self.topics.node(self.node_id, "download"), self._handle_download)
@@ -315,17 +347,10 @@ class NodeAgent:
             if self._telemetry is not None:
                 self._telemetry.set_phase("idle", cfg.round)
         n = self.cfg.node
-        virtual_s, train_s = 0.0, result.train_s
-        if n.profile_uplink_mbps > 0:
-            # Simulated device: its compute time scaled by the profile speed, plus the profile's uplink.  With one
-            # torch thread the training thread's CPU time is that compute, whatever else shares the machine.
-            import torch
-
-            one = torch.get_num_threads() == 1
-            compute = result.metrics.get("cpu_s", result.compute_s) if one else result.compute_s
-            virtual_s = (compute / n.profile_speed + len(result.payload) * 8 / (n.profile_uplink_mbps * 1e6)
-                         + n.profile_latency_s)
-            train_s = (result.metrics.get("train_cpu_s", result.train_s) if one else result.train_s) / n.profile_speed
+        virtual_s, train_s = 0.0, self._device_s(result.train_s, result.metrics.get("train_cpu_s"))
+        if self.simulated:  # plus the profile's uplink and latency
+            virtual_s = (self._device_s(result.compute_s, result.metrics.get("cpu_s"))
+                         + len(result.payload) * 8 / (n.profile_uplink_mbps * 1e6) + n.profile_latency_s)
         report = RoundReport(
             **base, status="ok", transfer_id=cfg.upload_transfer_id, upload_bytes=len(result.payload),
             loss_start=result.loss_start, loss_end=result.loss_end, samples=result.samples, steps=result.steps,

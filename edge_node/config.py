@@ -28,6 +28,7 @@ class NodeSettings:
     gradient_checkpointing: bool = False
     torch_threads: int = 0  # 0 = torch default
     seed: int = 0
+    calibration_steps: int = 2  # local steps timed before joining (sizes the first round; 0 = none)
     # Simulation only: the device profile this process stands for (virtual clock), see benchmarks/fleet.
     profile_speed: float = 1.0
     profile_uplink_mbps: float = 0.0  # 0 = real network, no virtual upload time
@@ -42,6 +43,8 @@ class NodeSettings:
             raise ConfigError(f"[node] task {self.task!r} must be seq_cls or causal_lm")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ConfigError(f"[node] dtype {self.dtype!r} must be auto, float32, float16 or bfloat16")
+        if not 0 <= self.calibration_steps <= 100:
+            raise ConfigError(f"[node] calibration_steps {self.calibration_steps} outside [0, 100]")
         if self.profile_speed <= 0:
             raise ConfigError(f"[node] profile_speed {self.profile_speed} must be > 0")
 

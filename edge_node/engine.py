@@ -224,6 +224,37 @@ class LocalTrainer:
         timing["importance"] += t2 - t1
         return float(loss.detach()), len(batch["input_ids"])
 
+    def calibrate(self, steps: int = 2) -> dict[str, float]:
+        """Time local steps and a round's evaluation before the first round, changing nothing.
+
+        The coordinator sizes every node's local steps to the fleet's slowest node from the timing of the node's
+        last round; before round 1 it has only this.  Runs one untimed warm-up step, then ``steps`` forward and
+        backward passes on validation batches (no optimiser step: weights, optimiser, data order and random
+        state stay as they were) and the two validation passes of a round.  Returns seconds per step and of the
+        round's fixed part, wall and this thread's CPU time ("*_cpu_s"), as ``RoundResult`` reports them.
+        """
+        if steps < 1 or not self.val_batches:
+            raise ValueError(f"calibration needs steps >= 1 ({steps}) and validation batches")
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            self.model.train()
+            times = []
+            for i in range(steps + 1):
+                batch = self.val_batches[i % len(self.val_batches)]
+                t, c = time.perf_counter(), time.thread_time()
+                loss, _ = self._forward_loss(batch)
+                loss.backward()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                times.append((time.perf_counter() - t, time.thread_time() - c))
+            self.model.zero_grad(set_to_none=True)
+            t, c = time.perf_counter(), time.thread_time()
+            self._evaluate(self.val_batches[: self.train.eval_batches])
+            fixed = (2 * (time.perf_counter() - t), 2 * (time.thread_time() - c))
+        timed = times[1:]
+        return {"step_s": sum(w for w, _ in timed) / steps, "step_cpu_s": sum(c for _, c in timed) / steps,
+                "fixed_s": fixed[0], "fixed_cpu_s": fixed[1]}
+
     # ---- the round ----------------------------------------------------------------------------------------
     def run_round(self, *, target_sparsity: float, rank: int, local_steps: int, global_update: LoraUpdate | None,
                   prune_random: bool = False, should_stop: Callable[[], bool] | None = None) -> RoundResult:

@@ -237,6 +237,10 @@ class NodeStatus(Message):
     sparsity: float = _frac(0.0)
     round: int = _round(-1)
     telemetry_source: str = spec("")
+    # Measured before joining (on a simulated device: on its virtual clock): seconds per local training step and
+    # of a round's work outside the steps.  The coordinator sizes round 1's local steps with them; 0 = unknown.
+    step_s: float = _seconds(0.0)
+    overhead_s: float = _seconds(0.0)
 
 
 @message

@@ -230,3 +230,30 @@ def test_changes_are_averaged_per_local_step_when_nodes_ran_different_steps():
     assert torch.allclose(same.dense["head"], plain.dense["head"])
     with pytest.raises(ValueError, match="steps"):
         GlobalLora().aggregate([(upd(2), 1.0)], starts=[None], steps=[0])
+
+
+def test_min_keepers_changes_only_coordinates_enough_nodes_kept():
+    gen = torch.Generator().manual_seed(6)
+    G = torch.randn(6, 5, generator=gen)
+    kept = {"a": list(range(6)), "b": [0, 1, 2], "c": [0, 1, 2, 3]}  # rows 4, 5: only a; row 3: a and c
+    d = {n: 0.1 * torch.randn(6, 5, generator=gen) for n in kept}
+
+    def run(min_keepers, nodes=("a", "b", "c")):
+        g = GlobalLora(min_keepers=min_keepers)
+        g.load_tensors({"delta.q": G.clone()})
+        starts = [g.slice_for({"q": (torch.tensor(kept[n]), torch.arange(5))}, 5, 16.0) for n in nodes]
+        fins = [_from_delta(G + d[n], rank=5, rows=kept[n]) if n != "a" else _from_delta(G + d[n], rank=5)
+                for n in nodes]
+        g.aggregate([(f, 1.0) for f in fins], starts=starts)
+        return g.delta["q"]
+
+    spec, two = run(1), run(2)
+    assert torch.allclose(spec[4:], G[4:] + d["a"][4:], atol=1e-4)  # the spec's rule: a's step alone
+    assert torch.allclose(two[4:], G[4:], atol=1e-5)  # one keeper < 2: the coordinate keeps its value
+    assert torch.allclose(two[3], G[3] + (d["a"][3] + d["c"][3]) / 2, atol=1e-4)  # two keepers: their mean
+    assert torch.allclose(two[:3], G[:3] + (d["a"][:3] + d["b"][:3] + d["c"][:3]) / 3, atol=1e-4)
+    assert torch.allclose(two[:4], spec[:4], atol=1e-5)  # where enough nodes kept it, nothing differs
+    alone = run(2, nodes=("b",))  # a round with one node still learns: at most the round's node count is needed
+    assert torch.allclose(alone[:3], G[:3] + d["b"][:3], atol=1e-4) and torch.allclose(alone[3:], G[3:])
+    with pytest.raises(ValueError, match="min_keepers"):
+        GlobalLora(min_keepers=0)

@@ -122,6 +122,27 @@ def test_fast_nodes_are_given_more_steps_and_a_miscounted_round_is_rejected(tmp_
     assert [r["steps"] for r in node_rows if r["node"] == "agx-1"] == [2, 10]
 
 
+class CalibratedTrainer(FakeTrainer):
+    """A FakeTrainer that, like LocalTrainer, times its steps before the node joins."""
+
+    def calibrate(self, steps):
+        return {"step_s": self.step_s, "step_cpu_s": self.step_s, "fixed_s": 0.0, "fixed_cpu_s": 0.0}
+
+
+def test_the_first_round_is_aligned_from_the_timing_nodes_measured_at_startup(tmp_path):
+    trainers = {"agx-1": CalibratedTrainer("agx-1", step_s=0.01), "nx-2": FakeTrainer("nx-2", step_s=0.01),
+                "tx2-3": CalibratedTrainer("tx2-3", step_s=0.1)}
+    coord, agents, t, out = start_fleet(tmp_path, trainers, rounds=1, max_steps_factor=5)
+    t.join(60)
+    for a in agents:
+        a.stop()
+    assert out["summary"].rounds_done == 1
+    assert trainers["agx-1"].calls[0][2] == 10  # 5τ from round 1 on: its startup timing said 10x faster
+    assert trainers["tx2-3"].calls[0][2] == 2 and trainers["nx-2"].calls[0][2] == 2  # slowest; no timing: τ
+    info = {n.node_id: n for n in coord.registry.live()}
+    assert info["agx-1"].step_s == pytest.approx(0.01) and info["nx-2"].step_s == 0.0
+
+
 def test_silent_node_times_out_without_stalling_the_fleet(tmp_path):
     trainers = {"agx-1": FakeTrainer("agx-1"), "nx-2": FakeTrainer("nx-2"),
                 "tx2-3": FakeTrainer("tx2-3", delay_s=30.0)}

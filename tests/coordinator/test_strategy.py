@@ -171,6 +171,21 @@ def test_fast_nodes_run_more_steps_only_where_steps_are_aligned(method):
         {a.node_id: a.local_steps for a in strat.configure_round(3, NODES)}
 
 
+def test_first_round_steps_come_from_the_timing_nodes_measured_when_they_joined():
+    strat = make_strategy(cfg("fedspine"), total_rounds=10)
+    joined = [NodeInfo("agx-1", "agx", step_s=0.2, overhead_s=1.0), NodeInfo("nx-2", "nx", step_s=0.4, overhead_s=2.0),
+              NodeInfo("tx2-3", "tx2", step_s=1.0, overhead_s=5.0)]
+    first = {a.node_id: a.local_steps for a in strat.configure_round(1, joined)}
+    assert first == {"agx-1": 25, "nx-2": 20, "tx2-3": 5}  # the TX2 at τ finishes at 10 s; agx: (10 - 1) / 0.2 = 45 -> 5τ
+    unknown = [joined[0], NodeInfo("nx-2", "nx"), joined[2]]  # a node that measured nothing runs τ
+    assert {a.node_id: a.local_steps for a in strat.configure_round(1, unknown)}["nx-2"] == 5
+    assigns = strat.configure_round(1, joined)
+    strat.aggregate_round(1, [_timed(a, 1, {"agx-1": 0.5, "nx-2": 0.4, "tx2-3": 1.0}[a.node_id]) for a in assigns], [])
+    # from round 2 on the node's last round counts, not its startup timing (agx: (2 + 5 - 2) / 0.5 = 10 steps)
+    assert {a.node_id: a.local_steps for a in strat.configure_round(2, joined)}["agx-1"] == 10
+    assert all(a.local_steps == 5 for a in make_strategy(cfg("fedlora"), 10).configure_round(1, joined))
+
+
 def test_aggregation_weights_are_training_examples_else_samples_per_step():
     a = Assignment("n", 0.0, 8, 5)
     r1 = NodeResult(**{**result(a, 1).__dict__, "examples": 300, "steps": 20, "samples": 320})
@@ -185,3 +200,6 @@ def test_step_alignment_settings_are_checked():
         CoordinatorConfig.from_dict({"coordinator": {"align_steps": ["fedspine", "fedfoo"]}})
     with pytest.raises(ConfigError, match="max_steps_factor"):
         CoordinatorConfig.from_dict({"coordinator": {"max_steps_factor": 0.5}})
+    with pytest.raises(ConfigError, match="min_keepers"):
+        CoordinatorConfig.from_dict({"coordinator": {"min_keepers": 0}})
+    assert make_strategy(cfg("fedspine"), 10).global_.min_keepers == 2  # the default (1: the spec's rule)

@@ -150,3 +150,26 @@ def test_first_cut_waits_for_the_rounds_importance_later_cuts_come_first(cls_dat
     assert res.loss_end == pytest.approx(tr.evaluate("val", SETTINGS.eval_batches)["loss"], rel=1e-5)  # after it
     tr.run_round(target_sparsity=0.3, rank=4, local_steps=5, global_update=None)
     assert seen[1] == (5, pytest.approx(res.sparsity))  # later cuts: at the start, from the previous round's steps
+
+
+def test_calibration_times_steps_and_changes_nothing(cls_data):
+    """The startup timing (first-round step sizing) leaves weights, data order and random state as they were."""
+    a, b = _trainer(cls_data, seed=3), _trainer(cls_data, seed=3)
+    rng = torch.get_rng_state()
+    a.model.train()
+    drops = {mod: mod.p for mod in a.model.modules() if isinstance(mod, torch.nn.Dropout)}
+    for mod in drops:  # dropout draws random numbers: the calibration must not consume them
+        mod.p = 0.1
+    c = a.calibrate(steps=2)
+    assert torch.equal(torch.get_rng_state(), rng)
+    for mod, p in drops.items():
+        mod.p = p
+    assert set(c) == {"step_s", "step_cpu_s", "fixed_s", "fixed_cpu_s"} and all(v > 0 for v in c.values())
+    assert all(p.grad is None for p in a.model.parameters())
+    ra = a.run_round(target_sparsity=0.15, rank=4, local_steps=6, global_update=None)
+    rb = b.run_round(target_sparsity=0.15, rank=4, local_steps=6, global_update=None)
+    assert ra.loss_end == rb.loss_end and ra.update.modules.keys() == rb.update.modules.keys()
+    for name, m in ra.update.modules.items():
+        assert torch.equal(m.A, rb.update.modules[name].A) and torch.equal(m.rows, rb.update.modules[name].rows)
+    with pytest.raises(ValueError, match="steps"):
+        a.calibrate(steps=0)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from coordinator.aggregation import GlobalLora
-from coordinator.config import CoordinatorConfig
+from coordinator.config import CoordinatorConfig, RoundSettings
 from coordinator.server import Coordinator
 from coordinator.simulate import write_toml
 from coordinator.state import CheckpointStore
@@ -230,7 +230,8 @@ def check_global_is_the_aggregate(state_dir: Path, sent: dict[str, bytes], metri
     accepted = [r for r in rows if r.get("kind") == "node" and r.get("status") == "ok" and not r.get("eval_only")]
     digests = [r["update_sha256"] for r in accepted]
     assert len(digests) == len(set(digests)), "an update was counted twice"
-    replay = GlobalLora()
+    defaults = RoundSettings()  # the coordinators under test run with the default aggregation settings
+    replay = GlobalLora(defaults.coverage, defaults.min_keepers)
     structure: dict[str, dict] = {}  # node -> kept rows/cols of its last accepted update (what it was sliced to)
     for rnd in rounds:
         mine = [r for r in accepted if r["round"] == rnd]
