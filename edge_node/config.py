@@ -28,7 +28,7 @@ class NodeSettings:
     gradient_checkpointing: bool = False
     torch_threads: int = 0  # 0 = torch default
     seed: int = 0
-    calibration_steps: int = 2  # local steps timed before joining (sizes the first round; 0 = none)
+    calibration_steps: int = 5  # local steps timed before joining (sizes the first round; 0 = none)
     # Simulation only: the device profile this process stands for (virtual clock), see benchmarks/fleet.
     profile_speed: float = 1.0
     profile_uplink_mbps: float = 0.0  # 0 = real network, no virtual upload time

@@ -224,23 +224,28 @@ class LocalTrainer:
         timing["importance"] += t2 - t1
         return float(loss.detach()), len(batch["input_ids"])
 
-    def calibrate(self, steps: int = 2) -> dict[str, float]:
+    def calibrate(self, steps: int = 5) -> dict[str, float]:
         """Time local steps and a round's evaluation before the first round, changing nothing.
 
         The coordinator sizes every node's local steps to the fleet's slowest node from the timing of the node's
         last round; before round 1 it has only this.  Runs one untimed warm-up step, then ``steps`` forward and
-        backward passes on validation batches (no optimiser step: weights, optimiser, data order and random
-        state stay as they were) and the two validation passes of a round.  Returns seconds per step and of the
-        round's fixed part, wall and this thread's CPU time ("*_cpu_s"), as ``RoundResult`` reports them.
+        backward passes on training batches drawn as training draws them, from a stream of their own (no
+        optimiser step: weights, optimiser, the training data order and random state stay as they were), and
+        the two validation passes of a round.  Validation batches would not do for the steps: their padding
+        need not match the training batches' (on one benchmark node their steps took a quarter less time).
+        Returns seconds per step and of the round's fixed part, wall and this thread's CPU time ("*_cpu_s"), as
+        ``RoundResult`` reports them.
         """
-        if steps < 1 or not self.val_batches:
-            raise ValueError(f"calibration needs steps >= 1 ({steps}) and validation batches")
+        if steps < 1:
+            raise ValueError(f"calibration needs steps >= 1 ({steps})")
+        stream = BatchStream(self.data, self.train_idx, self.train.batch_size, self.stream.pad_id, self.causal,
+                             self.seed + 7919)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             self.model.train()
             times = []
-            for i in range(steps + 1):
-                batch = self.val_batches[i % len(self.val_batches)]
+            for _ in range(steps + 1):
+                batch = next(stream)
                 t, c = time.perf_counter(), time.thread_time()
                 loss, _ = self._forward_loss(batch)
                 loss.backward()
