@@ -200,8 +200,11 @@ class LocalTrainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.train.learning_rate, weight_decay=self.train.weight_decay)
 
-    def _train_step(self, opt: torch.optim.Optimizer, track: bool, timing: dict[str, float]) -> tuple[float, int]:
-        batch = next(self.stream)
+    def _train_step(self, opt: torch.optim.Optimizer, track: bool, timing: dict[str, float],
+                    batch: dict[str, torch.Tensor] | None = None) -> tuple[float, int]:
+        """One local step on ``batch`` (default: the next training batch); without ``opt``, forward and backward
+        only (the gradients stay for the caller)."""
+        batch = next(self.stream) if batch is None else batch
         t0 = time.perf_counter()
         loss, _ = self._forward_loss(batch)
         if self.scaler is not None and opt is not None:
@@ -247,8 +250,7 @@ class LocalTrainer:
             for _ in range(steps + 1):
                 batch = next(stream)
                 t, c = time.perf_counter(), time.thread_time()
-                loss, _ = self._forward_loss(batch)
-                loss.backward()
+                self._train_step(None, track=False, timing={"step": 0.0, "importance": 0.0}, batch=batch)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 times.append((time.perf_counter() - t, time.thread_time() - c))
