@@ -68,6 +68,15 @@ def start_fleet(tmp_path, trainers: dict[str, FakeTrainer], **coordinator):
     return coord, agents, t, out
 
 
+def run_fleet(tmp_path, trainers: dict[str, FakeTrainer], **coordinator):
+    """Run the fleet to the end (at most 60 s), stop the nodes; return the coordinator and its run summary."""
+    coord, agents, t, out = start_fleet(tmp_path, trainers, **coordinator)
+    t.join(60)
+    for a in agents:
+        a.stop()
+    return coord, out["summary"]
+
+
 def rows(tmp_path, kind):
     lines = (tmp_path / "coord" / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
@@ -75,11 +84,8 @@ def rows(tmp_path, kind):
 
 def test_three_rounds_aggregate_and_checkpoint(tmp_path):
     trainers = {n: FakeTrainer(n) for n in ("agx-1", "nx-2", "tx2-3")}
-    coord, agents, t, out = start_fleet(tmp_path, trainers)
-    t.join(60)
-    for a in agents:
-        a.stop()
-    assert out["summary"].rounds_done == 3 and not out["summary"].stopped_early
+    _, summary = run_fleet(tmp_path, trainers)
+    assert summary.rounds_done == 3 and not summary.stopped_early
     assert [r["accepted"] for r in rows(tmp_path, "round")] == [3, 3, 3]
     for tr in trainers.values():
         assert tr.received[0] is None and all(g is not None for g in tr.received[1:])  # global slice from round 2
@@ -93,11 +99,8 @@ def test_three_rounds_aggregate_and_checkpoint(tmp_path):
 
 def test_oom_node_is_reported_and_the_round_goes_on(tmp_path):
     trainers = {"agx-1": FakeTrainer("agx-1"), "nx-2": FakeTrainer("nx-2"), "tx2-3": FakeTrainer("tx2-3", "oom")}
-    coord, agents, t, out = start_fleet(tmp_path, trainers, rounds=2)
-    t.join(60)
-    for a in agents:
-        a.stop()
-    assert out["summary"].rounds_done == 2
+    coord, summary = run_fleet(tmp_path, trainers, rounds=2)
+    assert summary.rounds_done == 2
     node_rows = [r for r in rows(tmp_path, "node") if not r.get("eval_only")]
     assert {r["status"] for r in node_rows if r["node"] == "tx2-3"} == {"oom"}
     assert [r["accepted"] for r in rows(tmp_path, "round")] == [2, 2]
@@ -110,11 +113,8 @@ def test_oom_node_is_reported_and_the_round_goes_on(tmp_path):
 def test_fast_nodes_are_given_more_steps_and_a_miscounted_round_is_rejected(tmp_path):
     trainers = {"agx-1": FakeTrainer("agx-1", step_s=0.01), "nx-2": FakeTrainer("nx-2", "miscount", step_s=0.01),
                 "tx2-3": FakeTrainer("tx2-3", step_s=0.1)}
-    coord, agents, t, out = start_fleet(tmp_path, trainers, rounds=2, max_steps_factor=5)
-    t.join(60)
-    for a in agents:
-        a.stop()
-    assert out["summary"].rounds_done == 2
+    _, summary = run_fleet(tmp_path, trainers, rounds=2, max_steps_factor=5)
+    assert summary.rounds_done == 2
     assert [c[2] for c in trainers["agx-1"].calls[:2]] == [2, 10]  # τ, then 5τ: it would finish 10x early
     assert [c[2] for c in trainers["tx2-3"].calls[:2]] == [2, 2]  # the slowest runs τ
     node_rows = [r for r in rows(tmp_path, "node") if not r.get("eval_only")]
@@ -132,11 +132,8 @@ class CalibratedTrainer(FakeTrainer):
 def test_the_first_round_is_aligned_from_the_timing_nodes_measured_at_startup(tmp_path):
     trainers = {"agx-1": CalibratedTrainer("agx-1", step_s=0.01), "nx-2": FakeTrainer("nx-2", step_s=0.01),
                 "tx2-3": CalibratedTrainer("tx2-3", step_s=0.1)}
-    coord, agents, t, out = start_fleet(tmp_path, trainers, rounds=1, max_steps_factor=5)
-    t.join(60)
-    for a in agents:
-        a.stop()
-    assert out["summary"].rounds_done == 1
+    coord, summary = run_fleet(tmp_path, trainers, rounds=1, max_steps_factor=5)
+    assert summary.rounds_done == 1
     assert trainers["agx-1"].calls[0][2] == 10  # 5τ from round 1 on: its startup timing said 10x faster
     assert trainers["tx2-3"].calls[0][2] == 2 and trainers["nx-2"].calls[0][2] == 2  # slowest; no timing: τ
     info = {n.node_id: n for n in coord.registry.live()}
@@ -159,11 +156,8 @@ def test_silent_node_times_out_without_stalling_the_fleet(tmp_path):
 
 def test_below_quorum_round_is_retried_then_training_stops(tmp_path):
     trainers = {n: FakeTrainer(n, "oom") for n in ("agx-1", "nx-2")}
-    coord, agents, t, out = start_fleet(tmp_path, trainers, rounds=2, max_retries=1)
-    t.join(60)
-    for a in agents:
-        a.stop()
-    assert out["summary"].rounds_done == 0 and "quorum" in out["summary"].stopped_early
+    _, summary = run_fleet(tmp_path, trainers, rounds=2, max_retries=1)
+    assert summary.rounds_done == 0 and "quorum" in summary.stopped_early
     assert len(trainers["agx-1"].calls) == 2  # the round was tried twice
     assert not (tmp_path / "coord" / "checkpoint.json").exists()
 
