@@ -9,6 +9,11 @@ from shared.config import BrokerConfig, ConfigError, from_mapping, load_toml
 
 METHODS = ("fedspine", "fedlora", "hetlora", "uniform", "prune_ft", "ft_prune")
 COVERAGE = ("kept", "round")  # whose weight divides a coordinate's averaged change (coordinator/aggregation.py)
+# Step-cost model of alignment, t(s, r) ∝ (1 - a·s)(1 + b·r): the fit of `python -m benchmarks.pruning.run
+# --step-cost` on 2026-11-29 (all-MiniLM-L6-v2, one CPU thread, batch 16 × 64; rank: no measurable effect;
+# docs/results.md).
+STEP_COST_SPARSITY = 0.92
+STEP_COST_RANK = 0.0
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,12 @@ class RoundSettings:
     # max_steps_factor × τ, so that it completes with the round's slowest node at τ steps (strategy.aligned_steps).
     align_steps: tuple[str, ...] = ("fedspine",)
     max_steps_factor: float = 5.0
+    # Step-cost model for alignment (ours): a node's time per local step at sparsity s and LoRA rank r is taken as
+    # proportional to (1 - step_cost_sparsity·s)(1 + step_cost_rank·r), so a node that changes its configuration
+    # is planned at its new speed (strategy.step_cost_ratio).  0 and 0: every node keeps its last speed.  The
+    # defaults are the fit of `python -m benchmarks.pruning.run --step-cost` (MiniLM, one CPU thread).
+    step_cost_sparsity: float = STEP_COST_SPARSITY
+    step_cost_rank: float = STEP_COST_RANK
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -50,6 +61,9 @@ class RoundSettings:
             raise ConfigError(f"[coordinator] fraction {self.fraction} / quorum {self.quorum} outside (0, 1]")
         if unknown := sorted(set(self.align_steps) - set(METHODS)):
             raise ConfigError(f"[coordinator] align_steps {unknown} are not methods {METHODS}")
+        if not 0 <= self.step_cost_sparsity < 1 or not 0 <= self.step_cost_rank <= 1:
+            raise ConfigError(f"[coordinator] step_cost_sparsity {self.step_cost_sparsity} outside [0, 1) or "
+                              f"step_cost_rank {self.step_cost_rank} outside [0, 1]")
         if not 1 <= self.max_steps_factor <= 100:
             raise ConfigError(f"[coordinator] max_steps_factor {self.max_steps_factor} outside [1, 100]")
         if self.deadline_s <= 0 or self.min_nodes < 1:

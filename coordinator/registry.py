@@ -22,10 +22,13 @@ class NodeEntry:
     joined_round: int  # last completed (or in-progress) round when it came online; it takes part after it
     step_s: float = 0.0  # its startup timing (NodeStatus), for sizing its first round
     overhead_s: float = 0.0
+    step_sparsity: float = 0.0  # the sparsity and rank that timing was measured at
+    step_rank: int = 0
 
     def info(self) -> NodeInfo:
         return NodeInfo(node_id=self.node_id, device_type=self.device_type, memory_mb=self.memory_mb,
-                        step_s=self.step_s, overhead_s=self.overhead_s)
+                        step_s=self.step_s, overhead_s=self.overhead_s, step_sparsity=self.step_sparsity,
+                        step_rank=self.step_rank)
 
 
 class Registry:
@@ -46,6 +49,7 @@ class Registry:
                 node_id=status.node_id, device_type=status.device_type or "default", model_id=status.model_id,
                 memory_mb=status.memory_mb, software_version=status.software_version, online=True,
                 last_change=now, joined_round=current_round, step_s=status.step_s, overhead_s=status.overhead_s,
+                step_sparsity=status.step_sparsity, step_rank=status.step_rank,
             )
             self._online += 1
             return "joined"
@@ -57,6 +61,7 @@ class Registry:
             entry.software_version = status.software_version or entry.software_version
             if status.step_s > 0:
                 entry.step_s, entry.overhead_s = status.step_s, status.overhead_s
+                entry.step_sparsity, entry.step_rank = status.step_sparsity, status.step_rank
             if changed:
                 entry.online, entry.last_change, entry.joined_round = True, now, current_round
                 self._online += 1

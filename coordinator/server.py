@@ -442,6 +442,7 @@ class Coordinator:
         return NodeResult(
             node_id=a.node_id, update=update, samples=r.samples, loss_start=r.loss_start, loss_end=r.loss_end,
             compute_s=r.compute_s, round_time_s=round_time, sparsity=r.sparsity, rank=r.rank,
+            train_sparsity=r.train_sparsity,
             energy_j=r.energy_j, upload_bytes=len(p.payload), steps=a.local_steps, examples=r.examples,
             train_s=min(r.train_s, round_time),
         )
@@ -451,14 +452,15 @@ class Coordinator:
         for a in assignments:
             res, p = by_node.get(a.node_id), pending[a.node_id]
             rec = {"round": rnd, "node": a.node_id, "method": self.cfg.coordinator.method,
-                   "target_sparsity": a.target_sparsity, "rank": a.rank, "arm": a.arm}
+                   "target_sparsity": a.target_sparsity, "rank": a.rank, "arm": a.arm, "planned_s": a.planned_s}
             if res is not None and p.report is not None:
                 rep = p.report
                 rec.update(status="ok", loss_start=rep.loss_start, loss_end=rep.loss_end, samples=rep.samples,
                            steps=res.steps, examples=rep.examples, train_s=rep.train_s, compute_s=rep.compute_s,
                            upload_s=rep.upload_s, virtual_s=rep.virtual_s,
                            round_time_s=res.round_time_s, wall_s=p.received_at - p.sent_at,
-                           sparsity=rep.sparsity, upload_bytes=res.upload_bytes, energy_j=rep.energy_j,
+                           sparsity=rep.sparsity, train_sparsity=rep.train_sparsity, upload_bytes=res.upload_bytes,
+                           energy_j=rep.energy_j,
                            avg_power_w=rep.avg_power_w, power_source=rep.power_source,
                            peak_memory_mb=rep.peak_memory_mb, **{f"m_{k}": v for k, v in rep.metrics.items()},
                            update_sha256=p.digest)  # audit: what was aggregated

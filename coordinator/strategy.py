@@ -37,6 +37,8 @@ class NodeInfo:
     memory_mb: int = 0
     step_s: float = 0.0  # seconds per local step the node measured when it joined (0: unknown)
     overhead_s: float = 0.0  # and of its round's work outside the steps
+    step_sparsity: float = 0.0  # the sparsity and LoRA rank of those steps (rank 0: unknown)
+    step_rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class Assignment:
     local_steps: int
     arm: tuple[float, int] | None = None
     prune_random: bool = False
+    planned_s: float | None = None  # the completion time step alignment planned for it (None: not aligned)
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class NodeResult:
     steps: int = 0  # local steps run (0: unknown, taken as τ)
     examples: int = 0  # the node's training examples (0: unknown; the weight falls back to samples per step)
     train_s: float = 0.0  # the local steps' share of round_time_s (0: unknown)
+    train_sparsity: float | None = None  # the sparsity the local steps ran at (None: unknown, taken as sparsity)
 
     def timing(self) -> tuple[float, float] | None:
         """(seconds of the round outside the local steps, seconds per local step), or None if not reported."""
@@ -123,6 +127,16 @@ def aligned_steps(timing: dict[str, tuple[float, float]], tau: int, most: int) -
     return {n: max(tau, min(most, int((finish - fixed) / per_step))) for n, (fixed, per_step) in timing.items()}
 
 
+def step_cost_ratio(was: tuple[float, int], now: tuple[float, int], cost_sparsity: float, cost_rank: float) -> float:
+    """Time per local step at configuration ``now`` over that at ``was`` (each (sparsity, LoRA rank)), by the
+    step-cost model t(s, r) ∝ (1 - cost_sparsity·s)(1 + cost_rank·r) (ours).  A rank of 0 (unknown) is taken as
+    unchanged.  Pruning removes heads and FFN channels, whose multiply-adds are most of a step; the LoRA
+    factors add work in proportion to the rank."""
+    (s0, r0), (s1, r1) = was, now
+    r0 = r0 or r1
+    return ((1 - cost_sparsity * s1) * (1 + cost_rank * r1)) / ((1 - cost_sparsity * s0) * (1 + cost_rank * r0))
+
+
 def idle_fraction(times: Sequence[float]) -> float:
     """Mean share of the round each node waits for the slowest one."""
     slowest = max(times, default=0.0)
@@ -139,6 +153,7 @@ class NodeState:
     last_time_s: float | None = None  # completion time at τ steps in the node's last accepted round
     fixed_s: float | None = None  # that round's time outside the local steps
     step_s: float | None = None  # and per local step
+    step_at: tuple[float, int] | None = None  # the (sparsity, rank) those steps ran at
     behind: bool | None = None  # it finished after the round's mean completion time in that round
 
 
@@ -187,24 +202,37 @@ class Strategy:
         raise ValueError(f"unknown method {self.method!r}")
 
     def configure_round(self, rnd: int, nodes: Sequence[NodeInfo]) -> list[Assignment]:
-        out = []
-        self._pending = {}
         c = self.cfg.coordinator
-        steps = {}
-        if self.method in c.align_steps:
-            timing = {}
-            for n in nodes:  # the node's last round; before it has one, what it measured when it joined
-                st = self._state(n.node_id)
-                if st.step_s and st.fixed_s is not None:
-                    timing[n.node_id] = (st.fixed_s, st.step_s)
-                elif n.step_s > 0:
-                    timing[n.node_id] = (n.overhead_s, n.step_s)
-            steps = aligned_steps(timing, c.local_steps, int(c.max_steps_factor * c.local_steps))
+        plans = []
         for node in nodes:
             st = self._state(node.node_id)
             target, rank, choice = self._schedule(rnd, node, st)
-            a = Assignment(node_id=node.node_id, target_sparsity=float(max(target, st.sparsity)), rank=int(rank),
-                           local_steps=steps.get(node.node_id, c.local_steps), arm=choice.arm if choice else None)
+            plans.append((node, st, float(max(target, st.sparsity)), int(rank), choice))
+        steps, timing = {}, {}
+        if self.method in c.align_steps:
+            for node, st, target, rank, _ in plans:
+                # Its last round's timing; before it has one, what it measured when it joined.  Planned at this
+                # round's configuration: the steps run at the target sparsity, except a node's first cut, which
+                # comes after its steps (it has no importance yet; LocalTrainer.run_round).
+                if st.step_s and st.fixed_s is not None:
+                    fixed, per_step, was = st.fixed_s, st.step_s, st.step_at
+                elif node.step_s > 0:
+                    fixed, per_step, was = node.overhead_s, node.step_s, (node.step_sparsity, node.step_rank)
+                else:
+                    continue
+                now = (target if st.structure is not None else st.sparsity, rank)
+                if was is not None:
+                    per_step *= step_cost_ratio(was, now, c.step_cost_sparsity, c.step_cost_rank)
+                timing[node.node_id] = (fixed, per_step)
+            steps = aligned_steps(timing, c.local_steps, int(c.max_steps_factor * c.local_steps))
+        out = []
+        self._pending = {}
+        for node, st, target, rank, choice in plans:
+            n = steps.get(node.node_id, c.local_steps)
+            fixed_per_step = timing.get(node.node_id) if steps else None
+            a = Assignment(node_id=node.node_id, target_sparsity=target, rank=rank, local_steps=n,
+                           arm=choice.arm if choice else None,
+                           planned_s=fixed_per_step[0] + n * fixed_per_step[1] if fixed_per_step else None)
             self._pending[node.node_id] = (a, st.sparsity, bool(choice and choice.beyond_target))
             out.append(a)
         return out
@@ -282,6 +310,7 @@ class Strategy:
             st.behind = paced[r.node_id] > mean_paced if len(results) > 1 else None
             if (t := r.timing()) is not None:
                 st.fixed_s, st.step_s = t
+                st.step_at = (float(r.sparsity if r.train_sparsity is None else r.train_sparsity), int(r.rank))
         if self.method == "fedspine":
             for r in results:
                 a, _, beyond = self._pending.get(r.node_id, (None, 0.0, False))
@@ -303,7 +332,9 @@ class Strategy:
         nodes = {}
         for nid, st in self.nodes.items():
             nodes[nid] = {"sparsity": st.sparsity, "rank": st.rank, "last_time_s": st.last_time_s, "behind": st.behind,
-                          "fixed_s": st.fixed_s, "step_s": st.step_s, "modules": sorted(st.structure or {})}
+                          "fixed_s": st.fixed_s, "step_s": st.step_s,
+                          "step_at": list(st.step_at) if st.step_at is not None else None,
+                          "modules": sorted(st.structure or {})}
             for name, (rows, cols) in (st.structure or {}).items():
                 tensors[f"structure.{nid}.{name}.rows"] = rows
                 tensors[f"structure.{nid}.{name}.cols"] = cols
@@ -321,7 +352,9 @@ class Strategy:
                          for name in st["modules"]} or None
             self.nodes[nid] = NodeState(sparsity=float(st["sparsity"]), rank=int(st["rank"]), structure=structure,
                                         last_time_s=st.get("last_time_s"), behind=st.get("behind"),
-                                        fixed_s=st.get("fixed_s"), step_s=st.get("step_s"))
+                                        fixed_s=st.get("fixed_s"), step_s=st.get("step_s"),
+                                        step_at=(float(st["step_at"][0]), int(st["step_at"][1]))
+                                        if st.get("step_at") else None)
 
 
 def node_weights(results: Sequence[NodeResult], tau: int) -> list[float]:

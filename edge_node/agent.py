@@ -77,7 +77,8 @@ class NodeAgent:
         self.reassembler = Reassembler(max_bytes=512 * 1024 * 1024, timeout_s=600.0)
         self._trainer = trainer
         self._telemetry = telemetry
-        self._timing = (0.0, 0.0)  # (seconds per local step, of the rest of a round) measured at startup
+        # Measured at startup: seconds per local step, of the rest of a round, and the sparsity and rank of the steps
+        self._timing: tuple[float, float, float, int] = (0.0, 0.0, 0.0, 0)
         self._round = -1
         self._done: _Done | None = None
         # (run id, round, upload transfer) of the newest live config received: a round being worked on whose
@@ -138,8 +139,10 @@ class NodeAgent:
             return
         self._timing = (self._device_s(c["step_s"], c.get("step_cpu_s")),
                         self._device_s(c["fixed_s"], c.get("fixed_cpu_s"))
-                        + (self.cfg.node.profile_latency_s if self.simulated else 0.0))
-        self.log.info("calibrated", steps=steps, step_s=round(self._timing[0], 4), overhead_s=round(self._timing[1], 4))
+                        + (self.cfg.node.profile_latency_s if self.simulated else 0.0),
+                        float(getattr(self.trainer, "sparsity", 0.0)), int(getattr(self.trainer, "rank", 0)))
+        self.log.info("calibrated", steps=steps, step_s=round(self._timing[0], 4), overhead_s=round(self._timing[1], 4),
+                      sparsity=round(self._timing[2], 4), rank=self._timing[3])
 
     # ---- presence -----------------------------------------------------------------------------------------
     def _status(self, state: str) -> NodeStatus:
@@ -151,6 +154,7 @@ class NodeAgent:
             model_id=Path(n.model_path).name if n.model_path else "", memory_mb=memory,
             software_version=SOFTWARE_VERSION, sparsity=sparsity, round=self._round,
             telemetry_source=getattr(self._telemetry, "source", ""), step_s=self._timing[0], overhead_s=self._timing[1],
+            step_sparsity=self._timing[2], step_rank=self._timing[3],
         )
 
     def _on_connect(self) -> None:
@@ -355,7 +359,7 @@ class NodeAgent:
             **base, status="ok", transfer_id=cfg.upload_transfer_id, upload_bytes=len(result.payload),
             loss_start=result.loss_start, loss_end=result.loss_end, samples=result.samples, steps=result.steps,
             examples=result.examples, compute_s=result.compute_s, train_s=train_s, upload_s=upload_s,
-            virtual_s=virtual_s, sparsity=result.sparsity,
+            virtual_s=virtual_s, sparsity=result.sparsity, train_sparsity=result.train_sparsity,
             rank=result.rank, energy_j=energy.energy_j if energy is not None else None,
             avg_power_w=energy.avg_power_w if energy is not None else None,
             power_source=energy.source if energy is not None else "", metrics=dict(result.metrics),

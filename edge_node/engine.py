@@ -66,6 +66,7 @@ class RoundResult:
     steps: int = 0  # local steps run
     examples: int = 0  # local training examples
     train_s: float = 0.0  # wall time of the local steps (metrics["train_cpu_s"]: their CPU time on this thread)
+    train_sparsity: float | None = None  # the sparsity the local steps ran at (None: not reported, as ``sparsity``)
 
 
 def _get_logger(log):
@@ -297,6 +298,7 @@ class LocalTrainer:
         opt = self._optimizer()
         timing = {"step": 0.0, "importance": 0.0}
         samples = steps = 0
+        train_sparsity = self.sparsity
         t_train, cpu_train = time.perf_counter(), time.thread_time()
         for _ in range(local_steps):
             if should_stop is not None and should_stop():
@@ -331,7 +333,7 @@ class LocalTrainer:
         result = RoundResult(update=update, payload=payload, loss_start=loss_start, loss_end=loss_end,
                              samples=samples, compute_s=compute_s, sparsity=achieved, rank=current_rank(self.model),
                              metrics=metrics, peak_memory_mb=self._peak_memory_mb(), steps=steps,
-                             examples=len(self.train_idx), train_s=t_train)
+                             examples=len(self.train_idx), train_s=t_train, train_sparsity=train_sparsity)
         self.log.info("local_round", steps=steps, loss_start=round(loss_start, 4), loss_end=round(loss_end, 4),
                       sparsity=round(achieved, 4), rank=result.rank, compute_s=round(compute_s, 3),
                       importance_ms=round(metrics["importance_ms"], 2), step_ms=round(metrics["step_ms"], 2))

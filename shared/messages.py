@@ -238,9 +238,12 @@ class NodeStatus(Message):
     round: int = _round(-1)
     telemetry_source: str = spec("")
     # Measured before joining (on a simulated device: on its virtual clock): seconds per local training step and
-    # of a round's work outside the steps.  The coordinator sizes round 1's local steps with them; 0 = unknown.
+    # of a round's work outside the steps, and the sparsity and LoRA rank the steps ran at.  The coordinator
+    # sizes round 1's local steps with them; 0 = unknown.
     step_s: float = _seconds(0.0)
     overhead_s: float = _seconds(0.0)
+    step_sparsity: float = _frac(0.0)
+    step_rank: int = spec(0, lo=0, hi=4096)
 
 
 @message
@@ -325,6 +328,7 @@ class RoundReport(Message):
     upload_s: float = _seconds(0.0)
     virtual_s: float = _seconds(0.0)
     sparsity: float = _frac(0.0)
+    train_sparsity: float | None = spec(None, lo=0.0, hi=1.0)  # the sparsity the local steps ran at (None: as sparsity)
     rank: int = spec(0, lo=0, hi=4096)
     energy_j: float | None = spec(None, lo=0.0, hi=_BIG)
     avg_power_w: float | None = _watts(None)

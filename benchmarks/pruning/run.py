@@ -8,7 +8,14 @@
     then the same model is pruned to 0.3 either by the LoRA-guided importance or by random groups (same
     counts), then the same recovery steps; test accuracy on a fixed, balanced held-out split.
 
+(c) Training step cost (``--step-cost``): CPU time of one local step (forward, backward, importance, optimiser;
+    one torch thread, batch 16 x 64) at sparsity 0 / 0.3 / 0.5 and LoRA rank 2 / 4 / 8 / 16, every variant a
+    copy of one trainer so all see the same batches, interleaved; and the least-squares fit of the coordinator's
+    step-cost model t(s, r) = t0 (1 - a s)(1 + b r) to them (``[coordinator] step_cost_sparsity`` = a,
+    ``step_cost_rank`` = b).
+
     python -m benchmarks.pruning.run [--quick] [--inference-only] [--seeds 0,1] [--out results/pruning.json]
+    python -m benchmarks.pruning.run --step-cost [--quick] [--device cuda] [--out results/step-cost.json]
 """
 
 from __future__ import annotations
@@ -141,14 +148,101 @@ def ablation(seeds: list[int], finetune_rounds: int, recovery_rounds: int, tau: 
     return out
 
 
+STEP_SPARSITY = (0.0, 0.3, 0.5)
+STEP_RANKS = (2, 4, 8, 16)
+
+
+def fit_step_cost(times: dict[tuple[float, int], float]) -> tuple[float, float, float]:
+    """Least squares of t(s, r) = t0 (1 - a s)(1 + b r) over measured step times: (t0, a, b).  Expanded, it is
+    linear in t0, t0·a, t0·b and t0·a·b; the fit takes the first three from the data and solves the fourth
+    consistently by a few rounds of alternating least squares (a and b each linear given the other)."""
+    pts = [(s, r, t) for (s, r), t in times.items()]
+    a = b = 0.0
+    for _ in range(50):
+        # given b: t / (1 + b r) = t0 - t0 a s  (linear in t0 and t0 a)
+        x = torch.tensor([[1.0, -s] for s, r, _ in pts], dtype=torch.float64)
+        y = torch.tensor([t / (1 + b * r) for s, r, t in pts], dtype=torch.float64)
+        t0, t0a = torch.linalg.lstsq(x, y.unsqueeze(1)).solution.squeeze(1).tolist()
+        a = t0a / t0
+        # given a: t / (1 - a s) = t0 + t0 b r
+        x = torch.tensor([[1.0, float(r)] for s, r, _ in pts], dtype=torch.float64)
+        y = torch.tensor([t / (1 - a * s) for s, r, t in pts], dtype=torch.float64)
+        t0, t0b = torch.linalg.lstsq(x, y.unsqueeze(1)).solution.squeeze(1).tolist()
+        b = t0b / t0
+    return t0, a, b
+
+
+def step_cost(reps: int, steps: int, workdir: Path, device: str = "cpu") -> dict:
+    """Per-step time of the real local round (``LocalTrainer.run_round``) by sparsity and rank: CPU time of the
+    one torch thread on the CPU, wall time on a GPU (each step ends with the loss on the host, which waits)."""
+    import structlog
+
+    from coordinator.simdata import load_tweets, write_csv
+    from edge_node.config import TrainSettings
+    from edge_node.engine import LocalTrainer
+
+    torch.set_num_threads(1)
+    texts, labels = load_tweets()
+    idx = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:1200].numpy()
+    write_csv(workdir / "step-cost.csv", texts, labels, idx)
+    log = structlog.wrap_logger(structlog.PrintLogger(), wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    settings = TrainSettings(batch_size=16, max_length=64, learning_rate=1e-3, eval_batches=1, test_batches=0)
+    base = LocalTrainer(_model_path(), str(workdir / "step-cost.csv"), train=settings, device=device, seed=0,
+                        labels=sorted(set(labels)), log=log)
+    base.run_round(target_sparsity=0.0, rank=8, local_steps=2, global_update=None)  # importance for the cuts
+    trainers = {}
+    for s in STEP_SPARSITY:
+        pruned = copy.deepcopy(base)
+        if s > 0:
+            pruned.run_round(target_sparsity=s, rank=8, local_steps=0, global_update=None)
+        for r in STEP_RANKS:
+            trainers[(s, r)] = copy.deepcopy(pruned)  # same batches for every variant, step by step
+            trainers[(s, r)].run_round(target_sparsity=s, rank=r, local_steps=2, global_update=None)  # warm-up
+    cpu: dict[tuple[float, int], list[float]] = {k: [] for k in trainers}
+    for _ in range(reps):
+        for k, tr in trainers.items():
+            res = tr.run_round(target_sparsity=k[0], rank=k[1], local_steps=steps, global_update=None)
+            cpu[k].append((res.metrics["train_cpu_s"] if device == "cpu" else res.train_s) / steps)
+    med = {k: statistics.median(v) for k, v in cpu.items()}
+    t0, a, b = fit_step_cost(med)
+    dense8 = med[(0.0, 8)]
+    return {"settings": {"reps": reps, "steps": steps, "batch": 16, "length": 64, "threads": 1, "device": device},
+            "step_cpu_s": {f"{s}/{r}": v for (s, r), v in med.items()},
+            "relative_to_dense_r8": {f"{s}/{r}": v / dense8 for (s, r), v in med.items()},
+            "fit": {"t0": t0, "sparsity": a, "rank": b,
+                    "max_rel_error": max(abs(t0 * (1 - a * s) * (1 + b * r) / v - 1) for (s, r), v in med.items())}}
+
+
+def step_cost_table(res: dict) -> str:
+    rel, f = res["relative_to_dense_r8"], res["fit"]
+    lines = ["| sparsity | " + " | ".join(f"rank {r}" for r in STEP_RANKS) + " |", "|---|" + "---|" * len(STEP_RANKS)]
+    for s in STEP_SPARSITY:
+        cells = [f"{res['step_cpu_s'][f'{s}/{r}'] * 1000:.0f} ms ({rel[f'{s}/{r}']:.2f})" for r in STEP_RANKS]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    lines += ["", f"fit t(s, r) = t0 (1 - a s)(1 + b r): t0 {f['t0'] * 1000:.0f} ms, a {f['sparsity']:.3f}, "
+              f"b {f['rank']:.4f}; largest error {f['max_rel_error']:.1%}"]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--out", default="results/pruning.json")
     ap.add_argument("--inference-only", action="store_true", help="part (a) only")
+    ap.add_argument("--step-cost", action="store_true", help="part (c) only: training step time by sparsity and rank")
+    ap.add_argument("--device", default="cpu", help="part (c): the training device (cpu, cuda)")
     a = ap.parse_args(argv)
     quick = a.quick
+    if a.step_cost:
+        out = Path(a.out if a.out != "results/pruning.json" else "results/step-cost.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        (work := out.parent / f"{out.stem}-data").mkdir(parents=True, exist_ok=True)
+        res = step_cost(reps=2 if quick else 5, steps=2 if quick else 4, workdir=work, device=a.device)
+        out.write_text(json.dumps(res, indent=2))
+        out.with_suffix(".md").write_text(step_cost_table(res) + "\n")
+        print(step_cost_table(res))
+        return 0
     seeds = [int(s) for s in a.seeds.split(",")][: 1 if quick else None]
     sizes = dict(finetune_rounds=2 if quick else 8, recovery_rounds=1 if quick else 4, tau=10 if quick else 20,
                  train_n=600 if quick else 4000, test_n=150 if quick else 1200)

@@ -44,7 +44,8 @@ class FakeTrainer:
         self.sent[hashlib.sha256(payload).hexdigest()] = payload
         return RoundResult(update=u, payload=payload, loss_start=1.0, loss_end=0.9, samples=32, compute_s=0.01,
                           sparsity=self.sparsity, rank=rank, metrics={"test_accuracy": 0.5}, examples=64,
-                           steps=local_steps + (self.behaviour == "miscount"), train_s=self.step_s * local_steps)
+                           steps=local_steps + (self.behaviour == "miscount"), train_s=self.step_s * local_steps,
+                           train_sparsity=self.sparsity)
 
 
 def start_fleet(tmp_path, trainers: dict[str, FakeTrainer], **coordinator):
@@ -125,6 +126,8 @@ def test_fast_nodes_are_given_more_steps_and_a_miscounted_round_is_rejected(tmp_
 class CalibratedTrainer(FakeTrainer):
     """A FakeTrainer that, like LocalTrainer, times its steps before the node joins."""
 
+    rank = 4  # the LoRA rank it times them at
+
     def calibrate(self, steps):
         return {"step_s": self.step_s, "step_cpu_s": self.step_s, "fixed_s": 0.0, "fixed_cpu_s": 0.0}
 
@@ -138,6 +141,9 @@ def test_the_first_round_is_aligned_from_the_timing_nodes_measured_at_startup(tm
     assert trainers["tx2-3"].calls[0][2] == 2 and trainers["nx-2"].calls[0][2] == 2  # slowest; no timing: τ
     info = {n.node_id: n for n in coord.registry.live()}
     assert info["agx-1"].step_s == pytest.approx(0.01) and info["nx-2"].step_s == 0.0
+    assert (info["agx-1"].step_sparsity, info["agx-1"].step_rank) == (0.0, 4)  # the configuration it timed
+    a = coord.strategy._pending["tx2-3"][0]  # after the round, the timing belongs to the round's configuration
+    assert coord.strategy.nodes["tx2-3"].step_at == (pytest.approx(a.target_sparsity), a.rank)
 
 
 def test_silent_node_times_out_without_stalling_the_fleet(tmp_path):

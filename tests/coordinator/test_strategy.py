@@ -14,6 +14,7 @@ from coordinator.strategy import (
     idle_fraction,
     make_strategy,
     node_weights,
+    step_cost_ratio,
 )
 from shared.config import ConfigError
 from shared.updates import LoraUpdate, ModuleUpdate, UpdateError
@@ -21,9 +22,13 @@ from shared.updates import LoraUpdate, ModuleUpdate, UpdateError
 NODES = [NodeInfo("agx-1", "agx"), NodeInfo("nx-2", "nx"), NodeInfo("tx2-3", "tx2")]
 
 
-def cfg(method="fedspine", rounds=10, **bandit):
-    return CoordinatorConfig.from_dict({"coordinator": {"method": method, "rounds": rounds, "local_steps": 5},
+def cfg(method="fedspine", rounds=10, coordinator=None, **bandit):
+    return CoordinatorConfig.from_dict({"coordinator": {"method": method, "rounds": rounds, "local_steps": 5,
+                                                        **(coordinator or {})},
                                         "bandit": {"target_sparsity": 0.3, **bandit}})
+
+
+FLAT = {"step_cost_sparsity": 0.0, "step_cost_rank": 0.0}  # no step-cost model: a node keeps its last speed
 
 
 def result(a: Assignment, rnd: int, t: float = 1.0, rows=None) -> NodeResult:
@@ -148,7 +153,7 @@ def _timed(a: Assignment, rnd: int, per_step: float, fixed: float = 2.0) -> Node
 
 @pytest.mark.parametrize("method", ["fedspine", "fedlora"])
 def test_fast_nodes_run_more_steps_only_where_steps_are_aligned(method):
-    strat = make_strategy(cfg(method), total_rounds=10)
+    strat = make_strategy(cfg(method, coordinator=FLAT), total_rounds=10)
     per_step = {"agx-1": 0.2, "nx-2": 0.4, "tx2-3": 1.0}
     first = strat.configure_round(1, NODES)
     assert all(a.local_steps == 5 for a in first)  # no timing yet: τ for everyone
@@ -165,14 +170,14 @@ def test_fast_nodes_run_more_steps_only_where_steps_are_aligned(method):
     # The bandit sees each node's time at τ steps, not its aligned completion time.
     assert strat.nodes["agx-1"].last_time_s == pytest.approx(2.0 + 5 * 0.2)
     assert strat.nodes["agx-1"].behind is False and strat.nodes["tx2-3"].behind is True
-    restored = make_strategy(cfg(method), total_rounds=10)
+    restored = make_strategy(cfg(method, coordinator=FLAT), total_rounds=10)
     restored.load_state_dict(strat.state_dict())  # the timing survives a restart
     assert {a.node_id: a.local_steps for a in restored.configure_round(3, NODES)} == \
         {a.node_id: a.local_steps for a in strat.configure_round(3, NODES)}
 
 
 def test_first_round_steps_come_from_the_timing_nodes_measured_when_they_joined():
-    strat = make_strategy(cfg("fedspine"), total_rounds=10)
+    strat = make_strategy(cfg("fedspine", coordinator=FLAT), total_rounds=10)
     joined = [NodeInfo("agx-1", "agx", step_s=0.2, overhead_s=1.0), NodeInfo("nx-2", "nx", step_s=0.4, overhead_s=2.0),
               NodeInfo("tx2-3", "tx2", step_s=1.0, overhead_s=5.0)]
     first = {a.node_id: a.local_steps for a in strat.configure_round(1, joined)}
@@ -184,6 +189,61 @@ def test_first_round_steps_come_from_the_timing_nodes_measured_when_they_joined(
     # from round 2 on the node's last round counts, not its startup timing (agx: (2 + 5 - 2) / 0.5 = 10 steps)
     assert {a.node_id: a.local_steps for a in strat.configure_round(2, joined)}["agx-1"] == 10
     assert all(a.local_steps == 5 for a in make_strategy(cfg("fedlora"), 10).configure_round(1, joined))
+
+
+def test_step_cost_ratio_scales_the_step_time_by_sparsity_and_rank():
+    assert step_cost_ratio((0.0, 8), (0.5, 8), 0.9, 0.0) == pytest.approx(0.55)
+    assert step_cost_ratio((0.3, 8), (0.5, 8), 0.9, 0.0) == pytest.approx(0.55 / 0.73)
+    assert step_cost_ratio((0.3, 8), (0.3, 16), 0.0, 0.02) == pytest.approx(1.32 / 1.16)
+    assert step_cost_ratio((0.2, 0), (0.2, 16), 0.9, 0.02) == pytest.approx(1.0)  # rank 0: unknown, as now
+    assert step_cost_ratio((0.4, 4), (0.4, 4), 0.9, 0.02) == pytest.approx(1.0)
+
+
+def test_the_step_cost_fit_recovers_the_model_it_is_given():
+    from benchmarks.pruning.run import fit_step_cost
+
+    times = {(s, r): 0.5 * (1 - 0.9 * s) * (1 + 0.02 * r) for s in (0.0, 0.3, 0.5) for r in (2, 4, 8, 16)}
+    assert fit_step_cost(times) == pytest.approx((0.5, 0.9, 0.02), rel=1e-6)
+    flat = {(s, r): 0.4 * (1 - 0.5 * s) for s in (0.0, 0.5) for r in (4, 8)}  # rank changes nothing
+    t0, a, b = fit_step_cost(flat)
+    assert (t0, a) == pytest.approx((0.4, 0.5)) and b == pytest.approx(0.0, abs=1e-9)
+
+
+def test_alignment_plans_each_node_at_its_new_configuration():
+    """A node that prunes or changes rank is planned at the speed the step-cost model gives it, not at the speed
+    of its last round's configuration."""
+    def strategy(model):
+        c = {**model, "align_steps": ["uniform"], "max_steps_factor": 10}
+        return make_strategy(cfg("uniform", coordinator=c), total_rounds=3)
+
+    strat, flat = strategy({"step_cost_sparsity": 0.9, "step_cost_rank": 0.02}), strategy(FLAT)
+    joined = [NodeInfo("agx-1", "agx", step_s=0.2, overhead_s=1.0, step_sparsity=0.0, step_rank=8),
+              NodeInfo("tx2-3", "tx2", step_s=1.0, overhead_s=3.0, step_sparsity=0.0, step_rank=8)]
+    first = strat.configure_round(1, joined)
+    assert [a.target_sparsity for a in first] == [pytest.approx(0.15)] * 2  # uniform: 0.3 · 1/2 in round 1
+    # Round 1 is the nodes' first cut, which comes after their steps: they train dense, at the calibrated speed.
+    assert {a.node_id: a.local_steps for a in first} == {"agx-1": 35, "tx2-3": 5}  # (3 + 5 - 1) / 0.2
+    fixed, per_step = {"agx-1": 1.0, "tx2-3": 3.0}, {"agx-1": 0.2, "tx2-3": 1.0}
+    done = [NodeResult(**{**_timed(a, 1, per_step[a.node_id], fixed[a.node_id]).__dict__, "train_sparsity": 0.0})
+            for a in first]
+    for s in (strat, flat):
+        s.configure_round(1, joined)
+        s.aggregate_round(1, done, [])
+    assert strat.nodes["tx2-3"].step_at == (0.0, 8)
+    second = strat.configure_round(2, joined)
+    assert [a.target_sparsity for a in second] == [pytest.approx(0.3)] * 2
+    # Both now train at 0.3, at 0.73 of their dense step time: the TX2 finishes at 3 + 5 · 0.73 = 6.65 s and the
+    # AGX fills it with (6.65 - 1) / (0.2 · 0.73) = 38.7 steps.  Planned at its dense speed it would get 35 and
+    # wait; its last round's speed would hold only if nothing changed.
+    assert {a.node_id: a.local_steps for a in second} == {"agx-1": 38, "tx2-3": 5}
+    assert [a.planned_s for a in second] == [pytest.approx(1 + 38 * 0.146), pytest.approx(6.65)]  # in the metrics
+    assert all(a.planned_s is None for a in make_strategy(cfg("uniform"), 3).configure_round(1, joined))  # not aligned
+    assert {a.node_id: a.local_steps for a in flat.configure_round(2, joined)} == {"agx-1": 35, "tx2-3": 5}
+    # Restarted from a checkpoint, the coordinator still knows which configuration the timing belongs to.
+    restored = strategy({"step_cost_sparsity": 0.9, "step_cost_rank": 0.02})
+    restored.load_state_dict(strat.state_dict())
+    assert restored.nodes["tx2-3"].step_at == (0.0, 8)
+    assert {a.node_id: a.local_steps for a in restored.configure_round(2, joined)} == {"agx-1": 38, "tx2-3": 5}
 
 
 def test_aggregation_weights_are_training_examples_else_samples_per_step():
@@ -202,4 +262,8 @@ def test_step_alignment_settings_are_checked():
         CoordinatorConfig.from_dict({"coordinator": {"max_steps_factor": 0.5}})
     with pytest.raises(ConfigError, match="min_keepers"):
         CoordinatorConfig.from_dict({"coordinator": {"min_keepers": 0}})
+    with pytest.raises(ConfigError, match="step_cost_sparsity"):
+        CoordinatorConfig.from_dict({"coordinator": {"step_cost_sparsity": 1.0}})
+    with pytest.raises(ConfigError, match="step_cost_rank"):
+        CoordinatorConfig.from_dict({"coordinator": {"step_cost_rank": -0.1}})
     assert make_strategy(cfg("fedspine"), 10).global_.min_keepers == 2  # the default (1: the spec's rule)

@@ -148,8 +148,10 @@ def test_first_cut_waits_for_the_rounds_importance_later_cuts_come_first(cls_dat
     res = tr.run_round(target_sparsity=0.2, rank=4, local_steps=5, global_update=None)
     assert seen == [(5, 0.0)] and res.sparsity >= 0.2 - 1e-9  # cut after the 5 steps' importance, not 1 batch
     assert res.loss_end == pytest.approx(tr.evaluate("val", SETTINGS.eval_batches)["loss"], rel=1e-5)  # after it
-    tr.run_round(target_sparsity=0.3, rank=4, local_steps=5, global_update=None)
+    assert res.train_sparsity == 0.0  # its steps ran dense (the coordinator times them as such)
+    res2 = tr.run_round(target_sparsity=0.3, rank=4, local_steps=5, global_update=None)
     assert seen[1] == (5, pytest.approx(res.sparsity))  # later cuts: at the start, from the previous round's steps
+    assert res2.train_sparsity == pytest.approx(res2.sparsity) and res2.sparsity > res.sparsity
 
 
 def test_calibration_times_steps_and_changes_nothing(cls_data):
