@@ -30,6 +30,8 @@ class MethodResult:
     params: int | None = None
     time_to_target_s: float | None = None
     per_round_idle: list[float] = field(default_factory=list)
+    # step alignment: mean |completion time - planned completion time| / completion time over node-rounds
+    plan_error: float | None = None
     # node -> (round, sparsity, rank, local steps)
     configs: dict[str, list[tuple[int, float, int, int]]] = field(default_factory=dict)
 
@@ -54,6 +56,7 @@ def analyse(method: str, metrics_path: Path) -> MethodResult:
     for r in nodes:
         by_round.setdefault(int(r["round"]), []).append(r)
     clock = 0.0
+    plan_errors = []
     for rnd in sorted(by_round):
         ok = [r for r in by_round[rnd] if r.get("status") == "ok"]
         if not ok:
@@ -70,10 +73,13 @@ def analyse(method: str, metrics_path: Path) -> MethodResult:
             res.per_round_idle.append(idle)
             res.rounds += 1
         res.upload_bytes += sum(int(r.get("upload_bytes", 0)) for r in ok)
+        plan_errors += [abs(float(r["round_time_s"]) - float(r["planned_s"])) / float(r["round_time_s"])
+                        for r in ok if r.get("planned_s") and float(r.get("round_time_s") or 0.0) > 0]
         for r in ok:
             res.configs.setdefault(r["node"], []).append((rnd, float(r.get("sparsity", 0.0)), int(r.get("rank", 0)),
                                                           int(r.get("steps") or 0)))
     res.virtual_time_s = clock
+    res.plan_error = mean(plan_errors) if plan_errors else None
     if res.per_round_idle:
         res.idle_fraction = mean(res.per_round_idle)
     if exports:
@@ -114,8 +120,8 @@ def write_report(runs: dict[str, Path], out: Path, *, target_sparsity: float,
         f"Target sparsity {target_sparsity:.2f}; target accuracy {target_accuracy if target_accuracy is None else f'{target_accuracy:.3f}'}",
         "",
         "| method | rounds | final acc | final sparsity | virtual time (s) | time to target (s) | FedSpine speed-up | "
-        "idle / round | upload MB | latency ms | params |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "idle / round | worst round idle | plan error | upload MB | latency ms | params |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def f(v, fmt):
@@ -128,7 +134,8 @@ def write_report(runs: dict[str, Path], out: Path, *, target_sparsity: float,
         lines.append(
             f"| {r.method} | {r.rounds} | {f(r.final_accuracy, '.3f')} | {f(r.final_sparsity, '.2f')} | "
             f"{r.virtual_time_s:.0f} | {f(r.time_to_target_s, '.0f')} | {f(speedup, '.2f')}x | "
-            f"{f(r.idle_fraction, '.1%')} | {r.upload_bytes / 1e6:.1f} | {f(r.latency_ms, '.1f')} | {f(r.params, ',')} |"
+            f"{f(r.idle_fraction, '.1%')} | {f(max(r.per_round_idle, default=None), '.1%')} | "
+            f"{f(r.plan_error, '.1%')} | {r.upload_bytes / 1e6:.1f} | {f(r.latency_ms, '.1f')} | {f(r.params, ',')} |"
         )
     table = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,8 +19,8 @@ def _node(rnd, node, t, acc, **kw):
 def test_virtual_clock_idle_and_curve(tmp_path):
     p = tmp_path / "m.jsonl"
     _write(p, [
-        _node(1, "a", 10.0, 0.40), _node(1, "b", 5.0, 0.50),
-        _node(2, "a", 8.0, 0.60), _node(2, "b", 8.0, 0.70),
+        _node(1, "a", 10.0, 0.40, planned_s=9.0), _node(1, "b", 5.0, 0.50, planned_s=6.0),
+        _node(2, "a", 8.0, 0.60, planned_s=8.0), _node(2, "b", 8.0, 0.70),
         {"kind": "node", "round": 2, "node": "c", "status": "timeout"},
         _node(3, "a", 0.0, 0.80, eval_only=True), _node(3, "b", 0.0, 0.90, eval_only=True),
         {"kind": "export", "node": "a", "status": "ok", "metrics": {"accuracy": 0.8}, "sparsity": 0.3,
@@ -33,6 +33,7 @@ def test_virtual_clock_idle_and_curve(tmp_path):
     assert r.virtual_time_s == pytest.approx(18.0)  # the slowest node of each round: 10 + 8
     assert r.curve == [(0.0, pytest.approx(0.45)), (10.0, pytest.approx(0.65)), (18.0, pytest.approx(0.85))]
     assert r.per_round_idle == [pytest.approx(0.25), pytest.approx(0.0)]  # round 1: b waits half of 10 s
+    assert r.plan_error == pytest.approx((0.1 + 0.2 + 0.0) / 3)  # |10 - 9| / 10, |5 - 6| / 5, 0; b unplanned in 2
     assert r.final_accuracy == pytest.approx(0.85)
     assert r.final_sparsity == pytest.approx(0.325)
     assert r.upload_bytes == 6000
@@ -56,5 +57,6 @@ def test_report_table_and_plots(tmp_path):
     assert summary["methods"]["fedspine"]["time_to_target_s"] == pytest.approx(7.5)  # 5 s + half of the next 5 s
     assert summary["methods"]["fedlora"]["time_to_target_s"] == pytest.approx(20.0)
     assert "2.67x" in table  # fedlora needs 20 / 7.5 times the virtual time of fedspine
+    assert "| 0.0% | 0.0% | n/a |" in table  # idle (mean, worst round) and no planned times: not aligned
     for png in ("accuracy_vs_time.png", "idle_fraction.png", "configs_fedspine.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000

@@ -31,6 +31,7 @@ def test_quick_fleet_benchmark_two_methods(tmp_path, monkeypatch):
     assert lora["params"] - spine["params"] >= 0.3 * prunable - 1e3
     assert 0.0 <= spine["final_accuracy"] <= 1.0 and spine["virtual_time_s"] > 0
     assert spine["upload_bytes"] > 0 and 0.0 <= spine["idle_fraction"] < 1.0
+    assert spine["plan_error"] is not None and lora["plan_error"] is None  # only FedSpine's steps are planned
     table = (out / "summary.md").read_text()
     assert "| fedspine |" in table and "| fedlora |" in table
     for png in ("accuracy_vs_time.png", "idle_fraction.png", "configs_fedspine.png"):
