@@ -32,8 +32,9 @@ class MethodResult:
     per_round_idle: list[float] = field(default_factory=list)
     # step alignment: mean |completion time - planned completion time| / completion time over node-rounds
     plan_error: float | None = None
-    # node -> (round, sparsity, rank, local steps)
-    configs: dict[str, list[tuple[int, float, int, int]]] = field(default_factory=dict)
+    # node -> (round, sparsity, rank, local steps, completion time s, planned completion time s or None)
+    configs: dict[str, list[tuple[int, float, int, int, float, float | None]]] = field(default_factory=dict)
+    start_accuracy: dict[int, float] = field(default_factory=dict)  # round -> fleet-mean accuracy at its start
 
 
 def _rows(path: Path) -> list[dict]:
@@ -64,6 +65,7 @@ def analyse(method: str, metrics_path: Path) -> MethodResult:
         accs = [r["m_test_accuracy"] for r in ok if isinstance(r.get("m_test_accuracy"), (int, float))]
         if accs:
             res.curve.append((clock, mean(accs)))  # measured at the start of the round
+            res.start_accuracy[rnd] = mean(accs)
         times = [float(r.get("round_time_s", 0.0)) for r in ok]
         slowest = max(times)
         if not all(r.get("eval_only") for r in ok):
@@ -76,8 +78,10 @@ def analyse(method: str, metrics_path: Path) -> MethodResult:
         plan_errors += [abs(float(r["round_time_s"]) - float(r["planned_s"])) / float(r["round_time_s"])
                         for r in ok if r.get("planned_s") and float(r.get("round_time_s") or 0.0) > 0]
         for r in ok:
-            res.configs.setdefault(r["node"], []).append((rnd, float(r.get("sparsity", 0.0)), int(r.get("rank", 0)),
-                                                          int(r.get("steps") or 0)))
+            if not r.get("eval_only"):
+                res.configs.setdefault(r["node"], []).append(
+                    (rnd, float(r.get("sparsity", 0.0)), int(r.get("rank", 0)), int(r.get("steps") or 0),
+                     float(r.get("round_time_s", 0.0)), r.get("planned_s")))
     res.virtual_time_s = clock
     res.plan_error = mean(plan_errors) if plan_errors else None
     if res.per_round_idle:
@@ -142,8 +146,34 @@ def write_report(runs: dict[str, Path], out: Path, *, target_sparsity: float,
     (out / "summary.md").write_text(table + "\n")
     (out / "summary.json").write_text(json.dumps({"target_accuracy": target_accuracy,
                                                   "methods": {m: asdict(r) for m, r in results.items()}}, indent=2))
+    (out / "rounds.md").write_text(rounds_table(results.values()))
     _plots(results, out, target_accuracy)
     return table
+
+
+def rounds_table(results) -> str:
+    """Per method, each round's configuration per node (local steps / sparsity / rank / completion time, and the
+    planned time where steps are aligned), the round's idle fraction and the fleet accuracy after it."""
+    parts = []
+    for r in results:
+        nodes = sorted(r.configs)
+        if not nodes:
+            continue
+        rows = {}
+        for node in nodes:
+            for rnd, sp, rank, steps, t, planned in r.configs[node]:
+                plan = f" (plan {planned:.0f} s)" if planned else ""
+                rows.setdefault(rnd, {})[node] = f"{steps} / {sp:.2f} / {rank} / {t:.0f} s{plan}"
+        parts += [f"## {r.method}", "", "local steps / sparsity / rank / completion time per node", "",
+                  "| round | " + " | ".join(nodes) + " | idle | accuracy after the round |",
+                  "|---|" + "---|" * (len(nodes) + 2)]
+        for i, rnd in enumerate(sorted(rows)):
+            idle = f"{r.per_round_idle[i]:.1%}" if i < len(r.per_round_idle) else "n/a"
+            acc = r.start_accuracy.get(rnd + 1)
+            parts.append(f"| {rnd} | " + " | ".join(rows[rnd].get(n, "-") for n in nodes)
+                         + f" | {idle} | {'n/a' if acc is None else f'{acc:.3f}'} |")
+        parts.append("")
+    return "\n".join(parts)
 
 
 def _plots(results: dict[str, MethodResult], out: Path, target: float | None) -> None:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from coordinator.report import analyse, time_to, write_report
+from coordinator.report import analyse, rounds_table, time_to, write_report
 
 
 def _write(path, rows):
@@ -12,7 +12,7 @@ def _write(path, rows):
 
 
 def _node(rnd, node, t, acc, **kw):
-    return {"kind": "node", "round": rnd, "node": node, "status": "ok", "round_time_s": t, "wall_s": t / 2,
+    return {"kind": "node", "round": rnd, "node": node, "status": "ok", "round_time_s": t, "wall_s": t / 2, "steps": 8,
             "m_test_accuracy": acc, "upload_bytes": 1000, "sparsity": kw.pop("sparsity", 0.1), "rank": 8, **kw}
 
 
@@ -34,6 +34,9 @@ def test_virtual_clock_idle_and_curve(tmp_path):
     assert r.curve == [(0.0, pytest.approx(0.45)), (10.0, pytest.approx(0.65)), (18.0, pytest.approx(0.85))]
     assert r.per_round_idle == [pytest.approx(0.25), pytest.approx(0.0)]  # round 1: b waits half of 10 s
     assert r.plan_error == pytest.approx((0.1 + 0.2 + 0.0) / 3)  # |10 - 9| / 10, |5 - 6| / 5, 0; b unplanned in 2
+    table = rounds_table([r]).splitlines()
+    assert table[6:8] == ["| 1 | 8 / 0.10 / 8 / 10 s (plan 9 s) | 8 / 0.10 / 8 / 5 s (plan 6 s) | 25.0% | 0.650 |",
+                          "| 2 | 8 / 0.10 / 8 / 8 s (plan 8 s) | 8 / 0.10 / 8 / 8 s | 0.0% | 0.850 |"]
     assert r.final_accuracy == pytest.approx(0.85)
     assert r.final_sparsity == pytest.approx(0.325)
     assert r.upload_bytes == 6000
@@ -60,3 +63,4 @@ def test_report_table_and_plots(tmp_path):
     assert "| 0.0% | 0.0% | n/a |" in table  # idle (mean, worst round) and no planned times: not aligned
     for png in ("accuracy_vs_time.png", "idle_fraction.png", "configs_fedspine.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000
+    assert "## fedlora" in (tmp_path / "out" / "rounds.md").read_text()
