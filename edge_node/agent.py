@@ -142,6 +142,7 @@ class NodeAgent:
                         + (self.cfg.node.profile_latency_s if self.simulated else 0.0),
                         float(getattr(self.trainer, "sparsity", 0.0)), int(getattr(self.trainer, "rank", 0)))
         self.log.info("calibrated", steps=steps, step_s=round(self._timing[0], 4), overhead_s=round(self._timing[1], 4),
+                      width_scale=round(c.get("width_scale", 1.0), 4),
                       sparsity=round(self._timing[2], 4), rank=self._timing[3])
 
     # ---- presence -----------------------------------------------------------------------------------------

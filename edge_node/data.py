@@ -151,6 +151,23 @@ class BatchStream:
         return collate(self.data, batch, self.pad_id, self.causal)
 
 
+def mean_batch_width(data: Encoded, indices: Sequence[int], batch_size: int, seed: int, batches: int = 256) -> float:
+    """Mean padded width (the longest example of each batch) of ``batches`` batches shuffled as ``BatchStream``
+    shuffles them: the tokens per row an average local step computes on.  Lengths only, no tensors."""
+    if not indices:
+        raise ValueError("no training examples")
+    lengths = [len(data.input_ids[i]) for i in indices]
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    total = 0
+    for _ in range(batches):
+        while len(order) < batch_size:
+            order.extend(torch.randperm(len(lengths), generator=gen).tolist())
+        batch, order = order[:batch_size], order[batch_size:]
+        total += max(lengths[i] for i in batch)
+    return total / batches
+
+
 def fixed_batches(data: Encoded, indices: Sequence[int], batch_size: int, pad_id: int, causal: bool,
                   max_batches: int | None) -> list[dict[str, torch.Tensor]]:
     """The first ``max_batches`` batches of ``indices`` in order (the same batches every round)."""

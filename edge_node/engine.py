@@ -21,6 +21,7 @@ from edge_node.data import (
     encode_causal,
     encode_classification,
     fixed_batches,
+    mean_batch_width,
     read_records,
     split_indices,
 )
@@ -236,7 +237,10 @@ class LocalTrainer:
         backward passes on training batches drawn as training draws them, from a stream of their own (no
         optimiser step: weights, optimiser, the training data order and random state stay as they were), and
         the two validation passes of a round.  Validation batches would not do for the steps: their padding
-        need not match the training batches' (on one benchmark node their steps took a quarter less time).
+        need not match the training batches' (on one benchmark node their steps took a quarter less time).  A
+        few training batches are still a small sample of the padded widths (on the benchmark's nodes five of them
+        were 5 % narrower to 7 % wider than a round's), so the step time is scaled to the mean width of many
+        batches (``width_scale``), a step's work being about proportional to its tokens.
         Returns seconds per step and of the round's fixed part, wall and this thread's CPU time ("*_cpu_s"), as
         ``RoundResult`` reports them.
         """
@@ -247,9 +251,10 @@ class LocalTrainer:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             self.model.train()
-            times = []
+            times, widths = [], []
             for _ in range(steps + 1):
                 batch = next(stream)
+                widths.append(batch["input_ids"].shape[1])
                 t, c = time.perf_counter(), time.thread_time()
                 self._train_step(None, track=False, timing={"step": 0.0, "importance": 0.0}, batch=batch)
                 if self.device.type == "cuda":
@@ -260,8 +265,10 @@ class LocalTrainer:
             self._evaluate(self.val_batches[: self.train.eval_batches])
             fixed = (2 * (time.perf_counter() - t), 2 * (time.thread_time() - c))
         timed = times[1:]
-        return {"step_s": sum(w for w, _ in timed) / steps, "step_cpu_s": sum(c for _, c in timed) / steps,
-                "fixed_s": fixed[0], "fixed_cpu_s": fixed[1]}
+        typical = mean_batch_width(self.data, self.train_idx, self.train.batch_size, self.seed + 104729)
+        scale = typical / (sum(widths[1:]) / steps)
+        return {"step_s": scale * sum(w for w, _ in timed) / steps, "step_cpu_s": scale * sum(c for _, c in timed) / steps,
+                "fixed_s": fixed[0], "fixed_cpu_s": fixed[1], "width_scale": scale}
 
     # ---- the round ----------------------------------------------------------------------------------------
     def run_round(self, *, target_sparsity: float, rank: int, local_steps: int, global_update: LoraUpdate | None,

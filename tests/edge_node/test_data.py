@@ -13,6 +13,7 @@ from edge_node.data import (
     encode_causal,
     encode_classification,
     fixed_batches,
+    mean_batch_width,
     label_list,
     read_records,
     split_indices,
@@ -89,6 +90,11 @@ def test_collate_padding_and_batch_stream(tok):
         assert torch.equal(a["input_ids"], b["input_ids"])
         seen.append(a)
     assert s1.epoch == 2
+    lengths = [len(x) for x in enc.input_ids]
+    # the mean padded width: whole epochs of one-example batches give the mean length; one batch of all, the longest
+    assert mean_batch_width(enc, list(range(10)), 1, seed=3, batches=20) == pytest.approx(sum(lengths) / 10)
+    assert mean_batch_width(enc, list(range(10)), 10, seed=3, batches=4) == max(lengths)
+    assert sum(lengths) / 10 < mean_batch_width(enc, list(range(10)), 4, seed=3) < max(lengths)
     assert len(fixed_batches(enc, list(range(10)), 4, 0, False, 2)) == 2
     assert len(fixed_batches(enc, list(range(10)), 4, 0, False, None)) == 3
     lm = encode_causal([{"prompt": "a", "completion": "red"}, {"prompt": "the dog is", "completion": "blue"}], tok, 16)

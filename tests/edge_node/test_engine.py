@@ -9,6 +9,7 @@ import structlog
 import torch
 
 from edge_node.config import TrainSettings
+from edge_node.data import BatchStream, mean_batch_width
 from edge_node.engine import LocalTrainer, RoundInterrupted
 from edge_node.model import layer_geometry
 from shared.updates import GroupScores, LoraUpdate, UpdateError
@@ -166,7 +167,12 @@ def test_calibration_times_steps_and_changes_nothing(cls_data):
     assert torch.equal(torch.get_rng_state(), rng)
     for mod, p in drops.items():
         mod.p = p
-    assert set(c) == {"step_s", "step_cpu_s", "fixed_s", "fixed_cpu_s"} and all(v > 0 for v in c.values())
+    assert set(c) == {"step_s", "step_cpu_s", "fixed_s", "fixed_cpu_s", "width_scale"} and all(v > 0 for v in c.values())
+    # the steps' time is scaled from the widths of the batches it timed to the typical batch width
+    cal = BatchStream(a.data, a.train_idx, SETTINGS.batch_size, a.stream.pad_id, a.causal, a.seed + 7919)
+    timed = [next(cal)["input_ids"].shape[1] for _ in range(3)][1:]
+    typical = mean_batch_width(a.data, a.train_idx, SETTINGS.batch_size, a.seed + 104729)
+    assert c["width_scale"] == pytest.approx(typical / (sum(timed) / 2))
     assert all(p.grad is None for p in a.model.parameters())
     ra = a.run_round(target_sparsity=0.15, rank=4, local_steps=6, global_update=None)
     rb = b.run_round(target_sparsity=0.15, rank=4, local_steps=6, global_update=None)
