@@ -13,8 +13,8 @@ from edge_node.data import (
     encode_causal,
     encode_classification,
     fixed_batches,
-    mean_batch_width,
     label_list,
+    mean_batch_width,
     read_records,
     split_indices,
 )
