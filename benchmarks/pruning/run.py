@@ -153,9 +153,8 @@ STEP_RANKS = (2, 4, 8, 16)
 
 
 def fit_step_cost(times: dict[tuple[float, int], float]) -> tuple[float, float, float]:
-    """Least squares of t(s, r) = t0 (1 - a s)(1 + b r) over measured step times: (t0, a, b).  Expanded, it is
-    linear in t0, t0·a, t0·b and t0·a·b; the fit takes the first three from the data and solves the fourth
-    consistently by a few rounds of alternating least squares (a and b each linear given the other)."""
+    """Least squares of t(s, r) = t0 (1 - a s)(1 + b r) over measured step times: (t0, a, b), by alternating
+    least squares (given b the model is linear in t0 and t0·a; given a, in t0 and t0·b)."""
     pts = [(s, r, t) for (s, r), t in times.items()]
     a = b = 0.0
     for _ in range(50):
