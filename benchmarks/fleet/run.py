@@ -1,6 +1,6 @@
 """The paper-style fleet benchmark: FedSpine and the five baselines side by side in one harness.
 
-Full size (about an hour on 2 CPU cores: 48–62 min measured): 3 nodes (AGX, Xavier NX, TX2 profiles), 10 rounds of τ = 20
+Full size (about an hour on 2 CPU cores: 32–62 min measured, by machine): 3 nodes (AGX, Xavier NX, TX2 profiles), 10 rounds of τ = 20
 local steps, batch 16, sequence length 64, learning rate 1e-3, 1,200 tweets per node (Dirichlet α = 0.5), 600 held-out test tweets
 (16 batches, 256 tweets, evaluated per round for the curves; all 600 for the final figures),
 target sparsity 0.3, seed 0.  ``--quick`` (a few minutes): 3 nodes, 3 rounds of τ = 6, sequence length 32,
