@@ -57,7 +57,6 @@ def analyse(method: str, metrics_path: Path) -> MethodResult:
     for r in nodes:
         by_round.setdefault(int(r["round"]), []).append(r)
     clock = 0.0
-    plan_errors = []
     for rnd in sorted(by_round):
         ok = [r for r in by_round[rnd] if r.get("status") == "ok"]
         if not ok:
@@ -75,14 +74,13 @@ def analyse(method: str, metrics_path: Path) -> MethodResult:
             res.per_round_idle.append(idle)
             res.rounds += 1
         res.upload_bytes += sum(int(r.get("upload_bytes", 0)) for r in ok)
-        plan_errors += [abs(float(r["round_time_s"]) - float(r["planned_s"])) / float(r["round_time_s"])
-                        for r in ok if r.get("planned_s") and float(r.get("round_time_s") or 0.0) > 0]
         for r in ok:
             if not r.get("eval_only"):
                 res.configs.setdefault(r["node"], []).append(
                     (rnd, float(r.get("sparsity", 0.0)), int(r.get("rank", 0)), int(r.get("steps") or 0),
                      float(r.get("round_time_s", 0.0)), r.get("planned_s")))
     res.virtual_time_s = clock
+    plan_errors = [abs(t - planned) / t for seq in res.configs.values() for *_, t, planned in seq if planned and t > 0]
     res.plan_error = mean(plan_errors) if plan_errors else None
     if res.per_round_idle:
         res.idle_fraction = mean(res.per_round_idle)

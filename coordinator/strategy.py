@@ -229,7 +229,7 @@ class Strategy:
         self._pending = {}
         for node, st, target, rank, choice in plans:
             n = steps.get(node.node_id, c.local_steps)
-            fixed_per_step = timing.get(node.node_id) if steps else None
+            fixed_per_step = timing.get(node.node_id)  # empty unless steps are aligned
             a = Assignment(node_id=node.node_id, target_sparsity=target, rank=rank, local_steps=n,
                            arm=choice.arm if choice else None,
                            planned_s=fixed_per_step[0] + n * fixed_per_step[1] if fixed_per_step else None)

@@ -142,30 +142,24 @@ class BatchStream:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
 
-    def __next__(self) -> dict[str, torch.Tensor]:
+    def next_indices(self) -> list[int]:
+        """The example indices of the next batch (what ``next`` collates)."""
         while len(self._order) < self.batch_size:
             perm = torch.randperm(len(self.indices), generator=self.gen).tolist()
             self._order.extend(self.indices[i] for i in perm)
             self.epoch += 1
         batch, self._order = self._order[: self.batch_size], self._order[self.batch_size:]
-        return collate(self.data, batch, self.pad_id, self.causal)
+        return batch
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return collate(self.data, self.next_indices(), self.pad_id, self.causal)
 
 
 def mean_batch_width(data: Encoded, indices: Sequence[int], batch_size: int, seed: int, batches: int = 256) -> float:
-    """Mean padded width (the longest example of each batch) of ``batches`` batches shuffled as ``BatchStream``
-    shuffles them: the tokens per row an average local step computes on.  Lengths only, no tensors."""
-    if not indices:
-        raise ValueError("no training examples")
-    lengths = [len(data.input_ids[i]) for i in indices]
-    gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    total = 0
-    for _ in range(batches):
-        while len(order) < batch_size:
-            order.extend(torch.randperm(len(lengths), generator=gen).tolist())
-        batch, order = order[:batch_size], order[batch_size:]
-        total += max(lengths[i] for i in batch)
-    return total / batches
+    """Mean padded width (the longest example of each batch) of ``batches`` batches of a ``BatchStream`` seeded with
+    ``seed``: the tokens per row an average local step computes on.  Lengths only, no tensors."""
+    stream = BatchStream(data, indices, batch_size, pad_id=0, causal=False, seed=seed)
+    return sum(max(len(data.input_ids[i]) for i in stream.next_indices()) for _ in range(batches)) / batches
 
 
 def fixed_batches(data: Encoded, indices: Sequence[int], batch_size: int, pad_id: int, causal: bool,
