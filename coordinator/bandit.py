@@ -16,9 +16,11 @@ a separate discounted bandit that sees only rounds played at or above the target
 Δp = 0, then each larger increment is tried once only while the largest one tried so far has the best mean
 (pruning further has paid, e.g. a slow node catching up with the fleet); otherwise greedy on the means. A
 fast node that tries one small step and drifts away from the fleet stops there; a slow node climbs to its cap.
-A node that finished before the fleet's mean time in its last round gets Δp = 0 beyond the target: pruning
-makes a node faster, so for it every further increment can only widen its gap to the fleet (worse time
-term), cost accuracy (worse loss term) and earn no progress: those arms are dominated.
+A node that did not hold the fleet back in its last round (``behind`` False) gets Δp = 0 beyond the target:
+pruning makes a node faster, so for a node ahead of the fleet every further increment can only widen its gap
+(worse time term), cost accuracy (worse loss term) and earn no progress: those arms are dominated.  Where
+steps are aligned, even a slow node holds nobody back unless another node was held at the step cap (the
+others fill its round with steps), so it stays at the target too (``Strategy._capped``).
 """
 
 from __future__ import annotations
@@ -170,7 +172,8 @@ class FleetBandit:
     def choose(self, node_id: str, rnd: int, sparsity: float, cap: float, behind: bool | None = None) -> Choice:
         """Pick the configuration of ``node_id`` for round ``rnd`` (1-based) given its current sparsity.
 
-        ``behind``: the node finished after the fleet's mean completion time in its last round (None: unknown).
+        ``behind``: the node held the fleet back in its last round (None: unknown): its time at τ steps was above
+        the fleet's mean and, where steps were aligned, another node was held at the step cap.
         """
         b = self._bandits(node_id)
         rounds_left = max(self.total_rounds - rnd + 1, 1)

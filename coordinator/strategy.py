@@ -154,7 +154,7 @@ class NodeState:
     fixed_s: float | None = None  # that round's time outside the local steps
     step_s: float | None = None  # and per local step
     step_at: tuple[float, int] | None = None  # the (sparsity, rank) those steps ran at
-    behind: bool | None = None  # it finished after the round's mean completion time in that round
+    behind: bool | None = None  # it held the fleet back in that round (Strategy.aggregate_round)
 
 
 class Strategy:
@@ -304,10 +304,14 @@ class Strategy:
                   for r in results]
         summary.node_terms = rewards(inputs, self.cfg.reward, self.cfg.bandit.target_sparsity)
         mean_paced = sum(paced.values()) / max(len(paced), 1)
+        capped = self._capped(results)
         for r in results:
             st = self._state(r.node_id)
             st.last_time_s = paced[r.node_id]
-            st.behind = paced[r.node_id] > mean_paced if len(results) > 1 else None
+            # Behind: it held the fleet back.  Where the round's steps were aligned, nobody waited for a slow node
+            # unless another node was held at the step cap (see ``_capped``).
+            others_capped = capped is None or bool(capped - {r.node_id})
+            st.behind = paced[r.node_id] > mean_paced and others_capped if len(results) > 1 else None
             if (t := r.timing()) is not None:
                 st.fixed_s, st.step_s = t
                 st.step_at = (float(r.sparsity if r.train_sparsity is None else r.train_sparsity), int(r.rank))
@@ -318,6 +322,20 @@ class Strategy:
                     self.bandit.update(r.node_id, self.bandit.arms.index(a.arm), summary.node_terms[r.node_id]["reward"],
                                        beyond_target=beyond)
         return summary
+
+    def _capped(self, results: Sequence[NodeResult]) -> set[str] | None:
+        """The nodes of the round held at the step cap, or None if the round's steps were not aligned (ours).
+
+        With aligned steps the fast nodes fill a slow node's round with more steps, so pruning the slow node
+        further shortens the round without removing any waiting: the others just run fewer steps.  Only a node
+        held at the cap (``max_steps_factor`` × τ) waits, and only then does a shorter round remove idle time.
+        """
+        c = self.cfg.coordinator
+        pending = [self._pending.get(r.node_id, (None, 0.0, False))[0] for r in results]
+        if not pending or any(a is None or a.planned_s is None for a in pending):
+            return None
+        most = int(c.max_steps_factor * c.local_steps)
+        return {a.node_id for a in pending if a.local_steps >= most}
 
     def _progress(self, r: NodeResult) -> float:
         """Sparsity gained this round toward the fleet target (pruning beyond s* earns no progress)."""

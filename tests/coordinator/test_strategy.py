@@ -176,6 +176,22 @@ def test_fast_nodes_run_more_steps_only_where_steps_are_aligned(method):
         {a.node_id: a.local_steps for a in strat.configure_round(3, NODES)}
 
 
+def test_with_aligned_steps_a_slow_node_holds_the_fleet_back_only_while_another_is_at_the_step_cap():
+    strat = make_strategy(cfg("fedspine", coordinator=FLAT), total_rounds=10)
+    per_step = {"agx-1": 0.5, "nx-2": 0.6, "tx2-3": 1.0}
+    first = strat.configure_round(1, NODES)
+    strat.aggregate_round(1, [_timed(a, 1, per_step[a.node_id]) for a in first], [])
+    # Round 1 was not aligned (no timing yet): the slowest node at τ steps held the others back.
+    assert strat.nodes["tx2-3"].behind is True and strat.nodes["agx-1"].behind is False
+    second = strat.configure_round(2, NODES)
+    assert {a.node_id: a.local_steps for a in second} == {"agx-1": 10, "nx-2": 8, "tx2-3": 5}  # below the 5τ cap
+    strat.aggregate_round(2, [_timed(a, 2, per_step[a.node_id]) for a in second], [])
+    # Aligned, nobody at the cap: nobody waited for the TX2, so it is not behind (no pruning beyond the target).
+    assert strat.nodes["tx2-3"].last_time_s > strat.nodes["agx-1"].last_time_s
+    assert [strat.nodes[n].behind for n in per_step] == [False, False, False]
+    # With the AGX held at the cap the TX2 does hold it back: test_fast_nodes_run_more_steps_only_where_steps_are_aligned.
+
+
 def test_first_round_steps_come_from_the_timing_nodes_measured_when_they_joined():
     strat = make_strategy(cfg("fedspine", coordinator=FLAT), total_rounds=10)
     joined = [NodeInfo("agx-1", "agx", step_s=0.2, overhead_s=1.0), NodeInfo("nx-2", "nx", step_s=0.4, overhead_s=2.0),
