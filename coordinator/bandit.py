@@ -20,7 +20,8 @@ A node that did not hold the fleet back in its last round (``behind`` False) get
 pruning makes a node faster, so for a node ahead of the fleet every further increment can only widen its gap
 (worse time term), cost accuracy (worse loss term) and earn no progress: those arms are dominated.  Where
 steps are aligned, even a slow node holds nobody back unless another node was held at the step cap (the
-others fill its round with steps), so it stays at the target too (``Strategy._capped``).
+others fill its round with steps) and the round idled beyond ``[coordinator] idle_tolerance``, so it stays
+at the target too (``Strategy._capped``).
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ class FleetBandit:
         """Pick the configuration of ``node_id`` for round ``rnd`` (1-based) given its current sparsity.
 
         ``behind``: the node held the fleet back in its last round (None: unknown): its time at τ steps was above
-        the fleet's mean and, where steps were aligned, another node was held at the step cap.
+        the fleet's mean and, where steps were aligned, another node waited at the step cap (beyond tolerance).
         """
         b = self._bandits(node_id)
         rounds_left = max(self.total_rounds - rnd + 1, 1)

@@ -41,6 +41,10 @@ class RoundSettings:
     # max_steps_factor × τ, so that it completes with the round's slowest node at τ steps (strategy.aligned_steps).
     align_steps: tuple[str, ...] = ("fedspine",)
     max_steps_factor: float = 5.0
+    # Beyond the target a slow node prunes further only to remove waiting that alignment cannot fill (ours): where
+    # steps were aligned, only while another node was held at the step cap and the round idled more than this
+    # share.  Below it, the node's accuracy is worth more than the idle time left (strategy.Strategy._capped).
+    idle_tolerance: float = 0.10
     # Step-cost model for alignment (ours): a node's time per local step at sparsity s and LoRA rank r is taken as
     # proportional to (1 - step_cost_sparsity·s)(1 + step_cost_rank·r), so a node that changes its configuration
     # is planned at its new speed (strategy.step_cost_ratio).  0 and 0: every node keeps its last speed.  The
@@ -64,6 +68,8 @@ class RoundSettings:
         if not 0 <= self.step_cost_sparsity < 1 or not 0 <= self.step_cost_rank <= 1:
             raise ConfigError(f"[coordinator] step_cost_sparsity {self.step_cost_sparsity} outside [0, 1) or "
                               f"step_cost_rank {self.step_cost_rank} outside [0, 1]")
+        if not 0 <= self.idle_tolerance < 1:
+            raise ConfigError(f"[coordinator] idle_tolerance {self.idle_tolerance} outside [0, 1)")
         if not 1 <= self.max_steps_factor <= 100:
             raise ConfigError(f"[coordinator] max_steps_factor {self.max_steps_factor} outside [1, 100]")
         if self.deadline_s <= 0 or self.min_nodes < 1:

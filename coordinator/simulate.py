@@ -167,7 +167,8 @@ def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broke
                         "seed": args.seed, "join_timeout_s": 600.0,
                         **({} if args.align_steps is None else
                            {"align_steps": [m for m in args.align_steps.split(",") if m and m != "none"]}),
-                        **({} if args.max_steps_factor is None else {"max_steps_factor": args.max_steps_factor})},
+                        **({} if args.max_steps_factor is None else {"max_steps_factor": args.max_steps_factor}),
+                        **({} if args.idle_tolerance is None else {"idle_tolerance": args.idle_tolerance})},
         "bandit": {"target_sparsity": args.target_sparsity, "static_rank": args.rank},
     })
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -252,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "'none'; default: fedspine)")
     ap.add_argument("--max-steps-factor", type=float, default=None,
                     help="with --align-steps, at most this many times τ local steps per round (default 5)")
+    ap.add_argument("--idle-tolerance", type=float, default=None,
+                    help="with --align-steps, a slow node prunes beyond the target only while the round idled more "
+                         "than this share with a node at the step cap (default 0.10; 0: whenever a node is capped)")
     ap.add_argument("--deadline-s", type=float, default=900.0)
     ap.add_argument("--broker", default="embedded", help="embedded | mosquitto | mqtt://host:port")
     ap.add_argument("--model", default=None, help="local model folder (default: the packaged all-MiniLM-L6-v2)")

@@ -304,12 +304,12 @@ class Strategy:
                   for r in results]
         summary.node_terms = rewards(inputs, self.cfg.reward, self.cfg.bandit.target_sparsity)
         mean_paced = sum(paced.values()) / max(len(paced), 1)
-        capped = self._capped(results)
+        capped = self._capped(results, summary.idle_fraction)
         for r in results:
             st = self._state(r.node_id)
             st.last_time_s = paced[r.node_id]
             # Behind: it held the fleet back.  Where the round's steps were aligned, nobody waited for a slow node
-            # unless another node was held at the step cap (see ``_capped``).
+            # unless another node was held at the step cap and the round idled beyond tolerance (``_capped``).
             others_capped = capped is None or bool(capped - {r.node_id})
             st.behind = paced[r.node_id] > mean_paced and others_capped if len(results) > 1 else None
             if (t := r.timing()) is not None:
@@ -323,17 +323,21 @@ class Strategy:
                                        beyond_target=beyond)
         return summary
 
-    def _capped(self, results: Sequence[NodeResult]) -> set[str] | None:
-        """The nodes of the round held at the step cap, or None if the round's steps were not aligned (ours).
+    def _capped(self, results: Sequence[NodeResult], idle: float) -> set[str] | None:
+        """The nodes of the round held at the step cap while it idled beyond ``idle_tolerance`` (none otherwise),
+        or None if the round's steps were not aligned (ours).
 
         With aligned steps the fast nodes fill a slow node's round with more steps, so pruning the slow node
         further shortens the round without removing any waiting: the others just run fewer steps.  Only a node
-        held at the cap (``max_steps_factor`` × τ) waits, and only then does a shorter round remove idle time.
+        held at the cap (``max_steps_factor`` × τ) waits, and only then does a shorter round remove idle time;
+        up to the tolerance, the slow node's accuracy is worth more than the waiting it would remove.
         """
         c = self.cfg.coordinator
         pending = [self._pending.get(r.node_id, (None, 0.0, False))[0] for r in results]
         if not pending or any(a is None or a.planned_s is None for a in pending):
             return None
+        if idle <= c.idle_tolerance:
+            return set()
         most = int(c.max_steps_factor * c.local_steps)
         return {a.node_id for a in pending if a.local_steps >= most}
 
