@@ -75,6 +75,11 @@ class RoundSettings:
         if self.deadline_s <= 0 or self.min_nodes < 1:
             raise ConfigError("[coordinator] deadline_s must be > 0 and min_nodes >= 1")
 
+    @property
+    def max_steps(self) -> int:
+        """The most local steps an aligned node runs in a round: max_steps_factor × τ."""
+        return int(self.max_steps_factor * self.local_steps)
+
 
 @dataclass(frozen=True)
 class BanditSettings:

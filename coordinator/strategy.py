@@ -224,7 +224,7 @@ class Strategy:
                 if was is not None:
                     per_step *= step_cost_ratio(was, now, c.step_cost_sparsity, c.step_cost_rank)
                 timing[node.node_id] = (fixed, per_step)
-            steps = aligned_steps(timing, c.local_steps, int(c.max_steps_factor * c.local_steps))
+            steps = aligned_steps(timing, c.local_steps, c.max_steps)
         out = []
         self._pending = {}
         for node, st, target, rank, choice in plans:
@@ -338,8 +338,7 @@ class Strategy:
             return None
         if idle <= c.idle_tolerance:
             return set()
-        most = int(c.max_steps_factor * c.local_steps)
-        return {a.node_id for a in pending if a.local_steps >= most}
+        return {a.node_id for a in pending if a.local_steps >= c.max_steps}
 
     def _progress(self, r: NodeResult) -> float:
         """Sparsity gained this round toward the fleet target (pruning beyond s* earns no progress)."""
