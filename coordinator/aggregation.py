@@ -271,6 +271,9 @@ def factorize(delta: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, shape
         U, S, V = torch.svd_lowrank(delta.double(), q=oversample, niter=POWER_ITERS)
         torch.random.set_rng_state(gen_state)
         Vh = V.T
+    # Components below 1e-6 of the largest are rounding (how small depends on the LAPACK build): exact zeros, as
+    # the node's refactor (edge_node.model, rel_tol) treats them as dead and re-initialises them anyway.
+    k = min(k, int((S > 1e-6 * float(S.max())).sum())) if S.numel() else 0
     root = S[:k].sqrt()
     B = torch.zeros(delta.shape[0], rank, dtype=torch.float64)
     A = torch.zeros(rank, delta.shape[1], dtype=torch.float64)
