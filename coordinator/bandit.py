@@ -22,6 +22,11 @@ pruning makes a node faster, so for a node ahead of the fleet every further incr
 steps are aligned, even a slow node holds nobody back unless another node was held at the step cap (the
 others fill its round with steps) and the round idled beyond ``[coordinator] idle_tolerance``, so it stays
 at the target too (``Strategy._capped``).
+
+Below the target, with aligned steps (ours): a node that would run at the step cap and still wait more than the
+tolerance gets the largest allowed increment that keeps it at or below the round's slowest node
+(``FleetBandit.at_most``, ``Strategy._hold_capped``): it cannot use the speed, so pruning it ahead of the slow
+node only adds waiting and costs its accuracy early.
 """
 
 from __future__ import annotations
@@ -170,6 +175,35 @@ class FleetBandit:
     def _too_heavy(self, node_id: str, sparsity: float, rank: int) -> bool:
         return any(sparsity <= s + EPS and rank >= r for s, r in self.oom.get(node_id, ()))
 
+    def _increments(self, node_id: str, rnd: int, sparsity: float, cap: float) -> tuple[list[float], bool, float]:
+        """(the increments allowed this round, smallest first, one per distinct new sparsity; whether the gap to the
+        target can no longer be closed; the node's goal min(s*, cap))."""
+        rounds_left = max(self.total_rounds - rnd + 1, 1)
+        goal = min(self.target, cap)
+        # The smallest increment this round that still lets the remaining rounds reach the target.
+        need_now = goal - sparsity - self.max_dp * (rounds_left - 1)
+        dps = [d for d in self.delta_p if d >= need_now - EPS
+               and any(not self._too_heavy(node_id, min(sparsity + d, cap), r) for r in self.ranks)]
+        forced = not dps and need_now > self.max_dp + EPS
+        if not dps:  # the gap cannot be closed (or memory rules the rest out): the largest increment that fits
+            dps = [max((d for d in self.delta_p
+                        if any(not self._too_heavy(node_id, min(sparsity + d, cap), r) for r in self.ranks)),
+                       default=self.max_dp)]
+        distinct: list[float] = []  # near the cap larger increments land on the same sparsity: keep the smallest
+        for d in sorted(dps):
+            if all(abs(min(sparsity + d, cap) - min(sparsity + k, cap)) > EPS for k in distinct):
+                distinct.append(d)
+        return distinct, forced, goal
+
+    def _choice(self, dp: float, rank: int, rnd: int, sparsity: float, cap: float, goal: float, forced: bool,
+                beyond: bool) -> Choice:
+        target = min(sparsity + dp, cap)
+        if forced or (rnd >= self.total_rounds and target < goal - EPS):
+            target, forced = max(target, goal), True
+        arm = (dp, rank)
+        return Choice(arm_index=self.arms.index(arm), arm=arm, target_sparsity=float(min(target, cap)), rank=rank,
+                      forced=forced, beyond_target=beyond)
+
     def choose(self, node_id: str, rnd: int, sparsity: float, cap: float, behind: bool | None = None) -> Choice:
         """Pick the configuration of ``node_id`` for round ``rnd`` (1-based) given its current sparsity.
 
@@ -177,45 +211,35 @@ class FleetBandit:
         the fleet's mean and, where steps were aligned, another node waited at the step cap (beyond tolerance).
         """
         b = self._bandits(node_id)
-        rounds_left = max(self.total_rounds - rnd + 1, 1)
-        goal = min(self.target, cap)
-        # The smallest increment this round that still lets the remaining rounds reach the target.
-        need_now = goal - sparsity - self.max_dp * (rounds_left - 1)
-
-        def target_of(dp: float) -> float:
-            return min(sparsity + dp, cap)
-
-        def fits(dp: float, r: int) -> bool:
-            return not self._too_heavy(node_id, target_of(dp), r)
-
-        dps = [d for d in self.delta_p if d >= need_now - EPS and any(fits(d, r) for r in self.ranks)]
-        forced = not dps and need_now > self.max_dp + EPS
-        if not dps:  # the gap cannot be closed (or memory rules the rest out): the largest increment that fits
-            dps = [max((d for d in self.delta_p if any(fits(d, r) for r in self.ranks)), default=self.max_dp)]
+        dps, forced, goal = self._increments(node_id, rnd, sparsity, cap)
         # Below the target every increment is needed anyway, so Δp is explored freely; at or above it an increment
         # is permanent, so Δp comes from the ladder (or is 0 for a node ahead of the fleet), see the module docstring.
-        distinct: list[float] = []  # near the cap larger increments land on the same sparsity: keep the smallest
-        for d in sorted(dps):
-            if all(abs(target_of(d) - target_of(k)) > EPS for k in distinct):
-                distinct.append(d)
-        dps = distinct
         beyond = sparsity >= goal - EPS
         if beyond and len(dps) > 1:
             dps = [dps[0]] if behind is False else [self._ladder(b["post"], dps)]
         if self.factored:
             dp = b["dp"].arms[b["dp"].select([i for i, a in enumerate(b["dp"].arms) if a[0] in dps])][0]
-            ok = [i for i, a in enumerate(b["rank"].arms) if fits(dp, a[1])] or [0]
-            rank = b["rank"].arms[b["rank"].select(ok)][1]
+            ok = [i for i, a in enumerate(b["rank"].arms) if not self._too_heavy(node_id, min(sparsity + dp, cap), a[1])]
+            rank = b["rank"].arms[b["rank"].select(ok or [0])][1]
         else:
-            ok = [i for i, a in enumerate(self.arms) if a[0] in dps and fits(*a)]
+            ok = [i for i, a in enumerate(self.arms)
+                  if a[0] in dps and not self._too_heavy(node_id, min(sparsity + a[0], cap), a[1])]
             ok = ok or [min(range(len(self.arms)), key=lambda i: (-self.arms[i][0], self.arms[i][1]))]
             dp, rank = self.arms[b["joint"].select(ok)]
-        target = target_of(dp)
-        if forced or (rounds_left == 1 and target < goal - EPS):
-            target, forced = max(target, goal), True
-        arm = (dp, rank)
-        return Choice(arm_index=self.arms.index(arm), arm=arm, target_sparsity=float(min(target, cap)), rank=rank,
-                      forced=forced, beyond_target=beyond)
+        return self._choice(dp, rank, rnd, sparsity, cap, goal, forced, beyond)
+
+    def at_most(self, node_id: str, rnd: int, sparsity: float, cap: float, rank: int, ceiling: float) -> Choice:
+        """The largest increment allowed this round that keeps the node's sparsity at or below ``ceiling``, or the
+        smallest allowed if none does (the target kept reachable, memory permitting), at ``rank`` or the largest
+        rank below it that fits: for a node whose further pruning would buy it nothing this round
+        (``Strategy.configure_round``: a node waiting at the step cap).  Draws nothing, changes no state."""
+        dps, forced, goal = self._increments(node_id, rnd, sparsity, cap)
+        under = [d for d in dps if min(sparsity + d, cap) <= ceiling + EPS]
+        dp = max(under) if under else dps[0]
+        fitting = [r for r in self.ranks if not self._too_heavy(node_id, min(sparsity + dp, cap), r)]
+        if rank not in fitting and fitting:
+            rank = max((r for r in fitting if r <= rank), default=min(fitting))
+        return self._choice(dp, rank, rnd, sparsity, cap, goal, forced, sparsity >= goal - EPS)
 
     def update(self, node_id: str, arm_index: int, reward: float, beyond_target: bool = False) -> None:
         """Credit ``reward`` to the arm played; ``beyond_target``: it was chosen at or above the target."""

@@ -44,6 +44,8 @@ class RoundSettings:
     # Beyond the target a slow node prunes further only to remove waiting that alignment cannot fill (ours): where
     # steps were aligned, only while another node was held at the step cap and the round idled more than this
     # share.  Below it, the node's accuracy is worth more than the idle time left (strategy.Strategy._capped).
+    # And a node that would wait more than this share at the step cap prunes no further than the round's slowest
+    # node (strategy.Strategy._hold_capped).
     idle_tolerance: float = 0.10
     # Step-cost model for alignment (ours): a node's time per local step at sparsity s and LoRA rank r is taken as
     # proportional to (1 - step_cost_sparsity·s)(1 + step_cost_rank·r), so a node that changes its configuration

@@ -35,6 +35,7 @@ class MethodResult:
     # node -> (round, sparsity, rank, local steps, completion time s, planned completion time s or None)
     configs: dict[str, list[tuple[int, float, int, int, float, float | None]]] = field(default_factory=dict)
     start_accuracy: dict[int, float] = field(default_factory=dict)  # round -> fleet-mean accuracy at its start
+    held: list[tuple[str, int]] = field(default_factory=list)  # (node, round) kept from pruning ahead at the step cap
 
 
 def _rows(path: Path) -> list[dict]:
@@ -79,6 +80,8 @@ def analyse(method: str, metrics_path: Path) -> MethodResult:
                 res.configs.setdefault(r["node"], []).append(
                     (rnd, float(r.get("sparsity", 0.0)), int(r.get("rank", 0)), int(r.get("steps") or 0),
                      float(r.get("round_time_s", 0.0)), r.get("planned_s")))
+                if r.get("held"):
+                    res.held.append((r["node"], rnd))
     res.virtual_time_s = clock
     plan_errors = [abs(t - planned) / t for seq in res.configs.values() for *_, t, planned in seq if planned and t > 0]
     res.plan_error = mean(plan_errors) if plan_errors else None
@@ -161,8 +164,11 @@ def rounds_table(results) -> str:
         for node in nodes:
             for rnd, sp, rank, steps, t, planned in r.configs[node]:
                 plan = f" (plan {planned:.0f} s)" if planned else ""
-                rows.setdefault(rnd, {})[node] = f"{steps} / {sp:.2f} / {rank} / {t:.0f} s{plan}"
-        parts += [f"## {r.method}", "", "local steps / sparsity / rank / completion time per node", "",
+                mark = " held" if (node, rnd) in r.held else ""
+                rows.setdefault(rnd, {})[node] = f"{steps} / {sp:.2f}{mark} / {rank} / {t:.0f} s{plan}"
+        legend = ["", "held: the node would have waited at the step cap, so its increment was lowered to stay at or "
+                  "below the slowest node (Strategy._hold_capped)"] if r.held else []
+        parts += [f"## {r.method}", "", "local steps / sparsity / rank / completion time per node", *legend, "",
                   "| round | " + " | ".join(nodes) + " | idle | accuracy after the round |",
                   "|---|" + "---|" * (len(nodes) + 2)]
         for i, rnd in enumerate(sorted(rows)):

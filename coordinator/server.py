@@ -258,7 +258,8 @@ class Coordinator:
         assignments = self.strategy.configure_round(rnd, nodes)
         pending = self._send_configs(rnd, attempt, assignments)
         log.info("round_started", participants=[a.node_id for a in assignments],
-                 configs={a.node_id: {"sparsity": round(a.target_sparsity, 4), "rank": a.rank} for a in assignments})
+                 configs={a.node_id: {"sparsity": round(a.target_sparsity, 4), "rank": a.rank, "steps": a.local_steps,
+                                      **({"held": True} if a.held else {})} for a in assignments})
 
         self._active = rnd
         try:
@@ -452,7 +453,7 @@ class Coordinator:
         for a in assignments:
             res, p = by_node.get(a.node_id), pending[a.node_id]
             rec = {"round": rnd, "node": a.node_id, "method": self.cfg.coordinator.method,
-                   "target_sparsity": a.target_sparsity, "rank": a.rank, "arm": a.arm, "planned_s": a.planned_s}
+                   "target_sparsity": a.target_sparsity, "rank": a.rank, "arm": a.arm, "planned_s": a.planned_s, "held": a.held}
             if res is not None and p.report is not None:
                 rep = p.report
                 rec.update(status="ok", loss_start=rep.loss_start, loss_end=rep.loss_end, samples=rep.samples,

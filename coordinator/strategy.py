@@ -50,6 +50,7 @@ class Assignment:
     arm: tuple[float, int] | None = None
     prune_random: bool = False
     planned_s: float | None = None  # the completion time step alignment planned for it (None: not aligned)
+    held: bool = False  # its increment was lowered: it waited at the step cap (Strategy._hold_capped)
 
 
 @dataclass(frozen=True)
@@ -207,23 +208,11 @@ class Strategy:
         for node in nodes:
             st = self._state(node.node_id)
             target, rank, choice = self._schedule(rnd, node, st)
-            plans.append((node, st, float(max(target, st.sparsity)), int(rank), choice))
-        steps, timing = {}, {}
+            plans.append([node, st, float(max(target, st.sparsity)), int(rank), choice])
+        steps, timing, held = {}, {}, set()
         if self.method in c.align_steps:
-            for node, st, target, rank, _ in plans:
-                # Its last round's timing; before it has one, what it measured when it joined.  Planned at this
-                # round's configuration: the steps run at the target sparsity, except a node's first cut, which
-                # comes after its steps (it has no importance yet; LocalTrainer.run_round).
-                if st.step_s and st.fixed_s is not None:
-                    fixed, per_step, was = st.fixed_s, st.step_s, st.step_at
-                elif node.step_s > 0:
-                    fixed, per_step, was = node.overhead_s, node.step_s, (node.step_sparsity, node.step_rank)
-                else:
-                    continue
-                now = (target if st.structure is not None else st.sparsity, rank)
-                if was is not None:
-                    per_step *= step_cost_ratio(was, now, c.step_cost_sparsity, c.step_cost_rank)
-                timing[node.node_id] = (fixed, per_step)
+            held = self._hold_capped(rnd, plans) if self.method == "fedspine" else set()
+            timing = self._timing(plans)
             steps = aligned_steps(timing, c.local_steps, c.max_steps)
         out = []
         self._pending = {}
@@ -232,10 +221,68 @@ class Strategy:
             fixed_per_step = timing.get(node.node_id)  # empty unless steps are aligned
             a = Assignment(node_id=node.node_id, target_sparsity=target, rank=rank, local_steps=n,
                            arm=choice.arm if choice else None,
-                           planned_s=fixed_per_step[0] + n * fixed_per_step[1] if fixed_per_step else None)
+                           planned_s=fixed_per_step[0] + n * fixed_per_step[1] if fixed_per_step else None,
+                           held=node.node_id in held)
             self._pending[node.node_id] = (a, st.sparsity, bool(choice and choice.beyond_target))
             out.append(a)
         return out
+
+    def _timing(self, plans: Sequence[list], cut: bool = False) -> dict[str, tuple[float, float]]:
+        """node -> (seconds of its round outside the local steps, seconds per step) at this round's configuration.
+
+        From the node's last round; before it has one, from what it measured when it joined.  The steps run at the
+        target sparsity, except a node's first cut, which comes after its steps (it has no importance yet;
+        LocalTrainer.run_round); ``cut=True`` plans every node at its target (the speed its cut gives it)."""
+        c = self.cfg.coordinator
+        timing = {}
+        for node, st, target, rank, _ in plans:
+            if st.step_s and st.fixed_s is not None:
+                fixed, per_step, was = st.fixed_s, st.step_s, st.step_at
+            elif node.step_s > 0:
+                fixed, per_step, was = node.overhead_s, node.step_s, (node.step_sparsity, node.step_rank)
+            else:
+                continue
+            now = (target if cut or st.structure is not None else st.sparsity, rank)
+            if was is not None:
+                per_step *= step_cost_ratio(was, now, c.step_cost_sparsity, c.step_cost_rank)
+            timing[node.node_id] = (fixed, per_step)
+        return timing
+
+    def _hold_capped(self, rnd: int, plans: Sequence[list]) -> set[str]:
+        """Keep a node that would wait at the step cap from pruning ahead of the round's slowest node (ours).
+        Returns the nodes whose increment was lowered.
+
+        With aligned steps a round lasts as long as its slowest node at τ steps, and a faster node fills it with
+        more steps, up to the cap (``max_steps_factor`` × τ).  A node at the cap cannot use more speed: pruning it
+        further only makes it wait longer and costs its model capacity early, for target progress it can make once
+        the slow node has caught up (the bandit keeps the target reachable).  So when, at the sparsity the bandit
+        chose, a node would run at the cap and still wait more than ``idle_tolerance`` of the round, it gets the
+        largest allowed increment that keeps it at or below the slowest node's sparsity (the smallest allowed if
+        none does): the spec's ordering, slow nodes prune faster than fast ones.  Speeds are taken with every node
+        at its chosen sparsity, first cuts included (those come after this round's steps: the choice sets the
+        speed of the next one).
+        """
+        c, b = self.cfg.coordinator, self.cfg.bandit
+        timing = self._timing(plans, cut=True)
+        if c.max_steps <= c.local_steps or len(timing) < 2:
+            return set()
+        at_tau = {n: fixed + c.local_steps * per_step for n, (fixed, per_step) in timing.items()}
+        slowest = max(at_tau, key=at_tau.get)
+        finish = at_tau[slowest]
+        ceiling = next(plan[2] for plan in plans if plan[0].node_id == slowest)
+        held = set()
+        for plan in plans:
+            node, st, target, rank, choice = plan
+            if choice is None or node.node_id not in timing or target <= ceiling + 1e-9:
+                continue
+            fixed, per_step = timing[node.node_id]
+            if finish - (fixed + c.max_steps * per_step) <= c.idle_tolerance * finish:
+                continue
+            lowered = self.bandit.at_most(node.node_id, rnd, st.sparsity, b.cap(node.device_type), rank, ceiling)
+            if lowered.target_sparsity < target - 1e-9:
+                plan[2], plan[3], plan[4] = float(max(lowered.target_sparsity, st.sparsity)), lowered.rank, lowered
+                held.add(node.node_id)
+        return held
 
     def final_rank(self) -> int:
         """Rank of the slice each node receives in the final sync: the largest any node trained with. The node

@@ -58,6 +58,22 @@ def test_last_round_forces_the_needed_increment():
     assert c.forced and c.target_sparsity == pytest.approx(0.3)
 
 
+def test_at_most_is_the_largest_increment_under_a_ceiling_that_keeps_the_target_reachable_and_draws_nothing():
+    fb = FleetBandit((0.0, 0.05, 0.1, 0.15), (2, 4, 8, 16), discount=0.9, exploration=0.5, target_sparsity=0.3,
+                     total_rounds=10, seed=0)
+    c = fb.at_most("agx", 1, 0.0, cap=0.5, rank=8, ceiling=0.12)
+    assert (c.arm, c.target_sparsity, c.forced) == ((0.1, 8), pytest.approx(0.1), False)
+    assert fb.at_most("agx", 1, 0.05, cap=0.5, rank=8, ceiling=0.0).arm == (0.0, 8)  # already above: no increment
+    # Round 9 of 10 at 0.05: one more round of at most 0.15 after this one, so 0.10 is needed now, ceiling or not.
+    c = fb.at_most("agx", 9, 0.05, cap=0.5, rank=8, ceiling=0.05)
+    assert c.arm == (0.1, 8) and c.target_sparsity == pytest.approx(0.15) and not c.forced
+    c = fb.at_most("agx", 10, 0.0, cap=0.5, rank=8, ceiling=0.0)  # the gap cannot be closed: forced to the target
+    assert c.forced and c.target_sparsity == pytest.approx(0.3)
+    fb.out_of_memory("agx", sparsity=0.1, rank=8)
+    assert fb.at_most("agx", 1, 0.0, cap=0.5, rank=16, ceiling=0.1).rank == 4  # the largest rank below that fits
+    assert "agx" not in fb.bandits  # no draw, no state: a resumed run chooses exactly as an uninterrupted one
+
+
 def test_out_of_memory_excludes_the_arm_and_every_heavier_one():
     fb = FleetBandit((0.0, 0.1), (4, 8, 16), discount=0.9, exploration=0.5, target_sparsity=0.0, total_rounds=50,
                      seed=0)

@@ -20,7 +20,7 @@ def test_virtual_clock_idle_and_curve(tmp_path):
     p = tmp_path / "m.jsonl"
     _write(p, [
         _node(1, "a", 10.0, 0.40, planned_s=9.0), _node(1, "b", 5.0, 0.50, planned_s=6.0),
-        _node(2, "a", 8.0, 0.60, planned_s=8.0), _node(2, "b", 8.0, 0.70),
+        _node(2, "a", 8.0, 0.60, planned_s=8.0, held=False), _node(2, "b", 8.0, 0.70, held=True),
         {"kind": "node", "round": 2, "node": "c", "status": "timeout"},
         _node(3, "a", 0.0, 0.80, eval_only=True), _node(3, "b", 0.0, 0.90, eval_only=True),
         {"kind": "export", "node": "a", "status": "ok", "metrics": {"accuracy": 0.8}, "sparsity": 0.3,
@@ -35,8 +35,9 @@ def test_virtual_clock_idle_and_curve(tmp_path):
     assert r.per_round_idle == [pytest.approx(0.25), pytest.approx(0.0)]  # round 1: b waits half of 10 s
     assert r.plan_error == pytest.approx((0.1 + 0.2 + 0.0) / 3)  # |10 - 9| / 10, |5 - 6| / 5, 0; b unplanned in 2
     table = rounds_table([r]).splitlines()
-    assert table[6:8] == ["| 1 | 8 / 0.10 / 8 / 10 s (plan 9 s) | 8 / 0.10 / 8 / 5 s (plan 6 s) | 25.0% | 0.650 |",
-                          "| 2 | 8 / 0.10 / 8 / 8 s (plan 8 s) | 8 / 0.10 / 8 / 8 s | 0.0% | 0.850 |"]
+    assert table[4].startswith("held: ")  # the legend, since a node was held
+    assert table[8:10] == ["| 1 | 8 / 0.10 / 8 / 10 s (plan 9 s) | 8 / 0.10 / 8 / 5 s (plan 6 s) | 25.0% | 0.650 |",
+                           "| 2 | 8 / 0.10 / 8 / 8 s (plan 8 s) | 8 / 0.10 held / 8 / 8 s | 0.0% | 0.850 |"]
     assert r.final_accuracy == pytest.approx(0.85)
     assert r.final_sparsity == pytest.approx(0.325)
     assert r.upload_bytes == 6000

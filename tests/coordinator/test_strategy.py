@@ -201,6 +201,58 @@ def test_with_aligned_steps_a_slow_node_holds_the_fleet_back_only_while_another_
     assert strat.nodes["agx-1"].behind is False and strat.nodes["nx-2"].behind is False
 
 
+def _capped_fleet(tolerance: float) -> tuple[list[set], list[dict], list[float]]:
+    """Ten rounds of an AGX / NX / TX2 fleet on the step-cost model; the AGX's bandit prunes as fast as it may, the
+    others' by 0.05 a round.  Returns per round the held nodes, the assigned sparsities and the idle fraction."""
+    model = {"step_cost_sparsity": 0.92, "step_cost_rank": 0.0, "idle_tolerance": tolerance}
+    strat = make_strategy(cfg("fedspine", coordinator=model, delta_p=[0.0, 0.05, 0.1, 0.15]), total_rounds=10)
+    bandit = strat.bandit
+
+    def choose(node_id, rnd, sparsity, cap, behind=None):
+        dps, forced, goal = bandit._increments(node_id, rnd, sparsity, cap)
+        beyond = sparsity >= goal - 1e-9
+        dp = dps[0] if beyond else max(dps) if node_id == "agx-1" else max(d for d in dps if d <= 0.05)
+        return bandit._choice(dp, 8, rnd, sparsity, cap, goal, forced, beyond)
+
+    bandit.choose = choose
+    fixed, step = {"agx-1": 1.0, "nx-2": 2.0, "tx2-3": 3.0}, {"agx-1": 0.2, "nx-2": 0.4, "tx2-3": 1.0}
+    joined = [NodeInfo(n, n[:-2], step_s=step[n], overhead_s=fixed[n], step_sparsity=0.0, step_rank=8) for n in step]
+    held, sparsity, idle = [], [], []
+    for rnd in range(1, 11):
+        assigns = strat.configure_round(rnd, joined)
+        held.append({a.node_id for a in assigns if a.held})
+        sparsity.append({a.node_id: a.target_sparsity for a in assigns})
+        trained = {a.node_id: (a.target_sparsity if rnd > 1 else 0.0) for a in assigns}  # the first cut comes after
+        results = [NodeResult(**{**_timed(a, rnd, step[a.node_id] * (1 - 0.92 * trained[a.node_id]),
+                                          fixed[a.node_id]).__dict__, "train_sparsity": trained[a.node_id]})
+                   for a in assigns]
+        idle.append(strat.aggregate_round(rnd, results, []).idle_fraction)
+    return held, sparsity, idle
+
+
+def test_a_node_waiting_at_the_step_cap_prunes_no_further_than_the_slowest_node():
+    """With aligned steps a node at the step cap cannot use the speed pruning gives it: it only waits longer.  So
+    while it would wait more than the tolerance, its increment is lowered to keep it at or below the round's
+    slowest node; a bandit that prunes the fast node as fast as it may is overruled for that node alone."""
+    held, sparsity, idle = _capped_fleet(0.10)
+    free_held, free_sparsity, free_idle = _capped_fleet(0.95)  # nobody waits that long: the bandit's choices stand
+    tx2 = [pytest.approx(0.05 * r) for r in range(1, 7)] + [pytest.approx(0.3)] * 4
+    for s in (sparsity, free_sparsity):
+        assert [v["tx2-3"] for v in s] == tx2
+        assert all(v == pytest.approx(0.3) for v in s[-1].values())  # everyone at the target in the end
+    assert free_held == [set()] * 10
+    assert [s["agx-1"] for s in free_sparsity] == [pytest.approx(0.15)] + [pytest.approx(0.3)] * 9
+    # At the cap the AGX (5 × the TX2's speed, 5τ steps, less fixed time) waits 27-30 % of a round even at the
+    # TX2's sparsity: every round until both reach the target it is held to the TX2's new sparsity.  The NX fills
+    # its rounds below the cap and is never held.
+    assert held == [{"agx-1"}] * 6 + [set()] * 4
+    assert [s["agx-1"] for s in sparsity] == tx2
+    # Held, it waits less: in rounds 2-5 the free AGX runs ahead at 0.30 and the fleet idles more (13 % against
+    # 9 % in round 2).  From round 6 on both AGXs are at 0.30 and the fleets are the same.
+    assert all(h < f - 0.01 for h, f in zip(idle[1:5], free_idle[1:5], strict=True))
+    assert idle[5:] == pytest.approx(free_idle[5:])
+
+
 def test_first_round_steps_come_from_the_timing_nodes_measured_when_they_joined():
     strat = make_strategy(cfg("fedspine", coordinator=FLAT), total_rounds=10)
     joined = [NodeInfo("agx-1", "agx", step_s=0.2, overhead_s=1.0), NodeInfo("nx-2", "nx", step_s=0.4, overhead_s=2.0),
