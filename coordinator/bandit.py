@@ -138,6 +138,10 @@ class FleetBandit:
         self.discount, self.exploration = discount, exploration
         self.target, self.total_rounds, self.seed, self.factored = target_sparsity, total_rounds, seed, factored
         self.max_dp = max(self.delta_p)
+        # Half the smallest gap between increments: sparsities closer than this are the same step (a node's reported
+        # sparsity is that of the groups it really removed, a little off the target).
+        grid = sorted(set(self.delta_p) | {0.0})
+        self.grain = min(b - a for a, b in zip(grid, grid[1:], strict=False)) / 2 if len(grid) > 1 else EPS
         self.bandits: dict[str, dict[str, DiscountedUCB]] = {}
         self.oom: dict[str, list[tuple[float, int]]] = {}  # node -> (sparsity, rank) that ran out of memory
 
@@ -229,12 +233,13 @@ class FleetBandit:
         return self._choice(dp, rank, rnd, sparsity, cap, goal, forced, beyond)
 
     def at_most(self, node_id: str, rnd: int, sparsity: float, cap: float, rank: int, ceiling: float) -> Choice:
-        """The largest increment allowed this round that keeps the node's sparsity at or below ``ceiling``, or the
+        """The largest increment allowed this round that keeps the node's sparsity at or below ``ceiling`` (within
+        ``grain``: reported sparsities are a little off their targets), or the
         smallest allowed if none does (the target kept reachable, memory permitting), at ``rank`` or the largest
         rank below it that fits: for a node whose further pruning would buy it nothing this round
         (``Strategy.configure_round``: a node waiting at the step cap).  Draws nothing, changes no state."""
         dps, forced, goal = self._increments(node_id, rnd, sparsity, cap)
-        under = [d for d in dps if min(sparsity + d, cap) <= ceiling + EPS]
+        under = [d for d in dps if min(sparsity + d, cap) <= ceiling + self.grain]
         dp = max(under) if under else dps[0]
         fitting = [r for r in self.ranks if not self._too_heavy(node_id, min(sparsity + dp, cap), r)]
         if rank not in fitting and fitting:

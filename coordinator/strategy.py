@@ -273,7 +273,7 @@ class Strategy:
         held = set()
         for plan in plans:
             node, st, target, rank, choice = plan
-            if choice is None or node.node_id not in timing or target <= ceiling + 1e-9:
+            if choice is None or node.node_id not in timing or target <= ceiling + self.bandit.grain:
                 continue
             fixed, per_step = timing[node.node_id]
             if finish - (fixed + c.max_steps * per_step) <= c.idle_tolerance * finish:

@@ -64,6 +64,9 @@ def test_at_most_is_the_largest_increment_under_a_ceiling_that_keeps_the_target_
     c = fb.at_most("agx", 1, 0.0, cap=0.5, rank=8, ceiling=0.12)
     assert (c.arm, c.target_sparsity, c.forced) == ((0.1, 8), pytest.approx(0.1), False)
     assert fb.at_most("agx", 1, 0.05, cap=0.5, rank=8, ceiling=0.0).arm == (0.0, 8)  # already above: no increment
+    # Reported sparsities are those of the groups really removed: 0.2508 + 0.05 is the slow node's 0.3007.
+    assert fb.grain == pytest.approx(0.025)
+    assert fb.at_most("agx", 5, 0.2508, cap=0.5, rank=8, ceiling=0.3007).target_sparsity == pytest.approx(0.3008)
     # Round 9 of 10 at 0.05: one more round of at most 0.15 after this one, so 0.10 is needed now, ceiling or not.
     c = fb.at_most("agx", 9, 0.05, cap=0.5, rank=8, ceiling=0.05)
     assert c.arm == (0.1, 8) and c.target_sparsity == pytest.approx(0.15) and not c.forced

@@ -216,6 +216,7 @@ def _capped_fleet(tolerance: float) -> tuple[list[set], list[dict], list[float]]
 
     bandit.choose = choose
     fixed, step = {"agx-1": 1.0, "nx-2": 2.0, "tx2-3": 3.0}, {"agx-1": 0.2, "nx-2": 0.4, "tx2-3": 1.0}
+    off = {"agx-1": 0.0008, "nx-2": 0.0, "tx2-3": 0.0002}
     joined = [NodeInfo(n, n[:-2], step_s=step[n], overhead_s=fixed[n], step_sparsity=0.0, step_rank=8) for n in step]
     held, sparsity, idle = [], [], []
     for rnd in range(1, 11):
@@ -223,8 +224,10 @@ def _capped_fleet(tolerance: float) -> tuple[list[set], list[dict], list[float]]
         held.append({a.node_id for a in assigns if a.held})
         sparsity.append({a.node_id: a.target_sparsity for a in assigns})
         trained = {a.node_id: (a.target_sparsity if rnd > 1 else 0.0) for a in assigns}  # the first cut comes after
+        # A node reports the sparsity of the groups it really removed, a little off its target (not cumulatively).
         results = [NodeResult(**{**_timed(a, rnd, step[a.node_id] * (1 - 0.92 * trained[a.node_id]),
-                                          fixed[a.node_id]).__dict__, "train_sparsity": trained[a.node_id]})
+                                          fixed[a.node_id]).__dict__, "train_sparsity": trained[a.node_id],
+                                 "sparsity": round(a.target_sparsity, 2) + off[a.node_id]})
                    for a in assigns]
         idle.append(strat.aggregate_round(rnd, results, []).idle_fraction)
     return held, sparsity, idle
@@ -236,12 +239,12 @@ def test_a_node_waiting_at_the_step_cap_prunes_no_further_than_the_slowest_node(
     slowest node; a bandit that prunes the fast node as fast as it may is overruled for that node alone."""
     held, sparsity, idle = _capped_fleet(0.10)
     free_held, free_sparsity, free_idle = _capped_fleet(0.95)  # nobody waits that long: the bandit's choices stand
-    tx2 = [pytest.approx(0.05 * r) for r in range(1, 7)] + [pytest.approx(0.3)] * 4
+    tx2 = [pytest.approx(0.05 * r, abs=0.005) for r in range(1, 7)] + [pytest.approx(0.3, abs=0.005)] * 4
     for s in (sparsity, free_sparsity):
         assert [v["tx2-3"] for v in s] == tx2
-        assert all(v == pytest.approx(0.3) for v in s[-1].values())  # everyone at the target in the end
+        assert all(v == pytest.approx(0.3, abs=0.005) for v in s[-1].values())  # everyone at the target in the end
     assert free_held == [set()] * 10
-    assert [s["agx-1"] for s in free_sparsity] == [pytest.approx(0.15)] + [pytest.approx(0.3)] * 9
+    assert [s["agx-1"] for s in free_sparsity] == [pytest.approx(0.15, abs=0.005)] + [pytest.approx(0.3, abs=0.005)] * 9
     # At the cap the AGX (5 × the TX2's speed, 5τ steps, less fixed time) waits 27-30 % of a round even at the
     # TX2's sparsity: every round until both reach the target it is held to the TX2's new sparsity.  The NX fills
     # its rounds below the cap and is never held.
