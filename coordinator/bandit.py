@@ -179,6 +179,10 @@ class FleetBandit:
     def _too_heavy(self, node_id: str, sparsity: float, rank: int) -> bool:
         return any(sparsity <= s + EPS and rank >= r for s, r in self.oom.get(node_id, ()))
 
+    def _fits(self, node_id: str, sparsity: float, cap: float, dp: float, rank: int) -> bool:
+        """Increment ``dp`` from ``sparsity`` (capped) at ``rank`` is clear of the node's out-of-memory exclusions."""
+        return not self._too_heavy(node_id, min(sparsity + dp, cap), rank)
+
     def _increments(self, node_id: str, rnd: int, sparsity: float, cap: float) -> tuple[list[float], bool, float]:
         """(the increments allowed this round, smallest first, one per distinct new sparsity; whether the gap to the
         target can no longer be closed; the node's goal min(s*, cap))."""
@@ -186,13 +190,11 @@ class FleetBandit:
         goal = min(self.target, cap)
         # The smallest increment this round that still lets the remaining rounds reach the target.
         need_now = goal - sparsity - self.max_dp * (rounds_left - 1)
-        dps = [d for d in self.delta_p if d >= need_now - EPS
-               and any(not self._too_heavy(node_id, min(sparsity + d, cap), r) for r in self.ranks)]
+        usable = [d for d in self.delta_p if any(self._fits(node_id, sparsity, cap, d, r) for r in self.ranks)]
+        dps = [d for d in usable if d >= need_now - EPS]
         forced = not dps and need_now > self.max_dp + EPS
         if not dps:  # the gap cannot be closed (or memory rules the rest out): the largest increment that fits
-            dps = [max((d for d in self.delta_p
-                        if any(not self._too_heavy(node_id, min(sparsity + d, cap), r) for r in self.ranks)),
-                       default=self.max_dp)]
+            dps = [max(usable, default=self.max_dp)]
         distinct: list[float] = []  # near the cap larger increments land on the same sparsity: keep the smallest
         for d in sorted(dps):
             if all(abs(min(sparsity + d, cap) - min(sparsity + k, cap)) > EPS for k in distinct):
@@ -223,11 +225,11 @@ class FleetBandit:
             dps = [dps[0]] if behind is False else [self._ladder(b["post"], dps)]
         if self.factored:
             dp = b["dp"].arms[b["dp"].select([i for i, a in enumerate(b["dp"].arms) if a[0] in dps])][0]
-            ok = [i for i, a in enumerate(b["rank"].arms) if not self._too_heavy(node_id, min(sparsity + dp, cap), a[1])]
+            ok = [i for i, a in enumerate(b["rank"].arms) if self._fits(node_id, sparsity, cap, dp, a[1])]
             rank = b["rank"].arms[b["rank"].select(ok or [0])][1]
         else:
             ok = [i for i, a in enumerate(self.arms)
-                  if a[0] in dps and not self._too_heavy(node_id, min(sparsity + a[0], cap), a[1])]
+                  if a[0] in dps and self._fits(node_id, sparsity, cap, *a)]
             ok = ok or [min(range(len(self.arms)), key=lambda i: (-self.arms[i][0], self.arms[i][1]))]
             dp, rank = self.arms[b["joint"].select(ok)]
         return self._choice(dp, rank, rnd, sparsity, cap, goal, forced, beyond)
@@ -241,7 +243,7 @@ class FleetBandit:
         dps, forced, goal = self._increments(node_id, rnd, sparsity, cap)
         under = [d for d in dps if min(sparsity + d, cap) <= ceiling + self.grain]
         dp = max(under) if under else dps[0]
-        fitting = [r for r in self.ranks if not self._too_heavy(node_id, min(sparsity + dp, cap), r)]
+        fitting = [r for r in self.ranks if self._fits(node_id, sparsity, cap, dp, r)]
         if rank not in fitting and fitting:
             rank = max((r for r in fitting if r <= rank), default=min(fitting))
         return self._choice(dp, rank, rnd, sparsity, cap, goal, forced, sparsity >= goal - EPS)
