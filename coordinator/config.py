@@ -41,6 +41,10 @@ class RoundSettings:
     # max_steps_factor × τ, so that it completes with the round's slowest node at τ steps (strategy.aligned_steps).
     align_steps: tuple[str, ...] = ("fedspine",)
     max_steps_factor: float = 5.0
+    # Paced rounds (ours): with aligned steps, each node is sent the round's planned finish as well and stops at
+    # the step boundary nearest it (at least τ steps, at most the cap), measuring its own steps as it runs, so a
+    # node that runs slower or faster than planned still finishes with the round.  false: exactly the planned steps.
+    pace_steps: bool = True
     # Beyond the target a slow node prunes further only to remove waiting that alignment cannot fill (ours): where
     # steps were aligned, only while another node was held at the step cap and the round idled more than this
     # share.  Below it, the node's accuracy is worth more than the idle time left (strategy.Strategy._capped).

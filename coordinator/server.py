@@ -257,9 +257,11 @@ class Coordinator:
             return False
         assignments = self.strategy.configure_round(rnd, nodes)
         pending = self._send_configs(rnd, attempt, assignments)
+        finish = next((a.finish_s for a in assignments if a.finish_s is not None), None)  # paced: the same for all
         log.info("round_started", participants=[a.node_id for a in assignments],
                  configs={a.node_id: {"sparsity": round(a.target_sparsity, 4), "rank": a.rank, "steps": a.local_steps,
-                                      **({"held": True} if a.held else {})} for a in assignments})
+                                      **({"held": True} if a.held else {})} for a in assignments},
+                 **({"finish_s": round(finish, 2)} if finish is not None else {}))
 
         self._active = rnd
         try:
@@ -325,6 +327,7 @@ class Coordinator:
                 run_id=self.run_id, round=rnd, target_sparsity=a.target_sparsity, rank=a.rank,
                 local_steps=a.local_steps, deadline_ts=deadline_ts, upload_transfer_id=up_tid,
                 download_transfer_id=down_tid, prune_random=a.prune_random,
+                finish_s=a.finish_s, min_steps=a.min_steps, max_steps=a.max_steps,
             )
             pending[a.node_id] = _Pending(assignment=a, upload_tid=up_tid, sent_at=time.monotonic())
             self.transport.publish(self.topics.node(a.node_id, "config"), encode(cfg_msg), qos=1)
@@ -430,8 +433,10 @@ class Coordinator:
             log.warning("update_rejected", node=a.node_id,
                         error=f"reported upload_bytes {r.upload_bytes} != received {len(p.payload)}")
             return Failure(a.node_id, "rejected")
-        if r.steps and r.steps != a.local_steps:  # the steps weight the node's change (aggregation.py)
-            log.warning("update_rejected", node=a.node_id, error=f"ran {r.steps} local steps, not the assigned {a.local_steps}")
+        steps = r.steps or a.local_steps  # 0: not reported, taken as assigned
+        if not a.allows(steps):  # the steps weight the node's change (aggregation.py)
+            assigned = f"{a.min_steps}-{a.max_steps}" if a.finish_s is not None else str(a.local_steps)
+            log.warning("update_rejected", node=a.node_id, error=f"ran {steps} local steps, not the assigned {assigned}")
             return Failure(a.node_id, "rejected")
         try:
             update = LoraUpdate.from_bytes(p.payload, self.limits)
@@ -444,7 +449,7 @@ class Coordinator:
             node_id=a.node_id, update=update, samples=r.samples, loss_start=r.loss_start, loss_end=r.loss_end,
             compute_s=r.compute_s, round_time_s=round_time, sparsity=r.sparsity, rank=r.rank,
             train_sparsity=r.train_sparsity,
-            energy_j=r.energy_j, upload_bytes=len(p.payload), steps=a.local_steps, examples=r.examples,
+            energy_j=r.energy_j, upload_bytes=len(p.payload), steps=steps, examples=r.examples,
             train_s=min(r.train_s, round_time),
         )
 
@@ -453,7 +458,8 @@ class Coordinator:
         for a in assignments:
             res, p = by_node.get(a.node_id), pending[a.node_id]
             rec = {"round": rnd, "node": a.node_id, "method": self.cfg.coordinator.method,
-                   "target_sparsity": a.target_sparsity, "rank": a.rank, "arm": a.arm, "planned_s": a.planned_s, "held": a.held}
+                   "target_sparsity": a.target_sparsity, "rank": a.rank, "arm": a.arm, "planned_s": a.planned_s, "held": a.held,
+                   "finish_s": a.finish_s}
             if res is not None and p.report is not None:
                 rep = p.report
                 rec.update(status="ok", loss_start=rep.loss_start, loss_end=rep.loss_end, samples=rep.samples,

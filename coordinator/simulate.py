@@ -90,7 +90,11 @@ def build_fleet(args, out: Path, profiles: dict[str, dict]) -> tuple[list[SimNod
         node = SimNode(f"{tier}-{i + 1:02d}", tier, float(p["speed"]), float(p["uplink_mbps"]),
                        float(p["latency_s"]), int(p.get("memory_mb", 8192)), out / "nodes" / f"{tier}-{i + 1:02d}")
         write_csv(node.folder / "train.csv", texts, labels, shard)
-        write_csv(node.folder / "test.csv", texts, labels, test_idx)
+        # Each node's copy of the held-out split starts at its own offset: a round's curve point evaluates only
+        # the first --test-batches batches, so the fleet mean then covers other tweets on every node instead of
+        # the same ones n times.  The final figures evaluate the whole split, where order does not matter.
+        shift = i * len(test_idx) // len(shards)
+        write_csv(node.folder / "test.csv", texts, labels, [*test_idx[shift:], *test_idx[:shift]])
         hist[node.node_id] = label_histogram(labels, shard)
         fleet.append(node)
     (out / "fleet.json").write_text(json.dumps({"nodes": [n.node_id for n in fleet], "label_mix": hist,
@@ -168,7 +172,8 @@ def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broke
                         **({} if args.align_steps is None else
                            {"align_steps": [m for m in args.align_steps.split(",") if m and m != "none"]}),
                         **({} if args.max_steps_factor is None else {"max_steps_factor": args.max_steps_factor}),
-                        **({} if args.idle_tolerance is None else {"idle_tolerance": args.idle_tolerance})},
+                        **({} if args.idle_tolerance is None else {"idle_tolerance": args.idle_tolerance}),
+                        **({"pace_steps": False} if args.fixed_steps else {})},
         "bandit": {"target_sparsity": args.target_sparsity, "static_rank": args.rank},
     })
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -253,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "'none'; default: fedspine)")
     ap.add_argument("--max-steps-factor", type=float, default=None,
                     help="with --align-steps, at most this many times τ local steps per round (default 5)")
+    ap.add_argument("--fixed-steps", action="store_true",
+                    help="with --align-steps, nodes run exactly their planned steps instead of pacing to the "
+                         "round's planned finish ([coordinator] pace_steps = false)")
     ap.add_argument("--idle-tolerance", type=float, default=None,
                     help="with --align-steps, a slow node prunes beyond the target only while the round idled more "
                          "than this share with a node at the step cap (default 0.10; 0: whenever a node is capped)")

@@ -51,6 +51,17 @@ class Assignment:
     prune_random: bool = False
     planned_s: float | None = None  # the completion time step alignment planned for it (None: not aligned)
     held: bool = False  # its increment was lowered: it waited at the step cap (Strategy._hold_capped)
+    # A paced round (``[coordinator] pace_steps``): the node stops at the step boundary nearest finish_s, the
+    # round's planned completion, after at least min_steps and at most max_steps; local_steps is the plan.
+    finish_s: float | None = None
+    min_steps: int = 0
+    max_steps: int = 0
+
+    def allows(self, steps: int) -> bool:
+        """Whether a node that ran ``steps`` local steps did as assigned."""
+        if self.finish_s is not None:
+            return self.min_steps <= steps <= self.max_steps
+        return steps == self.local_steps
 
 
 @dataclass(frozen=True)
@@ -124,8 +135,13 @@ def aligned_steps(timing: dict[str, tuple[float, float]], tau: int, most: int) -
     """
     if not timing or most <= tau:
         return {n: tau for n in timing}
-    finish = max(fixed + tau * per_step for fixed, per_step in timing.values())
+    finish = round_finish(timing, tau)
     return {n: max(tau, min(most, int((finish - fixed) / per_step))) for n, (fixed, per_step) in timing.items()}
+
+
+def round_finish(timing: dict[str, tuple[float, float]], tau: int) -> float:
+    """The round's planned completion time: its slowest node's at τ steps (``timing`` as for aligned_steps)."""
+    return max((fixed + tau * per_step for fixed, per_step in timing.values()), default=0.0)
 
 
 def step_cost_ratio(was: tuple[float, int], now: tuple[float, int], cost_sparsity: float, cost_rank: float) -> float:
@@ -216,13 +232,17 @@ class Strategy:
             steps = aligned_steps(timing, c.local_steps, c.max_steps)
         out = []
         self._pending = {}
+        paced = c.pace_steps and c.max_steps > c.local_steps
+        finish = round_finish(timing, c.local_steps)
         for node, st, target, rank, choice in plans:
             n = steps.get(node.node_id, c.local_steps)
             fixed_per_step = timing.get(node.node_id)  # empty unless steps are aligned
+            pace = {"finish_s": finish, "min_steps": c.local_steps, "max_steps": c.max_steps} \
+                if fixed_per_step and paced else {}
             a = Assignment(node_id=node.node_id, target_sparsity=target, rank=rank, local_steps=n,
                            arm=choice.arm if choice else None,
                            planned_s=fixed_per_step[0] + n * fixed_per_step[1] if fixed_per_step else None,
-                           held=node.node_id in held)
+                           held=node.node_id in held, **pace)
             self._pending[node.node_id] = (a, st.sparsity, bool(choice and choice.beyond_target))
             out.append(a)
         return out
@@ -376,8 +396,8 @@ class Strategy:
 
         With aligned steps the fast nodes fill a slow node's round with more steps, so pruning the slow node
         further shortens the round without removing any waiting: the others just run fewer steps.  Only a node
-        held at the cap (``max_steps_factor`` × τ) waits, and only then does a shorter round remove idle time;
-        up to the tolerance, the slow node's accuracy is worth more than the waiting it would remove.
+        held at the cap (``max_steps_factor`` × τ; in a paced round, one that ran that many steps) waits, and only
+        then does a shorter round remove idle time; up to the tolerance, the slow node's accuracy is worth more than the waiting it would remove.
         """
         c = self.cfg.coordinator
         pending = [self._pending.get(r.node_id, (None, 0.0, False))[0] for r in results]
@@ -385,7 +405,7 @@ class Strategy:
             return None
         if idle <= c.idle_tolerance:
             return set()
-        return {a.node_id for a in pending if a.local_steps >= c.max_steps}
+        return {r.node_id for r, a in zip(results, pending, strict=True) if (r.steps or a.local_steps) >= c.max_steps}
 
     def _progress(self, r: NodeResult) -> float:
         """Sparsity gained this round toward the fleet target (pruning beyond s* earns no progress)."""

@@ -80,6 +80,7 @@ class NodeAgent:
         # Measured at startup: seconds per local step, of the rest of a round, and the sparsity and rank of the steps
         self._timing: tuple[float, float, float, int] = (0.0, 0.0, 0.0, 0)
         self._round = -1
+        self._upload: tuple[int, float] | None = None  # (rank, device seconds) of the last round's upload
         self._done: _Done | None = None
         # (run id, round, upload transfer) of the newest live config received: a round being worked on whose
         # config is no longer the newest (a restarted coordinator, a retry after the deadline) is abandoned.
@@ -126,6 +127,32 @@ class NodeAgent:
         import torch
 
         return (cpu if cpu is not None and torch.get_num_threads() == 1 else wall) / self.cfg.node.profile_speed
+
+    def _device_clock(self) -> float:
+        """Now, on the clock ``_device_s`` reads: this thread's CPU time over the profile speed on a simulated
+        device with one torch thread, else wall time (over the speed where simulated)."""
+        if not self.simulated:
+            return time.monotonic()
+        import torch
+
+        now = time.thread_time() if torch.get_num_threads() == 1 else time.perf_counter()
+        return now / self.cfg.node.profile_speed
+
+    def _pace(self, cfg: RoundConfig, received: float):
+        """The engine's ``Pace`` for a paced round (``cfg.finish_s``), or None.  The trainer's round clock starts
+        when it does: the finish leaves room for the upload (the last round's, scaled by the LoRA rank, which the
+        payload is proportional to) and, on a real device, for the time since the config arrived (the download)."""
+        if cfg.finish_s is None:
+            return None
+        from edge_node.engine import Pace
+
+        upload = self._upload[1] * cfg.rank / max(self._upload[0], 1) if self._upload is not None else 0.0
+        if self.simulated:
+            finish = cfg.finish_s - upload - self.cfg.node.profile_latency_s
+        else:
+            finish = cfg.finish_s - upload - (time.monotonic() - received)
+        return Pace(finish_s=max(finish, 0.0), min_steps=cfg.min_steps, max_steps=cfg.max_steps,
+                    clock=self._device_clock)
 
     def _calibrate(self) -> None:
         """Time a few local steps before joining, so that the coordinator can size this node's first round."""
@@ -293,7 +320,9 @@ class NodeAgent:
             log.info("config_superseded_dropped", newer_round=self._latest[1] if self._latest else None)
             return
         self._round = cfg.round
-        log.info("round_config", target_sparsity=cfg.target_sparsity, rank=cfg.rank, local_steps=cfg.local_steps)
+        log.info("round_config", target_sparsity=cfg.target_sparsity, rank=cfg.rank, local_steps=cfg.local_steps,
+                 **({"finish_s": round(cfg.finish_s, 2), "min_steps": cfg.min_steps, "max_steps": cfg.max_steps}
+                    if cfg.finish_s is not None else {}))
         try:
             report = self._train_and_upload(cfg, log)
         except Superseded as exc:  # its coordinator moved on (or restarted): nobody waits for this answer
@@ -304,17 +333,20 @@ class NodeAgent:
 
     def _train_and_upload(self, cfg: RoundConfig, log) -> RoundReport:
         base = dict(run_id=cfg.run_id, round=cfg.round, node_id=self.node_id)
+        received = time.monotonic()
         try:
             global_update = self._wait_download(cfg, log) if cfg.download_transfer_id else None
             meter = getattr(self._telemetry, "meter", None)
             if meter is not None:
                 self._telemetry.set_phase("training", cfg.round)
                 meter.begin_round(cfg.round)
+            pace = self._pace(cfg, received)
             try:
                 result = self.trainer.run_round(
                     target_sparsity=cfg.target_sparsity, rank=cfg.rank, local_steps=cfg.local_steps,
                     global_update=global_update, prune_random=cfg.prune_random,
                     should_stop=lambda: self._stop.is_set() or self._superseded(cfg),
+                    **({"pace": pace} if pace is not None else {}),
                 )
             finally:
                 energy = meter.end_round() if meter is not None else None
@@ -353,9 +385,11 @@ class NodeAgent:
                 self._telemetry.set_phase("idle", cfg.round)
         n = self.cfg.node
         virtual_s, train_s = 0.0, self._device_s(result.train_s, result.metrics.get("train_cpu_s"))
+        self._upload = (result.rank, upload_s)
         if self.simulated:  # plus the profile's uplink and latency
+            self._upload = (result.rank, len(result.payload) * 8 / (n.profile_uplink_mbps * 1e6))
             virtual_s = (self._device_s(result.compute_s, result.metrics.get("cpu_s"))
-                         + len(result.payload) * 8 / (n.profile_uplink_mbps * 1e6) + n.profile_latency_s)
+                         + self._upload[1] + n.profile_latency_s)
         report = RoundReport(
             **base, status="ok", transfer_id=cfg.upload_transfer_id, upload_bytes=len(result.payload),
             loss_start=result.loss_start, loss_end=result.loss_end, samples=result.samples, steps=result.steps,

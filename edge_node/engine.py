@@ -52,6 +52,29 @@ class RoundInterrupted(TimeoutError):
     """The node was asked to stop in the middle of a round."""
 
 
+@dataclass(frozen=True)
+class Pace:
+    """A paced round (ours): local steps run until the round's planned completion, not to a fixed count.
+
+    The coordinator plans each node's steps from the timing of its last round, so that every node finishes with
+    the slowest one; a node that runs slower or faster this round (another load on the device, thermal throttling,
+    a simulated device sharing its cores) would miss that finish by all of its error.  Paced, it measures its own
+    steps as it goes and stops at the step boundary nearest ``finish_s``: at least ``min_steps`` (τ) and at most
+    ``max_steps``.  ``clock()`` reads the device clock in seconds (the round counts from its first reading, less
+    the test evaluation, which is not round work); the work after the steps is taken to cost what the round's
+    first validation pass did, which the last one repeats.
+    """
+
+    finish_s: float
+    min_steps: int
+    max_steps: int
+    clock: Callable[[], float]
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_steps <= self.max_steps:
+            raise ValueError(f"paced steps need 0 <= min_steps {self.min_steps} <= max_steps {self.max_steps}")
+
+
 @dataclass
 class RoundResult:
     update: LoraUpdate  # after pruning, in unpruned coordinates
@@ -272,7 +295,10 @@ class LocalTrainer:
 
     # ---- the round ----------------------------------------------------------------------------------------
     def run_round(self, *, target_sparsity: float, rank: int, local_steps: int, global_update: LoraUpdate | None,
-                  prune_random: bool = False, should_stop: Callable[[], bool] | None = None) -> RoundResult:
+                  prune_random: bool = False, should_stop: Callable[[], bool] | None = None,
+                  pace: Pace | None = None) -> RoundResult:
+        """One local round: apply the global slice, prune to ``target_sparsity``, run the local steps (exactly
+        ``local_steps``, or as ``pace`` says), evaluate and build the update."""
         if not 0.0 <= target_sparsity < 1.0:
             raise ValueError(f"target sparsity {target_sparsity} outside [0, 1)")
         if rank < 1 or local_steps < 0:
@@ -280,6 +306,8 @@ class LocalTrainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t_start, cpu_start = time.perf_counter(), time.thread_time()
+        clock_start = pace.clock() if pace is not None else 0.0
+        most = pace.max_steps if pace is not None else local_steps
         if global_update is not None:
             apply_update(self.model, global_update, rank=rank, alpha=self.train.lora_alpha, generator=self.gen)
             self.fleet_scores = dict(global_update.importance)
@@ -287,17 +315,22 @@ class LocalTrainer:
             change_rank(self.model, rank, self.train.lora_alpha, generator=self.gen)
         metrics: dict[str, float] = {}
         t_eval, cpu_eval = time.perf_counter(), time.thread_time()
+        clock_eval = pace.clock() if pace is not None else 0.0
         if self.test_batches:  # the global model at this node's structure: evaluation only, not round work
             metrics.update({f"test_{k}": v for k, v in self.evaluate("test", self.train.test_batches).items()})
         t_eval, cpu_eval = time.perf_counter() - t_eval, time.thread_time() - cpu_eval
+        if pace is not None:
+            clock_start += pace.clock() - clock_eval  # the round's clock skips the test evaluation
         eval_batches = self.val_batches[: self.train.eval_batches]
+        clock_val = pace.clock() if pace is not None else 0.0
         loss_start = self._evaluate(eval_batches)["loss"]
+        tail = pace.clock() - clock_val if pace is not None else 0.0  # the final validation pass repeats it
         # Prune first, then tune: the importance accumulated over the previous round's steps picks the groups, and
         # this round's steps recover from the cut.  A node with no importance yet (its first cut) prunes at the end
         # of the round instead, from this round's τ steps of importance (the spec's order), not from one batch.
         before = self.sparsity
         cut = target_sparsity > before + 1e-9
-        deferred = cut and not prune_random and not self.tracker.complete() and local_steps > 0
+        deferred = cut and not prune_random and not self.tracker.complete() and most > 0
         pruned = False
         if cut and not deferred:
             pruned = self._prune(target_sparsity, prune_random)
@@ -307,9 +340,15 @@ class LocalTrainer:
         samples = steps = 0
         train_sparsity = self.sparsity
         t_train, cpu_train = time.perf_counter(), time.thread_time()
-        for _ in range(local_steps):
+        clock_train = pace.clock() if pace is not None else 0.0
+        for _ in range(most):
+            if pace is not None and steps >= pace.min_steps and steps > 0:
+                now = pace.clock()
+                per_step = (now - clock_train) / steps
+                if now - clock_start + tail + per_step / 2 >= pace.finish_s:  # one more step ends further off
+                    break
             if should_stop is not None and should_stop():
-                raise RoundInterrupted(f"stopped after {steps} of {local_steps} local steps")
+                raise RoundInterrupted(f"stopped after {steps} of {most} local steps")
             _, n = self._train_step(opt, track=not prune_random, timing=timing)
             samples += n
             steps += 1

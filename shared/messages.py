@@ -306,6 +306,19 @@ class RoundConfig(Message):
     upload_transfer_id: str = spec(check="transfer_id")
     download_transfer_id: str | None = spec(check="transfer_id")
     prune_random: bool = spec(False)
+    # A paced round (aligned steps): instead of exactly local_steps (the plan), run at least min_steps and at most
+    # max_steps, stopping at the step boundary nearest finish_s, the round's planned completion time in seconds on
+    # the node's round clock (from this config's arrival; virtual on a simulated device).
+    finish_s: float | None = spec(None, lo=0.0, hi=1e7)
+    min_steps: int = spec(0, lo=0, hi=10**7)
+    max_steps: int = spec(0, lo=0, hi=10**7)
+
+    def _check(self) -> None:
+        if self.finish_s is not None and not 1 <= self.min_steps <= self.local_steps <= self.max_steps:
+            raise _fail(type(self), "local_steps", self.local_steps,
+                        f"a paced round needs 1 <= min_steps ({self.min_steps}) <= local_steps <= max_steps ({self.max_steps})")
+        if self.finish_s is None and (self.min_steps or self.max_steps):
+            raise _fail(type(self), "finish_s", None, "min_steps and max_steps need finish_s")
 
 
 @message

@@ -25,11 +25,13 @@ class FakeTrainer:
 
     def __init__(self, name: str, behaviour: str = "ok", delay_s: float = 0.0, step_s: float = 0.0) -> None:
         self.name, self.behaviour, self.delay_s, self.step_s = name, behaviour, delay_s, step_s
-        self.sparsity, self.calls, self.received = 0.0, [], []
+        self.sparsity, self.calls, self.received, self.paces = 0.0, [], [], []
         self.sent: dict[str, bytes] = {}  # sha256 -> every update payload it produced
 
-    def run_round(self, *, target_sparsity, rank, local_steps, global_update, prune_random=False, should_stop=None):
+    def run_round(self, *, target_sparsity, rank, local_steps, global_update, prune_random=False, should_stop=None,
+                  pace=None):
         self.calls.append((target_sparsity, rank, local_steps))
+        self.paces.append(pace)
         self.received.append(global_update)
         if self.behaviour == "oom":
             raise MemoryError("CUDA out of memory (simulated)")
@@ -44,7 +46,9 @@ class FakeTrainer:
         self.sent[hashlib.sha256(payload).hexdigest()] = payload
         return RoundResult(update=u, payload=payload, loss_start=1.0, loss_end=0.9, samples=32, compute_s=0.01,
                           sparsity=self.sparsity, rank=rank, metrics={"test_accuracy": 0.5}, examples=64,
-                           steps=local_steps + (self.behaviour == "miscount"), train_s=self.step_s * local_steps,
+                           steps=(pace.max_steps + 1 if pace else local_steps + 1) if self.behaviour == "miscount"
+                           else local_steps,
+                           train_s=self.step_s * local_steps,
                            train_sparsity=self.sparsity)
 
 
@@ -121,6 +125,28 @@ def test_fast_nodes_are_given_more_steps_and_a_miscounted_round_is_rejected(tmp_
     node_rows = [r for r in rows(tmp_path, "node") if not r.get("eval_only")]
     assert {r["status"] for r in node_rows if r["node"] == "nx-2"} == {"rejected"}  # ran one step it was not given
     assert [r["steps"] for r in node_rows if r["node"] == "agx-1"] == [2, 10]
+
+
+def test_aligned_rounds_are_paced_to_the_planned_finish(tmp_path):
+    """From round 2 (timing known) every node is sent the round's planned finish and the step range [τ, cap]; its
+    agent turns them into the engine's Pace on its own clock, leaving room for the round's upload."""
+    trainers = {"agx-1": FakeTrainer("agx-1", step_s=0.01), "tx2-3": FakeTrainer("tx2-3", step_s=0.1)}
+    coord, summary = run_fleet(tmp_path, trainers, rounds=2, max_steps_factor=5)
+    assert summary.rounds_done == 2
+    node_rows = [r for r in rows(tmp_path, "node") if not r.get("eval_only") and r["round"] == 2]
+    finish = {r["finish_s"] for r in node_rows}
+    # one finish for the round: about the TX2's 2 steps of 0.1 s (scaled to its new sparsity by the step-cost model)
+    assert len(finish) == 1 and 0.1 < next(iter(finish)) < 1.0
+    for tr in trainers.values():
+        assert tr.paces[0] is None  # round 1: no timing yet, so nothing to pace to
+        pace = tr.paces[1]
+        assert (pace.min_steps, pace.max_steps) == (2, 10)
+        assert 0 < pace.finish_s <= next(iter(finish))  # less the time since the config arrived and the upload
+        assert tr.paces[-1] is None  # the final sync evaluates only
+    fixed = {n: FakeTrainer(n, step_s=s) for n, s in (("agx-1", 0.01), ("tx2-3", 0.1))}
+    run_fleet(tmp_path / "fixed", fixed, rounds=2, max_steps_factor=5, pace_steps=False)
+    assert all(pace is None for tr in fixed.values() for pace in tr.paces)
+    assert all(r["finish_s"] is None for r in rows(tmp_path / "fixed", "node") if not r.get("eval_only"))
 
 
 class CalibratedTrainer(FakeTrainer):

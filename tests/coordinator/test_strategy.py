@@ -159,11 +159,19 @@ def test_fast_nodes_run_more_steps_only_where_steps_are_aligned(method):
     assert all(a.local_steps == 5 for a in first)  # no timing yet: τ for everyone
     summary = strat.aggregate_round(1, [_timed(a, 1, per_step[a.node_id]) for a in first], [])
     assert summary.idle_fraction > 0.3
-    second = {a.node_id: a.local_steps for a in strat.configure_round(2, NODES)}
+    assigned = strat.configure_round(2, NODES)
+    second = {a.node_id: a.local_steps for a in assigned}
     if method == "fedlora":
         assert second == {"agx-1": 5, "nx-2": 5, "tx2-3": 5}
+        assert all(a.finish_s is None and a.allows(5) and not a.allows(6) for a in assigned)  # exactly τ, unpaced
         return
     assert second == {"agx-1": 25, "nx-2": 12, "tx2-3": 5}  # 25 = min(5τ, (2 + 5·1.0 - 2) / 0.2)
+    # Paced: every node stops near the round's planned finish, the TX2's at τ steps, within [τ, 5τ].
+    assert [a.finish_s for a in assigned] == [pytest.approx(2.0 + 5 * 1.0)] * 3
+    assert all(a.allows(5) and a.allows(25) and not a.allows(4) and not a.allows(26) for a in assigned)
+    unpaced = make_strategy(cfg(method, coordinator={**FLAT, "pace_steps": False}), total_rounds=10)
+    unpaced.aggregate_round(1, [_timed(a, 1, per_step[a.node_id]) for a in unpaced.configure_round(1, NODES)], [])
+    assert all(a.finish_s is None and a.planned_s is not None for a in unpaced.configure_round(2, NODES))
     results = [_timed(a, 2, per_step[a.node_id]) for a in strat.configure_round(2, NODES)]
     summary = strat.aggregate_round(2, results, [])
     assert summary.idle_fraction < 0.05
@@ -175,6 +183,21 @@ def test_fast_nodes_run_more_steps_only_where_steps_are_aligned(method):
     restored.load_state_dict(strat.state_dict())  # the timing survives a restart
     assert {a.node_id: a.local_steps for a in restored.configure_round(3, NODES)} == \
         {a.node_id: a.local_steps for a in strat.configure_round(3, NODES)}
+
+
+def test_a_paced_node_that_ran_to_the_step_cap_counts_as_waiting_there():
+    strat = make_strategy(cfg("fedspine", coordinator=FLAT), total_rounds=10)
+    per_step = {"agx-1": 0.5, "nx-2": 0.4, "tx2-3": 1.0}
+    strat.aggregate_round(1, [_timed(a, 1, per_step[a.node_id]) for a in strat.configure_round(1, NODES)], [])
+    second = strat.configure_round(2, NODES)
+    assert [a.local_steps for a in second] == [10, 12, 5]  # the AGX is planned below the cap (25)
+    # This round the TX2 ran at half its speed; the AGX, faster than planned, reached the cap and waited.
+    ran = {"agx-1": (25, 0.1), "nx-2": (12, 0.4), "tx2-3": (5, 2.0)}
+    results = [NodeResult(**{**r.__dict__, "steps": ran[r.node_id][0], "train_s": ran[r.node_id][0] * ran[r.node_id][1],
+                             "round_time_s": 2.0 + ran[r.node_id][0] * ran[r.node_id][1]})
+               for r in (_timed(a, 2, per_step[a.node_id]) for a in second)]
+    assert strat.aggregate_round(2, results, []).idle_fraction > 0.10
+    assert strat.nodes["tx2-3"].behind is True  # held back a node that waited at the cap
 
 
 @pytest.mark.parametrize(("agx_step", "tolerance", "tx2_behind"), [

@@ -10,7 +10,7 @@ import torch
 
 from edge_node.config import TrainSettings
 from edge_node.data import BatchStream, mean_batch_width
-from edge_node.engine import LocalTrainer, RoundInterrupted
+from edge_node.engine import LocalTrainer, Pace, RoundInterrupted
 from edge_node.model import layer_geometry
 from shared.updates import GroupScores, LoraUpdate, UpdateError
 from tests.edge_node.tiny import cached_model_folder, lm_rows, random_batch, sentiment_rows, write_csv
@@ -181,3 +181,43 @@ def test_calibration_times_steps_and_changes_nothing(cls_data):
         assert torch.equal(m.A, rb.update.modules[name].A) and torch.equal(m.rows, rb.update.modules[name].rows)
     with pytest.raises(ValueError, match="steps"):
         a.calibrate(steps=0)
+
+
+class StepClock:
+    """A device clock that advances 1 s per local step and 0.5 s per evaluation pass, whatever the host does."""
+
+    def __init__(self, trainer: LocalTrainer) -> None:
+        self.now = 0.0
+        step, evaluate = trainer._train_step, trainer._evaluate
+
+        def timed_step(*a, **kw):
+            self.now += 1.0
+            return step(*a, **kw)
+
+        def timed_eval(*a, **kw):
+            self.now += 0.5
+            return evaluate(*a, **kw)
+
+        trainer._train_step, trainer._evaluate = timed_step, timed_eval
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(("finish_s", "steps"), [(10.2, 9), (10.6, 10), (3.0, 4), (200.0, 12)],
+                         ids=["nearest-below", "nearest-above", "at-least-min", "at-most-max"])
+def test_a_paced_round_stops_at_the_step_nearest_its_planned_finish(cls_data, finish_s, steps):
+    """Validation costs 0.5 s before the steps and 0.5 s after, a step 1 s: ending after k steps takes 1 + k s.
+    The test evaluation before them (0.5 s) is not round work, and the round is run with a different plan
+    (local_steps) to show that the pace, not the plan, decides."""
+    tr = _trainer(cls_data, test_path=str(cls_data), train=TrainSettings(batch_size=16, eval_batches=2, test_batches=1))
+    clock = StepClock(tr)
+    res = tr.run_round(target_sparsity=0.0, rank=4, local_steps=6, global_update=None,
+                       pace=Pace(finish_s=finish_s, min_steps=4, max_steps=12, clock=clock))
+    assert res.steps == steps and res.samples == 16 * steps
+    assert clock.now == 0.5 + 0.5 + steps + 0.5  # the test pass, validation, the steps, validation
+
+
+def test_pace_refuses_an_empty_step_range():
+    with pytest.raises(ValueError, match="min_steps"):
+        Pace(finish_s=1.0, min_steps=5, max_steps=4, clock=lambda: 0.0)

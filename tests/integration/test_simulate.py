@@ -40,3 +40,6 @@ def test_quick_fleet_benchmark_two_methods(tmp_path, monkeypatch):
     fleet_info = json.loads((out / "fleet.json").read_text())
     for node in fleet_info["nodes"]:
         assert sorted(p.name for p in (out / "nodes" / node).iterdir()) == ["test.csv", "train.csv"]
+    # the same held-out tweets on every node, each copy starting at its own offset (the curves' first batches)
+    tests = [(out / "nodes" / node / "test.csv").read_text(encoding="utf-8").splitlines() for node in fleet_info["nodes"]]
+    assert all(sorted(t) == sorted(tests[0]) for t in tests) and len({t[1] for t in tests}) == len(tests)

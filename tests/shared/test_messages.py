@@ -58,6 +58,8 @@ SAMPLES: list[Message] = [
           digest=hashlib.sha256(DATA * 3).hexdigest(), data=DATA),
     ResendRequest(transfer_id="abc123.r4.a0.node-a.up", requester="coordinator", missing=[0, 5, 17]),
     ResendRequest(transfer_id="t", requester="node-a", missing=[]),
+    RoundConfig(run_id="abc123", round=6, target_sparsity=0.3, rank=8, local_steps=55, deadline_ts=1.7e9,
+                upload_transfer_id="u", download_transfer_id=None, finish_s=61.5, min_steps=20, max_steps=100),
 ]
 
 
@@ -189,12 +191,18 @@ def test_protocol_error_is_a_value_error() -> None:
     (lambda: Command(command="reboot", run_id="r"), "Command.command"),
     (lambda: RoundConfig(run_id="r", round=0, target_sparsity=1.0, rank=8, local_steps=1, deadline_ts=0.0,
                          upload_transfer_id="u", download_transfer_id=None), "target_sparsity"),
+    (lambda: RoundConfig(run_id="r", round=1, target_sparsity=0.1, rank=8, local_steps=120, deadline_ts=0.0,
+                         upload_transfer_id="u", download_transfer_id=None, finish_s=60.0, min_steps=20, max_steps=100),
+     "a paced round needs"),
+    (lambda: RoundConfig(run_id="r", round=1, target_sparsity=0.1, rank=8, local_steps=20, deadline_ts=0.0,
+                         upload_transfer_id="u", download_transfer_id=None, max_steps=100), "need finish_s"),
     (lambda: NodeStatus(node_id="", state="online", ts=0.0), "node_id"),
     (lambda: RoundReport(run_id="r", round=0, node_id="a", status="ok", energy_j=-1.0), "energy_j"),
     (lambda: Chunk(transfer_id="t", sender="a", index=0, count=1, total_size=1, digest="0" * 64, data=b"ab"),
      "Chunk.data"),
     (lambda: Command(command="stop", run_id="r", v=2), "Command.v"),
-], ids=["choice", "sparsity-one", "empty-node", "negative-energy", "data-over-total", "version"])
+], ids=["choice", "sparsity-one", "paced-steps-out-of-range", "range-without-finish", "empty-node", "negative-energy",
+        "data-over-total", "version"])
 def test_invalid_messages_cannot_be_built_locally(build, fragment: str) -> None:
     with pytest.raises(ProtocolError, match=fragment.replace("(", r"\(")):
         build()
