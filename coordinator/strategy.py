@@ -397,7 +397,8 @@ class Strategy:
         With aligned steps the fast nodes fill a slow node's round with more steps, so pruning the slow node
         further shortens the round without removing any waiting: the others just run fewer steps.  Only a node
         held at the cap (``max_steps_factor`` × τ; in a paced round, one that ran that many steps) waits, and only
-        then does a shorter round remove idle time; up to the tolerance, the slow node's accuracy is worth more than the waiting it would remove.
+        then does a shorter round remove idle time; up to the tolerance, the slow node's accuracy is worth more
+        than the waiting it would remove.
         """
         c = self.cfg.coordinator
         pending = [self._pending.get(r.node_id, (None, 0.0, False))[0] for r in results]

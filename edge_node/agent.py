@@ -129,14 +129,8 @@ class NodeAgent:
         return (cpu if cpu is not None and torch.get_num_threads() == 1 else wall) / self.cfg.node.profile_speed
 
     def _device_clock(self) -> float:
-        """Now, on the clock ``_device_s`` reads: this thread's CPU time over the profile speed on a simulated
-        device with one torch thread, else wall time (over the speed where simulated)."""
-        if not self.simulated:
-            return time.monotonic()
-        import torch
-
-        now = time.thread_time() if torch.get_num_threads() == 1 else time.perf_counter()
-        return now / self.cfg.node.profile_speed
+        """Now, on the clock ``_device_s`` reads (differences of it are device seconds)."""
+        return self._device_s(time.perf_counter(), time.thread_time())
 
     def _pace(self, cfg: RoundConfig, received: float):
         """The engine's ``Pace`` for a paced round (``cfg.finish_s``), or None.  The trainer's round clock starts

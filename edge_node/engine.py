@@ -306,7 +306,8 @@ class LocalTrainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t_start, cpu_start = time.perf_counter(), time.thread_time()
-        clock_start = pace.clock() if pace is not None else 0.0
+        clock = pace.clock if pace is not None else (lambda: 0.0)  # unpaced: the readings go unused
+        clock_start = clock()
         most = pace.max_steps if pace is not None else local_steps
         if global_update is not None:
             apply_update(self.model, global_update, rank=rank, alpha=self.train.lora_alpha, generator=self.gen)
@@ -315,16 +316,15 @@ class LocalTrainer:
             change_rank(self.model, rank, self.train.lora_alpha, generator=self.gen)
         metrics: dict[str, float] = {}
         t_eval, cpu_eval = time.perf_counter(), time.thread_time()
-        clock_eval = pace.clock() if pace is not None else 0.0
+        clock_eval = clock()
         if self.test_batches:  # the global model at this node's structure: evaluation only, not round work
             metrics.update({f"test_{k}": v for k, v in self.evaluate("test", self.train.test_batches).items()})
         t_eval, cpu_eval = time.perf_counter() - t_eval, time.thread_time() - cpu_eval
-        if pace is not None:
-            clock_start += pace.clock() - clock_eval  # the round's clock skips the test evaluation
+        clock_start += clock() - clock_eval  # the round's clock skips the test evaluation
         eval_batches = self.val_batches[: self.train.eval_batches]
-        clock_val = pace.clock() if pace is not None else 0.0
+        clock_val = clock()
         loss_start = self._evaluate(eval_batches)["loss"]
-        tail = pace.clock() - clock_val if pace is not None else 0.0  # the final validation pass repeats it
+        tail = clock() - clock_val  # the final validation pass repeats it
         # Prune first, then tune: the importance accumulated over the previous round's steps picks the groups, and
         # this round's steps recover from the cut.  A node with no importance yet (its first cut) prunes at the end
         # of the round instead, from this round's τ steps of importance (the spec's order), not from one batch.
@@ -340,10 +340,10 @@ class LocalTrainer:
         samples = steps = 0
         train_sparsity = self.sparsity
         t_train, cpu_train = time.perf_counter(), time.thread_time()
-        clock_train = pace.clock() if pace is not None else 0.0
+        clock_train = clock()
         for _ in range(most):
             if pace is not None and steps >= pace.min_steps and steps > 0:
-                now = pace.clock()
+                now = clock()
                 per_step = (now - clock_train) / steps
                 if now - clock_start + tail + per_step / 2 >= pace.finish_s:  # one more step ends further off
                     break
