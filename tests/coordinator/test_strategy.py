@@ -224,10 +224,10 @@ def test_with_aligned_steps_a_slow_node_holds_the_fleet_back_only_while_another_
     assert strat.nodes["agx-1"].behind is False and strat.nodes["nx-2"].behind is False
 
 
-def _capped_fleet(tolerance: float) -> tuple[list[set], list[dict], list[float]]:
+def _capped_fleet(tolerance: float, follow: bool = False) -> tuple[list[set], list[dict], list[float]]:
     """Ten rounds of an AGX / NX / TX2 fleet on the step-cost model; the AGX's bandit prunes as fast as it may, the
     others' by 0.05 a round.  Returns per round the held nodes, the assigned sparsities and the idle fraction."""
-    model = {"step_cost_sparsity": 0.92, "step_cost_rank": 0.0, "idle_tolerance": tolerance}
+    model = {"step_cost_sparsity": 0.92, "step_cost_rank": 0.0, "idle_tolerance": tolerance, "follow_slowest": follow}
     strat = make_strategy(cfg("fedspine", coordinator=model, delta_p=[0.0, 0.05, 0.1, 0.15]), total_rounds=10)
     bandit = strat.bandit
 
@@ -256,10 +256,10 @@ def _capped_fleet(tolerance: float) -> tuple[list[set], list[dict], list[float]]
     return held, sparsity, idle
 
 
-def test_a_node_waiting_at_the_step_cap_prunes_no_further_than_the_slowest_node():
-    """With aligned steps a node at the step cap cannot use the speed pruning gives it: it only waits longer.  So
-    while it would wait more than the tolerance, its increment is lowered to keep it at or below the round's
-    slowest node; a bandit that prunes the fast node as fast as it may is overruled for that node alone."""
+def test_without_follow_slowest_only_a_node_waiting_at_the_step_cap_is_held_to_the_slowest_node():
+    """``follow_slowest = false``: a node at the step cap cannot use the speed pruning gives it: it only waits
+    longer.  So while it would wait more than the tolerance, its increment is lowered to keep it at or below the
+    round's slowest node; a bandit that prunes the fast node as fast as it may is overruled for that node alone."""
     held, sparsity, idle = _capped_fleet(0.10)
     free_held, free_sparsity, free_idle = _capped_fleet(0.95)  # nobody waits that long: the bandit's choices stand
     tx2 = [pytest.approx(0.05 * r, abs=0.005) for r in range(1, 7)] + [pytest.approx(0.3, abs=0.005)] * 4
@@ -277,6 +277,30 @@ def test_a_node_waiting_at_the_step_cap_prunes_no_further_than_the_slowest_node(
     # 9 % in round 2).  From round 6 on both AGXs are at 0.30 and the fleets are the same.
     assert all(h < f - 0.01 for h, f in zip(idle[1:5], free_idle[1:5], strict=True))
     assert idle[5:] == pytest.approx(free_idle[5:])
+
+
+def test_a_node_faster_than_the_slowest_prunes_no_further_than_the_slowest_has_before_the_round():
+    """``follow_slowest`` (the default): with aligned steps a faster node's speed sets only its own step count, so
+    every node faster than the round's slowest is kept at or below the sparsity the slowest reached before the
+    round, whether or not it waits: the fleet prunes slowest first, a round apart, and still ends at the target."""
+    assert cfg().coordinator.follow_slowest is True
+    held, sparsity, idle = _capped_fleet(0.10, follow=True)
+    tx2 = [0.05 * r for r in range(1, 7)] + [0.3] * 4
+    assert [v["tx2-3"] for v in sparsity] == [pytest.approx(s, abs=0.005) for s in tx2]  # the slowest is never held
+    behind = [pytest.approx(s, abs=0.005) for s in [0.0, *tx2[:-1]]]  # the TX2's sparsity before each round
+    # The AGX (as fast as it may) and the NX (0.05 a round) both trail the TX2 by a round, the NX although it
+    # fills its rounds below the step cap and never waits.  The NX is held once: in round 1, where the TX2 has
+    # not cut yet; from then on its 0.05 a round keeps it a round behind on its own.  The AGX is held until it
+    # reaches the target in round 7 (its largest increment would overshoot there).
+    assert [v["agx-1"] for v in sparsity] == behind
+    assert [v["nx-2"] for v in sparsity] == behind
+    assert held == [{"agx-1", "nx-2"}] + [{"agx-1"}] * 6 + [set()] * 3
+    assert all(v == pytest.approx(0.3, abs=0.005) for v in sparsity[-1].values())  # everyone at the target
+    # Against the capped-only hold, the AGX is a round further behind, so it runs its 5τ steps slower and waits
+    # less: the fleet idles less while the TX2 leads (round 1 runs before anyone's first cut: the same).
+    _, _, capped_idle = _capped_fleet(0.10)
+    assert idle[0] == pytest.approx(capped_idle[0])
+    assert all(f < c - 0.005 for f, c in zip(idle[1:6], capped_idle[1:6], strict=True))
 
 
 def test_first_round_steps_come_from_the_timing_nodes_measured_when_they_joined():
