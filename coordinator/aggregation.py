@@ -93,7 +93,8 @@ class GlobalLora:
                 raise UpdateError(f"importance.{key}: size {g.size} != global {self.importance[key].numel()}")
 
     def aggregate(self, updates: Sequence[tuple[LoraUpdate, float]],
-                  starts: Sequence[LoraUpdate | None] | None = None, steps: Sequence[int] | None = None) -> None:
+                  starts: Sequence[LoraUpdate | None] | None = None, steps: Sequence[int] | None = None,
+                  effective_steps: float | None = None) -> None:
         """Replace the global state by the coverage-weighted average of ``updates`` ((update, weight) pairs).
 
         ``starts[i]``, when given, is the slice node i received this round (None: it received nothing, the
@@ -104,6 +105,8 @@ class GlobalLora:
         as FedNova does (Wang et al., 2020): each per step, scaled back by the weighted mean step count of the
         nodes that kept the coordinate.  A node that ran more steps then moves the average no further per step
         than the others, instead of pulling it toward its own data's optimum.  Equal steps change nothing.
+        ``effective_steps`` (with ``steps``) scales the averaged per-step change by that many steps instead (FedNova's
+        τ_eff, a free choice there): the global update then moves as far as that many steps would.
         """
         if not updates:
             return
@@ -111,6 +114,8 @@ class GlobalLora:
             raise ValueError(f"{len(starts)} starting slices for {len(updates)} updates")
         if steps is not None and (len(steps) != len(updates) or any(t < 1 for t in steps)):
             raise ValueError(f"steps {list(steps)} must be >= 1, one per update")
+        if effective_steps is not None and (steps is None or starts is None or not effective_steps > 0):
+            raise ValueError(f"effective_steps {effective_steps} needs steps and starts, and must be > 0")
         for u, _ in updates:
             self.check(u)
         paces = [float(t) for t in steps] if steps is not None and starts is not None else [1.0] * len(updates)
@@ -165,14 +170,17 @@ class GlobalLora:
                 total = sum(w for w, _ in held)
                 den, pace = (torch.where(den > 0, torch.full_like(den, v), den)
                              for v in (total, sum(w * t for w, t in held)))
+            if effective_steps is not None:
+                pace = den * effective_steps
             change = torch.where(den > 0, num * pace / den.square().clamp_min(1e-30), torch.zeros(shape))
             self.delta[name] = change if prev is None else prev + change
-        self._aggregate_dense(updates, starts, paces)
+        self._aggregate_dense(updates, starts, paces, effective_steps)
         self._aggregate_importance(updates)
         self._cache.clear()
 
     def _aggregate_dense(self, updates: Sequence[tuple[LoraUpdate, float]],
-                         starts: Sequence[LoraUpdate | None] | None, paces: Sequence[float]) -> None:
+                         starts: Sequence[LoraUpdate | None] | None, paces: Sequence[float],
+                         effective_steps: float | None = None) -> None:
         """Dense parameters (e.g. the task head) every node holds whole: the same average of changes, from the
         global value each node received (without one, a node's change is counted from the global value)."""
         for name in sorted({n for u, _ in updates for n in u.dense}):
@@ -186,7 +194,8 @@ class GlobalLora:
             for i, t, w in held:
                 s = starts[i].dense.get(name) if starts is not None and starts[i] is not None else None
                 change += (w / paces[i]) * (t - (s.float() if s is not None else base))
-            self.dense[name] = base + change * (sum(w * paces[i] for i, _, w in held) / total) / total
+            pace = effective_steps if effective_steps is not None else sum(w * paces[i] for i, _, w in held) / total
+            self.dense[name] = base + change * pace / total
 
     def _aggregate_importance(self, updates: Sequence[tuple[LoraUpdate, float]]) -> None:
         for key in sorted({k for u, _ in updates for k in u.importance}):

@@ -23,10 +23,10 @@ steps are aligned, even a slow node holds nobody back unless another node was he
 others fill its round with steps) and the round idled beyond ``[coordinator] idle_tolerance``, so it stays
 at the target too (``Strategy._capped``).
 
-Below the target, with aligned steps (ours): a node faster than the round's slowest gets the largest allowed
-increment that keeps it at or below the sparsity the slowest node has reached (``FleetBandit.at_most``,
-``Strategy._hold``): its speed sets only its own step count, so pruning it ahead of the slow node buys the fleet
-no time and costs its accuracy early.
+Below the target, with aligned steps (ours): a node that would run at the step cap and still wait more than the
+tolerance gets the largest allowed increment that keeps it at or below the round's slowest node
+(``FleetBandit.at_most``, ``Strategy._hold_capped``): it cannot use the speed, so pruning it ahead of the slow
+node only adds waiting and costs its accuracy early.
 """
 
 from __future__ import annotations

@@ -48,13 +48,13 @@ class RoundSettings:
     # Beyond the target a slow node prunes further only to remove waiting that alignment cannot fill (ours): where
     # steps were aligned, only while another node was held at the step cap and the round idled more than this
     # share.  Below it, the node's accuracy is worth more than the idle time left (strategy.Strategy._capped).
-    # Without follow_slowest, a node that would wait more than this share at the step cap prunes no further than
-    # the round's slowest node (strategy.Strategy._hold).
+    # And a node that would wait more than this share at the step cap prunes no further than the round's slowest
+    # node (strategy.Strategy._hold_capped).
     idle_tolerance: float = 0.10
-    # With aligned steps, a node faster than the round's slowest prunes no further than the slowest node has before
-    # the round (ours): its speed buys the fleet no time, so it cuts a round after the slow node, on importance
-    # measured longer (strategy.Strategy._hold).  false: only a node waiting at the step cap is held (see above).
-    follow_slowest: bool = True
+    # With aligned steps, once every node of a round trained at the target sparsity, the round's averaged per-step
+    # change moves the global state τ steps, as the baselines' rounds do, instead of the nodes' mean step count
+    # (ours; strategy.Strategy._tuning).  false: the mean step count throughout (FedNova's τ_eff).
+    tune_at_tau: bool = True
     # Step-cost model for alignment (ours): a node's time per local step at sparsity s and LoRA rank r is taken as
     # proportional to (1 - step_cost_sparsity·s)(1 + step_cost_rank·r), so a node that changes its configuration
     # is planned at its new speed (strategy.step_cost_ratio).  0 and 0: every node keeps its last speed.  The

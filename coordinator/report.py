@@ -166,8 +166,8 @@ def rounds_table(results) -> str:
                 plan = f" (plan {planned:.0f} s)" if planned else ""
                 mark = " held" if (node, rnd) in r.held else ""
                 rows.setdefault(rnd, {})[node] = f"{steps} / {sp:.2f}{mark} / {rank} / {t:.0f} s{plan}"
-        legend = ["", "held: the bandit's increment was lowered to keep the node at or below the round's slowest "
-                  "node (Strategy._hold)"] if r.held else []
+        legend = ["", "held: the node would have waited at the step cap, so its increment was lowered to stay at or "
+                  "below the slowest node (Strategy._hold_capped)"] if r.held else []
         parts += [f"## {r.method}", "", "local steps / sparsity / rank / completion time per node", *legend, "",
                   "| round | " + " | ".join(nodes) + " | idle | accuracy after the round |",
                   "|---|" + "---|" * (len(nodes) + 2)]

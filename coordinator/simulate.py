@@ -174,7 +174,7 @@ def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broke
                         **({} if args.max_steps_factor is None else {"max_steps_factor": args.max_steps_factor}),
                         **({} if args.idle_tolerance is None else {"idle_tolerance": args.idle_tolerance}),
                         **({"pace_steps": False} if args.fixed_steps else {}),
-                        **({"follow_slowest": False} if args.capped_hold_only else {})},
+                        **({"tune_at_tau": False} if args.mean_steps_throughout else {})},
         "bandit": {"target_sparsity": args.target_sparsity, "static_rank": args.rank},
     })
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -262,9 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fixed-steps", action="store_true",
                     help="with --align-steps, nodes run exactly their planned steps instead of pacing to the "
                          "round's planned finish ([coordinator] pace_steps = false)")
-    ap.add_argument("--capped-hold-only", action="store_true",
-                    help="with --align-steps, only a node waiting at the step cap is kept from pruning ahead of the "
-                         "round's slowest node ([coordinator] follow_slowest = false)")
+    ap.add_argument("--mean-steps-throughout", action="store_true",
+                    help="with --align-steps, a round moves the global state its nodes' mean step count even once "
+                         "every node is at the target sparsity ([coordinator] tune_at_tau = false)")
     ap.add_argument("--idle-tolerance", type=float, default=None,
                     help="with --align-steps, a slow node prunes beyond the target only while the round idled more "
                          "than this share with a node at the step cap (default 0.10; 0: whenever a node is capped)")

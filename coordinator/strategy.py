@@ -50,7 +50,7 @@ class Assignment:
     arm: tuple[float, int] | None = None
     prune_random: bool = False
     planned_s: float | None = None  # the completion time step alignment planned for it (None: not aligned)
-    held: bool = False  # its increment was lowered to keep it behind the round's slowest node (Strategy._hold)
+    held: bool = False  # its increment was lowered: it waited at the step cap (Strategy._hold_capped)
     # A paced round (``[coordinator] pace_steps``): the node stops at the step boundary nearest finish_s, the
     # round's planned completion, after at least min_steps and at most max_steps; local_steps is the plan.
     finish_s: float | None = None
@@ -227,7 +227,7 @@ class Strategy:
             plans.append([node, st, float(max(target, st.sparsity)), int(rank), choice])
         steps, timing, held = {}, {}, set()
         if self.method in c.align_steps:
-            held = self._hold(rnd, plans) if self.method == "fedspine" else set()
+            held = self._hold_capped(rnd, plans) if self.method == "fedspine" else set()
             timing = self._timing(plans)
             steps = aligned_steps(timing, c.local_steps, c.max_steps)
         out = []
@@ -268,23 +268,19 @@ class Strategy:
             timing[node.node_id] = (fixed, per_step)
         return timing
 
-    def _hold(self, rnd: int, plans: Sequence[list]) -> set[str]:
-        """Keep the nodes faster than the round's slowest from pruning ahead of it (ours).  Returns the nodes whose
-        increment was lowered.
+    def _hold_capped(self, rnd: int, plans: Sequence[list]) -> set[str]:
+        """Keep a node that would wait at the step cap from pruning ahead of the round's slowest node (ours).
+        Returns the nodes whose increment was lowered.
 
         With aligned steps a round lasts as long as its slowest node at τ steps, and a faster node fills it with
-        more steps, up to the cap (``max_steps_factor`` × τ).  Its speed sets nothing but its own step count, so
-        pruning it ahead of the slowest node buys the fleet no time: it only costs the node model capacity early,
-        cut on importance measured over fewer rounds (the fleet's included), for target progress it can make once
-        the slowest node has led the way (the bandit keeps the target reachable).
-
-        ``[coordinator] follow_slowest`` (default): every faster node gets the largest allowed increment that keeps
-        it at or below the sparsity the slowest node has reached before this round, so the fleet prunes in the
-        spec's order (slow nodes faster than fast ones) and a fast node cuts a round after the slow one.  Otherwise
-        only a node that would run at the cap and still wait more than ``idle_tolerance`` of the round is held, to
-        the slowest node's new sparsity.  Either way the smallest allowed increment if none keeps it there.  Speeds
-        are taken with every node at its chosen sparsity, first cuts included (those come after this round's
-        steps: the choice sets the speed of the next one).
+        more steps, up to the cap (``max_steps_factor`` × τ).  A node at the cap cannot use more speed: pruning it
+        further only makes it wait longer and costs its model capacity early, for target progress it can make once
+        the slow node has caught up (the bandit keeps the target reachable).  So when, at the sparsity the bandit
+        chose, a node would run at the cap and still wait more than ``idle_tolerance`` of the round, it gets the
+        largest allowed increment that keeps it at or below the slowest node's sparsity (the smallest allowed if
+        none does): the spec's ordering, slow nodes prune faster than fast ones.  Speeds are taken with every node
+        at its chosen sparsity, first cuts included (those come after this round's steps: the choice sets the
+        speed of the next one).
         """
         c, b = self.cfg.coordinator, self.cfg.bandit
         timing = self._timing(plans, cut=True)
@@ -293,16 +289,14 @@ class Strategy:
         at_tau = {n: fixed + c.local_steps * per_step for n, (fixed, per_step) in timing.items()}
         slowest = max(at_tau, key=at_tau.get)
         finish = at_tau[slowest]
-        lead = next(plan for plan in plans if plan[0].node_id == slowest)
-        ceiling = lead[1].sparsity if c.follow_slowest else lead[2]
+        ceiling = next(plan[2] for plan in plans if plan[0].node_id == slowest)
         held = set()
         for plan in plans:
             node, st, target, rank, choice = plan
-            if (choice is None or node.node_id not in timing or node.node_id == slowest
-                    or target <= ceiling + self.bandit.grain):
+            if choice is None or node.node_id not in timing or target <= ceiling + self.bandit.grain:
                 continue
             fixed, per_step = timing[node.node_id]
-            if not c.follow_slowest and finish - (fixed + c.max_steps * per_step) <= c.idle_tolerance * finish:
+            if finish - (fixed + c.max_steps * per_step) <= c.idle_tolerance * finish:
                 continue
             lowered = self.bandit.at_most(node.node_id, rnd, st.sparsity, b.cap(node.device_type), rank, ceiling)
             if lowered.target_sparsity < target - 1e-9:
@@ -356,7 +350,8 @@ class Strategy:
             # What each node started from: the slice configure/send gave it (its structure and rank before this
             # round's results; cached in the global state until it changes, so this recomputes nothing).
             self.global_.aggregate(pairs, starts=[self.global_slice(r.node_id, r.rank) for r in results],
-                                   steps=[r.steps or tau for r in results])
+                                   steps=[r.steps or tau for r in results],
+                                   effective_steps=tau if self._tuning(results) else None)
         else:
             self.global_.aggregate(pairs)
         for r in results:
@@ -395,6 +390,22 @@ class Strategy:
                     self.bandit.update(r.node_id, self.bandit.arms.index(a.arm), summary.node_terms[r.node_id]["reward"],
                                        beyond_target=beyond)
         return summary
+
+    def _tuning(self, results: Sequence[NodeResult]) -> bool:
+        """Whether this round's averaged per-step change moves the global state τ steps (ours,
+        ``[coordinator] tune_at_tau``): with aligned steps, once every node of the round trained at the target
+        sparsity or beyond.
+
+        FedNova scales the averaged per-step change by the nodes' mean step count, so with aligned steps a round
+        moves the global state as far as 2-3 τ steps would, while the pruning it recovers from goes on.  Once every
+        node is at the target there is no further cut to recover from, and the baselines' rounds (τ steps each)
+        move τ steps: from then on FedSpine's do too, and its extra steps only average the direction over more of
+        the nodes' data (a smaller step toward the end, as a decaying learning rate would give)."""
+        c = self.cfg.coordinator
+        if not c.tune_at_tau or self.method not in c.align_steps or not results:
+            return False
+        goal = self.cfg.bandit.target_sparsity - self.bandit.grain
+        return all((r.sparsity if r.train_sparsity is None else r.train_sparsity) >= goal for r in results)
 
     def _capped(self, results: Sequence[NodeResult], idle: float) -> set[str] | None:
         """The nodes of the round held at the step cap while it idled beyond ``idle_tolerance`` (none otherwise),

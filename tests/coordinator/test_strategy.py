@@ -10,6 +10,7 @@ from coordinator.strategy import (
     Failure,
     NodeInfo,
     NodeResult,
+    Strategy,
     aligned_steps,
     idle_fraction,
     make_strategy,
@@ -224,10 +225,10 @@ def test_with_aligned_steps_a_slow_node_holds_the_fleet_back_only_while_another_
     assert strat.nodes["agx-1"].behind is False and strat.nodes["nx-2"].behind is False
 
 
-def _capped_fleet(tolerance: float, follow: bool = False) -> tuple[list[set], list[dict], list[float]]:
+def _capped_fleet(tolerance: float) -> tuple[list[set], list[dict], list[float]]:
     """Ten rounds of an AGX / NX / TX2 fleet on the step-cost model; the AGX's bandit prunes as fast as it may, the
     others' by 0.05 a round.  Returns per round the held nodes, the assigned sparsities and the idle fraction."""
-    model = {"step_cost_sparsity": 0.92, "step_cost_rank": 0.0, "idle_tolerance": tolerance, "follow_slowest": follow}
+    model = {"step_cost_sparsity": 0.92, "step_cost_rank": 0.0, "idle_tolerance": tolerance}
     strat = make_strategy(cfg("fedspine", coordinator=model, delta_p=[0.0, 0.05, 0.1, 0.15]), total_rounds=10)
     bandit = strat.bandit
 
@@ -256,10 +257,10 @@ def _capped_fleet(tolerance: float, follow: bool = False) -> tuple[list[set], li
     return held, sparsity, idle
 
 
-def test_without_follow_slowest_only_a_node_waiting_at_the_step_cap_is_held_to_the_slowest_node():
-    """``follow_slowest = false``: a node at the step cap cannot use the speed pruning gives it: it only waits
-    longer.  So while it would wait more than the tolerance, its increment is lowered to keep it at or below the
-    round's slowest node; a bandit that prunes the fast node as fast as it may is overruled for that node alone."""
+def test_a_node_waiting_at_the_step_cap_prunes_no_further_than_the_slowest_node():
+    """With aligned steps a node at the step cap cannot use the speed pruning gives it: it only waits longer.  So
+    while it would wait more than the tolerance, its increment is lowered to keep it at or below the round's
+    slowest node; a bandit that prunes the fast node as fast as it may is overruled for that node alone."""
     held, sparsity, idle = _capped_fleet(0.10)
     free_held, free_sparsity, free_idle = _capped_fleet(0.95)  # nobody waits that long: the bandit's choices stand
     tx2 = [pytest.approx(0.05 * r, abs=0.005) for r in range(1, 7)] + [pytest.approx(0.3, abs=0.005)] * 4
@@ -279,28 +280,39 @@ def test_without_follow_slowest_only_a_node_waiting_at_the_step_cap_is_held_to_t
     assert idle[5:] == pytest.approx(free_idle[5:])
 
 
-def test_a_node_faster_than_the_slowest_prunes_no_further_than_the_slowest_has_before_the_round():
-    """``follow_slowest`` (the default): with aligned steps a faster node's speed sets only its own step count, so
-    every node faster than the round's slowest is kept at or below the sparsity the slowest reached before the
-    round, whether or not it waits: the fleet prunes slowest first, a round apart, and still ends at the target."""
-    assert cfg().coordinator.follow_slowest is True
-    held, sparsity, idle = _capped_fleet(0.10, follow=True)
-    tx2 = [0.05 * r for r in range(1, 7)] + [0.3] * 4
-    assert [v["tx2-3"] for v in sparsity] == [pytest.approx(s, abs=0.005) for s in tx2]  # the slowest is never held
-    behind = [pytest.approx(s, abs=0.005) for s in [0.0, *tx2[:-1]]]  # the TX2's sparsity before each round
-    # The AGX (as fast as it may) and the NX (0.05 a round) both trail the TX2 by a round, the NX although it
-    # fills its rounds below the step cap and never waits.  The NX is held once: in round 1, where the TX2 has
-    # not cut yet; from then on its 0.05 a round keeps it a round behind on its own.  The AGX is held until it
-    # reaches the target in round 7 (its largest increment would overshoot there).
-    assert [v["agx-1"] for v in sparsity] == behind
-    assert [v["nx-2"] for v in sparsity] == behind
-    assert held == [{"agx-1", "nx-2"}] + [{"agx-1"}] * 6 + [set()] * 3
-    assert all(v == pytest.approx(0.3, abs=0.005) for v in sparsity[-1].values())  # everyone at the target
-    # Against the capped-only hold, the AGX is a round further behind, so it runs its 5τ steps slower and waits
-    # less: the fleet idles less while the TX2 leads (round 1 runs before anyone's first cut: the same).
-    _, _, capped_idle = _capped_fleet(0.10)
-    assert idle[0] == pytest.approx(capped_idle[0])
-    assert all(f < c - 0.005 for f, c in zip(idle[1:6], capped_idle[1:6], strict=True))
+def _tuned_fleet(tune: bool) -> tuple[Strategy, list[torch.Tensor], list[dict]]:
+    """Three aligned rounds; the nodes trained at sparsities below the target, then partly, then all at it (one
+    a little under, as reported sparsities are).  Returns the strategy, the global delta after each round and
+    each round's steps."""
+    strat = make_strategy(cfg("fedspine", coordinator={**FLAT, "tune_at_tau": tune}), total_rounds=10)
+    per_step = {"agx-1": 0.2, "nx-2": 0.4, "tx2-3": 1.0}
+    trained = [{"agx-1": 0.0, "nx-2": 0.0, "tx2-3": 0.0}, {"agx-1": 0.3, "nx-2": 0.3, "tx2-3": 0.15},
+               {"agx-1": 0.3, "nx-2": 0.3, "tx2-3": 0.29}]
+    deltas, steps = [], []
+    for rnd, at in enumerate(trained, start=1):
+        assigns = strat.configure_round(rnd, NODES)
+        steps.append({a.node_id: a.local_steps for a in assigns})
+        strat.aggregate_round(rnd, [NodeResult(**{**_timed(a, rnd, per_step[a.node_id]).__dict__,
+                                                  "train_sparsity": at[a.node_id], "sparsity": at[a.node_id]})
+                                    for a in assigns], [])
+        deltas.append(strat.global_.delta["m"].clone())
+    return strat, deltas, steps
+
+
+def test_once_every_node_trained_at_the_target_a_round_moves_the_global_state_tau_steps():
+    """``tune_at_tau``: FedNova's τ_eff is the nodes' mean step count while pruning goes on, and τ (the baselines'
+    step) once every node of the round trained at the target sparsity."""
+    tuned, d_on, steps = _tuned_fleet(True)
+    assert [tuned._tuning([]), cfg().coordinator.tune_at_tau] == [False, True]
+    _, d_off, steps_off = _tuned_fleet(False)
+    assert steps == steps_off and len(set(steps[2].values())) > 1  # aligned: the nodes ran different steps
+    assert torch.equal(d_on[0], d_off[0]) and torch.equal(d_on[1], d_off[1])  # someone was still below the target
+    mean_steps = sum(steps[2].values()) / 3  # equal weights, every node kept every coordinate
+    assert torch.allclose(d_on[2] - d_on[1], (d_off[2] - d_off[1]) * 5 / mean_steps, atol=1e-6)
+    # Methods without aligned steps run τ each: nothing changes for them, even with every node at the target.
+    prune_ft = make_strategy(cfg("prune_ft", coordinator={"tune_at_tau": True}), total_rounds=10)
+    at_target = [_timed(a, 1, 0.2) for a in prune_ft.configure_round(1, NODES)]
+    assert all(r.sparsity == pytest.approx(0.3) for r in at_target) and prune_ft._tuning(at_target) is False
 
 
 def test_first_round_steps_come_from_the_timing_nodes_measured_when_they_joined():
