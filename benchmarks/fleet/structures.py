@@ -6,7 +6,8 @@ split (accuracy, recall and predicted share per class):
 
 - unpruned;
 - at each node's final structure (the kept heads and FFN channels in its trainer state);
-- at the structure the fleet's averaged importance (sent with every slice) keeps at the same per-layer counts.
+- at the structure the fleet's averaged importance (sent with every slice) keeps at the same per-layer counts;
+- and each node's exported model (its rank-limited slice, merged), for comparison.
 
 Every node deploys the same global update and head, sliced to its structure, so where the rows differ the structure
 is the cause. Nothing is trained. Writes ``structures.md`` into the method's folder and prints it.
@@ -124,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     for nodes in groups.values():
         results.append((f"global at the fleet importance's top groups, {'/'.join(nodes)}'s counts",
                         at(fleet_structure(tensors, _kept(states[nodes[0]])))))
+    for node in states:  # what each node deployed: the slice at the final rank, merged (our own export folder)
+        export = run / "state" / node / "export"
+        if (export / "config.json").exists():
+            from transformers import AutoModelForSequenceClassification
+            model = AutoModelForSequenceClassification.from_pretrained(export, trust_remote_code=True,
+                                                                       local_files_only=True)
+            results.append((f"{node}'s exported model", evaluate(model, data, tok.pad_token_id, len(labels))))
     lines = [f"# {a.method}: the final global model ({checkpoints[-1].name}) at each structure, {len(rows)} test rows",
              "", "| structure | accuracy | " + " | ".join(f"recall {c}" for c in labels) + " | "
              + " | ".join(f"predicted {c}" for c in labels) + " |", "|---|---|" + "---|" * (2 * len(labels))]
