@@ -191,7 +191,8 @@ def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broke
                      "profile_uplink_mbps": n.uplink_mbps, "profile_latency_s": n.latency_s},
             "train": {"batch_size": args.batch_size, "max_length": args.max_length, "learning_rate": args.lr,
                       "test_batches": args.test_batches,
-                      **({} if args.fleet_importance is None else {"fleet_importance": args.fleet_importance})},
+                      **({} if args.fleet_importance is None else {"fleet_importance": args.fleet_importance}),
+                      **({"first_cut_with_fleet": True} if args.first_cut_with_fleet else {})},
             "telemetry": {"interval_s": 5.0},
         })
         procs[n.node_id] = _spawn(cli + ["node", "--config", str(cfg)], run_dir / "logs" / f"{n.node_id}.log", env)
@@ -254,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a coordinate changes only where at least this many of the round's nodes kept it (1: the spec)")
     ap.add_argument("--fleet-importance", type=float, default=None,
                     help="nodes' [train] fleet_importance (weight of the fleet's importance when pruning; default 0.5)")
+    ap.add_argument("--first-cut-with-fleet", action="store_true",
+                    help="nodes' [train] first_cut_with_fleet: a node's first cut waits for the fleet's importance "
+                         "(round 2) instead of cutting on its own shard's alone at the end of round 1")
     ap.add_argument("--align-steps", default=None,
                     help="methods whose fast nodes run more local steps instead of waiting (comma-separated, or "
                          "'none'; default: fedspine)")

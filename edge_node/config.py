@@ -66,6 +66,10 @@ class TrainSettings:
     # weight of the fleet's averaged importance (sent by the coordinator) against this node's own when pruning:
     # 0 = own data only (the spec's node-side rule), 1 = the fleet's view only
     fleet_importance: float = 0.5
+    # ours, off by default until measured on every seed: with fleet_importance > 0, a node's first cut waits for a
+    # global slice that carries the fleet's importance (from round 2), instead of cutting at the end of round 1
+    # on its own shard's importance alone (a shard that lacks a class cuts what that class needs, for good)
+    first_cut_with_fleet: bool = False
     round_multiple: int = 1  # round kept FFN channels to a multiple of this (never below the target)
 
     def __post_init__(self) -> None:

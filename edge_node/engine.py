@@ -331,6 +331,12 @@ class LocalTrainer:
         before = self.sparsity
         cut = target_sparsity > before + 1e-9
         deferred = cut and not prune_random and not self.tracker.complete() and most > 0
+        if (cut and not prune_random and self.train.first_cut_with_fleet and self.train.fleet_importance > 0
+                and before == 0.0 and not self.fleet_scores):
+            # The first cut waits for the fleet's importance (TrainSettings.first_cut_with_fleet): this round
+            # only accumulates the node's own, which it reports for the fleet's average.
+            self.log.info("first_cut_waits_for_fleet_importance", target_sparsity=round(target_sparsity, 4))
+            cut = deferred = False
         pruned = False
         if cut and not deferred:
             pruned = self._prune(target_sparsity, prune_random)

@@ -155,6 +155,27 @@ def test_first_cut_waits_for_the_rounds_importance_later_cuts_come_first(cls_dat
     assert res2.train_sparsity == pytest.approx(res2.sparsity) and res2.sparsity > res.sparsity
 
 
+def test_with_first_cut_with_fleet_the_first_cut_waits_for_the_fleets_importance(cls_data):
+    """``first_cut_with_fleet``: round 1 (no fleet importance yet) cuts nothing and reports the node's importance;
+    the first slice that carries the fleet's importance is cut by it at the start of the next round."""
+    waits = TrainSettings(**{**SETTINGS.__dict__, "fleet_importance": 1.0, "first_cut_with_fleet": True})
+    tr = _trainer(cls_data, train=waits)
+    first = tr.run_round(target_sparsity=0.3, rank=4, local_steps=6, global_update=None)
+    assert first.sparsity == 0.0 and first.train_sparsity == 0.0 and tr.tracker.complete()
+    report = LoraUpdate.from_bytes(first.payload).importance
+    fleet = {key: GroupScores(idx=g.idx, score=g.score.max() - g.score + 1e-3, size=g.size) for key, g in report.items()}
+    second = tr.run_round(target_sparsity=0.3, rank=4, local_steps=2,
+                          global_update=LoraUpdate(first.update.modules, first.update.dense, fleet))
+    assert second.sparsity >= 0.3 - 1e-9 and second.train_sparsity == pytest.approx(second.sparsity)  # cut first
+    for i, k in tr.kept_maps().items():  # by the fleet's ranking (full weight), not the node's own
+        for kind, have in (("heads", k.heads), ("channels", k.channels)):
+            assert set(have) == set(torch.topk(fleet[f"{i}.{kind}"].score, k=len(have)).indices.tolist())
+    # Without the setting the node cuts at the end of round 1, on its own importance; with weight 0 it never waits.
+    for settings in (SETTINGS, TrainSettings(**{**waits.__dict__, "fleet_importance": 0.0})):
+        assert _trainer(cls_data, train=settings).run_round(target_sparsity=0.3, rank=4, local_steps=6,
+                                                             global_update=None).sparsity >= 0.3 - 1e-9
+
+
 def test_calibration_times_steps_and_changes_nothing(cls_data):
     """The startup timing (first-round step sizing) leaves weights, data order and random state as they were."""
     a, b = _trainer(cls_data, seed=3), _trainer(cls_data, seed=3)
