@@ -109,10 +109,12 @@ class RoundSummary:
     mean_round_time_s: float
     max_round_time_s: float
     node_terms: dict[str, dict] = field(default_factory=dict)  # node -> {"terms": {...}, "reward": r}
+    effective_steps: int | None = None  # the round moved the global state this many steps (None: the mean step count)
 
     def log_fields(self) -> dict:
         return {"idle_fraction": round(self.idle_fraction, 4), "max_round_time_s": round(self.max_round_time_s, 3),
-                "rewards": {n: round(v["reward"], 4) for n, v in self.node_terms.items()}}
+                "rewards": {n: round(v["reward"], 4) for n, v in self.node_terms.items()},
+                "effective_steps": self.effective_steps}
 
     def node_fields(self, node_id: str) -> dict:
         v = self.node_terms.get(node_id)
@@ -122,7 +124,7 @@ class RoundSummary:
 
     def round_fields(self) -> dict:
         return {"idle_fraction": self.idle_fraction, "mean_round_time_s": self.mean_round_time_s,
-                "max_round_time_s": self.max_round_time_s}
+                "max_round_time_s": self.max_round_time_s, "effective_steps": self.effective_steps}
 
 
 def aligned_steps(timing: dict[str, tuple[float, float]], tau: int, most: int) -> dict[str, int]:
@@ -346,12 +348,12 @@ class Strategy:
         self.record_failures(rnd, failures)
         tau = self.cfg.coordinator.local_steps
         pairs = list(zip([r.update for r in results], node_weights(results, tau), strict=True))
+        effective = tau if self._tuning(results) else None
         if isinstance(self.global_, GlobalLora):
             # What each node started from: the slice configure/send gave it (its structure and rank before this
             # round's results; cached in the global state until it changes, so this recomputes nothing).
             self.global_.aggregate(pairs, starts=[self.global_slice(r.node_id, r.rank) for r in results],
-                                   steps=[r.steps or tau for r in results],
-                                   effective_steps=tau if self._tuning(results) else None)
+                                   steps=[r.steps or tau for r in results], effective_steps=effective)
         else:
             self.global_.aggregate(pairs)
         for r in results:
@@ -361,7 +363,8 @@ class Strategy:
             st.structure = {n: (m.rows.clone(), m.cols.clone()) for n, m in r.update.modules.items()}
         times = [r.round_time_s for r in results]
         summary = RoundSummary(round=rnd, idle_fraction=idle_fraction(times),
-                               mean_round_time_s=sum(times) / max(len(times), 1), max_round_time_s=max(times, default=0.0))
+                               mean_round_time_s=sum(times) / max(len(times), 1), max_round_time_s=max(times, default=0.0),
+                               effective_steps=effective if isinstance(self.global_, GlobalLora) else None)
         # The bandit judges speed at equal work: each node's time had it run τ steps (aligned steps fill the
         # wait, so actual completion times say nothing about which configuration made a node fast).
         paced = {r.node_id: r.paced_time_s(tau) for r in results}
