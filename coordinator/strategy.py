@@ -348,7 +348,7 @@ class Strategy:
         self.record_failures(rnd, failures)
         tau = self.cfg.coordinator.local_steps
         pairs = list(zip([r.update for r in results], node_weights(results, tau), strict=True))
-        effective = tau if self._tuning(results) else None
+        effective = tau if isinstance(self.global_, GlobalLora) and self._tuning(results) else None
         if isinstance(self.global_, GlobalLora):
             # What each node started from: the slice configure/send gave it (its structure and rank before this
             # round's results; cached in the global state until it changes, so this recomputes nothing).
@@ -364,7 +364,7 @@ class Strategy:
         times = [r.round_time_s for r in results]
         summary = RoundSummary(round=rnd, idle_fraction=idle_fraction(times),
                                mean_round_time_s=sum(times) / max(len(times), 1), max_round_time_s=max(times, default=0.0),
-                               effective_steps=effective if isinstance(self.global_, GlobalLora) else None)
+                               effective_steps=effective)
         # The bandit judges speed at equal work: each node's time had it run τ steps (aligned steps fill the
         # wait, so actual completion times say nothing about which configuration made a node fast).
         paced = {r.node_id: r.paced_time_s(tau) for r in results}

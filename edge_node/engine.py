@@ -41,7 +41,16 @@ from edge_node.model import (
     task_head_params,
     unwrap,
 )
-from edge_node.pruning import LayerKept, apply_plan, kept_maps, plan_prune, restore_structure, sparsity
+from edge_node.pruning import (
+    LayerKept,
+    apply_plan,
+    kept_from_json,
+    kept_maps,
+    kept_to_json,
+    plan_prune,
+    restore_structure,
+    sparsity,
+)
 from shared.updates import GroupScores, LoraUpdate, UpdateError
 
 INITIAL_RANK = 8
@@ -433,8 +442,7 @@ class LocalTrainer:
         tensors.update(self.tracker.state())
         meta = {"version": RESUME_VERSION, "task": self.task, "labels": self.labels, "rank": self.rank,
                 "alpha": self.train.lora_alpha, "rounds": self.rounds,
-                "kept": {str(i): {"heads": list(k.heads), "channels": list(k.channels)}
-                         for i, k in kept_maps(self.model).items()}}
+                "kept": kept_to_json(kept_maps(self.model))}
         tmp = d / "state.safetensors.tmp"
         save_file(tensors, str(tmp))
         os.replace(tmp, d / "state.safetensors")
@@ -451,9 +459,7 @@ class LocalTrainer:
                              f"{meta.get('task')})")
         if not self.causal and meta.get("labels") != self.labels:
             raise ValueError(f"resume state labels {meta.get('labels')} differ from the data's {self.labels}")
-        maps = {int(i): LayerKept(tuple(int(h) for h in v["heads"]), tuple(int(c) for c in v["channels"]))
-                for i, v in meta["kept"].items()}
-        restore_structure(self.model, maps)
+        restore_structure(self.model, kept_from_json(meta["kept"]))
         tensors = load_file(str(d / "state.safetensors"))
         for name, layer in lora_layers(self.model).items():
             A, B = tensors.get(f"lora.{name}.A"), tensors.get(f"lora.{name}.B")

@@ -34,6 +34,17 @@ class LayerCost:
     total: int
 
 
+def kept_to_json(maps: dict[int, LayerKept]) -> dict[str, dict[str, list[int]]]:
+    """Kept maps as the node's resume state stores them (``state.json``'s ``kept``)."""
+    return {str(i): {"heads": list(k.heads), "channels": list(k.channels)} for i, k in maps.items()}
+
+
+def kept_from_json(data: dict) -> dict[int, LayerKept]:
+    """The inverse of ``kept_to_json``."""
+    return {int(i): LayerKept(tuple(int(h) for h in v["heads"]), tuple(int(c) for c in v["channels"]))
+            for i, v in data.items()}
+
+
 def kept_maps(model: nn.Module) -> dict[int, LayerKept]:
     """Per layer kept head groups and FFN channels (unpruned numbering); everything for an unpruned model."""
     base = unwrap(model)

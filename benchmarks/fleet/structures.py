@@ -26,36 +26,34 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from coordinator.aggregation import GlobalLora
 from edge_node.data import collate, encode_classification, read_records
 from edge_node.model import load_base_model, load_tokenizer
-from edge_node.pruning import LayerKept, restore_structure
+from edge_node.pruning import LayerKept, kept_from_json, restore_structure
 
 
-def merge_global(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Add every ``delta.<module>`` of a coordinator checkpoint to that module's weight and load every
-    ``dense.<parameter>`` (the task head) into the model, in place."""
+def merge_global(model: nn.Module, state: GlobalLora) -> nn.Module:
+    """Add the global update of every adapted module to its weight and load the task head, in place."""
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for key, value in tensors.items():
-            kind, _, name = key.partition(".")
-            if kind == "delta":
-                weight = model.get_submodule(name).weight
-                if tuple(weight.shape) != tuple(value.shape):
-                    raise ValueError(f"{key}: shape {tuple(value.shape)} != the model's {tuple(weight.shape)}")
-                weight += value.to(weight.dtype)
-            elif kind == "dense":
-                if name not in params or params[name].shape != value.shape:
-                    raise ValueError(f"{key}: no parameter of that name and shape in the model")
-                params[name].copy_(value)
+        for name, value in state.delta.items():
+            weight = model.get_submodule(name).weight
+            if tuple(weight.shape) != tuple(value.shape):
+                raise ValueError(f"delta.{name}: shape {tuple(value.shape)} != the model's {tuple(weight.shape)}")
+            weight += value.to(weight.dtype)
+        for name, value in state.dense.items():
+            if name not in params or params[name].shape != value.shape:
+                raise ValueError(f"dense.{name}: no parameter of that name and shape in the model")
+            params[name].copy_(value)
     return model
 
 
-def fleet_structure(tensors: Mapping[str, torch.Tensor], like: Mapping[int, LayerKept]) -> dict[int, LayerKept]:
+def fleet_structure(state: GlobalLora, like: Mapping[int, LayerKept]) -> dict[int, LayerKept]:
     """Per layer, the heads and channels with the highest fleet importance, as many as ``like`` keeps there."""
     out = {}
     for idx, k in like.items():
-        heads = tensors[f"importance.{idx}.heads"]
-        channels = tensors[f"importance.{idx}.channels"]
+        heads = state.importance[f"{idx}.heads"]
+        channels = state.importance[f"{idx}.channels"]
         out[idx] = LayerKept(tuple(sorted(torch.topk(heads, len(k.heads)).indices.tolist())),
                              tuple(sorted(torch.topk(channels, len(k.channels)).indices.tolist())))
     return out
@@ -78,10 +76,6 @@ def evaluate(model: nn.Module, data, pad_id: int, n_labels: int, batch_size: int
             "predicted": [preds.count(c) / len(preds) for c in range(n_labels)]}
 
 
-def _kept(state: dict) -> dict[int, LayerKept]:
-    return {int(i): LayerKept(tuple(k["heads"]), tuple(k["channels"])) for i, k in state["kept"].items()}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", help="a fleet results folder (e.g. results/fleet-s0)")
@@ -95,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     if not checkpoints:
         print(f"no global checkpoint under {run / 'coordinator'}", file=sys.stderr)
         return 2
-    tensors = load_file(str(checkpoints[-1]))
+    glob = GlobalLora()
+    glob.load_tensors(load_file(str(checkpoints[-1])))
     states = {p.parent.parent.name: json.loads(p.read_text()) for p in sorted(run.glob("state/*/trainer/state.json"))}
     if not states:
         print(f"no node trainer state under {run / 'state'}", file=sys.stderr)
@@ -107,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = load_tokenizer(a.model)
     rows = read_records(root / "nodes" / next(iter(states)) / "test.csv")
     data, _ = encode_classification(rows, tok, a.max_length, labels=labels, where="test split")
-    merged = merge_global(load_base_model(a.model, "seq_cls", num_labels=len(labels)), tensors)
+    merged = merge_global(load_base_model(a.model, "seq_cls", num_labels=len(labels)), glob)
 
     def at(structure: dict[int, LayerKept] | None) -> dict:
         model = merged
@@ -119,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     results = [("global, unpruned", at(None))]
     groups: dict[tuple, list[str]] = {}  # per-layer kept counts -> the nodes with them (one fleet row for each)
     for node, state in states.items():
-        kept = _kept(state)
+        kept = kept_from_json(state["kept"])
         results.append((f"global at {node}'s structure", at(kept)))
         groups.setdefault(tuple((i, len(k.heads), len(k.channels)) for i, k in sorted(kept.items())), []).append(node)
     for nodes in groups.values():
         results.append((f"global at the fleet importance's top groups, {'/'.join(nodes)}'s counts",
-                        at(fleet_structure(tensors, _kept(states[nodes[0]])))))
+                        at(fleet_structure(glob, kept_from_json(states[nodes[0]]["kept"])))))
     for node in states:  # what each node deployed: the slice at the final rank, merged (our own export folder)
         export = run / "state" / node / "export"
         if (export / "config.json").exists():

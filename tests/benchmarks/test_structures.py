@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from benchmarks.fleet.structures import evaluate, fleet_structure, merge_global
+from coordinator.aggregation import GlobalLora
 from edge_node.data import encode_classification
 from edge_node.model import load_base_model, load_tokenizer
 from edge_node.pruning import LayerKept, kept_maps, restore_structure
@@ -16,20 +17,27 @@ from tests.edge_node.tiny import cached_model_folder, sentiment_rows
 Q = "bert.encoder.layer.0.attention.self.query"
 
 
+def _state(tensors: dict[str, torch.Tensor]) -> GlobalLora:
+    """A coordinator's global state as its checkpoint tensors load it."""
+    state = GlobalLora()
+    state.load_tensors(tensors)
+    return state
+
+
 def test_the_global_update_and_head_are_merged_into_the_base_weights():
     folder = cached_model_folder("bert")
     base = load_base_model(str(folder), "seq_cls", num_labels=2)
     before = base.get_submodule(Q).weight.clone()
     delta = torch.randn_like(before)
     head = torch.randn_like(base.classifier.weight)
-    merged = merge_global(copy.deepcopy(base), {f"delta.{Q}": delta, "dense.classifier.weight": head,
-                                                "importance.0.heads": torch.ones(4)})  # other kinds are ignored
+    merged = merge_global(copy.deepcopy(base), _state({f"delta.{Q}": delta, "dense.classifier.weight": head,
+                                                       "importance.0.heads": torch.ones(4)}))  # others ignored
     assert torch.allclose(merged.get_submodule(Q).weight, before + delta)
     assert torch.equal(merged.classifier.weight, head)
     with pytest.raises(ValueError, match="shape"):
-        merge_global(copy.deepcopy(base), {f"delta.{Q}": torch.zeros(3, 3)})
+        merge_global(copy.deepcopy(base), _state({f"delta.{Q}": torch.zeros(3, 3)}))
     with pytest.raises(ValueError, match="dense.nothing"):
-        merge_global(copy.deepcopy(base), {"dense.nothing": torch.zeros(2)})
+        merge_global(copy.deepcopy(base), _state({"dense.nothing": torch.zeros(2)}))
 
 
 def test_the_fleet_structure_keeps_the_most_important_groups_at_the_given_counts():
@@ -38,7 +46,7 @@ def test_the_fleet_structure_keeps_the_most_important_groups_at_the_given_counts
                "importance.1.heads": torch.tensor([0.3, 0.1, 0.2, 0.4]),
                "importance.1.channels": torch.tensor([5.0, 1, 7, 3, 2, 8, 0, 4])}
     like = {0: LayerKept((0, 1), (0, 1, 2)), 1: LayerKept((2,), (3, 4, 5, 6))}
-    out = fleet_structure(tensors, like)
+    out = fleet_structure(_state(tensors), like)
     assert out == {0: LayerKept((1, 2), (0, 1, 2)), 1: LayerKept((3,), (0, 2, 5, 7))}
 
 
