@@ -192,7 +192,8 @@ def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broke
             "train": {"batch_size": args.batch_size, "max_length": args.max_length, "learning_rate": args.lr,
                       "test_batches": args.test_batches,
                       **({} if args.fleet_importance is None else {"fleet_importance": args.fleet_importance}),
-                      **({"first_cut_with_fleet": True} if args.first_cut_with_fleet else {})},
+                      **({} if args.first_cut_with_fleet is None else
+                         {"first_cut_with_fleet": args.first_cut_with_fleet})},
             "telemetry": {"interval_s": 5.0},
         })
         procs[n.node_id] = _spawn(cli + ["node", "--config", str(cfg)], run_dir / "logs" / f"{n.node_id}.log", env)
@@ -254,10 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--min-keepers", type=int, default=2,
                     help="a coordinate changes only where at least this many of the round's nodes kept it (1: the spec)")
     ap.add_argument("--fleet-importance", type=float, default=None,
-                    help="nodes' [train] fleet_importance (weight of the fleet's importance when pruning; default 0.5)")
-    ap.add_argument("--first-cut-with-fleet", action="store_true",
-                    help="nodes' [train] first_cut_with_fleet: a node's first cut waits for the fleet's importance "
-                         "(round 2) instead of cutting on its own shard's alone at the end of round 1")
+                    help="nodes' [train] fleet_importance (weight of the fleet's importance when pruning; default 1.0)")
+    ap.add_argument("--first-cut-with-fleet", action=argparse.BooleanOptionalAction, default=None,
+                    help="nodes' [train] first_cut_with_fleet (default on): a node's first cut waits for the fleet's "
+                         "importance (round 2); --no-first-cut-with-fleet cuts on its own shard's alone at the end "
+                         "of round 1")
     ap.add_argument("--align-steps", default=None,
                     help="methods whose fast nodes run more local steps instead of waiting (comma-separated, or "
                          "'none'; default: fedspine)")

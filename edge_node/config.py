@@ -64,12 +64,13 @@ class TrainSettings:
     test_batches: int = 8  # batches of the test file (if any) evaluated each round, for accuracy curves
     importance_beta: float = 0.9
     # weight of the fleet's averaged importance (sent by the coordinator) against this node's own when pruning:
-    # 0 = own data only (the spec's node-side rule), 1 = the fleet's view only
-    fleet_importance: float = 0.5
-    # ours, off by default until measured on every seed: with fleet_importance > 0, a node's first cut waits for a
-    # global slice that carries the fleet's importance (from round 2), instead of cutting at the end of round 1
-    # on its own shard's importance alone (a shard that lacks a class cuts what that class needs, for good)
-    first_cut_with_fleet: bool = False
+    # 0 = own data only (the spec's node-side rule), 1 = the fleet's view only (the default; docs/results.md,
+    # registered seventh)
+    fleet_importance: float = 1.0
+    # ours: with fleet_importance > 0, a node's first cut waits for a global slice that carries the fleet's
+    # importance (from round 2), instead of cutting at the end of round 1 on its own shard's importance alone
+    # (a shard that lacks a class cuts what that class needs, for good); false restores the spec's order
+    first_cut_with_fleet: bool = True
     round_multiple: int = 1  # round kept FFN channels to a multiple of this (never below the target)
 
     def __post_init__(self) -> None:

@@ -17,7 +17,10 @@ from tests.edge_node.tiny import cached_model_folder, lm_rows, random_batch, sen
 
 QUIET = structlog.wrap_logger(structlog.PrintLogger(), wrapper_class=structlog.make_filtering_bound_logger(
     logging.WARNING))
-SETTINGS = TrainSettings(batch_size=16, learning_rate=1e-2, eval_batches=2)
+# The trainer runs here without a coordinator, so no slice ever brings the fleet's importance: the tests cut in
+# the spec's order (the first cut at the end of round 1, on the node's own importance) unless they say otherwise.
+SETTINGS = TrainSettings(batch_size=16, learning_rate=1e-2, eval_batches=2, fleet_importance=0.5,
+                         first_cut_with_fleet=False)
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +161,7 @@ def test_first_cut_waits_for_the_rounds_importance_later_cuts_come_first(cls_dat
 def test_with_first_cut_with_fleet_the_first_cut_waits_for_the_fleets_importance(cls_data):
     """``first_cut_with_fleet``: round 1 (no fleet importance yet) cuts nothing and reports the node's importance;
     the first slice that carries the fleet's importance is cut by it at the start of the next round."""
+    assert TrainSettings().first_cut_with_fleet and TrainSettings().fleet_importance == 1.0  # the defaults
     waits = TrainSettings(**{**SETTINGS.__dict__, "fleet_importance": 1.0, "first_cut_with_fleet": True})
     tr = _trainer(cls_data, train=waits)
     first = tr.run_round(target_sparsity=0.3, rank=4, local_steps=6, global_update=None)
