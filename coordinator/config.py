@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,9 +43,14 @@ class RoundSettings:
     align_steps: tuple[str, ...] = ("fedspine",)
     max_steps_factor: float = 5.0
     # Paced rounds (ours): with aligned steps, each node is sent the round's planned finish as well and stops at
-    # the step boundary nearest it (at least τ steps, at most the cap), measuring its own steps as it runs, so a
-    # node that runs slower or faster than planned still finishes with the round.  false: exactly the planned steps.
+    # the step boundary nearest it (at least pace_min_fraction·τ steps, at most the cap), measuring its own steps
+    # as it runs, so a node that runs slower or faster than planned still finishes with the round.  false:
+    # exactly the planned steps.
     pace_steps: bool = True
+    # A paced node may stop at the round's planned finish once it ran this share of τ (ours; at least one step):
+    # the slowest node, planned at τ, that runs slower than its plan stops with the round instead of keeping the
+    # others waiting for its overrun.  1.0: at least τ steps (the slowest node's overrun is waited for).
+    pace_min_fraction: float = 0.5
     # Beyond the target a slow node prunes further only to remove waiting that alignment cannot fill (ours): where
     # steps were aligned, only while another node was held at the step cap and the round idled more than this
     # share.  Below it, the node's accuracy is worth more than the idle time left (strategy.Strategy._capped).
@@ -80,6 +86,8 @@ class RoundSettings:
                               f"step_cost_rank {self.step_cost_rank} outside [0, 1]")
         if not 0 <= self.idle_tolerance < 1:
             raise ConfigError(f"[coordinator] idle_tolerance {self.idle_tolerance} outside [0, 1)")
+        if not 0 < self.pace_min_fraction <= 1:
+            raise ConfigError(f"[coordinator] pace_min_fraction {self.pace_min_fraction} outside (0, 1]")
         if not 1 <= self.max_steps_factor <= 100:
             raise ConfigError(f"[coordinator] max_steps_factor {self.max_steps_factor} outside [1, 100]")
         if self.deadline_s <= 0 or self.min_nodes < 1:
@@ -89,6 +97,11 @@ class RoundSettings:
     def max_steps(self) -> int:
         """The most local steps an aligned node runs in a round: max_steps_factor × τ."""
         return int(self.max_steps_factor * self.local_steps)
+
+    @property
+    def pace_min_steps(self) -> int:
+        """The fewest local steps a paced node runs before it may stop at the round's planned finish."""
+        return max(1, min(self.local_steps, math.ceil(self.pace_min_fraction * self.local_steps - 1e-9)))
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,8 @@ def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broke
                         **({} if args.max_steps_factor is None else {"max_steps_factor": args.max_steps_factor}),
                         **({} if args.idle_tolerance is None else {"idle_tolerance": args.idle_tolerance}),
                         **({"pace_steps": False} if args.fixed_steps else {}),
-                        **({"tune_at_tau": False} if args.mean_steps_throughout else {})},
+                        **({"tune_at_tau": False} if args.mean_steps_throughout else {}),
+                        **({"pace_min_fraction": args.pace_min_fraction} if args.pace_min_fraction is not None else {})},
         "bandit": {"target_sparsity": args.target_sparsity, "static_rank": args.rank},
     })
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -268,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fixed-steps", action="store_true",
                     help="with --align-steps, nodes run exactly their planned steps instead of pacing to the "
                          "round's planned finish ([coordinator] pace_steps = false)")
+    ap.add_argument("--pace-min-fraction", type=float, default=None,
+                    help="with paced rounds, a node may stop at the round's planned finish once it ran this share "
+                         "of τ (default 0.5; 1.0: at least τ, so the fleet waits for the slowest node's overrun)")
     ap.add_argument("--mean-steps-throughout", action="store_true",
                     help="with --align-steps, a round moves the global state its nodes' mean step count even once "
                          "every node is at the target sparsity ([coordinator] tune_at_tau = false)")

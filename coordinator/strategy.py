@@ -239,7 +239,7 @@ class Strategy:
         for node, st, target, rank, choice in plans:
             n = steps.get(node.node_id, c.local_steps)
             fixed_per_step = timing.get(node.node_id)  # empty unless steps are aligned
-            pace = {"finish_s": finish, "min_steps": c.local_steps, "max_steps": c.max_steps} \
+            pace = {"finish_s": finish, "min_steps": c.pace_min_steps, "max_steps": c.max_steps} \
                 if fixed_per_step and paced else {}
             a = Assignment(node_id=node.node_id, target_sparsity=target, rank=rank, local_steps=n,
                            arm=choice.arm if choice else None,

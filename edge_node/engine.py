@@ -68,7 +68,7 @@ class Pace:
     The coordinator plans each node's steps from the timing of its last round, so that every node finishes with
     the slowest one; a node that runs slower or faster this round (another load on the device, thermal throttling,
     a simulated device sharing its cores) would miss that finish by all of its error.  Paced, it measures its own
-    steps as it goes and stops at the step boundary nearest ``finish_s``: at least ``min_steps`` (τ) and at most
+    steps as it goes and stops at the step boundary nearest ``finish_s``: at least ``min_steps`` and at most
     ``max_steps``.  ``clock()`` reads the device clock in seconds (the round counts from its first reading, less
     the test evaluation, which is not round work); the work after the steps is taken to cost what the round's
     first validation pass did, which the last one repeats.

@@ -128,7 +128,7 @@ def test_fast_nodes_are_given_more_steps_and_a_miscounted_round_is_rejected(tmp_
 
 
 def test_aligned_rounds_are_paced_to_the_planned_finish(tmp_path):
-    """From round 2 (timing known) every node is sent the round's planned finish and the step range [τ, cap]; its
+    """From round 2 (timing known) every node is sent the round's planned finish and the step range [⌈τ/2⌉, cap]; its
     agent turns them into the engine's Pace on its own clock, leaving room for the round's upload."""
     trainers = {"agx-1": FakeTrainer("agx-1", step_s=0.01), "tx2-3": FakeTrainer("tx2-3", step_s=0.1)}
     coord, summary = run_fleet(tmp_path, trainers, rounds=2, max_steps_factor=5)
@@ -140,7 +140,7 @@ def test_aligned_rounds_are_paced_to_the_planned_finish(tmp_path):
     for tr in trainers.values():
         assert tr.paces[0] is None  # round 1: no timing yet, so nothing to pace to
         pace = tr.paces[1]
-        assert (pace.min_steps, pace.max_steps) == (2, 10)
+        assert (pace.min_steps, pace.max_steps) == (1, 10)  # τ = 2
         assert 0 < pace.finish_s <= next(iter(finish))  # less the time since the config arrived and the upload
         assert tr.paces[-1] is None  # the final sync evaluates only
     fixed = {n: FakeTrainer(n, step_s=s) for n, s in (("agx-1", 0.01), ("tx2-3", 0.1))}

@@ -167,9 +167,13 @@ def test_fast_nodes_run_more_steps_only_where_steps_are_aligned(method):
         assert all(a.finish_s is None and a.allows(5) and not a.allows(6) for a in assigned)  # exactly τ, unpaced
         return
     assert second == {"agx-1": 25, "nx-2": 12, "tx2-3": 5}  # 25 = min(5τ, (2 + 5·1.0 - 2) / 0.2)
-    # Paced: every node stops near the round's planned finish, the TX2's at τ steps, within [τ, 5τ].
+    # Paced: every node stops near the round's planned finish, the TX2's at τ steps, within [⌈τ/2⌉, 5τ]: the
+    # slowest node too may stop short of τ if it runs slower than planned (pace_min_fraction 0.5).
     assert [a.finish_s for a in assigned] == [pytest.approx(2.0 + 5 * 1.0)] * 3
-    assert all(a.allows(5) and a.allows(25) and not a.allows(4) and not a.allows(26) for a in assigned)
+    assert all(a.allows(3) and a.allows(25) and not a.allows(2) and not a.allows(26) for a in assigned)
+    at_tau = make_strategy(cfg(method, coordinator={**FLAT, "pace_min_fraction": 1.0}), total_rounds=10)
+    at_tau.aggregate_round(1, [_timed(a, 1, per_step[a.node_id]) for a in at_tau.configure_round(1, NODES)], [])
+    assert all(a.min_steps == 5 and not a.allows(4) for a in at_tau.configure_round(2, NODES))
     unpaced = make_strategy(cfg(method, coordinator={**FLAT, "pace_steps": False}), total_rounds=10)
     unpaced.aggregate_round(1, [_timed(a, 1, per_step[a.node_id]) for a in unpaced.configure_round(1, NODES)], [])
     assert all(a.finish_s is None and a.planned_s is not None for a in unpaced.configure_round(2, NODES))
@@ -401,6 +405,12 @@ def test_step_alignment_settings_are_checked():
         CoordinatorConfig.from_dict({"coordinator": {"max_steps_factor": 0.5}})
     with pytest.raises(ConfigError, match="idle_tolerance"):
         CoordinatorConfig.from_dict({"coordinator": {"idle_tolerance": 1.0}})
+    for share in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="pace_min_fraction"):
+            CoordinatorConfig.from_dict({"coordinator": {"pace_min_fraction": share}})
+    steps = {f: CoordinatorConfig.from_dict({"coordinator": {"local_steps": 20, "pace_min_fraction": f}})
+             .coordinator.pace_min_steps for f in (0.5, 0.51, 1.0, 0.01)}
+    assert steps == {0.5: 10, 0.51: 11, 1.0: 20, 0.01: 1}
     with pytest.raises(ConfigError, match="min_keepers"):
         CoordinatorConfig.from_dict({"coordinator": {"min_keepers": 0}})
     with pytest.raises(ConfigError, match="step_cost_sparsity"):
