@@ -101,7 +101,7 @@ class RoundSettings:
     @property
     def pace_min_steps(self) -> int:
         """The fewest local steps a paced node runs before it may stop at the round's planned finish."""
-        return max(1, min(self.local_steps, math.ceil(self.pace_min_fraction * self.local_steps - 1e-9)))
+        return max(1, math.ceil(self.pace_min_fraction * self.local_steps - 1e-9))  # ≤ τ: the share is ≤ 1
 
 
 @dataclass(frozen=True)

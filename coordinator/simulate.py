@@ -175,7 +175,7 @@ def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broke
                         **({} if args.idle_tolerance is None else {"idle_tolerance": args.idle_tolerance}),
                         **({"pace_steps": False} if args.fixed_steps else {}),
                         **({"tune_at_tau": False} if args.mean_steps_throughout else {}),
-                        **({"pace_min_fraction": args.pace_min_fraction} if args.pace_min_fraction is not None else {})},
+                        **({} if args.pace_min_fraction is None else {"pace_min_fraction": args.pace_min_fraction})},
         "bandit": {"target_sparsity": args.target_sparsity, "static_rank": args.rank},
     })
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
