@@ -67,6 +67,12 @@ class RoundSettings:
     # defaults are the fit of `python -m benchmarks.pruning.run --step-cost` (MiniLM, one CPU thread).
     step_cost_sparsity: float = STEP_COST_SPARSITY
     step_cost_rank: float = STEP_COST_RANK
+    # Each node is sent the global slice at the rank the global model is deployed at (Strategy.final_rank) when
+    # that is above its training rank (ours): a node that evaluates a test split reports the global model as it
+    # would be deployed, not its low-rank truncation, and trains from the leading components of that slice,
+    # which are the slice at its own rank.  Costs download bytes (up to final_rank / rank times the slice).
+    # false: only the slice at the training rank is sent, and the reported test figures are of that truncation.
+    eval_at_deploy_rank: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -320,7 +320,7 @@ class Coordinator:
         encoded: dict[int, bytes] = {}  # nodes of equal structure and rank share one slice: serialise it once
         for a in assignments:
             up_tid = f"{self.run_id}.r{rnd}.a{attempt}.{a.node_id}.up"
-            g = self.strategy.global_slice(a.node_id, a.rank)
+            g = self.strategy.download_slice(a.node_id, a.rank)
             down_tid = f"{self.run_id}.r{rnd}.a{attempt}.{a.node_id}.down" if g is not None else None
             self.reassembler.expect(up_tid, a.node_id)
             cfg_msg = RoundConfig(

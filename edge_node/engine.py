@@ -318,18 +318,31 @@ class LocalTrainer:
         clock = pace.clock if pace is not None else (lambda: 0.0)  # unpaced: the readings go unused
         clock_start = clock()
         most = pace.max_steps if pace is not None else local_steps
+        metrics: dict[str, float] = {}
+        sent = global_update.rank if global_update is not None else 0
+        t_eval = cpu_eval = 0.0
+        if self.test_batches and sent > rank:
+            # The global model as deployed (the coordinator sent its slice above our training rank): evaluated
+            # at the rank it was sent at, then cut to our rank below.
+            t0, c0, k0 = time.perf_counter(), time.thread_time(), clock()
+            # A throwaway generator for the restarted (zero) components, which do not change the model: the
+            # node's own stream stays as it would be without this evaluation.
+            apply_update(self.model, global_update, rank=sent, alpha=self.train.lora_alpha,
+                         generator=torch.Generator().manual_seed(0))
+            metrics.update({f"test_{k}": v for k, v in self.evaluate("test", self.train.test_batches).items()})
+            t_eval, cpu_eval = time.perf_counter() - t0, time.thread_time() - c0
+            clock_start += clock() - k0  # evaluation only, not round work: the round's clock skips it
         if global_update is not None:
-            apply_update(self.model, global_update, rank=rank, alpha=self.train.lora_alpha, generator=self.gen)
+            apply_update(self.model, global_update, rank=rank, alpha=self.train.lora_alpha, generator=self.gen,
+                         leading=True)
             self.fleet_scores = dict(global_update.importance)
         else:
             change_rank(self.model, rank, self.train.lora_alpha, generator=self.gen)
-        metrics: dict[str, float] = {}
-        t_eval, cpu_eval = time.perf_counter(), time.thread_time()
-        clock_eval = clock()
-        if self.test_batches:  # the global model at this node's structure: evaluation only, not round work
+        if self.test_batches and not metrics:  # the global model at this node's structure, as it was sent
+            t0, c0, k0 = time.perf_counter(), time.thread_time(), clock()
             metrics.update({f"test_{k}": v for k, v in self.evaluate("test", self.train.test_batches).items()})
-        t_eval, cpu_eval = time.perf_counter() - t_eval, time.thread_time() - cpu_eval
-        clock_start += clock() - clock_eval  # the round's clock skips the test evaluation
+            t_eval, cpu_eval = time.perf_counter() - t0, time.thread_time() - c0
+            clock_start += clock() - k0  # evaluation only
         eval_batches = self.val_batches[: self.train.eval_batches]
         clock_val = clock()
         loss_start = self._evaluate(eval_batches)["loss"]

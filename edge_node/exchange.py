@@ -44,9 +44,12 @@ def slice_module(mod: ModuleUpdate, rows: torch.Tensor, cols: torch.Tensor) -> t
 
 
 def apply_update(model: nn.Module, update: LoraUpdate, *, rank: int, alpha: float,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, leading: bool = False) -> None:
     """Set this node's LoRA from a (global) update: slice to our structure, best rank-``rank`` approximation.
 
+    With ``leading``, an update of a higher rank is first cut to its first ``rank`` components
+    (``LoraUpdate.leading``): the coordinator's slices are ordered (by singular value for FedSpine, so this is the
+    best approximation; in HetLoRA's zero-padded order for that baseline) and it counts the node's start that way.
     The update may cover more coordinates than we kept (it is sliced) or fewer (missing ones count as zero).
     Components with zero singular value restart like peft (kaiming-uniform A row, zero B column).  Modules the
     update does not mention keep their own factors (re-ranked).  Raises UpdateError on any mismatch before
@@ -80,7 +83,7 @@ def apply_update(model: nn.Module, update: LoraUpdate, *, rank: int, alpha: floa
             B, A = refactor(lin_b.weight, lin_a.weight, scale, rank, new_scale, generator)
         else:
             rows, cols, _ = maps[name]
-            B_sub, A_sub = slice_module(mod, rows, cols)
+            B_sub, A_sub = slice_module(mod.leading(rank) if leading else mod, rows, cols)
             B, A = refactor(B_sub, A_sub, mod.scale, rank, new_scale, generator)
         set_lora(layer, A, B, alpha)
     with torch.no_grad():

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from safetensors import SafetensorError
@@ -83,6 +83,14 @@ class ModuleUpdate:
         out = torch.zeros(self.shape, dtype=torch.float32)
         out[self.rows.unsqueeze(1), self.cols.unsqueeze(0)] = self.delta()
         return out
+
+    def leading(self, rank: int) -> ModuleUpdate:
+        """The first ``rank`` components (all of them when there are fewer), at the same scale.  The coordinator
+        orders components by importance (singular values for FedSpine, HetLoRA's own order for zero-padding), so
+        this is the update a node of that rank trains from."""
+        if rank >= self.rank:
+            return self
+        return replace(self, A=self.A[:rank], B=self.B[:, :rank])
 
     def validate(self, name: str, limits: UpdateLimits = UpdateLimits()) -> None:
         _check_module(name, self, limits)
@@ -137,6 +145,17 @@ class LoraUpdate:
                 raise UpdateError(f"dense.{name}: dtype {t.dtype} is not a float type")
             if not torch.isfinite(t).all():
                 raise UpdateError(f"dense.{name}: contains NaN or Inf")
+
+    @property
+    def rank(self) -> int:
+        """The largest module rank (0 without modules)."""
+        return max((m.rank for m in self.modules.values()), default=0)
+
+    def leading(self, rank: int) -> LoraUpdate:
+        """Every module cut to its first ``rank`` components (``ModuleUpdate.leading``)."""
+        if rank >= self.rank:
+            return self
+        return replace(self, modules={n: m.leading(rank) for n, m in self.modules.items()})
 
     def norm(self) -> float:
         """Sum over modules of the Frobenius norm of ``scale * B @ A`` (the spec's LoRA importance term)."""

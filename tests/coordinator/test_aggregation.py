@@ -265,3 +265,25 @@ def test_min_keepers_changes_only_coordinates_enough_nodes_kept():
     assert torch.allclose(alone[:3], G[:3] + d["b"][:3], atol=1e-4) and torch.allclose(alone[3:], G[3:])
     with pytest.raises(ValueError, match="min_keepers"):
         GlobalLora(min_keepers=0)
+
+
+def test_the_leading_components_of_a_higher_rank_slice_are_the_slice_at_the_lower_rank():
+    """What a node trains from when it is sent the slice at the deployed rank (``eval_at_deploy_rank``): its first
+    r components, which for FedSpine are the best rank-r approximation and for HetLoRA its first r padded ones."""
+    g = torch.Generator().manual_seed(3)
+    spectrum = torch.tensor([9.0, 7.0, 5.0, 3.0, 2.0, 1.0, 0.5, 0.25] + [0.1] * 12)  # rank 20, distinct values
+    u, _ = torch.linalg.qr(torch.randn(400, 20, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(300, 20, generator=g))
+    fed = GlobalLora()
+    fed.delta["q"] = (u * spectrum) @ v.T
+    deployed, low = fed.slice_for(None, 16, 16.0), fed.slice_for(None, 4, 16.0)
+    lead = deployed.leading(4)
+    assert (deployed.rank, lead.rank, deployed.leading(16) is deployed) == (16, 4, True)
+    assert lead.modules["q"].scale == deployed.modules["q"].scale  # same scale: the product of those components
+    assert torch.allclose(lead.modules["q"].delta(), low.modules["q"].delta(), atol=1e-4)
+    assert (lead.modules["q"].delta() - deployed.modules["q"].delta()).norm() > 1.0  # and not the rank-16 one
+    zp = ZeroPadLora()
+    zp.aggregate([(upd(16, seed=1, shape=(12, 10)), 1.0), (upd(8, seed=2, shape=(12, 10)), 3.0)])
+    for r in (4, 8):
+        assert torch.allclose(zp.slice_for(16, 16.0).leading(r).modules["q"].delta(),
+                              zp.slice_for(r, 16.0).modules["q"].delta(), atol=1e-5)

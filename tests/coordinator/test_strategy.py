@@ -137,6 +137,21 @@ def test_final_sync_rank_is_the_largest_rank_the_method_trains_with():
     assert ranks == {"fedspine": 32, "hetlora": 12, "fedlora": 8, "prune_ft": 8}
 
 
+def test_nodes_are_sent_the_deployed_rank_and_start_from_their_own_rank():
+    """``eval_at_deploy_rank``: the download is the slice at the final (deployed) rank; the node's start, which the
+    aggregation subtracts, is its first ``rank`` components.  Off: both are the slice at the training rank."""
+    for method, on in (("fedspine", True), ("hetlora", True), ("fedspine", False), ("fedlora", True)):
+        strat = make_strategy(cfg(method, coordinator={"eval_at_deploy_rank": on}), total_rounds=10)
+        run(strat, 2)
+        final = strat.final_rank()
+        for a in strat.configure_round(3, NODES):
+            sent, start = strat.download_slice(a.node_id, a.rank), strat.global_slice(a.node_id, a.rank)
+            assert sent.rank == (max(a.rank, final) if on else a.rank), (method, on, a)
+            assert start.rank == a.rank
+            assert torch.equal(start.modules["m"].A, sent.modules["m"].A[: a.rank])
+    assert cfg().coordinator.eval_at_deploy_rank is True
+
+
 def test_aligned_steps_fill_the_wait_for_the_slowest_node_within_bounds():
     timing = {"fast": (1.0, 1.0), "mid": (2.0, 2.5), "slow": (5.0, 5.0)}  # (fixed s, s per step)
     got = aligned_steps(timing, tau=20, most=100)

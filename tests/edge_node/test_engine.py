@@ -64,6 +64,26 @@ def test_global_update_is_applied_and_random_pruning(cls_data):
     torch.testing.assert_close(rb.update.dense["classifier.weight"], ra.update.dense["classifier.weight"])
 
 
+def test_a_slice_above_the_training_rank_is_evaluated_as_sent_and_trained_from_its_leading_components(cls_data):
+    """The coordinator sends the global slice at the deployed rank (``eval_at_deploy_rank``): the round's test
+    figures are of that model, and training is the same as from the slice cut to the node's rank."""
+    donor = _trainer(cls_data, seed=1)
+    sent = donor.run_round(target_sparsity=0.0, rank=8, local_steps=10, global_update=None).update
+    low = sent.leading(2)
+    probe = _trainer(cls_data, seed=2, test_path=str(cls_data))  # the same test batches as a and b
+    probe.run_round(target_sparsity=0.0, rank=8, local_steps=0, global_update=sent)  # evaluates the rank-8 model
+    at_sent = probe.evaluate("test", SETTINGS.test_batches)
+    a, b = (_trainer(cls_data, seed=2, test_path=str(cls_data)) for _ in range(2))
+    ra = a.run_round(target_sparsity=0.2, rank=2, local_steps=6, global_update=sent)
+    rb = b.run_round(target_sparsity=0.2, rank=2, local_steps=6, global_update=low)
+    assert ra.metrics["test_loss"] == pytest.approx(at_sent["loss"], abs=1e-5)
+    assert abs(rb.metrics["test_loss"] - at_sent["loss"]) > 1e-3  # the rank-2 truncation is another model
+    assert ra.rank == rb.rank == 2 and ra.steps == rb.steps == 6
+    for name, m in ra.update.modules.items():  # same start, same generator stream: the same training
+        torch.testing.assert_close(m.delta(), rb.update.modules[name].delta(), atol=1e-5, rtol=1e-4)
+    assert ra.loss_start == pytest.approx(rb.loss_start, abs=1e-5)
+
+
 def test_causal_lm_llama_gqa_round(tmp_path):
     data = write_csv(tmp_path / "lm.csv", lm_rows(160))
     tr = _trainer(data, kind="llama", task="causal_lm")
