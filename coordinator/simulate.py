@@ -175,6 +175,7 @@ def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broke
                         **({} if args.idle_tolerance is None else {"idle_tolerance": args.idle_tolerance}),
                         **({"pace_steps": False} if args.fixed_steps else {}),
                         **({"tune_at_tau": False} if args.mean_steps_throughout else {}),
+                        **({"eval_at_deploy_rank": False} if args.curve_at_training_rank else {}),
                         **({} if args.pace_min_fraction is None else {"pace_min_fraction": args.pace_min_fraction})},
         "bandit": {"target_sparsity": args.target_sparsity, "static_rank": args.rank},
     })
@@ -275,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mean-steps-throughout", action="store_true",
                     help="with --align-steps, a round moves the global state its nodes' mean step count even once "
                          "every node is at the target sparsity ([coordinator] tune_at_tau = false)")
+    ap.add_argument("--curve-at-training-rank", action="store_true",
+                    help="nodes are sent the global slice at their training rank and the curves measure that "
+                         "truncation, as before the ninth registration ([coordinator] eval_at_deploy_rank = false; "
+                         "default: the deployed rank)")
     ap.add_argument("--idle-tolerance", type=float, default=None,
                     help="with --align-steps, a slow node prunes beyond the target only while the round idled more "
                          "than this share with a node at the step cap (default 0.10; 0: whenever a node is capped)")
