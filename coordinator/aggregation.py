@@ -246,6 +246,19 @@ class GlobalLora:
         self._cache[whole] = LoraUpdate(mods, dict(self.dense), self._cache["importance"])
         return self._cache[whole]
 
+    def start_for(self, structure: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None, rank: int,
+                  sent_rank: int, alpha: float) -> LoraUpdate | None:
+        """What a node of rank ``rank`` sent ``slice_for(structure, sent_rank)`` trains from: that slice's first
+        ``rank`` components.  Cached with the slices, so that nodes alike share one object (``aggregate`` turns
+        each distinct start into a dense matrix once)."""
+        sent = self.slice_for(structure, sent_rank, alpha)
+        if sent is None or rank >= sent.rank:
+            return sent
+        key = ("leading", id(sent), rank)  # the slice is held in the cache as long as this entry
+        if key not in self._cache:
+            self._cache[key] = sent.leading(rank)
+        return self._cache[key]
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {**{f"delta.{n}": t for n, t in self.delta.items()}, **{f"dense.{n}": t for n, t in self.dense.items()},
                 **{f"importance.{k}": t for k, t in self.importance.items()},

@@ -317,22 +317,26 @@ class Strategy:
             return max(int(r) for r in b.tier_ranks.values())
         return int(b.static_rank)
 
+    def _sent_rank(self, rank: int) -> int:
+        """The rank of the slice a node of training rank ``rank`` is sent (``eval_at_deploy_rank``)."""
+        return max(rank, self.final_rank()) if self.cfg.coordinator.eval_at_deploy_rank else rank
+
     def download_slice(self, node_id: str, rank: int) -> LoraUpdate | None:
         """What a node of training rank ``rank`` is sent: the global slice at its structure, at the deployed rank
         when ``eval_at_deploy_rank`` (and that is larger), else at ``rank``.  The node evaluates the slice as it
         is and trains from its first ``rank`` components (``global_slice``)."""
-        if self.cfg.coordinator.eval_at_deploy_rank:
-            rank = max(rank, self.final_rank())
         if isinstance(self.global_, ZeroPadLora):
-            return self.global_.slice_for(rank, self.alpha)
-        return self.global_.slice_for(self._state(node_id).structure, rank, self.alpha)
+            return self.global_.slice_for(self._sent_rank(rank), self.alpha)
+        return self.global_.slice_for(self._state(node_id).structure, self._sent_rank(rank), self.alpha)
 
     def global_slice(self, node_id: str, rank: int) -> LoraUpdate | None:
         """The slice a node of training rank ``rank`` starts its local steps from: the first ``rank`` components
         of what it was sent (for FedSpine the best rank-``rank`` approximation; for HetLoRA the first ``rank``
         zero-padded components)."""
-        sent = self.download_slice(node_id, rank)
-        return sent.leading(rank) if sent is not None else None
+        if isinstance(self.global_, ZeroPadLora):  # (its aggregation takes no starts: nothing to share)
+            sent = self.download_slice(node_id, rank)
+            return sent.leading(rank) if sent is not None else None
+        return self.global_.start_for(self._state(node_id).structure, rank, self._sent_rank(rank), self.alpha)
 
     # ---- aggregate ----------------------------------------------------------------------------------------
     def check_update(self, node_id: str, update: LoraUpdate, assignment: Assignment) -> None:

@@ -318,31 +318,25 @@ class LocalTrainer:
         clock = pace.clock if pace is not None else (lambda: 0.0)  # unpaced: the readings go unused
         clock_start = clock()
         most = pace.max_steps if pace is not None else local_steps
-        metrics: dict[str, float] = {}
         sent = global_update.rank if global_update is not None else 0
-        t_eval = cpu_eval = 0.0
+        test = None  # the global model at this node's structure, as it was sent: (metrics, wall s, CPU s, clock s)
         if self.test_batches and sent > rank:
-            # The global model as deployed (the coordinator sent its slice above our training rank): evaluated
-            # at the rank it was sent at, then cut to our rank below.
-            t0, c0, k0 = time.perf_counter(), time.thread_time(), clock()
+            # Sent above our training rank (the model as deployed): evaluated at that rank, then cut to ours below.
             # A throwaway generator for the restarted (zero) components, which do not change the model: the
             # node's own stream stays as it would be without this evaluation.
-            apply_update(self.model, global_update, rank=sent, alpha=self.train.lora_alpha,
-                         generator=torch.Generator().manual_seed(0))
-            metrics.update({f"test_{k}": v for k, v in self.evaluate("test", self.train.test_batches).items()})
-            t_eval, cpu_eval = time.perf_counter() - t0, time.thread_time() - c0
-            clock_start += clock() - k0  # evaluation only, not round work: the round's clock skips it
+            test = self._test_pass(clock, lambda: apply_update(self.model, global_update, rank=sent,
+                                                               alpha=self.train.lora_alpha,
+                                                               generator=torch.Generator().manual_seed(0)))
         if global_update is not None:
             apply_update(self.model, global_update, rank=rank, alpha=self.train.lora_alpha, generator=self.gen,
                          leading=True)
             self.fleet_scores = dict(global_update.importance)
         else:
             change_rank(self.model, rank, self.train.lora_alpha, generator=self.gen)
-        if self.test_batches and not metrics:  # the global model at this node's structure, as it was sent
-            t0, c0, k0 = time.perf_counter(), time.thread_time(), clock()
-            metrics.update({f"test_{k}": v for k, v in self.evaluate("test", self.train.test_batches).items()})
-            t_eval, cpu_eval = time.perf_counter() - t0, time.thread_time() - c0
-            clock_start += clock() - k0  # evaluation only
+        if self.test_batches and test is None:
+            test = self._test_pass(clock)
+        metrics, t_eval, cpu_eval, clock_eval = test if test is not None else ({}, 0.0, 0.0, 0.0)
+        clock_start += clock_eval  # the round's clock skips the test evaluation
         eval_batches = self.val_batches[: self.train.eval_batches]
         clock_val = clock()
         loss_start = self._evaluate(eval_batches)["loss"]
@@ -412,6 +406,16 @@ class LocalTrainer:
                       sparsity=round(achieved, 4), rank=result.rank, compute_s=round(compute_s, 3),
                       importance_ms=round(metrics["importance_ms"], 2), step_ms=round(metrics["step_ms"], 2))
         return result
+
+    def _test_pass(self, clock: Callable[[], float], prepare: Callable[[], None] | None = None
+                   ) -> tuple[dict[str, float], float, float, float]:
+        """The round's test figures and what they took: evaluation only, not round work, so the caller keeps
+        the wall, CPU and pace-clock seconds (``prepare`` included) out of the round's compute and clock."""
+        t0, c0, k0 = time.perf_counter(), time.thread_time(), clock()
+        if prepare is not None:
+            prepare()
+        metrics = {f"test_{k}": v for k, v in self.evaluate("test", self.train.test_batches).items()}
+        return metrics, time.perf_counter() - t0, time.thread_time() - c0, clock() - k0
 
     def _prune(self, target: float, random_groups: bool) -> bool:
         scores = None

@@ -282,6 +282,9 @@ def test_the_leading_components_of_a_higher_rank_slice_are_the_slice_at_the_lowe
     assert lead.modules["q"].scale == deployed.modules["q"].scale  # same scale: the product of those components
     assert torch.allclose(lead.modules["q"].delta(), low.modules["q"].delta(), atol=1e-4)
     assert (lead.modules["q"].delta() - deployed.modules["q"].delta()).norm() > 1.0  # and not the rank-16 one
+    start = fed.start_for(None, 4, 16, 16.0)  # what the coordinator subtracts: shared by nodes alike
+    assert start is fed.start_for(None, 4, 16, 16.0) and torch.equal(start.modules["q"].A, lead.modules["q"].A)
+    assert fed.start_for(None, 16, 16, 16.0) is deployed
     zp = ZeroPadLora()
     zp.aggregate([(upd(16, seed=1, shape=(12, 10)), 1.0), (upd(8, seed=2, shape=(12, 10)), 3.0)])
     for r in (4, 8):
