@@ -73,6 +73,11 @@ class RoundSettings:
     # which are the slice at its own rank.  Costs download bytes (up to final_rank / rank times the slice).
     # false: only the slice at the training rank is sent, and the reported test figures are of that truncation.
     eval_at_deploy_rank: bool = True
+    # The S-UCB reward's time term and the ``behind`` flag take each node's completion time at τ steps from the
+    # step-cost model, over the median of the node's measured speeds (ours; Strategy.modelled_time_s): a node
+    # whose configuration did not change gains or loses no alignment by the noise of one reading, and the time
+    # it is credited with is that of the configuration it chose.  false: that round's measured time.
+    time_from_model: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -176,6 +176,7 @@ def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broke
                         **({"pace_steps": False} if args.fixed_steps else {}),
                         **({"tune_at_tau": False} if args.mean_steps_throughout else {}),
                         **({"eval_at_deploy_rank": False} if args.curve_at_training_rank else {}),
+                        **({"time_from_model": False} if args.measured_time_reward else {}),
                         **({} if args.pace_min_fraction is None else {"pace_min_fraction": args.pace_min_fraction})},
         "bandit": {"target_sparsity": args.target_sparsity, "static_rank": args.rank},
     })
@@ -280,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="nodes are sent the global slice at their training rank and the curves measure that "
                          "truncation, as before the ninth registration ([coordinator] eval_at_deploy_rank = false; "
                          "default: the deployed rank)")
+    ap.add_argument("--measured-time-reward", action="store_true",
+                    help="the bandit's time term and behind signal take each round's measured times, as before the "
+                         "tenth registration ([coordinator] time_from_model = false; default: the step-cost model "
+                         "at each node's median speed)")
     ap.add_argument("--idle-tolerance", type=float, default=None,
                     help="with --align-steps, a slow node prunes beyond the target only while the round idled more "
                          "than this share with a node at the step cap (default 0.10; 0: whenever a node is capped)")

@@ -16,6 +16,7 @@ configured (the schedule) and how updates are combined:
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -146,14 +147,18 @@ def round_finish(timing: dict[str, tuple[float, float]], tau: int) -> float:
     return max((fixed + tau * per_step for fixed, per_step in timing.values()), default=0.0)
 
 
+def step_cost(at: tuple[float, int], cost_sparsity: float, cost_rank: float) -> float:
+    """The step-cost model (ours): time per local step at ``at`` = (sparsity, LoRA rank), relative to a dense
+    step without LoRA, (1 - cost_sparsity·s)(1 + cost_rank·r).  Pruning removes heads and FFN channels, whose
+    multiply-adds are most of a step; the LoRA factors add work in proportion to the rank."""
+    return (1 - cost_sparsity * at[0]) * (1 + cost_rank * at[1])
+
+
 def step_cost_ratio(was: tuple[float, int], now: tuple[float, int], cost_sparsity: float, cost_rank: float) -> float:
     """Time per local step at configuration ``now`` over that at ``was`` (each (sparsity, LoRA rank)), by the
-    step-cost model t(s, r) ∝ (1 - cost_sparsity·s)(1 + cost_rank·r) (ours).  A rank of 0 (unknown) is taken as
-    unchanged.  Pruning removes heads and FFN channels, whose multiply-adds are most of a step; the LoRA
-    factors add work in proportion to the rank."""
-    (s0, r0), (s1, r1) = was, now
-    r0 = r0 or r1
-    return ((1 - cost_sparsity * s1) * (1 + cost_rank * r1)) / ((1 - cost_sparsity * s0) * (1 + cost_rank * r0))
+    step-cost model.  A rank of 0 (unknown) is taken as unchanged."""
+    was = (was[0], was[1] or now[1])
+    return step_cost(now, cost_sparsity, cost_rank) / step_cost(was, cost_sparsity, cost_rank)
 
 
 def idle_fraction(times: Sequence[float]) -> float:
@@ -174,6 +179,9 @@ class NodeState:
     step_s: float | None = None  # and per local step
     step_at: tuple[float, int] | None = None  # the (sparsity, rank) those steps ran at
     behind: bool | None = None  # it held the fleet back in that round (Strategy.aggregate_round)
+    # Every accepted round's (time outside the local steps, time per step at step cost 1), for the step-cost
+    # model's view of the node (Strategy.modelled_time_s)
+    speeds: list[tuple[float, float]] = field(default_factory=list)
 
 
 class Strategy:
@@ -372,11 +380,16 @@ class Strategy:
                                    steps=[r.steps or tau for r in results], effective_steps=effective)
         else:
             self.global_.aggregate(pairs)
+        was = {}  # node -> its configuration before this round, if it had an accepted round before
         for r in results:
             st = self._state(r.node_id)
+            was[r.node_id] = (st.sparsity, st.rank or r.rank) if st.last_time_s is not None else None
             st.sparsity = max(st.sparsity, float(r.sparsity))
             st.rank = r.rank
             st.structure = {n: (m.rows.clone(), m.cols.clone()) for n, m in r.update.modules.items()}
+            if (t := r.timing()) is not None:
+                at = (float(r.sparsity if r.train_sparsity is None else r.train_sparsity), int(r.rank))
+                st.speeds.append((t[0], t[1] / self._step_cost(at)))
         times = [r.round_time_s for r in results]
         summary = RoundSummary(round=rnd, idle_fraction=idle_fraction(times),
                                mean_round_time_s=sum(times) / max(len(times), 1), max_round_time_s=max(times, default=0.0),
@@ -384,10 +397,16 @@ class Strategy:
         # The bandit judges speed at equal work: each node's time had it run τ steps (aligned steps fill the
         # wait, so actual completion times say nothing about which configuration made a node fast).
         paced = {r.node_id: r.paced_time_s(tau) for r in results}
+        prev = {r.node_id: self._state(r.node_id).last_time_s for r in results}
+        modelled = {r.node_id: self.modelled_time_s(r.node_id, (float(r.sparsity), r.rank)) for r in results}
+        if self.cfg.coordinator.time_from_model and all(v is not None for v in modelled.values()):
+            # Now and before both on the node's median speed: the gain in alignment is what its choice changed.
+            paced = modelled  # type: ignore[assignment]
+            prev = {n: self.modelled_time_s(n, w) if w is not None else None for n, w in was.items()}
         inputs = [RewardInput(node_id=r.node_id, loss_start=r.loss_start, loss_end=r.loss_end,
                               delta_sparsity=self._progress(r),
                               round_time_s=paced[r.node_id], importance=r.update.norm(), energy_j=r.energy_j,
-                              samples=r.samples, prev_time_s=self._state(r.node_id).last_time_s)
+                              samples=r.samples, prev_time_s=prev[r.node_id])
                   for r in results]
         summary.node_terms = rewards(inputs, self.cfg.reward, self.cfg.bandit.target_sparsity)
         mean_paced = sum(paced.values()) / max(len(paced), 1)
@@ -409,6 +428,22 @@ class Strategy:
                     self.bandit.update(r.node_id, self.bandit.arms.index(a.arm), summary.node_terms[r.node_id]["reward"],
                                        beyond_target=beyond)
         return summary
+
+    def _step_cost(self, at: tuple[float, int]) -> float:
+        c = self.cfg.coordinator
+        return step_cost(at, c.step_cost_sparsity, c.step_cost_rank)
+
+    def modelled_time_s(self, node_id: str, at: tuple[float, int]) -> float | None:
+        """The node's completion time at τ local steps at configuration ``at`` = (sparsity, LoRA rank), by the
+        step-cost model over the median of its accepted rounds' speeds (``[coordinator] time_from_model``); None
+        before it reported a timing.  One slow or fast reading on a shared machine moves the median little, and
+        two configurations of one node compare at the same speed: their difference is the model's alone."""
+        speeds = self._state(node_id).speeds
+        if not speeds:
+            return None
+        fixed = statistics.median(f for f, _ in speeds)
+        unit = statistics.median(u for _, u in speeds)
+        return fixed + self.cfg.coordinator.local_steps * unit * self._step_cost(at)
 
     def _tuning(self, results: Sequence[NodeResult]) -> bool:
         """Whether this round's averaged per-step change moves the global state τ steps (ours,
@@ -457,7 +492,7 @@ class Strategy:
         nodes = {}
         for nid, st in self.nodes.items():
             nodes[nid] = {"sparsity": st.sparsity, "rank": st.rank, "last_time_s": st.last_time_s, "behind": st.behind,
-                          "fixed_s": st.fixed_s, "step_s": st.step_s,
+                          "fixed_s": st.fixed_s, "step_s": st.step_s, "speeds": [list(v) for v in st.speeds],
                           "step_at": list(st.step_at) if st.step_at is not None else None,
                           "modules": sorted(st.structure or {})}
             for name, (rows, cols) in (st.structure or {}).items():
@@ -478,6 +513,7 @@ class Strategy:
             self.nodes[nid] = NodeState(sparsity=float(st["sparsity"]), rank=int(st["rank"]), structure=structure,
                                         last_time_s=st.get("last_time_s"), behind=st.get("behind"),
                                         fixed_s=st.get("fixed_s"), step_s=st.get("step_s"),
+                                        speeds=[(float(f), float(u)) for f, u in st.get("speeds", [])],
                                         step_at=(float(st["step_at"][0]), int(st["step_at"][1]))
                                         if st.get("step_at") else None)
 

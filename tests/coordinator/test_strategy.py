@@ -244,6 +244,49 @@ def test_with_aligned_steps_a_slow_node_holds_the_fleet_back_only_while_another_
     assert strat.nodes["agx-1"].behind is False and strat.nodes["nx-2"].behind is False
 
 
+def _at(node_id: str, rnd: int, sparsity: float, per_step: float, steps: int = 5) -> NodeResult:
+    """A result of ``node_id`` at ``sparsity`` that ran ``steps`` local steps of ``per_step`` seconds (2 s fixed)."""
+    r = result(Assignment(node_id=node_id, target_sparsity=sparsity, rank=8, local_steps=steps), rnd)
+    return NodeResult(**{**r.__dict__, "steps": steps, "train_s": per_step * steps,
+                         "round_time_s": 2.0 + per_step * steps, "examples": 100})
+
+
+def test_modelled_time_is_the_step_cost_model_over_the_median_speed():
+    model = {"step_cost_sparsity": 0.5, "step_cost_rank": 0.0}
+    strat = make_strategy(cfg("fedlora", coordinator=model), total_rounds=10)
+    assert strat.modelled_time_s("agx-1", (0.0, 8)) is None  # no timing yet
+    # Unit speeds (per step at step cost 1): 1.0, 3.0 (a slow reading), 1.2 at sparsity 0.2 (cost 0.9, 1.08 s).
+    for rnd, (sparsity, per_step) in enumerate([(0.0, 1.0), (0.0, 3.0), (0.2, 1.08)], start=1):
+        strat.aggregate_round(rnd, [_at("agx-1", rnd, sparsity, per_step)], [])
+    assert strat.modelled_time_s("agx-1", (0.2, 8)) == pytest.approx(2.0 + 5 * 1.2 * 0.9)
+    assert strat.modelled_time_s("agx-1", (0.4, 8)) == pytest.approx(2.0 + 5 * 1.2 * 0.8)
+    assert strat.nodes["agx-1"].last_time_s == pytest.approx(2.0 + 5 * 1.2 * 0.9)  # what the reward used
+    restored = make_strategy(cfg("fedlora", coordinator=model), total_rounds=10)
+    restored.load_state_dict(strat.state_dict())  # the speeds survive a restart
+    assert restored.modelled_time_s("agx-1", (0.4, 8)) == pytest.approx(strat.modelled_time_s("agx-1", (0.4, 8)))
+
+
+@pytest.mark.parametrize("from_model", [True, False])
+def test_the_time_term_credits_a_node_with_what_its_choice_changed_not_with_one_noisy_reading(from_model):
+    model = {"step_cost_sparsity": 0.5, "step_cost_rank": 0.0, "time_from_model": from_model}
+    strat = make_strategy(cfg("fedlora", coordinator=model), total_rounds=10)
+    strat.aggregate_round(1, [_at("agx-1", 1, 0.0, 0.2), _at("tx2-3", 1, 0.0, 1.0)], [])
+    # Round 2: the AGX keeps its configuration but one reading runs slow (0.4 s a step, noise); the TX2 prunes to
+    # 0.2, which makes it faster (cost 0.9) and closer to the fleet.
+    summary = strat.aggregate_round(2, [_at("agx-1", 2, 0.0, 0.4), _at("tx2-3", 2, 0.2, 0.9)], [])
+    time = {n: v["terms"]["time"] for n, v in summary.node_terms.items()}
+    if from_model:
+        # Modelled at the median speed (AGX 0.3, TX2 0.95 s a step): the AGX's choice changed nothing, so its
+        # alignment did not change (0.5); the TX2's cut moved it toward the fleet's mean (1.0).
+        assert time["agx-1"] == pytest.approx(0.5) and time["tx2-3"] == pytest.approx(1.0)
+        assert strat.nodes["tx2-3"].behind is True and strat.nodes["agx-1"].behind is False
+    else:
+        # Measured (AGX 3 → 4 s, TX2 7 → 6.5 s, mean 5.25 s): the AGX's slow reading brought it closer to the
+        # fleet than the TX2's cut did, and earns it more credit than the cut.
+        assert time["agx-1"] == pytest.approx(1.0) and time["tx2-3"] == pytest.approx(0.75)
+    assert cfg().coordinator.time_from_model is True
+
+
 def _capped_fleet(tolerance: float) -> tuple[list[set], list[dict], list[float]]:
     """Ten rounds of an AGX / NX / TX2 fleet on the step-cost model; the AGX's bandit prunes as fast as it may, the
     others' by 0.05 a round.  Returns per round the held nodes, the assigned sparsities and the idle fraction."""
