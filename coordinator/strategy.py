@@ -91,6 +91,11 @@ class NodeResult:
             return None
         return max(self.round_time_s - self.train_s, 0.0), self.train_s / self.steps
 
+    @property
+    def steps_at(self) -> tuple[float, int]:
+        """The (sparsity, LoRA rank) its local steps ran at."""
+        return float(self.sparsity if self.train_sparsity is None else self.train_sparsity), int(self.rank)
+
     def paced_time_s(self, tau: int) -> float:
         """The completion time this node would have had at τ local steps (its round time when it ran τ)."""
         t = self.timing()
@@ -388,8 +393,9 @@ class Strategy:
             st.rank = r.rank
             st.structure = {n: (m.rows.clone(), m.cols.clone()) for n, m in r.update.modules.items()}
             if (t := r.timing()) is not None:
-                at = (float(r.sparsity if r.train_sparsity is None else r.train_sparsity), int(r.rank))
-                st.speeds.append((t[0], t[1] / self._step_cost(at)))
+                st.fixed_s, st.step_s = t
+                st.step_at = r.steps_at
+                st.speeds.append((t[0], t[1] / self._step_cost(r.steps_at)))
         times = [r.round_time_s for r in results]
         summary = RoundSummary(round=rnd, idle_fraction=idle_fraction(times),
                                mean_round_time_s=sum(times) / max(len(times), 1), max_round_time_s=max(times, default=0.0),
@@ -398,8 +404,9 @@ class Strategy:
         # wait, so actual completion times say nothing about which configuration made a node fast).
         paced = {r.node_id: r.paced_time_s(tau) for r in results}
         prev = {r.node_id: self._state(r.node_id).last_time_s for r in results}
-        modelled = {r.node_id: self.modelled_time_s(r.node_id, (float(r.sparsity), r.rank)) for r in results}
-        if self.cfg.coordinator.time_from_model and all(v is not None for v in modelled.values()):
+        modelled = {r.node_id: self.modelled_time_s(r.node_id, (float(r.sparsity), r.rank)) for r in results} \
+            if self.cfg.coordinator.time_from_model else {}
+        if modelled and all(v is not None for v in modelled.values()):
             # Now and before both on the node's median speed: the gain in alignment is what its choice changed.
             paced = modelled  # type: ignore[assignment]
             prev = {n: self.modelled_time_s(n, w) if w is not None else None for n, w in was.items()}
@@ -418,9 +425,6 @@ class Strategy:
             # unless another node was held at the step cap and the round idled beyond tolerance (``_capped``).
             others_capped = capped is None or bool(capped - {r.node_id})
             st.behind = paced[r.node_id] > mean_paced and others_capped if len(results) > 1 else None
-            if (t := r.timing()) is not None:
-                st.fixed_s, st.step_s = t
-                st.step_at = (float(r.sparsity if r.train_sparsity is None else r.train_sparsity), int(r.rank))
         if self.method == "fedspine":
             for r in results:
                 a, _, beyond = self._pending.get(r.node_id, (None, 0.0, False))
@@ -459,7 +463,7 @@ class Strategy:
         if not c.tune_at_tau or self.method not in c.align_steps or not results:
             return False
         goal = self.cfg.bandit.target_sparsity - self.bandit.grain
-        return all((r.sparsity if r.train_sparsity is None else r.train_sparsity) >= goal for r in results)
+        return all(r.steps_at[0] >= goal for r in results)
 
     def _capped(self, results: Sequence[NodeResult], idle: float) -> set[str] | None:
         """The nodes of the round held at the step cap while it idled beyond ``idle_tolerance`` (none otherwise),
