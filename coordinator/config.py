@@ -78,6 +78,13 @@ class RoundSettings:
     # whose configuration did not change gains or loses no alignment by the noise of one reading, and the time
     # it is credited with is that of the configuration it chose.  false: that round's measured time.
     time_from_model: bool = True
+    # The plans (aligned steps, the finish paced nodes stop at, the hold) take each node's speed from the same
+    # model (ours; Strategy.median_speed): one slow reading on a shared machine no longer sets the next round's
+    # finish for the whole fleet.  false: the node's last round's fixed time and time per step.
+    plan_from_model: bool = True
+    # The model's speed is the median of the node's last ``speed_window`` accepted rounds: the checkpoint stays
+    # bounded, and a lasting change of speed (a throttling Jetson) takes over the median within half the window.
+    speed_window: int = 9
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -86,6 +93,8 @@ class RoundSettings:
             raise ConfigError(f"[coordinator] coverage {self.coverage!r} must be one of {COVERAGE}")
         if self.min_keepers < 1:
             raise ConfigError(f"[coordinator] min_keepers {self.min_keepers} must be >= 1")
+        if self.speed_window < 1:
+            raise ConfigError(f"[coordinator] speed_window {self.speed_window} must be >= 1")
         if self.rounds < 1 or self.local_steps < 1:
             raise ConfigError(f"[coordinator] rounds {self.rounds} and local_steps {self.local_steps} must be >= 1")
         if not 0 < self.fraction <= 1 or not 0 < self.quorum <= 1:

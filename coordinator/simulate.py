@@ -177,6 +177,7 @@ def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broke
                         **({"tune_at_tau": False} if args.mean_steps_throughout else {}),
                         **({"eval_at_deploy_rank": False} if args.curve_at_training_rank else {}),
                         **({"time_from_model": False} if args.measured_time_reward else {}),
+                        **({"plan_from_model": False} if args.plan_from_last_reading else {}),
                         **({} if args.pace_min_fraction is None else {"pace_min_fraction": args.pace_min_fraction})},
         "bandit": {"target_sparsity": args.target_sparsity, "static_rank": args.rank},
     })
@@ -285,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the bandit's time term and behind signal take each round's measured times, as before the "
                          "tenth registration ([coordinator] time_from_model = false; default: the step-cost model "
                          "at each node's median speed)")
+    ap.add_argument("--plan-from-last-reading", action="store_true",
+                    help="the plans (aligned steps, paced finish, hold) take each node's last measured speed, as "
+                         "before the eleventh registration ([coordinator] plan_from_model = false; default: the "
+                         "step-cost model at its median speed)")
     ap.add_argument("--idle-tolerance", type=float, default=None,
                     help="with --align-steps, a slow node prunes beyond the target only while the round idled more "
                          "than this share with a node at the step cap (default 0.10; 0: whenever a node is capped)")

@@ -265,19 +265,23 @@ class Strategy:
     def _timing(self, plans: Sequence[list], cut: bool = False) -> dict[str, tuple[float, float]]:
         """node -> (seconds of its round outside the local steps, seconds per step) at this round's configuration.
 
-        From the node's last round; before it has one, from what it measured when it joined.  The steps run at the
+        From the step-cost model at the node's median speed (``plan_from_model``; else its last round's); before
+        it has an accepted round, from what it measured when it joined.  The steps run at the
         target sparsity, except a node's first cut, which comes after its steps (it has no importance yet;
         LocalTrainer.run_round); ``cut=True`` plans every node at its target (the speed its cut gives it)."""
         c = self.cfg.coordinator
         timing = {}
         for node, st, target, rank, _ in plans:
+            now = (target if cut or st.structure is not None else st.sparsity, rank)
+            if c.plan_from_model and (speed := self.median_speed(node.node_id)) is not None:
+                timing[node.node_id] = (speed[0], speed[1] * self._step_cost(now))
+                continue
             if st.step_s and st.fixed_s is not None:
                 fixed, per_step, was = st.fixed_s, st.step_s, st.step_at
             elif node.step_s > 0:
                 fixed, per_step, was = node.overhead_s, node.step_s, (node.step_sparsity, node.step_rank)
             else:
                 continue
-            now = (target if cut or st.structure is not None else st.sparsity, rank)
             if was is not None:
                 per_step *= step_cost_ratio(was, now, c.step_cost_sparsity, c.step_cost_rank)
             timing[node.node_id] = (fixed, per_step)
@@ -395,7 +399,7 @@ class Strategy:
             if (t := r.timing()) is not None:
                 st.fixed_s, st.step_s = t
                 st.step_at = r.steps_at
-                st.speeds.append((t[0], t[1] / self._step_cost(r.steps_at)))
+                st.speeds = [*st.speeds, (t[0], t[1] / self._step_cost(r.steps_at))][-self.cfg.coordinator.speed_window:]
         times = [r.round_time_s for r in results]
         summary = RoundSummary(round=rnd, idle_fraction=idle_fraction(times),
                                mean_round_time_s=sum(times) / max(len(times), 1), max_round_time_s=max(times, default=0.0),
@@ -437,17 +441,22 @@ class Strategy:
         c = self.cfg.coordinator
         return step_cost(at, c.step_cost_sparsity, c.step_cost_rank)
 
-    def modelled_time_s(self, node_id: str, at: tuple[float, int]) -> float | None:
-        """The node's completion time at τ local steps at configuration ``at`` = (sparsity, LoRA rank), by the
-        step-cost model over the median of its accepted rounds' speeds (``[coordinator] time_from_model``); None
-        before it reported a timing.  One slow or fast reading on a shared machine moves the median little, and
-        two configurations of one node compare at the same speed: their difference is the model's alone."""
+    def median_speed(self, node_id: str) -> tuple[float, float] | None:
+        """(seconds of a round outside the local steps, seconds per step at step cost 1): the medians over the
+        node's last ``speed_window`` accepted rounds; None before it reported a timing.  One slow or fast reading
+        on a shared machine moves them little."""
         speeds = self._state(node_id).speeds
         if not speeds:
             return None
-        fixed = statistics.median(f for f, _ in speeds)
-        unit = statistics.median(u for _, u in speeds)
-        return fixed + self.cfg.coordinator.local_steps * unit * self._step_cost(at)
+        return statistics.median(f for f, _ in speeds), statistics.median(u for _, u in speeds)
+
+    def modelled_time_s(self, node_id: str, at: tuple[float, int]) -> float | None:
+        """The node's completion time at τ local steps at configuration ``at`` = (sparsity, LoRA rank), by the
+        step-cost model at its median speed (``[coordinator] time_from_model``); None before it reported a
+        timing.  Two configurations of one node compare at the same speed: their difference is the model's alone."""
+        if (speed := self.median_speed(node_id)) is None:
+            return None
+        return speed[0] + self.cfg.coordinator.local_steps * speed[1] * self._step_cost(at)
 
     def _tuning(self, results: Sequence[NodeResult]) -> bool:
         """Whether this round's averaged per-step change moves the global state τ steps (ours,
@@ -517,7 +526,8 @@ class Strategy:
             self.nodes[nid] = NodeState(sparsity=float(st["sparsity"]), rank=int(st["rank"]), structure=structure,
                                         last_time_s=st.get("last_time_s"), behind=st.get("behind"),
                                         fixed_s=st.get("fixed_s"), step_s=st.get("step_s"),
-                                        speeds=[(float(f), float(u)) for f, u in st.get("speeds", [])],
+                                        speeds=[(float(f), float(u)) for f, u in st.get("speeds", [])]
+                                        [-self.cfg.coordinator.speed_window:],
                                         step_at=(float(st["step_at"][0]), int(st["step_at"][1]))
                                         if st.get("step_at") else None)
 

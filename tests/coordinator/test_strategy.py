@@ -287,6 +287,41 @@ def test_the_time_term_credits_a_node_with_what_its_choice_changed_not_with_one_
     assert cfg().coordinator.time_from_model is True
 
 
+@pytest.mark.parametrize("from_model", [True, False])
+def test_one_slow_reading_does_not_set_the_next_rounds_finish(from_model):
+    strat = make_strategy(cfg("fedspine", coordinator={**FLAT, "plan_from_model": from_model}), total_rounds=10)
+    fleet = [NODES[0], NODES[2]]
+    # The TX2 reads 1.0 s a step twice, then one slow reading of 2.0 s (a busy shared machine); the AGX 0.2 s.
+    for rnd, tx2_step in enumerate([1.0, 1.0, 2.0], start=1):
+        strat.configure_round(rnd, fleet)
+        strat.aggregate_round(rnd, [_at("agx-1", rnd, 0.0, 0.2), _at("tx2-3", rnd, 0.0, tx2_step)], [])
+    plan = {a.node_id: a for a in strat.configure_round(4, fleet)}
+    if from_model:
+        # At the median speed (1.0 s) the TX2 finishes τ steps at 2 + 5 · 1.0 = 7 s and the AGX fills that round
+        # with (7 - 2) / 0.2 = 25 steps, the cap: nobody is planned to wait.
+        assert plan["tx2-3"].finish_s == pytest.approx(7.0) and plan["agx-1"].local_steps == 25
+    else:
+        # From the last reading the round is planned to last 12 s, and the AGX, capped at 25 steps (7 s), waits.
+        assert plan["tx2-3"].finish_s == pytest.approx(12.0) and plan["agx-1"].local_steps == 25
+    assert plan["tx2-3"].planned_s == pytest.approx(plan["tx2-3"].finish_s)
+    assert cfg().coordinator.plan_from_model is True
+
+
+def test_the_speed_model_keeps_a_window_of_readings_so_a_lasting_change_takes_over():
+    strat = make_strategy(cfg("fedlora", coordinator={**FLAT, "speed_window": 5}), total_rounds=20)
+    for rnd in range(1, 9):  # 8 rounds at 1.0 s a step
+        strat.aggregate_round(rnd, [_at("tx2-3", rnd, 0.0, 1.0)], [])
+    for rnd in range(9, 12):  # then the device throttles: 3.0 s a step from round 9
+        strat.aggregate_round(rnd, [_at("tx2-3", rnd, 0.0, 3.0)], [])
+        assert len(strat.nodes["tx2-3"].speeds) == 5  # bounded, whatever the number of rounds
+    assert strat.median_speed("tx2-3") == pytest.approx((2.0, 3.0))  # 3 of the last 5 readings are slow
+    restored = make_strategy(cfg("fedlora", coordinator={**FLAT, "speed_window": 3}), total_rounds=20)
+    restored.load_state_dict(strat.state_dict())  # a smaller window applies to a restored state too
+    assert len(restored.nodes["tx2-3"].speeds) == 3
+    with pytest.raises(ConfigError, match="speed_window"):
+        cfg(coordinator={"speed_window": 0})
+
+
 def _capped_fleet(tolerance: float) -> tuple[list[set], list[dict], list[float]]:
     """Ten rounds of an AGX / NX / TX2 fleet on the step-cost model; the AGX's bandit prunes as fast as it may, the
     others' by 0.05 a round.  Returns per round the held nodes, the assigned sparsities and the idle fraction."""
