@@ -399,7 +399,8 @@ class Strategy:
             if (t := r.timing()) is not None:
                 st.fixed_s, st.step_s = t
                 st.step_at = r.steps_at
-                st.speeds = [*st.speeds, (t[0], t[1] / self._step_cost(r.steps_at))][-self.cfg.coordinator.speed_window:]
+                speed = (t[0], t[1] / self._step_cost(r.steps_at))
+                st.speeds = [*st.speeds, speed][-self.cfg.coordinator.speed_window:]
         times = [r.round_time_s for r in results]
         summary = RoundSummary(round=rnd, idle_fraction=idle_fraction(times),
                                mean_round_time_s=sum(times) / max(len(times), 1), max_round_time_s=max(times, default=0.0),
