@@ -180,12 +180,10 @@ class NodeState:
     rank: int = 0
     structure: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # kept rows/cols per module
     last_time_s: float | None = None  # completion time at τ steps in the node's last accepted round
-    fixed_s: float | None = None  # that round's time outside the local steps
-    step_s: float | None = None  # and per local step
-    step_at: tuple[float, int] | None = None  # the (sparsity, rank) those steps ran at
+    step_at: tuple[float, int] | None = None  # the (sparsity, rank) that round's local steps ran at
     behind: bool | None = None  # it held the fleet back in that round (Strategy.aggregate_round)
-    # Every accepted round's (time outside the local steps, time per step at step cost 1), for the step-cost
-    # model's view of the node (Strategy.modelled_time_s)
+    # The last ``speed_window`` accepted rounds' (time outside the local steps, time per step at step cost 1),
+    # newest last: the step-cost model's view of the node (Strategy.median_speed, Strategy._timing)
     speeds: list[tuple[float, float]] = field(default_factory=list)
 
 
@@ -273,18 +271,13 @@ class Strategy:
         timing = {}
         for node, st, target, rank, _ in plans:
             now = (target if cut or st.structure is not None else st.sparsity, rank)
-            if c.plan_from_model and (speed := self.median_speed(node.node_id)) is not None:
-                timing[node.node_id] = (speed[0], speed[1] * self._step_cost(now))
-                continue
-            if st.step_s and st.fixed_s is not None:
-                fixed, per_step, was = st.fixed_s, st.step_s, st.step_at
+            if st.speeds:
+                fixed, unit = self.median_speed(node.node_id) if c.plan_from_model else st.speeds[-1]
+                timing[node.node_id] = (fixed, unit * self._step_cost(now))
             elif node.step_s > 0:
-                fixed, per_step, was = node.overhead_s, node.step_s, (node.step_sparsity, node.step_rank)
-            else:
-                continue
-            if was is not None:
-                per_step *= step_cost_ratio(was, now, c.step_cost_sparsity, c.step_cost_rank)
-            timing[node.node_id] = (fixed, per_step)
+                was = (node.step_sparsity, node.step_rank)
+                timing[node.node_id] = (node.overhead_s, node.step_s * step_cost_ratio(
+                    was, now, c.step_cost_sparsity, c.step_cost_rank))
         return timing
 
     def _hold_capped(self, rnd: int, plans: Sequence[list]) -> set[str]:
@@ -397,7 +390,6 @@ class Strategy:
             st.rank = r.rank
             st.structure = {n: (m.rows.clone(), m.cols.clone()) for n, m in r.update.modules.items()}
             if (t := r.timing()) is not None:
-                st.fixed_s, st.step_s = t
                 st.step_at = r.steps_at
                 speed = (t[0], t[1] / self._step_cost(r.steps_at))
                 st.speeds = [*st.speeds, speed][-self.cfg.coordinator.speed_window:]
@@ -506,7 +498,7 @@ class Strategy:
         nodes = {}
         for nid, st in self.nodes.items():
             nodes[nid] = {"sparsity": st.sparsity, "rank": st.rank, "last_time_s": st.last_time_s, "behind": st.behind,
-                          "fixed_s": st.fixed_s, "step_s": st.step_s, "speeds": [list(v) for v in st.speeds],
+                          "speeds": [list(v) for v in st.speeds],
                           "step_at": list(st.step_at) if st.step_at is not None else None,
                           "modules": sorted(st.structure or {})}
             for name, (rows, cols) in (st.structure or {}).items():
@@ -526,7 +518,6 @@ class Strategy:
                          for name in st["modules"]} or None
             self.nodes[nid] = NodeState(sparsity=float(st["sparsity"]), rank=int(st["rank"]), structure=structure,
                                         last_time_s=st.get("last_time_s"), behind=st.get("behind"),
-                                        fixed_s=st.get("fixed_s"), step_s=st.get("step_s"),
                                         speeds=[(float(f), float(u)) for f, u in st.get("speeds", [])]
                                         [-self.cfg.coordinator.speed_window:],
                                         step_at=(float(st["step_at"][0]), int(st["step_at"][1]))
