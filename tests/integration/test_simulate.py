@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_quick_fleet_benchmark_two_methods(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "fleet"
-    assert fleet(["--quick", "--methods", "fedspine,fedlora", "--out", str(out), "--rounds", "2"]) == 0
+    assert fleet(["--quick", "--methods", "fedspine,fedlora", "--out", str(out), "--rounds", "2", "--repeats", "2"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     spine, lora = summary["methods"]["fedspine"], summary["methods"]["fedlora"]
     assert spine["rounds"] == 2 and lora["rounds"] == 2
@@ -34,6 +34,12 @@ def test_quick_fleet_benchmark_two_methods(tmp_path, monkeypatch):
     assert spine["plan_error"] is not None and lora["plan_error"] is None  # only FedSpine's steps are planned
     table = (out / "summary.md").read_text()
     assert "| fedspine |" in table and "| fedlora |" in table
+    # --repeats 2: a second FedSpine run in its own folder, same method and seed, and the median-run comparison
+    again = summary["methods"]["fedspine-2"]
+    assert again["rounds"] == 2 and again["final_sparsity"] >= 0.3 - 1e-9 and again["plan_error"] is not None
+    assert (out / "fedspine-2" / "coordinator.toml").read_text().count('method = "fedspine"') == 1
+    assert summary["fedspine_runs"]["runs"] == ["fedspine", "fedspine-2"]
+    assert "| fedspine-2 |" in table and "FedSpine over 2 runs" in table
     for png in ("accuracy_vs_time.png", "idle_fraction.png", "configs_fedspine.png"):
         assert (out / png).stat().st_size > 1000
     # each node read only its own files: its shard and the held-out test copy
