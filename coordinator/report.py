@@ -156,11 +156,14 @@ def write_report(runs: dict[str, Path], out: Path, *, target_sparsity: float,
     def ratio(t, base):
         return t / base if t and base else None
 
+    def times(v):  # a speed-up cell: "2.41x", or "n/a" where a run has no time to target
+        return f(v, ".2f") + ("x" if v is not None else "")
+
     for m, r in results.items():
         speedup = None if is_fedspine_run(m) and len(spine) > 1 else ratio(r.time_to_target_s, base_time)
         lines.append(
             f"| {r.method} | {r.rounds} | {f(r.final_accuracy, '.3f')} | {f(r.final_sparsity, '.2f')} | "
-            f"{r.virtual_time_s:.0f} | {f(r.time_to_target_s, '.0f')} | {f(speedup, '.2f')}x | "
+            f"{r.virtual_time_s:.0f} | {f(r.time_to_target_s, '.0f')} | {times(speedup)} | "
             f"{f(r.idle_fraction, '.1%')} | {f(max(r.per_round_idle, default=None), '.1%')} | "
             f"{f(r.plan_error, '.1%')} | {r.upload_bytes / 1e6:.1f} | {f(r.latency_ms, '.1f')} | {f(r.params, ',')} |"
         )
@@ -177,10 +180,10 @@ def write_report(runs: dict[str, Path], out: Path, *, target_sparsity: float,
                                    "runs": [ratio(b.time_to_target_s, r.time_to_target_s) for r in spine]}
                         for b in baselines},
         }
-        times = " / ".join(f(r.time_to_target_s, ".0f") for r in spine)
+        run_times = " / ".join(f(r.time_to_target_s, ".0f") for r in spine)
         lines += [
             "",
-            f"FedSpine over {len(spine)} runs at one seed ({', '.join(repeats['runs'])}): time to target {times} s, "
+            f"FedSpine over {len(spine)} runs at one seed ({', '.join(repeats['runs'])}): time to target {run_times} s, "
             f"median {f(base_time, '.0f')} s; final accuracy "
             f"{' / '.join(f(r.final_accuracy, '.3f') for r in spine)}, median {f(repeats['final_accuracy'], '.3f')}; "
             f"worst round idle of any run {f(repeats['worst_round_idle'], '.1%')}. "
@@ -193,8 +196,8 @@ def write_report(runs: dict[str, Path], out: Path, *, target_sparsity: float,
             s = repeats["speedup"][b.method]
             known = [x for x in s["runs"] if x is not None]
             spread = f"{min(known):.2f} – {max(known):.2f}x" if known else "n/a"
-            lines.append(f"| {b.method} | {f(s['median'], '.2f')}x | "
-                         + " | ".join(f"{f(x, '.2f')}x" for x in s["runs"]) + f" | {spread} |")
+            lines.append(f"| {b.method} | {times(s['median'])} | " + " | ".join(times(x) for x in s["runs"])
+                         + f" | {spread} |")
     table = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(table + "\n")

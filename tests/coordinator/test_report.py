@@ -91,7 +91,7 @@ def test_repeated_fedspine_runs_are_judged_by_the_median_run(tmp_path):
     assert rep["speedup"]["fedlora"]["runs"] == [pytest.approx(lora / t) for t in times]
     row = next(line for line in table.splitlines() if line.startswith("| fedlora | 2 "))
     assert f"{lora / times[1]:.2f}x" in row  # the main table's speed-up is against the median run
-    assert "| fedspine-2 |" in table and "median 8 s" in table
+    assert "| fedspine-2 | 2 | 0.800 | n/a | 20 | 8 | n/a |" in table and "median 8 s" in table
     assert f"| fedlora | {lora / times[1]:.2f}x | {lora / times[0]:.2f}x |" in table
     assert f"{lora / times[2]:.2f} – {lora / times[0]:.2f}x |" in table  # slowest – fastest run
 
