@@ -180,7 +180,6 @@ class NodeState:
     rank: int = 0
     structure: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # kept rows/cols per module
     last_time_s: float | None = None  # completion time at τ steps in the node's last accepted round
-    step_at: tuple[float, int] | None = None  # the (sparsity, rank) that round's local steps ran at
     behind: bool | None = None  # it held the fleet back in that round (Strategy.aggregate_round)
     # The last ``speed_window`` accepted rounds' (time outside the local steps, time per step at step cost 1),
     # newest last: the step-cost model's view of the node (Strategy.median_speed, Strategy._timing)
@@ -390,7 +389,6 @@ class Strategy:
             st.rank = r.rank
             st.structure = {n: (m.rows.clone(), m.cols.clone()) for n, m in r.update.modules.items()}
             if (t := r.timing()) is not None:
-                st.step_at = r.steps_at
                 speed = (t[0], t[1] / self._step_cost(r.steps_at))
                 st.speeds = [*st.speeds, speed][-self.cfg.coordinator.speed_window:]
         times = [r.round_time_s for r in results]
@@ -499,7 +497,6 @@ class Strategy:
         for nid, st in self.nodes.items():
             nodes[nid] = {"sparsity": st.sparsity, "rank": st.rank, "last_time_s": st.last_time_s, "behind": st.behind,
                           "speeds": [list(v) for v in st.speeds],
-                          "step_at": list(st.step_at) if st.step_at is not None else None,
                           "modules": sorted(st.structure or {})}
             for name, (rows, cols) in (st.structure or {}).items():
                 tensors[f"structure.{nid}.{name}.rows"] = rows
@@ -519,9 +516,7 @@ class Strategy:
             self.nodes[nid] = NodeState(sparsity=float(st["sparsity"]), rank=int(st["rank"]), structure=structure,
                                         last_time_s=st.get("last_time_s"), behind=st.get("behind"),
                                         speeds=[(float(f), float(u)) for f, u in st.get("speeds", [])]
-                                        [-self.cfg.coordinator.speed_window:],
-                                        step_at=(float(st["step_at"][0]), int(st["step_at"][1]))
-                                        if st.get("step_at") else None)
+                                        [-self.cfg.coordinator.speed_window:])
 
 
 def node_weights(results: Sequence[NodeResult], tau: int) -> list[float]:

@@ -465,7 +465,9 @@ def test_alignment_plans_each_node_at_its_new_configuration():
     for s in (strat, flat):
         s.configure_round(1, joined)
         s.aggregate_round(1, done, [])
-    assert strat.nodes["tx2-3"].step_at == (0.0, 8)
+    # Its reading is kept at step cost 1: divided by the cost of the configuration its steps ran at (dense, r=8).
+    assert strat.nodes["tx2-3"].speeds == [(pytest.approx(3.0), pytest.approx(1.0 / strat._step_cost((0.0, 8))))]
+    assert strat._step_cost((0.0, 8)) != pytest.approx(strat._step_cost((0.15, 8)))  # not the assigned 0.15
     second = strat.configure_round(2, joined)
     assert [a.target_sparsity for a in second] == [pytest.approx(0.3)] * 2
     # Both now train at 0.3, at 0.73 of their dense step time: the TX2 finishes at 3 + 5 · 0.73 = 6.65 s and the
@@ -478,7 +480,7 @@ def test_alignment_plans_each_node_at_its_new_configuration():
     # Restarted from a checkpoint, the coordinator still knows which configuration the timing belongs to.
     restored = strategy({"step_cost_sparsity": 0.9, "step_cost_rank": 0.02})
     restored.load_state_dict(strat.state_dict())
-    assert restored.nodes["tx2-3"].step_at == (0.0, 8)
+    assert restored.nodes["tx2-3"].speeds == strat.nodes["tx2-3"].speeds
     assert {a.node_id: a.local_steps for a in restored.configure_round(2, joined)} == {"agx-1": 38, "tx2-3": 5}
 
 
