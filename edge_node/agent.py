@@ -237,7 +237,11 @@ class NodeAgent:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
         _ = self.trainer  # load model and data before announcing: a node that joins is ready to work
-        self._calibrate()
+        if not self._stop.is_set():
+            self._calibrate()
+        if self._stop.is_set():  # told to stop while loading: leave without joining (the broker may be gone)
+            self.log.info("stopped_before_joining")
+            return 0
         t = self.transport
         t.subscribe(self.topics.node(self.node_id, "config"), self._handle_config)
         t.subscribe(self.topics.node(self.node_id, "download"), self._handle_download)

@@ -169,7 +169,30 @@ def test_the_first_round_is_aligned_from_the_timing_nodes_measured_at_startup(tm
     assert info["agx-1"].step_s == pytest.approx(0.01) and info["nx-2"].step_s == 0.0
     assert (info["agx-1"].step_sparsity, info["agx-1"].step_rank) == (0.0, 4)  # the configuration it timed
     a = coord.strategy._pending["tx2-3"][0]  # after the round, the timing belongs to the round's configuration
-    assert coord.strategy.nodes["tx2-3"].step_at == (pytest.approx(a.target_sparsity), a.rank)
+    step_cost = coord.strategy._step_cost((a.target_sparsity, a.rank))
+    assert coord.strategy.nodes["tx2-3"].speeds[-1][1] == pytest.approx(0.1 / step_cost)
+
+
+def test_a_node_stopped_while_it_loads_leaves_without_joining(tmp_path):
+    """SIGTERM during model loading or calibration (a benchmark stopped at startup): the node must not go on to
+    connect, possibly to a broker that has already gone, and announce itself."""
+    bus = MemoryBus()
+    seen = []
+    watcher = MemoryTransport(bus, "watcher")
+    watcher.subscribe("fedspine/#", lambda topic, payload: seen.append(topic))
+    watcher.start()
+    ncfg = NodeConfig.from_dict({"node": {"id": "tx2-3", "device_type": "tx2", "state_dir": str(tmp_path / "n")}})
+    tr = CalibratedTrainer("tx2-3")
+    a = NodeAgent(ncfg, trainer=tr)
+    a.transport = MemoryTransport(bus, "tx2-3", on_connect=a._on_connect, will=(a.topics.node("tx2-3", "status"), b""))
+    tr.calibrate = lambda steps: (a.stop(), CalibratedTrainer.calibrate(tr, steps))[1]  # the signal arrives here
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("rc", a.run()), daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive() and out["rc"] == 0
+    assert not a.transport.connected.is_set() and seen == []  # never connected, never announced, no will
+    assert tr.calls == []
 
 
 def test_silent_node_times_out_without_stalling_the_fleet(tmp_path):
