@@ -147,6 +147,29 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def round_progress(rows: list[dict]) -> tuple[int, str] | None:
+    """The last completed round in a metrics file's ``rows`` and a line about it, None before round 1 ends.
+
+    The line has the fleet's mean test accuracy of the global model that round started from (each node's
+    figure, as the report's curve takes it), the virtual clock at the round's end (each accepted round as
+    long as its slowest node), and each node's sparsity, LoRA rank and local steps in the round."""
+    done = [int(r["round"]) for r in rows if r.get("kind") == "round" and isinstance(r.get("round"), int)]
+    if not done:
+        return None
+    last = max(done)
+    ok = [r for r in rows if r.get("kind") == "node" and r.get("status") == "ok" and isinstance(r.get("round"), int)]
+    clock = 0.0
+    for rnd in sorted({r["round"] for r in ok if r["round"] <= last}):
+        times = [float(r.get("round_time_s") or 0.0) for r in ok if r["round"] == rnd and not r.get("eval_only")]
+        clock += max(times, default=0.0)
+    nodes = sorted((r for r in ok if r["round"] == last), key=lambda r: str(r.get("node")))
+    accs = [float(r["m_test_accuracy"]) for r in nodes if isinstance(r.get("m_test_accuracy"), (int, float))]
+    parts = ([f"accuracy at its start {sum(accs) / len(accs):.3f}"] if accs else []) + [f"virtual clock {clock:.0f} s"]
+    parts += [f"{r.get('node')} p={float(r.get('sparsity') or 0.0):.2f} r={r.get('rank')} k={r.get('steps')}"
+              for r in nodes]
+    return last, ", ".join(parts)
+
+
 def schedule(methods: list[str], repeats: int) -> list[tuple[str, str]]:
     """(method, run label) in running order.  With ``repeats`` > 1 FedSpine runs that many times, its runs spread
     among the baselines (first, then evenly), so that a drift of the machine's speed over the hour reaches its runs
@@ -225,25 +248,27 @@ def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broke
         procs[n.node_id] = _spawn(cli + ["node", "--config", str(cfg)], run_dir / "logs" / f"{n.node_id}.log", env)
     coord = _spawn(cli + ["coordinator", "--config", str(coord_cfg)], run_dir / "logs" / "coordinator.log", env)
     try:
+        # A terminal gets a live bar; a log file (no terminal, no --progress) one plain line per finished round.
+        bar = console.is_terminal or args.progress
         with Progress(TextColumn(f"[bold]{label:<11}"), BarColumn(), TextColumn("round {task.completed:.0f}/{task.total:.0f}"),
                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
-                      disable=not console.is_terminal and not args.progress) as progress:
+                      disable=not bar) as progress:
             task = progress.add_task(method, total=args.rounds, info="waiting for nodes")
+            shown, failed = 0, set()
             while coord.poll() is None:
                 time.sleep(1.0)
-                rows = _read_jsonl(metrics)
-                done = [r for r in rows if r.get("kind") == "round"]
-                if done:
-                    last = done[-1]
-                    nodes = [r for r in rows if r.get("kind") == "node" and r.get("round") == last["round"]]
-                    info = " ".join(f"{r['node']}:p={r.get('sparsity', 0):.2f},r={r.get('rank')},k={r.get('steps')}"
-                                    for r in nodes)
-                    acc = last.get("test_accuracy")
-                    progress.update(task, completed=last["round"],
-                                    info=(f"acc={acc:.3f} " if isinstance(acc, float) else "") + info)
+                now = round_progress(_read_jsonl(metrics))
+                if now is not None and now[0] > shown:
+                    shown = now[0]
+                    progress.update(task, completed=shown, info=now[1])
+                    if not bar:
+                        console.print(f"{label} round {shown}/{args.rounds}: {now[1]}", highlight=False, soft_wrap=True)
                 for nid, p in procs.items():
-                    if p.poll() is not None and p.returncode not in (0, None):
+                    if p.poll() is not None and p.returncode not in (0, None) and nid not in failed:
+                        failed.add(nid)
                         progress.update(task, info=f"node {nid} exited with {p.returncode}")
+                        if not bar:
+                            console.print(f"{label}: node {nid} exited with {p.returncode}", highlight=False)
             progress.update(task, completed=args.rounds)
         if coord.returncode != 0:
             console.print(f"[red]coordinator for {method} exited with {coord.returncode}; see {run_dir / 'logs'}")
@@ -347,15 +372,15 @@ def main(argv: list[str] | None = None) -> int:
     fleet, labels = build_fleet(args, out, load_profiles(args.profiles))
     console.print(f"[bold]FedSpine local fleet[/]: {len(fleet)} nodes ({', '.join(n.node_id for n in fleet)}), "
                   f"{args.rounds} rounds of τ={args.local_steps}, runs: {', '.join(label for _, label in order)}; "
-                  f"results in {out}")
+                  f"results in {out}", soft_wrap=True)
     runs = {}
     root = f"fedspine/sim{int(time.time())}"
     with broker_for(args.broker, out, [n.node_id for n in fleet], root) as broker:
-        console.print(f"broker: {broker[0]} ({args.broker}), topic root {root}")
+        console.print(f"broker: {broker[0]} ({args.broker}), topic root {root}", soft_wrap=True)
         for method, label in order:
             runs[label] = run_method(method, args, fleet, labels, broker, root, out, console, label)
     table = write_report(runs, out, target_sparsity=args.target_sparsity, target_accuracy=args.target_accuracy)
-    console.print(table)
+    console.print(table, soft_wrap=True, markup=False, highlight=False)
     return 0
 
 

@@ -117,3 +117,21 @@ def test_fedspines_repeats_are_spread_among_the_baselines():
         schedule(["fedlora"], 2)
     with pytest.raises(SystemExit, match="at least 1"):
         schedule(methods, 0)
+
+
+def test_simulate_progress_line_matches_the_report(tmp_path):
+    """`fedspine simulate` shows, per finished round, the report's curve point and clock (not a missing key)."""
+    from coordinator.simulate import round_progress
+
+    rows = [_node(1, "b", 5.0, 0.50, sparsity=0.0), _node(1, "a", 10.0, 0.40, sparsity=0.05),
+            {"kind": "round", "round": 1, "accepted": 2, "max_round_time_s": 10.0}]
+    assert round_progress(rows[:2]) is None  # nodes reported, the round not yet closed
+    rows += [_node(2, "a", 8.0, 0.60, sparsity=0.15), _node(2, "b", 7.0, 0.70, sparsity=0.10, steps=20),
+             {"kind": "node", "round": 2, "node": "c", "status": "timeout", "m_test_accuracy": 0.0},
+             {"kind": "round", "round": 2, "accepted": 2}, {"kind": "round", "round": "bad"}]
+    rnd, line = round_progress(rows)
+    _write(tmp_path / "m.jsonl", rows)
+    r = analyse("fedspine", tmp_path / "m.jsonl")
+    assert rnd == 2 and r.start_accuracy[2] == pytest.approx(0.65) and r.virtual_time_s == pytest.approx(18.0)
+    # the timed-out node counts neither in the accuracy nor in the line; nodes in name order
+    assert line == "accuracy at its start 0.650, virtual clock 18 s, a p=0.15 r=8 k=8, b p=0.10 r=8 k=20"
