@@ -135,6 +135,9 @@ class FleetView:
         return t
 
 
+UNWRAPPED_WIDTH = 240  # columns of the table when the output is not a terminal
+
+
 def run_monitor(broker: BrokerConfig, *, once: bool = False, duration_s: float = 3.0, console=None,
                 client_id: str | None = None) -> FleetView:
     """Follow the fleet on ``broker``; with ``once`` print one snapshot after ``duration_s`` and return the view."""
@@ -156,7 +159,12 @@ def run_monitor(broker: BrokerConfig, *, once: bool = False, duration_s: float =
                 view.topics.coordinator_status):
         client.subscribe(flt, handle, qos=0)
     client.start()
-    console = console or Console()
+    if console is None:
+        # Rich sizes a console that writes to a file or a pipe (``--once > snapshot.txt``, ssh without a tty) at 80
+        # columns, which cuts every column of the table to a letter or two: there, lay it out at full width.
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=UNWRAPPED_WIDTH)
     try:
         if once:
             time.sleep(duration_s)
