@@ -137,7 +137,7 @@ class LocalTrainer:
         data = self._encode(read_records(data_path), labels, where=str(data_path))
         self.train_idx, self.val_idx = split_indices(len(data), self.train.val_fraction, seed)
         self.data = data
-        model = load_base_model(model_path, task, num_labels=len(self.labels) or None, dtype=self.dtype)
+        model = load_base_model(model_path, task, dtype=self.dtype, labels=self.labels or None)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model = attach_lora(model, rank=INITIAL_RANK, alpha=self.train.lora_alpha,

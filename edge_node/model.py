@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -141,12 +142,24 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
-def load_base_model(path: str, task: str, *, num_labels: int | None = None, dtype: torch.dtype = torch.float32):
-    """Load a local Hugging Face folder offline (never touches the Hub)."""
+def load_base_model(path: str, task: str, *, num_labels: int | None = None, dtype: torch.dtype = torch.float32,
+                    labels: Sequence[str] | None = None):
+    """Load a local Hugging Face folder offline (never touches the Hub).
+
+    ``labels`` (sequence classification): the class names in label order; they go into the config's
+    ``id2label`` / ``label2id``, so an exported model (and a ``pipeline`` over it) names its classes."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kw: dict = {"local_files_only": True, "dtype": dtype}
     if task == "seq_cls":
+        if labels:
+            if num_labels is not None and num_labels != len(labels):
+                raise ValueError(f"num_labels {num_labels} but {len(labels)} label names")
+            if len(set(labels)) != len(labels):
+                raise ValueError(f"label names {list(labels)} repeat")
+            num_labels = len(labels)
+            kw["id2label"] = {i: str(name) for i, name in enumerate(labels)}
+            kw["label2id"] = {str(name): i for i, name in enumerate(labels)}
         if not num_labels or num_labels < 2:
             raise ValueError(f"sequence classification needs >= 2 labels, got {num_labels}")
         # A folder that already has a head for another label count gets a fresh one for ours.

@@ -108,6 +108,14 @@ def test_resume_merge_and_stop(cls_data, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, tr.model.eval()(**batch).logits, atol=1e-5, rtol=0)
     assert not any("lora" in n for n, _ in merged.named_parameters())
+    # the data's class names travel with the model: an export (and a pipeline over it) names them, not LABEL_0
+    from transformers import AutoConfig
+
+    from edge_node.export import export_pruned_model
+
+    assert merged.config.id2label == {0: "neg", 1: "pos"}
+    export_pruned_model(merged, tmp_path / "export")
+    assert AutoConfig.from_pretrained(tmp_path / "export", trust_remote_code=True).label2id == {"neg": 0, "pos": 1}
     with pytest.raises(RoundInterrupted):
         tr.run_round(target_sparsity=0.5, rank=4, local_steps=5, global_update=None, should_stop=lambda: True)
 

@@ -59,6 +59,17 @@ def test_unsupported_task_and_labels_rejected():
         load_base_model(str(folder), "seq_cls", num_labels=1)
     with pytest.raises(ValueError, match="task"):
         load_base_model(str(folder), "translation")
+    with pytest.raises(ValueError, match="repeat"):
+        load_base_model(str(folder), "seq_cls", labels=["pos", "pos"])
+    with pytest.raises(ValueError, match="label names"):
+        load_base_model(str(folder), "seq_cls", num_labels=3, labels=["neg", "pos"])
+
+
+def test_label_names_go_into_the_config():
+    model = load_base_model(str(cached_model_folder("roberta")), "seq_cls", labels=["negative", "neutral", "positive"])
+    assert model.config.num_labels == 3 and model.classifier.out_proj.out_features == 3
+    assert model.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    assert model.config.label2id == {"negative": 0, "neutral": 1, "positive": 2}
 
 
 def test_device_and_dtype_choice():
