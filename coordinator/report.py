@@ -38,7 +38,8 @@ class MethodResult:
     held: list[tuple[str, int]] = field(default_factory=list)  # (node, round) kept from pruning ahead at the step cap
 
 
-def _rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
+    """The JSON rows of a metrics file (a missing file has none; a line cut off mid-write is skipped)."""
     rows = []
     if path.exists():
         for line in path.read_text().splitlines():
@@ -50,7 +51,10 @@ def _rows(path: Path) -> list[dict]:
 
 
 def analyse(method: str, metrics_path: Path) -> MethodResult:
-    rows = _rows(metrics_path)
+    return analyse_rows(method, read_rows(metrics_path))
+
+
+def analyse_rows(method: str, rows: list[dict]) -> MethodResult:
     nodes = [r for r in rows if r.get("kind") == "node"]
     exports = [r for r in rows if r.get("kind") == "export" and r.get("status") == "ok"]
     res = MethodResult(method=method)

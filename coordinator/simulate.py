@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.config import COVERAGE, METHODS
+from coordinator.report import analyse_rows, read_rows
 from coordinator.simdata import dirichlet_split, label_histogram, load_tweets, split_test, write_csv
 from shared.config import load_toml
 
@@ -137,36 +138,22 @@ def _spawn(cmd: list[str], log_path: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            rows.append(json.loads(line))
-    return rows
-
-
 def round_progress(rows: list[dict]) -> tuple[int, str] | None:
     """The last completed round in a metrics file's ``rows`` and a line about it, None before round 1 ends.
 
-    The line has the fleet's mean test accuracy of the global model that round started from (each node's
-    figure, as the report's curve takes it), the virtual clock at the round's end (each accepted round as
-    long as its slowest node), and each node's sparsity, LoRA rank and local steps in the round."""
-    done = [int(r["round"]) for r in rows if r.get("kind") == "round" and isinstance(r.get("round"), int)]
+    The line has what the report (``coordinator.report.analyse_rows``) makes of the rounds so far: the fleet's
+    mean test accuracy of the global model that round started from, the virtual clock at the round's end, and
+    each node's sparsity, LoRA rank and local steps in the round."""
+    done = [r["round"] for r in rows if r.get("kind") == "round" and isinstance(r.get("round"), int)]
     if not done:
         return None
     last = max(done)
-    ok = [r for r in rows if r.get("kind") == "node" and r.get("status") == "ok" and isinstance(r.get("round"), int)]
-    clock = 0.0
-    for rnd in sorted({r["round"] for r in ok if r["round"] <= last}):
-        times = [float(r.get("round_time_s") or 0.0) for r in ok if r["round"] == rnd and not r.get("eval_only")]
-        clock += max(times, default=0.0)
-    nodes = sorted((r for r in ok if r["round"] == last), key=lambda r: str(r.get("node")))
-    accs = [float(r["m_test_accuracy"]) for r in nodes if isinstance(r.get("m_test_accuracy"), (int, float))]
-    parts = ([f"accuracy at its start {sum(accs) / len(accs):.3f}"] if accs else []) + [f"virtual clock {clock:.0f} s"]
-    parts += [f"{r.get('node')} p={float(r.get('sparsity') or 0.0):.2f} r={r.get('rank')} k={r.get('steps')}"
-              for r in nodes]
+    res = analyse_rows("", [r for r in rows if r.get("kind") != "node"
+                            or (isinstance(r.get("round"), int) and r["round"] <= last)])
+    acc = res.start_accuracy.get(last)
+    parts = ([] if acc is None else [f"accuracy at its start {acc:.3f}"]) + [f"virtual clock {res.virtual_time_s:.0f} s"]
+    parts += [f"{node} p={sp:.2f} r={rank} k={steps}"
+              for node, seq in sorted(res.configs.items()) for rnd, sp, rank, steps, *_ in seq if rnd == last]
     return last, ", ".join(parts)
 
 
@@ -257,7 +244,7 @@ def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broke
             shown, failed = 0, set()
             while coord.poll() is None:
                 time.sleep(1.0)
-                now = round_progress(_read_jsonl(metrics))
+                now = round_progress(read_rows(metrics))
                 if now is not None and now[0] > shown:
                     shown = now[0]
                     progress.update(task, completed=shown, info=now[1])
