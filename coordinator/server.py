@@ -22,7 +22,7 @@ from coordinator.registry import Registry
 from coordinator.state import CheckpointStore
 from coordinator.strategy import Assignment, Failure, NodeResult, make_strategy
 from shared.chunking import Reassembler
-from shared.logs import get_logger
+from shared.logs import LiveRoundLogger, get_logger
 from shared.messages import (
     Chunk,
     Command,
@@ -72,7 +72,9 @@ class Coordinator:
         self.cfg = cfg
         rs = cfg.coordinator
         self.topics = cfg.broker.topics
-        self.log = (log or get_logger("coordinator")).bind(node_id=COORDINATOR_ID)
+        # every line says which round is being collected, or the last one completed (0 before the first)
+        self.log = LiveRoundLogger((log or get_logger("coordinator")).bind(node_id=COORDINATOR_ID),
+                                   lambda: self._active or self.round)
         self.state_dir = Path(rs.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = CheckpointStore(self.state_dir)
@@ -91,7 +93,7 @@ class Coordinator:
         status_off = encode(CoordinatorStatus(state="offline", ts=time.time(), run_id=self.run_id))
         self.transport = transport or MqttTransport(
             cfg.broker, client_id=f"fedspine-{COORDINATOR_ID}", will=(self.topics.coordinator_status, status_off),
-            on_connect=self._on_connect,
+            on_connect=self._on_connect, log=self.log.bind(logger="transport"),
         )
 
     # ---- network thread: decode and enqueue only ------------------------------------------------------

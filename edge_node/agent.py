@@ -21,7 +21,7 @@ import psutil
 from edge_node.config import NodeConfig
 from shared import __version__ as SOFTWARE_VERSION
 from shared.chunking import Reassembler
-from shared.logs import get_logger
+from shared.logs import LiveRoundLogger, get_logger
 from shared.messages import (
     Chunk,
     Command,
@@ -70,7 +70,8 @@ class NodeAgent:
         self.cfg = cfg
         self.node_id = cfg.node.id
         self.topics = cfg.broker.topics
-        self.log = (log or get_logger("edge_node")).bind(node_id=self.node_id)
+        # every line says which round the node is in (-1 before its first, as its status message does)
+        self.log = LiveRoundLogger((log or get_logger("edge_node")).bind(node_id=self.node_id), lambda: self._round)
         self.events: queue.Queue = queue.Queue()
         self.chunk_limit = cfg.broker.chunk_size + CHUNK_OVERHEAD
         self.downloads: queue.Queue = queue.Queue()  # completed global slices, apart from the control events
@@ -92,7 +93,7 @@ class NodeAgent:
         offline = encode(NodeStatus(node_id=self.node_id, state="offline", ts=time.time()))
         self.transport = transport or MqttTransport(
             cfg.broker, client_id=f"fedspine-node-{self.node_id}", will=(self.topics.node(self.node_id, "status"), offline),
-            on_connect=self._on_connect,
+            on_connect=self._on_connect, log=self.log.bind(logger="transport"),
         )
 
     # ---- lazily built heavy parts ------------------------------------------------------------------------

@@ -78,3 +78,25 @@ def get_logger(name: str | None = None, **bind: Any) -> structlog.BoundLogger:
     if name:
         bind = {"logger": name, **bind}
     return log.bind(**bind) if bind else log
+
+
+class LiveRoundLogger:
+    """A bound logger whose ``round`` field is read from ``current()`` when each line is written.
+
+    A service binds its node id once, but its round changes: lines logged outside a round's own handler (the
+    network thread, message decoding, the trainer, the transport) still say which round the process was in.
+    ``bind(round=…)`` returns an ordinary logger pinned to that round (a handler that knows its round); any other
+    ``bind`` stays live.
+    """
+
+    def __init__(self, log: Any, current: Any) -> None:
+        self._log = log
+        self._current = current
+
+    def bind(self, **fields: Any) -> Any:
+        if "round" in fields:
+            return self._log.bind(**fields)
+        return LiveRoundLogger(self._log.bind(**fields), self._current)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._log.bind(round=self._current()), name)

@@ -121,6 +121,12 @@ class _Base:
         return self.publish_chunks(topic, chunks)
 
 
+# A connection the broker closes this soon after accepting it, this many times in a row, is being taken over:
+# another client connects with the same client id (a node started twice) and the two evict each other forever.
+FLAP_SESSION_S = 5.0
+FLAP_COUNT = 3
+
+
 class MqttTransport(_Base):
     """paho-mqtt 2.x client (MQTT 3.1.1 by default, so the embedded amqtt broker works too)."""
 
@@ -129,7 +135,7 @@ class MqttTransport(_Base):
                  protocol: int = mqtt.MQTTv311, outbox_bytes: int = 1 << 30, stall_s: float = 30.0,
                  window: int | None = None) -> None:
         super().__init__(broker.topics, broker.chunk_size, broker.max_inflight,
-                         log or get_logger("transport", client_id=client_id), outbox_bytes)
+                         (log or get_logger("transport")).bind(client_id=client_id), outbox_bytes)
         self.broker = broker
         self.client_id = client_id
         self.on_connect = on_connect
@@ -145,6 +151,8 @@ class MqttTransport(_Base):
         self._suback_mid: int | None = None
         self._stopping = False
         self._net_thread: int | None = None
+        self._up_since = 0.0  # monotonic time of the last CONNACK
+        self._short_sessions = 0  # connections in a row that the broker closed within FLAP_SESSION_S
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
                         clean_session=clean_session if protocol != mqtt.MQTTv5 else None)
         if broker.username:
@@ -172,6 +180,7 @@ class MqttTransport(_Base):
                            username=self.broker.username)
             return
         self._refused = None
+        self._up_since = time.monotonic()
         self.connects += 1
         with self._sub_lock:  # subscribe() in another thread either sees connected or is in this list
             subs = [(f, qos) for f, (_, qos) in self._handlers.items()]
@@ -198,7 +207,16 @@ class MqttTransport(_Base):
         with self._cv:
             self._cv.notify_all()
         if was and not self._stopping:
-            self.log.warning("broker_disconnected", reason=str(reason_code))
+            lived = time.monotonic() - self._up_since
+            self._short_sessions = self._short_sessions + 1 if lived < FLAP_SESSION_S else 0
+            self.log.warning("broker_disconnected", reason=str(reason_code), connected_s=round(lived, 1))
+            n = self._short_sessions
+            if n == FLAP_COUNT or (n > FLAP_COUNT and n % 100 == 0):
+                self.log.error("connection_flapping", drops=n, hint=(
+                    "the broker keeps closing this connection right after accepting it: most often another "
+                    "process is connected with the same client id (the same node id started twice, e.g. a "
+                    "systemd service and a manual run) and the two take the session over from each other; "
+                    "stop one of them"))
         elif was:
             self.log.info("broker_disconnected", reason=str(reason_code))
 

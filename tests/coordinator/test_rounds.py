@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import structlog
 import torch
 
 from coordinator.config import CoordinatorConfig
@@ -52,20 +53,23 @@ class FakeTrainer:
                            train_sparsity=self.sparsity)
 
 
-def start_fleet(tmp_path, trainers: dict[str, FakeTrainer], **coordinator):
+def start_fleet(tmp_path, trainers: dict[str, FakeTrainer], *, wire=None, **coordinator):
     bus = MemoryBus()
     cfg = CoordinatorConfig.from_dict({"coordinator": {"rounds": 3, "min_nodes": len(trainers), "local_steps": 2,
                                                        "deadline_s": 5.0, "state_dir": str(tmp_path / "coord"),
                                                        "export_at_end": False, "join_timeout_s": 10.0, **coordinator}})
     coord = Coordinator(cfg, transport=MemoryTransport(bus, "coordinator"))
+    coord.transport.log = coord.log.bind(logger="transport")  # as the service's own MqttTransport logs
     agents = []
     for i, (nid, tr) in enumerate(trainers.items()):
         ncfg = NodeConfig.from_dict({"node": {"id": nid, "device_type": ("agx", "nx", "tx2")[i % 3],
                                               "state_dir": str(tmp_path / nid)}})
         a = NodeAgent(ncfg, trainer=tr)
         a.transport = MemoryTransport(bus, nid, on_connect=a._on_connect,
-                                      will=(a.topics.node(nid, "status"), b""))
+                                      will=(a.topics.node(nid, "status"), b""), log=a.log.bind(logger="transport"))
         agents.append(a)
+        if wire is not None:
+            wire(a, tr)
         threading.Thread(target=a.run, daemon=True).start()
     out: dict = {}
     t = threading.Thread(target=lambda: out.setdefault("summary", coord.run()), daemon=True)
@@ -100,6 +104,36 @@ def test_three_rounds_aggregate_and_checkpoint(tmp_path):
         assert tr.sparsity >= 0.3 - 1e-9
     ckpt = CheckpointStore(tmp_path / "coord").load()
     assert ckpt["round"] == 3 and "delta.layer.q" in ckpt["strategy"]["tensors"]
+
+
+class LoggingTrainer(FakeTrainer):
+    """Logs from inside its rounds through the logger it was given, as LocalTrainer does (``local_round``)."""
+
+    log = None
+
+    def run_round(self, **kw):  # type: ignore[no-untyped-def]
+        self.log.info("inside_round", steps=kw["local_steps"])
+        return super().run_round(**kw)
+
+
+def test_every_log_line_names_its_node_and_round(tmp_path):
+    """Services bind the node id once; the round comes from the round the process is in when the line is
+    written, also for lines logged by parts that do not know it (the trainer, message decoding)."""
+    trainers = {n: LoggingTrainer(n) for n in ("agx-1", "nx-2")}
+    with structlog.testing.capture_logs() as lines:
+        # the agent hands its logger to the trainer it builds (LocalTrainer(log=...))
+        coord, agents, t, _ = start_fleet(tmp_path, trainers, wire=lambda a, tr: setattr(tr, "log", a.log))
+        t.join(60)
+        for a in agents:
+            a.stop()
+    assert lines and all("node_id" in e and "round" in e for e in lines), \
+        [e for e in lines if "node_id" not in e or "round" not in e][:3]
+    for nid in trainers:
+        inside = [e["round"] for e in lines if e["event"] == "inside_round" and e["node_id"] == nid]
+        assert inside == [1, 2, 3, 4]  # three rounds, then the final sync
+    assert [e["round"] for e in lines if e["event"] == "round_done"] == [1, 2, 3]
+    joined = [e["round"] for e in lines if e["event"] == "node_joined"]
+    assert len(joined) == 4 and set(joined) == {-1, 0}  # each node before its first round, the coordinator's
 
 
 def test_oom_node_is_reported_and_the_round_goes_on(tmp_path):

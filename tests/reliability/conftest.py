@@ -30,6 +30,8 @@ REFERENCED = [
      "tests/shared/test_mosquitto.py::test_resubscribes_after_broker_restart"),
     ("transport", "last will 'offline' on a link cut without DISCONNECT; the client reconnects by itself",
      "tests/shared/test_mosquitto.py::test_last_will_on_connection_loss"),
+    ("transport", "one client id connected twice (a node started twice): the endless take-over is logged as an "
+     "error naming the cause", "tests/shared/test_mosquitto.py::test_two_clients_with_one_client_id_are_reported_as_flapping"),
     ("network path", "no pickle / torch.load on network bytes (source scan)",
      "tests/shared/test_network_path.py::test_no_unpickling_on_the_network_path"),
     ("rounds", "a node slower than the deadline times out without stalling the fleet (in-memory bus)",

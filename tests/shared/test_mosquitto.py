@@ -291,3 +291,26 @@ def test_last_will_on_connection_loss(mqtt_transport: TransportFactory) -> None:
         time.sleep(0.05)
     assert node.connects == 2 and node.connected.is_set()
     node.publish(status, b"", retain=True)
+
+
+def test_two_clients_with_one_client_id_are_reported_as_flapping(mqtt_transport: TransportFactory) -> None:
+    """The same node started twice: mosquitto hands the session to whichever connected last, the other
+    reconnects, and so on forever.  Each says so once, as an error that names the likely cause."""
+    import structlog
+
+    with structlog.testing.capture_logs() as lines:
+        first = mqtt_transport("node-a", client_id="fedspine-node-node-a")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # a connection that lasts raises nothing
+            time.sleep(0.1)
+        assert not [e for e in lines if e["event"] in ("broker_disconnected", "connection_flapping")]
+        mqtt_transport("node-a", client_id=first.client_id)  # the duplicate
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(e["event"] == "connection_flapping" for e in lines):
+            time.sleep(0.1)
+    flaps = [e for e in lines if e["event"] == "connection_flapping"]
+    assert flaps, [e["event"] for e in lines]
+    assert flaps[0]["client_id"] == "fedspine-node-node-a" and flaps[0]["drops"] == 3
+    assert "same client id" in flaps[0]["hint"]
+    drops = [e for e in lines if e["event"] == "broker_disconnected"]
+    assert len([e for e in drops if e["connected_s"] < 5.0]) >= 3  # (the first had lasted its 5 s)
