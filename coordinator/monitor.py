@@ -135,6 +135,7 @@ class FleetView:
         return t
 
 
+ONCE_S = 6.0  # --once listens this long: the retained presence at once, telemetry within its interval (5 s)
 UNWRAPPED_WIDTH = 240  # columns of the table when the output is not a terminal
 
 
@@ -193,11 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default="fedspine/v1", help="topic root")
     ap.add_argument("--once", action="store_true", help="print one snapshot after --duration seconds and exit")
     ap.add_argument("--duration", type=float, default=None,
-                    help="seconds to listen (default: 3 with --once, else until Ctrl-C)")
+                    help="seconds to listen (default with --once: 6, longer than the nodes' default telemetry "
+                         "interval of 5 s, so every live node's power and load are in the snapshot; else until "
+                         "Ctrl-C)")
     a = ap.parse_args(argv)
     broker = BrokerConfig(url=a.broker, username=a.username, password_file=a.password_file, ca_file=a.ca_file,
                           topic_root=a.root)
-    duration = a.duration if a.duration is not None else (3.0 if a.once else 0.0)
+    duration = a.duration if a.duration is not None else (ONCE_S if a.once else 0.0)
     run_monitor(broker, once=a.once, duration_s=duration)
     return 0
 

@@ -182,6 +182,11 @@ class NodeAgent:
 
     def _on_connect(self) -> None:
         # Birth message on every (re)connect: the retained status replaces the will's "offline".
+        self._announce()
+
+    def _announce(self) -> None:
+        """Publish the retained status: presence, and where the node stands (round, sparsity), so that a monitor
+        or ``mosquitto_sub`` started later sees the node as it is now, not as it was when it joined."""
         self.transport.publish(self.topics.node(self.node_id, "status"), encode(self._status("online")),
                                qos=1, retain=True)
 
@@ -329,6 +334,7 @@ class NodeAgent:
             return
         self.transport.publish(self.topics.node(self.node_id, "report"), encode(report), qos=1)
         self._done = _Done(cfg.run_id, cfg.round, report)
+        self._announce()
 
     def _train_and_upload(self, cfg: RoundConfig, log) -> RoundReport:
         base = dict(run_id=cfg.run_id, round=cfg.round, node_id=self.node_id)

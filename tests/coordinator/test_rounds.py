@@ -136,6 +136,23 @@ def test_every_log_line_names_its_node_and_round(tmp_path):
     assert len(joined) == 4 and set(joined) == {-1, 0}  # each node before its first round, the coordinator's
 
 
+def test_the_retained_status_says_where_each_node_stands(tmp_path):
+    """A monitor or mosquitto_sub started after the run sees each node's last round and its sparsity, not the
+    round -1 and sparsity 0 it joined with."""
+    from shared.messages import NodeStatus, decode
+
+    trainers = {n: FakeTrainer(n) for n in ("agx-1", "nx-2")}
+    coord, agents, t, _ = start_fleet(tmp_path, trainers)
+    t.join(60)
+    retained = {tp: decode(p, NodeStatus) for tp, p in coord.transport.bus.retained("fedspine/v1/node/+/status")}
+    for a in agents:
+        a.stop()
+    assert sorted(s.node_id for s in retained.values()) == ["agx-1", "nx-2"]
+    for st in retained.values():
+        assert st.state == "online" and st.round == 4  # three rounds, then the final sync
+        assert st.sparsity == trainers[st.node_id].sparsity >= 0.3 - 1e-9
+
+
 def test_oom_node_is_reported_and_the_round_goes_on(tmp_path):
     trainers = {"agx-1": FakeTrainer("agx-1"), "nx-2": FakeTrainer("nx-2"), "tx2-3": FakeTrainer("tx2-3", "oom")}
     coord, summary = run_fleet(tmp_path, trainers, rounds=2)
