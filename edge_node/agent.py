@@ -10,6 +10,7 @@ import collections
 import gc
 import json
 import queue
+import shutil
 import signal
 import threading
 import time
@@ -77,6 +78,7 @@ class NodeAgent:
         self.downloads: queue.Queue = queue.Queue()  # completed global slices, apart from the control events
         self.reassembler = Reassembler(max_bytes=512 * 1024 * 1024, timeout_s=600.0)
         self._trainer = trainer
+        self._injected = trainer is not None
         self._telemetry = telemetry
         # Measured at startup: seconds per local step, of the rest of a round, and the sparsity and rank of the steps
         self._timing: tuple[float, float, float, int] = (0.0, 0.0, 0.0, 0)
@@ -90,6 +92,10 @@ class NodeAgent:
         self._stop = threading.Event()
         self.state_dir = Path(cfg.node.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        # The run the trainer's state belongs to (None: the base model, or resume state of unknown origin).
+        run_file = self.state_dir / "run_id"
+        resumable = run_file.exists() and (self.state_dir / "trainer").exists()
+        self._run = (run_file.read_text().strip() or None) if resumable else None
         offline = encode(NodeStatus(node_id=self.node_id, state="offline", ts=time.time()))
         self.transport = transport or MqttTransport(
             cfg.broker, client_id=f"fedspine-node-{self.node_id}", will=(self.topics.node(self.node_id, "status"), offline),
@@ -324,6 +330,7 @@ class NodeAgent:
             log.info("config_superseded_dropped", newer_round=self._latest[1] if self._latest else None)
             return
         self._round = cfg.round
+        self._enter_run(cfg.run_id, log)
         log.info("round_config", target_sparsity=cfg.target_sparsity, rank=cfg.rank, local_steps=cfg.local_steps,
                  **({"finish_s": round(cfg.finish_s, 2), "min_steps": cfg.min_steps, "max_steps": cfg.max_steps}
                     if cfg.finish_s is not None else {}))
@@ -416,6 +423,24 @@ class NodeAgent:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def _enter_run(self, run_id: str, log) -> None:
+        """Tie the trainer's state to ``run_id``.  A config of another run than the one the state came from (a new
+        job, or a coordinator that lost its checkpoint) starts from the base model, dense and without LoRA, as
+        that coordinator's fresh global model and bandit assume; the earlier run's export stays until this run
+        exports.  A coordinator resumed from its checkpoint keeps its run id, so its nodes continue."""
+        if self._run is not None and self._run != run_id:
+            log.info("new_run_starts_from_base_model", previous_run=self._run,
+                     previous_sparsity=round(float(getattr(self._trainer, "sparsity", 0.0)), 4))
+            shutil.rmtree(self.state_dir / "trainer", ignore_errors=True)
+            if self._injected:
+                getattr(self._trainer, "reset", lambda: None)()
+            else:
+                self._trainer = None  # rebuilt from the base model on first use
+                gc.collect()
+        if self._run != run_id:
+            self._run = run_id
+            (self.state_dir / "run_id").write_text(run_id)
 
     def _save_resume(self) -> None:
         if hasattr(self._trainer, "save_resume"):

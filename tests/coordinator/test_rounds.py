@@ -153,6 +153,47 @@ def test_the_retained_status_says_where_each_node_stands(tmp_path):
         assert st.sparsity == trainers[st.node_id].sparsity >= 0.3 - 1e-9
 
 
+class ResettableTrainer(FakeTrainer):
+    resets = 0
+
+    def reset(self):  # type: ignore[no-untyped-def]
+        self.resets += 1
+        self.sparsity = 0.0
+
+
+def test_a_new_run_starts_from_the_base_model_and_a_resumed_one_continues(tmp_path):
+    """Nodes stay up between jobs: a coordinator with a new run id (a new job, or one that lost its checkpoint)
+    gets nodes that start from the base model, as its fresh global state assumes; a coordinator resumed from its
+    checkpoint keeps its run id and its nodes keep their pruned state."""
+    trainers = {n: ResettableTrainer(n) for n in ("agx-1", "nx-2")}
+    coord, agents, t, _ = start_fleet(tmp_path, trainers, rounds=2)
+    t.join(60)
+    first_run = coord.run_id
+    assert all(tr.resets == 0 and tr.sparsity >= 0.3 - 1e-9 for tr in trainers.values())
+
+    def again(state_dir, rounds):
+        cfg = CoordinatorConfig.from_dict({"coordinator": {
+            "rounds": rounds, "min_nodes": 2, "local_steps": 2, "deadline_s": 5.0, "state_dir": str(state_dir),
+            "export_at_end": False, "join_timeout_s": 10.0}})
+        c = Coordinator(cfg, transport=MemoryTransport(coord.transport.bus, "coordinator"))
+        summary = c.run()
+        return c, summary
+
+    resumed, summary = again(tmp_path / "coord", rounds=3)  # the same checkpoint: round 3 of the same run
+    assert resumed.run_id == first_run and summary.rounds_done == 3
+    assert all(tr.resets == 0 and tr.calls[-2][0] >= 0.3 - 1e-9 for tr in trainers.values())
+    calls = {n: len(tr.calls) for n, tr in trainers.items()}
+
+    fresh, summary = again(tmp_path / "coord-new", rounds=1)  # no checkpoint: a new run
+    for a in agents:
+        a.stop()
+    assert fresh.run_id != first_run and summary.rounds_done == 1
+    for n, tr in trainers.items():
+        assert tr.resets == 1  # once, before the new run's first round, not again for its final sync
+        assert len(tr.calls) == calls[n] + 2
+    assert all((tmp_path / n / "run_id").read_text() == fresh.run_id for n in trainers)
+
+
 def test_oom_node_is_reported_and_the_round_goes_on(tmp_path):
     trainers = {"agx-1": FakeTrainer("agx-1"), "nx-2": FakeTrainer("nx-2"), "tx2-3": FakeTrainer("tx2-3", "oom")}
     coord, summary = run_fleet(tmp_path, trainers, rounds=2)
