@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+from safetensors import SafetensorError
 
 from edge_node.config import NodeConfig
 from shared import __version__ as SOFTWARE_VERSION
@@ -116,7 +117,15 @@ class NodeAgent:
             )
             resume = self.state_dir / "trainer"
             if resume.exists() and hasattr(self._trainer, "load_resume"):
-                self._trainer.load_resume(resume)
+                try:
+                    self._trainer.load_resume(resume)
+                except (ValueError, OSError, SafetensorError) as exc:
+                    # State that no longer fits (other labels or model, a damaged file): start from the base
+                    # model, once, rather than fail at every restart.  The coordinator's next slice brings the run.
+                    self.log.warning("resume_state_discarded", error=f"{type(exc).__name__}: {exc}"[:300])
+                    shutil.rmtree(resume, ignore_errors=True)
+                    self._run, self._trainer = None, None
+                    return self.trainer
                 self.log.info("trainer_resumed", sparsity=self._trainer.sparsity)
         return self._trainer
 

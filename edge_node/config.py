@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,3 +123,18 @@ class NodeConfig:
     @classmethod
     def load(cls, path: str | Path) -> NodeConfig:
         return cls.from_dict(load_toml(path))
+
+    def check_files(self) -> None:
+        """The files a real node reads, checked before it loads anything (``fedspine node``), so that a wrong path
+        is a configuration error naming the key, not a traceback from deep inside the model or data loading."""
+        n = self.node
+        for key, what in (("model_path", "a local Hugging Face model folder"),
+                          ("data_path", "the node's CSV/JSONL training data")):
+            if not getattr(n, key):
+                raise ConfigError(f"[node] {key} is required: {what}")
+        for key in ("model_path", "data_path", "test_path"):
+            value = getattr(n, key)
+            if value and not Path(value).exists():
+                raise ConfigError(f"[node] {key} {value!r} does not exist")
+            if value and not os.access(value, os.R_OK):
+                raise ConfigError(f"[node] {key} {value!r} is not readable by this user")

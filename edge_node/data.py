@@ -15,6 +15,10 @@ TEXT_KEYS = ("text", "sentence", "content")
 LABEL_KEYS = ("label", "labels", "sentiment", "class")
 
 
+class DataError(ValueError):
+    """A node's data file cannot be used as it is (format, columns, labels, too few examples)."""
+
+
 def read_records(path: str | Path) -> list[dict[str, str]]:
     """Rows of a CSV (header line; UTF-8, else latin-1) or JSONL file as dicts of strings."""
     p = Path(path)
@@ -31,9 +35,9 @@ def read_records(path: str | Path) -> list[dict[str, str]]:
             try:
                 obj = json.loads(line)
             except ValueError as exc:
-                raise ValueError(f"{p}:{n}: not valid JSON ({exc})") from None
+                raise DataError(f"{p}:{n}: not valid JSON ({exc})") from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{p}:{n}: each line must be a JSON object")
+                raise DataError(f"{p}:{n}: each line must be a JSON object")
             rows.append({str(k): "" if v is None else str(v) for k, v in obj.items()})
         return rows
     return [dict(r) for r in csv.DictReader(io.StringIO(text, newline=""))]
@@ -43,7 +47,7 @@ def _field(row: dict[str, str], keys: Sequence[str], what: str, where: str) -> s
     for k in keys:
         if k in row and row[k] is not None:
             return row[k]
-    raise ValueError(f"{where}: no {what} column (looked for {list(keys)}; have {sorted(row)})")
+    raise DataError(f"{where}: no {what} column (looked for {list(keys)}; have {sorted(row)})")
 
 
 def label_list(values: Sequence[str]) -> list[str]:
@@ -74,7 +78,7 @@ def encode_classification(rows: list[dict[str, str]], tokenizer, max_length: int
     index = {name: i for i, name in enumerate(names)}
     unknown = sorted(set(raw) - set(index))
     if unknown:
-        raise ValueError(f"{where}: labels {unknown[:5]} are not in the label list {names}")
+        raise DataError(f"{where}: labels {unknown[:5]} are not in the label list {names}")
     ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     return Encoded(list(ids), [index[x] for x in raw]), names
 
@@ -102,7 +106,7 @@ def encode_causal(rows: list[dict[str, str]], tokenizer, max_length: int, where:
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Deterministic (train, val) split of ``range(n)``; both non-empty when n >= 2."""
     if n < 2:
-        raise ValueError(f"need at least 2 examples to split, have {n}")
+        raise DataError(f"need at least 2 examples to split, have {n}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = min(n - 1, max(1, round(val_fraction * n)))
     return sorted(perm[n_val:]), sorted(perm[:n_val])
@@ -132,7 +136,7 @@ class BatchStream:
     def __init__(self, data: Encoded, indices: Sequence[int], batch_size: int, pad_id: int, causal: bool,
                  seed: int) -> None:
         if not indices:
-            raise ValueError("no training examples")
+            raise DataError("no training examples")
         self.data, self.indices, self.batch_size = data, list(indices), batch_size
         self.pad_id, self.causal = pad_id, causal
         self.gen = torch.Generator().manual_seed(seed + 1)

@@ -26,6 +26,7 @@ def _node(args: argparse.Namespace) -> int:
     from edge_node.telemetry import TelemetryPublisher, make_provider
 
     cfg = NodeConfig.load(args.config)
+    cfg.check_files()
     if cfg.node.torch_threads:
         import torch
 
@@ -71,13 +72,21 @@ def main(argv: list[str] | None = None) -> int:
         return broker_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    from edge_node.data import DataError
     from shared.config import ConfigError
+    from shared.transport import TransportError
 
     try:
         return _coordinator(args) if args.command == "coordinator" else _node(args)
     except ConfigError as exc:
         print(f"fedspine {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2
+    except DataError as exc:  # the node's own data file: fixed by the operator, not by restarting
+        print(f"fedspine {args.command}: data error: {exc}", file=sys.stderr)
+        return 2
+    except TransportError as exc:  # broker down or refusing us at start-up: exit 1 so that systemd tries again
+        print(f"fedspine {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
