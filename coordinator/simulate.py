@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,6 +179,15 @@ def schedule(methods: list[str], repeats: int) -> list[tuple[str, str]]:
     return order + others[start:]
 
 
+def fresh_run_dir(run_dir: Path) -> None:
+    """Clear what an earlier run into the same folder left behind: its metrics, the coordinator's checkpoint (a new
+    run, not a resumed one) and the nodes' state (resume state and exports), so that every node starts from the
+    base model, as on a fresh machine.  Configs and logs are rewritten by the run itself."""
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    for folder in ("coordinator", "state"):
+        shutil.rmtree(run_dir / folder, ignore_errors=True)
+
+
 def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broker: tuple, root: str, out: Path,
                console, label: str | None = None) -> Path:
     """Run one method end to end (in ``out / label``, default the method's name); return its metrics file."""
@@ -188,8 +198,7 @@ def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broke
     run_dir = out / label
     state_dir = run_dir / "coordinator"
     metrics = run_dir / "metrics.jsonl"
-    for stale in (metrics, state_dir / "checkpoint.json"):
-        stale.unlink(missing_ok=True)
+    fresh_run_dir(run_dir)
     broker_sec = {"url": url, "topic_root": root}
 
     def login(user: str) -> dict:

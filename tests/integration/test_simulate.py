@@ -55,3 +55,21 @@ def test_quick_fleet_benchmark_two_methods(tmp_path, monkeypatch):
     # the same held-out tweets on every node, each copy starting at its own offset (the curves' first batches)
     tests = [(out / "nodes" / node / "test.csv").read_text(encoding="utf-8").splitlines() for node in fleet_info["nodes"]]
     assert all(sorted(t) == sorted(tests[0]) for t in tests) and len({t[1] for t in tests}) == len(tests)
+
+
+def test_a_run_into_the_same_folder_starts_fresh(tmp_path):
+    """The main job run twice into one results folder: the second run's nodes must not resume the first run's
+    pruned models, nor its coordinator the first run's checkpoint."""
+    from coordinator.simulate import fresh_run_dir
+
+    run = tmp_path / "fedspine"
+    kept = [run / "configs" / "agx-01.toml", run / "logs" / "agx-01.log"]
+    stale = [run / "metrics.jsonl", run / "coordinator" / "checkpoint.json",
+             run / "coordinator" / "global-000008.safetensors", run / "state" / "agx-01" / "trainer" / "state.json",
+             run / "state" / "agx-01" / "run_id", run / "state" / "agx-01" / "export" / "config.json"]
+    for f in kept + stale:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("x")
+    fresh_run_dir(run)
+    assert [f for f in stale if f.exists()] == [] and all(f.exists() for f in kept)
+    fresh_run_dir(tmp_path / "never-ran")  # nothing there: nothing to do
