@@ -29,7 +29,9 @@ class RoundSettings:
     deadline_s: float = 600.0  # a round waits at most this long for uploads
     quorum: float = 0.5  # share of participants whose uploads must arrive for the round to count
     max_retries: int = 3  # a round below quorum is retried this often, then training stops
-    join_timeout_s: float = 300.0
+    # how long to wait for min_nodes live nodes (before round 1, and after a round below quorum); 0 = as long as it
+    # takes, as a service does while its Jetsons are still being provisioned or rebooting (it logs every minute)
+    join_timeout_s: float = 0.0
     state_dir: str = "/var/lib/fedspine/coordinator"
     metrics_file: str = ""  # default <state_dir>/metrics.jsonl
     seed: int = 0
@@ -110,6 +112,8 @@ class RoundSettings:
             raise ConfigError(f"[coordinator] pace_min_fraction {self.pace_min_fraction} outside (0, 1]")
         if not 1 <= self.max_steps_factor <= 100:
             raise ConfigError(f"[coordinator] max_steps_factor {self.max_steps_factor} outside [1, 100]")
+        if self.join_timeout_s < 0:
+            raise ConfigError(f"[coordinator] join_timeout_s {self.join_timeout_s} must be >= 0 (0: no limit)")
         if self.deadline_s <= 0 or self.min_nodes < 1:
             raise ConfigError("[coordinator] deadline_s must be > 0 and min_nodes >= 1")
 

@@ -8,6 +8,7 @@ all arrived or the deadline passed -> aggregate (if the quorum is met) -> update
 from __future__ import annotations
 
 import dataclasses
+import math
 import queue
 import signal
 import threading
@@ -63,6 +64,9 @@ class RunSummary:
     rounds_done: int
     stopped_early: str = ""
     exports: dict[str, ExportReport] = field(default_factory=dict)
+
+
+WAIT_LOG_S = 60.0  # while waiting for nodes, one line this often
 
 
 class Coordinator:
@@ -225,13 +229,21 @@ class Coordinator:
         })
 
     def _wait_for_nodes(self, n: int, timeout_s: float) -> bool:
-        end = time.monotonic() + timeout_s
+        """Wait until ``n`` nodes are live (``timeout_s`` 0: with no limit); say every WAIT_LOG_S who is missing."""
+        start = time.monotonic()
+        end = start + timeout_s if timeout_s > 0 else math.inf
+        next_log = start + WAIT_LOG_S
         while not self._stop.is_set():
             if self.registry.live_count() >= n:
                 return True
-            if time.monotonic() >= end:
+            now = time.monotonic()
+            if now >= end:
                 return False
-            ev = self._drain(min(0.5, end - time.monotonic()))
+            if now >= next_log:
+                self.log.info("waiting_for_nodes", live=self.registry.live_count(), needed=n,
+                              waited_s=round(now - start))
+                next_log = now + WAIT_LOG_S
+            ev = self._drain(min(0.5, end - now))
             if ev and ev[0] == "status":
                 self._apply_status(ev[1], ev[2])
         return False

@@ -194,6 +194,32 @@ def test_a_new_run_starts_from_the_base_model_and_a_resumed_one_continues(tmp_pa
     assert all((tmp_path / n / "run_id").read_text() == fresh.run_id for n in trainers)
 
 
+def test_the_coordinator_waits_for_its_fleet_without_a_limit_by_default(tmp_path, monkeypatch):
+    """A coordinator started while its Jetsons are still being provisioned waits for them (join_timeout_s 0, the
+    default), saying who is missing, and starts when they come."""
+    import coordinator.server as server
+
+    monkeypatch.setattr(server, "WAIT_LOG_S", 0.3)
+    assert CoordinatorConfig.from_dict({}).coordinator.join_timeout_s == 0.0
+    with structlog.testing.capture_logs() as lines:
+        coord, agents, t, out = start_fleet(tmp_path, {"agx-1": FakeTrainer("agx-1")}, min_nodes=2,
+                                            join_timeout_s=0.0)
+        time.sleep(1.5)  # the second Jetson is still being provisioned
+        assert t.is_alive() and not [e for e in lines if e["event"] == "round_started"]
+        late = NodeAgent(NodeConfig.from_dict({"node": {"id": "nx-2", "device_type": "nx",
+                                                        "state_dir": str(tmp_path / "nx-2")}}),
+                         trainer=FakeTrainer("nx-2"))
+        late.transport = MemoryTransport(coord.transport.bus, "nx-2", on_connect=late._on_connect)
+        threading.Thread(target=late.run, daemon=True).start()
+        t.join(60)
+        for a in [*agents, late]:
+            a.stop()
+    assert out["summary"].rounds_done == 3 and not out["summary"].stopped_early
+    waiting = [e for e in lines if e["event"] == "waiting_for_nodes"]
+    assert len(waiting) >= 3 and all(e["live"] == 1 and e["needed"] == 2 for e in waiting)
+    assert [r["accepted"] for r in rows(tmp_path, "round")] == [2, 2, 2]
+
+
 def test_oom_node_is_reported_and_the_round_goes_on(tmp_path):
     trainers = {"agx-1": FakeTrainer("agx-1"), "nx-2": FakeTrainer("nx-2"), "tx2-3": FakeTrainer("tx2-3", "oom")}
     coord, summary = run_fleet(tmp_path, trainers, rounds=2)
