@@ -59,21 +59,25 @@ def summarize(path: str | Path) -> str:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     nodes = [r for r in rows if r.get("kind") == "node" and r.get("status") == "ok"]
     trained = [r for r in nodes if not r.get("eval_only")]
-    lines = [f"{'method':>10} {'round':>5} {'accepted':>8} {'idle':>6} {'loss_end':>9} {'test_acc':>8} "
+    # Classification reports accuracy; a causal LM reports perplexity (and no accuracy)
+    metric = "perplexity" if any("m_test_perplexity" in n for n in nodes) and \
+        not any("m_test_accuracy" in n for n in nodes) else "accuracy"
+    head, fmt = ("test_ppl", ".2f") if metric == "perplexity" else ("test_acc", ".3f")
+    lines = [f"{'method':>10} {'round':>5} {'accepted':>8} {'idle':>6} {'loss_end':>9} {head:>8} "
              f"{'sparsity':>8} {'up_MB':>8}"]
     for r in (r for r in rows if r.get("kind") == "round"):
         mine = [n for n in trained if n.get("round") == r["round"] and n.get("method") == r.get("method")]
-        loss, acc, sp = (_mean(mine, k) for k in ("loss_end", "m_test_accuracy", "sparsity"))
+        loss, score, sp = (_mean(mine, k) for k in ("loss_end", f"m_test_{metric}", "sparsity"))
         up = sum(n.get("upload_bytes") or 0 for n in mine) / 1e6
         lines.append(f"{str(r.get('method', '-')):>10} {r['round']:>5} {r.get('accepted', len(mine)):>8} "
-                     f"{r.get('idle_fraction') or 0.0:>6.1%} {loss:>9.4f} {acc:>8.3f} {sp:>8.3f} {up:>8.3f}")
+                     f"{r.get('idle_fraction') or 0.0:>6.1%} {loss:>9.4f} {score:>8{fmt}} {sp:>8.3f} {up:>8.3f}")
     final = [n for n in nodes if n.get("eval_only")]
     if final:
-        lines.append(f"final evaluation: {len(final)} nodes, test accuracy {_mean(final, 'm_test_accuracy'):.3f}, "
+        lines.append(f"final evaluation: {len(final)} nodes, test {metric} {_mean(final, f'm_test_{metric}'):{fmt}}, "
                      f"sparsity {_mean(final, 'sparsity'):.3f}")
     for e in (r for r in rows if r.get("kind") == "export"):
-        acc = (e.get("metrics") or {}).get("accuracy")
+        score = (e.get("metrics") or {}).get(metric)
         lines.append(f"export {e['node_id']}: {e['status']} {(e.get('size_bytes') or 0) / 1e6:.1f} MB, "
                      f"{e.get('latency_ms') or 0.0:.1f} ms, sparsity {e.get('sparsity') or 0.0:.2f}, "
-                     f"accuracy {acc if isinstance(acc, (int, float)) else float('nan'):.3f}")
+                     f"{metric} {score if isinstance(score, (int, float)) else float('nan'):{fmt}}")
     return "\n".join(lines)

@@ -58,3 +58,23 @@ def test_summary_table_values(tmp_path):
     assert r2 == ["fedspine", "2", "2", "0.0%", "1.0000", "0.700", "0.200", "1.000"]
     assert lines[3] == "final evaluation: 1 nodes, test accuracy 0.900, sparsity 0.200"
     assert lines[4] == "export n0: ok 3.0 MB, 4.5 ms, sparsity 0.20, accuracy 0.880"
+
+
+def test_summary_of_a_causal_lm_run_shows_perplexity(tmp_path):
+    """A causal LM reports perplexity and no accuracy: the table shows the perplexity, not a column of nan."""
+    path = tmp_path / "metrics.jsonl"
+    w = MetricsWriter(path)
+    for i, ppl in enumerate((40.0, 30.0)):
+        w.node_round({"round": 1, "node": f"n{i}", "method": "fedspine", "status": "ok", "loss_end": 3.5,
+                      "m_test_perplexity": ppl, "m_test_loss": 3.5, "sparsity": 0.1, "upload_bytes": 1_000_000})
+    w.round_summary({"round": 1, "method": "fedspine", "accepted": 2, "idle_fraction": 0.0})
+    w.node_round({"round": 2, "node": "n0", "method": "fedspine", "status": "ok", "eval_only": True,
+                  "sparsity": 0.3, "m_test_perplexity": 33.5})
+    w.export(ExportReport(run_id="r", node_id="n0", status="ok", path="/x", size_bytes=100_000, params=10,
+                          sparsity=0.3, latency_ms=2.0, metrics={"loss": 3.4, "perplexity": 33.5}))
+    w.close()
+    lines = summarize(path).splitlines()
+    assert lines[0].split()[5] == "test_ppl"
+    assert lines[1].split() == ["fedspine", "1", "2", "0.0%", "3.5000", "35.00", "0.100", "2.000"]
+    assert lines[2] == "final evaluation: 1 nodes, test perplexity 33.50, sparsity 0.300"
+    assert lines[3] == "export n0: ok 0.1 MB, 2.0 ms, sparsity 0.30, perplexity 33.50"
