@@ -126,7 +126,11 @@ def pick_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
+        # a setting this machine cannot honour: a configuration error (exit 2), not a restart loop
+        from shared.config import ConfigError
+
+        raise ConfigError(f"[node] device {device!r}: CUDA is not available to this torch {torch.__version__} "
+                          "(on a Jetson, install NVIDIA's JetPack wheel; or set device = \"auto\" or \"cpu\")")
     return dev
 
 

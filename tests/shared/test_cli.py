@@ -44,6 +44,13 @@ def test_missing_data_file_is_a_configuration_error(tmp_path):
                            "does not exist"
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_without_cuda_is_a_configuration_error(tmp_path):
+    p = run_node(node_toml(tmp_path, device="cuda"))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert last_line(p).startswith("fedspine node: configuration error: [node] device 'cuda': CUDA is not available")
+
+
 def test_data_without_a_label_column_is_a_data_error(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("text,lbl\nthe day was good,1\nthe food was bad,0\n")
