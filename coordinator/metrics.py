@@ -76,6 +76,9 @@ def summarize(path: str | Path) -> str:
         lines.append(f"final evaluation: {len(final)} nodes, test {metric} {_mean(final, f'm_test_{metric}'):{fmt}}, "
                      f"sparsity {_mean(final, 'sparsity'):.3f}")
     for e in (r for r in rows if r.get("kind") == "export"):
+        if e.get("status") != "ok":
+            lines.append(f"export {e['node_id']}: {e.get('status')}: {e.get('error') or '-'}")
+            continue
         score = (e.get("metrics") or {}).get(metric)
         lines.append(f"export {e['node_id']}: {e['status']} {(e.get('size_bytes') or 0) / 1e6:.1f} MB, "
                      f"{e.get('latency_ms') or 0.0:.1f} ms, sparsity {e.get('sparsity') or 0.0:.2f}, "

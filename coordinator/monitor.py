@@ -98,7 +98,7 @@ class FleetView:
                     else:
                         row.phase = rep.status
                 else:
-                    row.phase = "exported" if rep.status == "ok" else "export failed"
+                    row.phase = {"ok": "exported", "skipped": "not exported"}.get(rep.status, "export failed")
                     row.accuracy = rep.metrics.get("accuracy", row.accuracy)
             else:
                 return False

@@ -459,6 +459,16 @@ class NodeAgent:
         log = self.log.bind(round=cmd.round, run_id=cmd.run_id)
         n = self.cfg.node
         out = Path(n.export_dir or (self.state_dir / "export"))
+        done = self._done
+        if done is None or done.run_id != cmd.run_id or done.round <= cmd.round or done.report.status != "ok":
+            # No final aggregate of this run here (the node joined after its last round, or its final sync
+            # failed): exporting would ship the base model, or another run's, as this run's result.  An earlier
+            # export in ``out`` stays as it was.
+            why = f"no final model of run {cmd.run_id} on this node: it took no part in the run's final sync"
+            log.warning("export_skipped", reason=why)
+            self.transport.publish(self.topics.node(self.node_id, "report"), encode(ExportReport(
+                run_id=cmd.run_id, node_id=self.node_id, status="skipped", error=why)), qos=1)
+            return
         try:
             from edge_node.export import export_pruned_model, measure_latency
 

@@ -355,7 +355,7 @@ class ExportReport(Message):
     TYPE = "export_report"
     run_id: str = spec(max_len=64)
     node_id: str = _node_id()
-    status: str = spec(choices=("ok", "oom", "error"))
+    status: str = spec(choices=("ok", "oom", "error", "skipped"))
     error: str = spec("", max_len=MAX_ERROR_STR)
     path: str = spec("", max_len=1024)
     size_bytes: int = _count(0)

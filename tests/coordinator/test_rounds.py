@@ -418,3 +418,44 @@ def test_a_newer_config_supersedes_the_round_in_progress(tmp_path, stage):
     assert took < 5.0, took  # not the old round's 60 s deadline, nor its 20 s of training
     assert [c[2] for c in tr.calls] == [2]  # trained once, for the newer config only
     assert tr.interrupted == (1 if stage == "training" else 0)
+
+
+def test_a_node_without_the_runs_final_model_does_not_export(tmp_path):
+    """A node that joined after the last round (or whose final sync failed) holds no final model of the run: told
+    to export, it says so instead of shipping the base model (or another run's) as the run's result."""
+    from shared.messages import Command, ExportReport, RoundConfig, RoundReport, decode, encode
+
+    bus = MemoryBus()
+    agent = NodeAgent(NodeConfig.from_dict({"node": {"id": "n1", "state_dir": str(tmp_path / "n1")}}),
+                      trainer=FakeTrainer("n1"))
+    agent.transport = MemoryTransport(bus, "n1", on_connect=agent._on_connect)
+    got: list = []
+    coord = MemoryTransport(bus, "coordinator")
+    coord.subscribe("fedspine/v1/node/n1/report", lambda t, p: got.append(decode(p, (RoundReport, ExportReport))))
+    coord.start()
+    threading.Thread(target=agent.run, daemon=True).start()
+
+    def wait_for(n):
+        end = time.monotonic() + 10
+        while len(got) < n and time.monotonic() < end:
+            time.sleep(0.05)
+        return got[n - 1]
+
+    try:
+        time.sleep(0.3)
+        export = encode(Command(command="export", run_id="r1", round=2))
+        coord.publish("fedspine/v1/broadcast/command", export)
+        skipped = wait_for(1)
+        final = RoundConfig(run_id="r1", round=3, target_sparsity=0.3, rank=16, local_steps=0,
+                            deadline_ts=time.time() + 30, upload_transfer_id="r1.r3.up", download_transfer_id=None)
+        coord.publish("fedspine/v1/node/n1/config", encode(final))  # the final sync (round 3 of a 2-round run)
+        assert isinstance(wait_for(2), RoundReport) and got[1].status == "ok"
+        coord.publish("fedspine/v1/broadcast/command", export)
+        attempted = wait_for(3)
+    finally:
+        agent.stop()
+        coord.stop()
+    assert isinstance(skipped, ExportReport) and skipped.status == "skipped" and "final sync" in skipped.error
+    assert not (tmp_path / "n1" / "export").exists()
+    # with the run's final model the export goes ahead (the fake trainer has no model to merge, so it fails there)
+    assert isinstance(attempted, ExportReport) and attempted.status == "error" and "merged_model" in attempted.error
