@@ -64,7 +64,11 @@ class FleetView:
         try:
             parsed = self.topics.parse(topic)
             if parsed.kind == "coordinator_status":
-                self.coordinator = decode(payload, CoordinatorStatus)
+                status = decode(payload, CoordinatorStatus)
+                if self.coordinator is not None and status.run_id and self.coordinator.run_id \
+                        and status.run_id != self.coordinator.run_id:
+                    self._new_run()
+                self.coordinator = status
                 return True
             if parsed.node_id is None:
                 return False
@@ -108,6 +112,14 @@ class FleetView:
             return False
         self._row(parsed.node_id).last_seen = time.time()
         return True
+
+    def _new_run(self) -> None:
+        """A new job started (a new run id): its rounds count from 1 and its nodes start from the base model, so
+        the previous run's round, progress and results go; presence, tier and live telemetry stay."""
+        for row in self.nodes.values():
+            row.round, row.sparsity, row.rank, row.loss, row.accuracy, row.energy_j = -1, None, None, None, None, None
+            if row.phase in ("exported", "not exported", "export failed"):
+                row.phase = ""
 
     @staticmethod
     def _check(named: str, from_topic: str) -> None:

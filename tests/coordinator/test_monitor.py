@@ -39,6 +39,25 @@ def test_view_follows_presence_telemetry_and_reports():
     assert v.table().row_count == 1
 
 
+def test_a_new_run_clears_the_previous_runs_progress():
+    """A monitor left running between two jobs: the new run's round 1 is not hidden behind the old run's round 4."""
+    v = FleetView(T)
+    v.apply(T.coordinator_status, encode(CoordinatorStatus(state="online", ts=1.0, run_id="run-a", round=3)))
+    v.apply(T.node("agx-1", "status"), encode(NodeStatus(node_id="agx-1", state="online", ts=1.0, device_type="agx",
+                                                         sparsity=0.3, round=4)))
+    v.apply(T.node("agx-1", "report"), encode(RoundReport(run_id="run-a", round=4, node_id="agx-1", status="ok",
+                                                          loss_end=0.4, sparsity=0.3, rank=16,
+                                                          metrics={"test_accuracy": 0.7})))
+    v.apply(T.coordinator_status, encode(CoordinatorStatus(state="finished", ts=2.0, run_id="run-a", round=3)))
+    assert v.nodes["agx-1"].round == 4 and v.nodes["agx-1"].accuracy == 0.7  # the same run: nothing cleared
+    v.apply(T.coordinator_status, encode(CoordinatorStatus(state="online", ts=3.0, run_id="run-b", round=0)))
+    v.apply(T.node("agx-1", "report"), encode(RoundReport(run_id="run-b", round=1, node_id="agx-1", status="ok",
+                                                          loss_end=1.1, sparsity=0.0, rank=4, metrics={})))
+    row = v.nodes["agx-1"]
+    assert (row.round, row.sparsity, row.rank, row.loss, row.accuracy) == (1, 0.0, 4, 1.1, None)
+    assert (row.state, row.device_type) == ("online", "agx")
+
+
 def test_malformed_and_spoofed_messages_are_dropped_with_one_line_each():
     v = FleetView(T)
     spoof = encode(NodeStatus(node_id="nx-2", state="online", ts=1.0))
