@@ -32,6 +32,9 @@ class RoundSettings:
     # how long to wait for min_nodes live nodes (before round 1, and after a round below quorum); 0 = as long as it
     # takes, as a service does while its Jetsons are still being provisioned or rebooting (it logs every minute)
     join_timeout_s: float = 0.0
+    # the fleet's class names in order (classification); empty = those of the first node that joins.  A node whose
+    # head has another list is refused: averaging heads across different classes would corrupt both.
+    labels: tuple[str, ...] = ()
     state_dir: str = "/var/lib/fedspine/coordinator"
     metrics_file: str = ""  # default <state_dir>/metrics.jsonl
     seed: int = 0

@@ -93,6 +93,8 @@ class Coordinator:
         self.round = 0  # the last completed round
         self._active = 0  # the round being collected right now (0 between rounds)
         self._last: dict[str, Assignment] = {}  # each node's latest assignment (for the final sync)
+        self._labels: tuple[str, ...] | None = tuple(rs.labels) or None  # the fleet's class names (classification)
+        self._refused: dict[str, tuple[str, ...]] = {}  # nodes refused for another class list (logged once each)
         self._stop = threading.Event()
         status_off = encode(CoordinatorStatus(state="offline", ts=time.time(), run_id=self.run_id))
         self.transport = transport or MqttTransport(
@@ -158,8 +160,34 @@ class Coordinator:
         except queue.Empty:
             return None
 
+    def _labels_fit(self, node_id: str, status: NodeStatus) -> bool:
+        """Does the node's classification head have the fleet's class list?  The first list seen (or the configured
+        one) becomes the fleet's and is checkpointed; a node with another list is refused, with one error line."""
+        got = tuple(status.labels)
+        if not got or status.state != "online":
+            return True  # a causal LM, or a node leaving
+        if self._labels is None:
+            self._labels = got
+            self.log.info("fleet_labels", labels=list(got), first_node=node_id)
+            return True
+        if got == self._labels:
+            self._refused.pop(node_id, None)
+            return True
+        if self._refused.get(node_id) != got:
+            self._refused[node_id] = got
+            self.log.error("node_refused_labels", node=node_id, labels=list(got), fleet_labels=list(self._labels),
+                           hint="every node needs the same class list in the same order: set [node] labels on "
+                                "each (Ansible: edge_node_labels), or [coordinator] labels to pin the fleet's")
+        return False
+
     def _apply_status(self, node_id: str, status: NodeStatus) -> None:
         # A node that joins while a round is collected takes part from the next one.
+        if not self._labels_fit(node_id, status):
+            if self.registry.is_live(node_id):  # restarted with another class list: it leaves the fleet
+                self.registry.apply(dataclasses.replace(status, state="offline"), time.time(), self._active or self.round)
+                self.log.info("node_left", node=node_id, device_type=status.device_type,
+                              live=self.registry.live_count())
+            return
         change = self.registry.apply(status, time.time(), self._active or self.round)
         if change in ("joined", "left"):
             self.log.info(f"node_{change}", node=node_id, device_type=status.device_type, live=self.registry.live_count())
@@ -219,6 +247,8 @@ class Coordinator:
         self.strategy.load_state_dict(state["strategy"])
         self._last = {nid: Assignment(**{**a, "arm": tuple(a["arm"]) if a.get("arm") else None})
                       for nid, a in state.get("last_assignments", {}).items()}
+        if state.get("labels") and not self.cfg.coordinator.labels:
+            self._labels = tuple(state["labels"])
         self.log.info("resumed", run_id=self.run_id, round=self.round)
 
     def _checkpoint(self) -> None:
@@ -226,6 +256,7 @@ class Coordinator:
             "run_id": self.run_id, "round": self.round, "registry": self.registry.state_dict(),
             "strategy": self.strategy.state_dict(), "method": self.cfg.coordinator.method,
             "last_assignments": {nid: dataclasses.asdict(a) for nid, a in self._last.items()},
+            "labels": list(self._labels or ()),
         })
 
     def _wait_for_nodes(self, n: int, timeout_s: float) -> bool:

@@ -193,6 +193,7 @@ class NodeAgent:
             software_version=SOFTWARE_VERSION, sparsity=sparsity, round=self._round,
             telemetry_source=getattr(self._telemetry, "source", ""), step_s=self._timing[0], overhead_s=self._timing[1],
             step_sparsity=self._timing[2], step_rank=self._timing[3],
+            labels=list(getattr(self._trainer, "labels", None) or []),
         )
 
     def _on_connect(self) -> None:

@@ -129,11 +129,19 @@ def _check_field(cls: type, name: str, value: Any, kind: str, meta: dict) -> Any
         if len(value) > meta["max_len"]:
             raise _fail(cls, name, f"<{len(value)} items>", f"more than {meta['max_len']} items")
         return [_check_number(cls, f"{name}[{i}]", x, meta, "int") for i, x in enumerate(value)]
+    if kind == "strs":  # list[str]: max_len bounds the items, each string at most MAX_STR characters
+        if not isinstance(value, (list, tuple)):
+            raise _fail(cls, name, value, "must be a list of strings")
+        if len(value) > meta["max_len"]:
+            raise _fail(cls, name, f"<{len(value)} items>", f"more than {meta['max_len']} items")
+        item = {"max_len": MAX_STR, "choices": (), "check": ""}
+        return [_check_str(cls, f"{name}[{i}]", x, item) for i, x in enumerate(value)]
     raise AssertionError(f"unsupported field kind {kind}")  # pragma: no cover - guarded at import
 
 
 _KINDS = {"str": "str", "str | None": "str?", "int": "int", "float": "float", "float | None": "float?",
-          "bool": "bool", "bytes": "bytes", "dict[str, float]": "map", "list[int]": "ints"}
+          "bool": "bool", "bytes": "bytes", "dict[str, float]": "map", "list[int]": "ints",
+          "list[str]": "strs"}
 
 
 @dataclass(frozen=True)
@@ -244,6 +252,9 @@ class NodeStatus(Message):
     overhead_s: float = _seconds(0.0)
     step_sparsity: float = _frac(0.0)
     step_rank: int = spec(0, lo=0, hi=4096)
+    # The class names of its classification head, in order (empty for a causal LM): every node of a fleet must
+    # have the same list, or their heads' rows would be averaged across different classes.
+    labels: list[str] = spec(factory=list, max_len=1024)
 
 
 @message

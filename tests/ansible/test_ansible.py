@@ -309,6 +309,7 @@ def test_node_config_points_at_the_broker(provisioned: Provisioned) -> None:
     assert (Path(cfg.node.model_path) / "config.json").exists()
     assert Path(cfg.node.data_path).parent.is_dir() and _mode(Path(cfg.node.data_path).parent) == 0o750
     assert cfg.train.batch_size == 16 and cfg.train.max_length == 128
+    assert cfg.node.labels == ("negative", "neutral", "positive")  # the fleet's list, whatever this node's data holds
     assert _mode(etc / "node.password") == 0o600 and _mode(etc / "node.toml") == 0o640
     unit = (provisioned.prefix / "etc/systemd/system/fedspine-node.service").read_text()
     venv = provisioned.prefix / "opt/fedspine/venv"
@@ -323,6 +324,7 @@ def test_coordinator_config(provisioned: Provisioned) -> None:
     assert cfg.broker.url == f"mqtts://localhost:{provisioned.tls_port}" and cfg.broker.username == "coordinator"
     assert cfg.broker.resolved_password() == PASSWORDS["coordinator"]
     assert cfg.coordinator.rounds == 30 and cfg.coordinator.min_nodes == 3
+    assert cfg.coordinator.labels == ("negative", "neutral", "positive")
     assert cfg.coordinator.state_dir == str(provisioned.prefix / "var/lib/fedspine/coordinator")
     assert Path(cfg.coordinator.state_dir).is_dir()
     assert cfg.bandit.delta_p == (0.0, 0.05, 0.10, 0.15) and cfg.bandit.ranks == (2, 4, 8, 16)

@@ -220,6 +220,29 @@ def test_the_coordinator_waits_for_its_fleet_without_a_limit_by_default(tmp_path
     assert [r["accepted"] for r in rows(tmp_path, "round")] == [2, 2, 2]
 
 
+class LabelledTrainer(FakeTrainer):
+    def __init__(self, name: str, labels: list[str]) -> None:
+        super().__init__(name)
+        self.labels = labels
+
+
+def test_a_node_with_another_class_list_is_refused(tmp_path):
+    """Non-IID data: a node whose local data lacks a class builds a head over the classes it has.  Averaging its
+    head with the others' would mix different classes' rows, so the coordinator refuses it, once, by name."""
+    three, two = ["negative", "neutral", "positive"], ["negative", "positive"]
+    trainers = {"agx-1": LabelledTrainer("agx-1", three), "nx-2": LabelledTrainer("nx-2", two),
+                "tx2-3": LabelledTrainer("tx2-3", three)}
+    with structlog.testing.capture_logs() as lines:
+        coord, summary = run_fleet(tmp_path, trainers, min_nodes=2, labels=three)
+    assert summary.rounds_done == 3 and not summary.stopped_early
+    assert trainers["nx-2"].calls == [] and len(trainers["agx-1"].calls) == len(trainers["tx2-3"].calls) == 4
+    refused = [e for e in lines if e["event"] == "node_refused_labels"]
+    assert len(refused) == 1 and refused[0]["node"] == "nx-2" and refused[0]["labels"] == two
+    assert refused[0]["fleet_labels"] == three and "edge_node_labels" in refused[0]["hint"]
+    assert CheckpointStore(tmp_path / "coord").load()["labels"] == three
+    assert {r["node"] for r in rows(tmp_path, "node")} == {"agx-1", "tx2-3"}
+
+
 def test_oom_node_is_reported_and_the_round_goes_on(tmp_path):
     trainers = {"agx-1": FakeTrainer("agx-1"), "nx-2": FakeTrainer("nx-2"), "tx2-3": FakeTrainer("tx2-3", "oom")}
     coord, summary = run_fleet(tmp_path, trainers, rounds=2)
