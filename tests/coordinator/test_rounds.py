@@ -204,7 +204,9 @@ def test_the_coordinator_waits_for_its_fleet_without_a_limit_by_default(tmp_path
     with structlog.testing.capture_logs() as lines:
         coord, agents, t, out = start_fleet(tmp_path, {"agx-1": FakeTrainer("agx-1")}, min_nodes=2,
                                             join_timeout_s=0.0)
-        time.sleep(1.5)  # the second Jetson is still being provisioned
+        end = time.monotonic() + 20  # the second Jetson is still being provisioned: three reminders go by
+        while len([e for e in lines if e["event"] == "waiting_for_nodes"]) < 3 and time.monotonic() < end:
+            time.sleep(0.05)
         assert t.is_alive() and not [e for e in lines if e["event"] == "round_started"]
         late = NodeAgent(NodeConfig.from_dict({"node": {"id": "nx-2", "device_type": "nx",
                                                         "state_dir": str(tmp_path / "nx-2")}}),
