@@ -435,7 +435,9 @@ class Coordinator:
                 next_scan = time.monotonic() + 0.5
         for node_id in open_ids:
             failures[node_id] = Failure(node_id, "timeout")
-        return list(results.values()), list(failures.values())
+        # In node order, not arrival order: floating-point sums then do not depend on which upload came first, so
+        # the same accepted updates always give the same global model (and the audit's replay reproduces it).
+        return [results[n] for n in sorted(results)], [failures[n] for n in sorted(failures)]
 
     def _take_report(self, rnd, p: _Pending, report, failures, open_ids, log) -> None:
         node_id = p.assignment.node_id

@@ -245,6 +245,20 @@ def test_a_node_with_another_class_list_is_refused(tmp_path):
     assert {r["node"] for r in rows(tmp_path, "node")} == {"agx-1", "tx2-3"}
 
 
+def test_the_global_model_does_not_depend_on_the_order_uploads_arrive_in(tmp_path):
+    """The same updates arriving in the opposite order give a bit-identical global model (floating-point sums
+    are taken in node order), so a run is reproducible and its audit replay exact."""
+    names = ("agx-1", "nx-2", "tx2-3")
+    state = {}
+    for order, delays in (("forward", (0.0, 0.15, 0.3)), ("reverse", (0.3, 0.15, 0.0))):
+        run_fleet(tmp_path / order, {n: FakeTrainer(n, delay_s=d) for n, d in zip(names, delays, strict=True)},
+                  align_steps=[], deadline_s=10.0)
+        state[order] = CheckpointStore(tmp_path / order / "coord").load()["strategy"]["tensors"]
+    assert state["forward"].keys() == state["reverse"].keys()
+    for k, v in state["forward"].items():
+        assert torch.equal(v, state["reverse"][k]), k
+
+
 def test_oom_node_is_reported_and_the_round_goes_on(tmp_path):
     trainers = {"agx-1": FakeTrainer("agx-1"), "nx-2": FakeTrainer("nx-2"), "tx2-3": FakeTrainer("tx2-3", "oom")}
     coord, summary = run_fleet(tmp_path, trainers, rounds=2)
