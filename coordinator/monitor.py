@@ -43,6 +43,7 @@ class NodeRow:
     gpu_percent: float | None = None
     loss: float | None = None
     accuracy: float | None = None
+    perplexity: float | None = None  # a causal LM's score, shown where a classifier's accuracy would be
     energy_j: float | None = None
     last_seen: float = 0.0
 
@@ -99,11 +100,14 @@ class FleetView:
                     if rep.status == "ok":
                         row.loss, row.sparsity, row.rank = rep.loss_end, rep.sparsity, rep.rank
                         row.accuracy = rep.metrics.get("test_accuracy", rep.metrics.get("val_accuracy", row.accuracy))
+                        row.perplexity = rep.metrics.get("test_perplexity",
+                                                         rep.metrics.get("val_perplexity", row.perplexity))
                     else:
                         row.phase = rep.status
                 else:
                     row.phase = {"ok": "exported", "skipped": "not exported"}.get(rep.status, "export failed")
                     row.accuracy = rep.metrics.get("accuracy", row.accuracy)
+                    row.perplexity = rep.metrics.get("perplexity", row.perplexity)
             else:
                 return False
         except (ProtocolError, TopicError) as exc:
@@ -118,6 +122,7 @@ class FleetView:
         the previous run's round, progress and results go; presence, tier and live telemetry stay."""
         for row in self.nodes.values():
             row.round, row.sparsity, row.rank, row.loss, row.accuracy, row.energy_j = -1, None, None, None, None, None
+            row.perplexity = None
             if row.phase in ("exported", "not exported", "export failed"):
                 row.phase = ""
 
@@ -133,17 +138,20 @@ class FleetView:
         title = "FedSpine fleet" + (f" - coordinator {c.state}, round {c.round}, {c.method}" if c else "")
         t = Table(title=title)
         for col in ("node", "presence", "tier", "round", "phase", "sparsity", "rank", "power W", "source",
-                    "CPU %", "GPU %", "loss", "accuracy", "energy J"):
+                    "CPU %", "GPU %", "loss", "accuracy / ppl", "energy J"):
             t.add_column(col, justify="right" if col not in ("node", "presence", "tier", "phase", "source") else "left")
 
         def f(v, fmt):
             return "-" if v is None else format(v, fmt)
 
+        def score(r: NodeRow) -> str:  # a classifier's accuracy, else a causal LM's perplexity
+            return f(r.accuracy, ".3f") if r.accuracy is not None or r.perplexity is None else f"ppl {r.perplexity:.2f}"
+
         for r in sorted(self.nodes.values(), key=lambda r: r.node_id):
             t.add_row(r.node_id, "[green]online" if r.state == "online" else f"[red]{r.state}", r.device_type,
                       f(r.round if r.round >= 0 else None, "d"), r.phase, f(r.sparsity, ".2f"), f(r.rank, "d"),
                       f(r.power_w, ".1f"), r.power_source, f(r.cpu_percent, ".0f"), f(r.gpu_percent, ".0f"),
-                      f(r.loss, ".4f"), f(r.accuracy, ".3f"), f(r.energy_j, ".0f"))
+                      f(r.loss, ".4f"), score(r), f(r.energy_j, ".0f"))
         return t
 
 

@@ -58,6 +58,23 @@ def test_a_new_run_clears_the_previous_runs_progress():
     assert (row.state, row.device_type) == ("online", "agx")
 
 
+def test_a_causal_lm_node_shows_its_perplexity():
+    v = FleetView(T)
+    v.apply(T.node("lm-1", "report"), encode(RoundReport(run_id="r", round=1, node_id="lm-1", status="ok",
+                                                         loss_end=3.5, sparsity=0.1, rank=8,
+                                                         metrics={"test_loss": 3.5, "test_perplexity": 33.12})))
+    v.apply(T.node("cls-1", "report"), encode(RoundReport(run_id="r", round=1, node_id="cls-1", status="ok",
+                                                          loss_end=0.9, sparsity=0.1, rank=8,
+                                                          metrics={"test_accuracy": 0.61})))
+    from rich.console import Console
+
+    console = Console(width=240, record=True)
+    console.print(v.table())
+    text = console.export_text()
+    lm, cls = (next(line for line in text.splitlines() if name in line) for name in ("lm-1", "cls-1"))
+    assert "ppl 33.12" in lm and "0.610" in cls and "ppl" not in cls
+
+
 def test_malformed_and_spoofed_messages_are_dropped_with_one_line_each():
     v = FleetView(T)
     spoof = encode(NodeStatus(node_id="nx-2", state="online", ts=1.0))
