@@ -27,6 +27,9 @@ from shared.messages import (
 )
 from shared.topics import TopicError, Topics
 
+# the phase a node's export report leaves it in (any status but these is a failure)
+EXPORT_PHASES = {"ok": "exported", "skipped": "not exported", "error": "export failed"}
+
 
 @dataclass
 class NodeRow:
@@ -105,7 +108,7 @@ class FleetView:
                     else:
                         row.phase = rep.status
                 else:
-                    row.phase = {"ok": "exported", "skipped": "not exported"}.get(rep.status, "export failed")
+                    row.phase = EXPORT_PHASES.get(rep.status, EXPORT_PHASES["error"])
                     row.accuracy = rep.metrics.get("accuracy", row.accuracy)
                     row.perplexity = rep.metrics.get("perplexity", row.perplexity)
             else:
@@ -123,7 +126,7 @@ class FleetView:
         for row in self.nodes.values():
             row.round, row.sparsity, row.rank, row.loss, row.accuracy, row.energy_j = -1, None, None, None, None, None
             row.perplexity = None
-            if row.phase in ("exported", "not exported", "export failed"):
+            if row.phase in EXPORT_PHASES.values():
                 row.phase = ""
 
     @staticmethod

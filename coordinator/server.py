@@ -183,11 +183,7 @@ class Coordinator:
     def _apply_status(self, node_id: str, status: NodeStatus) -> None:
         # A node that joins while a round is collected takes part from the next one.
         if not self._labels_fit(node_id, status):
-            if self.registry.is_live(node_id):  # restarted with another class list: it leaves the fleet
-                self.registry.apply(dataclasses.replace(status, state="offline"), time.time(), self._active or self.round)
-                self.log.info("node_left", node=node_id, device_type=status.device_type,
-                              live=self.registry.live_count())
-            return
+            status = dataclasses.replace(status, state="offline")  # refused: as if gone (it leaves, if it was live)
         change = self.registry.apply(status, time.time(), self._active or self.round)
         if change in ("joined", "left"):
             self.log.info(f"node_{change}", node=node_id, device_type=status.device_type, live=self.registry.live_count())

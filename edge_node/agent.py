@@ -93,9 +93,10 @@ class NodeAgent:
         self._stop = threading.Event()
         self.state_dir = Path(cfg.node.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._resume_dir = self.state_dir / "trainer"  # the trainer's state, saved after every uploaded round
         # The run the trainer's state belongs to (None: the base model, or resume state of unknown origin).
         run_file = self.state_dir / "run_id"
-        resumable = run_file.exists() and (self.state_dir / "trainer").exists()
+        resumable = run_file.exists() and self._resume_dir.exists()
         self._run = (run_file.read_text().strip() or None) if resumable else None
         offline = encode(NodeStatus(node_id=self.node_id, state="offline", ts=time.time()))
         self.transport = transport or MqttTransport(
@@ -115,16 +116,16 @@ class NodeAgent:
                 gradient_checkpointing=n.gradient_checkpointing, seed=n.seed, test_path=n.test_path or None,
                 labels=list(n.labels) or None, log=self.log,
             )
-            resume = self.state_dir / "trainer"
-            if resume.exists() and hasattr(self._trainer, "load_resume"):
+            if self._resume_dir.exists() and hasattr(self._trainer, "load_resume"):
                 try:
-                    self._trainer.load_resume(resume)
+                    self._trainer.load_resume(self._resume_dir)
                 except (ValueError, OSError, SafetensorError) as exc:
                     # State that no longer fits (other labels or model, a damaged file): start from the base
                     # model, once, rather than fail at every restart.  The coordinator's next slice brings the run.
                     self.log.warning("resume_state_discarded", error=f"{type(exc).__name__}: {exc}"[:300])
-                    shutil.rmtree(resume, ignore_errors=True)
+                    shutil.rmtree(self._resume_dir, ignore_errors=True)
                     self._run, self._trainer = None, None
+                    self._free_memory()
                     return self.trainer
                 self.log.info("trainer_resumed", sparsity=self._trainer.sparsity)
         return self._trainer
@@ -442,19 +443,19 @@ class NodeAgent:
         if self._run is not None and self._run != run_id:
             log.info("new_run_starts_from_base_model", previous_run=self._run,
                      previous_sparsity=round(float(getattr(self._trainer, "sparsity", 0.0)), 4))
-            shutil.rmtree(self.state_dir / "trainer", ignore_errors=True)
+            shutil.rmtree(self._resume_dir, ignore_errors=True)
             if self._injected:
                 getattr(self._trainer, "reset", lambda: None)()
             else:
                 self._trainer = None  # rebuilt from the base model on first use
-                gc.collect()
+                self._free_memory()
         if self._run != run_id:
             self._run = run_id
             (self.state_dir / "run_id").write_text(run_id)
 
     def _save_resume(self) -> None:
         if hasattr(self._trainer, "save_resume"):
-            self._trainer.save_resume(self.state_dir / "trainer")
+            self._trainer.save_resume(self._resume_dir)
 
     def _export(self, cmd: Command) -> None:
         log = self.log.bind(round=cmd.round, run_id=cmd.run_id)
