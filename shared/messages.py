@@ -123,17 +123,13 @@ def _check_field(cls: type, name: str, value: Any, kind: str, meta: dict) -> Any
                 raise _fail(cls, name, k, "keys must be strings of 1-64 characters")
             out[k] = _check_number(cls, f"{name}[{k!r}]", x, meta, "float")
         return out
-    if kind == "ints":  # list[int]
+    if kind in ("ints", "strs"):  # list[int] / list[str]: max_len bounds the items (a string: MAX_STR characters)
         if not isinstance(value, (list, tuple)):
-            raise _fail(cls, name, value, "must be a list of integers")
+            raise _fail(cls, name, value, f"must be a list of {'integers' if kind == 'ints' else 'strings'}")
         if len(value) > meta["max_len"]:
             raise _fail(cls, name, f"<{len(value)} items>", f"more than {meta['max_len']} items")
-        return [_check_number(cls, f"{name}[{i}]", x, meta, "int") for i, x in enumerate(value)]
-    if kind == "strs":  # list[str]: max_len bounds the items, each string at most MAX_STR characters
-        if not isinstance(value, (list, tuple)):
-            raise _fail(cls, name, value, "must be a list of strings")
-        if len(value) > meta["max_len"]:
-            raise _fail(cls, name, f"<{len(value)} items>", f"more than {meta['max_len']} items")
+        if kind == "ints":
+            return [_check_number(cls, f"{name}[{i}]", x, meta, "int") for i, x in enumerate(value)]
         item = {"max_len": MAX_STR, "choices": (), "check": ""}
         return [_check_str(cls, f"{name}[{i}]", x, item) for i, x in enumerate(value)]
     raise AssertionError(f"unsupported field kind {kind}")  # pragma: no cover - guarded at import
