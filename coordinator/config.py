@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,10 @@ class RoundSettings:
     # the fleet's class names in order (classification); empty = those of the first node that joins.  A node whose
     # head has another list is refused: averaging heads across different classes would corrupt both.
     labels: tuple[str, ...] = ()
+    # the SHA-256 of the fleet's base model (what `fedspine node` logs as base_model in trainer_ready, or
+    # `sha256sum` over config.json and the weight files: edge_node.model.base_model_digest); empty = that of the
+    # first node that joins.  A node on other base weights is refused: LoRA updates only add up on the same base.
+    base_model: str = ""
     state_dir: str = "/var/lib/fedspine/coordinator"
     metrics_file: str = ""  # default <state_dir>/metrics.jsonl
     seed: int = 0
@@ -115,6 +120,8 @@ class RoundSettings:
             raise ConfigError(f"[coordinator] pace_min_fraction {self.pace_min_fraction} outside (0, 1]")
         if not 1 <= self.max_steps_factor <= 100:
             raise ConfigError(f"[coordinator] max_steps_factor {self.max_steps_factor} outside [1, 100]")
+        if self.base_model and not re.fullmatch(r"[0-9a-f]{64}", self.base_model):
+            raise ConfigError(f"[coordinator] base_model {self.base_model!r} must be a sha256 digest in lowercase hex")
         if self.join_timeout_s < 0:
             raise ConfigError(f"[coordinator] join_timeout_s {self.join_timeout_s} must be >= 0 (0: no limit)")
         if self.deadline_s <= 0 or self.min_nodes < 1:

@@ -67,6 +67,17 @@ class RunSummary:
 
 
 WAIT_LOG_S = 60.0  # while waiting for nodes, one line this often
+REFUSAL_HINTS = {  # what an operator does about a refused node (Coordinator._fits)
+    "labels": "every node needs the same class list in the same order: set [node] labels on each (Ansible: "
+              "edge_node_labels), or [coordinator] labels to pin the fleet's",
+    "base_model": "every node needs the same base model files (config.json and weights): give each node the same "
+                  "copy (Ansible: edge_node_model_src), or pin the right one with [coordinator] base_model",
+}
+
+
+def _plain(value):
+    """A log field's value: tuples as lists (JSON)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 class Coordinator:
@@ -94,7 +105,8 @@ class Coordinator:
         self._active = 0  # the round being collected right now (0 between rounds)
         self._last: dict[str, Assignment] = {}  # each node's latest assignment (for the final sync)
         self._labels: tuple[str, ...] | None = tuple(rs.labels) or None  # the fleet's class names (classification)
-        self._refused: dict[str, tuple[str, ...]] = {}  # nodes refused for another class list (logged once each)
+        self._base_model: str | None = rs.base_model or None  # the digest of the fleet's base model
+        self._refused: dict[str, tuple] = {}  # refused nodes -> (labels, base model) they had (logged once each)
         self._stop = threading.Event()
         status_off = encode(CoordinatorStatus(state="offline", ts=time.time(), run_id=self.run_id))
         self.transport = transport or MqttTransport(
@@ -160,29 +172,34 @@ class Coordinator:
         except queue.Empty:
             return None
 
-    def _labels_fit(self, node_id: str, status: NodeStatus) -> bool:
-        """Does the node's classification head have the fleet's class list?  The first list seen (or the configured
-        one) becomes the fleet's and is checkpointed; a node with another list is refused, with one error line."""
-        got = tuple(status.labels)
-        if not got or status.state != "online":
-            return True  # a causal LM, or a node leaving
-        if self._labels is None:
-            self._labels = got
-            self.log.info("fleet_labels", labels=list(got), first_node=node_id)
-            return True
-        if got == self._labels:
+    def _fits(self, node_id: str, status: NodeStatus) -> bool:
+        """May the node train in this fleet?  Its classification head must have the fleet's class list and its base
+        model the fleet's digest: the first of each seen (or the configured one) becomes the fleet's and is
+        checkpointed; a node with another is refused, with one error line (again only if it changes)."""
+        if status.state != "online":
+            return True  # a node leaving
+        got = {"labels": tuple(status.labels) or None, "base_model": status.base_model}  # None: a causal LM / unknown
+        fleet = {"labels": self._labels, "base_model": self._base_model}
+        wrong = [k for k, v in got.items() if v is not None and fleet[k] is not None and v != fleet[k]]
+        if not wrong:
             self._refused.pop(node_id, None)
+            if self._labels is None and got["labels"] is not None:
+                self._labels = got["labels"]
+                self.log.info("fleet_labels", labels=list(self._labels), first_node=node_id)
+            if self._base_model is None and got["base_model"] is not None:
+                self._base_model = got["base_model"]
+                self.log.info("fleet_base_model", base_model=self._base_model, first_node=node_id)
             return True
-        if self._refused.get(node_id) != got:
-            self._refused[node_id] = got
-            self.log.error("node_refused_labels", node=node_id, labels=list(got), fleet_labels=list(self._labels),
-                           hint="every node needs the same class list in the same order: set [node] labels on "
-                                "each (Ansible: edge_node_labels), or [coordinator] labels to pin the fleet's")
+        if self._refused.get(node_id) != (got["labels"], got["base_model"]):
+            self._refused[node_id] = (got["labels"], got["base_model"])
+            for k in wrong:
+                self.log.error(f"node_refused_{k}", node=node_id, **{k: _plain(got[k]), f"fleet_{k}": _plain(fleet[k])},
+                               hint=REFUSAL_HINTS[k])
         return False
 
     def _apply_status(self, node_id: str, status: NodeStatus) -> None:
         # A node that joins while a round is collected takes part from the next one.
-        if not self._labels_fit(node_id, status):
+        if not self._fits(node_id, status):
             status = dataclasses.replace(status, state="offline")  # refused: as if gone (it leaves, if it was live)
         change = self.registry.apply(status, time.time(), self._active or self.round)
         if change in ("joined", "left"):
@@ -245,6 +262,8 @@ class Coordinator:
                       for nid, a in state.get("last_assignments", {}).items()}
         if state.get("labels") and not self.cfg.coordinator.labels:
             self._labels = tuple(state["labels"])
+        if state.get("base_model") and not self.cfg.coordinator.base_model:
+            self._base_model = state["base_model"]
         self.log.info("resumed", run_id=self.run_id, round=self.round)
 
     def _checkpoint(self) -> None:
@@ -252,7 +271,7 @@ class Coordinator:
             "run_id": self.run_id, "round": self.round, "registry": self.registry.state_dict(),
             "strategy": self.strategy.state_dict(), "method": self.cfg.coordinator.method,
             "last_assignments": {nid: dataclasses.asdict(a) for nid, a in self._last.items()},
-            "labels": list(self._labels or ()),
+            "labels": list(self._labels or ()), "base_model": self._base_model,
         })
 
     def _wait_for_nodes(self, n: int, timeout_s: float) -> bool:

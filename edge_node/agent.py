@@ -195,6 +195,7 @@ class NodeAgent:
             telemetry_source=getattr(self._telemetry, "source", ""), step_s=self._timing[0], overhead_s=self._timing[1],
             step_sparsity=self._timing[2], step_rank=self._timing[3],
             labels=list(getattr(self._trainer, "labels", None) or []),
+            base_model=getattr(self._trainer, "base_model", None),
         )
 
     def _on_connect(self) -> None:

@@ -29,6 +29,7 @@ from edge_node.exchange import apply_update, build_update
 from edge_node.importance import ImportanceTracker, blend, fleet_report
 from edge_node.model import (
     attach_lora,
+    base_model_digest,
     change_rank,
     current_rank,
     layer_geometry,
@@ -133,6 +134,7 @@ class LocalTrainer:
         torch.manual_seed(seed)
         self.gen = torch.Generator().manual_seed(seed + 7)
         self.tokenizer = load_tokenizer(model_path)
+        self.base_model = base_model_digest(model_path)  # announced on joining: the fleet's must be one
         self.labels: list[str] = []
         data = self._encode(read_records(data_path), labels, where=str(data_path))
         self.train_idx, self.val_idx = split_indices(len(data), self.train.val_fraction, seed)
@@ -160,7 +162,7 @@ class LocalTrainer:
         fp16_cuda = self.dtype == torch.float16 and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if fp16_cuda else None  # fp16 needs loss scaling, bf16 not
         self.rounds = 0
-        self.log.info("trainer_ready", model=Path(model_path).name, task=task, device=str(self.device),
+        self.log.info("trainer_ready", model=Path(model_path).name, base_model=self.base_model, task=task, device=str(self.device),
                       dtype=str(self.dtype).replace("torch.", ""), train=len(self.train_idx), val=len(self.val_idx),
                       test=sum(len(b["input_ids"]) for b in self.test_batches), labels=len(self.labels),
                       layers=len(layer_geometry(self.model)))
@@ -457,7 +459,8 @@ class LocalTrainer:
         for name, p in task_head_params(self.model).items():
             tensors[f"dense.{name}"] = p.detach().float().cpu().contiguous()
         tensors.update(self.tracker.state())
-        meta = {"version": RESUME_VERSION, "task": self.task, "labels": self.labels, "rank": self.rank,
+        meta = {"version": RESUME_VERSION, "task": self.task, "labels": self.labels, "base_model": self.base_model,
+                "rank": self.rank,
                 "alpha": self.train.lora_alpha, "rounds": self.rounds,
                 "kept": kept_to_json(kept_maps(self.model))}
         tmp = d / "state.safetensors.tmp"
@@ -476,6 +479,9 @@ class LocalTrainer:
                              f"{meta.get('task')})")
         if not self.causal and meta.get("labels") != self.labels:
             raise ValueError(f"resume state labels {meta.get('labels')} differ from the data's {self.labels}")
+        if meta.get("base_model") not in (None, self.base_model):  # the model folder was replaced since
+            raise ValueError(f"resume state was made on base model {meta['base_model'][:12]}…, not this folder's "
+                             f"{self.base_model[:12]}…")
         restore_structure(self.model, kept_from_json(meta["kept"]))
         tensors = load_file(str(d / "state.safetensors"))
         for name, layer in lora_layers(self.model).items():

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -175,6 +177,24 @@ def load_base_model(path: str, task: str, *, num_labels: int | None = None, dtyp
         raise ValueError(f"task {task!r} must be seq_cls or causal_lm")
     arch_of(model)  # fail early on an unsupported architecture
     return model
+
+
+def base_model_digest(path: str) -> str:
+    """SHA-256 that identifies a local model folder's base model: of the text ``sha256sum`` prints for its
+    ``config.json`` and the weight files transformers loads (``*.safetensors``, else ``*.bin``), in byte order of
+    their names.  Every node of a fleet must start from the same base weights, since a LoRA update only means
+    something on top of the weights it was trained on; an operator checks a Jetson's copy with
+    ``cd MODEL && ls config.json *.safetensors | LC_ALL=C sort | xargs sha256sum | sha256sum``."""
+    folder = Path(path)
+    weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not weights:
+        raise FileNotFoundError(f"{folder}: no *.safetensors or *.bin weight files")
+    files = sorted([folder / "config.json", *weights], key=lambda f: f.name.encode())
+    listing = []
+    for f in files:
+        with open(f, "rb") as fh:
+            listing.append(f"{hashlib.file_digest(fh, 'sha256').hexdigest()}  {f.name}\n")
+    return hashlib.sha256("".join(listing).encode()).hexdigest()
 
 
 def load_tokenizer(path: str):

@@ -251,6 +251,9 @@ class NodeStatus(Message):
     # The class names of its classification head, in order (empty for a causal LM): every node of a fleet must
     # have the same list, or their heads' rows would be averaged across different classes.
     labels: list[str] = spec(factory=list, max_len=1024)
+    # SHA-256 of its base model's config and weight files (edge_node.model.base_model_digest; None: unknown):
+    # every node of a fleet must train on the same base weights, or the LoRA updates averaged mean nothing.
+    base_model: str | None = spec(None, check="digest")
 
 
 @message

@@ -245,6 +245,42 @@ def test_a_node_with_another_class_list_is_refused(tmp_path):
     assert {r["node"] for r in rows(tmp_path, "node")} == {"agx-1", "tx2-3"}
 
 
+class BasedTrainer(FakeTrainer):
+    def __init__(self, name: str, base_model: str) -> None:
+        super().__init__(name)
+        self.base_model = base_model
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+def test_a_node_on_another_base_model_is_refused(tmp_path, pinned):
+    """A Jetson provisioned with another copy of the model (another release, a re-trained checkpoint) has the
+    fleet's shapes, so its updates would pass every shape check and be averaged with updates made on other
+    weights.  The coordinator refuses it by its base-model digest, once, by name; pinned, even if it joins first."""
+    ours, other = hashlib.sha256(b"ours").hexdigest(), hashlib.sha256(b"other").hexdigest()
+    # Unpinned, the first node to join sets the fleet's digest, so the odd one starts last; pinned, it starts first.
+    order = [("nx-2", other), ("agx-1", ours), ("tx2-3", ours)] if pinned else \
+        [("agx-1", ours), ("tx2-3", ours), ("nx-2", other)]
+    trainers = {n: BasedTrainer(n, d) for n, d in order}
+
+    def late(agent, trainer):  # the unpinned fleet's first two nodes have joined before the odd one starts
+        if not pinned and trainer.base_model == other:
+            time.sleep(0.5)
+
+    with structlog.testing.capture_logs() as lines:
+        coord, summary = run_fleet(tmp_path, trainers, min_nodes=2, wire=late,
+                                   **({"base_model": ours} if pinned else {}))
+    assert summary.rounds_done == 3 and not summary.stopped_early
+    wrong = {n for n, t in trainers.items() if t.base_model == other}
+    for n, t in trainers.items():
+        assert (t.calls == []) == (n in wrong), n
+    refused = [e for e in lines if e["event"] == "node_refused_base_model"]
+    assert sorted(e["node"] for e in refused) == sorted(wrong)
+    assert all(e["base_model"] == other and e["fleet_base_model"] == ours and "[coordinator] base_model" in e["hint"]
+               for e in refused)
+    assert CheckpointStore(tmp_path / "coord").load()["base_model"] == ours
+    assert {r["node"] for r in rows(tmp_path, "node")} == set(trainers) - wrong
+
+
 def test_the_global_model_does_not_depend_on_the_order_uploads_arrive_in(tmp_path):
     """The same updates arriving in the opposite order give a bit-identical global model (floating-point sums
     are taken in node order), so a run is reproducible and its audit replay exact."""

@@ -508,6 +508,8 @@ def test_step_alignment_settings_are_checked():
     assert steps == {0.5: 10, 0.51: 11, 1.0: 20, 0.01: 1}
     with pytest.raises(ConfigError, match="min_keepers"):
         CoordinatorConfig.from_dict({"coordinator": {"min_keepers": 0}})
+    with pytest.raises(ConfigError, match="base_model 'A3604C' must be a sha256"):
+        CoordinatorConfig.from_dict({"coordinator": {"base_model": "A3604C"}})
     with pytest.raises(ConfigError, match="step_cost_sparsity"):
         CoordinatorConfig.from_dict({"coordinator": {"step_cost_sparsity": 1.0}})
     with pytest.raises(ConfigError, match="step_cost_rank"):

@@ -103,6 +103,9 @@ def test_resume_merge_and_stop(cls_data, tmp_path):
     assert again.kept_maps() == tr.kept_maps() and again.rank == 4
     assert again.sparsity == pytest.approx(tr.sparsity)
     assert again.evaluate("val")["loss"] == pytest.approx(tr.evaluate("val")["loss"], abs=1e-6)
+    again.base_model = "0" * 64  # the model folder was replaced by another copy: its state does not carry over
+    with pytest.raises(ValueError, match="resume state was made on base model"):
+        again.load_resume(tmp_path / "state")
     merged = tr.merged_model()
     batch = random_batch()
     with torch.no_grad():

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from edge_node.model import (
     attach_lora,
+    base_model_digest,
     change_rank,
     current_rank,
     layer_geometry,
@@ -21,7 +24,7 @@ from edge_node.model import (
     refactor,
     task_head_params,
 )
-from tests.edge_node.tiny import cached_model_folder, load_lora_model, random_batch
+from tests.edge_node.tiny import cached_model_folder, load_lora_model, make_model_folder, random_batch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -147,3 +150,30 @@ def test_refactor_reinitialises_dead_components_like_peft():
     assert torch.all(na[1:].abs() <= bound) and torch.all(na[1:].abs().sum(1) > 0)
     zb, za = refactor(torch.zeros(16, 4), torch.zeros(4, 12), 1.0, 2, 1.0)
     assert torch.count_nonzero(zb) == 0 and torch.all(za.abs().sum(1) > 0)
+
+
+def test_base_model_digest_is_the_sha256sum_of_config_and_weights_and_tells_copies_apart(tmp_path):
+    """The digest nodes announce on joining: what an operator gets on a Jetson with sha256sum; the same for a
+    byte-identical copy, another for other weights or another config, and blind to files that load nothing."""
+    import shutil
+    import subprocess
+
+    a = make_model_folder(tmp_path / "a", "bert", seed=0)
+    digest = base_model_digest(str(a))
+    listing = subprocess.run("ls config.json *.safetensors | LC_ALL=C sort | xargs sha256sum | sha256sum",
+                             shell=True, cwd=a, capture_output=True, text=True, check=True).stdout.split()[0]
+    assert digest == listing and len(digest) == 64
+    copy = Path(shutil.copytree(a, tmp_path / "copy"))
+    (copy / "README.md").write_text("notes that load nothing")
+    assert base_model_digest(str(copy)) == digest
+    assert base_model_digest(str(make_model_folder(tmp_path / "b", "bert", seed=1))) != digest  # other weights
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "num_attention_heads": 2}))  # same tensors, other model
+    assert base_model_digest(str(copy)) != digest
+    for f in a.glob("*.safetensors"):
+        f.unlink()
+    (a / "pytorch_model.bin").write_bytes(b"weights as transformers' older format")  # loaded when no safetensors
+    assert base_model_digest(str(a)) not in (digest, base_model_digest(str(copy)))
+    (a / "pytorch_model.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors or \\*.bin"):
+        base_model_digest(str(a))

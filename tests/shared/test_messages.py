@@ -31,7 +31,8 @@ from shared.messages import (
 DATA = bytes(range(256)) * 4
 SAMPLES: list[Message] = [
     NodeStatus(node_id="node-a", state="online", ts=1.7e9, device_type="orin-nano", model_id="minilm",
-               memory_mb=7620, software_version="0.1.0", sparsity=0.25, round=3, telemetry_source="jtop"),
+               memory_mb=7620, software_version="0.1.0", sparsity=0.25, round=3, telemetry_source="jtop",
+               base_model="0f" * 32),
     CoordinatorStatus(state="finished", ts=1.7e9, run_id="abc123", round=10, method="fedspine"),
     Telemetry(node_id="node-a", ts=1.7e9, source="jtop", power_w=7.25, power_estimated=False,
               rails_w={"VDD_IN": 7.25, "VDD_CPU_GPU_CV": 2.5}, cpu_percent=41.5, gpu_percent=88.0,
@@ -197,11 +198,13 @@ def test_protocol_error_is_a_value_error() -> None:
     (lambda: RoundConfig(run_id="r", round=1, target_sparsity=0.1, rank=8, local_steps=20, deadline_ts=0.0,
                          upload_transfer_id="u", download_transfer_id=None, max_steps=100), "need finish_s"),
     (lambda: NodeStatus(node_id="", state="online", ts=0.0), "node_id"),
+    (lambda: NodeStatus(node_id="a", state="online", ts=0.0, base_model="ABC"), "base_model: must be a sha256"),
     (lambda: RoundReport(run_id="r", round=0, node_id="a", status="ok", energy_j=-1.0), "energy_j"),
     (lambda: Chunk(transfer_id="t", sender="a", index=0, count=1, total_size=1, digest="0" * 64, data=b"ab"),
      "Chunk.data"),
     (lambda: Command(command="stop", run_id="r", v=2), "Command.v"),
-], ids=["choice", "sparsity-one", "paced-steps-out-of-range", "range-without-finish", "empty-node", "negative-energy",
+], ids=["choice", "sparsity-one", "paced-steps-out-of-range", "range-without-finish", "empty-node", "base-model-digest",
+        "negative-energy",
         "data-over-total", "version"])
 def test_invalid_messages_cannot_be_built_locally(build, fragment: str) -> None:
     with pytest.raises(ProtocolError, match=fragment.replace("(", r"\(")):
