@@ -237,6 +237,7 @@ def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broke
             "train": {"batch_size": args.batch_size, "max_length": args.max_length, "learning_rate": args.lr,
                       "test_batches": args.test_batches,
                       **({} if args.fleet_importance is None else {"fleet_importance": args.fleet_importance}),
+                      **({} if args.logit_adjustment is None else {"logit_adjustment": args.logit_adjustment}),
                       **({} if args.first_cut_with_fleet is None else
                          {"first_cut_with_fleet": args.first_cut_with_fleet})},
             "telemetry": {"interval_s": 5.0},
@@ -303,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a coordinate changes only where at least this many of the round's nodes kept it (1: the spec)")
     ap.add_argument("--fleet-importance", type=float, default=None,
                     help="nodes' [train] fleet_importance (weight of the fleet's importance when pruning; default 1.0)")
+    ap.add_argument("--logit-adjustment", type=float, default=None,
+                    help="nodes' [train] logit_adjustment τ: local steps train on logits + τ·log(the node's class "
+                         "prior), every method alike (default 0: plain cross-entropy)")
     ap.add_argument("--first-cut-with-fleet", action=argparse.BooleanOptionalAction, default=None,
                     help="nodes' [train] first_cut_with_fleet (default on): a node's first cut waits for the fleet's "
                          "importance (round 2); --no-first-cut-with-fleet cuts on its own shard's alone at the end "

@@ -73,8 +73,15 @@ class TrainSettings:
     # (a shard that lacks a class cuts what that class needs, for good); false restores the spec's order
     first_cut_with_fleet: bool = True
     round_multiple: int = 1  # round kept FFN channels to a multiple of this (never below the target)
+    # ours (classification): local steps train on logits + logit_adjustment · log(the node's class prior), the
+    # logit-adjusted loss (Menon et al., 2021; FedLC/FedBSM in federated learning), so a node whose data lacks or
+    # floods a class learns which class a text is rather than its own label mix, and its update pulls the fleet's
+    # head less toward it.  Evaluation and exported models use the plain logits.  0: plain cross-entropy.
+    logit_adjustment: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.logit_adjustment <= 4:
+            raise ConfigError(f"[train] logit_adjustment {self.logit_adjustment} outside [0, 4]")
         if self.batch_size < 1 or self.max_length < 8:
             raise ConfigError(f"[train] batch_size {self.batch_size} / max_length {self.max_length} too small")
         if not 0 < self.learning_rate < 1:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.nn import functional as F
 
 from edge_node.config import TrainSettings
 from edge_node.data import (
@@ -139,6 +140,7 @@ class LocalTrainer:
         data = self._encode(read_records(data_path), labels, where=str(data_path))
         self.train_idx, self.val_idx = split_indices(len(data), self.train.val_fraction, seed)
         self.data = data
+        self.logit_shift = self._logit_shift()  # None: plain cross-entropy in the local steps
         model = load_base_model(model_path, task, dtype=self.dtype, labels=self.labels or None)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -200,10 +202,27 @@ class LocalTrainer:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def _forward_loss(self, batch: dict[str, torch.Tensor]):
+    def _forward_loss(self, batch: dict[str, torch.Tensor], adjusted: bool = False):
+        """The model's loss and logits on ``batch``; ``adjusted``: the training loss, logit-adjusted where
+        ``[train] logit_adjustment`` is set (``_logit_shift``)."""
+        batch = self._to_device(batch)
         with self._autocast():
-            out = self.model(**self._to_device(batch))
-        return out.loss, out.logits
+            out = self.model(**batch)
+        if not adjusted or self.logit_shift is None:
+            return out.loss, out.logits
+        shift = self.logit_shift.to(out.logits.device)
+        return F.cross_entropy(out.logits.float() + shift, batch["labels"]), out.logits
+
+    def _logit_shift(self) -> torch.Tensor | None:
+        """logit_adjustment · log of this node's class prior over its training examples, with one pseudo-count
+        per class so that a class the node lacks gets a finite, strongly negative shift (None when off or for a
+        causal LM)."""
+        tau = self.train.logit_adjustment
+        if tau <= 0 or self.causal:
+            return None
+        targets = torch.as_tensor([self.data.targets[i] for i in self.train_idx], dtype=torch.long)
+        counts = torch.bincount(targets, minlength=len(self.labels)).float() + 1.0
+        return tau * torch.log(counts / counts.sum())
 
     @torch.no_grad()
     def _evaluate(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -242,7 +261,7 @@ class LocalTrainer:
         only (the gradients stay for the caller)."""
         batch = next(self.stream) if batch is None else batch
         t0 = time.perf_counter()
-        loss, _ = self._forward_loss(batch)
+        loss, _ = self._forward_loss(batch, adjusted=True)
         if self.scaler is not None and opt is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(opt)

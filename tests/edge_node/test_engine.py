@@ -8,7 +8,7 @@ import pytest
 import structlog
 import torch
 
-from edge_node.config import TrainSettings
+from edge_node.config import ConfigError, TrainSettings
 from edge_node.data import BatchStream, mean_batch_width
 from edge_node.engine import LocalTrainer, Pace, RoundInterrupted
 from edge_node.model import layer_geometry
@@ -121,6 +121,44 @@ def test_resume_merge_and_stop(cls_data, tmp_path):
     assert AutoConfig.from_pretrained(tmp_path / "export", trust_remote_code=True).label2id == {"neg": 0, "pos": 1}
     with pytest.raises(RoundInterrupted):
         tr.run_round(target_sparsity=0.5, rank=4, local_steps=5, global_update=None, should_stop=lambda: True)
+
+
+def test_logit_adjustment_shifts_the_training_loss_by_the_shards_class_prior_and_nothing_else(tmp_path):
+    rows = sentiment_rows(240, seed=4)
+    skewed = write_csv(tmp_path / "skew.csv",
+                       [r for r in rows if r["label"] == "pos"] + [r for r in rows if r["label"] == "neg"][:20])
+    plain = _trainer(skewed, seed=5)
+    la = _trainer(skewed, seed=5, train=TrainSettings(**{**SETTINGS.__dict__, "logit_adjustment": 1.5}))
+    assert plain.logit_shift is None and TrainSettings().logit_adjustment == 0.0  # off by default
+    counts = torch.bincount(torch.as_tensor([la.data.targets[i] for i in la.train_idx]), minlength=2).float()
+    assert counts[0] < counts[1] / 4  # the shard floods "pos"
+    torch.testing.assert_close(la.logit_shift, 1.5 * torch.log((counts + 1) / (counts + 1).sum()))
+    batch = next(BatchStream(la.data, la.train_idx, 16, la.stream.pad_id, False, 1))
+    la.model.eval(), plain.model.eval()
+    with torch.no_grad():
+        loss, logits = la._forward_loss(batch, adjusted=True)
+        plain_loss, plain_logits = plain._forward_loss(batch, adjusted=True)
+        torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits + la.logit_shift, batch["labels"]))
+        torch.testing.assert_close(plain_loss, torch.nn.functional.cross_entropy(plain_logits, batch["labels"]))
+        torch.testing.assert_close(logits, plain_logits)  # the model's logits are the plain ones
+        assert abs(loss.item() - plain_loss.item()) > 1e-3
+        torch.testing.assert_close(la._forward_loss(batch)[0], plain_loss)  # evaluation: the plain loss
+    assert la.evaluate("val")["loss"] == pytest.approx(plain.evaluate("val")["loss"], abs=1e-6)
+    # training on the shifted loss moves the model differently: the minority class keeps more of its logit
+    ra = la.run_round(target_sparsity=0.0, rank=4, local_steps=12, global_update=None)
+    rp = plain.run_round(target_sparsity=0.0, rank=4, local_steps=12, global_update=None)
+    assert any(not torch.equal(ra.update.modules[n].B, rp.update.modules[n].B) for n in ra.update.modules)
+    neg = [i for i in la.train_idx if la.data.targets[i] == 0]
+    probe = next(BatchStream(la.data, neg, 16, la.stream.pad_id, False, 2))
+    with torch.no_grad():
+        margin = [(t.model.eval()(**t._to_device(probe)).logits.diff(dim=1)).mean().item() for t in (la, plain)]
+    assert margin[0] < margin[1]  # pos − neg on the flooded shard's negatives is smaller after adjusted training
+    with pytest.raises(ConfigError, match="logit_adjustment"):
+        TrainSettings(logit_adjustment=-1.0)
+    # a causal LM has no classes to shift
+    lm = _trainer(write_csv(tmp_path / "lm.csv", lm_rows(40)), kind="llama", task="causal_lm",
+                  train=TrainSettings(**{**SETTINGS.__dict__, "logit_adjustment": 1.0}))
+    assert lm.logit_shift is None
 
 
 def test_half_precision_base_and_checkpointing_on_cpu(cls_data):
