@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="nodes' [train] fleet_importance (weight of the fleet's importance when pruning; default 1.0)")
     ap.add_argument("--logit-adjustment", type=float, default=None,
                     help="nodes' [train] logit_adjustment τ: local steps train on logits + τ·log(the node's class "
-                         "prior), every method alike (default 0: plain cross-entropy)")
+                         "prior), every method alike (default 1; 0: plain cross-entropy)")
     ap.add_argument("--first-cut-with-fleet", action=argparse.BooleanOptionalAction, default=None,
                     help="nodes' [train] first_cut_with_fleet (default on): a node's first cut waits for the fleet's "
                          "importance (round 2); --no-first-cut-with-fleet cuts on its own shard's alone at the end "

@@ -76,8 +76,10 @@ class TrainSettings:
     # ours (classification): local steps train on logits + logit_adjustment · log(the node's class prior), the
     # logit-adjusted loss (Menon et al., 2021; FedLC/FedBSM in federated learning), so a node whose data lacks or
     # floods a class learns which class a text is rather than its own label mix, and its update pulls the fleet's
-    # head less toward it.  Evaluation and exported models use the plain logits.  0: plain cross-entropy.
-    logit_adjustment: float = 0.0
+    # head less toward it.  Evaluation and exported models use the plain logits.  0: plain cross-entropy.  On a
+    # balanced shard the shift is the same for every class and changes nothing.  Default 1.0 (Menon et al.'s value)
+    # since the thirteenth registration (docs/results.md, runs 49-51).
+    logit_adjustment: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.logit_adjustment <= 4:

@@ -127,9 +127,9 @@ def test_logit_adjustment_shifts_the_training_loss_by_the_shards_class_prior_and
     rows = sentiment_rows(240, seed=4)
     skewed = write_csv(tmp_path / "skew.csv",
                        [r for r in rows if r["label"] == "pos"] + [r for r in rows if r["label"] == "neg"][:20])
-    plain = _trainer(skewed, seed=5)
+    plain = _trainer(skewed, seed=5, train=TrainSettings(**{**SETTINGS.__dict__, "logit_adjustment": 0.0}))
     la = _trainer(skewed, seed=5, train=TrainSettings(**{**SETTINGS.__dict__, "logit_adjustment": 1.5}))
-    assert plain.logit_shift is None and TrainSettings().logit_adjustment == 0.0  # off by default
+    assert plain.logit_shift is None and TrainSettings().logit_adjustment == 1.0  # on by default
     counts = torch.bincount(torch.as_tensor([la.data.targets[i] for i in la.train_idx]), minlength=2).float()
     assert counts[0] < counts[1] / 4  # the shard floods "pos"
     torch.testing.assert_close(la.logit_shift, 1.5 * torch.log((counts + 1) / (counts + 1).sum()))
