@@ -77,7 +77,7 @@ def test_a_slice_above_the_training_rank_is_evaluated_as_sent_and_trained_from_i
     ra = a.run_round(target_sparsity=0.2, rank=2, local_steps=6, global_update=sent)
     rb = b.run_round(target_sparsity=0.2, rank=2, local_steps=6, global_update=low)
     assert ra.metrics["test_loss"] == pytest.approx(at_sent["loss"], abs=1e-5)
-    assert abs(rb.metrics["test_loss"] - at_sent["loss"]) > 1e-3  # the rank-2 truncation is another model
+    assert abs(rb.metrics["test_loss"] - at_sent["loss"]) > 1e-4  # the rank-2 truncation is another model (ten times the tolerance above)
     assert ra.rank == rb.rank == 2 and ra.steps == rb.steps == 6
     for name, m in ra.update.modules.items():  # same start, same generator stream: the same training
         torch.testing.assert_close(m.delta(), rb.update.modules[name].delta(), atol=1e-5, rtol=1e-4)
