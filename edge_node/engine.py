@@ -210,8 +210,7 @@ class LocalTrainer:
             out = self.model(**batch)
         if not adjusted or self.logit_shift is None:
             return out.loss, out.logits
-        shift = self.logit_shift.to(out.logits.device)
-        return F.cross_entropy(out.logits.float() + shift, batch["labels"]), out.logits
+        return F.cross_entropy(out.logits.float() + self.logit_shift, batch["labels"]), out.logits
 
     def _logit_shift(self) -> torch.Tensor | None:
         """logit_adjustment · log of this node's class prior over its training examples, with one pseudo-count
@@ -222,7 +221,7 @@ class LocalTrainer:
             return None
         targets = torch.as_tensor([self.data.targets[i] for i in self.train_idx], dtype=torch.long)
         counts = torch.bincount(targets, minlength=len(self.labels)).float() + 1.0
-        return tau * torch.log(counts / counts.sum())
+        return (tau * torch.log(counts / counts.sum())).to(self.device)  # once, not in every step
 
     @torch.no_grad()
     def _evaluate(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:

@@ -77,7 +77,8 @@ def test_a_slice_above_the_training_rank_is_evaluated_as_sent_and_trained_from_i
     ra = a.run_round(target_sparsity=0.2, rank=2, local_steps=6, global_update=sent)
     rb = b.run_round(target_sparsity=0.2, rank=2, local_steps=6, global_update=low)
     assert ra.metrics["test_loss"] == pytest.approx(at_sent["loss"], abs=1e-5)
-    assert abs(rb.metrics["test_loss"] - at_sent["loss"]) > 1e-4  # the rank-2 truncation is another model (ten times the tolerance above)
+    # the rank-2 truncation is another model: its loss differs by ten times the tolerance above
+    assert abs(rb.metrics["test_loss"] - at_sent["loss"]) > 1e-4
     assert ra.rank == rb.rank == 2 and ra.steps == rb.steps == 6
     for name, m in ra.update.modules.items():  # same start, same generator stream: the same training
         torch.testing.assert_close(m.delta(), rb.update.modules[name].delta(), atol=1e-5, rtol=1e-4)
@@ -134,7 +135,8 @@ def test_logit_adjustment_shifts_the_training_loss_by_the_shards_class_prior_and
     assert counts[0] < counts[1] / 4  # the shard floods "pos"
     torch.testing.assert_close(la.logit_shift, 1.5 * torch.log((counts + 1) / (counts + 1).sum()))
     batch = next(BatchStream(la.data, la.train_idx, 16, la.stream.pad_id, False, 1))
-    la.model.eval(), plain.model.eval()
+    la.model.eval()
+    plain.model.eval()
     with torch.no_grad():
         loss, logits = la._forward_loss(batch, adjusted=True)
         plain_loss, plain_logits = plain._forward_loss(batch, adjusted=True)
