@@ -17,12 +17,10 @@ The reward is the weighted mean of the terms, in [0, 1].
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from coordinator.config import RewardSettings
-
-TERMS = ("loss", "progress", "time", "importance", "energy")
+from coordinator.config import REWARD_TERMS as TERMS
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,7 @@ def _clip01(x: float) -> float:
     return 0.0 if not math.isfinite(x) else min(max(x, 0.0), 1.0)
 
 
-def rewards(inputs: Sequence[RewardInput], weights: RewardSettings, target_sparsity: float) -> dict[str, dict]:
+def rewards(inputs: Sequence[RewardInput], weights: Mapping[str, float], target_sparsity: float) -> dict[str, dict]:
     """Return, per node, the normalised terms and the reward (``{"terms": {...}, "reward": r}``)."""
     if not inputs:
         return {}
@@ -59,7 +57,7 @@ def rewards(inputs: Sequence[RewardInput], weights: RewardSettings, target_spars
     have_energy = all(e is not None and e > 0 for e in per_sample)
     lowest_e = min(per_sample) if have_energy else None  # type: ignore[type-var]
     denom = target_sparsity if target_sparsity > 0 else 1.0
-    w = {t: float(getattr(weights, t)) for t in TERMS}
+    w = {t: float(weights.get(t, 0.0)) for t in TERMS}
     if not have_energy:
         w["energy"] = 0.0
     total_w = sum(w.values()) or 1.0

@@ -9,8 +9,8 @@ import torch
 
 from coordinator.bandit import DiscountedUCB, FleetBandit
 from coordinator.config import CoordinatorConfig
-from coordinator.strategy import NodeInfo, NodeResult, make_strategy
-from shared.updates import LoraUpdate, ModuleUpdate
+from coordinator.strategies import NodeInfo, NodeResult, make_strategy
+from shared.updates import GroupScores, LoraUpdate, ModuleUpdate
 
 
 def test_discounted_counts_and_index_follow_the_formula():
@@ -139,7 +139,7 @@ def _update(rank: int, seed: int) -> LoraUpdate:
     g = torch.Generator().manual_seed(seed)
     m = ModuleUpdate(A=torch.randn(rank, 8, generator=g) * 0.1, B=torch.randn(8, rank, generator=g) * 0.1,
                      rows=torch.arange(8), cols=torch.arange(8), shape=(8, 8), scale=16.0 / rank)
-    return LoraUpdate({"m": m})
+    return LoraUpdate({"m": m}, importance={"0.heads": GroupScores(idx=torch.arange(2), score=torch.ones(2), size=2)})
 
 
 def simulate_fleet(rounds: int = 30, seed: int = 0):

@@ -2,8 +2,12 @@
 
 import pytest
 
-from coordinator.config import RewardSettings
+from coordinator.config import BanditSettings
 from coordinator.reward import RewardInput, rewards
+
+
+def RewardSettings(**w):  # noqa: N802 - the default weights, with overrides
+    return {**BanditSettings().reward, **w}
 
 
 def _x(node_id, *, loss_end=0.8, ds=0.0, t=10.0, imp=1.0, energy=None, prev=None):
@@ -30,8 +34,8 @@ def test_energy_term_only_when_every_node_reported_it():
     assert out["a"]["terms"]["energy"] == 0.0  # skipped, and its weight leaves the mean
     w = RewardSettings()
     t = out["a"]["terms"]
-    expected = (w.loss * t["loss"] + w.progress * t["progress"] + w.time * t["time"]
-                + w.importance * t["importance"]) / (w.loss + w.progress + w.time + w.importance)
+    expected = (w["loss"] * t["loss"] + w["progress"] * t["progress"] + w["time"] * t["time"]
+                + w["importance"] * t["importance"]) / (w["loss"] + w["progress"] + w["time"] + w["importance"])
     assert out["a"]["reward"] == pytest.approx(expected)
 
 
