@@ -9,7 +9,7 @@ from pathlib import Path
 from shared.config import BrokerConfig, ConfigError, from_mapping, load_toml
 
 METHODS = ("fedspine", "fedlora", "hetlora", "uniform", "prune_ft", "ft_prune")
-REWARD_TERMS = ("loss", "progress", "time", "importance", "energy")
+REWARD_TERMS = ("loss", "time", "importance", "energy")
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,8 @@ class BanditSettings:
     rank: int = field(default=8, metadata={"help": "LoRA rank of the fixed-rank methods (all but fedspine and hetlora)"})
     tier_ranks: dict = field(default_factory=lambda: {"agx": 16, "nx": 8, "tx2": 4, "default": 8}, metadata={
         "help": "HetLoRA's rank per device tier"})
-    reward: dict = field(default_factory=lambda: {"loss": 1.0, "progress": 0.5, "time": 2.0, "importance": 0.25,
-                                                  "energy": 0.5}, metadata={
+    reward: dict = field(default_factory=lambda: {"loss": 1.0, "time": 1.0, "importance": 0.25, "energy": 0.5},
+                         metadata={
         "help": f"weights of the S-UCB reward terms ({', '.join(REWARD_TERMS)}); a term left out weighs 0"})
 
     def __post_init__(self) -> None:

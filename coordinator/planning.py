@@ -9,8 +9,9 @@ data of the nodes that ran them (coordinator/aggregation.py).
 
 Speeds come from the step-cost model: a node's time per local step at sparsity s is proportional to
 ``1 - STEP_COST_SPARSITY·s`` (the fit of ``python -m benchmarks.pruning.run --step-cost`` on MiniLM; the LoRA
-rank had no measurable effect), at the median of the node's last ``SPEED_WINDOW`` measured speeds, so one slow
-reading on a shared machine does not stretch the next round for the whole fleet.
+rank had no measurable effect on a step), and its upload to the LoRA rank (the factors are r rows and columns), at
+the median of the node's last ``SPEED_WINDOW`` measured speeds, so that one slow reading on a shared machine does
+not stretch the next round for the whole fleet.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ PACE_MIN_FRACTION = 0.5
 SPEED_WINDOW = 9
 
 Timing = tuple[float, float]  # (seconds of a node's round outside its local steps, seconds per local step)
+# A node's speed: (seconds of its round outside the steps and the upload, seconds per step at step cost 1, upload
+# seconds per unit of LoRA rank)
+Speed = tuple[float, float, float]
 
 
 def step_cost(sparsity: float) -> float:
@@ -34,21 +38,30 @@ def step_cost(sparsity: float) -> float:
     return 1.0 - STEP_COST_SPARSITY * sparsity
 
 
-def median_speed(speeds: Sequence[Timing]) -> Timing | None:
-    """(fixed seconds, seconds per step at step cost 1): the medians of a node's recorded speeds; None if none."""
+def measured_speed(round_s: float, train_s: float, upload_s: float, steps: int, sparsity: float,
+                   rank: int) -> Speed | None:
+    """A node's speed from one round: its completion time, the local steps' and the upload's shares of it."""
+    if train_s <= 0 or steps <= 0 or rank < 1:
+        return None
+    upload_s = min(max(upload_s, 0.0), max(round_s - train_s, 0.0))
+    return max(round_s - train_s - upload_s, 0.0), train_s / steps / step_cost(sparsity), upload_s / rank
+
+
+def median_speed(speeds: Sequence[Speed]) -> Speed | None:
+    """The component-wise median of a node's recorded speeds; None if it has none."""
     if not speeds:
         return None
-    return statistics.median(f for f, _ in speeds), statistics.median(u for _, u in speeds)
+    return tuple(statistics.median(s[k] for s in speeds) for k in range(3))  # type: ignore[return-value]
 
 
-def timing_at(speed: Timing, sparsity: float) -> Timing:
-    """(fixed seconds, seconds per step) of a node of ``speed`` at ``sparsity``."""
-    return speed[0], speed[1] * step_cost(sparsity)
+def timing_at(speed: Speed, sparsity: float, rank: int) -> Timing:
+    """(fixed seconds, seconds per step) of a node of ``speed`` at ``sparsity`` and LoRA ``rank``."""
+    return speed[0] + speed[2] * rank, speed[1] * step_cost(sparsity)
 
 
-def time_at(speed: Timing, sparsity: float, steps: int) -> float:
-    """A node's completion time for ``steps`` local steps at ``sparsity``."""
-    fixed, per_step = timing_at(speed, sparsity)
+def time_at(speed: Speed, sparsity: float, rank: int, steps: int) -> float:
+    """A node's completion time for ``steps`` local steps at ``sparsity`` and ``rank``."""
+    fixed, per_step = timing_at(speed, sparsity, rank)
     return fixed + steps * per_step
 
 

@@ -511,7 +511,7 @@ class Coordinator:
             node_id=a.node_id, update=update, samples=r.samples, loss_start=r.loss_start, loss_end=r.loss_end,
             compute_s=r.compute_s, round_time_s=round_time, sparsity=r.sparsity, rank=r.rank,
             energy_j=r.energy_j, upload_bytes=len(p.payload), steps=steps, examples=r.examples,
-            train_s=min(r.train_s, round_time),
+            train_s=min(r.train_s, round_time), upload_s=min(r.upload_s, round_time),
         )
 
     def _write_metrics(self, rnd, assignments, results, failures, summary, pending, cost: dict) -> None:

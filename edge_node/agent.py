@@ -439,7 +439,7 @@ class NodeAgent:
         report = RoundReport(
             **base, status="ok", transfer_id=cfg.upload_transfer_id, upload_bytes=len(result.payload),
             loss_start=result.loss_start, loss_end=result.loss_end, samples=result.samples, steps=result.steps,
-            examples=result.examples, compute_s=result.compute_s, train_s=train_s, upload_s=upload_s,
+            examples=result.examples, compute_s=result.compute_s, train_s=train_s, upload_s=self._upload[1],
             virtual_s=virtual_s, sparsity=result.sparsity,
             rank=result.rank, energy_j=energy.energy_j if energy is not None else None,
             avg_power_w=energy.avg_power_w if energy is not None else None,

@@ -350,7 +350,7 @@ class RoundReport(Message):
     examples: int = _count(0)  # size of the node's local training set (the aggregation weight)
     compute_s: float = _seconds(0.0)
     train_s: float = _seconds(0.0)  # the local steps' share of the round time, on the same clock as virtual_s/wall
-    upload_s: float = _seconds(0.0)
+    upload_s: float = _seconds(0.0)  # the upload's share of the round time, on the same clock
     virtual_s: float = _seconds(0.0)
     sparsity: float = _frac(0.0)
     rank: int = spec(0, lo=0, hi=4096)

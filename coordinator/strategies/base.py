@@ -76,12 +76,12 @@ class NodeResult:
     steps: int = 0  # local steps run (0: unknown, taken as τ)
     examples: int = 0  # the node's training examples (0: unknown; the weight falls back to samples per step)
     train_s: float = 0.0  # the local steps' share of round_time_s (0: unknown)
+    upload_s: float = 0.0  # the upload's share of round_time_s
 
-    def timing(self) -> planning.Timing | None:
-        """(seconds of the round outside the local steps, seconds per local step), or None if not reported."""
-        if self.train_s <= 0 or self.steps <= 0:
-            return None
-        return max(self.round_time_s - self.train_s, 0.0), self.train_s / self.steps
+    def speed(self) -> planning.Speed | None:
+        """The node's speed this round (planning.measured_speed), or None if it reported no timing."""
+        return planning.measured_speed(self.round_time_s, self.train_s, self.upload_s, self.steps, self.sparsity,
+                                       self.rank)
 
 
 @dataclass(frozen=True)
@@ -121,10 +121,10 @@ class NodeState:
     sparsity: float = 0.0
     rank: int = 0
     structure: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # kept rows/cols per module
-    speeds: list[planning.Timing] = field(default_factory=list)  # the last SPEED_WINDOW (fixed s, s per step at cost 1)
+    speeds: list[planning.Speed] = field(default_factory=list)  # its last SPEED_WINDOW measured speeds
 
     @property
-    def speed(self) -> planning.Timing | None:
+    def speed(self) -> planning.Speed | None:
         return planning.median_speed(self.speeds)
 
 
@@ -141,8 +141,6 @@ class Strategy:
 
     name: ClassVar[str]
     prunes: ClassVar[bool] = True  # whether the method ever cuts (its nodes then track importance)
-    # Step alignment and pacing (coordinator/planning.py).
-    aligned: ClassVar[bool] = False
 
     def __init__(self, cfg: CoordinatorConfig, total_rounds: int, seed: int = 0) -> None:
         self.cfg, self.total_rounds, self.seed = cfg, total_rounds, seed
@@ -152,6 +150,9 @@ class Strategy:
         self._pending: dict[str, tuple[Assignment, float]] = {}  # node -> (assignment, sparsity before the round)
 
     # ---- the algorithm: what a method overrides -------------------------------------------------------------
+    def begin_round(self, rnd: int, nodes: Sequence[NodeInfo]) -> None:
+        """Called before the round's ``schedule`` calls, with all of its participants."""
+
     def schedule(self, rnd: int, node: NodeInfo, st: NodeState) -> tuple[float, int, tuple[float, int] | None]:
         """(the node's sparsity after this round's cut, its LoRA rank, the bandit arm behind them or None)."""
         raise NotImplementedError
@@ -188,18 +189,18 @@ class Strategy:
 
     def configure_round(self, rnd: int, nodes: Sequence[NodeInfo]) -> list[Assignment]:
         plans = []
+        self.begin_round(rnd, nodes)
         for node in nodes:
             st = self.state(node.node_id)
             target, rank, arm = self.schedule(rnd, node, st)
             plans.append([node, st, float(max(target, st.sparsity)), int(rank), arm])
-        self.adjust(rnd, plans, self._timing(plans) if self.aligned else {})
+        self.adjust(rnd, plans, self._timing(plans))
         if not self.has_fleet_importance():
             # A cut ranks groups by the fleet's averaged importance, which comes with the slice once a round with
             # importance scores was aggregated: until then nobody is cut.
             for plan in plans:
                 plan[2] = plan[1].sparsity
-        timing = self._timing(plans) if self.aligned else {}
-        work = planning.plan_round(timing, [p[0].node_id for p in plans], self.tau)
+        work = planning.plan_round(self._timing(plans), [p[0].node_id for p in plans], self.tau)
         track = self.will_prune(rnd)
         out, self._pending = [], {}
         for node, st, target, rank, arm in plans:
@@ -212,12 +213,12 @@ class Strategy:
         return out
 
     def _timing(self, plans: Sequence[list]) -> dict[str, planning.Timing]:
-        """node -> (fixed seconds, seconds per step) at its planned sparsity: from the step-cost model at its median
-        speed, or before it has an accepted round, from what it measured when it joined."""
+        """node -> (fixed seconds, seconds per step) at its planned sparsity and rank: from the step-cost model at its
+        median speed, or before it has an accepted round, from what it measured when it joined."""
         timing = {}
-        for node, st, target, _, _ in plans:
+        for node, st, target, rank, _ in plans:
             if (speed := st.speed) is not None:
-                timing[node.node_id] = planning.timing_at(speed, target)
+                timing[node.node_id] = planning.timing_at(speed, target, rank)
             elif node.step_s > 0:
                 ratio = planning.step_cost(target) / planning.step_cost(node.step_sparsity)
                 timing[node.node_id] = (node.overhead_s, node.step_s * ratio)
@@ -280,8 +281,8 @@ class Strategy:
             st.sparsity = max(st.sparsity, float(r.sparsity))
             st.rank = r.rank
             st.structure = {n: (m.rows.clone(), m.cols.clone()) for n, m in r.update.modules.items()}
-            if (t := r.timing()) is not None:
-                st.speeds = [*st.speeds, (t[0], t[1] / planning.step_cost(float(r.sparsity)))][-planning.SPEED_WINDOW:]
+            if (speed := r.speed()) is not None:
+                st.speeds = [*st.speeds, speed][-planning.SPEED_WINDOW:]
         times = [r.round_time_s for r in results]
         summary = RoundSummary(round=rnd, idle_fraction=planning.idle_fraction(times),
                                mean_round_time_s=sum(times) / max(len(times), 1),
@@ -312,5 +313,5 @@ class Strategy:
             structure = {name: (tensors[f"structure.{nid}.{name}.rows"], tensors[f"structure.{nid}.{name}.cols"])
                          for name in st["modules"]} or None
             self.nodes[nid] = NodeState(sparsity=float(st["sparsity"]), rank=int(st["rank"]), structure=structure,
-                                        speeds=[(float(f), float(u)) for f, u in st.get("speeds", [])])
+                                        speeds=[tuple(float(x) for x in v) for v in st.get("speeds", [])])
         self.load_policy_state(d.get("policy", {}))
