@@ -247,8 +247,10 @@ class LocalNatsCluster:
         for i in members:
             while True:
                 if not self.alive(i):
-                    raise RuntimeError(f"nats-server member {i} exited during start-up\n{self.log(i)[-4000:]}")
-                if _mqtt_connects(self.host, self.mqtt_ports[i], user, self.users[user], self.cafile):
+                    code = self.procs[i].returncode if self.procs[i] is not None else None
+                    raise RuntimeError(f"nats-server member {i} exited during start-up (exit code {code}, "
+                                       f"config {self.conf_file(i)})\n{self.log(i)[-4000:]}")
+                if mqtt_connects(self.host, self.mqtt_ports[i], user, self.users[user], self.cafile):
                     break
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"nats-server member {i} did not accept MQTT sessions within {timeout_s} s\n"
@@ -313,7 +315,7 @@ class LocalNatsCluster:
         return "\n".join(out)
 
 
-def _mqtt_connects(host: str, port: int, user: str, password: str, cafile: Path | None) -> bool:
+def mqtt_connects(host: str, port: int, user: str, password: str, cafile: Path | None) -> bool:
     """One MQTT 3.1.1 CONNECT with a bare paho client: True on a successful CONNACK within 2 s."""
     import ssl
 
