@@ -159,7 +159,7 @@ def _add_nats_commands(sub: Any) -> None:
     member.add_argument("--server-name", required=True)
     member.add_argument("--route", action="append", required=True, metavar="HOST:PORT",
                         help="every member's route address, this one included (repeatable)")
-    member.add_argument("--store-dir", default="/var/lib/nats/jetstream")
+    member.add_argument("--store-dir", default="/var/lib/nats", help="JetStream storage (it adds jetstream/ below)")
     member.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="template variable of nats.conf.j2; VALUE parsed as JSON when possible")
     member.add_argument("--out")

@@ -16,8 +16,10 @@ a member down and bring it back::
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -28,7 +30,7 @@ from typing import Any
 
 import jinja2
 
-from broker_config.local import DEFAULT_TEST_USERS, free_port, make_lab_ca
+from broker_config.local import DEFAULT_TEST_USERS, make_lab_ca
 from shared.config import BrokerConfig
 from shared.topics import DEFAULT_ROOT, TopicError, Topics, check_nats_name
 
@@ -141,6 +143,34 @@ def set_password(path: str | Path, user: str, password: str, cost: int = DEFAULT
 
 
 # ---- a local cluster ----------------------------------------------------------------------------------------
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports free now and outside the kernel's ephemeral range: a member killed and started
+    again must find its ports unused, and any outgoing connection may take an ephemeral one meanwhile."""
+    low, high = _ephemeral_range()
+    candidates = [p for p in range(10000, 65000) if not low <= p <= high]
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    out: list[int] = []
+    while len(out) < count:
+        port = rng.choice(candidates)
+        if port in out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        out.append(port)
+    return out
+
+
 def require_nats_server() -> str:
     """The nats-server binary, or a RuntimeError saying how to install it (tests fail, never skip)."""
     exe = shutil.which("nats-server")
@@ -165,9 +195,8 @@ class LocalNatsCluster:
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="fedspine-nats-")
         self.dir = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.mqtt_ports = [free_port(host) for _ in range(members)]
-        self.client_ports = [free_port(host) for _ in range(members)]
-        self.route_ports = [free_port(host) for _ in range(members)]
+        ports = free_ports(3 * members, host)
+        self.mqtt_ports, self.client_ports, self.route_ports = ports[:members], ports[members:2 * members], ports[2 * members:]
         self.cafile: Path | None = None
         self.procs: list[subprocess.Popen | None] = [None] * members
         self._coordinators, self._monitors = coordinator_users, monitor_users
@@ -197,7 +226,7 @@ class LocalNatsCluster:
             (d / AUTH_FILE).write_text(auth)
             variables: dict[str, Any] = {
                 "server_name": f"fs-{i}", "listen_address": self.host, "client_port": self.client_ports[i],
-                "mqtt_address": self.host, "mqtt_port": self.mqtt_ports[i], "store_dir": str(d / "jetstream"),
+                "mqtt_address": self.host, "mqtt_port": self.mqtt_ports[i], "store_dir": str(d),
                 "cluster_name": "fedspine-test", "cluster_address": self.host, "cluster_port": self.route_ports[i],
                 "routes": routes, "route_user": "route", "route_password": "route-secret",
                 "stream_replicas": min(3, self.n), "max_file_store": 1 << 30, **tls, **self._overrides}
