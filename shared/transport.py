@@ -143,13 +143,14 @@ FLAP_COUNT = 3
 class MqttTransport(_Base):
     """paho-mqtt 2.x client (MQTT 3.1.1 by default: the embedded amqtt broker and NATS speak nothing else).
 
-    ``on_connect`` runs on the network thread after every CONNACK and must be idempotent (it publishes the
+    ``persistent`` asks for a persistent session (a client with a stable id: coordinator, nodes); it is used
+    only when the broker config lists several members.  ``on_connect`` runs on the network thread after every CONNACK and must be idempotent (it publishes the
     retained birth status).  ``member`` is the URL of the member in use; ``failovers`` lists
     ``(from_url, to_url, seconds)`` of every reconnect after a lost connection, seconds from the loss to
     the CONNACK."""
 
     def __init__(self, broker: BrokerConfig, client_id: str, *, will: tuple[str, bytes] | None = None,
-                 on_connect: Callable[[], None] | None = None, clean_session: bool = True, log: Any = None,
+                 on_connect: Callable[[], None] | None = None, persistent: bool = False, log: Any = None,
                  protocol: int = mqtt.MQTTv311, outbox_bytes: int = 1 << 30, stall_s: float = 30.0,
                  window: int | None = None) -> None:
         super().__init__(broker.topics, broker.chunk_size, MAX_INFLIGHT,
@@ -179,8 +180,12 @@ class MqttTransport(_Base):
         self._net_thread: int | None = None
         self._up_since = 0.0  # monotonic time of the last CONNACK
         self._short_sessions = 0  # connections in a row that the broker closed within FLAP_SESSION_S
+        # A persistent session only where a member list names a clustered engine that replicates it: there it
+        # carries the QoS 1 messages of a failover.  One broker keeps clean sessions (a restart loses nothing
+        # the resume protocol does not recover, and old queues never replay into a new run).
+        self.persistent = persistent and len(broker.urls) > 1
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
-                        clean_session=clean_session if protocol != mqtt.MQTTv5 else None)
+                        clean_session=not self.persistent if protocol != mqtt.MQTTv5 else None)
         if broker.username:
             c.username_pw_set(broker.username, broker.resolved_password())
         if broker.tls:
@@ -225,6 +230,7 @@ class MqttTransport(_Base):
                 and not self._stopping and self.on_connect is not None):
             self.log.warning("stale_will_overridden", topic=topic, member=self.member)
             self.on_connect()
+
     # ---- paho callbacks (network thread) -------------------------------------------------------------
     def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
         self._advanced = False
