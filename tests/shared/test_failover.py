@@ -4,18 +4,27 @@ presence guard on real mosquittos (two single brokers stand for two members; NAT
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
 from broker_config.fedspine_broker import main as broker_main
 from broker_config.nats import NatsError, hash_password, read_passwords, render_nats_auth, render_nats_config
+from coordinator.simulate import write_toml
 from shared import transport
 from shared.config import BrokerConfig, ConfigError, from_mapping
 from shared.topics import NODE_READS, NODE_WRITES, TopicError, check_nats_name, nats_subject
 from shared.transport import MqttTransport
 from tests.broker import Inbox, running_broker
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ---- [broker] --------------------------------------------------------------------------------------------------
@@ -157,3 +166,48 @@ def test_own_will_seen_while_connected_is_answered_with_a_new_birth(mqtt_transpo
     assert statuses.wait_for(4, 5), statuses.items
     time.sleep(0.3)
     assert [p for _, p in statuses.items] == [b"online", b"someone else's offline", b"offline-will", b"online"]
+
+
+# ---- leaving when every member is gone -------------------------------------------------------------------------
+@pytest.mark.mosquitto
+def test_stop_returns_when_the_broker_froze_with_publishes_in_flight(tmp_path) -> None:
+    """A broker that keeps the TCP connection but answers nothing (SIGSTOP): stop() gives up after its flush."""
+    with running_broker(tls=False) as b:
+        t = MqttTransport(b.broker_config("node-a"), "frozen-client")
+        t.start(10)
+        b.proc.send_signal(signal.SIGSTOP)
+        try:
+            for _ in range(50):
+                t.publish("fedspine/v1/node/node-a/telemetry", bytes(1000))
+            done = threading.Event()
+            threading.Thread(target=lambda: (t.stop(flush_s=1.0), done.set()), daemon=True).start()
+            assert done.wait(30), "stop() hung on a frozen broker"  # a hang detector, not a speed target
+        finally:
+            b.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.mosquitto
+@pytest.mark.slow
+def test_node_process_exits_on_sigterm_when_every_member_is_gone(tmp_path) -> None:
+    with running_broker(tls=False) as b:
+        cfg = tmp_path / "node.toml"
+        write_toml(cfg, {"broker": {"url": [b.url(), "mqtt://127.0.0.1:1"], "username": "node-a",
+                                    "password": b.users["node-a"]},
+                         "node": {"id": "node-a", "state_dir": str(tmp_path / "state")}})
+        log = tmp_path / "node.log"
+        with open(log, "ab") as fh:
+            p = subprocess.Popen([sys.executable, "-m", "tests.reliability.fake_node", "--config", str(cfg)],
+                                 stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
+                                 env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+        try:
+            deadline = time.monotonic() + 120
+            while "node_joined" not in log.read_text() and time.monotonic() < deadline and p.poll() is None:
+                time.sleep(0.2)
+            assert "node_joined" in log.read_text(), log.read_text()[-2000:]
+            b.stop()  # every member is gone now: one never existed, the other stopped
+            time.sleep(2.0)
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(60) == 0, log.read_text()[-2000:]  # a hang detector: it exits, cleanly
+        finally:
+            if p.poll() is None:
+                p.kill()
