@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,7 @@ class Clients:
 
     def __call__(self, user: str | None, member: int = 0, subscriptions: dict[str, Callable] | None = None,
                  **kw: Any) -> MqttTransport:
-        t = MqttTransport(self.cluster.broker_config(user, first=member), f"t-{user}-{len(self.made)}", **kw)
+        t = MqttTransport(self.cluster.broker_config(user, first=member), f"t-{user}-{uuid.uuid4().hex[:8]}", **kw)
         for f, h in (subscriptions or {}).items():
             t.subscribe(f, h)
         self.made.append(t)
@@ -247,6 +248,7 @@ def test_nats_node_member_killed_while_it_uploads(cluster: LocalNatsCluster, tmp
     nodes = NodeProcs(spread, tmp_path)
     watch = Clients(cluster)
     statuses, uploads = Inbox(), Inbox()
+    killed_at = 0
     try:
         watch("coordinator", 1, {f"{ROOT}/node/node-b/upload": uploads, f"{ROOT}/node/node-b/status": statuses})
         coord = coordinator_for(spread, tmp_path, rounds=rounds, deadline_s=45.0)
@@ -256,7 +258,8 @@ def test_nats_node_member_killed_while_it_uploads(cluster: LocalNatsCluster, tmp
         t.start()
         nodes.start("node-a", "--send-delay", "0.05", "--kb", "512")  # same width: one global model
         nodes.start("node-b", "--send-delay", "0.2", "--kb", "512")  # ~32 chunks, ~6 s of upload
-        assert uploads.wait_for(3, 120), "node-b never started uploading"
+        assert uploads.wait_for(3, 180), ("node-b never started uploading",
+                                          (tmp_path / "logs" / "node-b.log").read_text()[-3000:])
         cluster.kill(victim)
         killed_at = len(statuses.items)
         t.join(240)
@@ -304,7 +307,8 @@ def test_nats_coordinator_member_killed_during_a_round(cluster: LocalNatsCluster
         t.start()
         for nid in ("node-c", "node-d"):
             nodes.start(nid, "--send-delay", "0.1", "--kb", "512")  # ~3 s uploads
-        assert uploads.wait_for(4, 120), "round 1 uploads never started"
+        assert uploads.wait_for(4, 180), ("round 1 uploads never started",
+                                          (tmp_path / "logs" / "node-c.log").read_text()[-3000:])
         cluster.kill(victim)
         t.join(240)
         assert not t.is_alive(), "the run did not finish"
