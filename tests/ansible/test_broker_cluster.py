@@ -117,7 +117,7 @@ def running(provisioned: Cluster) -> Iterator[Cluster]:
                                           stderr=subprocess.STDOUT, start_new_session=True))
             log.close()
         ca = provisioned.root / "lab-ca" / "ca.crt"
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # JetStream elects its meta leader first; slow on a loaded machine
         for name, port in provisioned.mqtt_ports.items():
             while not mqtt_connects("127.0.0.1", port, NODE_ID, PASSWORDS[NODE_ID], ca):
                 assert time.monotonic() < deadline, (provisioned.prefixes[name] / "nats.log").read_text()[-3000:]
