@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from broker_config.nats import mqtt_connects, require_nats_server
+from broker_config.nats import free_ports, mqtt_connects, require_nats_server
 from shared.config import BrokerConfig
 from shared.transport import MqttTransport
-from tests.ansible.test_ansible import ANSIBLE_DIR, RunResult, _env, _free_ports, _parse_run, _tool
+from tests.ansible.test_ansible import ANSIBLE_DIR, RunResult, _env, _parse_run, _tool
 from tests.broker import Inbox
 
 pytestmark = [pytest.mark.slow, pytest.mark.nats]
@@ -58,7 +58,7 @@ def provisioned() -> Iterator[Cluster]:
         root.chmod(0o755)
         inventory = root / "inventory"
         shutil.copytree(ANSIBLE_DIR / "inventory" / "lab" / "group_vars", inventory / "group_vars")
-        ports = _free_ports(3 * len(MEMBERS))
+        ports = free_ports(3 * len(MEMBERS))  # outside the ephemeral range: still free when the members start
         hosts, prefixes, mqtt_ports = {}, {}, {}
         for i, name in enumerate(MEMBERS):
             prefixes[name] = root / name
