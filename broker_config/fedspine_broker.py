@@ -6,9 +6,15 @@ CLI (``python -m broker_config.fedspine_broker ...``)::
     remove-node NAME [--password-file F] [--sighup PID]
     render-acl [--topic-root R] [--coordinator U ...] [--monitor U ...] [--out FILE]
     render-config [--set KEY=VALUE ...] [--out FILE]
+    nats-passwd NAME [--passwords F] [--password P] [--secret-out FILE] [--cost N]
+    render-nats-auth [--passwords F] [--topic-root R] [--coordinator U ...] [--monitor U ...] [--out FILE]
+    render-nats --server-name NAME --route HOST:PORT ... [--set KEY=VALUE ...] [--out FILE]
 
 Without ``--password`` a random password is generated and printed once (or written, mode 0600, to
 ``--secret-out`` for the node's ``password_file``).  Mosquitto re-reads password and ACL files on SIGHUP.
+The ``nats-*``/``render-nats*`` commands do the same for a NATS cluster (broker_config/nats.py): bcrypt
+hashes in a ``user:hash`` file, the users-and-permissions file every member includes (reloaded with
+``nats-server --signal reload``), and one member's configuration.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from shared.topics import DEFAULT_ROOT, TopicError, Topics, check_node_id
 
 TEMPLATE_DIR = Path(__file__).resolve().parent
 DEFAULT_PASSWORD_FILE = "/etc/mosquitto/fedspine.passwd"
+DEFAULT_NATS_PASSWORDS = "/etc/nats/passwd"
 DEFAULT_COORDINATORS = ("coordinator",)
 RESERVED_USERS = ("coordinator", "monitor")
 
@@ -135,6 +142,56 @@ def _sighup(pid: int | None) -> None:
         os.kill(pid, signal.SIGHUP)
 
 
+def _add_nats_commands(sub: Any) -> None:
+    pw = sub.add_parser("nats-passwd", help="add (or change) a NATS user's bcrypt hash; user name == node id")
+    pw.add_argument("name")
+    pw.add_argument("--passwords", default=DEFAULT_NATS_PASSWORDS, help="the user:bcrypt-hash file")
+    pw.add_argument("--password", help="default: a generated 32-character secret")
+    pw.add_argument("--secret-out", help="write the password to this file (mode 0600) instead of printing it")
+    pw.add_argument("--cost", type=int, default=11, help="bcrypt cost (every connect verifies one hash)")
+    auth = sub.add_parser("render-nats-auth", help="render the NATS users and per-node permissions (nats-auth.conf)")
+    auth.add_argument("--passwords", default=DEFAULT_NATS_PASSWORDS)
+    auth.add_argument("--topic-root", default=DEFAULT_ROOT)
+    auth.add_argument("--coordinator", action="append", help="coordinator user (repeatable)")
+    auth.add_argument("--monitor", action="append", default=[], help="read-only monitor user (repeatable)")
+    auth.add_argument("--out")
+    member = sub.add_parser("render-nats", help="render one NATS cluster member's configuration (nats.conf)")
+    member.add_argument("--server-name", required=True)
+    member.add_argument("--route", action="append", required=True, metavar="HOST:PORT",
+                        help="every member's route address, this one included (repeatable)")
+    member.add_argument("--store-dir", default="/var/lib/nats", help="JetStream storage (it adds jetstream/ below)")
+    member.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="template variable of nats.conf.j2; VALUE parsed as JSON when possible")
+    member.add_argument("--out")
+
+
+def _run_nats_command(args: argparse.Namespace) -> None:
+    from broker_config import nats
+
+    if args.cmd == "nats-passwd":
+        password = args.password or secrets.token_urlsafe(24)
+        nats.set_password(args.passwords, args.name, password, args.cost)
+        if args.secret_out:
+            _write(password + "\n", args.secret_out, mode=0o600)
+        elif not args.password:
+            print(password)
+    elif args.cmd == "render-nats-auth":
+        hashes = nats.read_passwords(args.passwords)
+        if not hashes:
+            raise BrokerToolError(f"no users in {args.passwords}: add them with nats-passwd")
+        coordinators = args.coordinator or list(DEFAULT_COORDINATORS)
+        monitors = [u for u in args.monitor if u in hashes]
+        _write(nats.render_nats_auth(hashes, args.topic_root, coordinators, monitors), args.out, mode=0o640)
+    else:
+        variables: dict[str, Any] = {"server_name": args.server_name, "routes": args.route, "store_dir": args.store_dir}
+        for item in args.set:
+            key, sep, raw = item.partition("=")
+            if not sep or not key.isidentifier():
+                raise BrokerToolError(f"--set expects KEY=VALUE, got {item!r}")
+            variables[key] = _parse_value(raw)
+        _write(nats.render_nats_config(**variables), args.out, mode=0o640)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedspine-broker", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -158,9 +215,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="template variable; VALUE parsed as JSON when possible (e.g. '[\"stderr\"]')")
     cfg.add_argument("--out")
+    _add_nats_commands(sub)
     args = p.parse_args(argv)
     try:
-        if args.cmd == "add-node":
+        if args.cmd in ("nats-passwd", "render-nats-auth", "render-nats"):
+            _run_nats_command(args)
+        elif args.cmd == "add-node":
             if args.name in RESERVED_USERS and not args.allow_reserved:
                 raise BrokerToolError(f"{args.name!r} is reserved for the coordinator/monitor ACL entries")
             password = args.password or secrets.token_urlsafe(24)
@@ -183,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     raise BrokerToolError(f"--set expects KEY=VALUE, got {item!r}")
                 variables[key] = _parse_value(raw)
             _write(render_config(**variables), args.out)
-    except (BrokerToolError, TopicError, OSError, jinja2.TemplateError) as exc:
+    except (BrokerToolError, TopicError, OSError, jinja2.TemplateError, RuntimeError) as exc:
         print(f"fedspine-broker: {exc}", file=sys.stderr)
         return 2
     return 0

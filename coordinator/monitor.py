@@ -210,7 +210,8 @@ def run_monitor(broker: BrokerConfig, *, once: bool = False, duration_s: float =
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fedspine monitor", description="Live view of a FedSpine fleet over MQTT.")
-    ap.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt://host:port or mqtts://host:8883")
+    ap.add_argument("--broker", default="mqtt://127.0.0.1:1883",
+                    help="mqtt://host:port or mqtts://host:8883; a clustered broker's members separated by commas")
     ap.add_argument("--username", default=None)
     ap.add_argument("--password-file", default=None)
     ap.add_argument("--ca-file", default=None)
@@ -221,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                          "interval of 5 s, so every live node's power and load are in the snapshot; else until "
                          "Ctrl-C)")
     a = ap.parse_args(argv)
-    broker = BrokerConfig(url=a.broker, username=a.username, password_file=a.password_file, ca_file=a.ca_file,
-                          topic_root=a.root)
+    urls = tuple(u.strip() for u in a.broker.split(",") if u.strip())
+    broker = BrokerConfig(url=urls[0] if len(urls) == 1 else urls, username=a.username,
+                          password_file=a.password_file, ca_file=a.ca_file, topic_root=a.root)
     duration = a.duration if a.duration is not None else (ONCE_S if a.once else 0.0)
     run_monitor(broker, once=a.once, duration_s=duration)
     return 0

@@ -112,7 +112,7 @@ class Coordinator:
         status_off = encode(CoordinatorStatus(state="offline", ts=time.time(), run_id=self.run_id))
         self.transport = transport or MqttTransport(
             cfg.broker, client_id=f"fedspine-{COORDINATOR_ID}", will=(self.topics.coordinator_status, status_off),
-            on_connect=self._on_connect, log=self.log.bind(logger="transport"),
+            on_connect=self._on_connect, log=self.log.bind(logger="transport"), persistent=True,
         )
 
     # ---- network thread: decode and enqueue only ------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -55,46 +55,66 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class BrokerConfig:
-    """How to reach the MQTT broker. ``url`` is mqtt://host:port or mqtts://host:port (TLS)."""
+    """How to reach the MQTT broker: one URL, or every member of a clustered engine (clients go round them)."""
 
-    url: str = "mqtt://127.0.0.1:1883"
-    username: str | None = None
-    password: str | None = None
-    password_file: str | None = None  # preferred in production: a file readable by the service only
-    ca_file: str | None = None  # CA bundle for mqtts://; system CAs when unset
-    topic_root: str = DEFAULT_ROOT
-    keepalive_s: int = 30
-    chunk_size: int = 256 * 1024
-    max_inflight: int = 20  # paho ignores the broker's receive maximum: keep this <= 20
-    reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 30.0
+    url: str | tuple[str, ...] = field(default="mqtt://127.0.0.1:1883", metadata={
+        "help": "mqtt://host:1883 or mqtts://host:8883 (TLS); a list of such URLs names every member of a "
+                "clustered broker: clients connect to the first reachable one and move to the next on loss"})
+    username: str | None = field(default=None, metadata={
+        "help": "MQTT user name (a node's is its node id); unset: anonymous"})
+    password: str | None = field(default=None, metadata={
+        "help": "MQTT password in clear; prefer password_file"})
+    password_file: str | None = field(default=None, metadata={
+        "help": "file holding the MQTT password, readable by the service only (production)"})
+    ca_file: str | None = field(default=None, metadata={
+        "help": "CA bundle that signed the broker's certificate (mqtts://); unset: the system CAs"})
+    topic_root: str = field(default=DEFAULT_ROOT, metadata={
+        "help": "root of the fleet's topic tree, the same for every process of one deployment"})
+    chunk_size: int = field(default=256 * 1024, metadata={
+        "help": "bytes per chunk of an upload or download, in [4 KiB, 8 MiB]; below the broker's packet limit"})
 
     def __post_init__(self) -> None:
-        u = urlparse(self.url)
-        if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
-            raise ConfigError(f"[broker] url {self.url!r} must look like mqtt://host:1883 or mqtts://host:8883")
+        urls = (self.url,) if isinstance(self.url, str) else tuple(self.url)
+        if not urls:
+            raise ConfigError("[broker] url must name at least one broker")
+        schemes = set()
+        for url in urls:
+            u = urlparse(url) if isinstance(url, str) else None
+            if u is None or u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+                raise ConfigError(f"[broker] url {url!r} must look like mqtt://host:1883 or mqtts://host:8883")
+            try:
+                u.port  # noqa: B018 - raises on a bad port
+            except ValueError:
+                raise ConfigError(f"[broker] url {url!r} has an invalid port") from None
+            schemes.add(u.scheme)
+        if len(schemes) > 1:
+            raise ConfigError(f"[broker] url mixes mqtt:// and mqtts:// ({list(urls)}): a failover must never "
+                              "fall back to plain text")
+        if len(set(urls)) != len(urls):
+            raise ConfigError(f"[broker] url lists a member twice: {list(urls)}")
         if not 4 * 1024 <= self.chunk_size <= 8 * 1024 * 1024:
             raise ConfigError(f"[broker] chunk_size {self.chunk_size} outside [4 KiB, 8 MiB]")
-        if not 5 <= self.keepalive_s <= 3600:
-            raise ConfigError(f"[broker] keepalive_s {self.keepalive_s} outside [5, 3600]")
-        if not 1 <= self.max_inflight <= 20:
-            raise ConfigError(f"[broker] max_inflight {self.max_inflight} outside [1, 20]")
         if self.password is not None and self.password_file is not None:
             raise ConfigError("[broker] set password or password_file, not both")
         Topics(self.topic_root)  # validates the root
 
     @property
-    def host(self) -> str:
-        return urlparse(self.url).hostname or "127.0.0.1"
+    def urls(self) -> tuple[str, ...]:
+        """Every member's URL, in the order clients try them."""
+        return (self.url,) if isinstance(self.url, str) else tuple(self.url)
 
     @property
-    def port(self) -> int:
-        u = urlparse(self.url)
-        return u.port or (8883 if u.scheme == "mqtts" else 1883)
+    def endpoints(self) -> tuple[tuple[str, int], ...]:
+        """(host, port) of every member, in ``urls`` order."""
+        out = []
+        for url in self.urls:
+            u = urlparse(url)
+            out.append((u.hostname or "127.0.0.1", u.port or (8883 if u.scheme == "mqtts" else 1883)))
+        return tuple(out)
 
     @property
     def tls(self) -> bool:
-        return urlparse(self.url).scheme == "mqtts"
+        return urlparse(self.urls[0]).scheme == "mqtts"
 
     @property
     def topics(self) -> Topics:

@@ -44,6 +44,24 @@ def check_node_id(node_id: str) -> str:
     return node_id
 
 
+def check_nats_name(name: str, what: str = "node id") -> str:
+    """``check_node_id`` for a fleet on NATS, which also refuses '.': nats-server maps MQTT topic levels to
+    subject tokens separated by '.', so it refuses topics containing one (a node id is a topic level).
+    Mosquitto fleets keep the wider rule: ids already in use there stay valid."""
+    check_node_id(name)
+    if "." in name:
+        raise TopicError(f"invalid {what} {name!r} for NATS: '.' separates NATS subject tokens; "
+                         "use [A-Za-z0-9_-] only")
+    return name
+
+
+def nats_subject(topic: str) -> str:
+    """The NATS subject an MQTT topic or filter of this tree maps to (a/b -> a.b, + -> *, # -> >)."""
+    if "." in topic or " " in topic:
+        raise TopicError(f"topic {topic!r} cannot be carried by NATS ('.' and ' ' are refused)")
+    return topic.replace("/", ".").replace("+", "*").replace("#", ">")
+
+
 @dataclass(frozen=True)
 class ParsedTopic:
     """A topic inside the tree: ``node_id`` is None for coordinator and broadcast topics."""

@@ -3,10 +3,17 @@
 Handlers registered with ``subscribe`` run on the transport's network thread with ``(topic, payload)``;
 they must only decode and enqueue.  An exception in a handler is logged and never stops the loop.
 ``send_transfer`` cuts a payload into chunks (``shared.chunking``) and publishes them with flow control:
-paho puts at most ``max_inflight`` on the wire, and the sender hands paho at most ``window`` (default
-4 x ``max_inflight``) unacknowledged chunks, so paho always has the next chunk ready when a PUBACK
+paho puts at most ``MAX_INFLIGHT`` on the wire, and the sender hands paho at most ``window`` (default
+4 x ``MAX_INFLIGHT``) unacknowledged chunks, so paho always has the next chunk ready when a PUBACK
 arrives while memory stays bounded.  Chunks stay in an ``Outbox`` so ``resend`` can answer a
 ``ResendRequest`` with only the missing chunks.
+
+``MqttTransport`` knows every member of a clustered broker (``[broker] url`` as a list): it connects to the
+first reachable one and, when the connection is lost or a member refuses service, moves round-robin to the
+next, with paho's exponential backoff between attempts; every connect re-subscribes and calls
+``on_connect`` (the birth message).  A client with a last will also watches its own will topic: a member that
+publishes the will of a connection this client already left (the link to it broke, the client moved on)
+overwrites the retained "online" with "offline", and the client answers by calling ``on_connect`` again.
 """
 
 from __future__ import annotations
@@ -30,6 +37,12 @@ from shared.topics import TopicError, Topics
 Handler = Callable[[str, bytes], None]
 CHUNK_OVERHEAD = 1024  # envelope of a Chunk beyond its data: type, ids, digest, counters
 _CHUNK_KINDS = ("upload", "download")
+
+# Connection constants (not configuration: read when a transport is made, so tests may patch them).
+KEEPALIVE_S = 30  # MQTT keep-alive: a dead link is noticed within about 1.5 x this
+MAX_INFLIGHT = 20  # QoS 1 messages paho puts on the wire unacknowledged; paho ignores the broker's receive maximum
+RECONNECT_MIN_S = 0.5  # first retry after a loss (to the next member); doubles per failed attempt
+RECONNECT_MAX_S = 30.0  # backoff ceiling
 
 
 class Transport(Protocol):
@@ -128,19 +141,33 @@ FLAP_COUNT = 3
 
 
 class MqttTransport(_Base):
-    """paho-mqtt 2.x client (MQTT 3.1.1 by default, so the embedded amqtt broker works too)."""
+    """paho-mqtt 2.x client (MQTT 3.1.1 by default: the embedded amqtt broker and NATS speak nothing else).
+
+    ``persistent`` asks for a persistent session (a client with a stable id: coordinator, nodes); it is used
+    only when the broker config lists several members.  ``on_connect`` runs on the network thread after every CONNACK and must be idempotent (it publishes the
+    retained birth status).  ``member`` is the URL of the member in use; ``failovers`` lists
+    ``(from_url, to_url, seconds)`` of every reconnect after a lost connection, seconds from the loss to
+    the CONNACK."""
 
     def __init__(self, broker: BrokerConfig, client_id: str, *, will: tuple[str, bytes] | None = None,
-                 on_connect: Callable[[], None] | None = None, clean_session: bool = True, log: Any = None,
+                 on_connect: Callable[[], None] | None = None, persistent: bool = False, log: Any = None,
                  protocol: int = mqtt.MQTTv311, outbox_bytes: int = 1 << 30, stall_s: float = 30.0,
                  window: int | None = None) -> None:
-        super().__init__(broker.topics, broker.chunk_size, broker.max_inflight,
+        super().__init__(broker.topics, broker.chunk_size, MAX_INFLIGHT,
                          (log or get_logger("transport")).bind(client_id=client_id), outbox_bytes)
         self.broker = broker
         self.client_id = client_id
         self.on_connect = on_connect
+        self.keepalive_s = KEEPALIVE_S
         self._stall_s = stall_s
-        self.window = window or 4 * broker.max_inflight
+        self.window = window or 4 * MAX_INFLIGHT
+        self._members = broker.endpoints
+        self._member = 0  # index into broker.urls of the member connected to, or being tried
+        self._advanced = False  # this connection attempt already moved on to the next member
+        self._lost_at: float | None = None  # monotonic time the last connection was lost
+        self._lost_from: str | None = None
+        self.failovers: list[tuple[str, str, float]] = []
+        self._will = will
         self._cv = threading.Condition()
         self._pending: set[int] = set()  # mids published and not yet acknowledged
         self._early: set[int] = set()  # mids acknowledged before publish() returned them
@@ -153,35 +180,79 @@ class MqttTransport(_Base):
         self._net_thread: int | None = None
         self._up_since = 0.0  # monotonic time of the last CONNACK
         self._short_sessions = 0  # connections in a row that the broker closed within FLAP_SESSION_S
+        # A persistent session only where a member list names a clustered engine that replicates it: there it
+        # carries the QoS 1 messages of a failover.  One broker keeps clean sessions (a restart loses nothing
+        # the resume protocol does not recover, and old queues never replay into a new run).
+        self.persistent = persistent and len(broker.urls) > 1
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
-                        clean_session=clean_session if protocol != mqtt.MQTTv5 else None)
+                        clean_session=not self.persistent if protocol != mqtt.MQTTv5 else None)
         if broker.username:
             c.username_pw_set(broker.username, broker.resolved_password())
         if broker.tls:
             c.tls_set(ca_certs=broker.ca_file, cert_reqs=ssl.CERT_REQUIRED)
         if will is not None:
             c.will_set(will[0], will[1], qos=1, retain=True)
-        c.reconnect_delay_set(broker.reconnect_min_s, broker.reconnect_max_s)  # type: ignore[arg-type]
-        c.max_inflight_messages_set(broker.max_inflight)
+        c.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)  # type: ignore[arg-type]
+        c.max_inflight_messages_set(MAX_INFLIGHT)
         c.max_queued_messages_set(0)
+        c.on_pre_connect = self._on_pre_connect
         c.on_connect = self._on_connect
+        c.on_connect_fail = self._on_connect_fail
         c.on_subscribe = self._on_subscribe
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
         c.on_message = self._on_unrouted
         self.client = c
+        if will is not None:
+            self.subscribe(will[0], self._guard_will)
+
+    @property
+    def member(self) -> str:
+        """URL of the broker member in use (or being tried)."""
+        return self.broker.urls[self._member]
+
+    def _advance(self, why: str) -> None:
+        """Point paho's next (re)connect at the next member (network thread; once per attempt)."""
+        if self._advanced or self._stopping or len(self._members) < 2:
+            return
+        self._advanced = True
+        before = self.member
+        self._member = (self._member + 1) % len(self._members)
+        # paho reconnects to client._host/_port; its host/port setters refuse while a lost connection is
+        # being torn down, which is exactly when this runs.
+        self.client._host, self.client._port = self._members[self._member]
+        self.log.info("broker_next_member", failed=before, next=self.member, reason=why)
+
+    def _guard_will(self, topic: str, payload: bytes) -> None:
+        """Our own will, delivered while we are connected: a member published it for a connection we already
+        left.  Publish the birth again so the retained presence says what is true."""
+        if (self._will is not None and payload == self._will[1] and self.connected.is_set()
+                and not self._stopping and self.on_connect is not None):
+            self.log.warning("stale_will_overridden", topic=topic, member=self.member)
+            self.on_connect()
 
     # ---- paho callbacks (network thread) -------------------------------------------------------------
+    def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
+        self._advanced = False
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self._advance("unreachable")
+
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         self._net_thread = threading.get_ident()
         if reason_code.is_failure:
             self._refused = str(reason_code)
-            self.log.error("broker_refused", reason=str(reason_code), url=self.broker.url,
-                           username=self.broker.username)
+            self.log.error("broker_refused", reason=str(reason_code), url=self.member, username=self.broker.username)
+            self._advance(f"refused: {reason_code}")
             return
         self._refused = None
         self._up_since = time.monotonic()
         self.connects += 1
+        failover_s = None
+        if self._lost_at is not None:
+            failover_s = round(self._up_since - self._lost_at, 3)
+            self.failovers.append((self._lost_from or "", self.member, failover_s))
+            self._lost_at = None
         with self._sub_lock:  # subscribe() in another thread either sees connected or is in this list
             subs = [(f, qos) for f, (_, qos) in self._handlers.items()]
             if subs:
@@ -189,7 +260,8 @@ class MqttTransport(_Base):
             else:
                 self.subscribed.set()
             self.connected.set()
-        self.log.info("broker_connected", url=self.broker.url, subscriptions=len(subs))
+        self.log.info("broker_connected", url=self.member, members=len(self._members), subscriptions=len(subs),
+                      **({"reconnect_s": failover_s} if failover_s is not None else {}))
         if self.on_connect is not None:
             try:
                 self.on_connect()
@@ -207,9 +279,12 @@ class MqttTransport(_Base):
         with self._cv:
             self._cv.notify_all()
         if was and not self._stopping:
+            self._lost_at, self._lost_from = time.monotonic(), self.member
+            self._advance("connection lost")
             lived = time.monotonic() - self._up_since
             self._short_sessions = self._short_sessions + 1 if lived < FLAP_SESSION_S else 0
-            self.log.warning("broker_disconnected", reason=str(reason_code), connected_s=round(lived, 1))
+            self.log.warning("broker_disconnected", url=self._lost_from, reason=str(reason_code),
+                             connected_s=round(lived, 1))
             n = self._short_sessions
             if n == FLAP_COUNT or (n > FLAP_COUNT and n % 100 == 0):
                 self.log.error("connection_flapping", drops=n, hint=(
@@ -247,17 +322,22 @@ class MqttTransport(_Base):
         acknowledged (messages published after that reach this client), or raise TransportError."""
         b = self.broker
         self._stopping = False
-        self.client.connect_async(b.host, b.port, keepalive=b.keepalive_s)
+        host, port = self._members[self._member]
+        self.client.connect_async(host, port, keepalive=self.keepalive_s)
         self.client.loop_start()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.connected.wait(0.05) and self.subscribed.wait(max(0.0, min(0.05, deadline - time.monotonic()))):
                 return
-            if self._refused is not None:
-                self._shutdown()
-                raise TransportError(f"broker {b.url} refused {b.username or 'anonymous'!r}: {self._refused}")
+            refused = self._refused
+            if refused is not None and ("authori" in refused.lower() or "credential" in refused.lower()
+                                        or "password" in refused.lower()):
+                self._shutdown()  # credentials: every member would say the same
+                raise TransportError(f"broker {self.member} refused {b.username or 'anonymous'!r}: {refused}")
         self._shutdown()
-        raise TransportError(f"no connection to {b.url} within {timeout_s} s")
+        where = b.urls[0] if len(b.urls) == 1 else f"any of {list(b.urls)}"
+        reason = f" (last refusal: {self._refused})" if self._refused else ""
+        raise TransportError(f"no connection to {where} within {timeout_s} s{reason}")
 
     def _shutdown(self) -> None:
         self._stopping = True

@@ -111,8 +111,7 @@ def make_fleet(root: Path, broker, model: Path, node_ids: list[str], *, rounds: 
     metrics = state_dir / "metrics.jsonl"
 
     def broker_section(user: str) -> dict:
-        return {"url": broker.url(), "username": user, "password": broker.users[user], "topic_root": broker.root,
-                "keepalive_s": 10, "reconnect_max_s": 2.0}
+        return {"url": broker.url(), "username": user, "password": broker.users[user], "topic_root": broker.root}
 
     coord_cfg = root / "coordinator.toml"
     write_toml(coord_cfg, {

@@ -28,6 +28,7 @@ from coordinator.state import CheckpointStore
 from coordinator.strategies import NodeResult
 from edge_node.agent import NodeAgent
 from edge_node.config import NodeConfig
+from shared import transport
 from shared.messages import NodeStatus, decode
 from shared.updates import LORA_ALPHA, LoraUpdate
 from tests.broker import Inbox, TransportFactory, running_broker
@@ -36,6 +37,14 @@ from tests.integration.fleet import stop_processes
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
 KEEPALIVE_S = 5
+
+
+@pytest.fixture(autouse=True)
+def fast_links(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process transports get a short keep-alive and quick reconnects (module constants, not config)."""
+    monkeypatch.setattr(transport, "KEEPALIVE_S", KEEPALIVE_S)
+    monkeypatch.setattr(transport, "RECONNECT_MIN_S", 0.2)
+    monkeypatch.setattr(transport, "RECONNECT_MAX_S", 2.0)
 
 
 class SlowTrainer(FakeTrainer):
@@ -65,7 +74,7 @@ class Fleet:
 @contextmanager
 def fleet(broker, tmp_path: Path, trainers: dict[str, FakeTrainer], **coordinator) -> Iterator[Fleet]:
     def broker_section(user: str) -> dict:
-        b = broker.broker_config(user, keepalive_s=KEEPALIVE_S, reconnect_min_s=0.2, reconnect_max_s=2.0)
+        b = broker.broker_config(user)
         return {k: v for k, v in asdict(b).items() if v is not None}
 
     state_dir = tmp_path / "coord"
@@ -164,8 +173,7 @@ class NodeProcs:
         self.broker, self.root, self.procs = broker, root, {}
 
     def start(self, nid: str, *args: str) -> subprocess.Popen:
-        b = self.broker.broker_config(nid, keepalive_s=KEEPALIVE_S, reconnect_min_s=0.2, reconnect_max_s=2.0,
-                                      chunk_size=CHUNK)
+        b = self.broker.broker_config(nid, chunk_size=CHUNK)
         cfg = self.root / f"{nid}.toml"
         write_toml(cfg, {"broker": {k: v for k, v in asdict(b).items() if v is not None},
                          "node": {"id": nid, "state_dir": str(self.root / nid)}})
@@ -266,8 +274,7 @@ def sent_payloads(root: Path, node_ids) -> dict[str, bytes]:
 
 
 def coordinator_for(broker, tmp_path: Path, **settings) -> Coordinator:
-    b = broker.broker_config("coordinator", keepalive_s=KEEPALIVE_S, reconnect_min_s=0.2, reconnect_max_s=2.0,
-                             chunk_size=CHUNK)
+    b = broker.broker_config("coordinator", chunk_size=CHUNK)
     cfg = CoordinatorConfig.from_dict({
         "broker": {k: v for k, v in asdict(b).items() if v is not None},
         "coordinator": {"min_nodes": 2, "local_steps": 2, "state_dir": str(tmp_path / "coord"),
@@ -355,8 +362,7 @@ def test_coordinator_killed_mid_round_resumes_from_checkpoint(tmp_path, reliabil
     rounds = 4
     with running_broker(tls=False) as broker:
         nodes = NodeProcs(broker, tmp_path)
-        b = broker.broker_config("coordinator", keepalive_s=KEEPALIVE_S, reconnect_min_s=0.2, reconnect_max_s=2.0,
-                                 chunk_size=CHUNK)
+        b = broker.broker_config("coordinator", chunk_size=CHUNK)
         state = tmp_path / "coord"
         cfg = tmp_path / "coordinator.toml"
         write_toml(cfg, {"broker": {k: v for k, v in asdict(b).items() if v is not None},

@@ -57,7 +57,7 @@ def test_acl_patterns_pin_nodes_to_their_subtree() -> None:
     assert writes == {f"fleet/v1/node/%u/{k}" for k in
                       ("status", "telemetry", "telemetry/round", "report", "upload", "missing")}
     assert reads == {"fleet/v1/node/%u/config", "fleet/v1/node/%u/download", "fleet/v1/node/%u/resend",
-                     "fleet/v1/broadcast/#", "fleet/v1/coordinator/status"}
+                     "fleet/v1/node/%u/status", "fleet/v1/broadcast/#", "fleet/v1/coordinator/status"}
     i = acl.index("user grafana")
     assert all(ln.startswith("topic read ") for ln in acl[i + 1:i + 5])
 

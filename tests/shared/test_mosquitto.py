@@ -222,7 +222,7 @@ def test_tls_listener_with_lab_ca(mqtt_transport: TransportFactory) -> None:
     inbox = Inbox()
     mqtt_transport("coordinator", subscriptions={"fedspine/v1/node/+/report": inbox})
     node = mqtt_transport("node-a", tls=True)
-    assert node.broker.tls and node.broker.port == mqtt_transport.broker.tls_port
+    assert node.broker.tls and node.broker.endpoints == (("127.0.0.1", mqtt_transport.broker.tls_port),)
     time.sleep(0.1)
     node.publish("fedspine/v1/node/node-a/report", b"over tls")
     assert inbox.wait_for(1) and inbox.items[0][1] == b"over tls"
