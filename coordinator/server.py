@@ -68,6 +68,10 @@ class RunSummary:
 
 WAIT_LOG_S = 60.0  # while waiting for nodes, one line this often
 MAX_RETRIES = 3  # a round below quorum is retried this often, then training stops
+# A participant that goes offline during a round is waited for this long before it counts as failed: when a broker
+# member dies, clients on the surviving members can be disconnected too while it re-elects its leaders, and their
+# wills fire, though they are back within seconds (docs/brokers.md).
+OFFLINE_GRACE_S = 20.0
 REFUSAL_HINTS = {  # what an operator does about a refused node (Coordinator._fits)
     "labels": "every node needs the same class list in the same order: set [node] labels on each (Ansible: "
               "edge_node_labels), or [coordinator] labels to pin the fleet's",
@@ -412,11 +416,15 @@ class Coordinator:
         results: dict[str, NodeResult] = {}
         failures: dict[str, Failure] = {}
         open_ids = set(pending)
+        gone: dict[str, float] = {}  # participants offline since (monotonic s): failed after OFFLINE_GRACE_S
         next_scan = 0.0  # stalled uploads are looked for twice a second, not after every message (O(n) each)
         while open_ids and not self._stop.is_set():
             now = time.monotonic()
             if now >= deadline:
                 break
+            for node_id in [n for n, t in gone.items() if now - t >= OFFLINE_GRACE_S and n in open_ids]:
+                failures[node_id] = Failure(node_id, "offline")
+                open_ids.discard(node_id)
             ev = self._drain(min(1.0, deadline - now))
             if ev is not None:
                 kind, node_id, payload = ev
@@ -424,8 +432,10 @@ class Coordinator:
                 if kind == "status":
                     self._apply_status(node_id, payload)
                     if node_id in open_ids and not self.registry.is_live(node_id):
-                        failures[node_id] = Failure(node_id, "offline")
-                        open_ids.discard(node_id)
+                        gone.setdefault(node_id, time.monotonic())
+                        log.info("participant_offline", node=node_id, grace_s=OFFLINE_GRACE_S)
+                    elif self.registry.is_live(node_id) and gone.pop(node_id, None) is not None:
+                        log.info("participant_back", node=node_id)
                 elif kind == "missing":
                     self.transport.resend(self.topics.node(node_id, "download"), payload)
                 elif p is None or node_id not in open_ids:
