@@ -25,24 +25,13 @@ from pathlib import Path
 from coordinator.config import METHODS
 from coordinator.report import MethodResult, analyse, idle_power, reach_target, worst_drop
 from coordinator.simulate import main as simulate
+from coordinator.strategies import STRATEGIES
 from shared.config import load_toml
 
 HERE = Path(__file__).resolve().parent
 SETS = {"evaluation": HERE / "evaluation.toml", "development": HERE / "development.toml"}
 PRUNE_BASELINES = ("prune_ft", "ft_prune", "uniform")
 DENSE_BASELINES = ("fedlora", "hetlora")
-# What every method's line in the report says its algorithm is (the system mechanisms are the same for all).
-ALGORITHMS = {
-    "fedspine": "per node, S-UCB picks the pruning increment and LoRA rank each round; beyond s* only the node that "
-                "holds the round back prunes further (up to its tier's s_max); mask-aware average",
-    "uniform": "every node the same linear schedule to s* by 2/3 of the rounds, one fixed rank; mask-aware average",
-    "prune_ft": "every node cut to s* at the first opportunity (round 2), then one fixed rank; mask-aware average",
-    "ft_prune": "no pruning until the last ~15 % of the rounds, then every node cut to s* once; mask-aware average",
-    "fedlora": "no pruning, one fixed rank; mask-aware average (plain FedAvg of the updates)",
-    "hetlora": "no pruning, a fixed rank per device tier; zero-padding aggregation of A and B",
-}
-
-
 def load_set(spec: str) -> tuple[dict, list[dict], dict]:
     """(size shared by all, the configurations, the declared rule) of a set name or TOML path."""
     data = load_toml(SETS.get(spec, spec))
@@ -207,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                          for m, r in judged[c["name"]]["results"].items()}}, indent=2))
     bars, figures = summary(configs, judged, rule)
     algos = ["Each method's algorithm (every system mechanism is the same for all of them):", ""] + \
-        [f"- {m}: {ALGORITHMS[m]}" for m in ALGORITHMS] + [""]
+        [f"- {m}: {' '.join(cls.__doc__.split())}" for m, cls in STRATEGIES.items()] + [""]
     text = "\n".join([f"# Fleet evaluation: {Path(a.set).stem}", "", *algos, *sections, "## FedSpine against each "
                       "baseline", "", *bars, ""])
     (out / "summary.md").write_text(text)

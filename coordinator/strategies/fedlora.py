@@ -6,6 +6,8 @@ from coordinator.strategies.base import NodeInfo, NodeState, Strategy
 
 
 class FedLoRA(Strategy):
+    """No pruning, one fixed rank for every node; mask-aware average."""
+
     name = "fedlora"
     prunes = False
 

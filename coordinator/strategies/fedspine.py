@@ -24,6 +24,9 @@ EXPLORATION = 0.05  # s, the exploration bonus weight (rewards lie in [0, 1])
 
 
 class FedSpine(Strategy):
+    """Per node, S-UCB picks the pruning increment and LoRA rank each round; beyond s* only the node that holds the
+    round back prunes further (up to its tier's s_max); mask-aware average."""
+
     name = "fedspine"
 
     def __init__(self, cfg, total_rounds: int, seed: int = 0) -> None:

@@ -7,6 +7,8 @@ from coordinator.strategies.base import NodeInfo, NodeState, Strategy
 
 
 class FTPrune(Strategy):
+    """No pruning until the last ~15 % of the rounds, then every node cut to s* once; mask-aware average."""
+
     name = "ft_prune"
 
     def prune_round(self) -> int:

@@ -7,6 +7,8 @@ from coordinator.strategies.base import NodeInfo, NodeState, Strategy
 
 
 class HetLoRA(Strategy):
+    """No pruning, a fixed rank per device tier; zero-padding aggregation of A and B."""
+
     name = "hetlora"
     prunes = False
 

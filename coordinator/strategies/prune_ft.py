@@ -7,6 +7,8 @@ from coordinator.strategies.base import NodeInfo, NodeState, Strategy
 
 
 class PruneFT(Strategy):
+    """Every node cut to s* at the first opportunity (round 2), then one fixed rank; mask-aware average."""
+
     name = "prune_ft"
 
     def schedule(self, rnd: int, node: NodeInfo, st: NodeState):

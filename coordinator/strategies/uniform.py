@@ -9,6 +9,8 @@ from coordinator.strategies.base import NodeInfo, NodeState, Strategy
 
 
 class Uniform(Strategy):
+    """Every node the same linear schedule to s* by two thirds of the rounds, one fixed rank; mask-aware average."""
+
     name = "uniform"
 
     def reach(self) -> int:
