@@ -24,6 +24,7 @@ def _state(tensors: dict[str, torch.Tensor]) -> GlobalLora:
     return state
 
 
+@pytest.mark.slow
 def test_the_global_update_and_head_are_merged_into_the_base_weights():
     folder = cached_model_folder("bert")
     base = load_base_model(str(folder), "seq_cls", num_labels=2)

@@ -50,6 +50,7 @@ def test_time_to_target_interpolates():
     assert time_to(curve, 0.95) is None
 
 
+@pytest.mark.slow
 def test_report_table_and_plots(tmp_path):
     fast, slow = tmp_path / "fast.jsonl", tmp_path / "slow.jsonl"
     _write(fast, [_node(1, "a", 5.0, 0.3), _node(2, "a", 5.0, 0.6), _node(3, "a", 0.0, 0.8, eval_only=True)])
@@ -67,6 +68,7 @@ def test_report_table_and_plots(tmp_path):
     assert "## fedlora" in (tmp_path / "out" / "rounds.md").read_text()
 
 
+@pytest.mark.slow
 def test_repeated_fedspine_runs_are_judged_by_the_median_run(tmp_path):
     """`fedspine simulate --repeats 3`: every baseline is compared with FedSpine's median time to target, and each
     run's speed-up and the range are reported, including a run that never reached the target."""
