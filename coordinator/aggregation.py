@@ -15,12 +15,7 @@ contributes ΔW_i + (G − S_i) on its kept coordinates, where G is the global u
 the slice it received, i.e. G + (ΔW_i − S_i).  With no truncation (S_i = G there) this is exactly the
 average of the states, and with a shared structure it is FedAvg of the changes, G + Σ w_i (ΔW_i − S_i) / Σ w_i.
 
-``coverage = "round"`` (an option; the spec's rule, ``"kept"``, is the default) divides a coordinate's summed
-change by the weight of all the round's nodes instead: a node that pruned the coordinate counts as a zero
-change there.  The value is not shrunk toward zero (G stays), only a step that few nodes took is damped, so a
-coordinate that one node with skewed data alone still has does not drift on that node's data alone.
-
-``min_keepers`` (ours, default 2 in the coordinator's config) changes a coordinate only where at least that many
+``min_keepers`` (ours, ``MIN_KEEPERS`` = 2 in the coordinator) changes a coordinate only where at least that many
 of the round's nodes kept it (at most the number of nodes in the round, so a one-node round still learns);
 elsewhere the coordinate keeps its previous value.  Every change the global update ever received was then
 averaged over at least two nodes' data: a coordinate that one node alone still has is not trained on that
@@ -43,11 +38,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from coordinator.config import COVERAGE
 from shared.updates import GroupScores, LoraUpdate, ModuleUpdate, UpdateError
 
 OVERSAMPLE = 16
 POWER_ITERS = 4
+MIN_KEEPERS = 2  # a coordinate changes only where at least this many of the round's nodes kept it (1: the spec)
 
 
 def _key(t: torch.Tensor) -> str:
@@ -57,12 +52,9 @@ def _key(t: torch.Tensor) -> str:
 class GlobalLora:
     """The global update: a dense ΔW per adapted module in unpruned coordinates, plus dense parameters."""
 
-    def __init__(self, coverage: str = "kept", min_keepers: int = 1) -> None:
-        if coverage not in COVERAGE:
-            raise ValueError(f"coverage {coverage!r} must be one of {COVERAGE}")
+    def __init__(self, min_keepers: int = MIN_KEEPERS) -> None:
         if min_keepers < 1:
             raise ValueError(f"min_keepers {min_keepers} must be >= 1")
-        self.coverage = coverage
         self.min_keepers = min_keepers
         self.delta: dict[str, torch.Tensor] = {}
         self.dense: dict[str, torch.Tensor] = {}
@@ -95,7 +87,7 @@ class GlobalLora:
     def aggregate(self, updates: Sequence[tuple[LoraUpdate, float]],
                   starts: Sequence[LoraUpdate | None] | None = None, steps: Sequence[int] | None = None,
                   effective_steps: float | None = None) -> None:
-        """Replace the global state by the coverage-weighted average of ``updates`` ((update, weight) pairs).
+        """Replace the global state by the mask-aware average of ``updates`` ((update, weight) pairs).
 
         ``starts[i]``, when given, is the slice node i received this round (None: it received nothing, the
         global state was empty); node i then contributes its change added to the global state, see the module
@@ -164,12 +156,6 @@ class GlobalLora:
                 self.delta[name] = torch.where(den > 0, num / den.clamp_min(1e-30),
                                                prev if prev is not None else torch.zeros(shape))
                 continue
-            if self.coverage == "round" and prev is not None:
-                # A node that pruned a coordinate made no change there: it counts with weight w and change 0.
-                held = [(w, paces[i]) for i, (u, w) in enumerate(updates) if name in u.modules and w > 0]
-                total = sum(w for w, _ in held)
-                den, pace = (torch.where(den > 0, torch.full_like(den, v), den)
-                             for v in (total, sum(w * t for w, t in held)))
             if effective_steps is not None:
                 pace = den * effective_steps
             change = torch.where(den > 0, num * pace / den.square().clamp_min(1e-30), torch.zeros(shape))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from coordinator.strategy import NodeInfo
+from coordinator.strategies.base import NodeInfo
 from shared.messages import NodeStatus
 
 
@@ -22,13 +22,11 @@ class NodeEntry:
     joined_round: int  # last completed (or in-progress) round when it came online; it takes part after it
     step_s: float = 0.0  # its startup timing (NodeStatus), for sizing its first round
     overhead_s: float = 0.0
-    step_sparsity: float = 0.0  # the sparsity and rank that timing was measured at
-    step_rank: int = 0
+    step_sparsity: float = 0.0  # the sparsity that timing was measured at
 
     def info(self) -> NodeInfo:
         return NodeInfo(node_id=self.node_id, device_type=self.device_type, memory_mb=self.memory_mb,
-                        step_s=self.step_s, overhead_s=self.overhead_s, step_sparsity=self.step_sparsity,
-                        step_rank=self.step_rank)
+                        step_s=self.step_s, overhead_s=self.overhead_s, step_sparsity=self.step_sparsity)
 
 
 class Registry:
@@ -49,7 +47,7 @@ class Registry:
                 node_id=status.node_id, device_type=status.device_type or "default", model_id=status.model_id,
                 memory_mb=status.memory_mb, software_version=status.software_version, online=True,
                 last_change=now, joined_round=current_round, step_s=status.step_s, overhead_s=status.overhead_s,
-                step_sparsity=status.step_sparsity, step_rank=status.step_rank,
+                step_sparsity=status.step_sparsity,
             )
             self._online += 1
             return "joined"
@@ -61,7 +59,7 @@ class Registry:
             entry.software_version = status.software_version or entry.software_version
             if status.step_s > 0:
                 entry.step_s, entry.overhead_s = status.step_s, status.overhead_s
-                entry.step_sparsity, entry.step_rank = status.step_sparsity, status.step_rank
+                entry.step_sparsity = status.step_sparsity
             if changed:
                 entry.online, entry.last_change, entry.joined_round = True, now, current_round
                 self._online += 1

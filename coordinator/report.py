@@ -2,9 +2,11 @@
 
 Virtual time: rounds are synchronous, so a round lasts as long as its slowest accepted node
 (``round_time_s``: the node's compute time / profile speed + upload / uplink + latency); the clock is the
-sum over rounds.  Accuracy: every node evaluates the global model (sliced to its structure) on the held-out
-test split at the start of each round, i.e. at the end of the previous one; the final figures come from the
-nodes' exported, pruned models.
+sum over rounds.  Compute is the nodes' busy device-seconds (round time less upload); energy is what the nodes
+report (on a simulated device its profile's power model: busy watts while computing, idle watts while uploading)
+plus idle watts while a node waits for the round's slowest.  Accuracy: every node evaluates the global model
+(sliced to its structure) on the held-out test split at the start of each round, i.e. at the end of the previous
+one; the final figures come from the nodes' exported, pruned models.
 """
 
 from __future__ import annotations
@@ -35,7 +37,11 @@ class MethodResult:
     # node -> (round, sparsity, rank, local steps, completion time s, planned completion time s or None)
     configs: dict[str, list[tuple[int, float, int, int, float, float | None]]] = field(default_factory=dict)
     start_accuracy: dict[int, float] = field(default_factory=dict)  # round -> fleet-mean accuracy at its start
-    held: list[tuple[str, int]] = field(default_factory=list)  # (node, round) kept from pruning ahead at the step cap
+    # beside each curve point: the fleet's compute (busy device-seconds) and energy (J; None: not measured) before it
+    curve_cost: list[tuple[float, float | None]] = field(default_factory=list)
+    compute_to_target_s: float | None = None
+    energy_to_target_j: float | None = None
+    node_sparsity: dict[str, float] = field(default_factory=dict)  # each exported model's sparsity
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -50,18 +56,19 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def analyse(method: str, metrics_path: Path) -> MethodResult:
-    return analyse_rows(method, read_rows(metrics_path))
+def analyse(method: str, metrics_path: Path, idle_w: dict[str, float] | None = None) -> MethodResult:
+    return analyse_rows(method, read_rows(metrics_path), idle_w)
 
 
-def analyse_rows(method: str, rows: list[dict]) -> MethodResult:
+def analyse_rows(method: str, rows: list[dict], idle_w: dict[str, float] | None = None) -> MethodResult:
+    """``idle_w``: each node's idle power (its device profile), for the energy of waiting; None: energy unknown."""
     nodes = [r for r in rows if r.get("kind") == "node"]
     exports = [r for r in rows if r.get("kind") == "export" and r.get("status") == "ok"]
     res = MethodResult(method=method)
     by_round: dict[int, list[dict]] = {}
     for r in nodes:
         by_round.setdefault(int(r["round"]), []).append(r)
-    clock = 0.0
+    clock, compute, energy = 0.0, 0.0, 0.0 if idle_w is not None else None
     for rnd in sorted(by_round):
         ok = [r for r in by_round[rnd] if r.get("status") == "ok"]
         if not ok:
@@ -69,11 +76,19 @@ def analyse_rows(method: str, rows: list[dict]) -> MethodResult:
         accs = [r["m_test_accuracy"] for r in ok if isinstance(r.get("m_test_accuracy"), (int, float))]
         if accs:
             res.curve.append((clock, mean(accs)))  # measured at the start of the round
+            res.curve_cost.append((compute, energy))
             res.start_accuracy[rnd] = mean(accs)
         times = [float(r.get("round_time_s", 0.0)) for r in ok]
         slowest = max(times)
         if not all(r.get("eval_only") for r in ok):
             clock += slowest
+            compute += sum(max(float(r.get("round_time_s", 0.0)) - float(r.get("upload_s") or 0.0), 0.0) for r in ok)
+            if energy is not None:
+                if all(isinstance(r.get("energy_j"), (int, float)) and r["node"] in idle_w for r in ok):
+                    energy += sum(float(r["energy_j"]) + idle_w[r["node"]] * (slowest - float(r["round_time_s"]))
+                                  for r in ok)
+                else:
+                    energy = None
             res.wall_time_s += max(float(r.get("wall_s", 0.0)) for r in ok)
             idle = mean((slowest - t) / slowest for t in times) if slowest > 0 else 0.0
             res.per_round_idle.append(idle)
@@ -84,8 +99,6 @@ def analyse_rows(method: str, rows: list[dict]) -> MethodResult:
                 res.configs.setdefault(r["node"], []).append(
                     (rnd, float(r.get("sparsity", 0.0)), int(r.get("rank", 0)), int(r.get("steps") or 0),
                      float(r.get("round_time_s", 0.0)), r.get("planned_s")))
-                if r.get("held"):
-                    res.held.append((r["node"], rnd))
     res.virtual_time_s = clock
     plan_errors = [abs(t - planned) / t for seq in res.configs.values() for *_, t, planned in seq if planned and t > 0]
     res.plan_error = mean(plan_errors) if plan_errors else None
@@ -97,22 +110,55 @@ def analyse_rows(method: str, rows: list[dict]) -> MethodResult:
         res.final_sparsity = mean(float(e.get("sparsity", 0.0)) for e in exports)
         res.latency_ms = mean(float(e.get("latency_ms", 0.0)) for e in exports)
         res.params = round(mean(int(e.get("params", 0)) for e in exports))
+        res.node_sparsity = {e["node"]: float(e.get("sparsity", 0.0)) for e in exports if "node" in e}
     elif res.curve:
         res.final_accuracy = res.curve[-1][1]
     return res
 
 
+def crossing(curve: list[tuple[float, float]], target: float) -> tuple[int, float] | None:
+    """Where the curve first reaches ``target``: (index of the first point at or above it, the fraction of the way
+    from the point before, by linear interpolation of the accuracy); None if it never does."""
+    for i, (_, a) in enumerate(curve):
+        if a >= target:
+            if i == 0 or curve[i - 1][1] >= a:
+                return i, 1.0
+            a0 = curve[i - 1][1]
+            return i, (target - a0) / (a - a0)
+    return None
+
+
+def _at(values: list[float], where: tuple[int, float]) -> float:
+    i, frac = where
+    return values[i] if i == 0 else values[i - 1] + frac * (values[i] - values[i - 1])
+
+
 def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
     """First virtual time at which the curve reaches ``target`` (linear interpolation between points)."""
-    prev = None
-    for t, a in curve:
-        if a >= target:
-            if prev is None or prev[1] >= a:
-                return t
-            t0, a0 = prev
-            return t0 + (t - t0) * (target - a0) / (a - a0)
-        prev = (t, a)
-    return None
+    where = crossing(curve, target)
+    return None if where is None else _at([t for t, _ in curve], where)
+
+
+def reach_target(res: MethodResult, target: float) -> None:
+    """Fill ``res``'s time, compute and energy to ``target`` (None where the curve never reaches it)."""
+    where = crossing(res.curve, target)
+    res.time_to_target_s = res.compute_to_target_s = res.energy_to_target_j = None
+    if where is None:
+        return
+    res.time_to_target_s = _at([t for t, _ in res.curve], where)
+    res.compute_to_target_s = _at([c for c, _ in res.curve_cost], where)
+    if all(e is not None for _, e in res.curve_cost):
+        res.energy_to_target_j = _at([e for _, e in res.curve_cost], where)
+
+
+def worst_drop(curve: list[tuple[float, float]], share: float = 0.9) -> float:
+    """The largest drop of accuracy from one point to the next once the curve has reached ``share`` of its final
+    accuracy (0 if it never drops): the oscillation the evaluation bounds at 5 points."""
+    if not curve:
+        return 0.0
+    final = curve[-1][1]
+    start = next(i for i, (_, a) in enumerate(curve) if a >= share * final)
+    return max((curve[i - 1][1] - curve[i][1] for i in range(start + 1, len(curve))), default=0.0) if start >= 0 else 0.0
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -138,20 +184,23 @@ def write_report(runs: dict[str, Path], out: Path, *, target_sparsity: float,
     Keys of ``runs`` are run labels: a method's name, or ``fedspine-2``… for FedSpine's repeats.  With more than
     one FedSpine run, every speed-up compares a baseline with FedSpine's median time to target, and a second
     table gives each run's figures and the range."""
-    results = {m: analyse(m, p) for m, p in runs.items()}
+    idle_w = idle_power(out / "fleet.json")
+    results = {m: analyse(m, p, idle_w) for m, p in runs.items()}
     reached = [max(a for _, a in r.curve) for r in results.values() if r.curve]
     if target_accuracy is None and reached:
         target_accuracy = min(reached)  # the best accuracy every run reached: a target all of them hit
     for r in results.values():
-        r.time_to_target_s = time_to(r.curve, target_accuracy) if target_accuracy is not None else None
+        if target_accuracy is not None:
+            reach_target(r, target_accuracy)
     spine = [r for m, r in results.items() if is_fedspine_run(m)]
     base_time = _median([r.time_to_target_s for r in spine]) if spine else None
     lines = [
         f"Target sparsity {target_sparsity:.2f}; target accuracy {target_accuracy if target_accuracy is None else f'{target_accuracy:.3f}'}",
         "",
         "| method | rounds | final acc | final sparsity | virtual time (s) | time to target (s) | FedSpine speed-up | "
-        "idle / round | worst round idle | plan error | upload MB | latency ms | params |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "compute to target (device s) | energy to target (kJ) | worst drop | idle / round | worst round idle | "
+        "plan error | upload MB | latency ms | params |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def f(v, fmt):
@@ -168,7 +217,8 @@ def write_report(runs: dict[str, Path], out: Path, *, target_sparsity: float,
         lines.append(
             f"| {r.method} | {r.rounds} | {f(r.final_accuracy, '.3f')} | {f(r.final_sparsity, '.2f')} | "
             f"{r.virtual_time_s:.0f} | {f(r.time_to_target_s, '.0f')} | {times(speedup)} | "
-            f"{f(r.idle_fraction, '.1%')} | {f(max(r.per_round_idle, default=None), '.1%')} | "
+            f"{f(r.compute_to_target_s, '.0f')} | {f(r.energy_to_target_j and r.energy_to_target_j / 1e3, '.1f')} | "
+            f"{worst_drop(r.curve):.3f} | {f(r.idle_fraction, '.1%')} | {f(max(r.per_round_idle, default=None), '.1%')} | "
             f"{f(r.plan_error, '.1%')} | {r.upload_bytes / 1e6:.1f} | {f(r.latency_ms, '.1f')} | {f(r.params, ',')} |"
         )
     repeats = None
@@ -213,6 +263,14 @@ def write_report(runs: dict[str, Path], out: Path, *, target_sparsity: float,
     return table
 
 
+def idle_power(fleet_json: Path) -> dict[str, float] | None:
+    """Each simulated node's idle watts from the fleet description ``fedspine simulate`` writes (None if absent)."""
+    if not fleet_json.exists():
+        return None
+    profiles = json.loads(fleet_json.read_text()).get("profiles", {})
+    return {n: float(p["idle_w"]) for n, p in profiles.items() if "idle_w" in p} or None
+
+
 def rounds_table(results) -> str:
     """Per method, each round's configuration per node (local steps / sparsity / rank / completion time, and the
     planned time where steps are aligned), the round's idle fraction and the fleet accuracy after it."""
@@ -225,11 +283,8 @@ def rounds_table(results) -> str:
         for node in nodes:
             for rnd, sp, rank, steps, t, planned in r.configs[node]:
                 plan = f" (plan {planned:.0f} s)" if planned else ""
-                mark = " held" if (node, rnd) in r.held else ""
-                rows.setdefault(rnd, {})[node] = f"{steps} / {sp:.2f}{mark} / {rank} / {t:.0f} s{plan}"
-        legend = ["", "held: the node would have waited at the step cap, so its increment was lowered to stay at or "
-                  "below the slowest node (Strategy._hold_capped)"] if r.held else []
-        parts += [f"## {r.method}", "", "local steps / sparsity / rank / completion time per node", *legend, "",
+                rows.setdefault(rnd, {})[node] = f"{steps} / {sp:.2f} / {rank} / {t:.0f} s{plan}"
+        parts += [f"## {r.method}", "", "local steps / sparsity / rank / completion time per node", "",
                   "| round | " + " | ".join(nodes) + " | idle | accuracy after the round |",
                   "|---|" + "---|" * (len(nodes) + 2)]
         for i, rnd in enumerate(sorted(rows)):

@@ -21,7 +21,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.metrics import MetricsWriter
 from coordinator.registry import Registry
 from coordinator.state import CheckpointStore
-from coordinator.strategy import Assignment, Failure, NodeResult, make_strategy
+from coordinator.strategies import Assignment, Failure, NodeResult, make_strategy
 from shared.chunking import Reassembler
 from shared.logs import LiveRoundLogger, get_logger
 from shared.messages import (
@@ -67,6 +67,7 @@ class RunSummary:
 
 
 WAIT_LOG_S = 60.0  # while waiting for nodes, one line this often
+MAX_RETRIES = 3  # a round below quorum is retried this often, then training stops
 REFUSAL_HINTS = {  # what an operator does about a refused node (Coordinator._fits)
     "labels": "every node needs the same class list in the same order: set [node] labels on each (Ansible: "
               "edge_node_labels), or [coordinator] labels to pin the fleet's",
@@ -93,7 +94,7 @@ class Coordinator:
         self.state_dir = Path(rs.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = CheckpointStore(self.state_dir)
-        self.metrics = MetricsWriter(Path(rs.metrics_file) if rs.metrics_file else self.state_dir / "metrics.jsonl")
+        self.metrics = MetricsWriter(rs.metrics_file)
         self.registry = Registry()
         self.strategy = make_strategy(cfg, total_rounds=rs.rounds, seed=rs.seed)
         self.limits = UpdateLimits()
@@ -219,7 +220,7 @@ class Coordinator:
         t.subscribe(self.topics.node_filter("missing"), self._handle_missing)
         t.start()
         self.log.info("coordinator_started", method=rs.method, rounds=rs.rounds, resume_from=self.round,
-                      bandit=vars(self.cfg.bandit), reward=vars(self.cfg.reward), settings=vars(rs))
+                      bandit=vars(self.cfg.bandit), settings=vars(rs))
         summary = RunSummary(run_id=self.run_id, method=rs.method, rounds_done=self.round)
         try:
             if not self._wait_for_nodes(rs.min_nodes, rs.join_timeout_s):
@@ -233,15 +234,14 @@ class Coordinator:
                     self._publish_status("online")
                     continue
                 retries += 1
-                if retries > rs.max_retries:
+                if retries > MAX_RETRIES:
                     summary.stopped_early = f"round {rnd} missed its quorum {retries} times"
                     break
                 self._wait_for_nodes(rs.min_nodes, rs.join_timeout_s)
             summary.rounds_done = self.round
             if self.round >= rs.rounds and not self._stop.is_set():
                 self._final_sync()
-                if rs.export_at_end:
-                    summary.exports = self._export()
+                summary.exports = self._export()
             self._publish_status("finished" if self.round >= rs.rounds else "offline")
             return summary
         finally:
@@ -319,8 +319,8 @@ class Coordinator:
         pending = self._send_configs(rnd, attempt, assignments)
         finish = next((a.finish_s for a in assignments if a.finish_s is not None), None)  # paced: the same for all
         log.info("round_started", participants=[a.node_id for a in assignments],
-                 configs={a.node_id: {"sparsity": round(a.target_sparsity, 4), "rank": a.rank, "steps": a.local_steps,
-                                      **({"held": True} if a.held else {})} for a in assignments},
+                 configs={a.node_id: {"sparsity": round(a.target_sparsity, 4), "rank": a.rank, "steps": a.local_steps}
+                          for a in assignments},
                  **({"finish_s": round(finish, 2)} if finish is not None else {}))
 
         self._active = rnd
@@ -351,7 +351,7 @@ class Coordinator:
         rnd = self.round + 1
         log = self.log.bind(round=rnd)
         assignments = [
-            Assignment(node_id=a.node_id, target_sparsity=a.target_sparsity, rank=self.strategy.final_rank(),
+            Assignment(node_id=a.node_id, target_sparsity=a.target_sparsity, rank=self.strategy.deploy_rank(),
                        local_steps=0, arm=None)
             for nid, a in sorted(self._last.items()) if self.registry.is_live(nid)
         ]
@@ -386,7 +386,7 @@ class Coordinator:
             cfg_msg = RoundConfig(
                 run_id=self.run_id, round=rnd, target_sparsity=a.target_sparsity, rank=a.rank,
                 local_steps=a.local_steps, deadline_ts=deadline_ts, upload_transfer_id=up_tid,
-                download_transfer_id=down_tid, prune_random=a.prune_random,
+                download_transfer_id=down_tid, importance=a.importance,
                 finish_s=a.finish_s, min_steps=a.min_steps, max_steps=a.max_steps,
             )
             pending[a.node_id] = _Pending(assignment=a, upload_tid=up_tid, sent_at=time.monotonic())
@@ -510,9 +510,8 @@ class Coordinator:
         return NodeResult(
             node_id=a.node_id, update=update, samples=r.samples, loss_start=r.loss_start, loss_end=r.loss_end,
             compute_s=r.compute_s, round_time_s=round_time, sparsity=r.sparsity, rank=r.rank,
-            train_sparsity=r.train_sparsity,
             energy_j=r.energy_j, upload_bytes=len(p.payload), steps=steps, examples=r.examples,
-            train_s=min(r.train_s, round_time),
+            train_s=min(r.train_s, round_time), upload_s=min(r.upload_s, round_time),
         )
 
     def _write_metrics(self, rnd, assignments, results, failures, summary, pending, cost: dict) -> None:
@@ -520,7 +519,7 @@ class Coordinator:
         for a in assignments:
             res, p = by_node.get(a.node_id), pending[a.node_id]
             rec = {"round": rnd, "node": a.node_id, "method": self.cfg.coordinator.method,
-                   "target_sparsity": a.target_sparsity, "rank": a.rank, "arm": a.arm, "planned_s": a.planned_s, "held": a.held,
+                   "target_sparsity": a.target_sparsity, "rank": a.rank, "arm": a.arm, "planned_s": a.planned_s,
                    "finish_s": a.finish_s}
             if res is not None and p.report is not None:
                 rep = p.report
@@ -528,7 +527,7 @@ class Coordinator:
                            steps=res.steps, examples=rep.examples, train_s=rep.train_s, compute_s=rep.compute_s,
                            upload_s=rep.upload_s, virtual_s=rep.virtual_s,
                            round_time_s=res.round_time_s, wall_s=p.received_at - p.sent_at,
-                           sparsity=rep.sparsity, train_sparsity=rep.train_sparsity, upload_bytes=res.upload_bytes,
+                           sparsity=rep.sparsity, upload_bytes=res.upload_bytes,
                            energy_j=rep.energy_j,
                            avg_power_w=rep.avg_power_w, power_source=rep.power_source,
                            peak_memory_mb=rep.peak_memory_mb, **{f"m_{k}": v for k, v in rep.metrics.items()},

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.config import COVERAGE, METHODS
+from coordinator.config import METHODS
 from coordinator.report import analyse_rows, read_rows
 from coordinator.simdata import dirichlet_split, label_histogram, load_tweets, split_test, write_csv
 from shared.config import load_toml
@@ -33,20 +33,26 @@ PROFILES_FILE = Path(__file__).with_name("profiles.toml")
 class SimNode:
     node_id: str
     tier: str
-    speed: float
-    uplink_mbps: float
-    latency_s: float
-    memory_mb: int
+    profile: dict  # the device profile's keys (profiles.toml)
     folder: Path
+
+
+PROFILE_KEYS = ("speed", "uplink_mbps", "latency_s", "memory_mb", "busy_w", "idle_w")
 
 
 def load_profiles(path: str | Path | None = None) -> dict[str, dict]:
     profiles = load_toml(path or PROFILES_FILE)
     for name, p in profiles.items():
-        missing = {"speed", "uplink_mbps", "latency_s"} - p.keys()
-        if missing or p["speed"] <= 0 or p["uplink_mbps"] <= 0:
-            raise ValueError(f"profile {name!r}: needs positive speed and uplink_mbps, latency_s (missing {missing})")
+        missing = set(PROFILE_KEYS) - p.keys()
+        if missing or unknown(p) or any(not isinstance(p[k], (int, float)) or p[k] < 0 for k in PROFILE_KEYS) \
+                or p["speed"] <= 0 or p["uplink_mbps"] <= 0:
+            raise ValueError(f"profile {name!r} needs non-negative {', '.join(PROFILE_KEYS)} with positive speed and "
+                             f"uplink_mbps (missing {sorted(missing)}, unknown {unknown(p)})")
     return profiles
+
+
+def unknown(profile: dict) -> list[str]:
+    return sorted(set(profile) - set(PROFILE_KEYS))
 
 
 def default_model_path() -> str:
@@ -88,9 +94,7 @@ def build_fleet(args, out: Path, profiles: dict[str, dict]) -> tuple[list[SimNod
         tier = tiers[i % len(tiers)]
         if tier not in profiles:
             raise SystemExit(f"unknown device profile {tier!r}; known: {sorted(profiles)}")
-        p = profiles[tier]
-        node = SimNode(f"{tier}-{i + 1:02d}", tier, float(p["speed"]), float(p["uplink_mbps"]),
-                       float(p["latency_s"]), int(p.get("memory_mb", 8192)), out / "nodes" / f"{tier}-{i + 1:02d}")
+        node = SimNode(f"{tier}-{i + 1:02d}", tier, dict(profiles[tier]), out / "nodes" / f"{tier}-{i + 1:02d}")
         write_csv(node.folder / "train.csv", texts, labels, shard)
         # Each node's copy of the held-out split starts at its own offset: a round's curve point evaluates only
         # the first --test-batches batches, so the fleet mean then covers other tweets on every node instead of
@@ -100,6 +104,7 @@ def build_fleet(args, out: Path, profiles: dict[str, dict]) -> tuple[list[SimNod
         hist[node.node_id] = label_histogram(labels, shard)
         fleet.append(node)
     (out / "fleet.json").write_text(json.dumps({"nodes": [n.node_id for n in fleet], "label_mix": hist,
+                                                "profiles": {n.node_id: {"tier": n.tier, **n.profile} for n in fleet},
                                                 "test_size": int(len(test_idx)), "alpha": args.alpha}, indent=2))
     return fleet, sorted(set(labels))
 
@@ -180,10 +185,9 @@ def schedule(methods: list[str], repeats: int) -> list[tuple[str, str]]:
 
 
 def fresh_run_dir(run_dir: Path) -> None:
-    """Clear what an earlier run into the same folder left behind: its metrics, the coordinator's checkpoint (a new
+    """Clear what an earlier run into the same folder left behind: the coordinator's checkpoint and metrics (a new
     run, not a resumed one) and the nodes' state (resume state and exports), so that every node starts from the
     base model, as on a fresh machine.  Configs and logs are rewritten by the run itself."""
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     for folder in ("coordinator", "state"):
         shutil.rmtree(run_dir / folder, ignore_errors=True)
 
@@ -197,7 +201,7 @@ def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broke
     label = label or method
     run_dir = out / label
     state_dir = run_dir / "coordinator"
-    metrics = run_dir / "metrics.jsonl"
+    metrics = state_dir / "metrics.jsonl"
     fresh_run_dir(run_dir)
     broker_sec = {"url": url, "topic_root": root}
 
@@ -206,21 +210,10 @@ def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broke
     coord_cfg = run_dir / "coordinator.toml"
     write_toml(coord_cfg, {
         "broker": {**broker_sec, **login("coordinator")},
-        "coordinator": {"rounds": args.rounds, "method": method, "coverage": args.coverage,
-                        "min_keepers": args.min_keepers, "min_nodes": len(fleet), "local_steps": args.local_steps,
-                        "deadline_s": args.deadline_s, "state_dir": str(state_dir), "metrics_file": str(metrics),
-                        "seed": args.seed, "join_timeout_s": 600.0,
-                        **({} if args.align_steps is None else
-                           {"align_steps": [m for m in args.align_steps.split(",") if m and m != "none"]}),
-                        **({} if args.max_steps_factor is None else {"max_steps_factor": args.max_steps_factor}),
-                        **({} if args.idle_tolerance is None else {"idle_tolerance": args.idle_tolerance}),
-                        **({"pace_steps": False} if args.fixed_steps else {}),
-                        **({"tune_at_tau": False} if args.mean_steps_throughout else {}),
-                        **({"eval_at_deploy_rank": False} if args.curve_at_training_rank else {}),
-                        **({"time_from_model": False} if args.measured_time_reward else {}),
-                        **({"plan_from_model": False} if args.plan_from_last_reading else {}),
-                        **({} if args.pace_min_fraction is None else {"pace_min_fraction": args.pace_min_fraction})},
-        "bandit": {"target_sparsity": args.target_sparsity, "static_rank": args.rank},
+        "coordinator": {"rounds": args.rounds, "method": method, "min_nodes": len(fleet),
+                        "local_steps": args.local_steps, "deadline_s": args.deadline_s, "state_dir": str(state_dir),
+                        "seed": args.seed, "join_timeout_s": 600.0},
+        "bandit": {"target_sparsity": args.target_sparsity, "rank": args.rank},
     })
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
@@ -230,19 +223,16 @@ def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broke
         cfg = run_dir / "configs" / f"{n.node_id}.toml"
         write_toml(cfg, {
             "broker": {**broker_sec, **login(n.node_id)},
-            "node": {"id": n.node_id, "device_type": n.tier, "model_path": args.model, "data_path": str(n.folder / "train.csv"),
-                     "test_path": str(n.folder / "test.csv"), "labels": labels, "state_dir": str(run_dir / "state" / n.node_id),
-                     "memory_budget_mb": n.memory_mb, "torch_threads": 1, "seed": args.seed, "profile_speed": n.speed,
-                     "profile_uplink_mbps": n.uplink_mbps, "profile_latency_s": n.latency_s},
+            "node": {"id": n.node_id, "device_type": n.tier, "model_path": args.model,
+                     "data_path": str(n.folder / "train.csv"), "test_path": str(n.folder / "test.csv"),
+                     "labels": labels, "state_dir": str(run_dir / "state" / n.node_id), "seed": args.seed},
             "train": {"batch_size": args.batch_size, "max_length": args.max_length, "learning_rate": args.lr,
-                      "test_batches": args.test_batches,
-                      **({} if args.fleet_importance is None else {"fleet_importance": args.fleet_importance}),
-                      **({} if args.logit_adjustment is None else {"logit_adjustment": args.logit_adjustment}),
-                      **({} if args.first_cut_with_fleet is None else
-                         {"first_cut_with_fleet": args.first_cut_with_fleet})},
+                      "test_batches": args.test_batches},
             "telemetry": {"interval_s": 5.0},
         })
-        procs[n.node_id] = _spawn(cli + ["node", "--config", str(cfg)], run_dir / "logs" / f"{n.node_id}.log", env)
+        node = [sys.executable, "-m", "coordinator.simulate", "node", "--config", str(cfg),
+                "--profile", json.dumps(n.profile)]
+        procs[n.node_id] = _spawn(node, run_dir / "logs" / f"{n.node_id}.log", env)
     coord = _spawn(cli + ["coordinator", "--config", str(coord_cfg)], run_dir / "logs" / "coordinator.log", env)
     try:
         # A terminal gets a live bar; a log file (no terminal, no --progress) one plain line per finished round.
@@ -298,48 +288,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label mix")
     ap.add_argument("--test-size", type=int, default=600)
     ap.add_argument("--test-batches", type=int, default=8, help="test batches evaluated per round (curves)")
-    ap.add_argument("--coverage", default="kept", choices=COVERAGE,
-                    help="aggregation: divide a coordinate's change by the weight of the nodes that kept it, or of all")
-    ap.add_argument("--min-keepers", type=int, default=2,
-                    help="a coordinate changes only where at least this many of the round's nodes kept it (1: the spec)")
-    ap.add_argument("--fleet-importance", type=float, default=None,
-                    help="nodes' [train] fleet_importance (weight of the fleet's importance when pruning; default 1.0)")
-    ap.add_argument("--logit-adjustment", type=float, default=None,
-                    help="nodes' [train] logit_adjustment τ: local steps train on logits + τ·log(the node's class "
-                         "prior), every method alike (default 1; 0: plain cross-entropy)")
-    ap.add_argument("--first-cut-with-fleet", action=argparse.BooleanOptionalAction, default=None,
-                    help="nodes' [train] first_cut_with_fleet (default on): a node's first cut waits for the fleet's "
-                         "importance (round 2); --no-first-cut-with-fleet cuts on its own shard's alone at the end "
-                         "of round 1")
-    ap.add_argument("--align-steps", default=None,
-                    help="methods whose fast nodes run more local steps instead of waiting (comma-separated, or "
-                         "'none'; default: fedspine)")
-    ap.add_argument("--max-steps-factor", type=float, default=None,
-                    help="with --align-steps, at most this many times τ local steps per round (default 5)")
-    ap.add_argument("--fixed-steps", action="store_true",
-                    help="with --align-steps, nodes run exactly their planned steps instead of pacing to the "
-                         "round's planned finish ([coordinator] pace_steps = false)")
-    ap.add_argument("--pace-min-fraction", type=float, default=None,
-                    help="with paced rounds, a node may stop at the round's planned finish once it ran this share "
-                         "of τ (default 0.5; 1.0: at least τ, so the fleet waits for the slowest node's overrun)")
-    ap.add_argument("--mean-steps-throughout", action="store_true",
-                    help="with --align-steps, a round moves the global state its nodes' mean step count even once "
-                         "every node is at the target sparsity ([coordinator] tune_at_tau = false)")
-    ap.add_argument("--curve-at-training-rank", action="store_true",
-                    help="nodes are sent the global slice at their training rank and the curves measure that "
-                         "truncation, as before the ninth registration ([coordinator] eval_at_deploy_rank = false; "
-                         "default: the deployed rank)")
-    ap.add_argument("--measured-time-reward", action="store_true",
-                    help="the bandit's time term and behind signal take each round's measured times, as before the "
-                         "tenth registration ([coordinator] time_from_model = false; default: the step-cost model "
-                         "at each node's median speed)")
-    ap.add_argument("--plan-from-last-reading", action="store_true",
-                    help="the plans (aligned steps, paced finish, hold) take each node's last measured speed, as "
-                         "before the eleventh registration ([coordinator] plan_from_model = false; default: the "
-                         "step-cost model at its median speed)")
-    ap.add_argument("--idle-tolerance", type=float, default=None,
-                    help="with --align-steps, a slow node prunes beyond the target only while the round idled more "
-                         "than this share with a node at the step cap (default 0.10; 0: whenever a node is capped)")
     ap.add_argument("--deadline-s", type=float, default=900.0)
     ap.add_argument("--broker", default="embedded", help="embedded | mosquitto | mqtt://host:port")
     ap.add_argument("--model", default=None, help="local model folder (default: the packaged all-MiniLM-L6-v2)")
@@ -355,8 +303,28 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def node_main(argv: list[str]) -> int:
+    """One simulated node process: ``fedspine node`` with the device profile injected (its virtual clock and power
+    model), so that nothing of the simulation sits in a real node's configuration."""
+    from edge_node.agent import DeviceProfile
+    from shared.cli import _node, run_service
+    from shared.logs import configure_logging
+
+    ap = argparse.ArgumentParser(prog="fedspine simulate node")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--profile", required=True, help="the device profile as JSON (profiles.toml keys)")
+    args = ap.parse_args(argv)
+    configure_logging(json=True)
+    profile = DeviceProfile(**json.loads(args.profile))
+    return run_service("node", lambda: _node(args, profile))
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["node"]:
+        return node_main(argv[1:])
 
     from coordinator.report import write_report
 

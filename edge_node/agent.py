@@ -32,6 +32,7 @@ from shared.messages import (
     ResendRequest,
     RoundConfig,
     RoundReport,
+    RoundTelemetry,
     decode_from,
     encode,
 )
@@ -40,6 +41,21 @@ from shared.transport import CHUNK_OVERHEAD, MqttTransport
 from shared.updates import LoraUpdate, UpdateError
 
 COORDINATOR_ID = "coordinator"
+CALIBRATION_STEPS = 5  # local steps timed before joining, to size the node's first round
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """A simulated device (``fedspine simulate``): the node reports its times on this device's virtual clock,
+    compute time / ``speed`` (relative to an AGX) + upload bytes / ``uplink_mbps`` + ``latency_s``, and its
+    energy from the profile's power model (``busy_w`` while computing, ``idle_w`` otherwise; source "profile")."""
+
+    speed: float
+    uplink_mbps: float
+    latency_s: float
+    memory_mb: int = 8192
+    busy_w: float = 0.0
+    idle_w: float = 0.0
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -68,8 +84,10 @@ class _Done:
 class NodeAgent:
     """One edge node process. ``trainer`` and ``transport`` may be injected (tests)."""
 
-    def __init__(self, cfg: NodeConfig, *, trainer=None, transport=None, telemetry=None, log=None) -> None:
+    def __init__(self, cfg: NodeConfig, *, trainer=None, transport=None, telemetry=None, log=None,
+                 profile: DeviceProfile | None = None) -> None:
         self.cfg = cfg
+        self.profile = profile
         self.node_id = cfg.node.id
         self.topics = cfg.broker.topics
         # every line says which round the node is in (-1 before its first, as its status message does)
@@ -81,8 +99,8 @@ class NodeAgent:
         self._trainer = trainer
         self._injected = trainer is not None
         self._telemetry = telemetry
-        # Measured at startup: seconds per local step, of the rest of a round, and the sparsity and rank of the steps
-        self._timing: tuple[float, float, float, int] = (0.0, 0.0, 0.0, 0)
+        # Measured at startup: seconds per local step, of the rest of a round, and the sparsity of the steps
+        self._timing: tuple[float, float, float] = (0.0, 0.0, 0.0)
         self._round = -1
         self._upload: tuple[int, float] | None = None  # (rank, device seconds) of the last round's upload
         self._done: _Done | None = None
@@ -132,8 +150,8 @@ class NodeAgent:
 
     @property
     def simulated(self) -> bool:
-        """This process stands for a device profile (benchmarks/fleet): times are reported on a virtual clock."""
-        return self.cfg.node.profile_uplink_mbps > 0
+        """This process stands for a device profile (``fedspine simulate``): times are on a virtual clock."""
+        return self.profile is not None
 
     def _device_s(self, wall: float, cpu: float | None) -> float:
         """Seconds on this device's clock: the wall time, or on a simulated device the compute time scaled by the
@@ -143,7 +161,7 @@ class NodeAgent:
             return wall
         import torch
 
-        return (cpu if cpu is not None and torch.get_num_threads() == 1 else wall) / self.cfg.node.profile_speed
+        return (cpu if cpu is not None and torch.get_num_threads() == 1 else wall) / self.profile.speed
 
     def _device_clock(self) -> float:
         """Now, on the clock ``_device_s`` reads (differences of it are device seconds)."""
@@ -159,7 +177,7 @@ class NodeAgent:
 
         upload = self._upload[1] * cfg.rank / max(self._upload[0], 1) if self._upload is not None else 0.0
         if self.simulated:
-            finish = cfg.finish_s - upload - self.cfg.node.profile_latency_s
+            finish = cfg.finish_s - upload - self.profile.latency_s
         else:
             finish = cfg.finish_s - upload - (time.monotonic() - received)
         return Pace(finish_s=max(finish, 0.0), min_steps=cfg.min_steps, max_steps=cfg.max_steps,
@@ -167,8 +185,8 @@ class NodeAgent:
 
     def _calibrate(self) -> None:
         """Time a few local steps before joining, so that the coordinator can size this node's first round."""
-        steps = self.cfg.node.calibration_steps
-        if steps <= 0 or not hasattr(self.trainer, "calibrate"):
+        steps = CALIBRATION_STEPS
+        if not hasattr(self.trainer, "calibrate"):
             return
         try:
             c = self.trainer.calibrate(steps)
@@ -177,23 +195,23 @@ class NodeAgent:
             return
         self._timing = (self._device_s(c["step_s"], c.get("step_cpu_s")),
                         self._device_s(c["fixed_s"], c.get("fixed_cpu_s"))
-                        + (self.cfg.node.profile_latency_s if self.simulated else 0.0),
-                        float(getattr(self.trainer, "sparsity", 0.0)), int(getattr(self.trainer, "rank", 0)))
+                        + (self.profile.latency_s if self.simulated else 0.0),
+                        float(getattr(self.trainer, "sparsity", 0.0)))
         self.log.info("calibrated", steps=steps, step_s=round(self._timing[0], 4), overhead_s=round(self._timing[1], 4),
                       width_scale=round(c.get("width_scale", 1.0), 4),
-                      sparsity=round(self._timing[2], 4), rank=self._timing[3])
+                      sparsity=round(self._timing[2], 4))
 
     # ---- presence -----------------------------------------------------------------------------------------
     def _status(self, state: str) -> NodeStatus:
         n = self.cfg.node
-        memory = n.memory_budget_mb or int(psutil.virtual_memory().total // 2**20)
+        memory = self.profile.memory_mb if self.profile else int(psutil.virtual_memory().total // 2**20)
         sparsity = float(getattr(self._trainer, "sparsity", 0.0)) if self._trainer is not None else 0.0
         return NodeStatus(
             node_id=self.node_id, state=state, ts=time.time(), device_type=n.device_type,
             model_id=Path(n.model_path).name if n.model_path else "", memory_mb=memory,
             software_version=SOFTWARE_VERSION, sparsity=sparsity, round=self._round,
             telemetry_source=getattr(self._telemetry, "source", ""), step_s=self._timing[0], overhead_s=self._timing[1],
-            step_sparsity=self._timing[2], step_rank=self._timing[3],
+            step_sparsity=self._timing[2],
             labels=list(getattr(self._trainer, "labels", None) or []),
             base_model=getattr(self._trainer, "base_model", None),
         )
@@ -368,7 +386,7 @@ class NodeAgent:
             try:
                 result = self.trainer.run_round(
                     target_sparsity=cfg.target_sparsity, rank=cfg.rank, local_steps=cfg.local_steps,
-                    global_update=global_update, prune_random=cfg.prune_random,
+                    global_update=global_update, importance=cfg.importance,
                     should_stop=lambda: self._stop.is_set() or self._superseded(cfg),
                     **({"pace": pace} if pace is not None else {}),
                 )
@@ -376,8 +394,6 @@ class NodeAgent:
                 energy = meter.end_round() if meter is not None else None
                 if self._telemetry is not None:
                     self._telemetry.set_phase("uploading", cfg.round)
-            if energy is not None:
-                self.transport.publish(self.topics.node(self.node_id, "telemetry/round"), encode(energy), qos=0)
             if self._superseded(cfg):
                 raise Superseded("a newer configuration arrived during local training")
             t0 = time.perf_counter()
@@ -407,18 +423,24 @@ class NodeAgent:
         finally:
             if self._telemetry is not None:
                 self._telemetry.set_phase("idle", cfg.round)
-        n = self.cfg.node
         virtual_s, train_s = 0.0, self._device_s(result.train_s, result.metrics.get("train_cpu_s"))
         self._upload = (result.rank, upload_s)
-        if self.simulated:  # plus the profile's uplink and latency
-            self._upload = (result.rank, len(result.payload) * 8 / (n.profile_uplink_mbps * 1e6))
-            virtual_s = (self._device_s(result.compute_s, result.metrics.get("cpu_s"))
-                         + self._upload[1] + n.profile_latency_s)
+        if self.simulated:  # plus the profile's uplink and latency, and its power model's energy
+            p = self.profile
+            self._upload = (result.rank, len(result.payload) * 8 / (p.uplink_mbps * 1e6))
+            busy = self._device_s(result.compute_s, result.metrics.get("cpu_s"))
+            virtual_s = busy + self._upload[1] + p.latency_s
+            energy = RoundTelemetry(node_id=self.node_id, round=cfg.round, source="profile", duration_s=virtual_s,
+                                    energy_j=p.busy_w * busy + p.idle_w * (virtual_s - busy),
+                                    avg_power_w=(p.busy_w * busy + p.idle_w * (virtual_s - busy)) / max(virtual_s, 1e-9),
+                                    power_estimated=True, avg_cpu_percent=100.0, avg_gpu_percent=None, samples=0)
+        if energy is not None:
+            self.transport.publish(self.topics.node(self.node_id, "telemetry/round"), encode(energy), qos=0)
         report = RoundReport(
             **base, status="ok", transfer_id=cfg.upload_transfer_id, upload_bytes=len(result.payload),
             loss_start=result.loss_start, loss_end=result.loss_end, samples=result.samples, steps=result.steps,
-            examples=result.examples, compute_s=result.compute_s, train_s=train_s, upload_s=upload_s,
-            virtual_s=virtual_s, sparsity=result.sparsity, train_sparsity=result.train_sparsity,
+            examples=result.examples, compute_s=result.compute_s, train_s=train_s, upload_s=self._upload[1],
+            virtual_s=virtual_s, sparsity=result.sparsity,
             rank=result.rank, energy_j=energy.energy_j if energy is not None else None,
             avg_power_w=energy.avg_power_w if energy is not None else None,
             power_source=energy.source if energy is not None else "", metrics=dict(result.metrics),
@@ -461,7 +483,7 @@ class NodeAgent:
     def _export(self, cmd: Command) -> None:
         log = self.log.bind(round=cmd.round, run_id=cmd.run_id)
         n = self.cfg.node
-        out = Path(n.export_dir or (self.state_dir / "export"))
+        out = n.export_dir
         done = self._done
         if done is None or done.run_id != cmd.run_id or done.round <= cmd.round or done.report.status != "ok":
             # No final aggregate of this run here (the node joined after its last round, or its final sync

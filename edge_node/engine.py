@@ -53,10 +53,17 @@ from edge_node.pruning import (
     restore_structure,
     sparsity,
 )
-from shared.updates import GroupScores, LoraUpdate, UpdateError
+from shared.updates import LORA_ALPHA, GroupScores, LoraUpdate, UpdateError
 
 INITIAL_RANK = 8
-RESUME_VERSION = 1
+RESUME_VERSION = 2
+VAL_FRACTION = 0.1  # of the node's data, held out for loss_start / loss_end
+EVAL_BATCHES = 4  # validation batches evaluated at the start and end of a round (the bandit's loss term)
+IMPORTANCE_BETA = 0.9  # moving average of the importance scores over steps (the spec's β)
+# The local steps train on logits + LOGIT_ADJUSTMENT·log(the node's class prior): the logit-adjusted loss (Menon et al.,
+# 2021; FedLC in federated learning), so that a node whose data lacks or floods a class learns which class a text is
+# rather than its own label mix (docs/method.md).  Evaluation and exported models use the plain logits.
+LOGIT_ADJUSTMENT = 1.0
 
 
 class RoundInterrupted(TimeoutError):
@@ -101,7 +108,6 @@ class RoundResult:
     steps: int = 0  # local steps run
     examples: int = 0  # local training examples
     train_s: float = 0.0  # wall time of the local steps (metrics["train_cpu_s"]: their CPU time on this thread)
-    train_sparsity: float | None = None  # the sparsity the local steps ran at (None: not reported, as ``sparsity``)
 
 
 def _get_logger(log):
@@ -122,12 +128,10 @@ class LocalTrainer:
 
     def __init__(self, model_path: str, data_path: str, *, task: str = "seq_cls", train: TrainSettings | None = None,
                  device: str = "auto", dtype: str = "auto", gradient_checkpointing: bool = False, seed: int = 0,
-                 test_path: str | None = None, labels: Sequence[str] | None = None, log=None,
-                 prune_scope: str = "layer") -> None:
+                 test_path: str | None = None, labels: Sequence[str] | None = None, log=None) -> None:
         self.train = train or TrainSettings()
         self.task = task
         self.seed = seed
-        self.prune_scope = prune_scope
         self.log = _get_logger(log)
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
@@ -138,17 +142,16 @@ class LocalTrainer:
         self.base_model = base_model_digest(model_path)  # announced on joining: the fleet's must be one
         self.labels: list[str] = []
         data = self._encode(read_records(data_path), labels, where=str(data_path))
-        self.train_idx, self.val_idx = split_indices(len(data), self.train.val_fraction, seed)
+        self.train_idx, self.val_idx = split_indices(len(data), VAL_FRACTION, seed)
         self.data = data
         self.logit_shift = self._logit_shift()  # None: plain cross-entropy in the local steps
         model = load_base_model(model_path, task, dtype=self.dtype, labels=self.labels or None)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model = attach_lora(model, rank=INITIAL_RANK, alpha=self.train.lora_alpha,
-                                 dropout=self.train.lora_dropout, task=task).to(self.device)
+        self.model = attach_lora(model, rank=INITIAL_RANK, alpha=LORA_ALPHA, task=task).to(self.device)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.tracker = ImportanceTracker(self.model, beta=self.train.importance_beta)
+        self.tracker = ImportanceTracker(self.model, beta=IMPORTANCE_BETA)
         self.fleet_scores: dict[str, GroupScores] = {}  # the fleet's averaged importance, from the last global update
         pad = self.tokenizer.pad_token_id
         bs = self.train.batch_size
@@ -204,7 +207,7 @@ class LocalTrainer:
 
     def _forward_loss(self, batch: dict[str, torch.Tensor], adjusted: bool = False):
         """The model's loss and logits on ``batch``; ``adjusted``: the training loss, logit-adjusted where
-        ``[train] logit_adjustment`` is set (``_logit_shift``)."""
+        LOGIT_ADJUSTMENT is on (``_logit_shift``)."""
         batch = self._to_device(batch)
         with self._autocast():
             out = self.model(**batch)
@@ -212,11 +215,9 @@ class LocalTrainer:
             return out.loss, out.logits
         return F.cross_entropy(out.logits.float() + self.logit_shift, batch["labels"]), out.logits
 
-    def _logit_shift(self) -> torch.Tensor | None:
-        """logit_adjustment · log of this node's class prior over its training examples, with one pseudo-count
-        per class so that a class the node lacks gets a finite, strongly negative shift (None when off or for a
-        causal LM)."""
-        tau = self.train.logit_adjustment
+    def _logit_shift(self, tau: float = LOGIT_ADJUSTMENT) -> torch.Tensor | None:
+        """tau · log of this node's class prior over its training examples, with one pseudo-count per class so that
+        a class the node lacks gets a finite, strongly negative shift (None when tau is 0 or for a causal LM)."""
         if tau <= 0 or self.causal:
             return None
         targets = torch.as_tensor([self.data.targets[i] for i in self.train_idx], dtype=torch.long)
@@ -252,7 +253,7 @@ class LocalTrainer:
 
     def _optimizer(self) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.train.learning_rate, weight_decay=self.train.weight_decay)
+        return torch.optim.AdamW(params, lr=self.train.learning_rate, weight_decay=0.0)
 
     def _train_step(self, opt: torch.optim.Optimizer, track: bool, timing: dict[str, float],
                     batch: dict[str, torch.Tensor] | None = None) -> tuple[float, int]:
@@ -314,7 +315,7 @@ class LocalTrainer:
                 times.append((time.perf_counter() - t, time.thread_time() - c))
             self.model.zero_grad(set_to_none=True)
             t, c = time.perf_counter(), time.thread_time()
-            self._evaluate(self.val_batches[: self.train.eval_batches])
+            self._evaluate(self.val_batches[:EVAL_BATCHES])
             fixed = (2 * (time.perf_counter() - t), 2 * (time.thread_time() - c))
         timed = times[1:]
         typical = mean_batch_width(self.data, self.train_idx, self.train.batch_size, self.seed + 104729)
@@ -324,10 +325,11 @@ class LocalTrainer:
 
     # ---- the round ----------------------------------------------------------------------------------------
     def run_round(self, *, target_sparsity: float, rank: int, local_steps: int, global_update: LoraUpdate | None,
-                  prune_random: bool = False, should_stop: Callable[[], bool] | None = None,
+                  importance: bool = True, should_stop: Callable[[], bool] | None = None,
                   pace: Pace | None = None) -> RoundResult:
-        """One local round: apply the global slice, prune to ``target_sparsity``, run the local steps (exactly
-        ``local_steps``, or as ``pace`` says), evaluate and build the update."""
+        """One local round as the coordinator configured it: apply the global slice, cut to ``target_sparsity``
+        (ranked by the fleet's importance the slice carries), run the local steps (exactly ``local_steps``, or as
+        ``pace`` says; tracking importance when ``importance``), evaluate and build the update."""
         if not 0.0 <= target_sparsity < 1.0:
             raise ValueError(f"target sparsity {target_sparsity} outside [0, 1)")
         if rank < 1 or local_steps < 0:
@@ -344,43 +346,29 @@ class LocalTrainer:
             # Sent above our training rank (the model as deployed): evaluated at that rank, then cut to ours below.
             # A throwaway generator for the restarted (zero) components, which do not change the model: the
             # node's own stream stays as it would be without this evaluation.
-            test = self._test_pass(clock, lambda: apply_update(self.model, global_update, rank=sent,
-                                                               alpha=self.train.lora_alpha,
+            test = self._test_pass(clock, lambda: apply_update(self.model, global_update, rank=sent, alpha=LORA_ALPHA,
                                                                generator=torch.Generator().manual_seed(0)))
         if global_update is not None:
-            apply_update(self.model, global_update, rank=rank, alpha=self.train.lora_alpha, generator=self.gen,
-                         leading=True)
+            apply_update(self.model, global_update, rank=rank, alpha=LORA_ALPHA, generator=self.gen, leading=True)
             self.fleet_scores = dict(global_update.importance)
         else:
-            change_rank(self.model, rank, self.train.lora_alpha, generator=self.gen)
+            change_rank(self.model, rank, LORA_ALPHA, generator=self.gen)
         if self.test_batches and test is None:
             test = self._test_pass(clock)
         metrics, t_eval, cpu_eval, clock_eval = test if test is not None else ({}, 0.0, 0.0, 0.0)
         clock_start += clock_eval  # the round's clock skips the test evaluation
-        eval_batches = self.val_batches[: self.train.eval_batches]
+        eval_batches = self.val_batches[:EVAL_BATCHES]
         clock_val = clock()
         loss_start = self._evaluate(eval_batches)["loss"]
         tail = clock() - clock_val  # the final validation pass repeats it
-        # Prune first, then tune: the importance accumulated over the previous round's steps picks the groups, and
-        # this round's steps recover from the cut.  A node with no importance yet (its first cut) prunes at the end
-        # of the round instead, from this round's τ steps of importance (the spec's order), not from one batch.
-        before = self.sparsity
-        cut = target_sparsity > before + 1e-9
-        deferred = cut and not prune_random and not self.tracker.complete() and most > 0
-        if (cut and not prune_random and self.train.first_cut_with_fleet and self.train.fleet_importance > 0
-                and before == 0.0 and not self.fleet_scores):
-            # The first cut waits for the fleet's importance (TrainSettings.first_cut_with_fleet): this round
-            # only accumulates the node's own, which it reports for the fleet's average.
-            self.log.info("first_cut_waits_for_fleet_importance", target_sparsity=round(target_sparsity, 4))
-            cut = deferred = False
-        pruned = False
-        if cut and not deferred:
-            pruned = self._prune(target_sparsity, prune_random)
+        # Cut first, then tune: this round's steps recover from the cut.
+        pruned = target_sparsity > self.sparsity + 1e-9
+        if pruned:
+            self.prune(target_sparsity)
         self.model.train()
         opt = self._optimizer()
         timing = {"step": 0.0, "importance": 0.0}
         samples = steps = 0
-        train_sparsity = self.sparsity
         t_train, cpu_train = time.perf_counter(), time.thread_time()
         clock_train = clock()
         for _ in range(most):
@@ -391,17 +379,16 @@ class LocalTrainer:
                     break
             if should_stop is not None and should_stop():
                 raise RoundInterrupted(f"stopped after {steps} of {most} local steps")
-            _, n = self._train_step(opt, track=not prune_random, timing=timing)
+            _, n = self._train_step(opt, track=importance, timing=timing)
             samples += n
             steps += 1
         t_train, cpu_train = time.perf_counter() - t_train, time.thread_time() - cpu_train
-        if deferred:
-            pruned = self._prune(target_sparsity, prune_random)
         end = self._evaluate(eval_batches)  # the same batches as loss_start: one pass gives loss and accuracy
         loss_end = end["loss"]
         metrics.update({f"val_{k}": v for k, v in end.items()})
         # Report this round's smoothed importance with the update (the coordinator averages it over the fleet).
-        update = build_update(self.model, fleet_report(self.tracker.scores, self.model) if self.tracker.complete() else None)
+        report = importance and self.tracker.complete()
+        update = build_update(self.model, fleet_report(self.tracker.scores, self.model) if report else None)
         compute_s = time.perf_counter() - t_start - t_eval
         # CPU time of this thread: with one torch thread it is the round's compute, unaffected by other
         # processes competing for the cores (what a simulated device's virtual clock should use).
@@ -421,7 +408,7 @@ class LocalTrainer:
         result = RoundResult(update=update, payload=payload, loss_start=loss_start, loss_end=loss_end,
                              samples=samples, compute_s=compute_s, sparsity=achieved, rank=current_rank(self.model),
                              metrics=metrics, peak_memory_mb=self._peak_memory_mb(), steps=steps,
-                             examples=len(self.train_idx), train_s=t_train, train_sparsity=train_sparsity)
+                             examples=len(self.train_idx), train_s=t_train)
         self.log.info("local_round", steps=steps, loss_start=round(loss_start, 4), loss_end=round(loss_end, 4),
                       sparsity=round(achieved, 4), rank=result.rank, compute_s=round(compute_s, 3),
                       importance_ms=round(metrics["importance_ms"], 2), step_ms=round(metrics["step_ms"], 2))
@@ -437,23 +424,21 @@ class LocalTrainer:
         metrics = {f"test_{k}": v for k, v in self.evaluate("test", self.train.test_batches).items()}
         return metrics, time.perf_counter() - t0, time.thread_time() - c0, clock() - k0
 
-    def _prune(self, target: float, random_groups: bool) -> bool:
+    def prune(self, target: float, random_groups: bool = False) -> None:
+        """Cut the model to ``target`` sparsity, the groups ranked by the fleet's averaged importance (from the last
+        global slice; the node's own where the fleet has not scored a group), so that a node whose data lacks a
+        class does not cut what the class needs.  ``random_groups``: random groups at the same counts (the
+        benchmark's ablation)."""
         scores = None
         if not random_groups:
-            if not self.tracker.complete():  # no accepted step yet: one gradient pass for the scores
+            if not self.tracker.complete():  # no own scores at this structure yet: one gradient pass gives them
                 self.model.train()
                 self._train_step(None, track=True, timing={"step": 0.0, "importance": 0.0})
                 self.model.zero_grad(set_to_none=True)
-            scores = self.tracker.scores if self.tracker.complete() else None
-            if scores is None:
-                self.log.warning("importance_unavailable_random_pruning")
-            else:
-                scores = blend(scores, self.model, self.fleet_scores, self.train.fleet_importance)
-        plan = plan_prune(self.model, target, scores, round_multiple=self.train.round_multiple,
-                          scope=self.prune_scope, generator=self.gen)
+            scores = blend(self.tracker.scores, self.model, self.fleet_scores, 1.0)
+        plan = plan_prune(self.model, target, scores, generator=self.gen)
         apply_plan(self.model, plan)
         self.tracker.slice(plan)
-        return True
 
     def _peak_memory_mb(self) -> float:
         if self.device.type == "cuda":
@@ -479,7 +464,7 @@ class LocalTrainer:
         tensors.update(self.tracker.state())
         meta = {"version": RESUME_VERSION, "task": self.task, "labels": self.labels, "base_model": self.base_model,
                 "rank": self.rank,
-                "alpha": self.train.lora_alpha, "rounds": self.rounds,
+                "alpha": LORA_ALPHA, "rounds": self.rounds,
                 "kept": kept_to_json(kept_maps(self.model))}
         tmp = d / "state.safetensors.tmp"
         save_file(tensors, str(tmp))

@@ -6,6 +6,7 @@
   kB), temperatures (``jtop.temperature[name]['temp']``, °C) and the nvpmodel name (``jtop.nvpmodel.name``).
 - ``PsutilProvider`` reports CPU, RAM and temperatures with ``source = "psutil"``; power only where the
   kernel measures it (Linux RAPL package energy, ``/sys/class/powercap/intel-rapl:*``), else ``None``.
+- ``ProfileProvider`` is a simulated device's power model (busy and idle watts of its tier), ``source = "profile"``.
 - ``EnergyMeter`` integrates power over a round (trapezoid over samples, or the provider's energy counter).
 - ``TelemetryPublisher`` samples in a daemon thread and publishes JSON ``Telemetry`` on the node's topic.
 """
@@ -152,6 +153,28 @@ class PsutilProvider:
         pass
 
 
+class ProfileProvider(PsutilProvider):
+    """A simulated device's power model (``fedspine simulate``): ``busy_w`` while it trains, ``idle_w`` otherwise,
+    labelled ``source = "profile"`` and ``power_estimated`` so that nobody mistakes it for a measurement.  CPU, RAM
+    and temperatures are the host's, as psutil reads them."""
+
+    source = "profile"
+
+    def __init__(self, busy_w: float, idle_w: float) -> None:
+        super().__init__(rapl_root="/nonexistent")
+        self.busy_w, self.idle_w, self.phase = busy_w, idle_w, "idle"
+
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
+
+    def sample(self) -> Sample:
+        power = self.busy_w if self.phase == "training" else self.idle_w
+        host = super().sample()
+        return Sample(ts=host.ts, power_w=power, power_estimated=True, rails_w={}, cpu_percent=host.cpu_percent,
+                      gpu_percent=None, ram_used_mb=host.ram_used_mb, ram_total_mb=host.ram_total_mb,
+                      temperatures_c=host.temperatures_c)
+
+
 def make_provider(settings: TelemetrySettings, log=None):
     """``auto``: jtop when its service answers, else psutil with one warning; ``jtop`` insists; ``psutil`` forces."""
     log = log or get_logger("telemetry")
@@ -243,6 +266,8 @@ class TelemetryPublisher:
 
     def set_phase(self, phase: str, rnd: int) -> None:
         self._phase, self._round = phase, rnd
+        if hasattr(self.provider, "set_phase"):  # a simulated device's power model follows the phase
+            self.provider.set_phase(phase)
 
     def message(self, s: Sample) -> Telemetry:
         return Telemetry(node_id=self.node_id, ts=s.ts, source=self.provider.source, power_w=s.power_w,

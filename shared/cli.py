@@ -20,19 +20,16 @@ def _coordinator(args: argparse.Namespace) -> int:
     return 0 if not summary.stopped_early else 3
 
 
-def _node(args: argparse.Namespace) -> int:
+def _node(args: argparse.Namespace, profile=None) -> int:
+    """Run a node agent; ``profile`` (an ``edge_node.agent.DeviceProfile``): a simulated device (fedspine simulate)."""
     from edge_node.agent import NodeAgent
     from edge_node.config import NodeConfig
-    from edge_node.telemetry import TelemetryPublisher, make_provider
+    from edge_node.telemetry import ProfileProvider, TelemetryPublisher, make_provider
 
     cfg = NodeConfig.load(args.config)
     cfg.check_files()
-    if cfg.node.torch_threads:
-        import torch
-
-        torch.set_num_threads(cfg.node.torch_threads)
-    agent = NodeAgent(cfg)
-    provider = make_provider(cfg.telemetry, agent.log)
+    agent = NodeAgent(cfg, profile=profile)
+    provider = ProfileProvider(profile.busy_w, profile.idle_w) if profile else make_provider(cfg.telemetry, agent.log)
     agent._telemetry = TelemetryPublisher(
         provider, agent.transport.publish, agent.topics, cfg.node.id, cfg.telemetry.interval_s, agent.log
     )
@@ -47,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("coordinator", help="run the coordinator service")
-    p.add_argument("--config", required=True, help="coordinator TOML ([broker], [coordinator], [bandit], [reward])")
+    p.add_argument("--config", required=True, help="coordinator TOML ([broker], [coordinator], [bandit])")
     p = sub.add_parser("node", help="run an edge node agent")
     p.add_argument("--config", required=True, help="node TOML ([broker], [node], [train], [telemetry])")
     sub.add_parser("simulate", help="run a local fleet (embedded broker, coordinator, simulated Jetson nodes)",
@@ -72,12 +69,19 @@ def main(argv: list[str] | None = None) -> int:
         return broker_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return run_service(args.command, lambda: _coordinator(args) if args.command == "coordinator" else _node(args))
+
+
+def run_service(command: str, run) -> int:
+    """Run a service, turning start-up errors into one line and an exit code systemd understands: 2 for a
+    configuration or data error (fixed by the operator, not by restarting), 1 for the broker."""
     from edge_node.data import DataError
     from shared.config import ConfigError
     from shared.transport import TransportError
 
+    args = argparse.Namespace(command=command)
     try:
-        return _coordinator(args) if args.command == "coordinator" else _node(args)
+        return run()
     except ConfigError as exc:
         print(f"fedspine {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -242,12 +242,11 @@ class NodeStatus(Message):
     round: int = _round(-1)
     telemetry_source: str = spec("")
     # Measured before joining (on a simulated device: on its virtual clock): seconds per local training step and
-    # of a round's work outside the steps, and the sparsity and LoRA rank the steps ran at.  The coordinator
-    # sizes round 1's local steps with them; 0 = unknown.
+    # of a round's work outside the steps, and the sparsity the steps ran at.  The coordinator sizes round 1's
+    # local steps with them; 0 = unknown.
     step_s: float = _seconds(0.0)
     overhead_s: float = _seconds(0.0)
     step_sparsity: float = _frac(0.0)
-    step_rank: int = spec(0, lo=0, hi=4096)
     # The class names of its classification head, in order (empty for a causal LM): every node of a fleet must
     # have the same list, or their heads' rows would be averaged across different classes.
     labels: list[str] = spec(factory=list, max_len=1024)
@@ -315,7 +314,10 @@ class RoundConfig(Message):
     deadline_ts: float = _ts()
     upload_transfer_id: str = spec(check="transfer_id")
     download_transfer_id: str | None = spec(check="transfer_id")
-    prune_random: bool = spec(False)
+    # Track LoRA-guided importance during the local steps and report it (the node will still be cut; a method
+    # that never prunes does not pay for the scores).  A cut (target_sparsity above the node's) comes before the
+    # steps, ranked by the fleet's averaged importance that the global slice carries.
+    importance: bool = spec(True)
     # A paced round (aligned steps): instead of exactly local_steps (the plan), run at least min_steps and at most
     # max_steps, stopping at the step boundary nearest finish_s, the round's planned completion time in seconds on
     # the node's round clock (from this config's arrival; virtual on a simulated device).
@@ -348,10 +350,9 @@ class RoundReport(Message):
     examples: int = _count(0)  # size of the node's local training set (the aggregation weight)
     compute_s: float = _seconds(0.0)
     train_s: float = _seconds(0.0)  # the local steps' share of the round time, on the same clock as virtual_s/wall
-    upload_s: float = _seconds(0.0)
+    upload_s: float = _seconds(0.0)  # the upload's share of the round time, on the same clock
     virtual_s: float = _seconds(0.0)
     sparsity: float = _frac(0.0)
-    train_sparsity: float | None = spec(None, lo=0.0, hi=1.0)  # the sparsity the local steps ran at (None: as sparsity)
     rank: int = spec(0, lo=0, hi=4096)
     energy_j: float | None = spec(None, lo=0.0, hi=_BIG)
     avg_power_w: float | None = _watts(None)

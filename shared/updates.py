@@ -40,6 +40,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+# LoRA alpha of the whole fleet: a factor pair of rank r has scale alpha / r on every node and in the
+# coordinator's factorisations (one source, not an option: nodes with other alphas could not share updates).
+LORA_ALPHA = 16.0
+
 FORMAT = "fedspine-lora"
 FORMAT_VERSION = "1"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

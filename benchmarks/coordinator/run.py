@@ -26,13 +26,13 @@ from coordinator.simulate import write_toml
 def measure(n: int, rounds: int, swarm_procs: int, workdir: Path, profile: Path | None = None) -> dict:
     with mosquitto(workdir / f"broker-{n}") as (host, port):
         root = f"fedspine/bench{n}"
-        metrics = workdir / f"metrics-{n}.jsonl"
+        metrics = workdir / f"state-{n}" / "metrics.jsonl"
         cfg = workdir / f"coordinator-{n}.toml"
         write_toml(cfg, {
             "broker": {"url": f"mqtt://{host}:{port}", "topic_root": root},
             "coordinator": {"rounds": rounds, "method": "fedspine", "min_nodes": n, "local_steps": 1,
                             "deadline_s": 300.0, "state_dir": str(workdir / f"state-{n}"),
-                            "metrics_file": str(metrics), "join_timeout_s": 600.0, "export_at_end": False},
+                            "join_timeout_s": 600.0},
         })
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         per = -(-n // swarm_procs)

@@ -122,7 +122,7 @@ def ablation(seeds: list[int], finetune_rounds: int, recovery_rounds: int, tau: 
     texts, labels = load_tweets()
     test_idx, pool = split_test(labels, test_n, seed=0)
     log = structlog.wrap_logger(structlog.PrintLogger(), wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    settings = TrainSettings(batch_size=16, max_length=64, learning_rate=1e-3, eval_batches=4, test_batches=0)
+    settings = TrainSettings(batch_size=16, max_length=64, learning_rate=1e-3, test_batches=0)
     out = {}
     for seed in seeds:
         train = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:train_n].numpy()
@@ -135,8 +135,8 @@ def ablation(seeds: list[int], finetune_rounds: int, recovery_rounds: int, tau: 
         res = {"dense": base.evaluate("test")["accuracy"]}
         for mode in ("importance", "random"):
             tr = copy.deepcopy(base)
-            r = tr.run_round(target_sparsity=0.3, rank=8, local_steps=tau, global_update=None,
-                             prune_random=mode == "random")
+            tr.prune(0.3, random_groups=mode == "random")  # the same counts, by importance or at random
+            r = tr.run_round(target_sparsity=0.3, rank=8, local_steps=tau, global_update=None)
             res[f"{mode}_after_cut"] = r.metrics["val_accuracy"]
             for _ in range(recovery_rounds - 1):
                 tr.run_round(target_sparsity=0.3, rank=8, local_steps=tau, global_update=None)
@@ -185,7 +185,7 @@ def step_cost(reps: int, steps: int, workdir: Path, device: str = "cpu") -> dict
     idx = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:1200].numpy()
     write_csv(workdir / "step-cost.csv", texts, labels, idx)
     log = structlog.wrap_logger(structlog.PrintLogger(), wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    settings = TrainSettings(batch_size=16, max_length=64, learning_rate=1e-3, eval_batches=1, test_batches=0)
+    settings = TrainSettings(batch_size=16, max_length=64, learning_rate=1e-3, test_batches=0)
     base = LocalTrainer(_model_path(), str(workdir / "step-cost.csv"), train=settings, device=device, seed=0,
                         labels=sorted(set(labels)), log=log)
     base.run_round(target_sparsity=0.0, rank=8, local_steps=2, global_update=None)  # importance for the cuts

@@ -327,8 +327,7 @@ def test_coordinator_config(provisioned: Provisioned) -> None:
     assert cfg.coordinator.labels == ("negative", "neutral", "positive")
     assert cfg.coordinator.state_dir == str(provisioned.prefix / "var/lib/fedspine/coordinator")
     assert Path(cfg.coordinator.state_dir).is_dir()
-    assert cfg.bandit.delta_p == (0.0, 0.05, 0.10, 0.15) and cfg.bandit.ranks == (2, 4, 8, 16)
-    assert cfg.bandit.cap("tx2") == 0.6 and cfg.reward.importance == 0.5
+    assert cfg.bandit.ranks == (2, 4, 8, 16) and cfg.bandit.cap("tx2") == 0.6
     unit = (provisioned.prefix / "etc/systemd/system/fedspine-coordinator.service").read_text()
     assert "Restart=on-failure" in unit and "RestartPreventExitStatus=2 3" in unit
 

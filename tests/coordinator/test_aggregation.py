@@ -27,7 +27,7 @@ def test_equals_fedavg_when_structure_and_rank_are_shared():
 def test_coordinate_kept_by_one_node_is_not_shrunk_and_uncovered_keeps_previous():
     a = upd(2, rows=[0, 1, 2, 3, 4, 5], seed=1)
     b = upd(2, rows=[0, 1, 2], seed=2)  # pruned rows 3..5
-    g = GlobalLora()
+    g = GlobalLora(min_keepers=1)  # the spec's rule
     g.aggregate([(a, 1.0), (b, 3.0)])
     da, db = a.modules["q"].dense_delta(), b.modules["q"].dense_delta()
     assert torch.allclose(g.delta["q"][3:], da[3:], atol=1e-5)  # only a kept rows 3..5: its value, unshrunk
@@ -124,7 +124,7 @@ def test_a_node_that_changed_nothing_leaves_the_global_unchanged_whatever_its_ra
 def test_changes_are_averaged_on_top_of_the_global_with_coverage_weights():
     gen = torch.Generator().manual_seed(3)
     G = torch.randn(6, 5, generator=gen) @ torch.randn(5, 5, generator=gen)  # full rank 5
-    g = GlobalLora()
+    g = GlobalLora(min_keepers=1)  # the spec's rule
     g.load_tensors({"delta.q": G.clone()})
     s_lo = g.slice_for(None, rank=2, alpha=16.0)  # node a: rank 2, all rows
     s_hi = g.slice_for({"q": (torch.arange(3), torch.arange(5))}, rank=4, alpha=16.0)  # node b: rows 0..2, rank 4
@@ -180,28 +180,6 @@ def test_importance_on_the_wire_is_validated():
             LoraUpdate.from_bytes(LoraUpdate(upd(2).modules, {}, imp).to_bytes())
 
 
-def test_round_coverage_damps_a_step_few_nodes_took_without_shrinking_the_value():
-    gen = torch.Generator().manual_seed(4)
-    G = torch.randn(6, 5, generator=gen)
-    full, part = {"q": (torch.arange(6), torch.arange(5))}, {"q": (torch.arange(3), torch.arange(5))}
-    d_a, d_b = 0.1 * torch.randn(6, 5, generator=gen), 0.1 * torch.randn(6, 5, generator=gen)
-    out = {}
-    for coverage in ("kept", "round"):
-        g = GlobalLora(coverage)
-        g.load_tensors({"delta.q": G.clone()})
-        s_a, s_b = g.slice_for(full, 5, 16.0), g.slice_for(part, 5, 16.0)  # rank 5: exact slices
-        fin_a = _from_delta(G + d_a, rank=5)  # node a kept every row
-        fin_b = _from_delta(G + d_b, rank=5, rows=[0, 1, 2])  # node b pruned rows 3..5
-        g.aggregate([(fin_a, 1.0), (fin_b, 3.0)], starts=[s_a, s_b])
-        out[coverage] = g.delta["q"]
-    both = G[:3] + (d_a[:3] + 3 * d_b[:3]) / 4
-    assert torch.allclose(out["kept"][:3], both, atol=1e-4) and torch.allclose(out["round"][:3], both, atol=1e-4)
-    assert torch.allclose(out["kept"][3:], G[3:] + d_a[3:], atol=1e-4)  # a alone kept them: its whole step
-    assert torch.allclose(out["round"][3:], G[3:] + d_a[3:] / 4, atol=1e-4)  # b's weight counts as no change
-    with pytest.raises(ValueError):
-        GlobalLora("other")
-
-
 def test_changes_are_averaged_per_local_step_when_nodes_ran_different_steps():
     """FedNova's normalisation: a node that ran 4x the steps moves the average no further per step."""
     gen = torch.Generator().manual_seed(5)
@@ -210,7 +188,7 @@ def test_changes_are_averaged_per_local_step_when_nodes_ran_different_steps():
     a, b = 0.1 * torch.randn(6, 5, generator=gen), 0.1 * torch.randn(6, 5, generator=gen)  # per-step changes
 
     def run(steps, effective=None):
-        g = GlobalLora()
+        g = GlobalLora(min_keepers=1)  # the spec's rule
         g.load_tensors({"delta.q": G.clone(), "dense.head": torch.zeros(2)})
         s_a, s_b = g.slice_for(full, 5, 16.0), g.slice_for(part, 5, 16.0)
         fin_a = LoraUpdate(_from_delta(G + 4 * a, rank=5).modules, {"head": torch.full((2,), 4.0)})  # 4 steps

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from coordinator.report import analyse, rounds_table, time_to, write_report
+from coordinator.report import analyse, reach_target, rounds_table, time_to, worst_drop, write_report
 
 
 def _write(path, rows):
@@ -20,7 +20,7 @@ def test_virtual_clock_idle_and_curve(tmp_path):
     p = tmp_path / "m.jsonl"
     _write(p, [
         _node(1, "a", 10.0, 0.40, planned_s=9.0), _node(1, "b", 5.0, 0.50, planned_s=6.0),
-        _node(2, "a", 8.0, 0.60, planned_s=8.0, held=False), _node(2, "b", 8.0, 0.70, held=True),
+        _node(2, "a", 8.0, 0.60, planned_s=8.0, energy_j=100.0, upload_s=1.0), _node(2, "b", 6.0, 0.70, energy_j=50.0),
         {"kind": "node", "round": 2, "node": "c", "status": "timeout"},
         _node(3, "a", 0.0, 0.80, eval_only=True), _node(3, "b", 0.0, 0.90, eval_only=True),
         {"kind": "export", "node": "a", "status": "ok", "metrics": {"accuracy": 0.8}, "sparsity": 0.3,
@@ -28,16 +28,22 @@ def test_virtual_clock_idle_and_curve(tmp_path):
         {"kind": "export", "node": "b", "status": "ok", "metrics": {"accuracy": 0.9}, "sparsity": 0.35,
          "latency_ms": 12.0, "params": 90},
     ])
-    r = analyse("fedspine", p)
+    r = analyse("fedspine", p, idle_w={"a": 2.0, "b": 1.0})
     assert r.rounds == 2
     assert r.virtual_time_s == pytest.approx(18.0)  # the slowest node of each round: 10 + 8
     assert r.curve == [(0.0, pytest.approx(0.45)), (10.0, pytest.approx(0.65)), (18.0, pytest.approx(0.85))]
-    assert r.per_round_idle == [pytest.approx(0.25), pytest.approx(0.0)]  # round 1: b waits half of 10 s
+    assert r.per_round_idle == [pytest.approx(0.25), pytest.approx(0.125)]  # b waits half of 10 s, then 2 of 8 s
+    # compute: busy device-seconds (round time less upload); energy: unknown in round 1, so unknown from then on
+    assert [c for c, _ in r.curve_cost] == [0.0, pytest.approx(15.0), pytest.approx(15.0 + 7.0 + 6.0)]
+    assert [e for _, e in r.curve_cost] == [0.0, None, None]
+    reach_target(r, 0.75)  # crossed half-way through round 2
+    assert (r.time_to_target_s, r.compute_to_target_s, r.energy_to_target_j) == (
+        pytest.approx(14.0), pytest.approx(15.0 + 13.0 / 2), None)
+    assert worst_drop(r.curve) == 0.0 and worst_drop([(0, 0.5), (1, 0.8), (2, 0.6), (3, 0.75)]) == pytest.approx(0.2)
     assert r.plan_error == pytest.approx((0.1 + 0.2 + 0.0) / 3)  # |10 - 9| / 10, |5 - 6| / 5, 0; b unplanned in 2
     table = rounds_table([r]).splitlines()
-    assert table[4].startswith("held: ")  # the legend, since a node was held
-    assert table[8:10] == ["| 1 | 8 / 0.10 / 8 / 10 s (plan 9 s) | 8 / 0.10 / 8 / 5 s (plan 6 s) | 25.0% | 0.650 |",
-                           "| 2 | 8 / 0.10 / 8 / 8 s (plan 8 s) | 8 / 0.10 held / 8 / 8 s | 0.0% | 0.850 |"]
+    assert table[6:8] == ["| 1 | 8 / 0.10 / 8 / 10 s (plan 9 s) | 8 / 0.10 / 8 / 5 s (plan 6 s) | 25.0% | 0.650 |",
+                          "| 2 | 8 / 0.10 / 8 / 8 s (plan 8 s) | 8 / 0.10 / 8 / 6 s | 12.5% | 0.850 |"]
     assert r.final_accuracy == pytest.approx(0.85)
     assert r.final_sparsity == pytest.approx(0.325)
     assert r.upload_bytes == 6000

@@ -1,59 +1,70 @@
-"""The S-UCB reward: each term of the spec, its normalisation across the round, and the weighted mean."""
+"""The S-UCB reward: each term, its normalisation, the weighted mean, and FedSpine's time term (the round share)."""
 
 import pytest
+import torch
 
-from coordinator.config import RewardSettings
+from coordinator.config import BanditSettings, CoordinatorConfig
 from coordinator.reward import RewardInput, rewards
+from coordinator.strategies import Assignment, NodeResult, make_strategy
+from shared.updates import LoraUpdate, ModuleUpdate
+
+WEIGHTS = BanditSettings().reward
 
 
-def _x(node_id, *, loss_end=0.8, ds=0.0, t=10.0, imp=1.0, energy=None, prev=None):
-    return RewardInput(node_id=node_id, loss_start=1.0, loss_end=loss_end, delta_sparsity=ds, round_time_s=t,
-                       importance=imp, energy_j=energy, samples=100, prev_time_s=prev)
+def _x(node_id, *, loss_end=0.8, share=1.0, imp=1.0, energy=None):
+    return RewardInput(node_id=node_id, loss_start=1.0, loss_end=loss_end, round_share=share, importance=imp,
+                       energy_j=energy, samples=100)
 
 
 def test_terms_are_normalised_across_the_round():
-    out = rewards([_x("a", loss_end=0.5, ds=0.3, imp=2.0), _x("b", loss_end=0.75, ds=0.15, imp=1.0)],
-                  RewardSettings(), target_sparsity=0.3)
+    out = rewards([_x("a", loss_end=0.5, imp=2.0, share=0.6), _x("b", loss_end=0.75, imp=1.0)], WEIGHTS)
     a, b = out["a"]["terms"], out["b"]["terms"]
     assert a["loss"] == pytest.approx(1.0) and b["loss"] == pytest.approx(0.5)  # relative to the round's best
-    assert a["progress"] == pytest.approx(1.0) and b["progress"] == pytest.approx(0.5)  # Δs / s*
     assert a["importance"] == pytest.approx(1.0) and b["importance"] == pytest.approx(0.5)
-    assert a["time"] == pytest.approx(1.0) and b["time"] == pytest.approx(1.0)  # equal times, no history
+    assert a["time"] == pytest.approx(0.6) and b["time"] == pytest.approx(1.0)  # the share, as it is
 
 
 def test_energy_term_only_when_every_node_reported_it():
-    w = RewardSettings(loss=0, progress=0, time=0, importance=0, energy=1)
-    out = rewards([_x("a", energy=100.0), _x("b", energy=200.0)], w, 0.3)
+    w = {"energy": 1.0}
+    out = rewards([_x("a", energy=100.0), _x("b", energy=200.0)], w)
     assert out["a"]["terms"]["energy"] == pytest.approx(1.0) and out["b"]["terms"]["energy"] == pytest.approx(0.5)
     assert out["b"]["reward"] == pytest.approx(0.5)
-    out = rewards([_x("a", energy=100.0), _x("b")], RewardSettings(), 0.3)
+    out = rewards([_x("a", energy=100.0), _x("b")], WEIGHTS)
     assert out["a"]["terms"]["energy"] == 0.0  # skipped, and its weight leaves the mean
-    w = RewardSettings()
     t = out["a"]["terms"]
-    expected = (w.loss * t["loss"] + w.progress * t["progress"] + w.time * t["time"]
-                + w.importance * t["importance"]) / (w.loss + w.progress + w.time + w.importance)
+    expected = sum(WEIGHTS[k] * t[k] for k in ("loss", "time", "importance")) / sum(
+        WEIGHTS[k] for k in ("loss", "time", "importance"))
     assert out["a"]["reward"] == pytest.approx(expected)
 
 
-def test_time_term_credits_the_nodes_own_change_not_the_fleets():
-    # Round mean 20 s. The slow node went 40 -> 30 (closer to the mean); the fast node 10 -> 8 (further away);
-    # the mid node did not change. The other nodes' moves shift the mean, but each node's credit comes from
-    # its own move measured against this round's mean.
-    out = rewards([_x("slow", t=30.0, prev=40.0), _x("fast", t=8.0, prev=10.0), _x("mid", t=22.0, prev=22.0)],
-                  RewardSettings(), 0.3)
-    time = {n: out[n]["terms"]["time"] for n in out}
-    assert time["slow"] == pytest.approx(1.0)  # the largest gain: 10/20
-    assert time["fast"] == pytest.approx(0.5 - 0.5 * (2 / 20) / (10 / 20))
-    assert time["mid"] == pytest.approx(0.5)
-    assert time["slow"] > time["mid"] > time["fast"]
-
-
-def test_time_term_without_history_is_alignment():
-    out = rewards([_x("a", t=10.0), _x("b", t=30.0)], RewardSettings(), 0.3)
-    assert out["a"]["terms"]["time"] == pytest.approx(0.5) and out["b"]["terms"]["time"] == pytest.approx(0.5)
-
-
 def test_non_finite_and_negative_values_are_clipped():
-    out = rewards([_x("a", loss_end=1.5), _x("b", loss_end=0.5)], RewardSettings(), 0.3)
+    out = rewards([_x("a", loss_end=1.5), _x("b", loss_end=0.5, share=float("nan"))], WEIGHTS)
     assert out["a"]["terms"]["loss"] == 0.0  # the loss rose: no credit, not a negative reward
+    assert out["b"]["terms"]["time"] == 0.0
     assert all(0.0 <= v["reward"] <= 1.0 for v in out.values())
+
+
+def _result(node_id: str, sparsity: float, rank: int, per_step: float, upload_s: float = 0.0) -> NodeResult:
+    m = ModuleUpdate(A=torch.ones(rank, 4) * 0.1, B=torch.ones(8, rank) * 0.1, rows=torch.arange(8),
+                     cols=torch.arange(4), shape=(8, 4), scale=16.0 / rank)
+    return NodeResult(node_id=node_id, update=LoraUpdate({"m": m}), samples=80, loss_start=1.0, loss_end=0.8,
+                      compute_s=1.0, round_time_s=1.0 + 5 * per_step + upload_s, sparsity=sparsity, rank=rank,
+                      energy_j=None, upload_bytes=100, steps=5, examples=100, train_s=5 * per_step, upload_s=upload_s)
+
+
+def test_the_time_term_is_the_share_of_the_fastest_round_the_node_could_have_given():
+    """Only the node that holds the round back scores below 1, by how far its configuration is from the fastest it
+    could have chosen (its tier's cap, its smallest rank)."""
+    cfg = CoordinatorConfig.from_dict({"coordinator": {"local_steps": 5},
+                                       "bandit": {"max_sparsity": {"default": 0.5}, "ranks": [2, 8]}})
+    strat = make_strategy(cfg, total_rounds=5)
+    results = [_result("fast", 0.3, 8, 0.2), _result("slow", 0.3, 8, 2.0, upload_s=0.8)]
+    for r in results:
+        strat._pending[r.node_id] = (Assignment(r.node_id, r.sparsity, r.rank, 5), 0.0)
+    strat.aggregate_round(1, results, [])
+    shares = strat.round_shares(results)
+    assert shares["fast"] == 1.0
+    speed = strat.state("slow").speed  # (1.0 s, 2.0 / (1 - 0.92·0.3) s per step at cost 1, 0.1 s per rank)
+    now = 1.0 + 0.8 + 5 * 2.0
+    fastest = 1.0 + 0.1 * 2 + 5 * speed[1] * (1 - 0.92 * 0.5)
+    assert shares["slow"] == pytest.approx(fastest / now)

@@ -8,9 +8,9 @@ import pytest
 import structlog
 import torch
 
-from edge_node.config import ConfigError, TrainSettings
+from edge_node.config import TrainSettings
 from edge_node.data import BatchStream, mean_batch_width
-from edge_node.engine import LocalTrainer, Pace, RoundInterrupted
+from edge_node.engine import EVAL_BATCHES, LocalTrainer, Pace, RoundInterrupted
 from edge_node.model import layer_geometry
 from shared.updates import GroupScores, LoraUpdate, UpdateError
 from tests.edge_node.tiny import cached_model_folder, lm_rows, random_batch, sentiment_rows, write_csv
@@ -18,10 +18,9 @@ from tests.edge_node.tiny import cached_model_folder, lm_rows, random_batch, sen
 pytestmark = pytest.mark.slow  # local training rounds: seconds each
 QUIET = structlog.wrap_logger(structlog.PrintLogger(), wrapper_class=structlog.make_filtering_bound_logger(
     logging.WARNING))
-# The trainer runs here without a coordinator, so no slice ever brings the fleet's importance: the tests cut in
-# the spec's order (the first cut at the end of round 1, on the node's own importance) unless they say otherwise.
-SETTINGS = TrainSettings(batch_size=16, learning_rate=1e-2, eval_batches=2, fleet_importance=0.5,
-                         first_cut_with_fleet=False)
+# The trainer runs here without a coordinator: unless a test sends a slice with the fleet's importance, a cut ranks
+# groups by the node's own importance (one gradient pass before its first steps).
+SETTINGS = TrainSettings(batch_size=16, learning_rate=1e-2)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +57,8 @@ def test_rounds_learn_prune_monotone_and_report(cls_data):
 def test_global_update_is_applied_and_random_pruning(cls_data):
     a, b = _trainer(cls_data, seed=1), _trainer(cls_data, seed=2)
     ra = a.run_round(target_sparsity=0.3, rank=4, local_steps=10, global_update=None)
-    rb = b.run_round(target_sparsity=0.2, rank=4, local_steps=0, global_update=ra.update, prune_random=True)
+    b.prune(0.2, random_groups=True)  # the pruning benchmark's ablation
+    rb = b.run_round(target_sparsity=0.2, rank=4, local_steps=0, global_update=ra.update)
     assert rb.sparsity >= 0.2 and rb.samples == 0
     # b starts its round from a's update: its starting loss is a's ending loss only if the structures agree,
     # so compare the task head, which is never pruned
@@ -129,9 +129,9 @@ def test_logit_adjustment_shifts_the_training_loss_by_the_shards_class_prior_and
     rows = sentiment_rows(240, seed=4)
     skewed = write_csv(tmp_path / "skew.csv",
                        [r for r in rows if r["label"] == "pos"] + [r for r in rows if r["label"] == "neg"][:20])
-    plain = _trainer(skewed, seed=5, train=TrainSettings(**{**SETTINGS.__dict__, "logit_adjustment": 0.0}))
-    la = _trainer(skewed, seed=5, train=TrainSettings(**{**SETTINGS.__dict__, "logit_adjustment": 1.5}))
-    assert plain.logit_shift is None and TrainSettings().logit_adjustment == 1.0  # on by default
+    plain, la = _trainer(skewed, seed=5), _trainer(skewed, seed=5)
+    assert la.logit_shift is not None  # on by default (engine.LOGIT_ADJUSTMENT)
+    plain.logit_shift, la.logit_shift = None, la._logit_shift(1.5)
     counts = torch.bincount(torch.as_tensor([la.data.targets[i] for i in la.train_idx]), minlength=2).float()
     assert counts[0] < counts[1] / 4  # the shard floods "pos"
     torch.testing.assert_close(la.logit_shift, 1.5 * torch.log((counts + 1) / (counts + 1).sum()))
@@ -156,11 +156,8 @@ def test_logit_adjustment_shifts_the_training_loss_by_the_shards_class_prior_and
     with torch.no_grad():
         margin = [(t.model.eval()(**t._to_device(probe)).logits.diff(dim=1)).mean().item() for t in (la, plain)]
     assert margin[0] < margin[1]  # pos − neg on the flooded shard's negatives is smaller after adjusted training
-    with pytest.raises(ConfigError, match="logit_adjustment"):
-        TrainSettings(logit_adjustment=-1.0)
     # a causal LM has no classes to shift
-    lm = _trainer(write_csv(tmp_path / "lm.csv", lm_rows(40)), kind="llama", task="causal_lm",
-                  train=TrainSettings(**{**SETTINGS.__dict__, "logit_adjustment": 1.0}))
+    lm = _trainer(write_csv(tmp_path / "lm.csv", lm_rows(40)), kind="llama", task="causal_lm")
     assert lm.logit_shift is None
 
 
@@ -186,17 +183,16 @@ def test_importance_is_reported_and_the_fleet_view_steers_pruning(cls_data):
     # A fleet view that ranks groups in reverse order of this node's own scores decides when given full weight.
     fleet = {key: GroupScores(idx=g.idx, score=g.score.max() - g.score + 1e-3, size=g.size) for key, g in report.items()}
     glob = LoraUpdate(first.update.modules, first.update.dense, fleet)
-    tr.train = TrainSettings(**{**SETTINGS.__dict__, "fleet_importance": 1.0})
     tr.run_round(target_sparsity=0.3, rank=4, local_steps=2, global_update=glob)
     fleet_top = {}
     for i, k in tr.kept_maps().items():
         for kind, have in (("heads", k.heads), ("channels", k.channels)):
             fleet_top[f"{i}.{kind}"] = set(torch.topk(fleet[f"{i}.{kind}"].score, k=len(have)).indices.tolist())
             assert set(have) == fleet_top[f"{i}.{kind}"], (i, kind)
-    # With weight 0 the node prunes by its own scores (the same first round): the fleet's choice does not survive.
-    own = _trainer(cls_data, train=TrainSettings(**{**SETTINGS.__dict__, "fleet_importance": 0.0}))
+    # Without the fleet's view the node prunes by its own scores (the same first round): other channels survive.
+    own = _trainer(cls_data)
     own.run_round(target_sparsity=0.0, rank=4, local_steps=6, global_update=None)
-    own.run_round(target_sparsity=0.3, rank=4, local_steps=2, global_update=glob)
+    own.run_round(target_sparsity=0.3, rank=4, local_steps=2, global_update=None)
     assert all(set(k.channels) != fleet_top[f"{i}.channels"] for i, k in own.kept_maps().items())
 
 
@@ -211,45 +207,24 @@ def test_fleet_importance_of_the_wrong_model_is_refused_before_anything_changes(
     assert all(torch.equal(p, before[n]) for n, p in tr.model.named_parameters() if "lora_" in n)
 
 
-def test_first_cut_waits_for_the_rounds_importance_later_cuts_come_first(cls_data):
+def test_the_round_cuts_before_its_steps_and_tracks_importance_only_when_asked(cls_data):
+    """The node does what its config says: a cut (target above its sparsity) comes before the steps, which then
+    recover from it; ``importance=False`` (a method that will not cut again) tracks and reports no scores."""
     tr = _trainer(cls_data)
     seen = []
-    real = tr._prune
+    real = tr.prune
 
-    def spy(target, random_groups):
+    def spy(target, random_groups=False):
         seen.append((tr.tracker.steps, tr.sparsity))
         return real(target, random_groups)
 
-    tr._prune = spy
-    res = tr.run_round(target_sparsity=0.2, rank=4, local_steps=5, global_update=None)
-    assert seen == [(5, 0.0)] and res.sparsity >= 0.2 - 1e-9  # cut after the 5 steps' importance, not 1 batch
-    assert res.loss_end == pytest.approx(tr.evaluate("val", SETTINGS.eval_batches)["loss"], rel=1e-5)  # after it
-    assert res.train_sparsity == 0.0  # its steps ran dense (the coordinator times them as such)
-    res2 = tr.run_round(target_sparsity=0.3, rank=4, local_steps=5, global_update=None)
-    assert seen[1] == (5, pytest.approx(res.sparsity))  # later cuts: at the start, from the previous round's steps
-    assert res2.train_sparsity == pytest.approx(res2.sparsity) and res2.sparsity > res.sparsity
-
-
-def test_with_first_cut_with_fleet_the_first_cut_waits_for_the_fleets_importance(cls_data):
-    """``first_cut_with_fleet``: round 1 (no fleet importance yet) cuts nothing and reports the node's importance;
-    the first slice that carries the fleet's importance is cut by it at the start of the next round."""
-    assert TrainSettings().first_cut_with_fleet and TrainSettings().fleet_importance == 1.0  # the defaults
-    waits = TrainSettings(**{**SETTINGS.__dict__, "fleet_importance": 1.0, "first_cut_with_fleet": True})
-    tr = _trainer(cls_data, train=waits)
-    first = tr.run_round(target_sparsity=0.3, rank=4, local_steps=6, global_update=None)
-    assert first.sparsity == 0.0 and first.train_sparsity == 0.0 and tr.tracker.complete()
-    report = LoraUpdate.from_bytes(first.payload).importance
-    fleet = {key: GroupScores(idx=g.idx, score=g.score.max() - g.score + 1e-3, size=g.size) for key, g in report.items()}
-    second = tr.run_round(target_sparsity=0.3, rank=4, local_steps=2,
-                          global_update=LoraUpdate(first.update.modules, first.update.dense, fleet))
-    assert second.sparsity >= 0.3 - 1e-9 and second.train_sparsity == pytest.approx(second.sparsity)  # cut first
-    for i, k in tr.kept_maps().items():  # by the fleet's ranking (full weight), not the node's own
-        for kind, have in (("heads", k.heads), ("channels", k.channels)):
-            assert set(have) == set(torch.topk(fleet[f"{i}.{kind}"].score, k=len(have)).indices.tolist())
-    # Without the setting the node cuts at the end of round 1, on its own importance; with weight 0 it never waits.
-    for settings in (SETTINGS, TrainSettings(**{**waits.__dict__, "fleet_importance": 0.0})):
-        assert _trainer(cls_data, train=settings).run_round(target_sparsity=0.3, rank=4, local_steps=6,
-                                                             global_update=None).sparsity >= 0.3 - 1e-9
+    tr.prune = spy
+    first = tr.run_round(target_sparsity=0.0, rank=4, local_steps=5, global_update=None)
+    assert seen == [] and LoraUpdate.from_bytes(first.payload).importance  # no cut; scores reported
+    res = tr.run_round(target_sparsity=0.2, rank=4, local_steps=5, global_update=None, importance=False)
+    assert seen == [(5, 0.0)] and res.sparsity >= 0.2 - 1e-9  # cut first, on the first round's 5 steps of scores
+    assert tr.tracker.steps == 5 and not LoraUpdate.from_bytes(res.payload).importance  # nothing tracked since
+    assert res.loss_end == pytest.approx(tr.evaluate("val", EVAL_BATCHES)["loss"], rel=1e-5)
 
 
 def test_calibration_times_steps_and_changes_nothing(cls_data):
@@ -307,7 +282,7 @@ def test_a_paced_round_stops_at_the_step_nearest_its_planned_finish(cls_data, fi
     """Validation costs 0.5 s before the steps and 0.5 s after, a step 1 s: ending after k steps takes 1 + k s.
     The test evaluation before them (0.5 s) is not round work, and the round is run with a different plan
     (local_steps) to show that the pace, not the plan, decides."""
-    tr = _trainer(cls_data, test_path=str(cls_data), train=TrainSettings(batch_size=16, eval_batches=2, test_batches=1))
+    tr = _trainer(cls_data, test_path=str(cls_data), train=TrainSettings(batch_size=16, test_batches=1))
     clock = StepClock(tr)
     res = tr.run_round(target_sparsity=0.0, rank=4, local_steps=6, global_update=None,
                        pace=Pace(finish_s=finish_s, min_steps=4, max_steps=12, clock=clock))

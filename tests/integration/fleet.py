@@ -50,6 +50,7 @@ class Fleet:
     coordinator_cfg: Path
     node_cfgs: dict[str, Path] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    profiles: dict[str, dict] = field(default_factory=dict)  # node -> its simulated device profile
 
     def env(self) -> dict:
         return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -62,8 +63,11 @@ class Fleet:
         log = self.root / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as fh:
-            p = subprocess.Popen([sys.executable, "-m", "shared.cli", "--log-format", "json", kind, "--config",
-                                  str(cfg)], stdout=fh, stderr=subprocess.STDOUT, env=self.env(), cwd=REPO)
+            cmd = [sys.executable, "-m", "shared.cli", "--log-format", "json", kind, "--config", str(cfg)]
+            if name in self.profiles:  # a simulated device, as ``fedspine simulate`` starts it
+                cmd = [sys.executable, "-m", "coordinator.simulate", "node", "--config", str(cfg),
+                       "--profile", json.dumps(self.profiles[name])]
+            p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env(), cwd=REPO)
         self.procs[name] = p
         return p
 
@@ -103,7 +107,8 @@ def make_fleet(root: Path, broker, model: Path, node_ids: list[str], *, rounds: 
                samples: int = 96, coordinator: dict | None = None, node: dict | None = None,
                bandit: dict | None = None) -> Fleet:
     """Write every config and each node's own data files (an easy synthetic sentiment task)."""
-    state_dir, metrics = root / "coordinator", root / "metrics.jsonl"
+    state_dir = root / "coordinator"
+    metrics = state_dir / "metrics.jsonl"
 
     def broker_section(user: str) -> dict:
         return {"url": broker.url(), "username": user, "password": broker.users[user], "topic_root": broker.root,
@@ -113,9 +118,8 @@ def make_fleet(root: Path, broker, model: Path, node_ids: list[str], *, rounds: 
     write_toml(coord_cfg, {
         "broker": broker_section("coordinator"),
         "coordinator": {"rounds": rounds, "method": method, "min_nodes": len(node_ids), "local_steps": local_steps,
-                        "deadline_s": deadline_s, "state_dir": str(state_dir), "metrics_file": str(metrics),
-                        "quorum": quorum, "join_timeout_s": 120.0, **(coordinator or {})},
-        "bandit": {"target_sparsity": target_sparsity, "static_rank": 4, **(bandit or {})},
+                        "deadline_s": deadline_s, "state_dir": str(state_dir), "quorum": quorum, "join_timeout_s": 120.0, **(coordinator or {})},
+        "bandit": {"target_sparsity": target_sparsity, "rank": 4, **(bandit or {})},
     })
     fleet = Fleet(root=root, broker=broker, model=model, node_ids=list(node_ids), state_dir=state_dir,
                   metrics=metrics, coordinator_cfg=coord_cfg)
@@ -128,10 +132,10 @@ def make_fleet(root: Path, broker, model: Path, node_ids: list[str], *, rounds: 
             "broker": broker_section(nid),
             "node": {"id": nid, "device_type": ("agx", "nx", "tx2")[i % 3], "model_path": str(model),
                      "data_path": str(data), "test_path": str(test), "labels": ["neg", "pos"],
-                     "state_dir": str(root / "nodes" / nid / "state"), "torch_threads": 1, "seed": i,
-                     "profile_speed": (1.0, 0.5, 0.2)[i % 3], "profile_uplink_mbps": 50.0, **(node or {})},
+                     "state_dir": str(root / "nodes" / nid / "state"), "seed": i, **(node or {})},
             "train": {"batch_size": 8, "max_length": 16, "learning_rate": 5e-3, "test_batches": 4},
             "telemetry": {"interval_s": 1.0},
         })
         fleet.node_cfgs[nid] = cfg
+        fleet.profiles[nid] = {"speed": (1.0, 0.5, 0.2)[i % 3], "uplink_mbps": 50.0, "latency_s": 0.0}
     return fleet

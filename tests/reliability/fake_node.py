@@ -20,7 +20,7 @@ import torch
 from edge_node.agent import NodeAgent
 from edge_node.config import NodeConfig
 from shared.logs import configure_logging
-from shared.updates import LoraUpdate, ModuleUpdate
+from shared.updates import GroupScores, LoraUpdate, ModuleUpdate
 
 
 class PayloadTrainer:
@@ -32,7 +32,7 @@ class PayloadTrainer:
         self._resume = sent_log.parent / "sparsity.txt"  # like LocalTrainer's resume: pruning is monotone
         self.sparsity = float(self._resume.read_text()) if self._resume.exists() else 0.0
 
-    def run_round(self, *, target_sparsity, rank, local_steps, global_update, prune_random=False,
+    def run_round(self, *, target_sparsity, rank, local_steps, global_update, importance=True,
                   should_stop=None):  # type: ignore[no-untyped-def]
         from edge_node.engine import RoundResult
 
@@ -44,7 +44,8 @@ class PayloadTrainer:
         g = torch.Generator().manual_seed(hash((self.node_id, self.rounds)) % 2**31)
         m = ModuleUpdate(A=torch.randn(rank, cols, generator=g) * 0.01, B=torch.randn(kept, rank, generator=g) * 0.01,
                          rows=torch.arange(kept), cols=torch.arange(cols), shape=(8, cols), scale=16.0 / rank)
-        u = LoraUpdate({"layer.q": m}, {"classifier.weight": torch.ones(2, 4)})
+        scores = {"0.heads": GroupScores(idx=torch.arange(2), score=torch.ones(2), size=2)} if importance else {}
+        u = LoraUpdate({"layer.q": m}, {"classifier.weight": torch.ones(2, 4)}, scores)
         payload = u.to_bytes()
         if local_steps > 0:
             digest = hashlib.sha256(payload).hexdigest()

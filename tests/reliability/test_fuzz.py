@@ -30,7 +30,7 @@ from structlog.testing import capture_logs
 
 from coordinator.config import CoordinatorConfig
 from coordinator.server import Coordinator, _Pending
-from coordinator.strategy import NodeInfo, NodeResult
+from coordinator.strategies import NodeInfo, NodeResult
 from edge_node.agent import NodeAgent
 from edge_node.config import NodeConfig
 from shared.chunking import Reassembler, split
@@ -570,7 +570,7 @@ def config_cases(rng: random.Random) -> Iterator[Case]:
         cfg = RoundConfig(run_id="r1", round=rng.randrange(0, 100), target_sparsity=rng.random() * 0.9,
                           rank=rng.choice([1, 2, 4, 8, 16]), local_steps=rng.randrange(0, 100),
                           deadline_ts=time.time() + 60, upload_transfer_id=TID,
-                          download_transfer_id=rng.choice([None, DOWN_TID]), prune_random=rng.random() < 0.1)
+                          download_transfer_id=rng.choice([None, DOWN_TID]), importance=rng.random() < 0.9)
         valid, wire = encode(cfg), cfg.to_wire()
         r = rng.random()
         if r < 0.1:
@@ -579,7 +579,7 @@ def config_cases(rng: random.Random) -> Iterator[Case]:
             wire.update(rng.choice([{"rank": 0}, {"rank": 10**6}, {"target_sparsity": 1.0}, {"target_sparsity": -0.1},
                                     {"target_sparsity": float("nan")}, {"local_steps": -1}, {"deadline_ts": float("inf")},
                                     {"upload_transfer_id": "../../x"}, {"upload_transfer_id": ""},
-                                    {"download_transfer_id": "a b"}, {"round": -1}, {"prune_random": 1}]))
+                                    {"download_transfer_id": "a b"}, {"round": -1}, {"importance": 1}]))
             yield "out-of-range config (rank 0/10^6, sparsity 1/-0.1/NaN, bad ids, …)", topic, _pack(wire, False), \
                 "reject"
         else:

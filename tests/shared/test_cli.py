@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 def node_toml(tmp_path: Path, *, url: str = "mqtt://127.0.0.1:1", password: str = "x", **node: str) -> Path:
     settings = {"id": "node-a", "model_path": str(cached_model_folder("bert")),
                 "data_path": str(write_csv(tmp_path / "train.csv", sentiment_rows(40))),
-                "state_dir": str(tmp_path / "state"), "calibration_steps": 0, **node}
+                "state_dir": str(tmp_path / "state"), **node}
     body = "\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items())
     path = tmp_path / "node.toml"
     path.write_text(f'[broker]\nurl = "{url}"\nusername = "node-a"\npassword = "{password}"\n\n[node]\n{body}\n')

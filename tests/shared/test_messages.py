@@ -45,7 +45,7 @@ SAMPLES: list[Message] = [
     RoundConfig(run_id="abc123", round=4, target_sparsity=0.3, rank=8, local_steps=20, deadline_ts=1.7e9 + 60,
                 upload_transfer_id="abc123.r4.a0.node-a.up", download_transfer_id=None),
     RoundConfig(run_id="abc123", round=5, target_sparsity=0.0, rank=16, local_steps=1, deadline_ts=1.7e9,
-                upload_transfer_id="u", download_transfer_id="abc123.r5.a1.node-a.down", prune_random=True),
+                upload_transfer_id="u", download_transfer_id="abc123.r5.a1.node-a.down", importance=False),
     RoundReport(run_id="abc123", round=4, node_id="node-a", status="ok", transfer_id="abc123.r4.a0.node-a.up",
                 upload_bytes=123456, loss_start=0.69, loss_end=0.41, samples=640, compute_s=12.5, upload_s=0.8,
                 virtual_s=14.0, sparsity=0.3, rank=8, energy_j=95.0, avg_power_w=7.1, power_source="jtop",

@@ -1,0 +1,317 @@
+"""The Strategy interface (configure a round, aggregate a round, state to checkpoint) and what every method shares.
+
+A method is a subclass that overrides only its algorithm: ``schedule`` (each node's sparsity and LoRA rank for the
+round), ``deploy_rank`` (the rank of the final model), ``make_aggregator`` (how updates combine) and, for a learning
+policy, ``learn`` (what a round's results teach it).  Everything else is a system mechanism every method gets alike:
+aligned and paced local steps (coordinator/planning.py), FedNova weighting and mask-aware aggregation
+(coordinator/aggregation.py), the global model sent at the deployed rank, cuts made only with the fleet's averaged
+importance, and importance tracked only by nodes that will still be cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from coordinator import planning
+from coordinator.aggregation import GlobalLora, ZeroPadLora
+from coordinator.config import CoordinatorConfig
+from shared.updates import LORA_ALPHA, LoraUpdate, UpdateError
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What the coordinator knows of a live node when it configures a round (from its presence message)."""
+
+    node_id: str
+    device_type: str = "default"
+    memory_mb: int = 0
+    step_s: float = 0.0  # seconds per local step it measured when it joined (0: unknown)
+    overhead_s: float = 0.0  # and of its round's work outside the steps
+    step_sparsity: float = 0.0  # the sparsity those steps ran at
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One node's configuration for a round, as sent in its RoundConfig."""
+
+    node_id: str
+    target_sparsity: float
+    rank: int
+    local_steps: int
+    importance: bool = True  # track LoRA-guided importance during the steps (the node will still be cut)
+    arm: tuple[float, int] | None = None  # FedSpine: the bandit arm (Δp, rank) behind it
+    planned_s: float | None = None  # the completion time the plan expects (None: not planned)
+    # A paced round: the node stops at the step boundary nearest finish_s, the round's planned completion, after at
+    # least min_steps and at most max_steps; local_steps is the plan.
+    finish_s: float | None = None
+    min_steps: int = 0
+    max_steps: int = 0
+
+    def allows(self, steps: int) -> bool:
+        """Whether a node that ran ``steps`` local steps did as assigned."""
+        if self.finish_s is not None:
+            return self.min_steps <= steps <= self.max_steps
+        return steps == self.local_steps
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    """One node's accepted round result (validated at the boundary)."""
+
+    node_id: str
+    update: LoraUpdate
+    samples: int
+    loss_start: float
+    loss_end: float
+    compute_s: float
+    round_time_s: float  # completion time: virtual (simulated device) or measured
+    sparsity: float
+    rank: int
+    energy_j: float | None
+    upload_bytes: int
+    steps: int = 0  # local steps run (0: unknown, taken as τ)
+    examples: int = 0  # the node's training examples (0: unknown; the weight falls back to samples per step)
+    train_s: float = 0.0  # the local steps' share of round_time_s (0: unknown)
+    upload_s: float = 0.0  # the upload's share of round_time_s
+
+    def speed(self) -> planning.Speed | None:
+        """The node's speed this round (planning.measured_speed), or None if it reported no timing."""
+        return planning.measured_speed(self.round_time_s, self.train_s, self.upload_s, self.steps, self.sparsity,
+                                       self.rank)
+
+
+@dataclass(frozen=True)
+class Failure:
+    node_id: str
+    reason: str  # timeout | oom | error | rejected | offline
+
+
+@dataclass
+class RoundSummary:
+    round: int
+    idle_fraction: float
+    mean_round_time_s: float
+    max_round_time_s: float
+    node_terms: dict[str, dict] = field(default_factory=dict)  # node -> {"terms": {...}, "reward": r} (FedSpine)
+    effective_steps: float | None = None  # the round moved the global state this many steps (None: the mean count)
+
+    def log_fields(self) -> dict:
+        return {"idle_fraction": round(self.idle_fraction, 4), "max_round_time_s": round(self.max_round_time_s, 3),
+                **({"rewards": {n: round(v["reward"], 4) for n, v in self.node_terms.items()}} if self.node_terms else {})}
+
+    def node_fields(self, node_id: str) -> dict:
+        v = self.node_terms.get(node_id)
+        if v is None:
+            return {}
+        return {"reward": v["reward"], **{f"r_{k}": t for k, t in v["terms"].items()}}
+
+    def round_fields(self) -> dict:
+        return {"idle_fraction": self.idle_fraction, "mean_round_time_s": self.mean_round_time_s,
+                "max_round_time_s": self.max_round_time_s, "effective_steps": self.effective_steps}
+
+
+@dataclass
+class NodeState:
+    """The coordinator's view of one node across rounds."""
+
+    sparsity: float = 0.0
+    rank: int = 0
+    structure: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # kept rows/cols per module
+    speeds: list[planning.Speed] = field(default_factory=list)  # its last SPEED_WINDOW measured speeds
+
+    @property
+    def speed(self) -> planning.Speed | None:
+        return planning.median_speed(self.speeds)
+
+
+def node_weights(results: Sequence[NodeResult], tau: int) -> list[float]:
+    """Aggregation weight of each node: its training examples (FedAvg's n_i) when every node reported them, else its
+    samples per local step (equal batches: equal weights, whatever the steps)."""
+    if results and all(r.examples > 0 for r in results):
+        return [float(r.examples) for r in results]
+    return [r.samples / (r.steps or tau) for r in results]
+
+
+class Strategy:
+    """Configure rounds and aggregate them.  Subclasses override the algorithm only (see the module docstring)."""
+
+    name: ClassVar[str]
+    prunes: ClassVar[bool] = True  # whether the method ever cuts (its nodes then track importance)
+
+    def __init__(self, cfg: CoordinatorConfig, total_rounds: int, seed: int = 0) -> None:
+        self.cfg, self.total_rounds, self.seed = cfg, total_rounds, seed
+        self.tau = cfg.coordinator.local_steps
+        self.global_ = self.make_aggregator()
+        self.nodes: dict[str, NodeState] = {}
+        self._pending: dict[str, tuple[Assignment, float]] = {}  # node -> (assignment, sparsity before the round)
+
+    # ---- the algorithm: what a method overrides -------------------------------------------------------------
+    def begin_round(self, rnd: int, nodes: Sequence[NodeInfo]) -> None:
+        """Called before the round's ``schedule`` calls, with all of its participants."""
+
+    def schedule(self, rnd: int, node: NodeInfo, st: NodeState) -> tuple[float, int, tuple[float, int] | None]:
+        """(the node's sparsity after this round's cut, its LoRA rank, the bandit arm behind them or None)."""
+        raise NotImplementedError
+
+    def deploy_rank(self) -> int:
+        """Rank of the slice each node deploys (merged into its weights: at inference a rank costs nothing)."""
+        return self.cfg.bandit.rank
+
+    def make_aggregator(self) -> GlobalLora | ZeroPadLora:
+        return GlobalLora()
+
+    def adjust(self, rnd: int, plans: list[list], timing: dict[str, planning.Timing]) -> None:
+        """Revise the round's [node, state, target, rank, arm] plans once the fleet's timing is known (in place)."""
+
+    def learn(self, rnd: int, results: Sequence[NodeResult], summary: RoundSummary) -> None:
+        """What an accepted round teaches the policy (FedSpine: rewards and the bandit)."""
+
+    def will_prune(self, rnd: int) -> bool:
+        """Whether any node may still be cut after round ``rnd`` (its steps then track importance)."""
+        return self.prunes
+
+    def policy_state(self) -> dict:
+        return {}
+
+    def load_policy_state(self, d: dict) -> None:
+        pass
+
+    def record_failures(self, rnd: int, failures: Sequence[Failure]) -> None:
+        """Failed nodes of a round (e.g. out of memory), for a policy that learns from them."""
+
+    # ---- configure --------------------------------------------------------------------------------------------
+    def state(self, node_id: str) -> NodeState:
+        return self.nodes.setdefault(node_id, NodeState())
+
+    def configure_round(self, rnd: int, nodes: Sequence[NodeInfo]) -> list[Assignment]:
+        plans = []
+        self.begin_round(rnd, nodes)
+        for node in nodes:
+            st = self.state(node.node_id)
+            target, rank, arm = self.schedule(rnd, node, st)
+            plans.append([node, st, float(max(target, st.sparsity)), int(rank), arm])
+        self.adjust(rnd, plans, self._timing(plans))
+        if not self.has_fleet_importance():
+            # A cut ranks groups by the fleet's averaged importance, which comes with the slice once a round with
+            # importance scores was aggregated: until then nobody is cut.
+            for plan in plans:
+                plan[2] = plan[1].sparsity
+        work = planning.plan_round(self._timing(plans), [p[0].node_id for p in plans], self.tau)
+        track = self.will_prune(rnd)
+        out, self._pending = [], {}
+        for node, st, target, rank, arm in plans:
+            w = work[node.node_id]
+            a = Assignment(node_id=node.node_id, target_sparsity=target, rank=rank, local_steps=w.steps,
+                           importance=track, arm=arm, planned_s=w.planned_s, finish_s=w.finish_s,
+                           min_steps=w.min_steps, max_steps=w.max_steps)
+            self._pending[node.node_id] = (a, st.sparsity)
+            out.append(a)
+        return out
+
+    def _timing(self, plans: Sequence[list]) -> dict[str, planning.Timing]:
+        """node -> (fixed seconds, seconds per step) at its planned sparsity and rank: from the step-cost model at its
+        median speed, or before it has an accepted round, from what it measured when it joined."""
+        timing = {}
+        for node, st, target, rank, _ in plans:
+            if (speed := st.speed) is not None:
+                timing[node.node_id] = planning.timing_at(speed, target, rank)
+            elif node.step_s > 0:
+                ratio = planning.step_cost(target) / planning.step_cost(node.step_sparsity)
+                timing[node.node_id] = (node.overhead_s, node.step_s * ratio)
+        return timing
+
+    def has_fleet_importance(self) -> bool:
+        return isinstance(self.global_, GlobalLora) and bool(self.global_.importance)
+
+    # ---- what each node is sent -------------------------------------------------------------------------------
+    def _sent_rank(self, rank: int) -> int:
+        """A node is sent the global model at the deployed rank (or its own, if larger): what it evaluates is the
+        model as deployed, and it trains from the slice's leading ``rank`` components."""
+        return max(rank, self.deploy_rank())
+
+    def download_slice(self, node_id: str, rank: int) -> LoraUpdate | None:
+        if isinstance(self.global_, ZeroPadLora):
+            return self.global_.slice_for(self._sent_rank(rank), LORA_ALPHA)
+        return self.global_.slice_for(self.state(node_id).structure, self._sent_rank(rank), LORA_ALPHA)
+
+    def global_slice(self, node_id: str, rank: int) -> LoraUpdate | None:
+        """The slice a node of training rank ``rank`` starts its local steps from: the first ``rank`` components of
+        what it was sent."""
+        if isinstance(self.global_, ZeroPadLora):
+            sent = self.download_slice(node_id, rank)
+            return sent.leading(rank) if sent is not None else None
+        return self.global_.start_for(self.state(node_id).structure, rank, self._sent_rank(rank), LORA_ALPHA)
+
+    # ---- aggregate --------------------------------------------------------------------------------------------
+    def check_update(self, node_id: str, update: LoraUpdate, assignment: Assignment) -> None:
+        """Refuse an update that cannot be this node's answer to ``assignment`` (raises UpdateError)."""
+        ranks = {m.rank for m in update.modules.values()}
+        if ranks and ranks != {assignment.rank}:
+            raise UpdateError(f"update ranks {sorted(ranks)} differ from the assigned rank {assignment.rank}")
+        if isinstance(self.global_, GlobalLora):
+            self.global_.check(update)
+        prev = self.state(node_id).structure
+        if prev is not None:
+            for name, m in update.modules.items():
+                if name in prev and not (set(m.rows.tolist()) <= set(prev[name][0].tolist())
+                                         and set(m.cols.tolist()) <= set(prev[name][1].tolist())):
+                    raise UpdateError(f"lora.{name}: kept indices grew back (pruning is monotone)")
+
+    def effective_steps(self, results: Sequence[NodeResult]) -> float | None:
+        """How many steps the round's averaged per-step change moves the global state (None: the nodes' mean step
+        count, FedNova's τ_eff)."""
+        return None
+
+    def aggregate_round(self, rnd: int, results: Sequence[NodeResult], failures: Sequence[Failure]) -> RoundSummary:
+        self.record_failures(rnd, failures)
+        pairs = list(zip([r.update for r in results], node_weights(results, self.tau), strict=True))
+        effective = self.effective_steps(results) if isinstance(self.global_, GlobalLora) else None
+        if isinstance(self.global_, GlobalLora):
+            # What each node started from: the slice configure/send gave it (cached in the global state).
+            self.global_.aggregate(pairs, starts=[self.global_slice(r.node_id, r.rank) for r in results],
+                                   steps=[r.steps or self.tau for r in results], effective_steps=effective)
+        else:
+            self.global_.aggregate(pairs)
+        for r in results:
+            st = self.state(r.node_id)
+            st.sparsity = max(st.sparsity, float(r.sparsity))
+            st.rank = r.rank
+            st.structure = {n: (m.rows.clone(), m.cols.clone()) for n, m in r.update.modules.items()}
+            if (speed := r.speed()) is not None:
+                st.speeds = [*st.speeds, speed][-planning.SPEED_WINDOW:]
+        times = [r.round_time_s for r in results]
+        summary = RoundSummary(round=rnd, idle_fraction=planning.idle_fraction(times),
+                               mean_round_time_s=sum(times) / max(len(times), 1),
+                               max_round_time_s=max(times, default=0.0), effective_steps=effective)
+        self.learn(rnd, results, summary)
+        return summary
+
+    # ---- persistence ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """JSON-able state plus ``tensors`` (global state and node structures) for the checkpoint store."""
+        tensors = dict(self.global_.state_tensors())
+        nodes = {}
+        for nid, st in self.nodes.items():
+            nodes[nid] = {"sparsity": st.sparsity, "rank": st.rank, "speeds": [list(v) for v in st.speeds],
+                          "modules": sorted(st.structure or {})}
+            for name, (rows, cols) in (st.structure or {}).items():
+                tensors[f"structure.{nid}.{name}.rows"] = rows
+                tensors[f"structure.{nid}.{name}.cols"] = cols
+        return {"method": self.name, "policy": self.policy_state(), "nodes": nodes, "tensors": tensors}
+
+    def load_state_dict(self, d: dict) -> None:
+        if d.get("method") != self.name:
+            raise ValueError(f"checkpoint was written by method {d.get('method')!r}, not {self.name!r}")
+        tensors = d.get("tensors", {})
+        self.global_.load_tensors({k: v for k, v in tensors.items() if not k.startswith("structure.")})
+        self.nodes = {}
+        for nid, st in d["nodes"].items():
+            structure = {name: (tensors[f"structure.{nid}.{name}.rows"], tensors[f"structure.{nid}.{name}.cols"])
+                         for name in st["modules"]} or None
+            self.nodes[nid] = NodeState(sparsity=float(st["sparsity"]), rank=int(st["rank"]), structure=structure,
+                                        speeds=[tuple(float(x) for x in v) for v in st.get("speeds", [])])
+        self.load_policy_state(d.get("policy", {}))

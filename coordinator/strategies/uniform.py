@@ -1,0 +1,23 @@
+"""Uniform iterative prune-and-tune: FedSpine's node procedure with one schedule for every node (no bandit):
+the same linear increments for all, reaching s* after two thirds of the rounds, at a fixed rank."""
+
+from __future__ import annotations
+
+import math
+
+from coordinator.strategies.base import NodeInfo, NodeState, Strategy
+
+
+class Uniform(Strategy):
+    name = "uniform"
+
+    def reach(self) -> int:
+        """The round by which every node is at s*."""
+        return max(1, math.ceil(2 * self.total_rounds / 3))
+
+    def schedule(self, rnd: int, node: NodeInfo, st: NodeState):
+        target = self.cfg.bandit.target_sparsity
+        return max(st.sparsity, min(target, target * rnd / self.reach())), self.cfg.bandit.rank, None
+
+    def will_prune(self, rnd: int) -> bool:
+        return rnd < self.reach()
