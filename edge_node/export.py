@@ -11,6 +11,7 @@ attention module (``fedspine_attrs``).  An unpruned model is saved as it is.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import statistics
 import time
@@ -32,6 +33,11 @@ class ExportInfo:
     size_bytes: int
     params: int
     layers: list[dict]  # per layer: heads (query), kv_heads, head_dim, ffn
+
+
+def pruned_variants() -> set[str]:
+    """The transformers classes the export template has a pruned variant of (``FedSpine<class>``)."""
+    return set(re.findall(r'^FedSpine(\w+) = _pruned\("\1"\)$', TEMPLATE.read_text(), flags=re.M))
 
 
 def _reference(model: nn.Module) -> nn.Module:
@@ -57,12 +63,7 @@ def _layer_sizes(model: nn.Module) -> list[dict]:
 
 def export_pruned_model(model: nn.Module, out_dir: str | Path, *, tokenizer=None) -> ExportInfo:
     """Save ``model`` (LoRA merged, physically pruned, plain transformers modules) to ``out_dir``."""
-    out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    ref = _reference(model)
-    ref_modules = dict(ref.named_modules())
+    ref_modules = dict(_reference(model).named_modules())
     linear, attrs = {}, {}
     for name, mod in model.named_modules():
         base = ref_modules.get(name)
@@ -74,19 +75,22 @@ def export_pruned_model(model: nn.Module, out_dir: str | Path, *, tokenizer=None
                        if isinstance(getattr(mod, a, None), int) and getattr(mod, a) != getattr(base, a, None)}
             if changed:
                 attrs[name] = changed
+    cls = type(model).__name__
+    pruned = bool(linear or attrs)
+    auto = next((a for suffix, a in AUTO_CLASS.items() if cls.endswith(suffix)), None)
+    if pruned and (auto is None or cls not in pruned_variants()):  # before ``out_dir`` is touched
+        raise ValueError(f"no pruned variant of {cls} in {TEMPLATE.name}")
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    cls = type(model).__name__
-    if linear or attrs:
+    if pruned:
         cfg_path = out / "config.json"
         cfg = json.loads(cfg_path.read_text())
-        auto = next((a for suffix, a in AUTO_CLASS.items() if cls.endswith(suffix)), None)
-        if auto is None:
-            raise ValueError(f"cannot export a pruned {cls}: only sequence classification and causal LM heads")
         custom = f"FedSpine{cls}"
-        if custom not in TEMPLATE.read_text():
-            raise ValueError(f"no pruned variant of {cls} in {TEMPLATE.name}")
         cfg.update(architectures=[custom], auto_map={auto: f"modeling_fedspine.{custom}"},
                    fedspine_linear=linear, fedspine_attrs=attrs, fedspine_layers=_layer_sizes(model))
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))

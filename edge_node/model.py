@@ -46,15 +46,60 @@ _LLAMA = ArchSpec(
     heads={"n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "hidden": "hidden_size",
            "intermediate": "intermediate_size"},
 )
-ARCHS: dict[str, ArchSpec] = {
-    "bert": _ENCODER, "roberta": _ENCODER, "xlm-roberta": _ENCODER, "distilbert": _DISTILBERT,
-    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
+TASKS = ("seq_cls", "causal_lm")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One supported model type: its prunable modules, and per task the transformers class the node trains (the
+    export template has a pruned variant of each, tests/edge_node/test_export.py round-trips every one)."""
+
+    spec: ArchSpec
+    classes: dict[str, str]  # task -> transformers class name
+    head: tuple[str, ...] = ()  # seq_cls: the task head modules, trained fully (peft modules_to_save)
+
+
+def _decoder(name: str) -> Architecture:
+    return Architecture(_LLAMA, {"seq_cls": f"{name}ForSequenceClassification", "causal_lm": f"{name}ForCausalLM"},
+                        ("score",))
+
+
+# Encoders are classifiers only: a causal LM node needs a decoder (BERT's and RoBERTa's causal LM classes are
+# encoder-decoder parts that need an is_decoder config, DistilBERT has none, and the export has no variant of them).
+SUPPORTED: dict[str, Architecture] = {
+    "bert": Architecture(_ENCODER, {"seq_cls": "BertForSequenceClassification"}, ("classifier",)),
+    "roberta": Architecture(_ENCODER, {"seq_cls": "RobertaForSequenceClassification"}, ("classifier",)),
+    "xlm-roberta": Architecture(_ENCODER, {"seq_cls": "XLMRobertaForSequenceClassification"}, ("classifier",)),
+    "distilbert": Architecture(_DISTILBERT, {"seq_cls": "DistilBertForSequenceClassification"},
+                               ("pre_classifier", "classifier")),
+    "llama": _decoder("Llama"),
+    "mistral": _decoder("Mistral"),
+    "qwen2": _decoder("Qwen2"),
 }
-# Task heads trained fully (peft modules_to_save) per model type, for sequence classification.
-TASK_HEADS: dict[str, tuple[str, ...]] = {
-    "bert": ("classifier",), "roberta": ("classifier",), "xlm-roberta": ("classifier",),
-    "distilbert": ("pre_classifier", "classifier"), "llama": ("score",), "mistral": ("score",), "qwen2": ("score",),
-}
+
+
+def supported_cases() -> list[tuple[str, str]]:
+    """Every (model type, task) the node trains, prunes and exports."""
+    return [(mt, task) for mt, a in SUPPORTED.items() for task in a.classes]
+
+
+def check_supported(model_type: str, task: str, where: str = "") -> str:
+    """The transformers class a node trains for ``model_type`` and ``task``; a ConfigError naming both (and
+    what is supported) for anything else, so that a node refuses at start-up rather than fail at export."""
+    from shared.config import ConfigError
+
+    at = f" ({where})" if where else ""
+    if task not in TASKS:
+        raise ConfigError(f"task {task!r} must be one of {', '.join(TASKS)}")
+    arch = SUPPORTED.get(model_type)
+    if arch is None:
+        raise ConfigError(f"model type {model_type!r}{at} is not supported: a node trains, prunes and exports "
+                          f"{', '.join(sorted(SUPPORTED))}")
+    if task not in arch.classes:
+        able = sorted(mt for mt, a in SUPPORTED.items() if task in a.classes)
+        raise ConfigError(f"model type {model_type!r}{at} is not supported for task {task!r} (it supports "
+                          f"{', '.join(arch.classes)}); task {task!r} needs one of {', '.join(able)}")
+    return arch.classes[task]
 
 
 @dataclass(frozen=True)
@@ -85,9 +130,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def arch_of(model: nn.Module) -> ArchSpec:
     mt = getattr(unwrap(model).config, "model_type", "")
-    if mt not in ARCHS:
-        raise ValueError(f"model type {mt!r} is not supported (supported: {sorted(ARCHS)})")
-    return ARCHS[mt]
+    if mt not in SUPPORTED:
+        raise ValueError(f"model type {mt!r} is not supported (supported: {', '.join(sorted(SUPPORTED))})")
+    return SUPPORTED[mt].spec
 
 
 def layer_geometry(model: nn.Module) -> list[LayerGeometry]:
@@ -153,9 +198,14 @@ def load_base_model(path: str, task: str, *, num_labels: int | None = None, dtyp
     """Load a local Hugging Face folder offline (never touches the Hub).
 
     ``labels`` (sequence classification): the class names in label order; they go into the config's
-    ``id2label`` / ``label2id``, so an exported model (and a ``pipeline`` over it) names its classes."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    ``id2label`` / ``label2id``, so an exported model (and a ``pipeline`` over it) names its classes.
 
+    An architecture or task the node cannot train, prune and export is refused here, from the folder's
+    config.json and before any weight is read (a ConfigError: the node exits at start-up, before joining)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    model_type = AutoConfig.from_pretrained(path, local_files_only=True).model_type
+    expected = check_supported(model_type, task, where=str(path))
     kw: dict = {"local_files_only": True, "dtype": dtype}
     if task == "seq_cls":
         if labels:
@@ -171,11 +221,10 @@ def load_base_model(path: str, task: str, *, num_labels: int | None = None, dtyp
         # A folder that already has a head for another label count gets a fresh one for ours.
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
                                                                    ignore_mismatched_sizes=True, **kw)
-    elif task == "causal_lm":
-        model = AutoModelForCausalLM.from_pretrained(path, **kw)
     else:
-        raise ValueError(f"task {task!r} must be seq_cls or causal_lm")
-    arch_of(model)  # fail early on an unsupported architecture
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    if type(model).__name__ != expected:  # transformers mapped the config elsewhere: no export for it
+        raise ValueError(f"{path}: transformers loaded {type(model).__name__}, the node supports {expected}")
     return model
 
 
@@ -216,7 +265,7 @@ def attach_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float = 0
     if rank < 1:
         raise ValueError(f"LoRA rank {rank} must be >= 1")
     mt = unwrap(model).config.model_type
-    heads = list(TASK_HEADS.get(mt, ())) if task == "seq_cls" else []
+    heads = list(SUPPORTED[mt].head) if task == "seq_cls" and mt in SUPPORTED else []
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_names(model),
                      modules_to_save=heads or None, bias="none")
     peft_model = get_peft_model(model, cfg)

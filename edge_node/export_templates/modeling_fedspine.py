@@ -34,6 +34,7 @@ def _pruned(base_name):
     return Pruned
 
 
+# One line per class in edge_node/model.py SUPPORTED (tests/edge_node/test_export.py checks both agree).
 FedSpineBertForSequenceClassification = _pruned("BertForSequenceClassification")
 FedSpineRobertaForSequenceClassification = _pruned("RobertaForSequenceClassification")
 FedSpineXLMRobertaForSequenceClassification = _pruned("XLMRobertaForSequenceClassification")
@@ -41,4 +42,6 @@ FedSpineDistilBertForSequenceClassification = _pruned("DistilBertForSequenceClas
 FedSpineLlamaForCausalLM = _pruned("LlamaForCausalLM")
 FedSpineLlamaForSequenceClassification = _pruned("LlamaForSequenceClassification")
 FedSpineMistralForCausalLM = _pruned("MistralForCausalLM")
+FedSpineMistralForSequenceClassification = _pruned("MistralForSequenceClassification")
 FedSpineQwen2ForCausalLM = _pruned("Qwen2ForCausalLM")
+FedSpineQwen2ForSequenceClassification = _pruned("Qwen2ForSequenceClassification")

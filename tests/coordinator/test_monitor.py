@@ -87,6 +87,7 @@ def test_malformed_and_spoofed_messages_are_dropped_with_one_line_each():
 
 
 @pytest.mark.mosquitto
+@pytest.mark.slow
 def test_fleet_followed_through_mosquitto_with_sub_and_monitor(mqtt_transport, tmp_path, capsys):
     """A non-Jetson node publishes fallback telemetry; mosquitto_sub -v (monitor user) prints readable JSON lines
     and ``fedspine monitor --once`` shows the node, connecting like any other client."""

@@ -56,6 +56,7 @@ def test_time_to_target_interpolates():
     assert time_to(curve, 0.95) is None
 
 
+@pytest.mark.slow
 def test_report_table_and_plots(tmp_path):
     fast, slow = tmp_path / "fast.jsonl", tmp_path / "slow.jsonl"
     _write(fast, [_node(1, "a", 5.0, 0.3), _node(2, "a", 5.0, 0.6), _node(3, "a", 0.0, 0.8, eval_only=True)])

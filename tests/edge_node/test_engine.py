@@ -15,6 +15,7 @@ from edge_node.model import layer_geometry
 from shared.updates import GroupScores, LoraUpdate, UpdateError
 from tests.edge_node.tiny import cached_model_folder, lm_rows, random_batch, sentiment_rows, write_csv
 
+pytestmark = pytest.mark.slow  # local training rounds: seconds each
 QUIET = structlog.wrap_logger(structlog.PrintLogger(), wrapper_class=structlog.make_filtering_bound_logger(
     logging.WARNING))
 # The trainer runs here without a coordinator: unless a test sends a slice with the fleet's importance, a cut ranks

@@ -1,4 +1,4 @@
-"""Tiny random BERT / RoBERTa / DistilBERT / Llama-GQA model folders with a small WordPiece tokenizer (offline)."""
+"""Tiny random model folders of every supported model type (decoders with GQA) and a small WordPiece tokenizer."""
 
 from __future__ import annotations
 
@@ -29,14 +29,24 @@ def write_tokenizer(folder: Path):
 
 def tiny_config(kind: str, vocab_size: int, hidden: int = 32, heads: int = 4, kv_heads: int = 2,
                 intermediate: int = 64, layers: int = 2):
-    from transformers import BertConfig, DistilBertConfig, LlamaConfig, RobertaConfig
+    """A random-weight config of model type ``kind`` (a key of edge_node.model.SUPPORTED, or gpt2)."""
+    from transformers import (
+        BertConfig,
+        DistilBertConfig,
+        GPT2Config,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+        RobertaConfig,
+        XLMRobertaConfig,
+    )
 
     if kind == "bert":
         return BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                           num_attention_heads=heads, intermediate_size=intermediate, max_position_embeddings=128,
                           pad_token_id=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    if kind == "roberta":
-        return RobertaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+    if kind in ("roberta", "xlm-roberta"):
+        return (RobertaConfig if kind == "roberta" else XLMRobertaConfig)(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                              num_attention_heads=heads, intermediate_size=intermediate, max_position_embeddings=130,
                              pad_token_id=0, bos_token_id=2, eos_token_id=3, hidden_dropout_prob=0.0,
                              attention_probs_dropout_prob=0.0)
@@ -44,11 +54,15 @@ def tiny_config(kind: str, vocab_size: int, hidden: int = 32, heads: int = 4, kv
         return DistilBertConfig(vocab_size=vocab_size, dim=hidden, n_layers=layers, n_heads=heads,
                                 hidden_dim=intermediate, max_position_embeddings=128, pad_token_id=0, dropout=0.0,
                                 attention_dropout=0.0, seq_classif_dropout=0.0)
-    if kind == "llama":
-        return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-                           num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
-                           intermediate_size=intermediate, max_position_embeddings=128, pad_token_id=0,
-                           bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
+    decoders = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}  # qwen2: q/k/v biases
+    if kind in decoders:
+        return decoders[kind](vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                              num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                              intermediate_size=intermediate, max_position_embeddings=128, pad_token_id=0,
+                              bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
+    if kind == "gpt2":  # a model type the node does not support
+        return GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=128,
+                          bos_token_id=2, eos_token_id=3)
     raise ValueError(kind)
 
 

@@ -49,6 +49,7 @@ from shared.messages import (
 from shared.transport import MemoryBus, MemoryTransport
 from shared.updates import GroupScores, LoraUpdate, ModuleUpdate
 
+pytestmark = pytest.mark.slow  # 10,000 inputs per handler
 N = 10_000
 SEED = 8_2026
 ROOT = "fedspine/v1"

@@ -35,7 +35,7 @@ from shared.topics import NODE_READS, NODE_WRITES
 from shared.transport import CHUNK_OVERHEAD, MemoryBus, MemoryTransport, MqttTransport, TransportError
 from tests.broker import Inbox, TransportFactory
 
-pytestmark = pytest.mark.mosquitto
+pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
 ROOT = "fedspine/v1"
 
 

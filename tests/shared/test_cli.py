@@ -14,6 +14,7 @@ import pytest
 from broker_config.local import LocalMosquitto
 from tests.edge_node.tiny import cached_model_folder, sentiment_rows, write_csv
 
+pytestmark = pytest.mark.slow  # every test starts `fedspine node` processes
 REPO = Path(__file__).resolve().parents[2]
 
 

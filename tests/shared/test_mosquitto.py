@@ -22,7 +22,7 @@ from shared.transport import CHUNK_OVERHEAD, TransportError
 from tests.broker import Inbox, LocalMosquitto, TransportFactory, running_broker
 from tests.shared.test_messages import SAMPLES
 
-pytestmark = pytest.mark.mosquitto
+pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
 
 
 def _raw(broker: LocalMosquitto, user: str, client_id: str) -> mqtt.Client:
