@@ -228,7 +228,8 @@ def check_nothing_lost(accepted, aggregated, nodes: NodeProcs, rounds_done: int)
         assert d in nodes.sent(nid), f"{nid}: aggregated an update it never sent"
 
 
-def check_global_is_the_aggregate(state_dir: Path, sent: dict[str, bytes], metrics: Path | None = None) -> int:
+def check_global_is_the_aggregate(state_dir: Path, sent: dict[str, bytes], metrics: Path | None = None,
+                                  deploy_rank: int = 8) -> int:
     """Rebuild the global model from scratch, round by round, from the updates *as their nodes sent them*
     (``sent``: sha256 -> payload), taking exactly those the coordinator's metrics record as accepted in each
     round; it must equal the checkpointed global model. Returns the number of updates replayed."""
@@ -247,9 +248,11 @@ def check_global_is_the_aggregate(state_dir: Path, sent: dict[str, bytes], metri
         mine = [r for r in accepted if r["round"] == rnd]
         assert mine, f"round {rnd} aggregated nothing"
         ups = [LoraUpdate.from_bytes(sent[r["update_sha256"]]) for r in mine]
-        # Each node started from the global state sliced to its structure and truncated to its rank.
-        starts = [replay.slice_for(structure.get(r["node"]), next(iter(u.modules.values())).rank, LORA_ALPHA)
-                  for r, u in zip(mine, ups, strict=True)]
+        # Each node was sent the global state sliced to its structure at the deployed rank (or its own, if larger)
+        # and started from that slice's leading components (``deploy_rank``: the coordinator's [bandit] rank).
+        ranks = [next(iter(u.modules.values())).rank for u in ups]
+        starts = [replay.start_for(structure.get(r["node"]), k, max(k, deploy_rank), LORA_ALPHA)
+                  for r, k in zip(mine, ranks, strict=True)]
         # Weighted by training examples (every node reports them), each change per local step (FedNova).
         assert all(r["examples"] > 0 and r["steps"] > 0 for r in mine)
         if effective[rnd] is not None:  # only once every node trained at the target
@@ -496,7 +499,8 @@ def test_real_training_fleet_survives_a_node_and_the_coordinator_killed(tmp_path
     trained = [r for r in fleet.rows("node") if not r.get("eval_only")]
     assert any(r["node"] == "nx-2" and r["status"] == "ok" and r["round"] > 2 for r in trained)  # it rejoined
     assert "resumed" in fleet.logs("coordinator")
-    replayed = check_global_is_the_aggregate(fleet.state_dir, wire_payloads(wire.items), fleet.metrics)
+    replayed = check_global_is_the_aggregate(fleet.state_dir, wire_payloads(wire.items), fleet.metrics,
+                                             deploy_rank=4)  # make_fleet's [bandit] rank
     exports = fleet.rows("export")
     assert sorted(e["node_id"] for e in exports) == nodes and all(e["status"] == "ok" for e in exports)
     reliability.add("faults", "real training (tiny BERT, 3 node processes): node SIGKILLed during round 2 and "
