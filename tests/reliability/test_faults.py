@@ -80,7 +80,7 @@ def fleet(broker, tmp_path: Path, trainers: dict[str, FakeTrainer], **coordinato
     state_dir = tmp_path / "coord"
     cfg = CoordinatorConfig.from_dict({
         "broker": broker_section("coordinator"),
-        "coordinator": {"rounds": 1, "min_nodes": len(trainers), "local_steps": 2, "deadline_s": 60.0,
+        "coordinator": {"method": "fedspine", "rounds": 1, "min_nodes": len(trainers), "local_steps": 2, "deadline_s": 60.0,
                         "state_dir": str(state_dir), "join_timeout_s": 30.0, **coordinator}})
     coord = Coordinator(cfg)
     agents = {}
@@ -280,7 +280,7 @@ def coordinator_for(broker, tmp_path: Path, **settings) -> Coordinator:
     b = broker.broker_config("coordinator", chunk_size=CHUNK)
     cfg = CoordinatorConfig.from_dict({
         "broker": {k: v for k, v in asdict(b).items() if v is not None},
-        "coordinator": {"min_nodes": 2, "local_steps": 2, "state_dir": str(tmp_path / "coord"),
+        "coordinator": {"method": "fedspine", "min_nodes": 2, "local_steps": 2, "state_dir": str(tmp_path / "coord"),
                         "join_timeout_s": 60.0, **settings}})
     return Coordinator(cfg)
 
@@ -369,7 +369,7 @@ def test_coordinator_killed_mid_round_resumes_from_checkpoint(tmp_path, reliabil
         state = tmp_path / "coord"
         cfg = tmp_path / "coordinator.toml"
         write_toml(cfg, {"broker": {k: v for k, v in asdict(b).items() if v is not None},
-                         "coordinator": {"rounds": rounds, "min_nodes": 2, "local_steps": 2, "deadline_s": 30.0,
+                         "coordinator": {"method": "fedspine", "rounds": rounds, "min_nodes": 2, "local_steps": 2, "deadline_s": 30.0,
                                          "state_dir": str(state), "join_timeout_s": 60.0}})
         log = tmp_path / "logs" / "coordinator.log"
         log.parent.mkdir(parents=True, exist_ok=True)
