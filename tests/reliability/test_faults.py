@@ -464,7 +464,7 @@ def test_real_training_fleet_survives_a_node_and_the_coordinator_killed(tmp_path
     from tests.integration.fleet import make_fleet, tiny_model
 
     nodes = ["agx-1", "nx-2", "tx2-3"]
-    rounds = 6
+    rounds = 4
     users = {"coordinator": "c-pw", "monitor": "m-pw", **{n: f"{n}-pw" for n in nodes}}
     with running_broker(tls=False, users=users) as broker:
         fleet = make_fleet(tmp_path, broker, tiny_model(tmp_path / "tiny-bert"), nodes, rounds=rounds,
