@@ -75,6 +75,8 @@ def ratio(base: MethodResult, spine: MethodResult) -> tuple[float | None, str]:
     """Time to target of ``base`` over FedSpine's, with censoring: a method that never reached the target is
     counted at its whole run's virtual time (so the ratio is a bound, marked '≥' or '≤')."""
     b, f = base.time_to_target_s, spine.time_to_target_s
+    if b == 0 or f == 0:  # the base model already met it: every method sat on the one-class floor
+        return None, "target met before training"
     if b is not None and f is not None:
         return b / f, ""
     if b is None and f is not None:
@@ -139,7 +141,7 @@ def summary(configs: list[dict], judged: dict[str, dict], rule: dict) -> tuple[l
         known = [x for _, x, _ in rows if x is not None]
         g = geomean(known)
         out[m] = {"ratios": rows, "geomean": g, "accuracy_held": acc_ok[m], "configurations": n}
-        cells = ", ".join(f"{name} {mark}{x:.2f}" if x is not None else f"{name} n/a" for name, x, mark in rows)
+        cells = ", ".join(f"{name} {mark}{x:.2f}" if x is not None else f"{name} n/a ({mark})" for name, x, mark in rows)
         lines.append(f"| {m} | {cells} | {'n/a' if g is None else f'{g:.2f}x'} | "
                      f"{'n/a' if not known else f'{min(known):.2f}'} | {'n/a' if not known else f'{max(known):.2f}'} | "
                      f"{acc_ok[m]} of {n} |")

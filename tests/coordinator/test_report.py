@@ -90,3 +90,17 @@ def test_simulate_progress_line_matches_the_report(tmp_path):
     assert rnd == 2 and r.start_accuracy[2] == pytest.approx(0.65) and r.virtual_time_s == pytest.approx(18.0)
     # the timed-out node counts neither in the accuracy nor in the line; nodes in name order
     assert line == "accuracy at its start 0.650, virtual clock 18 s, a p=0.15 r=8 k=8, b p=0.10 r=8 k=20"
+
+
+def test_the_evaluation_ratio_is_censored_and_undefined_when_the_base_model_met_the_target():
+    from benchmarks.fleet.evaluate import ratio
+    from coordinator.report import MethodResult
+
+    def res(t, total=100.0):
+        return MethodResult("m", time_to_target_s=t, virtual_time_s=total)
+
+    assert ratio(res(60.0), res(30.0)) == (2.0, "")
+    assert ratio(res(None, 90.0), res(30.0)) == (3.0, "≥")  # the baseline never got there: a lower bound
+    assert ratio(res(60.0), res(None, 120.0)) == (0.5, "≤")
+    assert ratio(res(None), res(None))[0] is None
+    assert ratio(res(0.0), res(0.0)) == (None, "target met before training")  # every method on the floor
