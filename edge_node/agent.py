@@ -112,7 +112,6 @@ class NodeAgent:
         self._stop = threading.Event()
         self._accuracy: float | None = None  # the last round's test accuracy (announced in the status)
         self._ready = False  # model and data loaded: the node announces itself (and does on every reconnect)
-        self._check_identity = transport is None  # a real broker: probe the ACL at start-up
         self.state_dir = Path(cfg.node.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._resume_dir = self.state_dir / "trainer"  # the trainer's state, saved after every uploaded round
@@ -315,16 +314,16 @@ class NodeAgent:
         t.subscribe(self.topics.node(self.node_id, "download"), self._handle_download)
         t.subscribe(self.topics.node(self.node_id, "resend"), self._handle_resend)
         t.subscribe(self.topics.broadcast_command, self._handle_command)
-        t.start()  # connected, not yet announced: the identity probe first, then the model
+        _ = self.trainer  # load model and data before joining: a node that joins is ready to work (and a bad
+        if not self._stop.is_set():  # model or data file stops it with exit 2 whether the broker is up or not)
+            self._calibrate()
+        if self._stop.is_set():  # told to stop while loading: leave without joining (the broker may be gone)
+            self.log.info("stopped_before_joining")
+            return 0
+        t.start()  # connected, not yet announced
         try:
-            if self._check_identity:
+            if isinstance(t, MqttTransport):  # a real broker, with an ACL to check
                 self._probe_identity()
-            _ = self.trainer  # load model and data before announcing: a node that joins is ready to work
-            if not self._stop.is_set():
-                self._calibrate()
-            if self._stop.is_set():  # told to stop while loading: leave without joining
-                self.log.info("stopped_before_joining")
-                return 0
             self._ready = True
             self._announce()
             if self._telemetry is not None:

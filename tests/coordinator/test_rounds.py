@@ -131,7 +131,9 @@ def test_every_log_line_names_its_node_and_round(tmp_path):
         [e for e in lines if "node_id" not in e or "round" not in e][:3]
     for nid in trainers:
         inside = [e["round"] for e in lines if e["event"] == "inside_round" and e["node_id"] == nid]
-        assert inside == [1, 2, 3, 4]  # three rounds, then the final sync
+        assert inside == [1, 2, 3, 3]  # three rounds, then the final sync: round 3's aggregate, shown as round 3
+        final = [e for e in lines if e["event"] == "round_config" and e["node_id"] == nid and e.get("final")]
+        assert [e["round"] for e in final] == [3]
     assert [e["round"] for e in lines if e["event"] == "round_done"] == [1, 2, 3]
     joined = [e["round"] for e in lines if e["event"] == "node_joined"]
     assert len(joined) == 4 and set(joined) == {-1, 0}  # each node before its first round, the coordinator's
@@ -150,7 +152,7 @@ def test_the_retained_status_says_where_each_node_stands(tmp_path):
         a.stop()
     assert sorted(s.node_id for s in retained.values()) == ["agx-1", "nx-2"]
     for st in retained.values():
-        assert st.state == "online" and st.round == 4  # three rounds, then the final sync
+        assert st.state == "online" and st.round == 3  # three rounds; the final sync evaluates round 3
         assert st.sparsity == trainers[st.node_id].sparsity >= 0.3 - 1e-9
 
 

@@ -138,8 +138,7 @@ def test_a_fleet_from_the_kit_and_the_readme(tmp_path):
 
 
 def test_a_node_whose_id_is_not_its_user_name_stops_naming_both(tmp_path):
-    model = tmp_path / "model"  # the identity is checked before the model is loaded
-    model.mkdir()
+    model = tiny_model(tmp_path / "model")
     data = write_csv(tmp_path / "train.csv", sentiment_rows(32))
     with running_broker(tls=False, users={"coordinator": "c", "node-a": "a-pw"}) as broker:
         cfg = tmp_path / "node.toml"
