@@ -77,6 +77,8 @@ class FleetView:
             if parsed.node_id is None:
                 return False
             if parsed.kind == "status":
+                if not payload:  # a cleared retained status, or a node's start-up identity probe
+                    return False
                 st = decode(payload, NodeStatus)
                 self._check(st.node_id, parsed.node_id)
                 row = self._row(parsed.node_id)

@@ -225,13 +225,14 @@ class NodeAgent:
             self._announce()
 
     def _probe_identity(self, timeout_s: float = IDENTITY_TIMEOUT_S) -> None:
-        """Check that the broker lets this node publish in its own sub-tree: a (non-retained) status on its own
-        topic must come back to it.  The ACL confines a broker user to ``node/<username>/...`` and drops the rest
-        silently, so a node whose id is not its user name would otherwise look connected and never be heard."""
+        """Check that the broker lets this node publish in its own sub-tree: an empty, non-retained message on its
+        own status topic (the one topic a node may both write and read; every reader ignores an empty status) must
+        come back to it.  The ACL confines a broker user to ``node/<username>/...`` and drops the rest silently,
+        so a node whose id is not its user name would otherwise look connected and never be heard."""
         from shared.config import ConfigError
 
         topic = self.topics.node(self.node_id, "status")
-        payload = encode(self._status("offline"))
+        payload = b""
         back = threading.Event()
         self.transport.on_will_topic = lambda p: back.set() if p == payload else None
         try:

@@ -532,3 +532,23 @@ def test_a_node_without_the_runs_final_model_does_not_export(tmp_path):
     assert not (tmp_path / "n1" / "export").exists()
     # with the run's final model the export goes ahead (the fake trainer has no model to merge, so it fails there)
     assert isinstance(attempted, ExportReport) and attempted.status == "error" and "merged_model" in attempted.error
+
+
+def test_a_restart_on_a_finished_state_directory_reports_the_run_once(tmp_path):
+    """The finished run's final evaluation and exports are in metrics.jsonl once: a coordinator restarted on its state
+    directory (a service restart after the run) neither evaluates nor exports again, nor waits for nodes."""
+    trainers = {n: FakeTrainer(n) for n in ("agx-1", "nx-2")}
+    coord, summary = run_fleet(tmp_path, trainers, rounds=2)
+    assert summary.rounds_done == 2 and len(rows(tmp_path, "export")) == 2
+    before = (tmp_path / "coord" / "metrics.jsonl").read_text()
+    cfg = CoordinatorConfig.from_dict({"coordinator": {"rounds": 2, "min_nodes": 2, "state_dir": str(tmp_path / "coord"),
+                                                       "join_timeout_s": 0.0}})  # 0: would wait forever for nodes
+    again = Coordinator(cfg, transport=MemoryTransport(MemoryBus(), "coordinator"))
+    with structlog.testing.capture_logs() as lines:
+        out = {}
+        t = threading.Thread(target=lambda: out.setdefault("summary", again.run()), daemon=True)
+        t.start()
+        t.join(30)
+    assert out["summary"].rounds_done == 2 and not out["summary"].exports
+    assert "run_already_finished" in [e["event"] for e in lines]
+    assert (tmp_path / "coord" / "metrics.jsonl").read_text() == before
