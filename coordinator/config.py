@@ -16,7 +16,9 @@ REWARD_TERMS = ("loss", "time", "importance", "energy")
 class RoundSettings:
     """[coordinator]: the run, its rounds, and who takes part."""
 
-    method: str = field(default="fedspine", metadata={"help": f"training method, one of {', '.join(METHODS)}"})
+    method: str = field(default="uniform", metadata={
+        "help": f"training method, one of {', '.join(METHODS)} (uniform: FedSpine's bandit did not beat it, "
+                "docs/results.md)"})
     rounds: int = field(default=20, metadata={"help": "federated rounds before the final sync and export"})
     local_steps: int = field(default=20, metadata={
         "help": "τ: local steps of the round's slowest node; faster nodes fill the round with more (up to 5τ)"})

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.config import METHODS
+from coordinator.config import METHODS, RoundSettings
 from coordinator.report import analyse_rows, read_rows
 from coordinator.simdata import dirichlet_split, label_histogram, load_tweets, split_test, write_csv
 from shared.config import load_toml
@@ -252,7 +252,8 @@ def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broke
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fedspine simulate", description=__doc__.splitlines()[0])
-    ap.add_argument("--method", default="fedspine", help=f"one or more (comma-separated) of {', '.join(METHODS)}, or 'all'")
+    ap.add_argument("--method", default=RoundSettings.method, help=f"one or more (comma-separated) of {', '.join(METHODS)}, "
+                    "or 'all' (default: the coordinator's default method)")
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--tiers", default="agx,nx,tx2", help="device profiles assigned to nodes in turn")
     ap.add_argument("--profiles", default=None, help=f"device profile TOML (default {PROFILES_FILE.name})")

@@ -11,8 +11,8 @@
 (c) Training step cost (``--step-cost``): CPU time of one local step (forward, backward, importance, optimiser;
     one torch thread, batch 16 x 64) at sparsity 0 / 0.3 / 0.5 and LoRA rank 2 / 4 / 8 / 16, every variant a
     copy of one trainer so all see the same batches, interleaved; and the least-squares fit of the coordinator's
-    step-cost model t(s, r) = t0 (1 - a s)(1 + b r) to them (``[coordinator] step_cost_sparsity`` = a,
-    ``step_cost_rank`` = b).
+    step-cost model t(s, r) = t0 (1 - a s)(1 + b r) to them (``coordinator.planning.STEP_COST_SPARSITY`` = a;
+    b had no measurable effect and is left out).
 
     python -m benchmarks.pruning.run [--quick] [--inference-only] [--seeds 0,1] [--out results/pruning.json]
     python -m benchmarks.pruning.run --step-cost [--quick] [--device cuda] [--out results/step-cost.json]

@@ -246,7 +246,7 @@ def test_min_keepers_changes_only_coordinates_enough_nodes_kept():
 
 
 def test_the_leading_components_of_a_higher_rank_slice_are_the_slice_at_the_lower_rank():
-    """What a node trains from when it is sent the slice at the deployed rank (``eval_at_deploy_rank``): its first
+    """What a node trains from when it is sent the slice at the deployed rank: its first
     r components, which for FedSpine are the best rank-r approximation and for HetLoRA its first r padded ones."""
     g = torch.Generator().manual_seed(3)
     spectrum = torch.tensor([9.0, 7.0, 5.0, 3.0, 2.0, 1.0, 0.5, 0.25] + [0.1] * 12)  # rank 20, distinct values

@@ -56,7 +56,7 @@ class FakeTrainer:
 
 def start_fleet(tmp_path, trainers: dict[str, FakeTrainer], *, wire=None, **coordinator):
     bus = MemoryBus()
-    cfg = CoordinatorConfig.from_dict({"coordinator": {"rounds": 3, "min_nodes": len(trainers), "local_steps": 2,
+    cfg = CoordinatorConfig.from_dict({"coordinator": {"method": "fedspine", "rounds": 3, "min_nodes": len(trainers), "local_steps": 2,
                                                        "deadline_s": 5.0, "state_dir": str(tmp_path / "coord"),
                                                        "join_timeout_s": 10.0, **coordinator}})
     coord = Coordinator(cfg, transport=MemoryTransport(bus, "coordinator"))

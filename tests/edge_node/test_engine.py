@@ -66,7 +66,7 @@ def test_global_update_is_applied_and_random_pruning(cls_data):
 
 
 def test_a_slice_above_the_training_rank_is_evaluated_as_sent_and_trained_from_its_leading_components(cls_data):
-    """The coordinator sends the global slice at the deployed rank (``eval_at_deploy_rank``): the round's test
+    """The coordinator sends the global slice at the deployed rank: the round's test
     figures are of that model, and training is the same as from the slice cut to the node's rank."""
     donor = _trainer(cls_data, seed=1)
     sent = donor.run_round(target_sparsity=0.0, rank=8, local_steps=10, global_update=None).update

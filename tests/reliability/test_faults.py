@@ -80,7 +80,7 @@ def fleet(broker, tmp_path: Path, trainers: dict[str, FakeTrainer], **coordinato
     state_dir = tmp_path / "coord"
     cfg = CoordinatorConfig.from_dict({
         "broker": broker_section("coordinator"),
-        "coordinator": {"rounds": 1, "min_nodes": len(trainers), "local_steps": 2, "deadline_s": 60.0,
+        "coordinator": {"method": "fedspine", "rounds": 1, "min_nodes": len(trainers), "local_steps": 2, "deadline_s": 60.0,
                         "state_dir": str(state_dir), "join_timeout_s": 30.0, **coordinator}})
     coord = Coordinator(cfg)
     agents = {}
@@ -228,7 +228,8 @@ def check_nothing_lost(accepted, aggregated, nodes: NodeProcs, rounds_done: int)
         assert d in nodes.sent(nid), f"{nid}: aggregated an update it never sent"
 
 
-def check_global_is_the_aggregate(state_dir: Path, sent: dict[str, bytes], metrics: Path | None = None) -> int:
+def check_global_is_the_aggregate(state_dir: Path, sent: dict[str, bytes], metrics: Path | None = None,
+                                  deploy_rank: int = 8) -> int:
     """Rebuild the global model from scratch, round by round, from the updates *as their nodes sent them*
     (``sent``: sha256 -> payload), taking exactly those the coordinator's metrics record as accepted in each
     round; it must equal the checkpointed global model. Returns the number of updates replayed."""
@@ -247,9 +248,11 @@ def check_global_is_the_aggregate(state_dir: Path, sent: dict[str, bytes], metri
         mine = [r for r in accepted if r["round"] == rnd]
         assert mine, f"round {rnd} aggregated nothing"
         ups = [LoraUpdate.from_bytes(sent[r["update_sha256"]]) for r in mine]
-        # Each node started from the global state sliced to its structure and truncated to its rank.
-        starts = [replay.slice_for(structure.get(r["node"]), next(iter(u.modules.values())).rank, LORA_ALPHA)
-                  for r, u in zip(mine, ups, strict=True)]
+        # Each node was sent the global state sliced to its structure at the deployed rank (or its own, if larger)
+        # and started from that slice's leading components (``deploy_rank``: the coordinator's [bandit] rank).
+        ranks = [next(iter(u.modules.values())).rank for u in ups]
+        starts = [replay.start_for(structure.get(r["node"]), k, max(k, deploy_rank), LORA_ALPHA)
+                  for r, k in zip(mine, ranks, strict=True)]
         # Weighted by training examples (every node reports them), each change per local step (FedNova).
         assert all(r["examples"] > 0 and r["steps"] > 0 for r in mine)
         if effective[rnd] is not None:  # only once every node trained at the target
@@ -277,7 +280,7 @@ def coordinator_for(broker, tmp_path: Path, **settings) -> Coordinator:
     b = broker.broker_config("coordinator", chunk_size=CHUNK)
     cfg = CoordinatorConfig.from_dict({
         "broker": {k: v for k, v in asdict(b).items() if v is not None},
-        "coordinator": {"min_nodes": 2, "local_steps": 2, "state_dir": str(tmp_path / "coord"),
+        "coordinator": {"method": "fedspine", "min_nodes": 2, "local_steps": 2, "state_dir": str(tmp_path / "coord"),
                         "join_timeout_s": 60.0, **settings}})
     return Coordinator(cfg)
 
@@ -366,7 +369,7 @@ def test_coordinator_killed_mid_round_resumes_from_checkpoint(tmp_path, reliabil
         state = tmp_path / "coord"
         cfg = tmp_path / "coordinator.toml"
         write_toml(cfg, {"broker": {k: v for k, v in asdict(b).items() if v is not None},
-                         "coordinator": {"rounds": rounds, "min_nodes": 2, "local_steps": 2, "deadline_s": 30.0,
+                         "coordinator": {"method": "fedspine", "rounds": rounds, "min_nodes": 2, "local_steps": 2, "deadline_s": 30.0,
                                          "state_dir": str(state), "join_timeout_s": 60.0}})
         log = tmp_path / "logs" / "coordinator.log"
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -461,7 +464,7 @@ def test_real_training_fleet_survives_a_node_and_the_coordinator_killed(tmp_path
     from tests.integration.fleet import make_fleet, tiny_model
 
     nodes = ["agx-1", "nx-2", "tx2-3"]
-    rounds = 6
+    rounds = 4
     users = {"coordinator": "c-pw", "monitor": "m-pw", **{n: f"{n}-pw" for n in nodes}}
     with running_broker(tls=False, users=users) as broker:
         fleet = make_fleet(tmp_path, broker, tiny_model(tmp_path / "tiny-bert"), nodes, rounds=rounds,
@@ -496,7 +499,8 @@ def test_real_training_fleet_survives_a_node_and_the_coordinator_killed(tmp_path
     trained = [r for r in fleet.rows("node") if not r.get("eval_only")]
     assert any(r["node"] == "nx-2" and r["status"] == "ok" and r["round"] > 2 for r in trained)  # it rejoined
     assert "resumed" in fleet.logs("coordinator")
-    replayed = check_global_is_the_aggregate(fleet.state_dir, wire_payloads(wire.items), fleet.metrics)
+    replayed = check_global_is_the_aggregate(fleet.state_dir, wire_payloads(wire.items), fleet.metrics,
+                                             deploy_rank=4)  # make_fleet's [bandit] rank
     exports = fleet.rows("export")
     assert sorted(e["node_id"] for e in exports) == nodes and all(e["status"] == "ok" for e in exports)
     reliability.add("faults", "real training (tiny BERT, 3 node processes): node SIGKILLed during round 2 and "
