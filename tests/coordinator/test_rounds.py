@@ -176,7 +176,7 @@ def test_a_new_run_starts_from_the_base_model_and_a_resumed_one_continues(tmp_pa
 
     def again(state_dir, rounds):
         cfg = CoordinatorConfig.from_dict({"coordinator": {
-            "rounds": rounds, "min_nodes": 2, "local_steps": 2, "deadline_s": 5.0, "state_dir": str(state_dir),
+            "method": "fedspine", "rounds": rounds, "min_nodes": 2, "local_steps": 2, "deadline_s": 5.0, "state_dir": str(state_dir),
             "join_timeout_s": 10.0}})
         c = Coordinator(cfg, transport=MemoryTransport(coord.transport.bus, "coordinator"))
         summary = c.run()
@@ -541,7 +541,8 @@ def test_a_restart_on_a_finished_state_directory_reports_the_run_once(tmp_path):
     coord, summary = run_fleet(tmp_path, trainers, rounds=2)
     assert summary.rounds_done == 2 and len(rows(tmp_path, "export")) == 2
     before = (tmp_path / "coord" / "metrics.jsonl").read_text()
-    cfg = CoordinatorConfig.from_dict({"coordinator": {"rounds": 2, "min_nodes": 2, "state_dir": str(tmp_path / "coord"),
+    cfg = CoordinatorConfig.from_dict({"coordinator": {"method": "fedspine", "rounds": 2, "min_nodes": 2,
+                                                       "state_dir": str(tmp_path / "coord"),
                                                        "join_timeout_s": 0.0}})  # 0: would wait forever for nodes
     again = Coordinator(cfg, transport=MemoryTransport(MemoryBus(), "coordinator"))
     with structlog.testing.capture_logs() as lines:
