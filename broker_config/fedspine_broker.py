@@ -2,7 +2,8 @@
 
 CLI (``python -m broker_config.fedspine_broker ...``)::
 
-    add-node NAME [--password-file F] [--password P] [--secret-out FILE] [--sighup PID]
+    add-node NAME [--password-file F] [--password P] [--secret-out FILE] [--allow-reserved] [--run-user U]
+             [--sighup PID]
     remove-node NAME [--password-file F] [--sighup PID]
     render-acl [--topic-root R] [--coordinator U ...] [--monitor U ...] [--out FILE]
     render-config [--set KEY=VALUE ...] [--out FILE]
@@ -12,6 +13,9 @@ CLI (``python -m broker_config.fedspine_broker ...``)::
 
 Without ``--password`` a random password is generated and printed once (or written, mode 0600, to
 ``--secret-out`` for the node's ``password_file``).  Mosquitto re-reads password and ACL files on SIGHUP.
+Exit status: 0 done; 2 nothing changed (a refused name, a mosquitto_passwd error, a bad option); 3 the file was
+changed but the ``--sighup`` signal failed (reload mosquitto yourself).  ``fedspine kit`` writes a whole fleet's
+files at once (broker_config/kit.py).
 The ``nats-*``/``render-nats*`` commands do the same for a NATS cluster (broker_config/nats.py): bcrypt
 hashes in a ``user:hash`` file, the users-and-permissions file every member includes (reloaded with
 ``nats-server --signal reload``), and one member's configuration.
@@ -44,6 +48,10 @@ RESERVED_USERS = ("coordinator", "monitor")
 
 class BrokerToolError(RuntimeError):
     """A failed broker administration step (bad name, mosquitto_passwd error)."""
+
+
+class ReloadFailed(BrokerToolError):
+    """The change was written but the running broker could not be told (exit status 3)."""
 
 
 def _env() -> jinja2.Environment:
@@ -137,9 +145,43 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
-def _sighup(pid: int | None) -> None:
-    if pid:
+def readable_by(path: str | Path, run_user: str, mode: int = 0o640) -> None:
+    """Mode ``mode`` and, when run as root, the group of ``run_user``: mosquitto started as root drops to its
+    ``run_user`` (mosquitto.conf.j2 ``user``) and must still read the password, ACL and key files."""
+    os.chmod(path, mode)
+    if os.geteuid() == 0:
+        import pwd
+
+        try:
+            gid = pwd.getpwnam(run_user).pw_gid
+        except KeyError:
+            return
+        os.chown(path, 0, gid)
+
+
+def _one_pid(raw: str | None) -> int | None:
+    """``--sighup`` takes one PID; ``$(pidof mosquitto)`` with several brokers running gives several."""
+    if raw is None or not raw.strip():
+        return None
+    parts = raw.split()
+    if len(parts) > 1:
+        raise BrokerToolError(f"--sighup got several PIDs ({raw.strip()}): more than one mosquitto runs; name the "
+                              "broker's own PID (e.g. `systemctl show -p MainPID --value mosquitto`) and try again")
+    if not parts[0].isdigit():
+        raise BrokerToolError(f"--sighup expects a PID, got {raw!r}")
+    return int(parts[0])
+
+
+def _sighup(pid: int | None, done: str) -> None:
+    """Make mosquitto re-read its files.  ``done`` says what was already written: a failed signal must not read
+    as if nothing had happened."""
+    if not pid:
+        return
+    try:
         os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        raise ReloadFailed(f"{done}, but mosquitto was not told to reload: SIGHUP to PID {pid} failed ({exc}); "
+                           "reload it yourself (`systemctl reload mosquitto` or `kill -HUP <pid>`)") from None
 
 
 def _add_nats_commands(sub: Any) -> None:
@@ -200,12 +242,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     a.add_argument("--password-file", default=DEFAULT_PASSWORD_FILE)
     a.add_argument("--password", help="default: a generated 32-character secret")
     a.add_argument("--secret-out", help="write the password to this file (mode 0600) instead of printing it")
-    a.add_argument("--allow-reserved", action="store_true", help="allow the coordinator/monitor user names")
-    a.add_argument("--sighup", type=int, metavar="PID", help="make the running mosquitto reload")
+    a.add_argument("--allow-reserved", action="store_true",
+                   help="create the coordinator or monitor user (names reserved for their ACL entries)")
+    a.add_argument("--run-user", default="mosquitto",
+                   help="mosquitto's run_user: as root, the password file gets its group so the broker can read it")
+    a.add_argument("--sighup", metavar="PID", help="make the running mosquitto reload (one PID)")
     r = sub.add_parser("remove-node", help="remove a node's credentials")
     r.add_argument("name")
     r.add_argument("--password-file", default=DEFAULT_PASSWORD_FILE)
-    r.add_argument("--sighup", type=int, metavar="PID")
+    r.add_argument("--sighup", metavar="PID", help="make the running mosquitto reload (one PID)")
     acl = sub.add_parser("render-acl", help="render the ACL (node rules are patterns: no per-node lines)")
     acl.add_argument("--topic-root", default=DEFAULT_ROOT)
     acl.add_argument("--coordinator", action="append", help="coordinator user (repeatable)")
@@ -222,17 +267,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run_nats_command(args)
         elif args.cmd == "add-node":
             if args.name in RESERVED_USERS and not args.allow_reserved:
-                raise BrokerToolError(f"{args.name!r} is reserved for the coordinator/monitor ACL entries")
+                raise BrokerToolError(f"{args.name!r} is reserved for the coordinator/monitor ACL entries; to create "
+                                      f"the {args.name} user itself, add --allow-reserved")
+            pid = _one_pid(args.sighup)  # checked before anything is written
             password = args.password or secrets.token_urlsafe(24)
             add_user(args.password_file, args.name, password)
+            readable_by(args.password_file, args.run_user)
             if args.secret_out:
                 _write(password + "\n", args.secret_out, mode=0o600)
             elif not args.password:
                 print(password)
-            _sighup(args.sighup)
+            _sighup(pid, f"user {args.name!r} was written to {args.password_file}")
         elif args.cmd == "remove-node":
+            pid = _one_pid(args.sighup)
             remove_user(args.password_file, args.name)
-            _sighup(args.sighup)
+            _sighup(pid, f"user {args.name!r} was removed from {args.password_file}")
         elif args.cmd == "render-acl":
             _write(render_acl(args.topic_root, args.coordinator or DEFAULT_COORDINATORS, args.monitor), args.out)
         else:
@@ -243,6 +292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     raise BrokerToolError(f"--set expects KEY=VALUE, got {item!r}")
                 variables[key] = _parse_value(raw)
             _write(render_config(**variables), args.out)
+    except ReloadFailed as exc:
+        print(f"fedspine-broker: {exc}", file=sys.stderr)
+        return 3
     except (BrokerToolError, TopicError, OSError, jinja2.TemplateError, RuntimeError) as exc:
         print(f"fedspine-broker: {exc}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from broker_config.fedspine_broker import add_user, render_acl, render_config
+from broker_config.kit import make_lab_ca
 from shared.config import BrokerConfig
 from shared.topics import DEFAULT_ROOT
 
@@ -45,30 +46,6 @@ def _wait_port(host: str, port: int, proc: subprocess.Popen, timeout_s: float) -
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"mosquitto did not listen on {host}:{port} within {timeout_s} s")
-
-
-def make_lab_ca(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path, Path]:
-    """A throw-away CA plus a server certificate for ``host`` (IP SAN); returns (cafile, certfile, keyfile)."""
-    if shutil.which("openssl") is None:
-        raise RuntimeError("openssl not found: needed for the TLS listener")
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    ca_key, ca_crt, key, csr, crt = (d / n for n in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt"))
-    ext = d / "server.ext"
-    ext.write_text(f"subjectAltName=IP:{host},DNS:localhost\nbasicConstraints=CA:FALSE\n"
-                   "keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")
-
-    def run(*args: str) -> None:
-        res = subprocess.run(["openssl", *args], capture_output=True, text=True, check=False)
-        if res.returncode != 0:
-            raise RuntimeError(f"openssl {args[0]} failed: {res.stderr.strip()}")
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca_crt),
-        "-days", "2", "-subj", "/CN=fedspine-lab-ca")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={host}")
-    run("x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key), "-CAcreateserial",
-        "-out", str(crt), "-days", "2", "-extfile", str(ext))
-    return ca_crt, crt, key
 
 
 class LocalMosquitto:

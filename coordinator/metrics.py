@@ -38,7 +38,7 @@ class MetricsWriter:
         self._write("round", rec)
 
     def export(self, report) -> None:
-        self._write("export", {"node_id": report.node_id, "node": report.node_id, "status": report.status,
+        self._write("export", {"run_id": report.run_id, "node_id": report.node_id, "node": report.node_id, "status": report.status,
                                "error": report.error, "path": report.path, "size_bytes": report.size_bytes,
                                "params": report.params, "sparsity": report.sparsity, "latency_ms": report.latency_ms,
                                "metrics": dict(report.metrics)})
@@ -71,16 +71,25 @@ def summarize(path: str | Path) -> str:
         up = sum(n.get("upload_bytes") or 0 for n in mine) / 1e6
         lines.append(f"{str(r.get('method', '-')):>10} {r['round']:>5} {r.get('accepted', len(mine)):>8} "
                      f"{r.get('idle_fraction') or 0.0:>6.1%} {loss:>9.4f} {score:>8{fmt}} {sp:>8.3f} {up:>8.3f}")
-    final = [n for n in nodes if n.get("eval_only")]
+    final = list({n["node"]: n for n in nodes if n.get("eval_only")}.values())  # the last one per node
     if final:
-        lines.append(f"final evaluation: {len(final)} nodes, test {metric} {_mean(final, f'm_test_{metric}'):{fmt}}, "
-                     f"sparsity {_mean(final, 'sparsity'):.3f}")
-    for e in (r for r in rows if r.get("kind") == "export"):
+        at = f"round {final[-1]['round']} " if final[-1].get("final") else ""
+        lines.append(f"final evaluation ({at}final aggregate): {len(final)} nodes, test {metric} "
+                     f"{_mean(final, f'm_test_{metric}'):{fmt}}, sparsity {_mean(final, 'sparsity'):.3f}")
+    if any(f"m_test_{metric}" in n for n in nodes):
+        lines.append(f"test {metric}: each node's first [train] test_batches batches of its test_path (the same "
+                     "examples every round and in the final evaluation)")
+    exports = {e["node_id"]: e for e in rows if e.get("kind") == "export"}  # the last report per node
+    for e in exports.values():
         if e.get("status") != "ok":
             lines.append(f"export {e['node_id']}: {e.get('status')}: {e.get('error') or '-'}")
             continue
-        score = (e.get("metrics") or {}).get(metric)
+        m = e.get("metrics") or {}
+        score, whole = m.get(f"test_{metric}"), m.get(metric)
+        score = score if isinstance(score, (int, float)) else float("nan")
+        whole = f", whole test file ({int(m.get('examples', 0))} examples) {whole:{fmt}}" \
+            if isinstance(whole, (int, float)) else ""
         lines.append(f"export {e['node_id']}: {e['status']} {(e.get('size_bytes') or 0) / 1e6:.1f} MB, "
                      f"{e.get('latency_ms') or 0.0:.1f} ms, sparsity {e.get('sparsity') or 0.0:.2f}, "
-                     f"{metric} {score if isinstance(score, (int, float)) else float('nan'):{fmt}}")
+                     f"test {metric} {score:{fmt}}{whole}")
     return "\n".join(lines)

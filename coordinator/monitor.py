@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from shared.config import BrokerConfig
+from shared.config import BrokerConfig, ConfigError, from_mapping, load_toml
 from shared.logs import get_logger
 from shared.messages import (
     CoordinatorStatus,
@@ -77,11 +77,17 @@ class FleetView:
             if parsed.node_id is None:
                 return False
             if parsed.kind == "status":
+                if not payload:  # a cleared retained status, or a node's start-up identity probe
+                    return False
                 st = decode(payload, NodeStatus)
                 self._check(st.node_id, parsed.node_id)
                 row = self._row(parsed.node_id)
                 row.state, row.device_type = st.state, st.device_type or row.device_type
-                row.sparsity = st.sparsity if st.state == "online" else row.sparsity
+                # an offline status the node published itself (not its will) still says where it stood
+                if st.state == "online" or st.round >= 0 or st.sparsity > 0:
+                    row.sparsity = st.sparsity
+                if st.test_accuracy is not None and st.round >= row.round:
+                    row.accuracy = st.test_accuracy
                 row.round = max(row.round, st.round)
             elif parsed.kind == "telemetry":
                 t = decode(payload, Telemetry)
@@ -99,7 +105,8 @@ class FleetView:
                 self._check(rep.node_id, parsed.node_id)
                 row = self._row(parsed.node_id)
                 if isinstance(rep, RoundReport):
-                    row.round = max(row.round, rep.round)
+                    # the final sync (sent as round N + 1) evaluates round N's aggregate: shown as round N
+                    row.round = max(row.round, rep.round - 1 if rep.final else rep.round)
                     if rep.status == "ok":
                         row.loss, row.sparsity, row.rank = rep.loss_end, rep.sparsity, rep.rank
                         row.accuracy = rep.metrics.get("test_accuracy", rep.metrics.get("val_accuracy", row.accuracy))
@@ -109,8 +116,9 @@ class FleetView:
                         row.phase = rep.status
                 else:
                     row.phase = EXPORT_PHASES.get(rep.status, EXPORT_PHASES["error"])
-                    row.accuracy = rep.metrics.get("accuracy", row.accuracy)
-                    row.perplexity = rep.metrics.get("perplexity", row.perplexity)
+                    # test_*: the examples every round is evaluated on, so the column keeps one definition
+                    row.accuracy = rep.metrics.get("test_accuracy", row.accuracy)
+                    row.perplexity = rep.metrics.get("test_perplexity", row.perplexity)
             else:
                 return False
         except (ProtocolError, TopicError) as exc:
@@ -141,7 +149,7 @@ class FleetView:
         title = "FedSpine fleet" + (f" - coordinator {c.state}, round {c.round}, {c.method}" if c else "")
         t = Table(title=title)
         for col in ("node", "presence", "tier", "round", "phase", "sparsity", "rank", "power W", "source",
-                    "CPU %", "GPU %", "loss", "accuracy / ppl", "energy J"):
+                    "CPU %", "GPU %", "loss", "test acc / ppl", "energy J"):
             t.add_column(col, justify="right" if col not in ("node", "presence", "tier", "phase", "source") else "left")
 
         def f(v, fmt):
@@ -210,6 +218,9 @@ def run_monitor(broker: BrokerConfig, *, once: bool = False, duration_s: float =
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fedspine monitor", description="Live view of a FedSpine fleet over MQTT.")
+    ap.add_argument("--config", default=None,
+                    help="a TOML file whose [broker] section says how to connect (the kit's monitor/monitor.toml); "
+                         "replaces --broker, --username, --password-file, --ca-file and --root")
     ap.add_argument("--broker", default="mqtt://127.0.0.1:1883",
                     help="mqtt://host:port or mqtts://host:8883; a clustered broker's members separated by commas")
     ap.add_argument("--username", default=None)
@@ -222,9 +233,16 @@ def main(argv: list[str] | None = None) -> int:
                          "interval of 5 s, so every live node's power and load are in the snapshot; else until "
                          "Ctrl-C)")
     a = ap.parse_args(argv)
-    urls = tuple(u.strip() for u in a.broker.split(",") if u.strip())
-    broker = BrokerConfig(url=urls[0] if len(urls) == 1 else urls, username=a.username,
-                          password_file=a.password_file, ca_file=a.ca_file, topic_root=a.root)
+    try:
+        if a.config:
+            broker = from_mapping(BrokerConfig, load_toml(a.config).get("broker"), "broker")
+        else:
+            urls = tuple(u.strip() for u in a.broker.split(",") if u.strip())
+            broker = BrokerConfig(url=urls[0] if len(urls) == 1 else urls, username=a.username,
+                                  password_file=a.password_file, ca_file=a.ca_file, topic_root=a.root)
+    except ConfigError as exc:
+        print(f"fedspine monitor: configuration error: {exc}", file=sys.stderr)
+        return 2
     duration = a.duration if a.duration is not None else (ONCE_S if a.once else 0.0)
     run_monitor(broker, once=a.once, duration_s=duration)
     return 0

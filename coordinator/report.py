@@ -67,7 +67,8 @@ def analyse_rows(method: str, rows: list[dict], idle_w: dict[str, float] | None 
     res = MethodResult(method=method)
     by_round: dict[int, list[dict]] = {}
     for r in nodes:
-        by_round.setdefault(int(r["round"]), []).append(r)
+        # the final evaluation is stored at the last round with final = true (older files: at round N + 1)
+        by_round.setdefault(int(r["round"]) + (1 if r.get("final") else 0), []).append(r)
     clock, compute, energy = 0.0, 0.0, 0.0 if idle_w is not None else None
     for rnd in sorted(by_round):
         ok = [r for r in by_round[rnd] if r.get("status") == "ok"]

@@ -66,6 +66,7 @@ class RunSummary:
     exports: dict[str, ExportReport] = field(default_factory=dict)
 
 
+FINISHED_FILE = "finished"  # in state_dir: the run id whose final sync and exports are done
 WAIT_LOG_S = 60.0  # while waiting for nodes, one line this often
 MAX_RETRIES = 3  # a round below quorum is retried this often, then training stops
 # A participant that goes offline during a round is waited for this long before it counts as failed: when a broker
@@ -135,7 +136,8 @@ class Coordinator:
         node_id = self._node_of(topic, "status")
         if node_id is None or not payload:  # an empty retained message clears a status: nothing to learn
             return
-        status = decode_from(payload, NodeStatus, topic=topic, log=self.log, sender=node_id)
+        # a presence that does not name its topic's node cannot be attributed: logged (warning) and dropped
+        status = decode_from(payload, NodeStatus, topic=topic, log=self.log, sender=node_id, event="presence_unattributed")
         if status is not None:
             self.events.put(("status", node_id, status))
 
@@ -227,7 +229,8 @@ class Coordinator:
                       bandit=vars(self.cfg.bandit), settings=vars(rs))
         summary = RunSummary(run_id=self.run_id, method=rs.method, rounds_done=self.round)
         try:
-            if not self._wait_for_nodes(rs.min_nodes, rs.join_timeout_s):
+            finished = self.round >= rs.rounds and self._finished_before()  # nothing to do: no need to wait
+            if not finished and not self._wait_for_nodes(rs.min_nodes, rs.join_timeout_s):
                 summary.stopped_early = f"fewer than {rs.min_nodes} nodes joined within {rs.join_timeout_s:.0f} s"
                 return summary
             retries = 0
@@ -243,9 +246,15 @@ class Coordinator:
                     break
                 self._wait_for_nodes(rs.min_nodes, rs.join_timeout_s)
             summary.rounds_done = self.round
-            if self.round >= rs.rounds and not self._stop.is_set():
+            if self.round >= rs.rounds and self._finished_before():
+                # A restart on a finished state directory: the run, its final evaluation and its exports are in
+                # metrics.jsonl once; nothing is evaluated or exported again.
+                self.log.info("run_already_finished", rounds_done=self.round, metrics=str(self.metrics.path))
+            elif self.round >= rs.rounds and not self._stop.is_set():
                 self._final_sync()
                 summary.exports = self._export()
+                if summary.exports:
+                    (self.state_dir / FINISHED_FILE).write_text(self.run_id)
             self._publish_status("finished" if self.round >= rs.rounds else "offline")
             return summary
         finally:
@@ -253,6 +262,10 @@ class Coordinator:
             self.metrics.close()
             t.wait_published(5.0)
             t.stop()
+
+    def _finished_before(self) -> bool:
+        f = self.state_dir / FINISHED_FILE
+        return f.exists() and f.read_text().strip() == self.run_id
 
     def _resume(self) -> None:
         state = self.store.load()
@@ -346,14 +359,16 @@ class Coordinator:
         self._checkpoint()
         cost = {"coordinator_cpu_s": time.process_time() - cpu0, "round_wall_s": time.monotonic() - wall0}
         self._write_metrics(rnd, assignments, results, failures, summary, pending, cost)
+        for nid in sorted(r.node_id for r in results):
+            self._log_accuracy(log, nid, pending[nid].report, final=False)
         log.info("round_done", accepted=len(results), failures={f.node_id: f.reason for f in failures},
                  **{k: round(v, 3) for k, v in cost.items()}, **summary.log_fields())
         return True
 
     def _final_sync(self) -> None:
         """Send every live node the final aggregate (τ = 0): it evaluates and keeps it for the export."""
-        rnd = self.round + 1
-        log = self.log.bind(round=rnd)
+        rnd = self.round + 1  # on the wire a round of its own (own transfers); to people, round N with final = true
+        log = self.log.bind(round=self.round, final=True)
         assignments = [
             Assignment(node_id=a.node_id, target_sparsity=a.target_sparsity, rank=self.strategy.deploy_rank(),
                        local_steps=0, arm=None)
@@ -367,15 +382,26 @@ class Coordinator:
             self.reassembler.forget(p.upload_tid)
         for a in assignments:
             p = pending[a.node_id]
-            rec = {"round": rnd, "node": a.node_id, "method": self.cfg.coordinator.method, "eval_only": True,
-                   "target_sparsity": a.target_sparsity, "rank": a.rank}
+            rec = {"round": self.round, "final": True, "node": a.node_id, "method": self.cfg.coordinator.method,
+                   "eval_only": True, "target_sparsity": a.target_sparsity, "rank": a.rank}
             if p.report is not None and any(res.node_id == a.node_id for res in results):
                 rec.update(status="ok", sparsity=p.report.sparsity, round_time_s=0.0, upload_bytes=0,
                            **{f"m_{k}": v for k, v in p.report.metrics.items()})
+                self._log_accuracy(log, a.node_id, p.report, final=True)
             else:
                 rec.update(status=next((f.reason for f in failures if f.node_id == a.node_id), "missing"))
             self.metrics.node_round(rec)
         log.info("final_sync_done", accepted=len(results), failures={f.node_id: f.reason for f in failures})
+
+    @staticmethod
+    def _log_accuracy(log, node_id: str, report, final: bool) -> None:
+        """The node's test accuracy as it logged it (same round, same set): one line per node and round."""
+        m = report.metrics if report is not None else {}
+        if "test_accuracy" in m:
+            examples = m.get("test_examples")
+            log.info("round_accuracy", node_id=node_id, final=final, test_accuracy=round(m["test_accuracy"], 4),
+                     eval_set=f"{node_id}'s test_path, first {int(examples) if examples else '?'} examples",
+                     model="final aggregate" if final else "global model this round started from")
 
     def _send_configs(self, rnd: int, attempt: int, assignments: list[Assignment]) -> dict[str, _Pending]:
         """Publish each participant's configuration and its slice of the global LoRA (chunked)."""
@@ -565,8 +591,13 @@ class Coordinator:
             if kind == "report" and isinstance(payload, ExportReport) and payload.run_id == self.run_id:
                 reports[node_id] = payload
                 self.metrics.export(payload)
+                m = payload.metrics
                 self.log.info("node_exported", node=node_id, status=payload.status, size_bytes=payload.size_bytes,
-                              params=payload.params, sparsity=payload.sparsity, latency_ms=payload.latency_ms)
+                              params=payload.params, sparsity=payload.sparsity, latency_ms=payload.latency_ms,
+                              **({"test_accuracy": round(m["test_accuracy"], 4),
+                                  "test_examples": int(m.get("test_examples", 0)),
+                                  "file_accuracy": round(m.get("accuracy", float("nan")), 4),
+                                  "file_examples": int(m.get("examples", 0))} if "test_accuracy" in m else {}))
             elif kind == "status":
                 self._apply_status(node_id, payload)
                 if not self.registry.is_live(node_id):

@@ -285,13 +285,14 @@ def node_main(argv: list[str]) -> int:
     model), so that nothing of the simulation sits in a real node's configuration."""
     from edge_node.agent import DeviceProfile
     from shared.cli import _node, run_service
-    from shared.logs import configure_logging
+    from shared.logs import configure_logging, quiet_third_party
 
     ap = argparse.ArgumentParser(prog="fedspine simulate node")
     ap.add_argument("--config", required=True)
     ap.add_argument("--profile", required=True, help="the device profile as JSON (profiles.toml keys)")
     args = ap.parse_args(argv)
     configure_logging(json=True)
+    quiet_third_party()
     profile = DeviceProfile(**json.loads(args.profile))
     return run_service("node", lambda: _node(args, profile))
 

@@ -41,6 +41,7 @@ from shared.transport import CHUNK_OVERHEAD, MqttTransport
 from shared.updates import LoraUpdate, UpdateError
 
 COORDINATOR_ID = "coordinator"
+IDENTITY_TIMEOUT_S = 5.0  # the start-up probe on the node's own status topic must come back within this
 CALIBRATION_STEPS = 5  # local steps timed before joining, to size the node's first round
 
 
@@ -109,6 +110,8 @@ class NodeAgent:
         self._latest: tuple | None = None
         self._seen: collections.deque = collections.deque(maxlen=256)
         self._stop = threading.Event()
+        self._accuracy: float | None = None  # the last round's test accuracy (announced in the status)
+        self._ready = False  # model and data loaded: the node announces itself (and does on every reconnect)
         self.state_dir = Path(cfg.node.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._resume_dir = self.state_dir / "trainer"  # the trainer's state, saved after every uploaded round
@@ -213,12 +216,41 @@ class NodeAgent:
             telemetry_source=getattr(self._telemetry, "source", ""), step_s=self._timing[0], overhead_s=self._timing[1],
             step_sparsity=self._timing[2],
             labels=list(getattr(self._trainer, "labels", None) or []),
-            base_model=getattr(self._trainer, "base_model", None),
+            base_model=getattr(self._trainer, "base_model", None), test_accuracy=self._accuracy,
         )
 
     def _on_connect(self) -> None:
-        # Birth message on every (re)connect: the retained status replaces the will's "offline".
-        self._announce()
+        # Birth message on every (re)connect once ready: the retained status replaces the will's "offline".
+        if self._ready:
+            self._announce()
+
+    def _probe_identity(self, timeout_s: float = IDENTITY_TIMEOUT_S) -> None:
+        """Check that the broker lets this node publish in its own sub-tree: an empty, non-retained message on its
+        own status topic (the one topic a node may both write and read; every reader ignores an empty status) must
+        come back to it.  The ACL confines a broker user to ``node/<username>/...`` and drops the rest silently,
+        so a node whose id is not its user name would otherwise look connected and never be heard."""
+        from shared.config import ConfigError
+
+        topic = self.topics.node(self.node_id, "status")
+        payload = b""
+        back = threading.Event()
+        self.transport.on_will_topic = lambda p: back.set() if p == payload else None
+        try:
+            self.transport.publish(topic, payload, qos=1)
+            ok = back.wait(timeout_s)
+        finally:
+            self.transport.on_will_topic = None
+        user = self.cfg.broker.username
+        if ok:
+            self.log.info("identity_checked", username=user, topic=topic)
+            return
+        if user != self.node_id:
+            raise ConfigError(f"[node] id {self.node_id!r} differs from [broker] username {user!r}: the broker's ACL "
+                              f"lets user {user!r} publish only under node/{user}/, so nothing node {self.node_id!r} "
+                              "sends would arrive; make them equal")
+        raise ConfigError(f"node {self.node_id!r} (broker username {user!r}) cannot publish and read back its own "
+                          f"status on {topic} within {timeout_s:.0f} s: check the broker's ACL (pattern lines of "
+                          "acl.j2) and [broker] topic_root")
 
     def _announce(self) -> None:
         """Publish the retained status: presence, and where the node stands (round, sparsity), so that a monitor
@@ -278,22 +310,26 @@ class NodeAgent:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
-        _ = self.trainer  # load model and data before announcing: a node that joins is ready to work
-        if not self._stop.is_set():
-            self._calibrate()
-        if self._stop.is_set():  # told to stop while loading: leave without joining (the broker may be gone)
-            self.log.info("stopped_before_joining")
-            return 0
         t = self.transport
         t.subscribe(self.topics.node(self.node_id, "config"), self._handle_config)
         t.subscribe(self.topics.node(self.node_id, "download"), self._handle_download)
         t.subscribe(self.topics.node(self.node_id, "resend"), self._handle_resend)
         t.subscribe(self.topics.broadcast_command, self._handle_command)
-        t.start()
-        if self._telemetry is not None:
-            self._telemetry.start()
-        self.log.info("node_joined", device_type=self.cfg.node.device_type, model=self.cfg.node.model_path)
+        _ = self.trainer  # load model and data before joining: a node that joins is ready to work (and a bad
+        if not self._stop.is_set():  # model or data file stops it with exit 2 whether the broker is up or not)
+            self._calibrate()
+        if self._stop.is_set():  # told to stop while loading: leave without joining (the broker may be gone)
+            self.log.info("stopped_before_joining")
+            return 0
+        t.start()  # connected, not yet announced
         try:
+            if isinstance(t, MqttTransport):  # a real broker, with an ACL to check
+                self._probe_identity()
+            self._ready = True
+            self._announce()
+            if self._telemetry is not None:
+                self._telemetry.start()
+            self.log.info("node_joined", device_type=self.cfg.node.device_type, model=self.cfg.node.model_path)
             while not self._stop.is_set():
                 try:
                     ev = self.events.get(timeout=0.5)
@@ -310,9 +346,11 @@ class NodeAgent:
                         self._export(msg)
             return 0
         finally:
-            if self._telemetry is not None:
+            if self._telemetry is not None and self._ready:
                 self._telemetry.stop()
-            t.publish(self.topics.node(self.node_id, "status"), encode(self._status("offline")), qos=1, retain=True)
+            if self._ready:
+                t.publish(self.topics.node(self.node_id, "status"), encode(self._status("offline")), qos=1,
+                          retain=True)
             t.wait_published(5.0)
             t.stop()
 
@@ -346,7 +384,7 @@ class NodeAgent:
         raise TimeoutError(f"global update {tid} did not arrive before the round's deadline")
 
     def _on_round_config(self, cfg: RoundConfig) -> None:
-        log = self.log.bind(round=cfg.round, run_id=cfg.run_id)
+        log = self.log.bind(round=cfg.round - 1 if cfg.local_steps == 0 else cfg.round, run_id=cfg.run_id)
         if self._done and (self._done.run_id, self._done.round) == (cfg.run_id, cfg.round) \
                 and self._done.report.transfer_id == cfg.upload_transfer_id:
             # A repeated config (QoS 1 redelivery, coordinator restart): answer again, never train twice.
@@ -359,7 +397,12 @@ class NodeAgent:
         if self._superseded(cfg):
             log.info("config_superseded_dropped", newer_round=self._latest[1] if self._latest else None)
             return
-        self._round = cfg.round
+        # One round numbering everywhere: the final sync (sent as round N + 1, a transfer of its own) evaluates the
+        # aggregate of round N and is logged, announced and reported to people as round N with final = true.
+        final = cfg.local_steps == 0
+        shown = cfg.round - 1 if final else cfg.round
+        log = self.log.bind(round=shown, run_id=cfg.run_id, **({"final": True} if final else {}))
+        self._round = shown
         self._enter_run(cfg.run_id, log)
         log.info("round_config", target_sparsity=cfg.target_sparsity, rank=cfg.rank, local_steps=cfg.local_steps,
                  **({"finish_s": round(cfg.finish_s, 2), "min_steps": cfg.min_steps, "max_steps": cfg.max_steps}
@@ -374,14 +417,15 @@ class NodeAgent:
         self._announce()
 
     def _train_and_upload(self, cfg: RoundConfig, log) -> RoundReport:
-        base = dict(run_id=cfg.run_id, round=cfg.round, node_id=self.node_id)
+        base = dict(run_id=cfg.run_id, round=cfg.round, node_id=self.node_id, final=cfg.local_steps == 0)
+        shown = self._round  # the round people see (telemetry included): the final sync's is the last round's
         received = time.monotonic()
         try:
             global_update = self._wait_download(cfg, log) if cfg.download_transfer_id else None
             meter = getattr(self._telemetry, "meter", None)
             if meter is not None:
-                self._telemetry.set_phase("training", cfg.round)
-                meter.begin_round(cfg.round)
+                self._telemetry.set_phase("training", shown)
+                meter.begin_round(shown)
             pace = self._pace(cfg, received)
             try:
                 result = self.trainer.run_round(
@@ -393,7 +437,7 @@ class NodeAgent:
             finally:
                 energy = meter.end_round() if meter is not None else None
                 if self._telemetry is not None:
-                    self._telemetry.set_phase("uploading", cfg.round)
+                    self._telemetry.set_phase("uploading", shown)
             if self._superseded(cfg):
                 raise Superseded("a newer configuration arrived during local training")
             t0 = time.perf_counter()
@@ -422,7 +466,7 @@ class NodeAgent:
             return RoundReport(**base, status="error", error=f"{type(exc).__name__}: {exc}"[:500])
         finally:
             if self._telemetry is not None:
-                self._telemetry.set_phase("idle", cfg.round)
+                self._telemetry.set_phase("idle", shown)
         virtual_s, train_s = 0.0, self._device_s(result.train_s, result.metrics.get("train_cpu_s"))
         self._upload = (result.rank, upload_s)
         if self.simulated:  # plus the profile's uplink and latency, and its power model's energy
@@ -430,7 +474,7 @@ class NodeAgent:
             self._upload = (result.rank, len(result.payload) * 8 / (p.uplink_mbps * 1e6))
             busy = self._device_s(result.compute_s, result.metrics.get("cpu_s"))
             virtual_s = busy + self._upload[1] + p.latency_s
-            energy = RoundTelemetry(node_id=self.node_id, round=cfg.round, source="profile", duration_s=virtual_s,
+            energy = RoundTelemetry(node_id=self.node_id, round=shown, source="profile", duration_s=virtual_s,
                                     energy_j=p.busy_w * busy + p.idle_w * (virtual_s - busy),
                                     avg_power_w=(p.busy_w * busy + p.idle_w * (virtual_s - busy)) / max(virtual_s, 1e-9),
                                     power_estimated=True, avg_cpu_percent=100.0, avg_gpu_percent=None, samples=0)
@@ -446,10 +490,20 @@ class NodeAgent:
             power_source=energy.source if energy is not None else "", metrics=dict(result.metrics),
             peak_memory_mb=result.peak_memory_mb,
         )
+        if "test_accuracy" in result.metrics:
+            self._accuracy = min(max(float(result.metrics["test_accuracy"]), 0.0), 1.0)
+            log.info("round_accuracy", final=cfg.local_steps == 0, test_accuracy=round(result.metrics["test_accuracy"], 4),
+                     eval_set=self._eval_set(result.metrics.get("test_examples")),
+                     model="final aggregate" if cfg.local_steps == 0 else "global model this round started from")
         log.info("round_uploaded", loss_start=round(result.loss_start, 4), loss_end=round(result.loss_end, 4),
                  sparsity=round(result.sparsity, 4), rank=result.rank, compute_s=round(result.compute_s, 2),
                  upload_bytes=len(result.payload), virtual_s=round(virtual_s, 2))
         return report
+
+    def _eval_set(self, examples) -> str:
+        """The evaluation set an accuracy is on, named wherever one is printed."""
+        n = f"first {int(examples)} examples" if examples else f"first {self.cfg.train.test_batches} batches"
+        return f"{n} of test_path {Path(self.cfg.node.test_path).name} ([train] test_batches)"
 
     def _free_memory(self) -> None:
         import torch
@@ -500,14 +554,23 @@ class NodeAgent:
             model = self.trainer.merged_model()
             info = export_pruned_model(model, out, tokenizer=getattr(self.trainer, "tokenizer", None))
             latency = measure_latency(model, batch_size=self.cfg.train.batch_size, seq_len=self.cfg.train.max_length)
-            metrics = {k: float(v) for k, v in self.trainer.evaluate("test").items()} \
-                if getattr(self.trainer, "has_test", False) else {}
+            metrics: dict[str, float] = {}
+            if getattr(self.trainer, "has_test", False):
+                # test_*: the set every round's accuracy is on (so it equals the final evaluation); without a
+                # prefix: the whole test file
+                sample = self.trainer.evaluate("test", self.cfg.train.test_batches)
+                metrics = {**{k: float(v) for k, v in self.trainer.evaluate("test").items()},
+                           **{f"test_{k}": float(v) for k, v in sample.items()}}
             report = ExportReport(run_id=cmd.run_id, node_id=self.node_id, status="ok", path=str(info.path),
                                   size_bytes=info.size_bytes, params=info.params, sparsity=self.trainer.sparsity,
                                   latency_ms=latency, metrics=metrics)
             (out / "fedspine_export.json").write_text(json.dumps({"run_id": cmd.run_id, "round": cmd.round,
                                                                   "latency_ms": latency, **metrics}))
-            log.info("model_exported", path=str(info.path), size_bytes=info.size_bytes, latency_ms=round(latency, 2))
+            log.info("model_exported", path=str(info.path), size_bytes=info.size_bytes, latency_ms=round(latency, 2),
+                     **({"test_accuracy": round(metrics["test_accuracy"], 4),
+                         "eval_set": self._eval_set(metrics.get("test_examples")),
+                         "file_accuracy": round(metrics["accuracy"], 4), "file_examples": int(metrics["examples"])}
+                        if "test_accuracy" in metrics else {}))
         except Exception as exc:  # noqa: BLE001 - reported to the coordinator, the node stays up
             log.exception("export_failed")
             report = ExportReport(run_id=cmd.run_id, node_id=self.node_id, status="error",

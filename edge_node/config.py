@@ -57,7 +57,8 @@ class TrainSettings:
     max_length: int = field(default=64, metadata={"help": "tokens per example (longer texts are truncated)"})
     learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate of the LoRA factors and task head"})
     test_batches: int = field(default=8, metadata={
-        "help": "batches of the test file evaluated each round (the accuracy curve); the export uses the whole file"})
+        "help": "batches of the test file every test accuracy is on: each round's, the final evaluation's and the "
+                "export's (which also reports the whole file's, named as such)"})
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_length < 8:

@@ -238,7 +238,7 @@ class LocalTrainer:
                 correct += float((logits.argmax(-1).cpu() == labels).sum())
         if count == 0:
             return {"loss": float("nan")}
-        out = {"loss": loss_sum / count}
+        out = {"loss": loss_sum / count, "examples": float(sum(len(b["input_ids"]) for b in batches))}
         if not self.causal:
             out["accuracy"] = correct / count
         else:

@@ -95,6 +95,9 @@ def export_pruned_model(model: nn.Module, out_dir: str | Path, *, tokenizer=None
                    fedspine_linear=linear, fedspine_attrs=attrs, fedspine_layers=_layer_sizes(model))
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
         shutil.copy(TEMPLATE, out / TEMPLATE.name)
+    for p in out.rglob("*"):  # one mode for every file (safetensors writes its file 0600 through a temp file)
+        if p.is_file():
+            p.chmod(0o644)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     params = sum(p.numel() for p in model.parameters())
     return ExportInfo(path=out, size_bytes=size, params=params, layers=_layer_sizes(model))

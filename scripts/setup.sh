@@ -6,11 +6,11 @@ cd "$(dirname "$0")/.."
 VENV=${FEDSPINE_VENV:-.venv}
 
 if ! command -v mosquitto >/dev/null 2>&1 || ! command -v mosquitto_passwd >/dev/null 2>&1 || ! command -v mosquitto_sub >/dev/null 2>&1 \
-        || ! command -v nats-server >/dev/null 2>&1; then
-    echo "[setup] installing mosquitto, mosquitto-clients and nats-server from Debian's packages"
+        || ! command -v nats-server >/dev/null 2>&1 || ! command -v jq >/dev/null 2>&1; then
+    echo "[setup] installing mosquitto, mosquitto-clients, nats-server and jq from Debian's packages"
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto mosquitto-clients nats-server openssl >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto mosquitto-clients nats-server openssl jq >/dev/null
 fi
 
 PY=${PYTHON:-python3}

@@ -1,11 +1,15 @@
-"""The ``fedspine`` command line: coordinator, node, simulate (the local fleet), monitor, broker tools."""
+"""The ``fedspine`` command line: coordinator, node, simulate (the local fleet), monitor, kit, broker tools.
+
+Services (coordinator, node) write JSON lines to stderr and nothing else: third-party output (transformers'
+progress bars and load reports, Python warnings) goes through the same renderer or is silenced.  The run's
+human table goes to stdout only when stdout is a terminal."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from shared.logs import configure_logging
+from shared.logs import configure_logging, quiet_third_party
 
 
 def _coordinator(args: argparse.Namespace) -> int:
@@ -15,8 +19,8 @@ def _coordinator(args: argparse.Namespace) -> int:
 
     coordinator = Coordinator(CoordinatorConfig.load(args.config))
     summary = coordinator.run()
-    if coordinator.metrics.path.exists():
-        print(summarize(coordinator.metrics.path), flush=True)  # the run's table, on stdout, beside the JSON logs
+    if coordinator.metrics.path.exists() and sys.stdout.isatty():
+        print(summarize(coordinator.metrics.path), flush=True)  # the run's table, for a person at a terminal
     return 0 if not summary.stopped_early else 3
 
 
@@ -51,10 +55,13 @@ def main(argv: list[str] | None = None) -> int:
                    add_help=False)
     sub.add_parser("monitor", help="live terminal view of a fleet (connects to the broker)", add_help=False)
     sub.add_parser("broker", help="broker credentials, ACL and config tools", add_help=False)
+    sub.add_parser("kit", help="write a fleet's configs, users, ACL and certificates from fleet.toml", add_help=False)
 
     # simulate, monitor and broker have their own parsers: they get the rest of the command line.
     args, rest = parser.parse_known_args(argv)
     configure_logging(json=None if args.log_format == "auto" else args.log_format == "json", level=args.log_level)
+    if args.command in ("coordinator", "node"):
+        quiet_third_party()
     if args.command == "simulate":
         from coordinator.simulate import main as simulate_main
 
@@ -63,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         from coordinator.monitor import main as monitor_main
 
         return monitor_main(rest)
+    if args.command == "kit":
+        from broker_config.kit import main as kit_main
+
+        return kit_main(rest)
     if args.command == "broker":
         from broker_config.fedspine_broker import main as broker_main
 

@@ -100,3 +100,23 @@ class LiveRoundLogger:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._log.bind(round=self._current()), name)
+
+
+def quiet_third_party() -> None:
+    """For services: every line of output a JSON line.  Python warnings go through logging (and so through the
+    structlog renderer, one line each); transformers' own stderr handler is removed so that its messages (the
+    load report included) propagate to the same renderer; progress bars (transformers, huggingface_hub, tqdm)
+    are off.  Call after ``configure_logging``."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    logging.captureWarnings(True)
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # the coordinator does not need transformers
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    hf_logging.set_verbosity_warning()

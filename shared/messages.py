@@ -253,6 +253,9 @@ class NodeStatus(Message):
     # SHA-256 of its base model's config and weight files (edge_node.model.base_model_digest; None: unknown):
     # every node of a fleet must train on the same base weights, or the LoRA updates averaged mean nothing.
     base_model: str | None = spec(None, check="digest")
+    # Its last test accuracy (the round's, on its [train] test_batches; None: none yet, or no test file), so that a
+    # monitor started later, or a node gone offline, still shows it from the retained presence.
+    test_accuracy: float | None = spec(None, lo=0.0, hi=1.0)
 
 
 @message
@@ -359,6 +362,9 @@ class RoundReport(Message):
     power_source: str = spec("", max_len=32)
     metrics: dict[str, float] = spec(lo=-_BIG, hi=_BIG, factory=dict)
     peak_memory_mb: float = spec(0.0, lo=0.0, hi=1e9)
+    # the final sync's evaluation (local_steps 0): sent as round N + 1, a round of its own on the wire; logs, the
+    # monitor and the metrics show it as round N, whose aggregate it evaluates
+    final: bool = spec(False)
 
 
 @message

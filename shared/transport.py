@@ -168,6 +168,7 @@ class MqttTransport(_Base):
         self._lost_from: str | None = None
         self.failovers: list[tuple[str, str, float]] = []
         self._will = will
+        self.on_will_topic: Callable[[bytes], None] | None = None  # every message on the will topic (network thread)
         self._cv = threading.Condition()
         self._pending: set[int] = set()  # mids published and not yet acknowledged
         self._early: set[int] = set()  # mids acknowledged before publish() returned them
@@ -226,6 +227,8 @@ class MqttTransport(_Base):
     def _guard_will(self, topic: str, payload: bytes) -> None:
         """Our own will, delivered while we are connected: a member published it for a connection we already
         left.  Publish the birth again so the retained presence says what is true."""
+        if self.on_will_topic is not None:
+            self.on_will_topic(payload)
         if (self._will is not None and payload == self._will[1] and self.connected.is_set()
                 and not self._stopping and self.on_connect is not None):
             self.log.warning("stale_will_overridden", topic=topic, member=self.member)

@@ -18,10 +18,12 @@ def _write_run(path):
         w.node_round({"round": rnd, "node": "n9", "method": "fedspine", "status": "timeout"})
         w.round_summary({"round": rnd, "method": "fedspine", "participants": 3, "accepted": 2,
                          "idle_fraction": 0.25 if rnd == 1 else 0.0})
-    w.node_round({"round": 2, "node": "n0", "method": "fedspine", "status": "ok", "eval_only": True,
-                  "sparsity": 0.2, "m_test_accuracy": 0.9})
-    w.export(ExportReport(run_id="r", node_id="n0", status="ok", path="/x", size_bytes=3_000_000, params=10,
-                          sparsity=0.2, latency_ms=4.5, metrics={"accuracy": 0.88}))
+    for _ in range(2):  # a restart that evaluated and exported again is reported once
+        w.node_round({"round": 2, "final": True, "node": "n0", "method": "fedspine", "status": "ok",
+                      "eval_only": True, "sparsity": 0.2, "m_test_accuracy": 0.9})
+        w.export(ExportReport(run_id="r", node_id="n0", status="ok", path="/x", size_bytes=3_000_000, params=10,
+                              sparsity=0.2, latency_ms=4.5, metrics={"accuracy": 0.88, "examples": 64,
+                                                                     "test_accuracy": 0.9, "test_examples": 32}))
     w.close()
     w.close()  # idempotent
 
@@ -30,11 +32,12 @@ def test_jsonl_records_are_valid_json_with_kind_and_no_nan(tmp_path):
     path = tmp_path / "sub" / "metrics.jsonl"
     _write_run(path)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [r["kind"] for r in rows].count("node") == 7
+    assert [r["kind"] for r in rows].count("node") == 8
     assert [r["kind"] for r in rows].count("round") == 2 and rows[-1]["kind"] == "export"
     assert all(isinstance(r["ts"], float) for r in rows)
     assert rows[0]["reward"] is None  # non-finite floats become null, so every line stays strict JSON
-    assert rows[-1]["metrics"] == {"accuracy": pytest.approx(0.88)} and rows[-1]["size_bytes"] == 3_000_000
+    assert rows[-1]["metrics"]["accuracy"] == pytest.approx(0.88) and rows[-1]["size_bytes"] == 3_000_000
+    assert rows[-1]["run_id"] == "r"
 
 
 def test_writer_appends_across_restarts(tmp_path):
@@ -56,8 +59,12 @@ def test_summary_table_values(tmp_path):
     assert r1 == ["fedspine", "1", "2", "25.0%", "1.5000", "0.600", "0.100", "1.000"]
     # the eval-only final sync of round 2 does not count into round 2's training figures
     assert r2 == ["fedspine", "2", "2", "0.0%", "1.0000", "0.700", "0.200", "1.000"]
-    assert lines[3] == "final evaluation: 1 nodes, test accuracy 0.900, sparsity 0.200"
-    assert lines[4] == "export n0: ok 3.0 MB, 4.5 ms, sparsity 0.20, accuracy 0.880"
+    assert lines[3] == "final evaluation (round 2 final aggregate): 1 nodes, test accuracy 0.900, sparsity 0.200"
+    assert lines[4].startswith("test accuracy: each node's first [train] test_batches batches of its test_path")
+    # the export's test accuracy is the final evaluation's (same model, same examples); the whole file is named
+    assert lines[5] == "export n0: ok 3.0 MB, 4.5 ms, sparsity 0.20, test accuracy 0.900, whole test file " \
+                       "(64 examples) 0.880"
+    assert len(lines) == 6
 
 
 def test_summary_of_a_causal_lm_run_shows_perplexity(tmp_path):
@@ -76,5 +83,6 @@ def test_summary_of_a_causal_lm_run_shows_perplexity(tmp_path):
     lines = summarize(path).splitlines()
     assert lines[0].split()[5] == "test_ppl"
     assert lines[1].split() == ["fedspine", "1", "2", "0.0%", "3.5000", "35.00", "0.100", "2.000"]
-    assert lines[2] == "final evaluation: 1 nodes, test perplexity 33.50, sparsity 0.300"
-    assert lines[3] == "export n0: ok 0.1 MB, 2.0 ms, sparsity 0.30, perplexity 33.50"
+    assert lines[2] == "final evaluation (final aggregate): 1 nodes, test perplexity 33.50, sparsity 0.300"
+    assert lines[4] == "export n0: ok 0.1 MB, 2.0 ms, sparsity 0.30, test perplexity nan, whole test file " \
+                       "(0 examples) 33.50"

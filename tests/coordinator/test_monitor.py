@@ -128,3 +128,34 @@ def test_fleet_followed_through_mosquitto_with_sub_and_monitor(mqtt_transport, t
     # every column whole on the node's line, not cut to rich's default 80 columns ("no…", "ps…")
     line = next(x for x in printed.splitlines() if "node-a" in x)
     assert "online" in line and "x86" in line and "psutil" in line and "training" in line and "…" not in printed
+
+
+def test_an_offline_node_keeps_its_place_and_the_final_sync_shows_as_the_last_round():
+    """The offline status a node publishes on leaving carries its sparsity, round and accuracy (a monitor started
+    later shows them); its will (round -1) clears nothing; the final sync, sent as round N + 1, is shown as N."""
+    v = FleetView(T)
+    v.apply(T.node("n1", "report"), encode(RoundReport(run_id="r", round=4, node_id="n1", status="ok", sparsity=0.3,
+                                                       rank=4, final=True, metrics={"test_accuracy": 0.8})))
+    assert (v.nodes["n1"].round, v.nodes["n1"].accuracy) == (3, 0.8)
+    v.apply(T.node("n1", "status"), encode(NodeStatus(node_id="n1", state="offline", ts=2.0, sparsity=0.35, round=3,
+                                                      test_accuracy=0.8)))
+    v.apply(T.node("n1", "status"), encode(NodeStatus(node_id="n1", state="offline", ts=3.0)))  # the will
+    row = v.nodes["n1"]
+    assert (row.state, row.sparsity, row.round, row.accuracy) == ("offline", 0.35, 3, 0.8)
+    fresh = FleetView(T)  # started after the node left: the retained status alone
+    fresh.apply(T.node("n1", "status"), encode(NodeStatus(node_id="n1", state="offline", ts=2.0, sparsity=0.35,
+                                                          round=3, test_accuracy=0.8)))
+    assert (fresh.nodes["n1"].sparsity, fresh.nodes["n1"].accuracy) == (0.35, 0.8)
+
+
+def test_the_coordinator_logs_a_presence_it_cannot_attribute(tmp_path):
+    from coordinator.config import CoordinatorConfig
+    from coordinator.server import Coordinator
+    from shared.transport import MemoryBus, MemoryTransport
+
+    cfg = CoordinatorConfig.from_dict({"broker": {}, "coordinator": {"state_dir": str(tmp_path)}})
+    c = Coordinator(cfg, transport=MemoryTransport(MemoryBus(), "coordinator"))
+    with capture_logs() as logs:
+        c._handle_status(T.node("jetson-01", "status"), encode(NodeStatus(node_id="jetson-1", state="online", ts=1.0)))
+    assert [e["event"] for e in logs] == ["presence_unattributed"] and "jetson-1" in logs[0]["error"]
+    assert c.events.empty()

@@ -131,7 +131,9 @@ def test_every_log_line_names_its_node_and_round(tmp_path):
         [e for e in lines if "node_id" not in e or "round" not in e][:3]
     for nid in trainers:
         inside = [e["round"] for e in lines if e["event"] == "inside_round" and e["node_id"] == nid]
-        assert inside == [1, 2, 3, 4]  # three rounds, then the final sync
+        assert inside == [1, 2, 3, 3]  # three rounds, then the final sync: round 3's aggregate, shown as round 3
+        final = [e for e in lines if e["event"] == "round_config" and e["node_id"] == nid and e.get("final")]
+        assert [e["round"] for e in final] == [3]
     assert [e["round"] for e in lines if e["event"] == "round_done"] == [1, 2, 3]
     joined = [e["round"] for e in lines if e["event"] == "node_joined"]
     assert len(joined) == 4 and set(joined) == {-1, 0}  # each node before its first round, the coordinator's
@@ -150,7 +152,7 @@ def test_the_retained_status_says_where_each_node_stands(tmp_path):
         a.stop()
     assert sorted(s.node_id for s in retained.values()) == ["agx-1", "nx-2"]
     for st in retained.values():
-        assert st.state == "online" and st.round == 4  # three rounds, then the final sync
+        assert st.state == "online" and st.round == 3  # three rounds; the final sync evaluates round 3
         assert st.sparsity == trainers[st.node_id].sparsity >= 0.3 - 1e-9
 
 
@@ -174,7 +176,7 @@ def test_a_new_run_starts_from_the_base_model_and_a_resumed_one_continues(tmp_pa
 
     def again(state_dir, rounds):
         cfg = CoordinatorConfig.from_dict({"coordinator": {
-            "rounds": rounds, "min_nodes": 2, "local_steps": 2, "deadline_s": 5.0, "state_dir": str(state_dir),
+            "method": "fedspine", "rounds": rounds, "min_nodes": 2, "local_steps": 2, "deadline_s": 5.0, "state_dir": str(state_dir),
             "join_timeout_s": 10.0}})
         c = Coordinator(cfg, transport=MemoryTransport(coord.transport.bus, "coordinator"))
         summary = c.run()
@@ -530,3 +532,24 @@ def test_a_node_without_the_runs_final_model_does_not_export(tmp_path):
     assert not (tmp_path / "n1" / "export").exists()
     # with the run's final model the export goes ahead (the fake trainer has no model to merge, so it fails there)
     assert isinstance(attempted, ExportReport) and attempted.status == "error" and "merged_model" in attempted.error
+
+
+def test_a_restart_on_a_finished_state_directory_reports_the_run_once(tmp_path):
+    """The finished run's final evaluation and exports are in metrics.jsonl once: a coordinator restarted on its state
+    directory (a service restart after the run) neither evaluates nor exports again, nor waits for nodes."""
+    trainers = {n: FakeTrainer(n) for n in ("agx-1", "nx-2")}
+    coord, summary = run_fleet(tmp_path, trainers, rounds=2)
+    assert summary.rounds_done == 2 and len(rows(tmp_path, "export")) == 2
+    before = (tmp_path / "coord" / "metrics.jsonl").read_text()
+    cfg = CoordinatorConfig.from_dict({"coordinator": {"method": "fedspine", "rounds": 2, "min_nodes": 2,
+                                                       "state_dir": str(tmp_path / "coord"),
+                                                       "join_timeout_s": 0.0}})  # 0: would wait forever for nodes
+    again = Coordinator(cfg, transport=MemoryTransport(MemoryBus(), "coordinator"))
+    with structlog.testing.capture_logs() as lines:
+        out = {}
+        t = threading.Thread(target=lambda: out.setdefault("summary", again.run()), daemon=True)
+        t.start()
+        t.join(30)
+    assert out["summary"].rounds_done == 2 and not out["summary"].exports
+    assert "run_already_finished" in [e["event"] for e in lines]
+    assert (tmp_path / "coord" / "metrics.jsonl").read_text() == before

@@ -93,7 +93,19 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     generated = capsys.readouterr().out.strip()
     assert len(generated) >= 32
     assert main(["add-node", "coordinator", "--password-file", str(pw)]) == 2  # reserved name
+    assert "--allow-reserved" in capsys.readouterr().err  # the message names the option that solves it
     assert users_in(pw) == ["node-a", "node-b"]
+    # several brokers' PIDs ($(pidof mosquitto)): refused before anything is written
+    assert main(["add-node", "node-c", "--password-file", str(pw), "--password", "x", "--sighup", "12 34"]) == 2
+    assert "several PIDs" in capsys.readouterr().err and users_in(pw) == ["node-a", "node-b"]
+    # the user is written but the signal fails: exit 3 and a message that says the user was added
+    dead = 2**22 + 7  # above the default pid_max: no such process
+    assert main(["add-node", "node-c", "--password-file", str(pw), "--password", "x", "--sighup", str(dead)]) == 3
+    assert "'node-c' was written" in capsys.readouterr().err and users_in(pw) == ["node-a", "node-b", "node-c"]
+    assert stat.S_IMODE(pw.stat().st_mode) == 0o640
+    assert main(["add-node", "coordinator", "--allow-reserved", "--password-file", str(pw), "--password", "c"]) == 0
+    assert main(["remove-node", "coordinator", "--password-file", str(pw)]) == 0
+    assert main(["remove-node", "node-c", "--password-file", str(pw)]) == 0
     assert main(["render-acl", "--monitor", "monitor", "--out", str(tmp_path / "acl")]) == 0
     assert "user monitor" in (tmp_path / "acl").read_text()
     assert main(["render-config", "--set", "port=1884", "--set", 'log_dest=["stderr"]',

@@ -64,3 +64,24 @@ def test_console_renderer_when_not_json(stderr: Err) -> None:
     logs.get_logger("coordinator").info("hello", n=1)
     out = stderr.getvalue()
     assert "hello" in out and "n=1" in out and not out.lstrip().startswith("{")
+
+
+def test_a_service_writes_only_json_lines_third_party_output_included() -> None:
+    """Python warnings, transformers' messages (its load report) and progress bars: JSON lines or nothing."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("from shared.logs import configure_logging, quiet_third_party\n"
+            "configure_logging(json=True); quiet_third_party()\n"
+            "import warnings; warnings.warn('deprecated thing', FutureWarning)\n"
+            "from transformers.utils import logging as hf\n"
+            "hf.get_logger('transformers.modeling_utils').warning('Some weights were newly initialized:\\n  a table')\n"
+            "from transformers.utils.logging import tqdm\n"
+            "for _ in tqdm(range(3), desc='Loading weights'): pass\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert p.returncode == 0, p.stderr
+    lines = [json.loads(line) for line in p.stderr.splitlines()]  # fails on any line that is not JSON
+    assert [e["logger"] for e in lines] == ["py.warnings", "transformers.modeling_utils"]
+    assert p.stdout == ""
