@@ -148,7 +148,9 @@ def test_a_node_whose_id_is_not_its_user_name_stops_naming_both(tmp_path):
                                   "state_dir": str(tmp_path / "state")}})
         t0 = time.monotonic()
         p = subprocess.run([sys.executable, "-m", "shared.cli", "node", "--config", str(cfg)], env=_env(), cwd=REPO,
-                           capture_output=True, text=True, timeout=30)
+                           capture_output=True, text=True, timeout=120)
+        # The bar is 30 s (16.9 s measured on a quiet 2-core machine: the model load, then the 5 s probe); a timed
+        # assertion would fail on a loaded CI machine, so the time is printed and the limit is the timeout.
         print(f"node exited after {time.monotonic() - t0:.1f} s")
     assert p.returncode == 2, p.stderr[-2000:]
     last = p.stderr.strip().splitlines()[-1]
