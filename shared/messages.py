@@ -384,6 +384,57 @@ class Command(Message):
     round: int = _round(-1)
 
 
+# ---- regional aggregation (coordinator/region.py) -------------------------------------------------------
+@message
+class RegionStatus(Message):
+    """Presence of a regional aggregator (retained; last will: offline): the root derives its regions from these."""
+
+    TYPE = "region_status"
+    WIRE = "json"
+    region_id: str = _node_id()
+    state: str = spec(choices=("online", "offline"))
+    ts: float = _ts()
+    nodes: int = _count(0)  # live nodes of its sub-fleet
+
+
+@message
+class RegionRound(Message):
+    """The root's round for one region: the assignment it relays to each of its nodes, the global state it sends
+    (chunked on the region's download topic; None while there is none) and the transfer id of its partial."""
+
+    TYPE = "region_round"
+    run_id: str = spec(max_len=64)
+    round: int = spec(lo=0, hi=10**9)
+    target_sparsity: float = spec(lo=0.0, hi=0.999999)
+    rank: int = spec(lo=1, hi=4096)
+    sent_rank: int = spec(lo=1, hi=4096)  # rank of the slice each node is sent (it trains from the first `rank`)
+    local_steps: int = spec(lo=1, hi=10**7)
+    deadline_ts: float = _ts()
+    upload_transfer_id: str = spec(check="transfer_id")
+    download_transfer_id: str | None = spec(check="transfer_id")
+
+    def _check(self) -> None:
+        if self.sent_rank < self.rank:
+            raise _fail(type(self), "sent_rank", self.sent_rank, f"must be >= rank {self.rank}")
+
+
+@message
+class RegionReport(Message):
+    """A region's answer to a RegionRound: how many of its nodes its partial aggregates (status ok), or why none."""
+
+    TYPE = "region_report"
+    run_id: str = spec(max_len=64)
+    round: int = spec(lo=0, hi=10**9)
+    region_id: str = _node_id()
+    status: str = spec(choices=("ok", "error"))
+    error: str = spec("", max_len=MAX_ERROR_STR)
+    transfer_id: str = spec("", max_len=200)
+    upload_bytes: int = _count(0)
+    accepted: int = _count(0)
+    failed: int = _count(0)
+    cpu_s: float = _seconds(0.0)  # the region's CPU time for the round
+
+
 # ---- chunked transfer (msgpack) -------------------------------------------------------------------------
 @message
 class Chunk(Message):

@@ -11,7 +11,9 @@ import argparse
 import hashlib
 import selectors
 import signal
+import threading
 import time
+import zlib
 
 import paho.mqtt.client as mqtt
 import torch
@@ -31,6 +33,11 @@ def synthetic_update(rank: int, seed: int) -> bytes:
         for name, (d_out, d_in) in MODULES.items()
     }
     return LoraUpdate(mods, {"classifier.weight": torch.randn(3, 64, generator=g)}).to_bytes()
+
+
+def update_seed(node_id: str, rnd: int) -> int:
+    """The seed of a node's synthetic update in a round: stable across processes (tests replay the updates)."""
+    return zlib.crc32(f"{node_id}:{rnd}".encode()) & 0xFFFF
 
 
 class LiteNode:
@@ -54,7 +61,7 @@ class LiteNode:
             cfg = decode(msg.payload, RoundConfig)
         except ProtocolError:
             return
-        data = synthetic_update(cfg.rank, hash((self.node_id, cfg.round)) & 0xFFFF)
+        data = synthetic_update(cfg.rank, update_seed(self.node_id, cfg.round))
         chunk = Chunk(transfer_id=cfg.upload_transfer_id, sender=self.node_id, index=0, count=1,
                       total_size=len(data), digest=hashlib.sha256(data).hexdigest(), data=data)
         client.publish(self.topics.node(self.node_id, "upload"), encode(chunk), qos=1)
@@ -65,7 +72,9 @@ class LiteNode:
         self.answered += 1
 
 
-def run(host: str, port: int, root: str, first: int, count: int, duration_s: float) -> None:
+def run(host: str, port: int, root: str, first: int, count: int, duration_s: float,
+        stop: threading.Event | None = None) -> None:
+    """Serve ``count`` nodes lite-<first>... until ``duration_s`` passed, SIGTERM (main thread) or ``stop`` is set."""
     topics = Topics(root)
     sel = selectors.DefaultSelector()
     nodes = []
@@ -73,15 +82,11 @@ def run(host: str, port: int, root: str, first: int, count: int, duration_s: flo
         n = LiteNode(f"lite-{i:05d}", topics, host, port)
         sel.register(n.client.socket(), selectors.EVENT_READ, n)
         nodes.append(n)
-    stop = False
-
-    def _stop(*_):
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, _stop)
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
     end, last_misc = time.monotonic() + duration_s, 0.0
-    while not stop and time.monotonic() < end:
+    while not stop.is_set() and time.monotonic() < end:
         for n in nodes:
             if n.client.want_write():
                 n.client.loop_write()
@@ -91,6 +96,8 @@ def run(host: str, port: int, root: str, first: int, count: int, duration_s: flo
             last_misc = time.monotonic()
             for n in nodes:
                 n.client.loop_misc()
+    for n in nodes:
+        n.client.disconnect()
 
 
 def main(argv: list[str] | None = None) -> None:
