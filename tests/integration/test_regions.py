@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from benchmarks.brokers import mosquitto
-from benchmarks.coordinator.swarm import run as swarm, synthetic_update, update_seed
+from benchmarks.coordinator.swarm import run as swarm
+from benchmarks.coordinator.swarm import synthetic_update, update_seed
 from coordinator.aggregation import GlobalLora
 from coordinator.config import CoordinatorConfig
 from coordinator.region import Region, RegionConfig
