@@ -520,15 +520,16 @@ class Coordinator:
         results, failures = self._collect(rnd, pending, time.monotonic() + self.cfg.coordinator.deadline_s, log)
         for p in pending.values():
             self.reassembler.forget(p.upload_tid)
+        ok, reasons = {res.node_id for res in results}, {f.node_id: f.reason for f in failures}
         for a in assignments:
             p = pending[a.node_id]
             rec = {"round": rnd, "node": a.node_id, "method": self.cfg.coordinator.method, "eval_only": True,
                    "target_sparsity": a.target_sparsity, "rank": a.rank}
-            if p.report is not None and any(res.node_id == a.node_id for res in results):
+            if p.report is not None and a.node_id in ok:
                 rec.update(status="ok", sparsity=p.report.sparsity, round_time_s=0.0, upload_bytes=0,
                            **{f"m_{k}": v for k, v in p.report.metrics.items()})
             else:
-                rec.update(status=next((f.reason for f in failures if f.node_id == a.node_id), "missing"))
+                rec.update(status=reasons.get(a.node_id, "missing"))
             self.metrics.node_round(rec)
         log.info("final_sync_done", accepted=len(results), failures={f.node_id: f.reason for f in failures})
 
@@ -681,6 +682,7 @@ class Coordinator:
 
     def _write_metrics(self, rnd, assignments, results, failures, summary, pending, cost: dict) -> None:
         by_node = {res.node_id: res for res in results}
+        reasons = {f.node_id: f.reason for f in failures}
         for a in assignments:
             res, p = by_node.get(a.node_id), pending[a.node_id]
             rec = {"round": rnd, "node": a.node_id, "method": self.cfg.coordinator.method,
@@ -698,7 +700,7 @@ class Coordinator:
                            peak_memory_mb=rep.peak_memory_mb, **{f"m_{k}": v for k, v in rep.metrics.items()},
                            update_sha256=p.digest)  # audit: what was aggregated
             else:
-                rec.update(status=next((f.reason for f in failures if f.node_id == a.node_id), "missing"))
+                rec.update(status=reasons.get(a.node_id, "missing"))
             rec.update(summary.node_fields(a.node_id))
             self.metrics.node_round(rec)
         self.metrics.round_summary({"round": rnd, "method": self.cfg.coordinator.method, "participants": len(assignments),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import selectors
 import signal
 import threading
@@ -18,7 +19,17 @@ import zlib
 import paho.mqtt.client as mqtt
 import torch
 
-from shared.messages import Chunk, NodeStatus, ProtocolError, RoundConfig, RoundReport, decode, encode
+from shared.messages import (
+    Chunk,
+    Command,
+    ExportReport,
+    NodeStatus,
+    ProtocolError,
+    RoundConfig,
+    RoundReport,
+    decode,
+    encode,
+)
 from shared.topics import Topics
 from shared.updates import LoraUpdate, ModuleUpdate
 
@@ -41,10 +52,13 @@ def update_seed(node_id: str, rnd: int) -> int:
 
 
 class LiteNode:
-    def __init__(self, node_id: str, topics: Topics, host: str, port: int) -> None:
-        self.node_id, self.topics, self.answered = node_id, topics, 0
+    def __init__(self, node_id: str, topics: Topics, host: str, port: int, auth: tuple[str, str] | None = None,
+                 qos: int = 1) -> None:
+        self.node_id, self.topics, self.answered, self.qos = node_id, topics, 0, qos
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"lite-{node_id}",
                                   protocol=mqtt.MQTTv311)
+        if auth:
+            self.client.username_pw_set(*auth)
         off = NodeStatus(node_id=node_id, state="offline", ts=time.time())
         self.client.will_set(topics.node(node_id, "status"), encode(off), qos=1, retain=True)
         self.client.on_connect = self._on_connect
@@ -52,14 +66,18 @@ class LiteNode:
         self.client.connect(host, port, keepalive=120)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        client.subscribe(self.topics.node(self.node_id, "config"), qos=1)
+        client.subscribe([(self.topics.node(self.node_id, "config"), self.qos), (self.topics.broadcast_command, 0)])
         st = NodeStatus(node_id=self.node_id, state="online", ts=time.time(), device_type="lite", memory_mb=1024)
         client.publish(self.topics.node(self.node_id, "status"), encode(st), qos=1, retain=True)
 
     def _on_message(self, client, userdata, msg) -> None:
         try:
-            cfg = decode(msg.payload, RoundConfig)
+            cfg = decode(msg.payload, (RoundConfig, Command))
         except ProtocolError:
+            return
+        if isinstance(cfg, Command):  # export: a lite node has no model; it answers at once, so the run ends
+            rep = ExportReport(run_id=cfg.run_id, node_id=self.node_id, status="skipped")
+            client.publish(self.topics.node(self.node_id, "report"), encode(rep), qos=1)
             return
         data = synthetic_update(cfg.rank, update_seed(self.node_id, cfg.round))
         chunk = Chunk(transfer_id=cfg.upload_transfer_id, sender=self.node_id, index=0, count=1,
@@ -73,13 +91,13 @@ class LiteNode:
 
 
 def run(host: str, port: int, root: str, first: int, count: int, duration_s: float,
-        stop: threading.Event | None = None) -> None:
+        stop: threading.Event | None = None, auth: tuple[str, str] | None = None, qos: int = 1) -> None:
     """Serve ``count`` nodes lite-<first>... until ``duration_s`` passed, SIGTERM (main thread) or ``stop`` is set."""
     topics = Topics(root)
     sel = selectors.DefaultSelector()
     nodes = []
     for i in range(first, first + count):
-        n = LiteNode(f"lite-{i:05d}", topics, host, port)
+        n = LiteNode(f"lite-{i:05d}", topics, host, port, auth, qos)
         sel.register(n.client.socket(), selectors.EVENT_READ, n)
         nodes.append(n)
     stop = stop or threading.Event()
@@ -108,9 +126,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--first", type=int, default=0)
     ap.add_argument("--count", type=int, required=True)
     ap.add_argument("--duration-s", type=float, default=3600)
+    ap.add_argument("--qos", type=int, default=1, choices=(0, 1), help="QoS of the config subscription")
+    ap.add_argument("--username", help="MQTT user (password from $SWARM_PASSWORD)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    run(a.host, a.port, a.root, a.first, a.count, a.duration_s)
+    auth = (a.username, os.environ.get("SWARM_PASSWORD", "")) if a.username else None
+    run(a.host, a.port, a.root, a.first, a.count, a.duration_s, auth=auth, qos=a.qos)
 
 
 if __name__ == "__main__":
