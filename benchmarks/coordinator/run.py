@@ -41,8 +41,7 @@ def _broker(kind: str, workdir: Path, root: str):
         return
     from broker_config.nats import LocalNatsCluster
 
-    with LocalNatsCluster({"coordinator": PASSWORD}, root=root, workdir=workdir, monitor_users=(),
-                          max_ack_pending=65535) as c:
+    with LocalNatsCluster({"coordinator": PASSWORD}, root=root, workdir=workdir, monitor_users=()) as c:
         sampler = RssSampler([p.pid for p in c.procs if p is not None])
         sampler.start()
         try:
@@ -88,22 +87,35 @@ def measure(n: int, rounds: int, swarm_procs: int, workdir: Path, profile: Path 
                             "join_timeout_s": 1800.0},
         })
         env = {**os.environ, "OMP_NUM_THREADS": "1", "SWARM_PASSWORD": PASSWORD}
+        t0 = time.monotonic()
+        prof = ["-m", "cProfile", "-o", str(profile / f"coordinator-{tag}.prof")] if profile else []
+        err = open(workdir / f"coordinator-{tag}.log", "w")  # noqa: SIM115 - closed below
+        coord = subprocess.Popen([sys.executable, *prof, "-m", "shared.cli", "--log-format", "json", "--log-level",
+                                  "WARNING", "coordinator", "--config", str(cfg)], env=env, stderr=err)
+        # A clustered engine sets up each subscription (NATS: a replicated JetStream consumer): the coordinator's
+        # and the regions' are made before the swarm's thousands of sessions load the cluster.
+        settle = 15.0 if broker == "nats" else 0.0
+        time.sleep(settle)
         procs = []
         auth = ["--username", "coordinator", "--qos", str(node_qos)] if broker == "nats" else []
         # nodes spread over the regions (or all under the root), each region's over swarm processes and members
         groups = [(f"{root}/region/r{k}", f"r{k}") for k in range(regions)] or [(root, None)]
         per_group = -(-n // len(groups))
         procs_per_group = max(1, swarm_procs // len(groups))
-        for k, (sub_root, rid) in enumerate(groups):
+        for k, (_, rid) in enumerate(groups):
+            if rid is None:
+                continue
+            rcfg = workdir / f"region-{tag}-{rid}.toml"
+            shift = k % len(members)
+            urls = [f"mqtt://{h}:{p}" for h, p in members[shift:] + members[:shift]]
+            write_toml(rcfg, {"broker": {**table, "url": urls if broker == "nats" else table["url"]},
+                              "region": {"region_id": rid, "deadline_s": 240.0}})
+            procs.append(subprocess.Popen([sys.executable, "-m", "shared.cli", "--log-format", "json",
+                                           "--log-level", "WARNING", "region", "--config", str(rcfg)], env=env))
+        if regions:
+            time.sleep(settle)
+        for k, (sub_root, _) in enumerate(groups):
             first, count = k * per_group, min(per_group, n - k * per_group)
-            if rid is not None:
-                rcfg = workdir / f"region-{tag}-{rid}.toml"
-                host, port = members[k % len(members)]
-                urls = [f"mqtt://{h}:{p}" for h, p in members[k % len(members):] + members[:k % len(members)]]
-                write_toml(rcfg, {"broker": {**table, "url": urls if broker == "nats" else table["url"]},
-                                  "region": {"region_id": rid, "deadline_s": 600.0}})
-                procs.append(subprocess.Popen([sys.executable, "-m", "shared.cli", "--log-format", "json",
-                                               "--log-level", "WARNING", "region", "--config", str(rcfg)], env=env))
             per = -(-count // procs_per_group)
             for i in range(procs_per_group):
                 if i * per >= count:
@@ -113,10 +125,8 @@ def measure(n: int, rounds: int, swarm_procs: int, workdir: Path, profile: Path 
                     [sys.executable, "-m", "benchmarks.coordinator.swarm", "--host", host, "--port", str(port),
                      "--root", sub_root, "--first", str(first + i * per), "--count", str(min(per, count - i * per)),
                      *auth], env=env))
-        t0 = time.monotonic()
-        prof = ["-m", "cProfile", "-o", str(profile / f"coordinator-{tag}.prof")] if profile else []
-        coord = subprocess.run([sys.executable, *prof, "-m", "shared.cli", "--log-format", "json", "--log-level",
-                                "WARNING", "coordinator", "--config", str(cfg)], env=env, capture_output=True, text=True)
+        coord.wait()
+        err.close()
         wall = time.monotonic() - t0
         broker_mb = sampler.rss_mb() if sampler else None
         for p in procs:
@@ -124,7 +134,8 @@ def measure(n: int, rounds: int, swarm_procs: int, workdir: Path, profile: Path 
         for p in procs:
             p.wait(timeout=60)
         if coord.returncode != 0:
-            raise RuntimeError(f"coordinator failed for n={n}: {coord.stderr[-2000:]}")
+            tail = (workdir / f"coordinator-{tag}.log").read_text()[-2000:]
+            raise RuntimeError(f"coordinator failed for n={n}: {tail}")
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     per_round = [r for r in rows if r.get("kind") == "round"]
     cpu = [r["coordinator_cpu_s"] for r in per_round]
