@@ -32,6 +32,7 @@ average, so that a node whose data is skewed does not prune what the rest of the
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
@@ -265,8 +266,11 @@ def _read_metadata(data: bytes) -> dict[str, str]:
     return meta if isinstance(meta, dict) else {}
 
 
+_SPACE = re.compile(r"\s")
+
+
 def _check_name(name: str) -> None:
-    if not name or len(name) > 256 or any(c.isspace() for c in name):
+    if not name or len(name) > 256 or _SPACE.search(name):
         raise UpdateError(f"invalid parameter name {name!r}")
 
 
