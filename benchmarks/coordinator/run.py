@@ -84,7 +84,7 @@ def measure(n: int, rounds: int, swarm_procs: int, workdir: Path, profile: Path 
             "broker": table,
             "coordinator": {"rounds": rounds, "method": "fedspine", "min_nodes": n, "local_steps": 1,
                             "deadline_s": 300.0, "state_dir": str(workdir / f"state-{tag}"),
-                            "join_timeout_s": 1800.0},
+                            "join_timeout_s": 900.0},
         })
         env = {**os.environ, "OMP_NUM_THREADS": "1", "SWARM_PASSWORD": PASSWORD}
         t0 = time.monotonic()
@@ -97,11 +97,14 @@ def measure(n: int, rounds: int, swarm_procs: int, workdir: Path, profile: Path 
         settle = 15.0 if broker == "nats" else 0.0
         time.sleep(settle)
         procs = []
-        auth = ["--username", "coordinator", "--qos", str(node_qos)] if broker == "nats" else []
         # nodes spread over the regions (or all under the root), each region's over swarm processes and members
         groups = [(f"{root}/region/r{k}", f"r{k}") for k in range(regions)] or [(root, None)]
         per_group = -(-n // len(groups))
         procs_per_group = max(1, swarm_procs // len(groups))
+        # NATS: paced connects, about 150 sessions a second over all swarm processes (see swarm.run)
+        n_swarms = len(groups) * procs_per_group
+        auth = ["--username", "coordinator", "--qos", str(node_qos),
+                "--connect-rate", str(round(150 / n_swarms, 1))] if broker == "nats" else []
         for k, (_, rid) in enumerate(groups):
             if rid is None:
                 continue

@@ -8,6 +8,7 @@ Run as ``python -m benchmarks.coordinator.swarm --host H --port P --root R --fir
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import selectors
@@ -91,29 +92,62 @@ class LiteNode:
 
 
 def run(host: str, port: int, root: str, first: int, count: int, duration_s: float,
-        stop: threading.Event | None = None, auth: tuple[str, str] | None = None, qos: int = 1) -> None:
-    """Serve ``count`` nodes lite-<first>... until ``duration_s`` passed, SIGTERM (main thread) or ``stop`` is set."""
+        stop: threading.Event | None = None, auth: tuple[str, str] | None = None, qos: int = 1,
+        connect_rate: float = 0.0) -> None:
+    """Serve ``count`` nodes lite-<first>... until ``duration_s`` passed, SIGTERM (main thread) or ``stop`` is set.
+
+    ``connect_rate`` (> 0) paces the first connects (per second): a clustered engine writes a replicated session
+    record per connect and refuses sessions beyond what it can store.  A node whose connection is refused or lost
+    connects again (every 5 s), as a real node's transport does."""
     topics = Topics(root)
     sel = selectors.DefaultSelector()
-    nodes = []
-    for i in range(first, first + count):
-        n = LiteNode(f"lite-{i:05d}", topics, host, port, auth, qos)
-        sel.register(n.client.socket(), selectors.EVENT_READ, n)
-        nodes.append(n)
+    nodes: list[LiteNode] = []
+    socks: dict[LiteNode, object] = {}
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    end, last_misc = time.monotonic() + duration_s, 0.0
-    while not stop.is_set() and time.monotonic() < end:
+
+    def watch(n: LiteNode) -> None:
+        old, new = socks.get(n), n.client.socket()
+        if old is not new:
+            if old is not None:
+                with contextlib.suppress(KeyError, ValueError):
+                    sel.unregister(old)
+            if new is not None:
+                sel.register(new, selectors.EVENT_READ, n)
+            socks[n] = new
+
+    def serve(timeout: float) -> None:
         for n in nodes:
             if n.client.want_write():
                 n.client.loop_write()
-        for key, _ in sel.select(timeout=0.05):
+        for key, _ in sel.select(timeout=timeout):
             key.data.client.loop_read()
-        if time.monotonic() - last_misc > 1.0:
-            last_misc = time.monotonic()
+
+    t0 = time.monotonic()
+    for j, i in enumerate(range(first, first + count)):
+        try:
+            n = LiteNode(f"lite-{i:05d}", topics, host, port, auth, qos)
+        except OSError:
+            continue
+        nodes.append(n)
+        watch(n)
+        if connect_rate > 0:
+            while time.monotonic() - t0 < (j + 1) / connect_rate:
+                serve(0.005)
+    end, last_misc, retried = time.monotonic() + duration_s, 0.0, {}
+    while not stop.is_set() and time.monotonic() < end:
+        serve(0.05)
+        now = time.monotonic()
+        if now - last_misc > 1.0:
+            last_misc = now
             for n in nodes:
                 n.client.loop_misc()
+                if not n.client.is_connected() and now - retried.get(n, 0.0) > 5.0:
+                    retried[n] = now
+                    with contextlib.suppress(OSError, ValueError):
+                        n.client.reconnect()
+                    watch(n)
     for n in nodes:
         n.client.disconnect()
 
@@ -128,10 +162,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--duration-s", type=float, default=3600)
     ap.add_argument("--qos", type=int, default=1, choices=(0, 1), help="QoS of the config subscription")
     ap.add_argument("--username", help="MQTT user (password from $SWARM_PASSWORD)")
+    ap.add_argument("--connect-rate", type=float, default=0.0, help="first connects per second (0: at once)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     auth = (a.username, os.environ.get("SWARM_PASSWORD", "")) if a.username else None
-    run(a.host, a.port, a.root, a.first, a.count, a.duration_s, auth=auth, qos=a.qos)
+    run(a.host, a.port, a.root, a.first, a.count, a.duration_s, auth=auth, qos=a.qos, connect_rate=a.connect_rate)
 
 
 if __name__ == "__main__":
