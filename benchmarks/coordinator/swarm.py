@@ -143,7 +143,8 @@ def run(host: str, port: int, root: str, first: int, count: int, duration_s: flo
             last_misc = now
             for n in nodes:
                 n.client.loop_misc()
-                if not n.client.is_connected() and now - retried.get(n, 0.0) > 5.0:
+                # closed (refused or lost; paho drops the socket), not merely waiting for its CONNACK
+                if n.client.socket() is None and now - retried.get(n, 0.0) > 5.0:
                     retried[n] = now
                     with contextlib.suppress(OSError, ValueError):
                         n.client.reconnect()
