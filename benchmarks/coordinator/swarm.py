@@ -102,20 +102,26 @@ def run(host: str, port: int, root: str, first: int, count: int, duration_s: flo
     topics = Topics(root)
     sel = selectors.DefaultSelector()
     nodes: list[LiteNode] = []
-    socks: dict[LiteNode, object] = {}
+    socks: dict[LiteNode, int | None] = {}
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
     def watch(n: LiteNode) -> None:
-        old, new = socks.get(n), n.client.socket()
-        if old is not new:
-            if old is not None:
-                with contextlib.suppress(KeyError, ValueError):
-                    sel.unregister(old)
-            if new is not None:
-                sel.register(new, selectors.EVENT_READ, n)
-            socks[n] = new
+        """Keep the selector on the node's current socket, by fd number: paho closes a refused or lost socket
+        itself, and the kernel hands its number to the next socket opened (another node's, possibly)."""
+        old, sock = socks.get(n), n.client.socket()
+        fd = sock.fileno() if sock is not None else None
+        if old == fd:
+            return
+        if old is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                sel.unregister(old)
+        if fd is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                sel.unregister(fd)  # a closed socket's stale entry under the same number
+            sel.register(fd, selectors.EVENT_READ, n)
+        socks[n] = fd
 
     def serve(timeout: float) -> None:
         for n in nodes:
@@ -123,6 +129,7 @@ def run(host: str, port: int, root: str, first: int, count: int, duration_s: flo
                 n.client.loop_write()
         for key, _ in sel.select(timeout=timeout):
             key.data.client.loop_read()
+            watch(key.data)
 
     t0 = time.monotonic()
     for j, i in enumerate(range(first, first + count)):
