@@ -34,11 +34,17 @@ first components, which a high-rank node dominates.  ``zero_pad_average`` implem
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
-from shared.updates import GroupScores, LoraUpdate, ModuleUpdate, UpdateError
+from shared.updates import GroupScores, LoraUpdate, ModuleUpdate, UpdateError, UpdateLimits
 
 OVERSAMPLE = 16
 POWER_ITERS = 4
@@ -47,6 +53,136 @@ MIN_KEEPERS = 2  # a coordinate changes only where at least this many of the rou
 
 def _key(t: torch.Tensor) -> str:
     return hashlib.sha1(t.numpy().tobytes()).hexdigest()[:16]
+
+
+@dataclass
+class Partial:
+    """A sub-fleet's share of one round's aggregate (``GlobalLora.partial``): sums over its nodes, which add.
+
+    ``modules[name]`` = (Σ w/τ·change scattered, Σ w, Σ w·τ, keepers) per coordinate, float32 of the unpruned shape;
+    ``dense[name]`` = (Σ w/τ·change, Σ w, Σ w·τ); ``importance[key]`` = (Σ w·score, Σ w) per group; ``steps`` and
+    ``weights`` list each contributing node's τ and w (FedNova's τ_eff is a function of them); ``nodes`` counts them.
+    """
+
+    changes: bool  # True: changes from each node's start were summed (the coordinator's case); False: states
+    nodes: int = 0
+    steps: list[float] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    dense: dict[str, tuple[torch.Tensor, float, float]] = field(default_factory=dict)
+    importance: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        """safetensors, like a node's update (never pickle); scalars in the metadata."""
+        t: dict[str, torch.Tensor] = {"steps": torch.tensor(self.steps, dtype=torch.float64),
+                                      "weights": torch.tensor(self.weights, dtype=torch.float64)}
+        for name, parts in self.modules.items():
+            for part, x in zip(_MODULE_PARTS, parts, strict=True):
+                t[f"lora.{name}.{part}"] = x.contiguous()
+        scalars = {}
+        for name, (change, weight, wpace) in self.dense.items():
+            t[f"dense.{name}"] = change.contiguous()
+            scalars[name] = [weight, wpace]
+        for key, (num, den) in self.importance.items():
+            t[f"importance.{key}.num"], t[f"importance.{key}.den"] = num.contiguous(), den.contiguous()
+        meta = {"format": PARTIAL_FORMAT, "changes": str(int(self.changes)), "nodes": str(self.nodes),
+                "dense": json.dumps(scalars)}
+        return st_save(t, metadata=meta)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, limits: UpdateLimits | None = None) -> Partial:
+        """Decode and validate a region's partial (network data); raise UpdateError naming the defect."""
+        limits = limits or UpdateLimits()
+        if len(data) > limits.max_bytes:
+            raise UpdateError(f"partial of {len(data)} bytes exceeds the limit of {limits.max_bytes}")
+        try:
+            n = int.from_bytes(bytes(data[:8]), "little")
+            meta = json.loads(bytes(data[8:8 + n])).get("__metadata__") or {}
+            tensors = st_load(bytes(data))
+        except (SafetensorError, ValueError, RuntimeError, AttributeError) as exc:
+            raise UpdateError(f"malformed partial: {exc}") from None
+        if meta.get("format") != PARTIAL_FORMAT or meta.get("changes") not in ("0", "1"):
+            raise UpdateError(f"not a {PARTIAL_FORMAT} payload (metadata {str(meta)[:80]})")
+        try:
+            nodes, scalars = int(meta.get("nodes", "")), json.loads(meta.get("dense", ""))
+        except ValueError:
+            raise UpdateError("partial metadata: nodes must be an integer and dense a JSON map") from None
+        out = cls(changes=meta["changes"] == "1", nodes=nodes)
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        imp: dict[str, dict[str, torch.Tensor]] = {}
+        for key, x in tensors.items():
+            if x.dtype not in (torch.float32, torch.float64) or not bool(torch.isfinite(x).all()):
+                raise UpdateError(f"partial {key}: must be finite float32/float64")
+            if key in ("steps", "weights"):
+                if x.dim() != 1 or bool((x <= 0).any()):
+                    raise UpdateError(f"partial {key}: must be a vector of positive numbers")
+                setattr(out, key, x.tolist())
+            elif key.startswith("lora."):
+                name, _, part = key[5:].rpartition(".")
+                if part not in _MODULE_PARTS or not name or x.dim() != 2 or x.dtype != torch.float32:
+                    raise UpdateError(f"partial: unexpected tensor {key!r}")
+                parts.setdefault(name, {})[part] = x
+            elif key.startswith("importance."):
+                name, _, part = key[11:].rpartition(".")
+                if part not in ("num", "den") or not name or x.dim() != 1 or x.dtype != torch.float32:
+                    raise UpdateError(f"partial: unexpected tensor {key!r}")
+                imp.setdefault(name, {})[part] = x
+            elif key.startswith("dense.") and x.dtype == torch.float32:
+                w = scalars.get(key[6:]) if isinstance(scalars, dict) else None
+                if not (isinstance(w, list) and len(w) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v)
+                                                                     and v >= 0 for v in w)):
+                    raise UpdateError(f"partial {key}: needs finite [weight, weight x steps] >= 0 in the metadata")
+                out.dense[key[6:]] = (x, float(w[0]), float(w[1]))
+            else:
+                raise UpdateError(f"partial: unexpected tensor {key!r}")
+        if not (len(out.steps) == len(out.weights) == nodes) or nodes < 0:
+            raise UpdateError(f"partial: {nodes} nodes but {len(out.steps)} steps and {len(out.weights)} weights")
+        if len(parts) > limits.max_modules:
+            raise UpdateError(f"partial has {len(parts)} modules, more than {limits.max_modules}")
+        for name, p in parts.items():
+            if set(p) != set(_MODULE_PARTS) or len({tuple(x.shape) for x in p.values()}) != 1:
+                raise UpdateError(f"partial lora.{name}: needs {list(_MODULE_PARTS)} of one shape")
+            if any(bool((p[k] < 0).any()) for k in ("den", "pace", "keepers")):
+                raise UpdateError(f"partial lora.{name}: weights and counts must be >= 0")
+            out.modules[name] = tuple(p[k] for k in _MODULE_PARTS)  # type: ignore[assignment]
+        for key, p in imp.items():
+            if set(p) != {"num", "den"} or p["num"].shape != p["den"].shape or bool((p["den"] < 0).any()):
+                raise UpdateError(f"partial importance.{key}: needs num and den >= 0 of one size")
+            out.importance[key] = (p["num"], p["den"])
+        return out
+
+
+PARTIAL_FORMAT = "fedspine-partial-v1"
+_MODULE_PARTS = ("num", "den", "pace", "keepers")
+
+
+def merge(partials: Sequence[Partial]) -> Partial:
+    """One partial for the union of the (disjoint) sub-fleets of ``partials``: the sums added (pure).  A region of
+    regions forwards this; the root applies it.  Raises UpdateError where the partials disagree."""
+    if len({p.changes for p in partials}) > 1:
+        raise UpdateError("partials mix averaged changes and averaged states")
+    out = Partial(changes=partials[0].changes if partials else True)
+    for p in partials:
+        out.nodes += p.nodes
+        out.steps += p.steps
+        out.weights += p.weights
+        for name, parts in p.modules.items():
+            have = out.modules.get(name)
+            if have is not None and have[0].shape != parts[0].shape:
+                raise UpdateError(f"partials disagree on lora.{name}'s shape")
+            out.modules[name] = tuple(parts) if have is None else tuple(a + b for a, b in zip(have, parts, strict=True))
+        for name, (change, weight, wpace) in p.dense.items():
+            have = out.dense.get(name)
+            if have is not None and have[0].shape != change.shape:
+                raise UpdateError(f"partials disagree on dense.{name}'s shape")
+            out.dense[name] = (change, weight, wpace) if have is None else \
+                (have[0] + change, have[1] + weight, have[2] + wpace)
+        for key, (num, den) in p.importance.items():
+            have = out.importance.get(key)
+            if have is not None and have[0].shape != num.shape:
+                raise UpdateError(f"partials disagree on importance.{key}'s size")
+            out.importance[key] = (num, den) if have is None else (have[0] + num, have[1] + den)
+    return out
 
 
 class GlobalLora:
@@ -102,23 +238,33 @@ class GlobalLora:
         """
         if not updates:
             return
-        if starts is not None and len(starts) != len(updates):
-            raise ValueError(f"{len(starts)} starting slices for {len(updates)} updates")
-        if steps is not None and (len(steps) != len(updates) or any(t < 1 for t in steps)):
-            raise ValueError(f"steps {list(steps)} must be >= 1, one per update")
         if effective_steps is not None and (steps is None or starts is None or not effective_steps > 0):
             raise ValueError(f"effective_steps {effective_steps} needs steps and starts, and must be > 0")
         for u, _ in updates:
             self.check(u)
+        self.apply([self.partial(updates, starts, steps)], effective_steps)
+
+    def partial(self, updates: Sequence[tuple[LoraUpdate, float]], starts: Sequence[LoraUpdate | None] | None = None,
+                steps: Sequence[int] | None = None) -> Partial:
+        """The sums that ``aggregate`` divides, over ``updates`` only (a region's sub-fleet): per coordinate the
+        weighted change Σ w_i/τ_i·(ΔW_i − S_i), the keepers' weight Σ w_i, their step weight Σ w_i·τ_i and count;
+        the same for dense parameters and importance.  Sums add, so ``apply`` of the partials of any split of a
+        round's updates is ``aggregate`` of all of them (up to floating-point summation order).  Pure: reads the
+        global state (each node's start and the dense base), changes nothing."""
+        if starts is not None and len(starts) != len(updates):
+            raise ValueError(f"{len(starts)} starting slices for {len(updates)} updates")
+        if steps is not None and (len(steps) != len(updates) or any(t < 1 for t in steps)):
+            raise ValueError(f"steps {list(steps)} must be >= 1, one per update")
         paces = [float(t) for t in steps] if steps is not None and starts is not None else [1.0] * len(updates)
-        need = min(self.min_keepers, sum(1 for _, w in updates if w > 0))
-        names = sorted({n for u, _ in updates for n in u.modules})
-        for name in names:
+        out = Partial(changes=starts is not None, nodes=sum(1 for _, w in updates if w > 0),
+                      steps=[p for p, (_, w) in zip(paces, updates, strict=True) if w > 0],
+                      weights=[float(w) for _, w in updates if w > 0])
+        for name in sorted({n for u, _ in updates for n in u.modules}):
             shape = next(u.modules[name].shape for u, _ in updates if name in u.modules)
             num = torch.zeros(shape, dtype=torch.float32)
             den = torch.zeros(shape, dtype=torch.float32)
             pace = torch.zeros(shape, dtype=torch.float32)  # Σ w·steps over the nodes that kept each coordinate
-            keepers = torch.zeros(shape, dtype=torch.float32) if need > 1 else None  # how many nodes kept each
+            keepers = torch.zeros(shape, dtype=torch.float32)  # how many nodes kept each
             received: dict[int, torch.Tensor] = {}  # each distinct slice as a dense matrix (nodes alike share one)
             for i, (u, w) in enumerate(updates):
                 m = u.modules.get(name)
@@ -129,50 +275,32 @@ class GlobalLora:
                 if s is not None:
                     if id(s) not in received:
                         received[id(s)] = s.dense_delta()
-                    d -= received[id(s)][m.rows.unsqueeze(1), m.cols.unsqueeze(0)]
+                    full = received[id(s)]
+                    if m.rows.numel() == shape[0] and m.cols.numel() == shape[1]:
+                        d -= full
+                    else:
+                        d -= full[m.rows.unsqueeze(1), m.cols.unsqueeze(0)]
                 d.mul_(w / paces[i])
                 if m.rows.numel() == shape[0] and m.cols.numel() == shape[1]:  # unpruned: no scatter needed
                     num += d
                     den += w
                     pace += w * paces[i]
-                    if keepers is not None:
-                        keepers += 1
+                    keepers += 1
                     continue
                 if m.rows.numel() != shape[0]:
                     d = torch.zeros(shape[0], d.shape[1]).index_copy_(0, m.rows, d)
                 if m.cols.numel() != shape[1]:
                     d = torch.zeros(shape).index_copy_(1, m.cols, d)
                 num += d
-                rmask = torch.zeros(shape[0]).index_fill_(0, m.rows, w)
+                rmask = torch.zeros(shape[0]).index_fill_(0, m.rows, 1.0)
                 cmask = torch.zeros(shape[1]).index_fill_(0, m.cols, 1.0)
-                den.addr_(rmask, cmask)
-                pace.addr_(rmask, cmask, alpha=paces[i])
-                if keepers is not None:
-                    keepers.addr_(torch.zeros(shape[0]).index_fill_(0, m.rows, 1.0), cmask)
-            prev = self.delta.get(name)
-            if keepers is not None:  # too few keepers: no change there (the previous value, or zero, stays)
-                den = torch.where(keepers >= need, den, torch.zeros_like(den))
-            if starts is None:  # average the states
-                self.delta[name] = torch.where(den > 0, num / den.clamp_min(1e-30),
-                                               prev if prev is not None else torch.zeros(shape))
-                continue
-            if effective_steps is not None:
-                pace = den * effective_steps
-            change = torch.where(den > 0, num * pace / den.square().clamp_min(1e-30), torch.zeros(shape))
-            self.delta[name] = change if prev is None else prev + change
-        self._aggregate_dense(updates, starts, paces, effective_steps)
-        self._aggregate_importance(updates)
-        self._cache.clear()
-
-    def _aggregate_dense(self, updates: Sequence[tuple[LoraUpdate, float]],
-                         starts: Sequence[LoraUpdate | None] | None, paces: Sequence[float],
-                         effective_steps: float | None = None) -> None:
-        """Dense parameters (e.g. the task head) every node holds whole: the same average of changes, from the
-        global value each node received (without one, a node's change is counted from the global value)."""
+                den.addr_(rmask, cmask, alpha=w)
+                pace.addr_(rmask, cmask, alpha=w * paces[i])
+                keepers.addr_(rmask, cmask)
+            out.modules[name] = (num, den, pace, keepers)
         for name in sorted({n for u, _ in updates for n in u.dense}):
             held = [(i, u.dense[name].float(), w) for i, (u, w) in enumerate(updates) if name in u.dense and w > 0]
-            total = sum(w for _, _, w in held)
-            if total <= 0:
+            if not held:
                 continue
             prev = self.dense.get(name)
             base = prev if prev is not None and tuple(prev.shape) == tuple(held[0][1].shape) else torch.zeros_like(held[0][1])
@@ -180,10 +308,7 @@ class GlobalLora:
             for i, t, w in held:
                 s = starts[i].dense.get(name) if starts is not None and starts[i] is not None else None
                 change += (w / paces[i]) * (t - (s.float() if s is not None else base))
-            pace = effective_steps if effective_steps is not None else sum(w * paces[i] for i, _, w in held) / total
-            self.dense[name] = base + change * pace / total
-
-    def _aggregate_importance(self, updates: Sequence[tuple[LoraUpdate, float]]) -> None:
+            out.dense[name] = (change, sum(w for _, _, w in held), sum(w * paces[i] for i, _, w in held))
         for key in sorted({k for u, _ in updates for k in u.importance}):
             size = self.importance[key].numel() if key in self.importance else \
                 next(u.importance[key].size for u, _ in updates if key in u.importance)
@@ -195,9 +320,51 @@ class GlobalLora:
                     continue
                 num.index_add_(0, g.idx, g.score.float() * w)
                 den.index_add_(0, g.idx, torch.full((g.idx.numel(),), float(w)))
+            out.importance[key] = (num, den)
+        return out
+
+    def apply(self, partials: Sequence[Partial], effective_steps: float | None = None) -> None:
+        """Replace the global state by the average that ``partials`` (of disjoint sets of nodes) sum up: what
+        ``aggregate`` of all their nodes' updates gives.  Raises UpdateError for partials that disagree with the
+        global state or each other (a region's partial is network data)."""
+        if not partials:
+            return
+        total = merge(partials)
+        if effective_steps is not None and (not total.changes or not effective_steps > 0):
+            raise ValueError(f"effective_steps {effective_steps} needs steps and starts, and must be > 0")
+        if not self.empty and total.modules and set(total.modules) != set(self.delta):
+            raise UpdateError(f"partial's modules {sorted(total.modules)[:3]} differ from the global state's")
+        need = min(self.min_keepers, total.nodes)
+        for name, (num, den, pace, keepers) in total.modules.items():
+            shape = tuple(num.shape)
+            prev = self.delta.get(name)
+            if prev is not None and tuple(prev.shape) != shape:
+                raise UpdateError(f"partial lora.{name}: shape {shape} != global {tuple(prev.shape)}")
+            if need > 1:  # too few keepers: no change there (the previous value, or zero, stays)
+                den = torch.where(keepers >= need, den, torch.zeros_like(den))
+            if not total.changes:  # average the states
+                self.delta[name] = torch.where(den > 0, num / den.clamp_min(1e-30),
+                                               prev if prev is not None else torch.zeros(shape))
+                continue
+            if effective_steps is not None:
+                pace = den * effective_steps
+            change = torch.where(den > 0, num * pace / den.square().clamp_min(1e-30), torch.zeros(shape))
+            self.delta[name] = change if prev is None else prev + change
+        for name, (change, weight, wpace) in total.dense.items():
+            if weight <= 0:
+                continue
+            prev = self.dense.get(name)
+            base = prev if prev is not None and tuple(prev.shape) == tuple(change.shape) else torch.zeros_like(change)
+            pace = effective_steps if effective_steps is not None else wpace / weight
+            self.dense[name] = base + change * pace / weight
+        for key, (num, den) in total.importance.items():
+            size = num.numel()
+            if key in self.importance and self.importance[key].numel() != size:
+                raise UpdateError(f"partial importance.{key}: size {size} != global {self.importance[key].numel()}")
             prev = self.importance.get(key, torch.zeros(size))
             self.importance[key] = torch.where(den > 0, num / den.clamp_min(1e-30), prev)
             self.scored[key] = self.scored.get(key, torch.zeros(size, dtype=torch.bool)) | (den > 0)
+        self._cache.clear()
 
     def fleet_importance(self) -> dict[str, GroupScores]:
         """The fleet's averaged importance of every group some node has scored (what each slice carries)."""

@@ -17,6 +17,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from safetensors.torch import save as st_save
+
+from coordinator.aggregation import GlobalLora, Partial
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import MetricsWriter
 from coordinator.registry import Registry
@@ -30,6 +33,9 @@ from shared.messages import (
     CoordinatorStatus,
     ExportReport,
     NodeStatus,
+    RegionReport,
+    RegionRound,
+    RegionStatus,
     ResendRequest,
     RoundConfig,
     RoundReport,
@@ -113,6 +119,7 @@ class Coordinator:
         self._labels: tuple[str, ...] | None = tuple(rs.labels) or None  # the fleet's class names (classification)
         self._base_model: str | None = rs.base_model or None  # the digest of the fleet's base model
         self._refused: dict[str, tuple] = {}  # refused nodes -> (labels, base model) they had (logged once each)
+        self._regions: dict[str, RegionStatus] = {}  # regional aggregators' presence (coordinator/region.py)
         self._stop = threading.Event()
         status_off = encode(CoordinatorStatus(state="offline", ts=time.time(), run_id=self.run_id))
         self.transport = transport or MqttTransport(
@@ -163,6 +170,43 @@ class Coordinator:
                                       sender_field="requester")
         if req:
             self.events.put(("missing", node_id, req))
+
+    def _region_of(self, topic: str, kind: str) -> str | None:
+        try:
+            parsed = self.topics.parse(topic)
+        except TopicError as exc:
+            self.log.warning("topic_rejected", topic=topic, error=str(exc))
+            return None
+        return parsed.region if parsed.kind == kind else None
+
+    def _handle_region_status(self, topic: str, payload: bytes) -> None:
+        rid = self._region_of(topic, "status")
+        st = rid and payload and decode_from(payload, RegionStatus, topic=topic, log=self.log, sender=rid,
+                                             sender_field="region_id")
+        if st:  # one dict item replaced (atomic): the main thread reads a consistent snapshot of each region
+            self._regions[rid] = st
+
+    def _handle_region_report(self, topic: str, payload: bytes) -> None:
+        rid = self._region_of(topic, "report")
+        msg = rid and decode_from(payload, RegionReport, topic=topic, log=self.log, sender=rid,
+                                  sender_field="region_id")
+        if msg:
+            self.events.put(("region_report", rid, msg))
+
+    def _handle_region_upload(self, topic: str, payload: bytes) -> None:
+        rid = self._region_of(topic, "upload")
+        chunk = rid and decode_from(payload, Chunk, topic=topic, log=self.log, max_bytes=self.chunk_limit,
+                                    event="chunk_rejected")
+        whole = self.reassembler.feed(chunk, rid) if chunk else None
+        if whole is not None:
+            self.events.put(("region_upload", rid, (chunk.transfer_id, whole)))
+
+    def _handle_region_missing(self, topic: str, payload: bytes) -> None:
+        rid = self._region_of(topic, "missing")
+        req = rid and decode_from(payload, ResendRequest, topic=topic, log=self.log, sender=rid,
+                                  sender_field="requester")
+        if req:
+            self.events.put(("region_missing", rid, req))
 
     # ---- main thread --------------------------------------------------------------------------------
     def _publish_status(self, state: str) -> None:
@@ -224,6 +268,10 @@ class Coordinator:
         t.subscribe(self.topics.node_filter("report"), self._handle_report)
         t.subscribe(self.topics.node_filter("upload"), self._handle_upload)
         t.subscribe(self.topics.node_filter("missing"), self._handle_missing)
+        t.subscribe(self.topics.region_filter("status"), self._handle_region_status)
+        t.subscribe(self.topics.region_filter("report"), self._handle_region_report)
+        t.subscribe(self.topics.region_filter("upload"), self._handle_region_upload)
+        t.subscribe(self.topics.region_filter("missing"), self._handle_region_missing)
         t.start()
         self.log.info("coordinator_started", method=rs.method, rounds=rs.rounds, resume_from=self.round,
                       bandit=vars(self.cfg.bandit), settings=vars(rs))
@@ -236,7 +284,9 @@ class Coordinator:
             retries = 0
             while self.round < rs.rounds and not self._stop.is_set():
                 rnd = self.round + 1
-                if self._run_round(rnd, attempt=retries):
+                regions = self._online_regions()
+                if regions and self._run_region_round(rnd, retries, regions) or \
+                        not regions and self._run_round(rnd, attempt=retries):
                     self.round, retries = rnd, 0
                     self._publish_status("online")
                     continue
@@ -297,19 +347,124 @@ class Coordinator:
         end = start + timeout_s if timeout_s > 0 else math.inf
         next_log = start + WAIT_LOG_S
         while not self._stop.is_set():
-            if self.registry.live_count() >= n:
+            if self._fleet_size() >= n:
                 return True
             now = time.monotonic()
             if now >= end:
                 return False
             if now >= next_log:
-                self.log.info("waiting_for_nodes", live=self.registry.live_count(), needed=n,
+                self.log.info("waiting_for_nodes", live=self._fleet_size(), needed=n,
                               waited_s=round(now - start))
                 next_log = now + WAIT_LOG_S
             ev = self._drain(min(0.5, end - now))
             if ev and ev[0] == "status":
                 self._apply_status(ev[1], ev[2])
         return False
+
+    def _online_regions(self) -> list[str]:
+        return sorted(rid for rid, st in list(self._regions.items()) if st.state == "online")
+
+    def _fleet_size(self) -> int:
+        """Live nodes: this coordinator's own, or while regional aggregators are online, those of their sub-fleets."""
+        regions = [self._regions[r] for r in self._online_regions()]
+        return sum(st.nodes for st in regions) if regions else self.registry.live_count()
+
+    def _run_region_round(self, rnd: int, attempt: int, regions: list[str]) -> bool:
+        """A hierarchical round: each online region gets the round's assignment and the global state, relays them to
+        its nodes and answers with one partial aggregate; the global state becomes ``GlobalLora.apply`` of them,
+        which equals flat aggregation of the same updates.  The work here grows with regions, not nodes."""
+        rs, b = self.cfg.coordinator, self.cfg.bandit
+        log = self.log.bind(round=rnd, attempt=attempt)
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        g = self.strategy.global_
+        if not isinstance(g, GlobalLora):
+            log.error("regions_unsupported", method=rs.method, hint="zero-padding (hetlora) has no partial aggregate")
+            return False
+        state = st_save(g.state_tensors()) if not g.empty else None  # one encoding for every region
+        rank = b.rank
+        sent_rank = max(rank, self.strategy.deploy_rank())
+        pending: dict[str, dict] = {}
+        for rid in regions:
+            up = f"{self.run_id}.r{rnd}.a{attempt}.{rid}.part"
+            down = f"{self.run_id}.r{rnd}.a{attempt}.{rid}.state" if state is not None else None
+            self.reassembler.expect(up, rid)
+            msg = RegionRound(run_id=self.run_id, round=rnd, target_sparsity=0.0, rank=rank, sent_rank=sent_rank,
+                              local_steps=rs.local_steps, deadline_ts=time.time() + rs.deadline_s,
+                              upload_transfer_id=up, download_transfer_id=down)
+            pending[rid] = {"up": up, "report": None, "data": None, "asked": time.monotonic()}
+            self.transport.publish(self.topics.region(rid, "config"), encode(msg), qos=1)
+            if state is not None:
+                self.transport.send_transfer(self.topics.region(rid, "download"), state, down, COORDINATOR_ID)
+        log.info("region_round_started", regions=regions, rank=rank, local_steps=rs.local_steps)
+        self._active = rnd
+        try:
+            partials, failed = self._collect_regions(pending, time.monotonic() + rs.deadline_s + 30.0, log)
+        finally:
+            self._active = 0
+            for p in pending.values():
+                self.reassembler.forget(p["up"])
+        reports = [p["report"] for p in pending.values() if p["report"] is not None]
+        accepted = sum(p.nodes for p in partials.values())
+        participants = sum(r.accepted + r.failed for r in reports)
+        if accepted < max(1, math.ceil(rs.quorum * participants)):
+            log.warning("round_below_quorum", accepted=accepted, participants=participants, failed_regions=failed)
+            return False
+        g.apply([partials[r] for r in sorted(partials)])
+        self.round = rnd
+        self._checkpoint()
+        cost = {"coordinator_cpu_s": time.process_time() - cpu0, "round_wall_s": time.monotonic() - wall0}
+        self.metrics.round_summary({"round": rnd, "method": rs.method, "participants": participants,
+                                    "accepted": accepted, "regions": len(partials), "failed_regions": failed,
+                                    "region_cpu_s": round(sum(r.cpu_s for r in reports), 4), **cost})
+        log.info("round_done", accepted=accepted, regions=len(partials), failed_regions=failed,
+                 **{k: round(v, 3) for k, v in cost.items()})
+        return True
+
+    def _collect_regions(self, pending: dict[str, dict], deadline: float, log) -> tuple[dict[str, Partial], dict]:
+        partials: dict[str, Partial] = {}
+        failed: dict[str, str] = {}
+        while len(partials) + len(failed) < len(pending) and not self._stop.is_set():
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            ev = self._drain(min(0.5, deadline - now))
+            kind, rid, payload = ev if ev is not None else (None, None, None)
+            p = pending.get(rid) if rid is not None else None
+            if kind == "region_missing":
+                self.transport.resend(self.topics.region(rid, "download"), payload)
+            elif kind in ("region_report", "region_upload") and (p is None or rid in partials or rid in failed):
+                log.info("late_or_duplicate_dropped", kind=kind, region=rid)
+            elif kind == "region_report":
+                if payload.run_id != self.run_id or payload.transfer_id != p["up"]:
+                    log.info("stale_report_dropped", region=rid, report_round=payload.round)
+                elif payload.status != "ok":
+                    failed[rid] = payload.error or "error"
+                    log.warning("region_round_failed", region=rid, error=payload.error)
+                else:
+                    p["report"] = payload
+            elif kind == "region_upload":
+                if payload[0] == p["up"]:
+                    p["data"] = payload[1]
+            elif ev is not None:
+                self._dispatch_idle(ev, log)
+            if p is not None and rid not in failed and p["report"] is not None and p["data"] is not None:
+                try:
+                    part = Partial.from_bytes(p["data"], self.limits)
+                    if part.nodes != p["report"].accepted:
+                        raise UpdateError(f"partial of {part.nodes} nodes, report says {p['report'].accepted}")
+                    partials[rid] = part
+                except UpdateError as exc:
+                    failed[rid] = "rejected"
+                    log.warning("partial_rejected", region=rid, error=str(exc))
+            for r, q in pending.items():  # resume a stalled partial: ask for the missing chunks
+                if q["report"] is not None and q["data"] is None and time.monotonic() - q["asked"] >= 3.0:
+                    q["asked"] = time.monotonic()
+                    missing = self.reassembler.missing(q["up"])
+                    if missing:
+                        req = ResendRequest(transfer_id=q["up"], requester=COORDINATOR_ID, missing=missing[:65536])
+                        self.transport.publish(self.topics.region(r, "resend"), encode(req), qos=1)
+        failed.update({r: "timeout" for r in pending if r not in partials and r not in failed})
+        return partials, failed
 
     def _participants(self, rnd: int) -> list:
         live = self.registry.live(for_round=rnd)
@@ -380,16 +535,17 @@ class Coordinator:
         results, failures = self._collect(rnd, pending, time.monotonic() + self.cfg.coordinator.deadline_s, log)
         for p in pending.values():
             self.reassembler.forget(p.upload_tid)
+        ok, reasons = {res.node_id for res in results}, {f.node_id: f.reason for f in failures}
         for a in assignments:
             p = pending[a.node_id]
             rec = {"round": self.round, "final": True, "node": a.node_id, "method": self.cfg.coordinator.method,
                    "eval_only": True, "target_sparsity": a.target_sparsity, "rank": a.rank}
-            if p.report is not None and any(res.node_id == a.node_id for res in results):
+            if p.report is not None and a.node_id in ok:
                 rec.update(status="ok", sparsity=p.report.sparsity, round_time_s=0.0, upload_bytes=0,
                            **{f"m_{k}": v for k, v in p.report.metrics.items()})
                 self._log_accuracy(log, a.node_id, p.report, final=True)
             else:
-                rec.update(status=next((f.reason for f in failures if f.node_id == a.node_id), "missing"))
+                rec.update(status=reasons.get(a.node_id, "missing"))
             self.metrics.node_round(rec)
         log.info("final_sync_done", accepted=len(results), failures={f.node_id: f.reason for f in failures})
 
@@ -552,6 +708,7 @@ class Coordinator:
 
     def _write_metrics(self, rnd, assignments, results, failures, summary, pending, cost: dict) -> None:
         by_node = {res.node_id: res for res in results}
+        reasons = {f.node_id: f.reason for f in failures}
         for a in assignments:
             res, p = by_node.get(a.node_id), pending[a.node_id]
             rec = {"round": rnd, "node": a.node_id, "method": self.cfg.coordinator.method,
@@ -569,7 +726,7 @@ class Coordinator:
                            peak_memory_mb=rep.peak_memory_mb, **{f"m_{k}": v for k, v in rep.metrics.items()},
                            update_sha256=p.digest)  # audit: what was aggregated
             else:
-                rec.update(status=next((f.reason for f in failures if f.node_id == a.node_id), "missing"))
+                rec.update(status=reasons.get(a.node_id, "missing"))
             rec.update(summary.node_fields(a.node_id))
             self.metrics.node_round(rec)
         self.metrics.round_summary({"round": rnd, "method": self.cfg.coordinator.method, "participants": len(assignments),

@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("coordinator", help="run the coordinator service")
     p.add_argument("--config", required=True, help="coordinator TOML ([broker], [coordinator], [bandit])")
+    p = sub.add_parser("region", help="run a regional aggregator (a sub-fleet's coordinator, one partial upward)")
+    p.add_argument("--config", required=True, help="region TOML ([broker], [region])")
     p = sub.add_parser("node", help="run an edge node agent")
     p.add_argument("--config", required=True, help="node TOML ([broker], [node], [train], [telemetry])")
     sub.add_parser("simulate", help="run a local fleet (embedded broker, coordinator, simulated Jetson nodes)",
@@ -80,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         return broker_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "region":
+        from coordinator.region import main_region
+
+        return run_service("region", lambda: main_region(args.config))
     return run_service(args.command, lambda: _coordinator(args) if args.command == "coordinator" else _node(args))
 
 

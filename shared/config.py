@@ -133,6 +133,7 @@ def reference() -> str:
     """docs/configuration.md: every key of the coordinator's and the node's TOML file with its help text, generated
     from the fields (``python -m shared.config > docs/configuration.md``; a test checks the file is current)."""
     from coordinator.config import CoordinatorConfig
+    from coordinator.region import RegionConfig
     from edge_node.config import NodeConfig
 
     lines = ["# Configuration reference", "",
@@ -140,7 +141,8 @@ def reference() -> str:
              "edit by hand. Each process reads one TOML file; an unknown key or a bad value stops it at start-up with a",
              "message naming the key.", ""]
     for title, cfg in (("Coordinator (`fedspine coordinator --config coordinator.toml`)", CoordinatorConfig),
-                       ("Edge node (`fedspine node --config node.toml`)", NodeConfig)):
+                       ("Edge node (`fedspine node --config node.toml`)", NodeConfig),
+                       ("Regional aggregator (`fedspine region --config region.toml`)", RegionConfig)):
         lines += [f"## {title}", ""]
         for section, kind in cfg.SECTIONS.items():
             lines += [f"### [{section}]", "", "| key | default | what |", "|---|---|---|"]

@@ -147,6 +147,7 @@ class Message:
     TYPE: ClassVar[str] = ""
     WIRE: ClassVar[str] = "msgpack"
     _schema: ClassVar[tuple[tuple[str, str, dict], ...]] = ()
+    _checks: ClassVar[tuple[tuple[str, Any], ...]] = ()  # (field, validator) compiled from _schema
 
     v: int = field(default=SCHEMA_VERSION, kw_only=True)
 
@@ -154,9 +155,9 @@ class Message:
         cls = type(self)
         if self.v != SCHEMA_VERSION or isinstance(self.v, bool):
             raise _fail(cls, "v", self.v, f"unsupported schema version, this build speaks {SCHEMA_VERSION}")
-        for name, kind, meta in cls._schema:
+        for name, check in cls._checks:
             value = getattr(self, name)
-            checked = _check_field(cls, name, value, kind, meta)
+            checked = check(value)
             if checked is not value:
                 object.__setattr__(self, name, checked)  # int -> float, tuple -> list, fresh dicts
         self._check()
@@ -174,6 +175,29 @@ class Message:
 MESSAGE_TYPES: dict[str, type[Message]] = {}
 
 
+def _compile(cls: type, name: str, kind: str, meta: dict) -> Any:
+    """A field's validator: a fast path that passes values ``_check_field`` would return unchanged (a finite float in
+    range, a non-bool int in range, a plain string within bounds), and ``_check_field`` for the rest, which converts
+    or raises.  Messages are validated on every send and receive: at 20,000 nodes a round this is the hot path."""
+    slow = lambda v: _check_field(cls, name, v, kind, meta)  # noqa: E731
+    lo = meta["lo"] if meta["lo"] is not None else -math.inf
+    hi = meta["hi"] if meta["hi"] is not None else math.inf
+    if kind in ("float", "float?"):
+        def check(v):
+            return v if type(v) is float and v - v == 0.0 and lo <= v <= hi else slow(v)
+    elif kind in ("int", "int?"):
+        def check(v):
+            return v if type(v) is int and lo <= v <= hi else slow(v)
+    elif kind in ("str", "str?") and not meta["check"]:
+        max_len, choices = meta["max_len"], meta["choices"]
+
+        def check(v):
+            return v if type(v) is str and len(v) <= max_len and (not choices or v in choices) else slow(v)
+    else:
+        check = slow
+    return check
+
+
 def message(cls: type[M]) -> type[M]:
     """Class decorator: make ``cls`` a frozen dataclass, compile its schema and register its TYPE."""
     cls = dataclass(frozen=True)(cls)
@@ -187,6 +211,7 @@ def message(cls: type[M]) -> type[M]:
         meta = dict(f.metadata) or {"lo": None, "hi": None, "choices": (), "max_len": MAX_STR, "check": ""}
         schema.append((f.name, kind, meta))
     cls._schema = tuple(schema)
+    cls._checks = tuple((name, _compile(cls, name, kind, meta)) for name, kind, meta in schema)
     if not cls.TYPE or cls.TYPE in MESSAGE_TYPES or cls.WIRE not in ("json", "msgpack"):
         raise TypeError(f"{cls.__name__}: TYPE must be unique and WIRE json or msgpack")
     MESSAGE_TYPES[cls.TYPE] = cls
@@ -390,6 +415,57 @@ class Command(Message):
     round: int = _round(-1)
 
 
+# ---- regional aggregation (coordinator/region.py) -------------------------------------------------------
+@message
+class RegionStatus(Message):
+    """Presence of a regional aggregator (retained; last will: offline): the root derives its regions from these."""
+
+    TYPE = "region_status"
+    WIRE = "json"
+    region_id: str = _node_id()
+    state: str = spec(choices=("online", "offline"))
+    ts: float = _ts()
+    nodes: int = _count(0)  # live nodes of its sub-fleet
+
+
+@message
+class RegionRound(Message):
+    """The root's round for one region: the assignment it relays to each of its nodes, the global state it sends
+    (chunked on the region's download topic; None while there is none) and the transfer id of its partial."""
+
+    TYPE = "region_round"
+    run_id: str = spec(max_len=64)
+    round: int = spec(lo=0, hi=10**9)
+    target_sparsity: float = spec(lo=0.0, hi=0.999999)
+    rank: int = spec(lo=1, hi=4096)
+    sent_rank: int = spec(lo=1, hi=4096)  # rank of the slice each node is sent (it trains from the first `rank`)
+    local_steps: int = spec(lo=1, hi=10**7)
+    deadline_ts: float = _ts()
+    upload_transfer_id: str = spec(check="transfer_id")
+    download_transfer_id: str | None = spec(check="transfer_id")
+
+    def _check(self) -> None:
+        if self.sent_rank < self.rank:
+            raise _fail(type(self), "sent_rank", self.sent_rank, f"must be >= rank {self.rank}")
+
+
+@message
+class RegionReport(Message):
+    """A region's answer to a RegionRound: how many of its nodes its partial aggregates (status ok), or why none."""
+
+    TYPE = "region_report"
+    run_id: str = spec(max_len=64)
+    round: int = spec(lo=0, hi=10**9)
+    region_id: str = _node_id()
+    status: str = spec(choices=("ok", "error"))
+    error: str = spec("", max_len=MAX_ERROR_STR)
+    transfer_id: str = spec("", max_len=200)
+    upload_bytes: int = _count(0)
+    accepted: int = _count(0)
+    failed: int = _count(0)
+    cpu_s: float = _seconds(0.0)  # the region's CPU time for the round
+
+
 # ---- chunked transfer (msgpack) -------------------------------------------------------------------------
 @message
 class Chunk(Message):
@@ -451,6 +527,17 @@ def _parse(payload: bytes, wire: str, max_bytes: int) -> Any:
         raise ProtocolError(f"malformed msgpack: {type(exc).__name__}: {exc}") from None
 
 
+_NAMES: dict[type, tuple[frozenset, tuple[str, ...]]] = {}
+
+
+def _field_names(cls: type[Message]) -> tuple[frozenset, tuple[str, ...]]:
+    """(every field name a message of ``cls`` may carry, those it must carry): computed once per class."""
+    if cls not in _NAMES:
+        _NAMES[cls] = (frozenset(name for name, _, _ in cls._schema) | {"v"},
+                       tuple(f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING))
+    return _NAMES[cls]
+
+
 def decode(payload: bytes, expected: type[M] | tuple[type, ...], *, max_bytes: int = MAX_MESSAGE_BYTES) -> M:
     """Parse and validate ``payload`` as one of ``expected``; raise ProtocolError for anything else."""
     types = expected if isinstance(expected, tuple) else (expected,)
@@ -474,11 +561,10 @@ def decode(payload: bytes, expected: type[M] | tuple[type, ...], *, max_bytes: i
         raise ProtocolError(f"message type {tag!r} is not one of {sorted(by_tag)}")
     if "v" not in data:
         raise ProtocolError(f"{cls.__name__}.v: missing schema version")
-    names = {name for name, _, _ in cls._schema} | {"v"}
-    unknown = sorted(str(k) for k in data if k not in names)
-    if unknown:
+    names, required = _field_names(cls)
+    if not names.issuperset(data):
+        unknown = sorted(str(k) for k in data if k not in names)
         raise ProtocolError(f"{cls.__name__}: unknown field(s) {unknown[:8]}")
-    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
     absent = [n for n in required if n not in data]
     if absent:
         raise ProtocolError(f"{cls.__name__}: missing field(s) {absent}")

@@ -13,9 +13,19 @@ Layout under a configurable, versioned root (default ``fedspine/v1``)::
     <root>/node/<id>/config              msgpack RoundConfig for node <id> (coordinator -> node)
     <root>/node/<id>/download            msgpack Chunk of the global LoRA slice for node <id>
     <root>/node/<id>/resend              msgpack ResendRequest: chunks the coordinator misses of <id>'s upload
+    <root>/region/<rid>/status           retained JSON presence of regional aggregator <rid> (last will: offline)
+    <root>/region/<rid>/report           msgpack RegionReport: the round's outcome in region <rid>
+    <root>/region/<rid>/upload           msgpack Chunk of region <rid>'s partial aggregate (region -> root)
+    <root>/region/<rid>/missing          msgpack ResendRequest: chunks region <rid> misses of its download
+    <root>/region/<rid>/config           msgpack RegionRound for region <rid> (root -> region)
+    <root>/region/<rid>/download         msgpack Chunk of the global state for region <rid>
+    <root>/region/<rid>/resend           msgpack ResendRequest: chunks the root misses of <rid>'s upload
+    <root>/region/<rid>/node/<id>/...    region <rid>'s sub-fleet: the node tree above, rooted at <root>/region/<rid>
 
 A node writes only the first group of its own sub-tree and reads only the second group plus the
-broadcast topics; the broker's ACL (``broker_config/``) pins ``<id>`` to the MQTT username.
+broadcast topics; the broker's ACL (``broker_config/``) pins ``<id>`` to the MQTT username.  A regional aggregator
+(coordinator/region.py) speaks the same protocol twice: as a coordinator to the nodes of its sub-tree
+(``Topics.region_root``), and as one participant of the root's rounds on its ``region/<rid>`` topics.
 """
 
 from __future__ import annotations
@@ -28,6 +38,9 @@ DEFAULT_ROOT = "fedspine/v1"
 # What a node publishes in its own sub-tree, and what it receives there.
 NODE_WRITES = ("status", "telemetry", "telemetry/round", "report", "upload", "missing")
 NODE_READS = ("config", "download", "resend")
+# A region writes and reads the same kinds in its own sub-tree <root>/region/<rid>/ (presence, chunked transfers).
+REGION_WRITES = ("status", "report", "upload", "missing")
+REGION_READS = ("config", "download", "resend")
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ROOT_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
@@ -68,6 +81,7 @@ class ParsedTopic:
 
     kind: str
     node_id: str | None = None
+    region: str | None = None  # set (and node_id None) for a regional aggregator's topics
 
 
 @dataclass(frozen=True)
@@ -91,6 +105,21 @@ class Topics:
         if kind not in NODE_WRITES and kind not in NODE_READS:
             raise TopicError(f"unknown node topic kind {kind!r}")
         return f"{self.root}/node/+/{kind}"
+
+    def region(self, region_id: str, kind: str) -> str:
+        if kind not in REGION_WRITES and kind not in REGION_READS:
+            raise TopicError(f"unknown region topic kind {kind!r}")
+        return f"{self.root}/region/{check_node_id(region_id)}/{kind}"
+
+    def region_filter(self, kind: str) -> str:
+        """Subscription filter for ``kind`` of every region, e.g. ``fedspine/v1/region/+/upload``."""
+        if kind not in REGION_WRITES and kind not in REGION_READS:
+            raise TopicError(f"unknown region topic kind {kind!r}")
+        return f"{self.root}/region/+/{kind}"
+
+    def region_root(self, region_id: str) -> Topics:
+        """The topic tree of region ``region_id``'s sub-fleet: its nodes are configured with this topic_root."""
+        return Topics(f"{self.root}/region/{check_node_id(region_id)}")
 
     @property
     def coordinator_status(self) -> str:
@@ -117,6 +146,11 @@ class Topics:
         if rest == "broadcast/command":
             return ParsedTopic("command")
         parts = rest.split("/", 2)
+        if len(parts) == 3 and parts[0] == "region":
+            region_id, kind = parts[1], parts[2]
+            check_node_id(region_id)
+            if kind in REGION_WRITES or kind in REGION_READS:
+                return ParsedTopic(kind, None, region_id)
         if len(parts) == 3 and parts[0] == "node":
             node_id, kind = parts[1], parts[2]
             check_node_id(node_id)

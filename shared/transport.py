@@ -177,6 +177,7 @@ class MqttTransport(_Base):
         self.connects = 0  # successful CONNACKs so far (reconnects included)
         self.subscribed = threading.Event()  # the subscriptions made before start() are active (SUBACK)
         self._suback_mid: int | None = None
+        self._sub_requests: dict[int, list[tuple[str, int]]] = {}  # SUBSCRIBE mid -> its filters (for a retry)
         self._stopping = False
         self._net_thread: int | None = None
         self._up_since = 0.0  # monotonic time of the last CONNACK
@@ -260,6 +261,7 @@ class MqttTransport(_Base):
             subs = [(f, qos) for f, (_, qos) in self._handlers.items()]
             if subs:
                 self._suback_mid = client.subscribe(subs)[1]
+                self._sub_requests[self._suback_mid] = subs
             else:
                 self.subscribed.set()
             self.connected.set()
@@ -272,8 +274,29 @@ class MqttTransport(_Base):
                 self.log.exception("on_connect_failed")
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        with self._sub_lock:  # a request made in another thread is recorded before its SUBACK is looked at
+            asked = self._sub_requests.pop(mid, [])
+        failed = [f for f, rc in zip(asked, reason_codes or [], strict=False) if rc.is_failure]
+        if failed:
+            # A clustered engine refuses a subscription it could not set up in time (NATS: its JetStream consumer,
+            # under load); without it this client would silently miss messages.  Ask again, until it is granted.
+            self.log.warning("subscription_refused", filters=[f for f, _ in failed][:8], count=len(failed),
+                             reason=str(next(rc for f, rc in zip(asked, reason_codes, strict=False) if rc.is_failure)))
+            timer = threading.Timer(1.0, self._resubscribe, args=(failed, mid == self._suback_mid))
+            timer.daemon = True
+            timer.start()
+            return
         if mid == self._suback_mid:
             self.subscribed.set()
+
+    def _resubscribe(self, subs: list[tuple[str, int]], initial: bool) -> None:
+        if self._stopping or not self.connected.is_set():
+            return  # the next connect subscribes to everything anyway
+        with self._sub_lock:
+            mid = self.client.subscribe(subs)[1]
+            self._sub_requests[mid] = subs
+            if initial:
+                self._suback_mid = mid
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:
@@ -318,7 +341,7 @@ class MqttTransport(_Base):
         with self._sub_lock:
             self._handlers[topic_filter] = (handler, qos)
             if self.connected.is_set():
-                self.client.subscribe(topic_filter, qos)
+                self._sub_requests[self.client.subscribe(topic_filter, qos)[1]] = [(topic_filter, qos)]
 
     def start(self, timeout_s: float = 15.0) -> None:
         """Connect and start the network thread; return once connected and the subscriptions made so far are

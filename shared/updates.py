@@ -32,9 +32,11 @@ average, so that a node whose data is skewed does not prune what the rest of the
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
@@ -147,7 +149,7 @@ class LoraUpdate:
             _check_name(name)
             if t.dtype not in _FLOAT_DTYPES:
                 raise UpdateError(f"dense.{name}: dtype {t.dtype} is not a float type")
-            if not torch.isfinite(t).all():
+            if not _finite(t):
                 raise UpdateError(f"dense.{name}: contains NaN or Inf")
 
     @property
@@ -190,11 +192,12 @@ class LoraUpdate:
             raise UpdateError(f"update must be bytes, got {type(data).__name__}")
         if len(data) > limits.max_bytes:
             raise UpdateError(f"update of {len(data)} bytes exceeds the limit of {limits.max_bytes}")
-        meta = _read_metadata(bytes(data))
+        raw = bytes(data)  # one copy for both parsers
+        meta = _read_metadata(raw)
         if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
             raise UpdateError(f"not a {FORMAT} v{FORMAT_VERSION} update (metadata {meta!r})")
         try:
-            tensors = st_load(bytes(data))
+            tensors = st_load(raw)
         except (SafetensorError, ValueError, RuntimeError) as exc:  # malformed safetensors
             raise UpdateError(f"malformed safetensors payload: {exc}") from None
         parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -263,12 +266,31 @@ def _read_metadata(data: bytes) -> dict[str, str]:
     return meta if isinstance(meta, dict) else {}
 
 
+_SPACE = re.compile(r"\s")
+
+
 def _check_name(name: str) -> None:
-    if not name or len(name) > 256 or any(c.isspace() for c in name):
+    if not name or len(name) > 256 or _SPACE.search(name):
         raise UpdateError(f"invalid parameter name {name!r}")
 
 
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t`` (numpy for float32 on the CPU: a third of torch's per-call cost on small tensors)."""
+    if t.dtype == torch.float32 and t.device.type == "cpu" and not t.requires_grad:
+        return bool(np.isfinite(t.numpy()).all())
+    return bool(torch.isfinite(t).all())
+
+
+_ARANGE: dict[int, torch.Tensor] = {}  # 0..n-1 by n: an unpruned index is checked with one comparison
+
+
 def _check_index(name: str, part: str, idx: torch.Tensor, bound: int, prefix: str = "lora.") -> None:
+    if idx.numel() == bound and idx.dtype == torch.int64 and bound <= 1 << 17:
+        full = _ARANGE.get(bound)
+        if full is None:
+            full = _ARANGE[bound] = torch.arange(bound)
+        if torch.equal(idx, full):  # every index, in order: valid
+            return
     if idx.numel() == 0:
         raise UpdateError(f"{prefix}{name}.{part}: empty (a layer keeps at least one group)")
     if int(idx.min()) < 0 or int(idx.max()) >= bound:
@@ -295,5 +317,5 @@ def _check_module(name: str, m: ModuleUpdate, limits: UpdateLimits) -> None:
         raise UpdateError(f"lora.{name}.B: shape {tuple(m.B.shape)} != ({m.rows.numel()} rows, rank {r})")
     if not (math.isfinite(m.scale) and m.scale > 0):
         raise UpdateError(f"lora.{name}.scale: {m.scale} is not a positive finite number")
-    if not (torch.isfinite(m.A).all() and torch.isfinite(m.B).all()):
+    if not (_finite(m.A) and _finite(m.B)):
         raise UpdateError(f"lora.{name}: A or B contains NaN or Inf")

@@ -148,6 +148,7 @@ class Strategy:
         self.global_ = self.make_aggregator()
         self.nodes: dict[str, NodeState] = {}
         self._pending: dict[str, tuple[Assignment, float]] = {}  # node -> (assignment, sparsity before the round)
+        self._structures: dict[tuple, dict] = {}  # distinct kept-index structures (see _intern)
 
     # ---- the algorithm: what a method overrides -------------------------------------------------------------
     def begin_round(self, rnd: int, nodes: Sequence[NodeInfo]) -> None:
@@ -282,7 +283,7 @@ class Strategy:
             st = self.state(r.node_id)
             st.sparsity = max(st.sparsity, float(r.sparsity))
             st.rank = r.rank
-            st.structure = {n: (m.rows.clone(), m.cols.clone()) for n, m in r.update.modules.items()}
+            st.structure = self._intern(r.update)
             if (speed := r.speed()) is not None:
                 st.speeds = [*st.speeds, speed][-planning.SPEED_WINDOW:]
         times = [r.round_time_s for r in results]
@@ -292,17 +293,30 @@ class Strategy:
         self.learn(rnd, results, summary)
         return summary
 
+    def _intern(self, update: LoraUpdate) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The update's kept rows/cols per module, one shared object per distinct structure: nodes alike then share
+        one slice cache entry and one copy in the checkpoint (a fleet has few distinct structures)."""
+        key = tuple((n, m.rows.numpy().tobytes(), m.cols.numpy().tobytes()) for n, m in sorted(update.modules.items()))
+        found = self._structures.get(key)
+        if found is None:
+            found = self._structures[key] = {n: (m.rows.clone(), m.cols.clone()) for n, m in update.modules.items()}
+        return found
+
     # ---- persistence ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """JSON-able state plus ``tensors`` (global state and node structures) for the checkpoint store."""
         tensors = dict(self.global_.state_tensors())
-        nodes = {}
+        nodes, keys = {}, {}  # each distinct structure object is stored once, as structure.s<k>.<module>.rows/cols
         for nid, st in self.nodes.items():
             nodes[nid] = {"sparsity": st.sparsity, "rank": st.rank, "speeds": [list(v) for v in st.speeds],
                           "modules": sorted(st.structure or {})}
-            for name, (rows, cols) in (st.structure or {}).items():
-                tensors[f"structure.{nid}.{name}.rows"] = rows
-                tensors[f"structure.{nid}.{name}.cols"] = cols
+            if st.structure:
+                if id(st.structure) not in keys:
+                    keys[id(st.structure)] = f"s{len(keys)}"
+                    for name, (rows, cols) in st.structure.items():
+                        tensors[f"structure.{keys[id(st.structure)]}.{name}.rows"] = rows
+                        tensors[f"structure.{keys[id(st.structure)]}.{name}.cols"] = cols
+                nodes[nid]["structure"] = keys[id(st.structure)]
         return {"method": self.name, "policy": self.policy_state(), "nodes": nodes, "tensors": tensors}
 
     def load_state_dict(self, d: dict) -> None:
@@ -311,9 +325,13 @@ class Strategy:
         tensors = d.get("tensors", {})
         self.global_.load_tensors({k: v for k, v in tensors.items() if not k.startswith("structure.")})
         self.nodes = {}
+        shared: dict[str, dict] = {}
         for nid, st in d["nodes"].items():
-            structure = {name: (tensors[f"structure.{nid}.{name}.rows"], tensors[f"structure.{nid}.{name}.cols"])
-                         for name in st["modules"]} or None
+            key = st.get("structure", nid)  # older checkpoints: one copy per node, under its id
+            if key not in shared:
+                shared[key] = {name: (tensors[f"structure.{key}.{name}.rows"], tensors[f"structure.{key}.{name}.cols"])
+                               for name in st["modules"]}
+            structure = shared[key] or None
             self.nodes[nid] = NodeState(sparsity=float(st["sparsity"]), rank=int(st["rank"]), structure=structure,
                                         speeds=[tuple(float(x) for x in v) for v in st.get("speeds", [])])
         self.load_policy_state(d.get("policy", {}))

@@ -89,9 +89,11 @@ class FedSpine(Strategy):
         """Each node's time term: D_best / D (coordinator/reward.py), from its modelled completion time at τ steps
         (its measured round time before the model has its speed)."""
         at = {r.node_id: self._time(r.node_id, float(r.sparsity), r.rank) or r.round_time_s for r in results}
+        # the slowest of the others: the slowest overall, or for the slowest node itself the runner-up (O(n))
+        top = sorted(at.items(), key=lambda kv: kv[1], reverse=True)[:2]
         shares = {}
         for r in results:
-            others = max((t for n, t in at.items() if n != r.node_id), default=0.0)
+            others = next((t for n, t in top if n != r.node_id), 0.0)
             cap = self.cfg.bandit.cap(self._tiers.get(r.node_id, "default"))
             fastest = self._time(r.node_id, max(cap, float(r.sparsity)), min(self.cfg.bandit.ranks))
             best = max(fastest if fastest is not None else at[r.node_id], others)

@@ -19,6 +19,9 @@ from shared.messages import (
     Message,
     NodeStatus,
     ProtocolError,
+    RegionReport,
+    RegionRound,
+    RegionStatus,
     ResendRequest,
     RoundConfig,
     RoundReport,
@@ -61,7 +64,24 @@ SAMPLES: list[Message] = [
     ResendRequest(transfer_id="t", requester="node-a", missing=[]),
     RoundConfig(run_id="abc123", round=6, target_sparsity=0.3, rank=8, local_steps=55, deadline_ts=1.7e9,
                 upload_transfer_id="u", download_transfer_id=None, finish_s=61.5, min_steps=20, max_steps=100),
+    RegionStatus(region_id="east", state="online", ts=1.7e9, nodes=2000),
+    RegionRound(run_id="abc123", round=3, target_sparsity=0.0, rank=8, sent_rank=16, local_steps=20, deadline_ts=1.7e9,
+                upload_transfer_id="abc123.r3.a0.east.part", download_transfer_id="abc123.r3.a0.east.state"),
+    RegionReport(run_id="abc123", round=3, region_id="east", status="ok", transfer_id="abc123.r3.a0.east.part",
+                 upload_bytes=123456, accepted=1990, failed=10, cpu_s=4.5),
 ]
+
+
+@pytest.mark.parametrize("build", [
+    lambda: RegionStatus(region_id="east/1", state="online", ts=1.7e9),  # not one topic level
+    lambda: RegionStatus(region_id="east", state="gone", ts=1.7e9),
+    lambda: RegionRound(run_id="r", round=1, target_sparsity=0.0, rank=8, sent_rank=4, local_steps=1, deadline_ts=1.0,
+                        upload_transfer_id="u", download_transfer_id=None),  # sent below the training rank
+    lambda: RegionReport(run_id="r", round=1, region_id="east", status="ok", accepted=-1),
+], ids=["region_id", "state", "sent_rank", "accepted"])
+def test_invalid_region_messages_are_refused(build) -> None:
+    with pytest.raises(ProtocolError):
+        build()
 
 
 def test_every_message_type_has_a_sample() -> None:
@@ -220,3 +240,20 @@ def test_numbers_are_normalised() -> None:
 def test_encode_refuses_non_messages() -> None:
     with pytest.raises(ProtocolError):
         encode({"type": "command"})  # type: ignore[arg-type]
+
+
+def test_region_topics_parse_apart_from_node_topics() -> None:
+    from shared.topics import TopicError, Topics
+
+    t = Topics("fedspine/v1")
+    p = t.parse(t.region("east", "upload"))
+    assert (p.kind, p.node_id, p.region) == ("upload", None, "east")  # never taken for a node's upload
+    assert t.parse(t.node("east", "upload")).region is None
+    sub = t.region_root("east")
+    assert sub.node("n1", "status") == "fedspine/v1/region/east/node/n1/status"
+    with pytest.raises(TopicError):  # a sub-fleet's node topic is not part of the root's tree
+        t.parse(sub.node("n1", "upload"))
+    with pytest.raises(TopicError):
+        t.region("east", "telemetry")
+    with pytest.raises(TopicError):
+        t.region("../x", "status")

@@ -1,0 +1,406 @@
+"""A regional aggregator (``fedspine region --config region.toml``): one coordinator's work for a sub-fleet.
+
+Its nodes are ordinary nodes whose ``topic_root`` is ``<root>/region/<rid>`` (``Topics.region_root``): to them the
+region is the coordinator.  Upward it is one participant of the root's rounds on ``<root>/region/<rid>/...``:
+
+    root --RegionRound + global state (chunked)--> region --RoundConfig + slice (chunked)--> each live node
+    root <--partial aggregate (chunked) + report-- region <--update (chunked) + RoundReport-- each node
+
+The region slices the global state for each node exactly as the root would (``GlobalLora.slice_for`` is
+deterministic), validates each update as the root does, and forwards ``GlobalLora.partial`` of the accepted ones:
+per-coordinate sums that the root adds across regions, so the root's global state equals flat aggregation of the
+same updates (tests/coordinator/test_hierarchy.py).  Every transfer is chunked, digest-verified and resumable
+(shared/chunking.py), both ways.  The root's work per round grows with regions, not nodes.
+
+What a hierarchical round does not do (yet): the root's per-node policy (the bandit's rank and sparsity, paced
+steps).  The root sends each region one assignment (its fixed rank, τ steps, no cut), which the region relays.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+
+from coordinator.aggregation import GlobalLora
+from coordinator.registry import Registry
+from shared.chunking import Reassembler
+from shared.config import BrokerConfig, ConfigError, from_mapping, load_toml
+from shared.logs import LiveRoundLogger, get_logger
+from shared.messages import (
+    Chunk,
+    NodeStatus,
+    RegionReport,
+    RegionRound,
+    RegionStatus,
+    ResendRequest,
+    RoundConfig,
+    RoundReport,
+    decode_from,
+    encode,
+)
+from shared.topics import TopicError, check_node_id
+from shared.transport import CHUNK_OVERHEAD, MqttTransport
+from shared.updates import LORA_ALPHA, LoraUpdate, UpdateError, UpdateLimits
+
+ROOT_SENDER = "coordinator"  # the root's chunks carry this sender (coordinator.server.COORDINATOR_ID)
+STATUS_EVERY_S = 1.0  # the region's presence (with its live node count) is republished at most this often
+
+
+@dataclass(frozen=True)
+class RegionSettings:
+    """[region]: who this aggregator is and how long it waits for its nodes."""
+
+    region_id: str = field(default="region-1", metadata={
+        "help": "this aggregator's id (a topic level, [A-Za-z0-9_-]); its nodes' topic_root is <root>/region/<id>"})
+    deadline_s: float = field(default=300.0, metadata={
+        "help": "a round waits at most this long for its nodes' uploads; keep it below the root's deadline_s"})
+    quorum: float = field(default=0.5, metadata={
+        "help": "share of its round's nodes whose updates must arrive for the region to forward a partial"})
+
+    def __post_init__(self) -> None:
+        try:
+            check_node_id(self.region_id)
+        except TopicError as exc:
+            raise ConfigError(f"[region] region_id: {exc}") from None
+        if self.deadline_s <= 0 or not 0 < self.quorum <= 1:
+            raise ConfigError(f"[region] deadline_s {self.deadline_s} must be > 0 and quorum {self.quorum} in (0, 1]")
+
+
+@dataclass(frozen=True)
+class RegionConfig:
+    broker: BrokerConfig
+    region: RegionSettings = field(default_factory=RegionSettings)
+
+    SECTIONS = {"broker": BrokerConfig, "region": RegionSettings}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RegionConfig:
+        unknown = sorted(set(data) - set(cls.SECTIONS))
+        if unknown:
+            raise ConfigError(f"unknown section(s) {unknown}; known: {list(cls.SECTIONS)}")
+        return cls(**{name: from_mapping(kind, data.get(name), name) for name, kind in cls.SECTIONS.items()})
+
+    @classmethod
+    def load(cls, path: str | Path) -> RegionConfig:
+        return cls.from_dict(load_toml(path))
+
+
+def load_state(data: bytes, limits: UpdateLimits) -> GlobalLora:
+    """The root's global state from its download (safetensors of ``GlobalLora.state_tensors``), validated."""
+    if len(data) > limits.max_bytes:
+        raise UpdateError(f"global state of {len(data)} bytes exceeds {limits.max_bytes}")
+    try:
+        tensors = st_load(bytes(data))
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise UpdateError(f"malformed global state: {exc}") from None
+    for key, t in tensors.items():
+        if key.split(".", 1)[0] not in ("delta", "dense", "importance", "scored") or "." not in key:
+            raise UpdateError(f"global state: unexpected tensor {key!r}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UpdateError(f"global state {key}: NaN or Inf")
+        if key.startswith("delta.") and t.dim() != 2:
+            raise UpdateError(f"global state {key}: must be a matrix")
+    g = GlobalLora()
+    g.load_tensors(tensors)
+    return g
+
+
+class Region:
+    """One regional aggregator process. ``transport`` may be injected (tests use an in-memory bus)."""
+
+    def __init__(self, cfg: RegionConfig, *, transport=None, log=None) -> None:
+        self.cfg = cfg
+        self.rid = cfg.region.region_id
+        self.up = cfg.broker.topics
+        self.down = self.up.region_root(self.rid)
+        self.round = 0
+        self.log = LiveRoundLogger((log or get_logger("region")).bind(node_id=self.rid), lambda: self.round)
+        self.limits = UpdateLimits()
+        self.reassembler = Reassembler(max_bytes=self.limits.max_bytes, timeout_s=max(cfg.region.deadline_s, 60.0))
+        self.registry = Registry()
+        self.global_ = GlobalLora()
+        self.structures: dict[str, dict] = {}  # node -> kept rows/cols per module, from its last accepted update
+        self.sparsity: dict[str, float] = {}
+        self.events: queue.Queue = queue.Queue()
+        self.chunk_limit = cfg.broker.chunk_size + CHUNK_OVERHEAD
+        self._stop = threading.Event()
+        self._announced = (-1, 0.0)  # (live count, when) last published
+        off = encode(RegionStatus(region_id=self.rid, state="offline", ts=time.time()))
+        self.transport = transport or MqttTransport(
+            cfg.broker, client_id=f"fedspine-region-{self.rid}", will=(self.up.region(self.rid, "status"), off),
+            on_connect=lambda: self._announce(force=True), log=self.log.bind(logger="transport"), persistent=True)
+
+    # ---- network thread: decode and enqueue only ----------------------------------------------------------
+    def _node_of(self, topic: str, kind: str) -> str | None:
+        try:
+            parsed = self.down.parse(topic)
+        except TopicError as exc:
+            self.log.warning("topic_rejected", topic=topic, error=str(exc))
+            return None
+        return parsed.node_id if parsed.kind == kind else None
+
+    def _on_status(self, topic: str, payload: bytes) -> None:
+        nid = self._node_of(topic, "status")
+        st = nid and payload and decode_from(payload, NodeStatus, topic=topic, log=self.log, sender=nid)
+        if st:
+            self.events.put(("status", nid, st))
+
+    def _on_report(self, topic: str, payload: bytes) -> None:
+        nid = self._node_of(topic, "report")
+        rep = nid and decode_from(payload, RoundReport, topic=topic, log=self.log, sender=nid)
+        if rep:
+            self.events.put(("report", nid, rep))
+
+    def _on_upload(self, topic: str, payload: bytes) -> None:
+        nid = self._node_of(topic, "upload")
+        self._feed(topic, payload, nid, "upload")
+
+    def _feed(self, topic: str, payload: bytes, sender: str | None, kind: str) -> None:
+        chunk = sender and decode_from(payload, Chunk, topic=topic, log=self.log, max_bytes=self.chunk_limit,
+                                       event="chunk_rejected")
+        if chunk:
+            whole = self.reassembler.feed(chunk, sender)
+            if whole is not None:
+                self.events.put((kind, sender, (chunk.transfer_id, whole)))
+
+    def _on_missing(self, topic: str, payload: bytes) -> None:
+        nid = self._node_of(topic, "missing")
+        req = nid and decode_from(payload, ResendRequest, topic=topic, log=self.log, sender=nid,
+                                  sender_field="requester")
+        if req:
+            self.events.put(("missing", nid, req))
+
+    def _on_round(self, topic: str, payload: bytes) -> None:
+        msg = decode_from(payload, RegionRound, topic=topic, log=self.log)
+        if msg:
+            if msg.download_transfer_id:  # before its chunks arrive (a chunk that came first is asked for again)
+                self.reassembler.expect(msg.download_transfer_id, ROOT_SENDER)
+            self.events.put(("round", None, msg))
+
+    def _on_download(self, topic: str, payload: bytes) -> None:
+        self._feed(topic, payload, ROOT_SENDER, "global")
+
+    def _on_resend(self, topic: str, payload: bytes) -> None:
+        req = decode_from(payload, ResendRequest, topic=topic, log=self.log)
+        if req:
+            self.events.put(("resend", None, req))
+
+    # ---- main thread ------------------------------------------------------------------------------------
+    def _announce(self, force: bool = False) -> None:
+        live, last = self._announced
+        n = self.registry.live_count()
+        if not force and (n == live or time.monotonic() - last < STATUS_EVERY_S):
+            return
+        self._announced = (n, time.monotonic())
+        msg = RegionStatus(region_id=self.rid, state="online", ts=time.time(), nodes=n)
+        self.transport.publish(self.up.region(self.rid, "status"), encode(msg), qos=1, retain=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(sig, lambda *_: self.stop())
+        t = self.transport
+        for kind, handler in (("status", self._on_status), ("report", self._on_report),
+                              ("upload", self._on_upload), ("missing", self._on_missing)):
+            t.subscribe(self.down.node_filter(kind), handler)
+        for kind, handler in (("config", self._on_round), ("download", self._on_download),
+                              ("resend", self._on_resend)):
+            t.subscribe(self.up.region(self.rid, kind), handler)
+        t.start()
+        self.log.info("region_started", sub_root=self.down.root, settings=vars(self.cfg.region))
+        try:
+            while not self._stop.is_set():
+                ev = self._get(0.5)
+                if ev is not None and ev[0] == "round":
+                    self._run_round(ev[2])
+                elif ev is not None:
+                    self._idle(ev)
+                self._announce()
+        finally:
+            off = RegionStatus(region_id=self.rid, state="offline", ts=time.time(), nodes=0)
+            t.publish(self.up.region(self.rid, "status"), encode(off), qos=1, retain=True)
+            t.wait_published(5.0)
+            t.stop()
+            self.log.info("region_stopped", rounds=self.round)
+        return 0
+
+    def _get(self, timeout: float) -> tuple | None:
+        try:
+            return self.events.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return None
+
+    def _idle(self, ev: tuple) -> None:
+        kind, nid, payload = ev
+        if kind == "status":
+            self.registry.apply(payload, time.time(), self.round)
+        elif kind == "missing":
+            self.transport.resend(self.down.node(nid, "download"), payload)
+        elif kind == "resend":
+            self.transport.resend(self.up.region(self.rid, "upload"), payload)
+        else:
+            self.log.info("late_message_dropped", kind=kind, node=nid)
+
+    def _fetch_global(self, rr: RegionRound, end: float) -> bool:
+        """Wait for the round's global state (asking the root for missing chunks); False: none by ``end``."""
+        if rr.download_transfer_id is None:
+            self.global_ = GlobalLora()
+            return True
+        tid, asked = rr.download_transfer_id, time.monotonic()
+        while time.monotonic() < end and not self._stop.is_set():
+            ev = self._get(0.5)
+            if ev is not None and ev[0] == "global" and ev[2][0] == tid:
+                try:
+                    self.global_ = load_state(ev[2][1], self.limits)
+                    return True
+                except UpdateError as exc:
+                    self.log.warning("global_state_rejected", error=str(exc))
+                    self.reassembler.expect(tid, ROOT_SENDER)
+            elif ev is not None and ev[0] not in ("round", "global"):
+                self._idle(ev)
+            if time.monotonic() - asked >= 1.0:  # resume: ask for what is missing
+                asked = time.monotonic()
+                req = ResendRequest(transfer_id=tid, requester=self.rid,
+                                    missing=self.reassembler.missing(tid)[:65536])
+                self.transport.publish(self.up.region(self.rid, "missing"), encode(req), qos=1)
+        return False
+
+    def _run_round(self, rr: RegionRound) -> None:
+        cpu0 = time.process_time()
+        self.round = rr.round
+        end = time.monotonic() + min(self.cfg.region.deadline_s, max(1.0, rr.deadline_ts - time.time()))
+        if not self._fetch_global(rr, end):
+            self._report(rr, cpu0, error="no global state from the root within the deadline")
+            return
+        nodes = self.registry.live(for_round=rr.round)
+        pending = self._send_configs(rr, [n.node_id for n in nodes], end)
+        accepted, failed = self._collect(rr, pending, end)
+        if not pending or len(accepted) < max(1, math.ceil(self.cfg.region.quorum * len(pending))):
+            self._report(rr, cpu0, error=f"{len(accepted)} of {len(pending)} nodes' updates arrived", failed=failed)
+            return
+        from coordinator.strategies.base import NodeResult, node_weights
+
+        ids = sorted(accepted)
+        results = [NodeResult(node_id=n, update=accepted[n][0], samples=accepted[n][1].samples, loss_start=0.0,
+                              loss_end=0.0, compute_s=0.0, round_time_s=0.0, sparsity=accepted[n][1].sparsity,
+                              rank=rr.rank, energy_j=None, upload_bytes=0, steps=accepted[n][2],
+                              examples=accepted[n][1].examples) for n in ids]
+        pairs = list(zip([r.update for r in results], node_weights(results, rr.local_steps), strict=True))
+        starts = [self.global_.start_for(self.structures.get(n), rr.rank, rr.sent_rank, LORA_ALPHA) for n in ids]
+        partial = self.global_.partial(pairs, starts, [r.steps for r in results])
+        data = partial.to_bytes()
+        self.transport.send_transfer(self.up.region(self.rid, "upload"), data, rr.upload_transfer_id, self.rid)
+        for r in results:
+            self.structures[r.node_id] = {n: (m.rows.clone(), m.cols.clone()) for n, m in r.update.modules.items()}
+            self.sparsity[r.node_id] = max(self.sparsity.get(r.node_id, 0.0), r.sparsity)
+        self._report(rr, cpu0, accepted=len(ids), failed=failed, size=len(data))
+
+    def _report(self, rr: RegionRound, cpu0: float, *, error: str = "", accepted: int = 0, failed: int = 0,
+                size: int = 0) -> None:
+        rep = RegionReport(run_id=rr.run_id, round=rr.round, region_id=self.rid, status="error" if error else "ok",
+                           error=error, transfer_id=rr.upload_transfer_id, upload_bytes=size, accepted=accepted,
+                           failed=failed, cpu_s=time.process_time() - cpu0)
+        self.transport.publish(self.up.region(self.rid, "report"), encode(rep), qos=1)
+        (self.log.warning if error else self.log.info)("region_round_done", accepted=accepted, failed=failed,
+                                                         upload_bytes=size, error=error, cpu_s=round(rep.cpu_s, 3))
+
+    def _send_configs(self, rr: RegionRound, node_ids: list[str], end: float) -> dict[str, str]:
+        """Relay the root's assignment to each node with its slice of the global state; node -> upload id."""
+        deadline_ts = time.time() + max(0.0, end - time.monotonic())
+        pending, encoded = {}, {}
+        for nid in node_ids:
+            up = f"{rr.run_id}.r{rr.round}.{self.rid}.{nid}.up"
+            g = self.global_.slice_for(self.structures.get(nid), rr.sent_rank, LORA_ALPHA)
+            down = f"{rr.run_id}.r{rr.round}.{self.rid}.{nid}.down" if g is not None else None
+            self.reassembler.expect(up, nid)
+            msg = RoundConfig(run_id=rr.run_id, round=rr.round, rank=rr.rank, local_steps=rr.local_steps,
+                              target_sparsity=max(rr.target_sparsity, self.sparsity.get(nid, 0.0)),
+                              deadline_ts=deadline_ts, upload_transfer_id=up, download_transfer_id=down)
+            pending[nid] = up
+            self.transport.publish(self.down.node(nid, "config"), encode(msg), qos=1)
+            if g is not None:
+                if id(g) not in encoded:
+                    encoded[id(g)] = g.to_bytes()
+                self.transport.send_transfer(self.down.node(nid, "download"), encoded[id(g)], down, self.rid)
+        return pending
+
+    def _collect(self, rr: RegionRound, pending: dict[str, str], end: float):
+        """Reports and uploads of the round's nodes until each answered or ``end``: (node -> (update, report,
+        steps) of the accepted ones, how many failed)."""
+        reports: dict[str, RoundReport] = {}
+        payloads: dict[str, bytes] = {}
+        accepted: dict[str, tuple] = {}
+        done: set[str] = set()
+        asked: dict[str, float] = {}
+        while len(done) < len(pending) and time.monotonic() < end and not self._stop.is_set():
+            ev = self._get(min(0.5, end - time.monotonic()))
+            if ev is not None:
+                kind, nid, payload = ev
+                if kind == "report" and nid in pending and nid not in done:
+                    if payload.run_id == rr.run_id and payload.round == rr.round:
+                        if payload.status != "ok" or payload.transfer_id != pending[nid]:
+                            done.add(nid)
+                        else:
+                            reports[nid] = payload
+                elif kind == "upload" and nid in pending and nid not in done:
+                    if payload[0] == pending[nid]:
+                        payloads[nid] = payload[1]
+                elif kind in ("round", "global"):
+                    self.log.warning("round_overlap_dropped", kind=kind)
+                elif kind not in ("report", "upload"):
+                    self._idle(ev)
+                if nid in reports and nid in payloads and nid not in done:
+                    done.add(nid)
+                    res = self._accept(rr, nid, reports[nid], payloads[nid])
+                    if res is not None:
+                        accepted[nid] = res
+            now = time.monotonic()
+            for nid in set(reports) - set(payloads) - done:  # resume a stalled upload
+                if now - asked.get(nid, 0.0) >= 3.0:
+                    asked[nid] = now
+                    missing = self.reassembler.missing(pending[nid])
+                    if missing:
+                        req = ResendRequest(transfer_id=pending[nid], requester=self.rid, missing=missing[:65536])
+                        self.transport.publish(self.down.node(nid, "resend"), encode(req), qos=1)
+        for up in pending.values():
+            self.reassembler.forget(up)
+        return accepted, len(pending) - len(accepted)
+
+    def _accept(self, rr: RegionRound, nid: str, rep: RoundReport, data: bytes) -> tuple | None:
+        """The same checks as the root's (coordinator.server._accept, Strategy.check_update)."""
+        steps = rep.steps or rr.local_steps
+        try:
+            if rep.upload_bytes and rep.upload_bytes != len(data):
+                raise UpdateError(f"reported upload_bytes {rep.upload_bytes} != received {len(data)}")
+            if steps != rr.local_steps:
+                raise UpdateError(f"ran {steps} local steps, not the assigned {rr.local_steps}")
+            update = LoraUpdate.from_bytes(data, self.limits)
+            ranks = {m.rank for m in update.modules.values()}
+            if ranks and ranks != {rr.rank}:
+                raise UpdateError(f"update ranks {sorted(ranks)} differ from the assigned rank {rr.rank}")
+            self.global_.check(update)
+            prev = self.structures.get(nid)
+            for name, m in update.modules.items():
+                if prev and name in prev and not (set(m.rows.tolist()) <= set(prev[name][0].tolist())
+                                                  and set(m.cols.tolist()) <= set(prev[name][1].tolist())):
+                    raise UpdateError(f"lora.{name}: kept indices grew back (pruning is monotone)")
+        except UpdateError as exc:
+            self.log.warning("update_rejected", node=nid, error=str(exc))
+            return None
+        return update, rep, steps
+
+
+def main_region(config: str) -> int:
+    return Region(RegionConfig.load(config)).run()
