@@ -40,6 +40,7 @@ _CHUNK_KINDS = ("upload", "download")
 
 # Connection constants (not configuration: read when a transport is made, so tests may patch them).
 KEEPALIVE_S = 30  # MQTT keep-alive: a dead link is noticed within about 1.5 x this
+SUBSCRIBE_BACKOFF_MAX_S = 60.0  # a refused subscription is asked for again after 1, 2, 4 … s, at most this
 MAX_INFLIGHT = 20  # QoS 1 messages paho puts on the wire unacknowledged; paho ignores the broker's receive maximum
 RECONNECT_MIN_S = 0.5  # first retry after a loss (to the next member); doubles per failed attempt
 RECONNECT_MAX_S = 30.0  # backoff ceiling
@@ -178,6 +179,7 @@ class MqttTransport(_Base):
         self.subscribed = threading.Event()  # the subscriptions made before start() are active (SUBACK)
         self._suback_mid: int | None = None
         self._sub_requests: dict[int, list[tuple[str, int]]] = {}  # SUBSCRIBE mid -> its filters (for a retry)
+        self._sub_backoff: dict[str, float] = {}  # refused filter -> seconds before it is asked for again
         self._stopping = False
         self._net_thread: int | None = None
         self._up_since = 0.0  # monotonic time of the last CONNACK
@@ -276,27 +278,34 @@ class MqttTransport(_Base):
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
         with self._sub_lock:  # a request made in another thread is recorded before its SUBACK is looked at
             asked = self._sub_requests.pop(mid, [])
-        failed = [f for f, rc in zip(asked, reason_codes or [], strict=False) if rc.is_failure]
+        failed = [(f, rc) for f, rc in zip(asked, reason_codes or [], strict=False) if rc.is_failure]
+        for f, _ in asked:
+            if all(f != g for g, _ in failed):
+                self._sub_backoff.pop(f[0], None)
         if failed:
             # A clustered engine refuses a subscription it could not set up in time (NATS: its JetStream consumer,
-            # under load); without it this client would silently miss messages.  Ask again, until it is granted.
-            self.log.warning("subscription_refused", filters=[f for f, _ in failed][:8], count=len(failed),
-                             reason=str(next(rc for f, rc in zip(asked, reason_codes, strict=False) if rc.is_failure)))
-            timer = threading.Timer(1.0, self._resubscribe, args=(failed, mid == self._suback_mid))
+            # under load), and one its permissions forbid; MQTT 3.1.1 tells the two apart by nothing.  Without it
+            # this client would silently miss messages, so ask again, backing off (1 s doubling to 60 s) so that a
+            # forbidden filter costs a warning a minute; start() does not wait for it.
+            delay = max(self._sub_backoff.get(f[0], 0.5) * 2 for f, _ in failed)
+            delay = min(delay, SUBSCRIBE_BACKOFF_MAX_S)
+            for f, _ in failed:
+                self._sub_backoff[f[0]] = delay
+            self.log.warning("subscription_refused", filters=[f for (f, _), _ in failed][:8], count=len(failed),
+                             reason=str(failed[0][1]), retry_s=delay)
+            timer = threading.Timer(delay, self._resubscribe, args=([f for f, _ in failed],))
             timer.daemon = True
             timer.start()
-            return
         if mid == self._suback_mid:
-            self.subscribed.set()
+            self.subscribed.set()  # the broker answered: granted, or refused and asked again in the background
 
-    def _resubscribe(self, subs: list[tuple[str, int]], initial: bool) -> None:
+    def _resubscribe(self, subs: list[tuple[str, int]]) -> None:
         if self._stopping or not self.connected.is_set():
             return  # the next connect subscribes to everything anyway
         with self._sub_lock:
-            mid = self.client.subscribe(subs)[1]
-            self._sub_requests[mid] = subs
-            if initial:
-                self._suback_mid = mid
+            subs = [s for s in subs if s[0] in self._handlers]  # not unsubscribed meanwhile
+            if subs:
+                self._sub_requests[self.client.subscribe(subs)[1]] = subs
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:
