@@ -140,28 +140,20 @@ class Region:
             on_connect=lambda: self._announce(force=True), log=self.log.bind(logger="transport"), persistent=True)
 
     # ---- network thread: decode and enqueue only ----------------------------------------------------------
-    def _node_of(self, topic: str, kind: str) -> str | None:
-        try:
-            parsed = self.down.parse(topic)
-        except TopicError as exc:
-            self.log.warning("topic_rejected", topic=topic, error=str(exc))
-            return None
-        return parsed.node_id if parsed.kind == kind else None
-
     def _on_status(self, topic: str, payload: bytes) -> None:
-        nid = self._node_of(topic, "status")
+        nid = self.down.sender(topic, "status", self.log)
         st = nid and payload and decode_from(payload, NodeStatus, topic=topic, log=self.log, sender=nid)
         if st:
             self.events.put(("status", nid, st))
 
     def _on_report(self, topic: str, payload: bytes) -> None:
-        nid = self._node_of(topic, "report")
+        nid = self.down.sender(topic, "report", self.log)
         rep = nid and decode_from(payload, RoundReport, topic=topic, log=self.log, sender=nid)
         if rep:
             self.events.put(("report", nid, rep))
 
     def _on_upload(self, topic: str, payload: bytes) -> None:
-        nid = self._node_of(topic, "upload")
+        nid = self.down.sender(topic, "upload", self.log)
         self._feed(topic, payload, nid, "upload")
 
     def _feed(self, topic: str, payload: bytes, sender: str | None, kind: str) -> None:
@@ -173,7 +165,7 @@ class Region:
                 self.events.put((kind, sender, (chunk.transfer_id, whole)))
 
     def _on_missing(self, topic: str, payload: bytes) -> None:
-        nid = self._node_of(topic, "missing")
+        nid = self.down.sender(topic, "missing", self.log)
         req = nid and decode_from(payload, ResendRequest, topic=topic, log=self.log, sender=nid,
                                   sender_field="requester")
         if req:

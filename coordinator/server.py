@@ -42,7 +42,6 @@ from shared.messages import (
     decode_from,
     encode,
 )
-from shared.topics import TopicError
 from shared.transport import CHUNK_OVERHEAD, MqttTransport
 from shared.updates import LoraUpdate, UpdateError, UpdateLimits
 
@@ -131,16 +130,8 @@ class Coordinator:
     def _on_connect(self) -> None:
         self._publish_status("online")
 
-    def _node_of(self, topic: str, kind: str) -> str | None:
-        try:
-            parsed = self.topics.parse(topic)
-        except TopicError as exc:
-            self.log.warning("topic_rejected", topic=topic, error=str(exc))
-            return None
-        return parsed.node_id if parsed.kind == kind else None
-
     def _handle_status(self, topic: str, payload: bytes) -> None:
-        node_id = self._node_of(topic, "status")
+        node_id = self.topics.sender(topic, "status", self.log)
         if node_id is None or not payload:  # an empty retained message clears a status: nothing to learn
             return
         # a presence that does not name its topic's node cannot be attributed: logged (warning) and dropped
@@ -149,13 +140,13 @@ class Coordinator:
             self.events.put(("status", node_id, status))
 
     def _handle_report(self, topic: str, payload: bytes) -> None:
-        node_id = self._node_of(topic, "report")
+        node_id = self.topics.sender(topic, "report", self.log)
         msg = node_id and decode_from(payload, (RoundReport, ExportReport), topic=topic, log=self.log, sender=node_id)
         if msg:
             self.events.put(("report", node_id, msg))
 
     def _handle_upload(self, topic: str, payload: bytes) -> None:
-        node_id = self._node_of(topic, "upload")
+        node_id = self.topics.sender(topic, "upload", self.log)
         chunk = node_id and decode_from(payload, Chunk, topic=topic, log=self.log, max_bytes=self.chunk_limit,
                                           event="chunk_rejected")
         if not chunk:
@@ -165,36 +156,28 @@ class Coordinator:
             self.events.put(("upload", node_id, (chunk.transfer_id, whole, chunk.digest)))  # digest: verified
 
     def _handle_missing(self, topic: str, payload: bytes) -> None:
-        node_id = self._node_of(topic, "missing")
+        node_id = self.topics.sender(topic, "missing", self.log)
         req = node_id and decode_from(payload, ResendRequest, topic=topic, log=self.log, sender=node_id,
                                       sender_field="requester")
         if req:
             self.events.put(("missing", node_id, req))
 
-    def _region_of(self, topic: str, kind: str) -> str | None:
-        try:
-            parsed = self.topics.parse(topic)
-        except TopicError as exc:
-            self.log.warning("topic_rejected", topic=topic, error=str(exc))
-            return None
-        return parsed.region if parsed.kind == kind else None
-
     def _handle_region_status(self, topic: str, payload: bytes) -> None:
-        rid = self._region_of(topic, "status")
+        rid = self.topics.sender(topic, "status", self.log, field="region")
         st = rid and payload and decode_from(payload, RegionStatus, topic=topic, log=self.log, sender=rid,
                                              sender_field="region_id")
         if st:  # one dict item replaced (atomic): the main thread reads a consistent snapshot of each region
             self._regions[rid] = st
 
     def _handle_region_report(self, topic: str, payload: bytes) -> None:
-        rid = self._region_of(topic, "report")
+        rid = self.topics.sender(topic, "report", self.log, field="region")
         msg = rid and decode_from(payload, RegionReport, topic=topic, log=self.log, sender=rid,
                                   sender_field="region_id")
         if msg:
             self.events.put(("region_report", rid, msg))
 
     def _handle_region_upload(self, topic: str, payload: bytes) -> None:
-        rid = self._region_of(topic, "upload")
+        rid = self.topics.sender(topic, "upload", self.log, field="region")
         chunk = rid and decode_from(payload, Chunk, topic=topic, log=self.log, max_bytes=self.chunk_limit,
                                     event="chunk_rejected")
         whole = self.reassembler.feed(chunk, rid) if chunk else None
@@ -202,7 +185,7 @@ class Coordinator:
             self.events.put(("region_upload", rid, (chunk.transfer_id, whole)))
 
     def _handle_region_missing(self, topic: str, payload: bytes) -> None:
-        rid = self._region_of(topic, "missing")
+        rid = self.topics.sender(topic, "missing", self.log, field="region")
         req = rid and decode_from(payload, ResendRequest, topic=topic, log=self.log, sender=rid,
                                   sender_field="requester")
         if req:

@@ -135,6 +135,16 @@ class Topics:
         return f"{self.root}/node/+/telemetry/#"
 
     # ---- parser ---------------------------------------------------------------------------------
+    def sender(self, topic: str, kind: str, log, field: str = "node_id") -> str | None:
+        """The node (``field="region"``: the region) that ``topic`` belongs to when it is of ``kind``; None, with a
+        warning for a topic outside this tree, otherwise (an inbound handler then drops the message)."""
+        try:
+            parsed = self.parse(topic)
+        except TopicError as exc:
+            log.warning("topic_rejected", topic=topic, error=str(exc))
+            return None
+        return getattr(parsed, field) if parsed.kind == kind else None
+
     def parse(self, topic: str) -> ParsedTopic:
         """Classify a topic of this tree; raise TopicError for anything else (never trust a topic)."""
         prefix = self.root + "/"
