@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.config import BrokerConfig, ConfigError, from_mapping, load_toml
+from shared.config import BrokerConfig, ConfigError, Sections
 
 METHODS = ("fedspine", "fedlora", "hetlora", "uniform", "prune_ft", "ft_prune")
 REWARD_TERMS = ("loss", "time", "importance", "energy")
@@ -100,20 +100,9 @@ class BanditSettings:
 
 
 @dataclass(frozen=True)
-class CoordinatorConfig:
+class CoordinatorConfig(Sections):
     broker: BrokerConfig
     coordinator: RoundSettings = field(default_factory=RoundSettings)
     bandit: BanditSettings = field(default_factory=BanditSettings)
 
     SECTIONS = {"broker": BrokerConfig, "coordinator": RoundSettings, "bandit": BanditSettings}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> CoordinatorConfig:
-        unknown = sorted(set(data) - set(cls.SECTIONS))
-        if unknown:
-            raise ConfigError(f"unknown section(s) {unknown}; known: {list(cls.SECTIONS)}")
-        return cls(**{name: from_mapping(kind, data.get(name), name) for name, kind in cls.SECTIONS.items()})
-
-    @classmethod
-    def load(cls, path: str | Path) -> CoordinatorConfig:
-        return cls.from_dict(load_toml(path))

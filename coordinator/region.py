@@ -24,7 +24,6 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
@@ -33,7 +32,7 @@ from safetensors.torch import load as st_load
 from coordinator.aggregation import GlobalLora
 from coordinator.registry import Registry
 from shared.chunking import Reassembler
-from shared.config import BrokerConfig, ConfigError, from_mapping, load_toml
+from shared.config import BrokerConfig, ConfigError, Sections
 from shared.logs import LiveRoundLogger, get_logger
 from shared.messages import (
     Chunk,
@@ -76,22 +75,11 @@ class RegionSettings:
 
 
 @dataclass(frozen=True)
-class RegionConfig:
+class RegionConfig(Sections):
     broker: BrokerConfig
     region: RegionSettings = field(default_factory=RegionSettings)
 
     SECTIONS = {"broker": BrokerConfig, "region": RegionSettings}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> RegionConfig:
-        unknown = sorted(set(data) - set(cls.SECTIONS))
-        if unknown:
-            raise ConfigError(f"unknown section(s) {unknown}; known: {list(cls.SECTIONS)}")
-        return cls(**{name: from_mapping(kind, data.get(name), name) for name, kind in cls.SECTIONS.items()})
-
-    @classmethod
-    def load(cls, path: str | Path) -> RegionConfig:
-        return cls.from_dict(load_toml(path))
 
 
 def load_state(data: bytes, limits: UpdateLimits) -> GlobalLora:

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.config import BrokerConfig, ConfigError, from_mapping, load_toml
+from shared.config import BrokerConfig, ConfigError, Sections
 from shared.topics import check_node_id
 
 
@@ -84,7 +84,7 @@ class TelemetrySettings:
 
 
 @dataclass(frozen=True)
-class NodeConfig:
+class NodeConfig(Sections):
     broker: BrokerConfig
     node: NodeSettings
     train: TrainSettings = field(default_factory=TrainSettings)
@@ -94,16 +94,9 @@ class NodeConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> NodeConfig:
-        unknown = sorted(set(data) - set(cls.SECTIONS))
-        if unknown:
-            raise ConfigError(f"unknown section(s) {unknown}; known: {list(cls.SECTIONS)}")
-        if "node" not in data:
+        if "node" not in data and not set(data) - set(cls.SECTIONS):
             raise ConfigError("[node] section is required (at least id)")
-        return cls(**{name: from_mapping(kind, data.get(name), name) for name, kind in cls.SECTIONS.items()})
-
-    @classmethod
-    def load(cls, path: str | Path) -> NodeConfig:
-        return cls.from_dict(load_toml(path))
+        return super().from_dict(data)
 
     def check_files(self) -> None:
         """The files a real node reads, checked before it loads anything (``fedspine node``), so that a wrong path

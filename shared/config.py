@@ -10,7 +10,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 from urllib.parse import urlparse
 
 from shared.topics import DEFAULT_ROOT, Topics
@@ -51,6 +51,23 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+class Sections:
+    """A process's whole configuration: one dataclass per TOML section, listed in ``SECTIONS`` (name -> class)."""
+
+    SECTIONS: dict[str, type] = {}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Self:
+        unknown = sorted(set(data) - set(cls.SECTIONS))
+        if unknown:
+            raise ConfigError(f"unknown section(s) {unknown}; known: {list(cls.SECTIONS)}")
+        return cls(**{name: from_mapping(kind, data.get(name), name) for name, kind in cls.SECTIONS.items()})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        return cls.from_dict(load_toml(path))
 
 
 @dataclass(frozen=True)
