@@ -232,10 +232,9 @@ class LoraUpdate:
             for part in ("A", "B"):
                 if p[part].dtype not in _FLOAT_DTYPES:
                     raise UpdateError(f"lora.{name}.{part}: dtype {p[part].dtype} is not a float type")
-            modules[name] = ModuleUpdate(
-                A=p["A"].float(), B=p["B"].float(), rows=p["rows"], cols=p["cols"],
-                shape=(int(p["shape"][0]), int(p["shape"][1])), scale=float(p["scale"][0]),
-            )
+            (out_dim, in_dim), (scale,) = p["shape"].tolist(), p["scale"].tolist()  # tolist: no tensor per entry
+            modules[name] = ModuleUpdate(A=p["A"].float(), B=p["B"].float(), rows=p["rows"], cols=p["cols"],
+                                         shape=(out_dim, in_dim), scale=float(scale))
         importance: dict[str, GroupScores] = {}
         for name, p in imp_parts.items():
             missing = {"idx", "score", "size"} - p.keys()
