@@ -1,5 +1,6 @@
 """Hierarchical rounds through a real broker: a root coordinator, two regional aggregators and protocol-level
-nodes under each; the root's global state equals flat aggregation of exactly the nodes' updates."""
+nodes under each; the root's global state equals flat aggregation of exactly the nodes' updates, and the run ends
+through the regions (final sync, then every node's export)."""
 
 from __future__ import annotations
 
@@ -76,3 +77,11 @@ def test_root_with_two_regions_equals_flat_aggregation(tmp_path):
         got = state[f"delta.{name}"]
         assert float((got - want).abs().max() / want.abs().max()) <= 1e-5, name
     assert torch.allclose(state["dense.classifier.weight"], flat.dense["classifier.weight"], rtol=1e-5, atol=1e-6)
+    # The run ended as a flat one does: the final sync reached every node through its region (a lite node answers
+    # the export "ok" only if it took part in the run's final sync), and each region reported its nodes' exports.
+    ends = {(r["region"], "final" if r.get("final") else "export"): r for r in rows if r.get("kind") == "region"}
+    assert {rid: ends[rid, "final"]["accepted"] for rid in REGIONS} == {r: len(m) for r, m in REGIONS.items()}
+    assert {rid: (e.nodes, e.ok) for rid, e in summary.region_exports.items()} == \
+        {rid: (len(m), len(m)) for rid, m in REGIONS.items()}
+    assert {rid: ends[rid, "export"]["ok"] for rid in REGIONS} == {r: len(m) for r, m in REGIONS.items()}
+    assert (tmp_path / "root" / "finished").read_text() == summary.run_id
