@@ -10,10 +10,18 @@ The region slices the global state for each node exactly as the root would (``Gl
 deterministic), validates each update as the root does, and forwards ``GlobalLora.partial`` of the accepted ones:
 per-coordinate sums that the root adds across regions, so the root's global state equals flat aggregation of the
 same updates (tests/coordinator/test_hierarchy.py).  Every transfer is chunked, digest-verified and resumable
-(shared/chunking.py), both ways.  The root's work per round grows with regions, not nodes.
+(shared/chunking.py), both ways.  The root's work per round grows with regions, not nodes.  Downward the region
+speaks as the nodes' coordinator (its chunks and resend requests carry the sender ``coordinator``).
 
-What a hierarchical round does not do (yet): the root's per-node policy (the bandit's rank and sparsity, paced
-steps).  The root sends each region one assignment (its fixed rank, τ steps, no cut), which the region relays.
+The assignment is the method's fleet-wide schedule (``Strategy.fleet_plan``: target sparsity, rank, τ steps,
+whether to track importance); the region keeps a node that is already sparser at its own sparsity, as the root
+does.  A method whose policy is per node (FedSpine's bandit, HetLoRA's tier ranks) refuses regions at the root.
+Paced steps need the root to time each node and are not used under regions (every node runs τ steps).
+
+The end of the run goes through the region too: a RegionRound with ``local_steps`` 0 is the final sync (relayed
+to every live node, which evaluates the final state and keeps it; the region reports how many took part and
+sends no partial), and the root's export Command, sent on the region's config topic, is relayed on the sub-fleet's
+broadcast topic; the region counts its nodes' ExportReports by status and answers with one RegionExport.
 """
 
 from __future__ import annotations
