@@ -5,10 +5,11 @@ CLI (``python -m broker_config.fedspine_broker ...``)::
     add-node NAME [--password-file F] [--password P] [--secret-out FILE] [--allow-reserved] [--run-user U]
              [--sighup PID]
     remove-node NAME [--password-file F] [--sighup PID]
-    render-acl [--topic-root R] [--coordinator U ...] [--monitor U ...] [--out FILE]
+    render-acl [--topic-root R] [--coordinator U ...] [--monitor U ...] [--region R ...] [--out FILE]
     render-config [--set KEY=VALUE ...] [--out FILE]
     nats-passwd NAME [--passwords F] [--password P] [--secret-out FILE] [--cost N]
-    render-nats-auth [--passwords F] [--topic-root R] [--coordinator U ...] [--monitor U ...] [--out FILE]
+    render-nats-auth [--passwords F] [--topic-root R] [--coordinator U ...] [--monitor U ...] [--region R ...]
+                     [--out FILE]
     render-nats --server-name NAME --route HOST:PORT ... [--set KEY=VALUE ...] [--out FILE]
 
 Without ``--password`` a random password is generated and printed once (or written, mode 0600, to
@@ -65,16 +66,20 @@ def render_config(**variables: Any) -> str:
 
 
 def render_acl(topic_root: str = DEFAULT_ROOT, coordinator_users: Iterable[str] = DEFAULT_COORDINATORS,
-               monitor_users: Iterable[str] = ()) -> str:
-    """Render ``acl.j2`` for one topic root, the coordinator users and the read-only monitor users."""
+               monitor_users: Iterable[str] = (), region_users: Iterable[str] = ()) -> str:
+    """Render ``acl.j2`` for one topic root, the coordinator users, the read-only monitor users and the regional
+    aggregators' users (user name == region id)."""
     Topics(topic_root)  # validates the root
-    coordinators, monitors = list(coordinator_users), list(monitor_users)
-    for u in coordinators + monitors:
+    coordinators, monitors, regions = list(coordinator_users), list(monitor_users), list(region_users)
+    for u in coordinators + monitors + regions:
         _check_username(u)
     if not coordinators:
         raise BrokerToolError("at least one coordinator user is needed")
+    users = coordinators + monitors + regions
+    if len(set(users)) != len(users):
+        raise BrokerToolError(f"a user has two roles: {sorted(u for u in set(users) if users.count(u) > 1)}")
     return _env().get_template("acl.j2").render(topic_root=topic_root, coordinator_users=coordinators,
-                                                monitor_users=monitors)
+                                                monitor_users=monitors, region_users=regions)
 
 
 def _check_username(name: str) -> str:
@@ -196,6 +201,8 @@ def _add_nats_commands(sub: Any) -> None:
     auth.add_argument("--topic-root", default=DEFAULT_ROOT)
     auth.add_argument("--coordinator", action="append", help="coordinator user (repeatable)")
     auth.add_argument("--monitor", action="append", default=[], help="read-only monitor user (repeatable)")
+    auth.add_argument("--region", action="append", default=[],
+                      help="regional aggregator's user, user name == region id (repeatable)")
     auth.add_argument("--out")
     member = sub.add_parser("render-nats", help="render one NATS cluster member's configuration (nats.conf)")
     member.add_argument("--server-name", required=True)
@@ -223,7 +230,12 @@ def _run_nats_command(args: argparse.Namespace) -> None:
             raise BrokerToolError(f"no users in {args.passwords}: add them with nats-passwd")
         coordinators = args.coordinator or list(DEFAULT_COORDINATORS)
         monitors = [u for u in args.monitor if u in hashes]
-        _write(nats.render_nats_auth(hashes, args.topic_root, coordinators, monitors), args.out, mode=0o640)
+        missing = [r for r in args.region if r not in hashes]
+        if missing:
+            raise BrokerToolError(f"region user(s) {missing} have no password in {args.passwords}: add them with "
+                                  "nats-passwd")
+        _write(nats.render_nats_auth(hashes, args.topic_root, coordinators, monitors, region_users=args.region),
+               args.out, mode=0o640)
     else:
         variables: dict[str, Any] = {"server_name": args.server_name, "routes": args.route, "store_dir": args.store_dir}
         for item in args.set:
@@ -255,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     acl.add_argument("--topic-root", default=DEFAULT_ROOT)
     acl.add_argument("--coordinator", action="append", help="coordinator user (repeatable)")
     acl.add_argument("--monitor", action="append", default=[], help="read-only monitor user (repeatable)")
+    acl.add_argument("--region", action="append", default=[],
+                     help="regional aggregator's user, user name == region id (repeatable)")
     acl.add_argument("--out")
     cfg = sub.add_parser("render-config", help="render mosquitto.conf")
     cfg.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -283,7 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             remove_user(args.password_file, args.name)
             _sighup(pid, f"user {args.name!r} was removed from {args.password_file}")
         elif args.cmd == "render-acl":
-            _write(render_acl(args.topic_root, args.coordinator or DEFAULT_COORDINATORS, args.monitor), args.out)
+            _write(render_acl(args.topic_root, args.coordinator or DEFAULT_COORDINATORS, args.monitor, args.region),
+                   args.out)
         else:
             variables = {}
             for item in args.set:

@@ -53,8 +53,8 @@ class LocalMosquitto:
 
     def __init__(self, users: Mapping[str, str] | None = None, *, root: str = DEFAULT_ROOT,
                  coordinator_users: tuple[str, ...] = ("coordinator",), monitor_users: tuple[str, ...] = ("monitor",),
-                 tls: bool = False, workdir: str | Path | None = None, host: str = "127.0.0.1",
-                 **overrides: Any) -> None:
+                 region_users: tuple[str, ...] = (), tls: bool = False, workdir: str | Path | None = None,
+                 host: str = "127.0.0.1", **overrides: Any) -> None:
         if shutil.which("mosquitto") is None:
             raise RuntimeError("mosquitto binary not found: install the mosquitto package")
         self.users = dict(DEFAULT_TEST_USERS if users is None else users)
@@ -71,14 +71,14 @@ class LocalMosquitto:
         self.log_file = self.dir / "mosquitto.log"
         self.cafile: Path | None = None
         self.proc: subprocess.Popen | None = None
-        self._coordinators, self._monitors = coordinator_users, monitor_users
+        self._coordinators, self._monitors, self._regions = coordinator_users, monitor_users, region_users
         self._overrides = overrides
         self._tls = tls
 
     def render(self) -> None:
         for name, password in self.users.items():
             add_user(self.password_file, name, password)
-        self.acl_file.write_text(render_acl(self.root, self._coordinators, self._monitors))
+        self.acl_file.write_text(render_acl(self.root, self._coordinators, self._monitors, self._regions))
         variables: dict[str, Any] = {
             "listen_address": self.host, "port": self.port, "password_file": str(self.password_file),
             "acl_file": str(self.acl_file), "persistence": False, "log_dest": ["stderr"],

@@ -58,17 +58,18 @@ def render_nats_config(**variables: Any) -> str:
 
 def render_nats_auth(password_hashes: Mapping[str, str], topic_root: str = DEFAULT_ROOT,
                      coordinator_users: Iterable[str] = ("coordinator",), monitor_users: Iterable[str] = (),
-                     node_users: Iterable[str] | None = None) -> str:
+                     node_users: Iterable[str] | None = None, region_users: Iterable[str] = ()) -> str:
     """Render ``nats-auth.conf.j2``.  ``node_users`` defaults to every user of ``password_hashes`` that is
-    neither a coordinator nor a monitor.  Names and the root must be NATS-safe (no '.')."""
-    coordinators, monitors = list(coordinator_users), list(monitor_users)
-    nodes = [u for u in password_hashes if u not in coordinators + monitors] if node_users is None else list(node_users)
+    neither a coordinator, a monitor nor a regional aggregator.  Names and the root must be NATS-safe (no '.')."""
+    coordinators, monitors, regions = list(coordinator_users), list(monitor_users), list(region_users)
+    nodes = ([u for u in password_hashes if u not in coordinators + monitors + regions] if node_users is None
+             else list(node_users))
     Topics(topic_root)
     if "." in topic_root:
         raise NatsError(f"topic root {topic_root!r} contains '.', which NATS refuses in MQTT topics")
     if not coordinators:
         raise NatsError("at least one coordinator user is needed")
-    users = coordinators + monitors + nodes
+    users = coordinators + monitors + regions + nodes
     if len(set(users)) != len(users):
         raise NatsError(f"a user has two roles: {sorted(u for u in set(users) if users.count(u) > 1)}")
     for u in users:
@@ -80,7 +81,7 @@ def render_nats_auth(password_hashes: Mapping[str, str], topic_root: str = DEFAU
             raise NatsError(f"user {u!r} has no bcrypt password hash")
     return _env().get_template("nats-auth.conf.j2").render(
         topic_root=topic_root, coordinator_users=coordinators, monitor_users=monitors, node_users=nodes,
-        password_hashes=dict(password_hashes))
+        region_users=regions, password_hashes=dict(password_hashes))
 
 
 # ---- passwords (bcrypt, as nats-server verifies them) ------------------------------------------------------
@@ -187,8 +188,8 @@ class LocalNatsCluster:
 
     def __init__(self, users: Mapping[str, str] | None = None, *, members: int = 3, root: str = DEFAULT_ROOT,
                  coordinator_users: tuple[str, ...] = ("coordinator",), monitor_users: tuple[str, ...] = ("monitor",),
-                 tls: bool = False, workdir: str | Path | None = None, host: str = "127.0.0.1",
-                 bcrypt_cost: int = 4, **overrides: Any) -> None:
+                 region_users: tuple[str, ...] = (), tls: bool = False, workdir: str | Path | None = None,
+                 host: str = "127.0.0.1", bcrypt_cost: int = 4, **overrides: Any) -> None:
         self.binary = require_nats_server()
         self.users = dict(DEFAULT_TEST_USERS if users is None else users)
         self.root, self.host, self.n = root, host, members
@@ -199,7 +200,7 @@ class LocalNatsCluster:
         self.mqtt_ports, self.client_ports, self.route_ports = ports[:members], ports[members:2 * members], ports[2 * members:]
         self.cafile: Path | None = None
         self.procs: list[subprocess.Popen | None] = [None] * members
-        self._coordinators, self._monitors = coordinator_users, monitor_users
+        self._coordinators, self._monitors, self._regions = coordinator_users, monitor_users, region_users
         self._tls, self._cost, self._overrides = tls, bcrypt_cost, overrides
 
     # ---- files --------------------------------------------------------------------------------------------
@@ -214,7 +215,7 @@ class LocalNatsCluster:
 
     def render(self) -> None:
         hashes = {u: hash_password(pw, self._cost) for u, pw in self.users.items()}
-        auth = render_nats_auth(hashes, self.root, self._coordinators, self._monitors)
+        auth = render_nats_auth(hashes, self.root, self._coordinators, self._monitors, region_users=self._regions)
         tls: dict[str, str] = {}
         if self._tls:
             self.cafile, cert, key = make_lab_ca(self.dir / "tls", self.host)

@@ -20,7 +20,7 @@ def _clean(v: Any) -> Any:
 
 
 class MetricsWriter:
-    """Append-only JSONL; every line carries ``kind`` (node, round, export) and a timestamp."""
+    """Append-only JSONL; every line carries ``kind`` (node, round, export, region) and a timestamp."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -36,6 +36,10 @@ class MetricsWriter:
 
     def round_summary(self, rec: dict) -> None:
         self._write("round", rec)
+
+    def region(self, rec: dict) -> None:
+        """A region's part of the run's end (hierarchical): its final sync (``final``) or its nodes' exports."""
+        self._write("region", rec)
 
     def export(self, report) -> None:
         self._write("export", {"run_id": report.run_id, "node_id": report.node_id, "node": report.node_id, "status": report.status,

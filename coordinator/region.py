@@ -10,10 +10,18 @@ The region slices the global state for each node exactly as the root would (``Gl
 deterministic), validates each update as the root does, and forwards ``GlobalLora.partial`` of the accepted ones:
 per-coordinate sums that the root adds across regions, so the root's global state equals flat aggregation of the
 same updates (tests/coordinator/test_hierarchy.py).  Every transfer is chunked, digest-verified and resumable
-(shared/chunking.py), both ways.  The root's work per round grows with regions, not nodes.
+(shared/chunking.py), both ways.  The root's work per round grows with regions, not nodes.  Downward the region
+speaks as the nodes' coordinator (its chunks and resend requests carry the sender ``coordinator``).
 
-What a hierarchical round does not do (yet): the root's per-node policy (the bandit's rank and sparsity, paced
-steps).  The root sends each region one assignment (its fixed rank, τ steps, no cut), which the region relays.
+The assignment is the method's fleet-wide schedule (``Strategy.fleet_plan``: target sparsity, rank, τ steps,
+whether to track importance); the region keeps a node that is already sparser at its own sparsity, as the root
+does.  A method whose policy is per node (FedSpine's bandit, HetLoRA's tier ranks) refuses regions at the root.
+Paced steps need the root to time each node and are not used under regions (every node runs τ steps).
+
+The end of the run goes through the region too: a RegionRound with ``local_steps`` 0 is the final sync (relayed
+to every live node, which evaluates the final state and keeps it; the region reports how many took part and
+sends no partial), and the root's export Command, sent on the region's config topic, is relayed on the sub-fleet's
+broadcast topic; the region counts its nodes' ExportReports by status and answers with one RegionExport.
 """
 
 from __future__ import annotations
@@ -36,7 +44,10 @@ from shared.config import BrokerConfig, ConfigError, Sections
 from shared.logs import LiveRoundLogger, get_logger
 from shared.messages import (
     Chunk,
+    Command,
+    ExportReport,
     NodeStatus,
+    RegionExport,
     RegionReport,
     RegionRound,
     RegionStatus,
@@ -50,7 +61,9 @@ from shared.topics import TopicError, check_node_id
 from shared.transport import CHUNK_OVERHEAD, MqttTransport
 from shared.updates import LORA_ALPHA, LoraUpdate, UpdateError, UpdateLimits
 
-ROOT_SENDER = "coordinator"  # the root's chunks carry this sender (coordinator.server.COORDINATOR_ID)
+# The root's chunks carry this sender (coordinator.server.COORDINATOR_ID); to its nodes the region is their
+# coordinator, so its chunks and resend requests downward carry it too (a node accepts no other).
+ROOT_SENDER = "coordinator"
 STATUS_EVERY_S = 1.0  # the region's presence (with its live node count) is republished at most this often
 
 
@@ -136,7 +149,7 @@ class Region:
 
     def _on_report(self, topic: str, payload: bytes) -> None:
         nid = self.down.sender(topic, "report", self.log)
-        rep = nid and decode_from(payload, RoundReport, topic=topic, log=self.log, sender=nid)
+        rep = nid and decode_from(payload, (RoundReport, ExportReport), topic=topic, log=self.log, sender=nid)
         if rep:
             self.events.put(("report", nid, rep))
 
@@ -160,8 +173,10 @@ class Region:
             self.events.put(("missing", nid, req))
 
     def _on_round(self, topic: str, payload: bytes) -> None:
-        msg = decode_from(payload, RegionRound, topic=topic, log=self.log)
-        if msg:
+        msg = decode_from(payload, (RegionRound, Command), topic=topic, log=self.log)
+        if isinstance(msg, Command):  # the root's end of run: relayed to this region's nodes
+            self.events.put(("command", None, msg))
+        elif msg:
             if msg.download_transfer_id:  # before its chunks arrive (a chunk that came first is asked for again)
                 self.reassembler.expect(msg.download_transfer_id, ROOT_SENDER)
             self.events.put(("round", None, msg))
@@ -205,6 +220,8 @@ class Region:
                 ev = self._get(0.5)
                 if ev is not None and ev[0] == "round":
                     self._run_round(ev[2])
+                elif ev is not None and ev[0] == "command":
+                    self._command(ev[2])
                 elif ev is not None:
                     self._idle(ev)
                 self._announce()
@@ -267,6 +284,9 @@ class Region:
         nodes = self.registry.live(for_round=rr.round)
         pending = self._send_configs(rr, [n.node_id for n in nodes], end)
         accepted, failed = self._collect(rr, pending, end)
+        if rr.local_steps == 0:  # the final sync: the nodes evaluated the final state and keep it for the export
+            self._report(rr, cpu0, accepted=len(accepted), failed=failed)
+            return
         if not pending or len(accepted) < max(1, math.ceil(self.cfg.region.quorum * len(pending))):
             self._report(rr, cpu0, error=f"{len(accepted)} of {len(pending)} nodes' updates arrived", failed=failed)
             return
@@ -296,6 +316,42 @@ class Region:
         (self.log.warning if error else self.log.info)("region_round_done", accepted=accepted, failed=failed,
                                                          upload_bytes=size, error=error, cpu_s=round(rep.cpu_s, 3))
 
+    def _command(self, cmd: Command) -> None:
+        """The root's export: relayed to this region's live nodes; their ExportReports are counted by status and
+        the summary (RegionExport) goes up on the region's report topic."""
+        if cmd.command != "export":
+            self.log.info("command_ignored", command=cmd.command)
+            return
+        live = {n.node_id for n in self.registry.live()}
+        self.transport.publish(self.down.broadcast_command, encode(cmd), qos=1)
+        self.log.info("export_requested", nodes=sorted(live))
+        got: dict[str, str] = {}
+        end = time.monotonic() + self.cfg.region.deadline_s
+        while live - got.keys() and time.monotonic() < end and not self._stop.is_set():
+            ev = self._get(min(0.5, end - time.monotonic()))
+            if ev is None:
+                continue
+            kind, nid, payload = ev
+            if kind == "report" and isinstance(payload, ExportReport) and payload.run_id == cmd.run_id and nid in live:
+                got[nid] = payload.status
+                self.log.info("node_exported", node=nid, status=payload.status, size_bytes=payload.size_bytes,
+                              sparsity=payload.sparsity)
+            elif kind == "status":
+                self._idle(ev)
+                if not self.registry.is_live(nid):
+                    live.discard(nid)
+            elif kind in ("round", "global", "command"):
+                self.log.warning("round_overlap_dropped", kind=kind)
+            else:
+                self._idle(ev)
+        statuses = [got.get(n, "missing") for n in sorted(live | got.keys())]
+        rep = RegionExport(run_id=cmd.run_id, region_id=self.rid, nodes=len(statuses), ok=statuses.count("ok"),
+                           skipped=statuses.count("skipped"), missing=statuses.count("missing"),
+                           failed=sum(s in ("error", "oom") for s in statuses))
+        self.transport.publish(self.up.region(self.rid, "report"), encode(rep), qos=1)
+        (self.log.info if rep.ok == rep.nodes else self.log.warning)(
+            "region_exported", nodes=rep.nodes, ok=rep.ok, skipped=rep.skipped, failed=rep.failed, missing=rep.missing)
+
     def _send_configs(self, rr: RegionRound, node_ids: list[str], end: float) -> dict[str, str]:
         """Relay the root's assignment to each node with its slice of the global state; node -> upload id."""
         deadline_ts = time.time() + max(0.0, end - time.monotonic())
@@ -307,13 +363,14 @@ class Region:
             self.reassembler.expect(up, nid)
             msg = RoundConfig(run_id=rr.run_id, round=rr.round, rank=rr.rank, local_steps=rr.local_steps,
                               target_sparsity=max(rr.target_sparsity, self.sparsity.get(nid, 0.0)),
-                              deadline_ts=deadline_ts, upload_transfer_id=up, download_transfer_id=down)
+                              importance=rr.importance, deadline_ts=deadline_ts, upload_transfer_id=up,
+                              download_transfer_id=down)
             pending[nid] = up
             self.transport.publish(self.down.node(nid, "config"), encode(msg), qos=1)
             if g is not None:
                 if id(g) not in encoded:
                     encoded[id(g)] = g.to_bytes()
-                self.transport.send_transfer(self.down.node(nid, "download"), encoded[id(g)], down, self.rid)
+                self.transport.send_transfer(self.down.node(nid, "download"), encoded[id(g)], down, ROOT_SENDER)
         return pending
 
     def _collect(self, rr: RegionRound, pending: dict[str, str], end: float):
@@ -328,7 +385,9 @@ class Region:
             ev = self._get(min(0.5, end - time.monotonic()))
             if ev is not None:
                 kind, nid, payload = ev
-                if kind == "report" and nid in pending and nid not in done:
+                if kind == "report" and isinstance(payload, ExportReport):
+                    self._idle(ev)
+                elif kind == "report" and nid in pending and nid not in done:
                     if payload.run_id == rr.run_id and payload.round == rr.round:
                         if payload.status != "ok" or payload.transfer_id != pending[nid]:
                             done.add(nid)
@@ -337,7 +396,7 @@ class Region:
                 elif kind == "upload" and nid in pending and nid not in done:
                     if payload[0] == pending[nid]:
                         payloads[nid] = payload[1]
-                elif kind in ("round", "global"):
+                elif kind in ("round", "global", "command"):
                     self.log.warning("round_overlap_dropped", kind=kind)
                 elif kind not in ("report", "upload"):
                     self._idle(ev)
@@ -352,7 +411,8 @@ class Region:
                     asked[nid] = now
                     missing = self.reassembler.missing(pending[nid])
                     if missing:
-                        req = ResendRequest(transfer_id=pending[nid], requester=self.rid, missing=missing[:65536])
+                        req = ResendRequest(transfer_id=pending[nid], requester=ROOT_SENDER,
+                                            missing=missing[:65536])
                         self.transport.publish(self.down.node(nid, "resend"), encode(req), qos=1)
         for up in pending.values():
             self.reassembler.forget(up)

@@ -19,12 +19,12 @@ from pathlib import Path
 
 from safetensors.torch import save as st_save
 
-from coordinator.aggregation import GlobalLora, Partial
+from coordinator.aggregation import Partial
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import MetricsWriter
 from coordinator.registry import Registry
 from coordinator.state import CheckpointStore
-from coordinator.strategies import Assignment, Failure, NodeResult, make_strategy
+from coordinator.strategies import Assignment, Failure, FleetPlan, NodeResult, make_strategy
 from shared.chunking import Reassembler
 from shared.logs import LiveRoundLogger, get_logger
 from shared.messages import (
@@ -33,6 +33,7 @@ from shared.messages import (
     CoordinatorStatus,
     ExportReport,
     NodeStatus,
+    RegionExport,
     RegionReport,
     RegionRound,
     RegionStatus,
@@ -69,6 +70,7 @@ class RunSummary:
     rounds_done: int
     stopped_early: str = ""
     exports: dict[str, ExportReport] = field(default_factory=dict)
+    region_exports: dict[str, RegionExport] = field(default_factory=dict)  # hierarchical: each region's summary
 
 
 FINISHED_FILE = "finished"  # in state_dir: the run id whose final sync and exports are done
@@ -119,6 +121,7 @@ class Coordinator:
         self._base_model: str | None = rs.base_model or None  # the digest of the fleet's base model
         self._refused: dict[str, tuple] = {}  # refused nodes -> (labels, base model) they had (logged once each)
         self._regions: dict[str, RegionStatus] = {}  # regional aggregators' presence (coordinator/region.py)
+        self._refusal_logged = False  # the method's refusal of regions is logged once
         self._stop = threading.Event()
         status_off = encode(CoordinatorStatus(state="offline", ts=time.time(), run_id=self.run_id))
         self.transport = transport or MqttTransport(
@@ -171,7 +174,7 @@ class Coordinator:
 
     def _handle_region_report(self, topic: str, payload: bytes) -> None:
         rid = self.topics.sender(topic, "report", self.log, field="region")
-        msg = rid and decode_from(payload, RegionReport, topic=topic, log=self.log, sender=rid,
+        msg = rid and decode_from(payload, (RegionReport, RegionExport), topic=topic, log=self.log, sender=rid,
                                   sender_field="region_id")
         if msg:
             self.events.put(("region_report", rid, msg))
@@ -262,12 +265,16 @@ class Coordinator:
         try:
             finished = self.round >= rs.rounds and self._finished_before()  # nothing to do: no need to wait
             if not finished and not self._wait_for_nodes(rs.min_nodes, rs.join_timeout_s):
-                summary.stopped_early = f"fewer than {rs.min_nodes} nodes joined within {rs.join_timeout_s:.0f} s"
+                summary.stopped_early = self._regions_refused() or \
+                    f"fewer than {rs.min_nodes} nodes joined within {rs.join_timeout_s:.0f} s"
                 return summary
             retries = 0
             while self.round < rs.rounds and not self._stop.is_set():
                 rnd = self.round + 1
                 regions = self._online_regions()
+                if why := self._regions_refused():
+                    summary.stopped_early = why  # never hierarchical rounds without the method's policy
+                    break
                 if regions and self._run_region_round(rnd, retries, regions) or \
                         not regions and self._run_round(rnd, attempt=retries):
                     self.round, retries = rnd, 0
@@ -284,9 +291,14 @@ class Coordinator:
                 # metrics.jsonl once; nothing is evaluated or exported again.
                 self.log.info("run_already_finished", rounds_done=self.round, metrics=str(self.metrics.path))
             elif self.round >= rs.rounds and not self._stop.is_set():
-                self._final_sync()
-                summary.exports = self._export()
-                if summary.exports:
+                regions = [] if self._regions_refused() else self._online_regions()
+                if regions:  # the run ends through the regions, as its rounds ran
+                    self._final_sync_regions(regions)
+                    summary.region_exports = self._export_regions(regions)
+                else:
+                    self._final_sync()
+                    summary.exports = self._export()
+                if summary.exports or summary.region_exports:
                     (self.state_dir / FINISHED_FILE).write_text(self.run_id)
             self._publish_status("finished" if self.round >= rs.rounds else "offline")
             return summary
@@ -330,6 +342,8 @@ class Coordinator:
         end = start + timeout_s if timeout_s > 0 else math.inf
         next_log = start + WAIT_LOG_S
         while not self._stop.is_set():
+            if self._regions_refused():
+                return False
             if self._fleet_size() >= n:
                 return True
             now = time.monotonic()
@@ -347,6 +361,16 @@ class Coordinator:
     def _online_regions(self) -> list[str]:
         return sorted(rid for rid, st in list(self._regions.items()) if st.state == "online")
 
+    def _regions_refused(self) -> str:
+        """Why this run cannot go on while regions are online ("" if it can, or none is): a method whose policy is
+        per node (coordinator/strategies/) would run hierarchical rounds without it.  Logged once."""
+        regions = self._online_regions()
+        why = self.strategy.regions_refusal() if regions else ""
+        if why and not self._refusal_logged:
+            self._refusal_logged = True
+            self.log.error("regions_refused", method=self.cfg.coordinator.method, regions=regions, error=why)
+        return why
+
     def _fleet_size(self) -> int:
         """Live nodes: this coordinator's own, or while regional aggregators are online, those of their sub-fleets."""
         regions = [self._regions[r] for r in self._online_regions()]
@@ -356,29 +380,14 @@ class Coordinator:
         """A hierarchical round: each online region gets the round's assignment and the global state, relays them to
         its nodes and answers with one partial aggregate; the global state becomes ``GlobalLora.apply`` of them,
         which equals flat aggregation of the same updates.  The work here grows with regions, not nodes."""
-        rs, b = self.cfg.coordinator, self.cfg.bandit
+        rs = self.cfg.coordinator
         log = self.log.bind(round=rnd, attempt=attempt)
         cpu0, wall0 = time.process_time(), time.monotonic()
         g = self.strategy.global_
-        if not isinstance(g, GlobalLora):
-            log.error("regions_unsupported", method=rs.method, hint="zero-padding (hetlora) has no partial aggregate")
-            return False
-        state = st_save(g.state_tensors()) if not g.empty else None  # one encoding for every region
-        rank = b.rank
-        sent_rank = max(rank, self.strategy.deploy_rank())
-        pending: dict[str, dict] = {}
-        for rid in regions:
-            up = f"{self.run_id}.r{rnd}.a{attempt}.{rid}.part"
-            down = f"{self.run_id}.r{rnd}.a{attempt}.{rid}.state" if state is not None else None
-            self.reassembler.expect(up, rid)
-            msg = RegionRound(run_id=self.run_id, round=rnd, target_sparsity=0.0, rank=rank, sent_rank=sent_rank,
-                              local_steps=rs.local_steps, deadline_ts=time.time() + rs.deadline_s,
-                              upload_transfer_id=up, download_transfer_id=down)
-            pending[rid] = {"up": up, "report": None, "data": None, "asked": time.monotonic()}
-            self.transport.publish(self.topics.region(rid, "config"), encode(msg), qos=1)
-            if state is not None:
-                self.transport.send_transfer(self.topics.region(rid, "download"), state, down, COORDINATOR_ID)
-        log.info("region_round_started", regions=regions, rank=rank, local_steps=rs.local_steps)
+        plan = self.strategy.fleet_plan(rnd)  # the method's schedule, the same for every node (refusal checked)
+        pending = self._send_region_rounds(rnd, f"a{attempt}", regions, plan)
+        log.info("region_round_started", regions=regions, target_sparsity=round(plan.target_sparsity, 4),
+                 rank=plan.rank, local_steps=plan.local_steps)
         self._active = rnd
         try:
             partials, failed = self._collect_regions(pending, time.monotonic() + rs.deadline_s + 30.0, log)
@@ -398,15 +407,99 @@ class Coordinator:
         cost = {"coordinator_cpu_s": time.process_time() - cpu0, "round_wall_s": time.monotonic() - wall0}
         self.metrics.round_summary({"round": rnd, "method": rs.method, "participants": participants,
                                     "accepted": accepted, "regions": len(partials), "failed_regions": failed,
+                                    "target_sparsity": plan.target_sparsity, "rank": plan.rank,
                                     "region_cpu_s": round(sum(r.cpu_s for r in reports), 4), **cost})
         log.info("round_done", accepted=accepted, regions=len(partials), failed_regions=failed,
                  **{k: round(v, 3) for k, v in cost.items()})
         return True
 
-    def _collect_regions(self, pending: dict[str, dict], deadline: float, log) -> tuple[dict[str, Partial], dict]:
+    def _send_region_rounds(self, rnd: int, tag: str, regions: list[str], plan: FleetPlan) -> dict[str, dict]:
+        """Publish each region's RegionRound (``plan``) and the global state (chunked, one encoding for all)."""
+        rs, g = self.cfg.coordinator, self.strategy.global_
+        state = st_save(g.state_tensors()) if not g.empty else None
+        pending: dict[str, dict] = {}
+        for rid in regions:
+            up = f"{self.run_id}.r{rnd}.{tag}.{rid}.part"
+            down = f"{self.run_id}.r{rnd}.{tag}.{rid}.state" if state is not None else None
+            self.reassembler.expect(up, rid)
+            msg = RegionRound(run_id=self.run_id, round=rnd, target_sparsity=plan.target_sparsity, rank=plan.rank,
+                              sent_rank=plan.sent_rank, local_steps=plan.local_steps, importance=plan.importance,
+                              deadline_ts=time.time() + rs.deadline_s, upload_transfer_id=up,
+                              download_transfer_id=down)
+            pending[rid] = {"up": up, "report": None, "data": None, "asked": time.monotonic()}
+            self.transport.publish(self.topics.region(rid, "config"), encode(msg), qos=1)
+            if state is not None:
+                self.transport.send_transfer(self.topics.region(rid, "download"), state, down, COORDINATOR_ID)
+        return pending
+
+    def _final_sync_regions(self, regions: list[str]) -> None:
+        """The final sync through the regions: each sends its live nodes the final aggregate (τ = 0; they evaluate
+        it and keep it for the export) and reports how many took part; no partial comes back."""
+        rs = self.cfg.coordinator
+        rnd = self.round + 1  # on the wire a round of its own, as in _final_sync
+        log = self.log.bind(round=self.round, final=True)
+        last = self.strategy.fleet_plan(self.round)
+        rank = self.strategy.deploy_rank()
+        plan = FleetPlan(target_sparsity=last.target_sparsity, rank=rank, sent_rank=rank, local_steps=0,
+                         importance=False)
+        pending = self._send_region_rounds(rnd, "final", regions, plan)
+        self._active = rnd
+        try:
+            _, failed = self._collect_regions(pending, time.monotonic() + rs.deadline_s + 30.0, log, partial=False)
+        finally:
+            self._active = 0
+            for p in pending.values():
+                self.reassembler.forget(p["up"])
+        for rid in regions:
+            rep = pending[rid]["report"]
+            self.metrics.region({"round": self.round, "final": True, "region": rid, "method": rs.method,
+                                 "eval_only": True, "status": "ok" if rid not in failed else failed[rid],
+                                 "accepted": rep.accepted if rep else 0, "failed": rep.failed if rep else 0})
+        log.info("final_sync_done", regions=len(regions) - len(failed), failed_regions=failed,
+                 accepted=sum(p["report"].accepted for r, p in pending.items() if r not in failed))
+
+    def _export_regions(self, regions: list[str]) -> dict[str, RegionExport]:
+        """Ask each region to relay the export command to its nodes; collect one summary per region."""
+        log = self.log
+        cmd = encode(Command(command="export", run_id=self.run_id, round=self.round))
+        for rid in regions:
+            self.transport.publish(self.topics.region(rid, "config"), cmd, qos=1)
+        log.info("export_requested", regions=regions)
+        reports: dict[str, RegionExport] = {}
+        end = time.monotonic() + self.cfg.coordinator.deadline_s + 30.0  # a region waits up to its deadline_s
+        while set(self._online_regions()) & set(regions) - reports.keys() and time.monotonic() < end \
+                and not self._stop.is_set():
+            ev = self._drain(min(0.5, end - time.monotonic()))
+            if ev is None:
+                continue
+            kind, rid, payload = ev
+            if kind == "region_report" and isinstance(payload, RegionExport) and payload.run_id == self.run_id \
+                    and rid in regions:
+                reports[rid] = payload
+                self.metrics.region({"round": self.round, "export": True, "region": rid, "method":
+                                     self.cfg.coordinator.method, "nodes": payload.nodes, "ok": payload.ok,
+                                     "skipped": payload.skipped, "failed": payload.failed, "missing": payload.missing})
+                (log.info if payload.ok == payload.nodes else log.warning)(
+                    "region_exported", region=rid, nodes=payload.nodes, ok=payload.ok, skipped=payload.skipped,
+                    failed=payload.failed, missing=payload.missing)
+            elif kind in ("region_report", "region_upload"):
+                log.info("late_or_duplicate_dropped", kind=kind, region=rid)
+            elif kind != "region_missing":
+                self._dispatch_idle(ev, log)
+        if set(regions) - reports.keys():
+            log.warning("region_export_missing", regions=sorted(set(regions) - reports.keys()))
+        log.info("exports_done", regions=len(reports), nodes=sum(r.nodes for r in reports.values()),
+                 ok=sum(r.ok for r in reports.values()))
+        return reports
+
+    def _collect_regions(self, pending: dict[str, dict], deadline: float, log,
+                         partial: bool = True) -> tuple[dict[str, Partial], dict]:
+        """Each region's report and (``partial``) its partial aggregate, until all answered or ``deadline``; the
+        final sync's regions send a report only."""
         partials: dict[str, Partial] = {}
         failed: dict[str, str] = {}
-        while len(partials) + len(failed) < len(pending) and not self._stop.is_set():
+        done: set[str] = set()  # regions whose report (and partial) arrived
+        while len(done) + len(failed) < len(pending) and not self._stop.is_set():
             now = time.monotonic()
             if now >= deadline:
                 break
@@ -415,7 +508,8 @@ class Coordinator:
             p = pending.get(rid) if rid is not None else None
             if kind == "region_missing":
                 self.transport.resend(self.topics.region(rid, "download"), payload)
-            elif kind in ("region_report", "region_upload") and (p is None or rid in partials or rid in failed):
+            elif kind in ("region_report", "region_upload") and (p is None or rid in done or rid in failed
+                                                                  or isinstance(payload, RegionExport)):
                 log.info("late_or_duplicate_dropped", kind=kind, region=rid)
             elif kind == "region_report":
                 if payload.run_id != self.run_id or payload.transfer_id != p["up"]:
@@ -430,23 +524,28 @@ class Coordinator:
                     p["data"] = payload[1]
             elif ev is not None:
                 self._dispatch_idle(ev, log)
-            if p is not None and rid not in failed and p["report"] is not None and p["data"] is not None:
+            if p is not None and rid not in failed and rid not in done and p["report"] is not None and not partial:
+                done.add(rid)
+            elif p is not None and rid not in failed and rid not in done and p["report"] is not None \
+                    and p["data"] is not None:
+                done.add(rid)
                 try:
                     part = Partial.from_bytes(p["data"], self.limits)
                     if part.nodes != p["report"].accepted:
                         raise UpdateError(f"partial of {part.nodes} nodes, report says {p['report'].accepted}")
                     partials[rid] = part
                 except UpdateError as exc:
+                    done.discard(rid)
                     failed[rid] = "rejected"
                     log.warning("partial_rejected", region=rid, error=str(exc))
             for r, q in pending.items():  # resume a stalled partial: ask for the missing chunks
-                if q["report"] is not None and q["data"] is None and time.monotonic() - q["asked"] >= 3.0:
+                if partial and q["report"] is not None and q["data"] is None and time.monotonic() - q["asked"] >= 3.0:
                     q["asked"] = time.monotonic()
                     missing = self.reassembler.missing(q["up"])
                     if missing:
                         req = ResendRequest(transfer_id=q["up"], requester=COORDINATOR_ID, missing=missing[:65536])
                         self.transport.publish(self.topics.region(r, "resend"), encode(req), qos=1)
-        failed.update({r: "timeout" for r in pending if r not in partials and r not in failed})
+        failed.update({r: "timeout" for r in pending if r not in done and r not in failed})
         return partials, failed
 
     def _participants(self, rnd: int) -> list:

@@ -430,8 +430,10 @@ class RegionStatus(Message):
 
 @message
 class RegionRound(Message):
-    """The root's round for one region: the assignment it relays to each of its nodes, the global state it sends
-    (chunked on the region's download topic; None while there is none) and the transfer id of its partial."""
+    """The root's round for one region: the assignment it relays to each of its nodes (the strategy's fleet-wide
+    schedule: target sparsity, rank, steps), the global state it sends (chunked on the region's download topic; None
+    while there is none) and the transfer id of its partial.  ``local_steps`` 0 is the final sync: the region relays
+    it to its nodes, reports how many took part and sends no partial."""
 
     TYPE = "region_round"
     run_id: str = spec(max_len=64)
@@ -439,10 +441,11 @@ class RegionRound(Message):
     target_sparsity: float = spec(lo=0.0, hi=0.999999)
     rank: int = spec(lo=1, hi=4096)
     sent_rank: int = spec(lo=1, hi=4096)  # rank of the slice each node is sent (it trains from the first `rank`)
-    local_steps: int = spec(lo=1, hi=10**7)
+    local_steps: int = spec(lo=0, hi=10**7)  # 0: the final sync (apply the global state and evaluate only)
     deadline_ts: float = _ts()
     upload_transfer_id: str = spec(check="transfer_id")
     download_transfer_id: str | None = spec(check="transfer_id")
+    importance: bool = spec(True)  # the nodes track importance during the steps (they will still be cut)
 
     def _check(self) -> None:
         if self.sent_rank < self.rank:
@@ -464,6 +467,25 @@ class RegionReport(Message):
     accepted: int = _count(0)
     failed: int = _count(0)
     cpu_s: float = _seconds(0.0)  # the region's CPU time for the round
+
+
+@message
+class RegionExport(Message):
+    """A region's answer to the root's export Command (sent on its config topic): it relayed the command to its
+    live nodes and counts their ExportReports by status (``missing``: no report before the deadline)."""
+
+    TYPE = "region_export"
+    run_id: str = spec(max_len=64)
+    region_id: str = _node_id()
+    nodes: int = _count()  # live nodes asked
+    ok: int = _count(0)
+    skipped: int = _count(0)
+    failed: int = _count(0)  # error or oom
+    missing: int = _count(0)
+
+    def _check(self) -> None:
+        if self.ok + self.skipped + self.failed + self.missing != self.nodes:
+            raise _fail(type(self), "nodes", self.nodes, "must equal ok + skipped + failed + missing")
 
 
 # ---- chunked transfer (msgpack) -------------------------------------------------------------------------

@@ -80,9 +80,12 @@ def measure(n: int, rounds: int, swarm_procs: int, workdir: Path, profile: Path 
     with _broker(broker, workdir / f"broker-{tag}", root) as (members, table, sampler):
         metrics = workdir / f"state-{tag}" / "metrics.jsonl"
         cfg = workdir / f"coordinator-{tag}.toml"
+        # FedSpine's per-node bandit refuses regions (a region relays one fleet-wide assignment): the hierarchical
+        # runs use uniform, whose schedule the regions relay (its root-side cost per round is the same partials).
         write_toml(cfg, {
             "broker": table,
-            "coordinator": {"rounds": rounds, "method": "fedspine", "min_nodes": n, "local_steps": 1,
+            "coordinator": {"rounds": rounds, "method": "uniform" if regions else "fedspine", "min_nodes": n,
+                            "local_steps": 1,
                             "deadline_s": 300.0, "state_dir": str(workdir / f"state-{tag}"),
                             "join_timeout_s": 900.0},
         })

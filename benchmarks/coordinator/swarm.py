@@ -56,6 +56,7 @@ class LiteNode:
     def __init__(self, node_id: str, topics: Topics, host: str, port: int, auth: tuple[str, str] | None = None,
                  qos: int = 1) -> None:
         self.node_id, self.topics, self.answered, self.qos = node_id, topics, 0, qos
+        self.final: tuple[str, int] | None = None  # (run, round) of the last final sync it answered
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"lite-{node_id}",
                                   protocol=mqtt.MQTTv311)
         if auth:
@@ -76,10 +77,18 @@ class LiteNode:
             cfg = decode(msg.payload, (RoundConfig, Command))
         except ProtocolError:
             return
-        if isinstance(cfg, Command):  # export: a lite node has no model; it answers at once, so the run ends
-            rep = ExportReport(run_id=cfg.run_id, node_id=self.node_id, status="skipped")
+        if isinstance(cfg, Command):
+            # export: a lite node has no model to write; it answers at once, as a real node would (edge_node/agent.py):
+            # "ok" if it took part in the run's final sync (it holds the final aggregate), else "skipped"
+            if self.final is not None and self.final[0] == cfg.run_id and self.final[1] > cfg.round:
+                rep = ExportReport(run_id=cfg.run_id, node_id=self.node_id, status="ok")
+            else:
+                rep = ExportReport(run_id=cfg.run_id, node_id=self.node_id, status="skipped",
+                                   error=f"no final model of run {cfg.run_id} on this node")
             client.publish(self.topics.node(self.node_id, "report"), encode(rep), qos=1)
             return
+        if cfg.local_steps == 0:
+            self.final = (cfg.run_id, cfg.round)
         data = synthetic_update(cfg.rank, update_seed(self.node_id, cfg.round))
         chunk = Chunk(transfer_id=cfg.upload_transfer_id, sender=self.node_id, index=0, count=1,
                       total_size=len(data), digest=hashlib.sha256(data).hexdigest(), data=data)

@@ -6,9 +6,11 @@ from coordinator.config import CoordinatorConfig
 from coordinator.strategies.base import (
     Assignment,
     Failure,
+    FleetPlan,
     NodeInfo,
     NodeResult,
     NodeState,
+    RegionsUnsupported,
     RoundSummary,
     Strategy,
     node_weights,
@@ -22,8 +24,8 @@ from coordinator.strategies.uniform import Uniform
 
 STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (FedSpine, FedLoRA, HetLoRA, Uniform, PruneFT, FTPrune)}
 
-__all__ = ["Assignment", "Failure", "NodeInfo", "NodeResult", "NodeState", "RoundSummary", "STRATEGIES", "Strategy",
-           "make_strategy", "node_weights"]
+__all__ = ["Assignment", "Failure", "FleetPlan", "NodeInfo", "NodeResult", "NodeState", "RegionsUnsupported",
+           "RoundSummary", "STRATEGIES", "Strategy", "make_strategy", "node_weights"]
 
 
 def make_strategy(cfg: CoordinatorConfig, total_rounds: int, seed: int = 0) -> Strategy:

@@ -1,7 +1,9 @@
 """The Strategy interface (configure a round, aggregate a round, state to checkpoint) and what every method shares.
 
-A method is a subclass that overrides only its algorithm: ``schedule`` (each node's sparsity and LoRA rank for the
-round), ``deploy_rank`` (the rank of the final model), ``make_aggregator`` (how updates combine) and, for a learning
+A method is a subclass that overrides only its algorithm: ``fleet_schedule`` (every node's sparsity and LoRA rank for
+the round) where its schedule is one for the whole fleet, or ``schedule`` (each node's) where its policy is per node
+(it then says why in ``per_node_policy``: regional aggregators relay one fleet-wide assignment, ``fleet_plan``, so
+such a method refuses regions), ``deploy_rank`` (the rank of the final model), ``make_aggregator`` (how updates combine) and, for a learning
 policy, ``learn`` (what a round's results teach it).  Everything else is a system mechanism every method gets alike:
 aligned and paced local steps (coordinator/planning.py), FedNova weighting and mask-aware aggregation
 (coordinator/aggregation.py), the global model sent at the deployed rank, cuts made only with the fleet's averaged
@@ -56,6 +58,22 @@ class Assignment:
         if self.finish_s is not None:
             return self.min_steps <= steps <= self.max_steps
         return steps == self.local_steps
+
+
+@dataclass(frozen=True)
+class FleetPlan:
+    """One round's assignment for every node of a sub-fleet, which a regional aggregator relays to each of its nodes
+    (coordinator/region.py; it keeps a node's sparsity if it is already above ``target_sparsity``)."""
+
+    target_sparsity: float
+    rank: int
+    sent_rank: int  # rank of the global slice each node is sent (it trains from the first ``rank`` components)
+    local_steps: int
+    importance: bool  # track importance during the steps (a cut is still to come)
+
+
+class RegionsUnsupported(ValueError):
+    """The method's policy is per node: a regional aggregator, which relays one assignment, cannot carry it."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +159,9 @@ class Strategy:
 
     name: ClassVar[str]
     prunes: ClassVar[bool] = True  # whether the method ever cuts (its nodes then track importance)
+    # What of the method's policy is per node, which regional aggregators cannot carry ("": its schedule is
+    # fleet-wide, ``fleet_schedule``, and its aggregation has partial sums).
+    per_node_policy: ClassVar[str] = ""
 
     def __init__(self, cfg: CoordinatorConfig, total_rounds: int, seed: int = 0) -> None:
         self.cfg, self.total_rounds, self.seed = cfg, total_rounds, seed
@@ -154,9 +175,15 @@ class Strategy:
     def begin_round(self, rnd: int, nodes: Sequence[NodeInfo]) -> None:
         """Called before the round's ``schedule`` calls, with all of its participants."""
 
+    def fleet_schedule(self, rnd: int) -> tuple[float, int]:
+        """(every node's sparsity after this round's cut, their LoRA rank): a fleet-wide method's whole schedule."""
+        raise NotImplementedError(f"{self.name} has a per-node policy: {self.per_node_policy}")
+
     def schedule(self, rnd: int, node: NodeInfo, st: NodeState) -> tuple[float, int, tuple[float, int] | None]:
-        """(the node's sparsity after this round's cut, its LoRA rank, the bandit arm behind them or None)."""
-        raise NotImplementedError
+        """(the node's sparsity after this round's cut, its LoRA rank, the bandit arm behind them or None); a
+        per-node policy overrides it, a fleet-wide one gives every node ``fleet_schedule``."""
+        target, rank = self.fleet_schedule(rnd)
+        return max(st.sparsity, target), rank, None
 
     def deploy_rank(self) -> int:
         """Rank of the slice each node deploys (merged into its weights: at inference a rank costs nothing)."""
@@ -226,6 +253,27 @@ class Strategy:
                 ratio = planning.step_cost(target) / planning.step_cost(node.step_sparsity)
                 timing[node.node_id] = (node.overhead_s, node.step_s * ratio)
         return timing
+
+    def regions_refusal(self) -> str:
+        """Why this method cannot run hierarchical rounds ("" where it can)."""
+        if not self.per_node_policy:
+            return ""
+        return (f"method {self.name!r} cannot run under regional aggregators: {self.per_node_policy}, and a region "
+                "relays one fleet-wide assignment to all of its nodes; use a fleet-wide method (uniform, prune_ft, "
+                "ft_prune, fedlora) or run this one flat (no `fedspine region`)")
+
+    def fleet_plan(self, rnd: int) -> FleetPlan:
+        """Round ``rnd``'s one assignment for every node under the regional aggregators: the fleet-wide schedule with
+        the rules ``configure_round`` applies (no cut before the fleet's averaged importance exists; importance
+        tracked while a cut is still to come), τ local steps, unpaced (the root does not time nodes it does not
+        see).  Raises RegionsUnsupported for a per-node policy."""
+        if self.per_node_policy:
+            raise RegionsUnsupported(self.regions_refusal())
+        target, rank = self.fleet_schedule(rnd)
+        if not self.has_fleet_importance():
+            target = 0.0  # a region keeps each node's own sparsity: nobody is cut
+        return FleetPlan(target_sparsity=float(target), rank=int(rank), sent_rank=self._sent_rank(int(rank)),
+                         local_steps=self.tau, importance=self.will_prune(rnd))
 
     def has_fleet_importance(self) -> bool:
         return isinstance(self.global_, GlobalLora) and bool(self.global_.importance)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from coordinator.strategies.base import NodeInfo, NodeState, Strategy
+from coordinator.strategies.base import Strategy
 
 
 class FedLoRA(Strategy):
@@ -11,5 +11,5 @@ class FedLoRA(Strategy):
     name = "fedlora"
     prunes = False
 
-    def schedule(self, rnd: int, node: NodeInfo, st: NodeState):
-        return st.sparsity, self.cfg.bandit.rank, None
+    def fleet_schedule(self, rnd: int):
+        return 0.0, self.cfg.bandit.rank

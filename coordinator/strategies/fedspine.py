@@ -28,6 +28,8 @@ class FedSpine(Strategy):
     round back prunes further (up to its tier's s_max); mask-aware average."""
 
     name = "fedspine"
+    per_node_policy = ("its S-UCB bandit chooses each node's pruning increment and LoRA rank every round, from "
+                       "that node's rewards and timing")
 
     def __init__(self, cfg, total_rounds: int, seed: int = 0) -> None:
         super().__init__(cfg, total_rounds, seed)

@@ -3,7 +3,7 @@ rounds after the cut are its recovery)."""
 
 from __future__ import annotations
 
-from coordinator.strategies.base import NodeInfo, NodeState, Strategy
+from coordinator.strategies.base import Strategy
 
 
 class FTPrune(Strategy):
@@ -15,9 +15,8 @@ class FTPrune(Strategy):
         T = self.total_rounds
         return T - max(1, round(0.15 * T)) + 1 if T > 1 else 1
 
-    def schedule(self, rnd: int, node: NodeInfo, st: NodeState):
-        target = self.cfg.bandit.target_sparsity
-        return (max(st.sparsity, target) if rnd >= self.prune_round() else st.sparsity), self.cfg.bandit.rank, None
+    def fleet_schedule(self, rnd: int):
+        return (self.cfg.bandit.target_sparsity if rnd >= self.prune_round() else 0.0), self.cfg.bandit.rank
 
     def will_prune(self, rnd: int) -> bool:
         return rnd < self.prune_round()  # the steps before the cut score the groups it removes

@@ -11,6 +11,8 @@ class HetLoRA(Strategy):
 
     name = "hetlora"
     prunes = False
+    per_node_policy = ("each device tier trains at its own LoRA rank, and zero-padding aggregation has no partial "
+                       "sums to add across regions")
 
     def schedule(self, rnd: int, node: NodeInfo, st: NodeState):
         return st.sparsity, self.cfg.bandit.tier_rank(node.device_type), None

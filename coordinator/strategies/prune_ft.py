@@ -3,7 +3,7 @@ federated LoRA at a fixed rank."""
 
 from __future__ import annotations
 
-from coordinator.strategies.base import NodeInfo, NodeState, Strategy
+from coordinator.strategies.base import Strategy
 
 
 class PruneFT(Strategy):
@@ -11,8 +11,8 @@ class PruneFT(Strategy):
 
     name = "prune_ft"
 
-    def schedule(self, rnd: int, node: NodeInfo, st: NodeState):
-        return max(st.sparsity, self.cfg.bandit.target_sparsity), self.cfg.bandit.rank, None
+    def fleet_schedule(self, rnd: int):
+        return self.cfg.bandit.target_sparsity, self.cfg.bandit.rank
 
     def will_prune(self, rnd: int) -> bool:
         return not self.has_fleet_importance()  # round 1 scores the groups; round 2 cuts

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from coordinator.strategies.base import NodeInfo, NodeState, Strategy
+from coordinator.strategies.base import Strategy
 
 
 class Uniform(Strategy):
@@ -17,9 +17,9 @@ class Uniform(Strategy):
         """The round by which every node is at s*."""
         return max(1, math.ceil(2 * self.total_rounds / 3))
 
-    def schedule(self, rnd: int, node: NodeInfo, st: NodeState):
+    def fleet_schedule(self, rnd: int):
         target = self.cfg.bandit.target_sparsity
-        return max(st.sparsity, min(target, target * rnd / self.reach())), self.cfg.bandit.rank, None
+        return min(target, target * rnd / self.reach()), self.cfg.bandit.rank
 
     def will_prune(self, rnd: int) -> bool:
         return rnd < self.reach()

@@ -1,5 +1,7 @@
 """Hierarchical rounds through a real broker: a root coordinator, two regional aggregators and protocol-level
-nodes under each; the root's global state equals flat aggregation of exactly the nodes' updates."""
+nodes under each; the root's global state equals flat aggregation of exactly the nodes' updates, and the run ends
+through the regions (final sync, then every node's export).  Then the whole stack: node processes on a tiny model
+under a region, behind the production ACL, pruned by the default method and exporting their models."""
 
 from __future__ import annotations
 
@@ -76,3 +78,57 @@ def test_root_with_two_regions_equals_flat_aggregation(tmp_path):
         got = state[f"delta.{name}"]
         assert float((got - want).abs().max() / want.abs().max()) <= 1e-5, name
     assert torch.allclose(state["dense.classifier.weight"], flat.dense["classifier.weight"], rtol=1e-5, atol=1e-6)
+    # The run ended as a flat one does: the final sync reached every node through its region (a lite node answers
+    # the export "ok" only if it took part in the run's final sync), and each region reported its nodes' exports.
+    ends = {(r["region"], "final" if r.get("final") else "export"): r for r in rows if r.get("kind") == "region"}
+    assert {rid: ends[rid, "final"]["accepted"] for rid in REGIONS} == {r: len(m) for r, m in REGIONS.items()}
+    assert {rid: (e.nodes, e.ok) for rid, e in summary.region_exports.items()} == \
+        {rid: (len(m), len(m)) for rid, m in REGIONS.items()}
+    assert {rid: ends[rid, "export"]["ok"] for rid in REGIONS} == {r: len(m) for r, m in REGIONS.items()}
+    assert (tmp_path / "root" / "finished").read_text() == summary.run_id
+
+
+def test_real_nodes_under_a_region_prune_train_and_export_through_the_acl(tmp_path):
+    """The whole stack under a region: node processes on a tiny model, the production ACL with a region user, the
+    default method (uniform) pruning to s* through the region, and every node's export written."""
+    import types
+
+    from broker_config.local import LocalMosquitto
+    from shared.config import load_toml
+    from tests.integration.fleet import make_fleet, tiny_model
+
+    nodes = ["agx-1", "nx-2"]
+    users = {"coordinator": "c-pw", "east": "e-pw", **{n: f"{n}-pw" for n in nodes}}
+    model = tiny_model(tmp_path / "tiny-bert")
+    with LocalMosquitto(users=users, region_users=("east",)) as broker:
+        sub = types.SimpleNamespace(url=broker.url, users=broker.users, root=f"{broker.root}/region/east")
+        fleet = make_fleet(tmp_path, sub, model, nodes, rounds=3, method="uniform", local_steps=2,
+                           target_sparsity=0.3, deadline_s=60.0)
+        cfg = load_toml(fleet.coordinator_cfg)
+        cfg["broker"]["topic_root"] = broker.root
+        region = Region(RegionConfig.from_dict({"broker": {**cfg["broker"], "username": "east", "password": "e-pw"},
+                                                "region": {"region_id": "east", "deadline_s": 50}}))
+        t = threading.Thread(target=region.run, daemon=True)
+        t.start()
+        try:
+            for n in nodes:
+                fleet.start(n)
+            summary = Coordinator(CoordinatorConfig.from_dict(cfg)).run()
+        finally:
+            region.stop()
+            fleet.stop()
+            t.join(timeout=10)
+    assert summary.rounds_done == 3, summary.stopped_early
+    rounds = fleet.rows("round")
+    assert [(r["accepted"], round(r["target_sparsity"], 2)) for r in rounds] == [(2, 0.0), (2, 0.3), (2, 0.3)]
+    assert {rid: (e.nodes, e.ok) for rid, e in summary.region_exports.items()} == {"east": (2, 2)}
+    for n in nodes:
+        export = tmp_path / "nodes" / n / "state" / "export"
+        assert (export / "config.json").exists(), fleet.logs(n)[-3000:]
+        assert json.loads((export / "fedspine_export.json").read_text())["run_id"] == summary.run_id
+        # what the node was told through the region: no cut before the fleet's importance, then s*; the final sync
+        # keeps the sparsity the node reached (at or above s*)
+        events = [json.loads(x) for x in fleet.logs(n).splitlines() if x.startswith("{")]
+        targets = [(e.get("final", False), e["target_sparsity"]) for e in events if e["event"] == "round_config"]
+        assert [f for f, _ in targets] == [False, False, False, True] and targets[0][1] == 0.0, targets
+        assert all(t >= 0.3 - 1e-9 for _, t in targets[1:]), targets

@@ -25,7 +25,7 @@ import pytest
 from broker_config.nats import LocalNatsCluster, require_nats_server
 from shared.config import BrokerConfig
 from shared.messages import Command, NodeStatus, RoundConfig, decode, encode
-from shared.topics import NODE_READS, NODE_WRITES
+from shared.topics import NODE_READS, NODE_WRITES, REGION_READS, REGION_WRITES
 from shared.transport import MqttTransport, TransportError
 from tests.broker import Inbox
 from tests.reliability.test_faults import (
@@ -41,7 +41,8 @@ from tests.reliability.test_security import _connect_raw, _sentinel_wait
 pytestmark = [pytest.mark.nats, pytest.mark.slow]
 ROOT = "fedspine/v1"
 NODES = ("node-a", "node-b", "node-c", "node-d")
-USERS = {"coordinator": "coord-secret", "monitor": "monitor-secret", **{n: f"{n}-secret" for n in NODES}}
+REGIONS = ("east", "west")  # regional aggregators' users (user name == region id)
+USERS = {"coordinator": "coord-secret", "monitor": "monitor-secret", **{n: f"{n}-secret" for n in NODES + REGIONS}}
 REPO = Path(__file__).resolve().parents[2]
 FAILOVER_LOG = REPO / "results" / "nats-failover.json"
 
@@ -52,7 +53,7 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[LocalNatsCluster]:
         require_nats_server()
     except RuntimeError as exc:
         pytest.fail(str(exc), pytrace=False)
-    c = LocalNatsCluster(USERS, members=3)
+    c = LocalNatsCluster(USERS, members=3, region_users=REGIONS)
     failed_before = request.session.testsfailed
     try:
         c.start()
@@ -208,6 +209,92 @@ def test_nats_monitor_is_read_only_and_cannot_read_downloads(clients: Clients, r
     reliability.add("security (NATS)", "monitor publishes commands, configs, status, uploads, downloads; "
                     "subscribes to downloads, configs, uploads, resends and the whole tree",
                     len(topics) + 4, "nothing published, no download/config/upload read; node status read")
+
+
+def test_nats_region_user_writes_only_its_upward_topics_and_its_subtree(clients: Clients, reliability) -> None:
+    observer = Inbox()
+    clients("coordinator", 0, {f"{ROOT}/#": observer})
+    east = clients("east", 1)
+    time.sleep(0.3)
+    r = f"{ROOT}/region"
+    allowed = [f"{r}/east/{k}" for k in REGION_WRITES]
+    allowed += [f"{r}/east/node/node-a/{k}" for k in NODE_READS]
+    allowed += [f"{r}/east/broadcast/command", f"{r}/east/coordinator/status"]
+    forbidden = [f"{r}/east/{k}" for k in REGION_READS]
+    forbidden += [f"{r}/west/{k}" for k in (*REGION_WRITES, *REGION_READS)]
+    forbidden += [f"{r}/west/node/node-b/{k}" for k in (*NODE_READS, *NODE_WRITES)]
+    forbidden += [f"{r}/west/broadcast/command", f"{r}/west/coordinator/status"]
+    forbidden += [f"{ROOT}/node/node-a/{k}" for k in NODE_READS]
+    forbidden += [f"{ROOT}/broadcast/command", f"{ROOT}/coordinator/status", f"{ROOT}/other", "elsewhere/x"]
+    forbidden += [f"{ROOT}/node/east/status", f"{r}/west/node/east/upload"]
+    cmd = encode(Command(command="stop", run_id="r1"))
+    for topic in forbidden + allowed:
+        east.publish(topic, cmd)
+    assert east.wait_published(10)
+    _sentinel_wait(observer, allowed[-1], cmd, timeout_s=10)
+    time.sleep(0.5)
+    got = {t for t, _ in observer.items}
+    assert got == set(allowed), (sorted(got - set(allowed)), sorted(set(allowed) - got))
+    reliability.add("security (NATS)", "region east publishes as the root to itself, as/to region west, to west's "
+                    "nodes and broadcast, to the root's nodes, broadcast and presence, and as a node",
+                    len(forbidden), f"none delivered; its {len(allowed)} upward and sub-fleet topics delivered")
+
+
+def test_nats_region_user_reads_only_its_inbox_and_its_subtree(clients: Clients, reliability) -> None:
+    snoop = Inbox()
+    r = f"{ROOT}/region"
+    mine = [f"{r}/east/{k}" for k in REGION_READS] + [f"{r}/east/node/+/{k}" for k in NODE_WRITES]
+    # NATS refuses a whole subscription it does not allow: the forbidden filters must deliver nothing, the
+    # region's own (by name) everything
+    filters = [f"{r}/west/#", f"{r}/+/config", f"{r}/+/upload", f"{r}/+/node/+/upload", f"{ROOT}/node/#",
+               f"{ROOT}/#", "#", "$MQTT/sub/#", *mine]
+    clients("east", 2, {f: snoop for f in filters})
+    coord = clients("coordinator", 0)
+    node_b = clients("node-b", 1)
+    node_a = clients("node-a", 1)
+    time.sleep(0.5)
+    theirs = [f"{r}/west/{k}" for k in REGION_READS] + [f"{ROOT}/node/node-a/{k}" for k in NODE_READS]
+    for t in theirs + [f"{r}/east/{k}" for k in REGION_READS]:
+        coord.publish(t, b"cfg")
+    for k in NODE_WRITES:
+        node_b.publish(f"{r}/west/node/node-b/{k}", b"b-private")
+        node_a.publish(f"{r}/east/node/node-a/{k}", b"a-to-east")
+    theirs += [f"{r}/west/node/node-b/{k}" for k in NODE_WRITES]
+    for t in (coord, node_b, node_a):
+        assert t.wait_published(10)
+    _sentinel_wait(snoop, f"{r}/east/node/node-a/{NODE_WRITES[-1]}", b"a-to-east", timeout_s=10)
+    time.sleep(0.5)
+    got = {t for t, _ in snoop.items}
+    want = {f"{r}/east/{k}" for k in REGION_READS} | {f"{r}/east/node/node-a/{k}" for k in NODE_WRITES}
+    assert got & set(theirs) == set(), sorted(got & set(theirs))
+    assert got == want, sorted(want - got)
+    reliability.add("security (NATS)", "region east subscribes to region west's tree, every region's config and "
+                    "uploads, the root's nodes, the whole tree, '#' and $MQTT/sub/#", len(theirs),
+                    "none of west's or the root's nodes' messages delivered; its own inbox and nodes delivered")
+
+
+def test_nats_node_under_a_region_is_pinned_to_its_own_subtree(clients: Clients, reliability) -> None:
+    observer = Inbox()
+    clients("coordinator", 0, {f"{ROOT}/#": observer})
+    node_a = clients("node-a", 2)
+    time.sleep(0.3)
+    r = f"{ROOT}/region/east"
+    allowed = [f"{r}/node/node-a/{k}" for k in NODE_WRITES]
+    forbidden = [f"{r}/node/node-b/{k}" for k in (*NODE_WRITES, *NODE_READS)]
+    forbidden += [f"{r}/node/node-a/{k}" for k in NODE_READS]
+    forbidden += [f"{r}/{k}" for k in (*REGION_WRITES, *REGION_READS)]
+    forbidden += [f"{r}/broadcast/command", f"{r}/coordinator/status"]
+    cmd = encode(Command(command="stop", run_id="r1"))
+    for topic in forbidden + allowed:
+        node_a.publish(topic, cmd)
+    assert node_a.wait_published(10)
+    _sentinel_wait(observer, allowed[-1], cmd, timeout_s=10)
+    time.sleep(0.5)
+    got = {t for t, _ in observer.items}
+    assert got == set(allowed), (sorted(got - set(allowed)), sorted(set(allowed) - got))
+    reliability.add("security (NATS)", "node-a under region east publishes as node-b, to its own inbox, as its "
+                    "region (upward and downward) and to its region's broadcast and presence", len(forbidden),
+                    f"none delivered; its {len(allowed)} own topics delivered")
 
 
 # ---- failover ---------------------------------------------------------------------------------------------

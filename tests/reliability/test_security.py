@@ -11,6 +11,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -31,9 +32,9 @@ from shared.messages import (
     decode,
     encode,
 )
-from shared.topics import NODE_READS, NODE_WRITES
+from shared.topics import NODE_READS, NODE_WRITES, REGION_READS, REGION_WRITES
 from shared.transport import CHUNK_OVERHEAD, MemoryBus, MemoryTransport, MqttTransport, TransportError
-from tests.broker import Inbox, TransportFactory
+from tests.broker import Inbox, TransportFactory, running_broker
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
 ROOT = "fedspine/v1"
@@ -259,3 +260,107 @@ def test_oversized_payloads_refused_by_broker_and_application(mqtt_transport: Tr
     reliability.add("security", "oversize publish via our transport, oversize message to the codec, "
                     "oversize chunk and oversize announced transfer to the coordinator", 5,
                     "refused before sending / parsing; one warning line each; no state change")
+
+
+# ---- regional aggregators (coordinator/region.py) -------------------------------------------------------------
+REGION_USERS = {"coordinator": "coord-secret", "east": "east-secret", "west": "west-secret",
+                "node-a": "node-a-secret", "node-b": "node-b-secret"}
+
+
+@pytest.fixture(scope="module")
+def region_broker() -> Iterator[TransportFactory]:
+    """A mosquitto whose ACL has the region users east and west (production acl.j2, region_users)."""
+    with running_broker(tls=False, users=REGION_USERS, region_users=("east", "west")) as broker:
+        factory = TransportFactory(broker)
+        yield factory
+        factory.close()
+
+
+def _delivered(observer: Inbox, sent: list[str], sentinel: tuple[str, bytes]) -> list[str]:
+    """The topics of ``sent`` the observer received (the sentinel, published last by the same client, arrived)."""
+    _sentinel_wait(observer, *sentinel)
+    time.sleep(0.3)
+    return sorted({t for t, _ in observer.items if t in sent})
+
+
+def test_region_user_writes_only_its_upward_topics_and_its_subtree(region_broker: TransportFactory,
+                                                                   reliability) -> None:
+    observer = Inbox()
+    region_broker("coordinator", subscriptions={"#": observer})
+    east = region_broker("east")
+    time.sleep(0.2)
+    r = f"{ROOT}/region"
+    allowed = [f"{r}/east/{k}" for k in REGION_WRITES]  # upward: one participant of the root's rounds
+    allowed += [f"{r}/east/node/node-a/{k}" for k in NODE_READS]  # downward: its sub-fleet's coordinator
+    allowed += [f"{r}/east/broadcast/command", f"{r}/east/coordinator/status"]
+    forbidden = [f"{r}/east/{k}" for k in REGION_READS]  # forging the root's messages to itself
+    forbidden += [f"{r}/west/{k}" for k in (*REGION_WRITES, *REGION_READS)]  # speaking as (or to) another region
+    forbidden += [f"{r}/west/node/node-b/{k}" for k in (*NODE_READS, *NODE_WRITES)]  # another region's nodes
+    forbidden += [f"{r}/west/broadcast/command", f"{r}/west/coordinator/status"]
+    forbidden += [f"{ROOT}/node/node-a/{k}" for k in NODE_READS]  # the root's own nodes
+    forbidden += [f"{ROOT}/broadcast/command", f"{ROOT}/coordinator/status", f"{ROOT}/other", "elsewhere/x"]
+    forbidden += [f"{ROOT}/node/east/status", f"{r}/west/node/east/upload", f"{r}/east/node/east/upload"]  # a node
+    cmd = encode(Command(command="stop", run_id="r1"))
+    for topic in forbidden + allowed:
+        east.publish(topic, cmd, qos=1)
+    assert east.wait_published(5)
+    got = _delivered(observer, forbidden + allowed, (allowed[-1], cmd))
+    assert got == sorted(allowed), (sorted(set(got) - set(allowed)), sorted(set(allowed) - set(got)))
+    reliability.add("security", "region east publishes as the root to itself, as/to region west, to west's nodes "
+                    "and broadcast, to the root's nodes, broadcast and presence, and as a node",
+                    len(forbidden), f"none delivered; its {len(allowed)} upward and sub-fleet topics delivered")
+
+
+def test_region_user_reads_only_its_inbox_and_its_subtree(region_broker: TransportFactory, reliability) -> None:
+    snoop = Inbox()
+    r = f"{ROOT}/region"
+    mine = [f"{r}/east/{k}" for k in REGION_READS] + [f"{r}/east/node/node-a/{k}" for k in NODE_WRITES]
+    filters = [f"{r}/west/#", f"{r}/+/config", f"{r}/+/upload", f"{r}/+/node/+/upload", f"{ROOT}/node/#",
+               f"{ROOT}/#", "#", *mine]
+    region_broker("east", subscriptions={f: snoop for f in filters})
+    coord = region_broker("coordinator")
+    node_b = region_broker("node-b")
+    node_a = region_broker("node-a")
+    time.sleep(0.3)
+    cfg = encode(RoundConfig(run_id="r1", round=1, target_sparsity=0.1, rank=4, local_steps=2, deadline_ts=1e9,
+                             upload_transfer_id="t.up", download_transfer_id=None))
+    theirs = [f"{r}/west/{k}" for k in REGION_READS] + [f"{ROOT}/node/node-a/{k}" for k in NODE_READS]
+    for t in theirs + [f"{r}/east/{k}" for k in REGION_READS]:
+        coord.publish(t, cfg, qos=1)
+    for k in NODE_WRITES:
+        node_b.publish(f"{r}/west/node/node-b/{k}", b"b-private", qos=1)
+        node_a.publish(f"{r}/east/node/node-a/{k}", b"a-to-east", qos=1)
+    theirs += [f"{r}/west/node/node-b/{k}" for k in NODE_WRITES]
+    for t in (coord, node_b, node_a):
+        assert t.wait_published(5)
+    sentinel = (f"{r}/east/node/node-a/{NODE_WRITES[-1]}", b"a-to-east")
+    _sentinel_wait(snoop, *sentinel)
+    time.sleep(0.3)
+    got = {t for t, _ in snoop.items}
+    assert got & set(theirs) == set(), sorted(got & set(theirs))
+    assert got == set(mine), sorted(set(mine) - got)  # the positive control: its inbox and its nodes' uploads
+    reliability.add("security", "region east subscribes to region west's tree, every region's config and "
+                    "uploads, the root's nodes, the whole tree and '#'", len(theirs),
+                    "none of west's or the root's nodes' messages delivered; its own inbox and nodes delivered")
+
+
+def test_node_under_a_region_is_pinned_to_its_own_subtree(region_broker: TransportFactory, reliability) -> None:
+    observer = Inbox()
+    region_broker("coordinator", subscriptions={"#": observer})
+    node_a = region_broker("node-a")
+    time.sleep(0.2)
+    r = f"{ROOT}/region/east"
+    allowed = [f"{r}/node/node-a/{k}" for k in NODE_WRITES]
+    forbidden = [f"{r}/node/node-b/{k}" for k in (*NODE_WRITES, *NODE_READS)]  # another node of its region
+    forbidden += [f"{r}/node/node-a/{k}" for k in NODE_READS]  # forging its region's messages to itself
+    forbidden += [f"{r}/{k}" for k in (*REGION_WRITES, *REGION_READS)]  # speaking as its region or the root
+    forbidden += [f"{r}/broadcast/command", f"{r}/coordinator/status"]
+    cmd = encode(Command(command="stop", run_id="r1"))
+    for topic in forbidden + allowed:
+        node_a.publish(topic, cmd, qos=1)
+    assert node_a.wait_published(5)
+    got = _delivered(observer, forbidden + allowed, (allowed[-1], cmd))
+    assert got == sorted(allowed), (sorted(set(got) - set(allowed)), sorted(set(allowed) - set(got)))
+    reliability.add("security", "node-a under region east publishes as node-b, to its own inbox, as its region "
+                    "(upward and downward) and to its region's broadcast and presence", len(forbidden),
+                    f"none delivered; its {len(allowed)} own topics delivered")

@@ -54,12 +54,32 @@ def test_acl_patterns_pin_nodes_to_their_subtree() -> None:
     assert acl.count("topic readwrite fleet/v1/#") == 2
     writes = {ln.split()[-1] for ln in acl if ln.startswith("pattern write")}
     reads = {ln.split()[-1] for ln in acl if ln.startswith("pattern read")}
-    assert writes == {f"fleet/v1/node/%u/{k}" for k in
-                      ("status", "telemetry", "telemetry/round", "report", "upload", "missing")}
-    assert reads == {"fleet/v1/node/%u/config", "fleet/v1/node/%u/download", "fleet/v1/node/%u/resend",
-                     "fleet/v1/node/%u/status", "fleet/v1/broadcast/#", "fleet/v1/coordinator/status"}
+    for tree in ("fleet/v1", "fleet/v1/region/+"):  # the root's nodes, and those under a regional aggregator
+        assert {w for w in writes if w.startswith(f"{tree}/node/")} == {f"{tree}/node/%u/{k}" for k in
+                                                                         ("status", "telemetry", "telemetry/round",
+                                                                          "report", "upload", "missing")}
+        assert {x for x in reads if x.startswith(f"{tree}/") and x.count("/") - tree.count("/") <= 4} >= {
+            f"{tree}/node/%u/config", f"{tree}/node/%u/download", f"{tree}/node/%u/resend",
+            f"{tree}/node/%u/status", f"{tree}/broadcast/#", f"{tree}/coordinator/status"}
+    assert len(writes) == 12 and len(reads) == 12
     i = acl.index("user grafana")
     assert all(ln.startswith("topic read ") for ln in acl[i + 1:i + 5])
+    assert not any(ln.startswith("user ") and ln != "user coordinator" and ln != "user coord2"
+                   and ln != "user grafana" for ln in acl)  # no region users unless asked for
+
+
+def test_acl_region_user_is_coordinator_of_its_subtree_and_participant_upward() -> None:
+    acl = _lines(render_acl("fleet/v1", ["coordinator"], [], ["east"]))
+    i = acl.index("user east")
+    end = next((j for j in range(i + 1, len(acl)) if not acl[j].startswith("topic ")), len(acl))
+    assert acl[i + 1:end] == [
+        "topic deny fleet/v1/node/east/#", "topic deny fleet/v1/region/+/node/east/#",
+        *(f"topic write fleet/v1/region/east/{k}" for k in ("status", "report", "upload", "missing")),
+        *(f"topic read fleet/v1/region/east/{k}" for k in ("config", "download", "resend")),
+        "topic readwrite fleet/v1/region/east/node/#", "topic readwrite fleet/v1/region/east/broadcast/#",
+        "topic readwrite fleet/v1/region/east/coordinator/status"]
+    with pytest.raises(BrokerToolError, match="two roles"):
+        render_acl("fleet/v1", ["coordinator"], [], ["coordinator"])
 
 
 @pytest.mark.parametrize("bad", ["a/b", "#", "", "x" * 80])

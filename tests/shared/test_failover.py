@@ -20,7 +20,15 @@ from broker_config.nats import NatsError, hash_password, read_passwords, render_
 from coordinator.simulate import write_toml
 from shared import transport
 from shared.config import BrokerConfig, ConfigError, from_mapping
-from shared.topics import NODE_READS, NODE_WRITES, TopicError, check_nats_name, nats_subject
+from shared.topics import (
+    NODE_READS,
+    NODE_WRITES,
+    REGION_READS,
+    REGION_WRITES,
+    TopicError,
+    check_nats_name,
+    nats_subject,
+)
 from shared.transport import MqttTransport
 from tests.broker import Inbox, running_broker
 
@@ -68,16 +76,24 @@ def _users(auth: str) -> dict[str, str]:
 
 def test_nats_permissions_match_the_mosquitto_acl() -> None:
     h = hash_password("pw", cost=4)
-    auth = _users(render_nats_auth({"coordinator": h, "grafana": h, "n1": h, "n2": h}, "fleet/v1",
-                                   ["coordinator"], ["grafana"]))
-    assert set(auth) == {"coordinator", "grafana", "n1", "n2"}
+    auth = _users(render_nats_auth({"coordinator": h, "grafana": h, "n1": h, "n2": h, "east": h}, "fleet/v1",
+                                   ["coordinator"], ["grafana"], region_users=["east"]))
+    assert set(auth) == {"coordinator", "grafana", "n1", "n2", "east"}
     assert all('allowed_connection_types: ["MQTT"]' in b and "$2b$04$" in b for b in auth.values())
     n1 = auth["n1"]
     pub, sub = n1.split("publish:")[1].split("subscribe:")
-    assert {f"fleet.v1.node.n1.{nats_subject(k)}" for k in NODE_WRITES} == set(pub.split('"')[1::2])
-    assert set(sub.split('"')[1::2]) == {*(f"fleet.v1.node.n1.{k}" for k in (*NODE_READS, "status")),
-                                          "fleet.v1.broadcast", "fleet.v1.broadcast.>", "fleet.v1.coordinator.status",
+    trees = ("fleet.v1", "fleet.v1.region.*")  # the root's nodes, and those under a regional aggregator
+    assert {f"{t}.node.n1.{nats_subject(k)}" for t in trees for k in NODE_WRITES} == set(pub.split('"')[1::2])
+    assert set(sub.split('"')[1::2]) == {*(f"{t}.node.n1.{k}" for t in trees for k in (*NODE_READS, "status")),
+                                          *(f"{t}.{k}" for t in trees for k in ("broadcast", "broadcast.>",
+                                                                                 "coordinator.status")),
                                           "$MQTT.sub.>"}
+    pub, sub = auth["east"].split("publish:")[1].split("subscribe:")
+    assert set(pub.split('"')[1::2]) == {*(f"fleet.v1.region.east.{k}" for k in REGION_WRITES),
+                                         "fleet.v1.region.east.node.>", "fleet.v1.region.east.broadcast.>",
+                                         "fleet.v1.region.east.coordinator.status"}
+    assert set(sub.split('"')[1::2]) == {*(f"fleet.v1.region.east.{k}" for k in REGION_READS),
+                                         "fleet.v1.region.east.node.>", "$MQTT.sub.>"}
     assert "n2" not in n1
     monitor_sub = auth["grafana"].split("subscribe:")[1]
     assert 'publish: { deny: [">"] }' in auth["grafana"]

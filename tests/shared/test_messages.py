@@ -19,6 +19,7 @@ from shared.messages import (
     Message,
     NodeStatus,
     ProtocolError,
+    RegionExport,
     RegionReport,
     RegionRound,
     RegionStatus,
@@ -65,10 +66,12 @@ SAMPLES: list[Message] = [
     RoundConfig(run_id="abc123", round=6, target_sparsity=0.3, rank=8, local_steps=55, deadline_ts=1.7e9,
                 upload_transfer_id="u", download_transfer_id=None, finish_s=61.5, min_steps=20, max_steps=100),
     RegionStatus(region_id="east", state="online", ts=1.7e9, nodes=2000),
-    RegionRound(run_id="abc123", round=3, target_sparsity=0.0, rank=8, sent_rank=16, local_steps=20, deadline_ts=1.7e9,
-                upload_transfer_id="abc123.r3.a0.east.part", download_transfer_id="abc123.r3.a0.east.state"),
+    RegionRound(run_id="abc123", round=3, target_sparsity=0.2, rank=8, sent_rank=16, local_steps=20, deadline_ts=1.7e9,
+                upload_transfer_id="abc123.r3.a0.east.part", download_transfer_id="abc123.r3.a0.east.state",
+                importance=False),
     RegionReport(run_id="abc123", round=3, region_id="east", status="ok", transfer_id="abc123.r3.a0.east.part",
                  upload_bytes=123456, accepted=1990, failed=10, cpu_s=4.5),
+    RegionExport(run_id="abc123", region_id="east", nodes=2000, ok=1990, skipped=4, failed=1, missing=5),
 ]
 
 
@@ -78,7 +81,8 @@ SAMPLES: list[Message] = [
     lambda: RegionRound(run_id="r", round=1, target_sparsity=0.0, rank=8, sent_rank=4, local_steps=1, deadline_ts=1.0,
                         upload_transfer_id="u", download_transfer_id=None),  # sent below the training rank
     lambda: RegionReport(run_id="r", round=1, region_id="east", status="ok", accepted=-1),
-], ids=["region_id", "state", "sent_rank", "accepted"])
+    lambda: RegionExport(run_id="r", region_id="east", nodes=3, ok=1, skipped=1),  # one node unaccounted for
+], ids=["region_id", "state", "sent_rank", "accepted", "export_counts"])
 def test_invalid_region_messages_are_refused(build) -> None:
     with pytest.raises(ProtocolError):
         build()

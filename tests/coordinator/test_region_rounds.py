@@ -1,0 +1,136 @@
+"""Hierarchical rounds over the in-memory bus: a root, regional aggregators and real node agents (fake trainers).
+
+A fleet-wide method's schedule reaches the nodes under regions exactly as it reaches them in a flat run; a method
+whose policy is per node refuses regions instead of running without it."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import structlog
+import torch
+
+from coordinator.config import CoordinatorConfig
+from coordinator.region import Region, RegionConfig
+from coordinator.server import Coordinator
+from coordinator.strategies import STRATEGIES, RegionsUnsupported, make_strategy
+from coordinator.strategies.base import NodeInfo
+from edge_node.agent import NodeAgent
+from edge_node.config import NodeConfig
+from shared.messages import RegionStatus, encode
+from shared.transport import MemoryBus, MemoryTransport
+from tests.coordinator.test_rounds import FakeTrainer, rows
+
+REGIONS = {"east": ["agx-1", "nx-2"], "west": ["tx2-3"]}
+NODES = [n for members in REGIONS.values() for n in members]
+
+
+def _config(tmp_path, method: str, rounds: int = 3) -> CoordinatorConfig:
+    return CoordinatorConfig.from_dict({
+        "coordinator": {"method": method, "rounds": rounds, "min_nodes": len(NODES), "local_steps": 2,
+                        "deadline_s": 5.0, "state_dir": str(tmp_path / "coord"), "join_timeout_s": 10.0},
+        "bandit": {"target_sparsity": 0.3, "rank": 4}})
+
+
+def _agent(bus, tmp_path, nid: str, trainer, root: str | None) -> NodeAgent:
+    cfg = NodeConfig.from_dict({**({"broker": {"topic_root": root}} if root else {}),
+                                "node": {"id": nid, "state_dir": str(tmp_path / nid)}})
+    a = NodeAgent(cfg, trainer=trainer)
+    a.transport = MemoryTransport(bus, nid, on_connect=a._on_connect, will=(a.topics.node(nid, "status"), b""),
+                                  log=a.log.bind(logger="transport"))
+    threading.Thread(target=a.run, daemon=True).start()
+    return a
+
+
+def _run(tmp_path, method: str, trainers: dict[str, FakeTrainer], *, regions: bool):
+    """Run the fleet to the end (flat, or each node under its region of REGIONS); the root's run summary."""
+    bus = MemoryBus()
+    started = []
+    for rid, members in REGIONS.items():
+        if regions:
+            cfg = RegionConfig.from_dict({"broker": {"url": "mqtt://localhost:1883"},
+                                          "region": {"region_id": rid, "deadline_s": 5.0}})
+            region = Region(cfg, transport=MemoryTransport(bus, f"region-{rid}"))
+            region.transport.on_connect = lambda r=region: r._announce(force=True)
+            threading.Thread(target=region.run, daemon=True).start()
+            started.append(region)
+        root = f"fedspine/v1/region/{rid}" if regions else None
+        started += [_agent(bus, tmp_path, n, trainers[n], root) for n in members]
+    coord = Coordinator(_config(tmp_path, method), transport=MemoryTransport(bus, "coordinator"))
+    out: dict = {}
+    with structlog.testing.capture_logs() as lines:
+        t = threading.Thread(target=lambda: out.setdefault("summary", coord.run()), daemon=True)
+        t.start()
+        t.join(90)
+    for s in started:
+        s.stop()
+    return out["summary"], lines
+
+
+@pytest.mark.parametrize("method", ["uniform", "ft_prune"])
+def test_a_fleet_wide_schedule_reaches_nodes_under_regions_as_it_reaches_a_flat_fleet(tmp_path, method):
+    flat = {n: FakeTrainer(n) for n in NODES}
+    hier = {n: FakeTrainer(n) for n in NODES}
+    flat_summary, _ = _run(tmp_path / "flat", method, flat, regions=False)
+    summary, _ = _run(tmp_path / "hier", method, hier, regions=True)
+    assert flat_summary.rounds_done == summary.rounds_done == 3, summary.stopped_early
+    assert not summary.exports and set(summary.region_exports) == set(REGIONS)  # the run ended through the regions
+    # Each node was asked the same (target sparsity, rank, local steps) every round, the final sync included.
+    for n in NODES:
+        assert hier[n].calls == flat[n].calls, (n, hier[n].calls, flat[n].calls)
+        assert hier[n].calls[-1][2] == 0 and hier[n].sparsity >= 0.3 - 1e-9  # pruned to s*, then the final sync
+    assert max(c[0] for c in hier[NODES[0]].calls) >= 0.3 - 1e-9  # not a vacuous equality: there was a cut
+    got = [(r["round"], r["regions"], r["accepted"], round(r["target_sparsity"], 4))
+           for r in rows(tmp_path / "hier", "round")]
+    assert [g[:3] for g in got] == [(1, 2, 3), (2, 2, 3), (3, 2, 3)]
+    # The exports: every node was asked and held the run's final model (the fake trainer has no model to merge,
+    # so its export fails there: attempted, not skipped).
+    assert {rid: (e.nodes, e.skipped, e.missing) for rid, e in summary.region_exports.items()} == \
+        {rid: (len(m), 0, 0) for rid, m in REGIONS.items()}
+
+
+@pytest.mark.parametrize("method", ["fedspine", "hetlora"])
+def test_a_per_node_policy_refuses_regions_instead_of_running_without_it(tmp_path, method):
+    trainers = {n: FakeTrainer(n) for n in NODES}
+    summary, lines = _run(tmp_path, method, trainers, regions=True)
+    assert summary.rounds_done == 0 and "regional aggregators" in summary.stopped_early, summary.stopped_early
+    assert method in summary.stopped_early
+    refused = [e for e in lines if e["event"] == "regions_refused"]
+    assert len(refused) == 1 and refused[0]["log_level"] == "error" and refused[0]["regions"] == sorted(REGIONS)
+    assert all(not tr.calls for tr in trainers.values())  # no node ran a round without the method's policy
+
+
+def test_the_root_refuses_at_start_up_when_a_region_announces_itself(tmp_path):
+    """No node needed: a region's retained presence is enough for a per-node method to stop at once."""
+    bus = MemoryBus()
+    announce = MemoryTransport(bus, "region-east")
+    announce.start()
+    announce.publish("fedspine/v1/region/east/status",
+                     encode(RegionStatus(region_id="east", state="online", ts=1.7e9, nodes=0)), retain=True)
+    coord = Coordinator(_config(tmp_path, "fedspine"), transport=MemoryTransport(bus, "coordinator"))
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.setdefault("summary", coord.run()), daemon=True)
+    t.start()
+    t.join(5)  # well before join_timeout_s (10 s)
+    announce.stop()
+    assert not t.is_alive() and "S-UCB bandit" in out["summary"].stopped_early
+
+
+@pytest.mark.parametrize("method", sorted(STRATEGIES))
+def test_fleet_plan_is_the_flat_schedule_or_a_refusal(tmp_path, method):
+    """Policy lives in the strategy: a fleet-wide method's plan is what ``configure_round`` gives a fresh node; a
+    per-node one has no plan."""
+    s = make_strategy(_config(tmp_path, method, rounds=6), total_rounds=6)
+    if s.regions_refusal():
+        with pytest.raises(RegionsUnsupported):
+            s.fleet_plan(1)
+        return
+    for importance in (False, True):
+        if importance:
+            s.global_.load_tensors({"importance.0.heads": torch.ones(2)})
+        for rnd in range(1, 7):
+            plan = s.fleet_plan(rnd)
+            [a] = s.configure_round(rnd, [NodeInfo(node_id="n")])
+            assert (plan.target_sparsity, plan.rank, plan.local_steps, plan.importance) == \
+                (a.target_sparsity, a.rank, a.local_steps, a.importance), (method, rnd, importance)
