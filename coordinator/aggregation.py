@@ -60,7 +60,7 @@ class Partial:
     """A sub-fleet's share of one round's aggregate (``GlobalLora.partial``): sums over its nodes, which add.
 
     ``modules[name]`` = (Σ w/τ·change scattered, Σ w, Σ w·τ, keepers) per coordinate, float32 of the unpruned shape;
-    ``dense[name]`` = (Σ w·change, Σ w) (no per-step normalisation, see ``GlobalLora.aggregate``); ``importance[key]`` = (Σ w·score, Σ w) per group; ``steps`` and
+    ``dense[name]`` = (Σ w/τ·change, Σ w, Σ w·τ); ``importance[key]`` = (Σ w·score, Σ w) per group; ``steps`` and
     ``weights`` list each contributing node's τ and w (FedNova's τ_eff is a function of them); ``nodes`` counts them.
     """
 
@@ -69,7 +69,7 @@ class Partial:
     steps: list[float] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
     modules: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    dense: dict[str, tuple[torch.Tensor, float]] = field(default_factory=dict)
+    dense: dict[str, tuple[torch.Tensor, float, float]] = field(default_factory=dict)
     importance: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
@@ -80,9 +80,9 @@ class Partial:
             for part, x in zip(_MODULE_PARTS, parts, strict=True):
                 t[f"lora.{name}.{part}"] = x.contiguous()
         scalars = {}
-        for name, (change, weight) in self.dense.items():
+        for name, (change, weight, wpace) in self.dense.items():
             t[f"dense.{name}"] = change.contiguous()
-            scalars[name] = weight
+            scalars[name] = [weight, wpace]
         for key, (num, den) in self.importance.items():
             t[f"importance.{key}.num"], t[f"importance.{key}.den"] = num.contiguous(), den.contiguous()
         meta = {"format": PARTIAL_FORMAT, "changes": str(int(self.changes)), "nodes": str(self.nodes),
@@ -129,9 +129,10 @@ class Partial:
                 imp.setdefault(name, {})[part] = x
             elif key.startswith("dense.") and x.dtype == torch.float32:
                 w = scalars.get(key[6:]) if isinstance(scalars, dict) else None
-                if not (isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0):
-                    raise UpdateError(f"partial {key}: needs a finite weight >= 0 in the metadata")
-                out.dense[key[6:]] = (x, float(w))
+                if not (isinstance(w, list) and len(w) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v)
+                                                                     and v >= 0 for v in w)):
+                    raise UpdateError(f"partial {key}: needs finite [weight, weight x steps] >= 0 in the metadata")
+                out.dense[key[6:]] = (x, float(w[0]), float(w[1]))
             else:
                 raise UpdateError(f"partial: unexpected tensor {key!r}")
         if not (len(out.steps) == len(out.weights) == nodes) or nodes < 0:
@@ -151,7 +152,7 @@ class Partial:
         return out
 
 
-PARTIAL_FORMAT = "fedspine-partial-v2"  # v2: dense sums are Σ w·change, Σ w (v1 had FedNova's per-step sums)
+PARTIAL_FORMAT = "fedspine-partial-v1"
 _MODULE_PARTS = ("num", "den", "pace", "keepers")
 
 
@@ -170,11 +171,12 @@ def merge(partials: Sequence[Partial]) -> Partial:
             if have is not None and have[0].shape != parts[0].shape:
                 raise UpdateError(f"partials disagree on lora.{name}'s shape")
             out.modules[name] = tuple(parts) if have is None else tuple(a + b for a, b in zip(have, parts, strict=True))
-        for name, (change, weight) in p.dense.items():
+        for name, (change, weight, wpace) in p.dense.items():
             have = out.dense.get(name)
             if have is not None and have[0].shape != change.shape:
                 raise UpdateError(f"partials disagree on dense.{name}'s shape")
-            out.dense[name] = (change, weight) if have is None else (have[0] + change, have[1] + weight)
+            out.dense[name] = (change, weight, wpace) if have is None else \
+                (have[0] + change, have[1] + weight, have[2] + wpace)
         for key, (num, den) in p.importance.items():
             have = out.importance.get(key)
             if have is not None and have[0].shape != num.shape:
@@ -233,11 +235,6 @@ class GlobalLora:
         than the others, instead of pulling it toward its own data's optimum.  Equal steps change nothing.
         ``effective_steps`` (with ``steps``) scales the averaged per-step change by that many steps instead (FedNova's
         τ_eff, a free choice there): the global update then moves as far as that many steps would.
-
-        Dense parameters (the classification head) are averaged as plain FedAvg of the changes, Σ w_i·Δ_i / Σ w_i,
-        whatever the steps: under label skew the nodes disagree most in the head, and the local optimiser (AdamW,
-        restarted every round) makes a short run's change about as large as a long one's, so FedNova's scaling would
-        extrapolate the short-running nodes' classes into the head (docs/experiments/stability-under-label-skew.md).
         """
         if not updates:
             return
@@ -251,7 +248,7 @@ class GlobalLora:
                 steps: Sequence[int] | None = None) -> Partial:
         """The sums that ``aggregate`` divides, over ``updates`` only (a region's sub-fleet): per coordinate the
         weighted change Σ w_i/τ_i·(ΔW_i − S_i), the keepers' weight Σ w_i, their step weight Σ w_i·τ_i and count;
-        Σ w_i·change and Σ w_i for dense parameters (not per step); the same for importance.  Sums add, so ``apply`` of the partials of any split of a
+        the same for dense parameters and importance.  Sums add, so ``apply`` of the partials of any split of a
         round's updates is ``aggregate`` of all of them (up to floating-point summation order).  Pure: reads the
         global state (each node's start and the dense base), changes nothing."""
         if starts is not None and len(starts) != len(updates):
@@ -310,8 +307,8 @@ class GlobalLora:
             change = torch.zeros_like(base)
             for i, t, w in held:
                 s = starts[i].dense.get(name) if starts is not None and starts[i] is not None else None
-                change += w * (t - (s.float() if s is not None else base))
-            out.dense[name] = (change, sum(w for _, _, w in held))
+                change += (w / paces[i]) * (t - (s.float() if s is not None else base))
+            out.dense[name] = (change, sum(w for _, _, w in held), sum(w * paces[i] for i, _, w in held))
         for key in sorted({k for u, _ in updates for k in u.importance}):
             size = self.importance[key].numel() if key in self.importance else \
                 next(u.importance[key].size for u, _ in updates if key in u.importance)
@@ -353,12 +350,13 @@ class GlobalLora:
                 pace = den * effective_steps
             change = torch.where(den > 0, num * pace / den.square().clamp_min(1e-30), torch.zeros(shape))
             self.delta[name] = change if prev is None else prev + change
-        for name, (change, weight) in total.dense.items():  # plain FedAvg of the changes (see ``aggregate``)
+        for name, (change, weight, wpace) in total.dense.items():
             if weight <= 0:
                 continue
             prev = self.dense.get(name)
             base = prev if prev is not None and tuple(prev.shape) == tuple(change.shape) else torch.zeros_like(change)
-            self.dense[name] = base + change / weight
+            pace = effective_steps if effective_steps is not None else wpace / weight
+            self.dense[name] = base + change * pace / weight
         for key, (num, den) in total.importance.items():
             size = num.numel()
             if key in self.importance and self.importance[key].numel() != size:
