@@ -156,19 +156,21 @@ class NodeAgent:
         """This process stands for a device profile (``fedspine simulate``): times are on a virtual clock."""
         return self.profile is not None
 
-    def _device_s(self, wall: float, cpu: float | None) -> float:
-        """Seconds on this device's clock: the wall time, or on a simulated device the compute time scaled by the
-        profile speed.  With one torch thread the thread's CPU time is that compute, whatever else shares the
-        machine."""
+    def _device_s(self, wall: float, cpu: float | None, work: float | None = None) -> float:
+        """Seconds on this device's clock: the wall time, or on a simulated device the trainer's modeled work
+        (engine.MODEL_STEP_S: the same run gives the same times, whatever else shares the machine) scaled by the
+        profile speed.  A trainer without the model: this thread's CPU time with one torch thread, else the wall."""
         if not self.simulated:
             return wall
+        if work is not None:
+            return work / self.profile.speed
         import torch
 
         return (cpu if cpu is not None and torch.get_num_threads() == 1 else wall) / self.profile.speed
 
     def _device_clock(self) -> float:
         """Now, on the clock ``_device_s`` reads (differences of it are device seconds)."""
-        return self._device_s(time.perf_counter(), time.thread_time())
+        return self._device_s(time.perf_counter(), time.thread_time(), getattr(self._trainer, "work_s", None))
 
     def _pace(self, cfg: RoundConfig, received: float):
         """The engine's ``Pace`` for a paced round (``cfg.finish_s``), or None.  The trainer's round clock starts
@@ -196,8 +198,8 @@ class NodeAgent:
         except Exception as exc:  # noqa: BLE001 - without a timing the node still works (first round at τ)
             self.log.warning("calibration_failed", error=f"{type(exc).__name__}: {exc}"[:300])
             return
-        self._timing = (self._device_s(c["step_s"], c.get("step_cpu_s")),
-                        self._device_s(c["fixed_s"], c.get("fixed_cpu_s"))
+        self._timing = (self._device_s(c["step_s"], c.get("step_cpu_s"), c.get("step_work_s")),
+                        self._device_s(c["fixed_s"], c.get("fixed_cpu_s"), c.get("fixed_work_s"))
                         + (self.profile.latency_s if self.simulated else 0.0),
                         float(getattr(self.trainer, "sparsity", 0.0)))
         self.log.info("calibrated", steps=steps, step_s=round(self._timing[0], 4), overhead_s=round(self._timing[1], 4),
@@ -467,12 +469,13 @@ class NodeAgent:
         finally:
             if self._telemetry is not None:
                 self._telemetry.set_phase("idle", shown)
-        virtual_s, train_s = 0.0, self._device_s(result.train_s, result.metrics.get("train_cpu_s"))
+        virtual_s, train_s = 0.0, self._device_s(result.train_s, result.metrics.get("train_cpu_s"),
+                                                 result.metrics.get("train_work_s"))
         self._upload = (result.rank, upload_s)
         if self.simulated:  # plus the profile's uplink and latency, and its power model's energy
             p = self.profile
             self._upload = (result.rank, len(result.payload) * 8 / (p.uplink_mbps * 1e6))
-            busy = self._device_s(result.compute_s, result.metrics.get("cpu_s"))
+            busy = self._device_s(result.compute_s, result.metrics.get("cpu_s"), result.metrics.get("work_s"))
             virtual_s = busy + self._upload[1] + p.latency_s
             energy = RoundTelemetry(node_id=self.node_id, round=shown, source="profile", duration_s=virtual_s,
                                     energy_j=p.busy_w * busy + p.idle_w * (virtual_s - busy),

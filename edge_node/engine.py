@@ -64,6 +64,17 @@ IMPORTANCE_BETA = 0.9  # moving average of the importance scores over steps (the
 # 2021; FedLC in federated learning), so that a node whose data lacks or floods a class learns which class a text is
 # rather than its own label mix (docs/method.md).  Evaluation and exported models use the plain logits.
 LOGIT_ADJUSTMENT = 1.0
+# The modeled clock of a simulated device (``fedspine simulate``; a real device runs on the wall clock): a local step
+# costs MODEL_STEP_S per token and per parameter of the model's matrices (embeddings aside: a lookup), so a pruned
+# model is cheaper by the parameters it lost, plus MODEL_STEP_FIXED_S that pruning does not reduce (the optimiser,
+# the framework); tracking importance adds IMPORTANCE_SHARE of the first part, and an evaluation batch costs
+# FORWARD_SHARE of it (forward only).  Fitted to `python -m benchmarks.pruning.run --step-cost --batch 8 --length 32`
+# (all-MiniLM-L6-v2, one torch thread of the development machine; docs/experiments/modeled-clock.md).  The measured
+# CPU time it replaces moved 10-30 % with the machine's load, and with it the paced step counts and every result.
+MODEL_STEP_S = 7.1e-11
+MODEL_STEP_FIXED_S = 0.075
+IMPORTANCE_SHARE = 0.05
+FORWARD_SHARE = 1 / 3
 
 
 class RoundInterrupted(TimeoutError):
@@ -152,6 +163,7 @@ class LocalTrainer:
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.tracker = ImportanceTracker(self.model, beta=IMPORTANCE_BETA)
+        self.work_s = 0.0  # the modeled clock (MODEL_STEP_S): seconds of work on the reference device so far
         self.fleet_scores: dict[str, GroupScores] = {}  # the fleet's averaged importance, from the last global update
         pad = self.tokenizer.pad_token_id
         bs = self.train.batch_size
@@ -225,10 +237,16 @@ class LocalTrainer:
         return (tau * torch.log(counts / counts.sum())).to(self.device)  # once, not in every step
 
     @torch.no_grad()
+    def _work(self, batch: dict[str, torch.Tensor], share: float = 1.0) -> None:
+        """Advance the modeled clock by ``share`` of a local step on ``batch`` (MODEL_STEP_S)."""
+        params = sum(p.numel() for n, p in self.model.named_parameters() if p.dim() == 2 and "embeddings" not in n)
+        self.work_s += share * MODEL_STEP_S * batch["input_ids"].numel() * params
+
     def _evaluate(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         self.model.eval()
         loss_sum = correct = count = 0.0
         for batch in batches:
+            self._work(batch, FORWARD_SHARE)
             loss, logits = self._forward_loss(batch)
             labels = batch["labels"]
             n = int((labels[:, 1:] != -100).sum()) if self.causal else labels.numel()
@@ -260,6 +278,8 @@ class LocalTrainer:
         """One local step on ``batch`` (default: the next training batch); without ``opt``, forward and backward
         only (the gradients stay for the caller)."""
         batch = next(self.stream) if batch is None else batch
+        self._work(batch, 1.0 + (IMPORTANCE_SHARE if track else 0.0))
+        self.work_s += MODEL_STEP_FIXED_S
         t0 = time.perf_counter()
         loss, _ = self._forward_loss(batch, adjusted=True)
         if self.scaler is not None and opt is not None:
@@ -302,26 +322,30 @@ class LocalTrainer:
         stream = BatchStream(self.data, self.train_idx, self.train.batch_size, self.stream.pad_id, self.causal,
                              self.seed + 7919)
         devices = [self.device] if self.device.type == "cuda" else []
+        work_before = self.work_s  # the modeled clock is read for the same spans, and left as it was
         with torch.random.fork_rng(devices=devices):
             self.model.train()
             times, widths = [], []
             for _ in range(steps + 1):
                 batch = next(stream)
                 widths.append(batch["input_ids"].shape[1])
-                t, c = time.perf_counter(), time.thread_time()
+                t, c, k = time.perf_counter(), time.thread_time(), self.work_s
                 self._train_step(None, track=False, timing={"step": 0.0, "importance": 0.0}, batch=batch)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-                times.append((time.perf_counter() - t, time.thread_time() - c))
+                times.append((time.perf_counter() - t, time.thread_time() - c, self.work_s - k))
             self.model.zero_grad(set_to_none=True)
-            t, c = time.perf_counter(), time.thread_time()
+            t, c, k = time.perf_counter(), time.thread_time(), self.work_s
             self._evaluate(self.val_batches[:EVAL_BATCHES])
-            fixed = (2 * (time.perf_counter() - t), 2 * (time.thread_time() - c))
+            fixed = (2 * (time.perf_counter() - t), 2 * (time.thread_time() - c), 2 * (self.work_s - k))
+        self.work_s = work_before
         timed = times[1:]
         typical = mean_batch_width(self.data, self.train_idx, self.train.batch_size, self.seed + 104729)
         scale = typical / (sum(widths[1:]) / steps)
-        return {"step_s": scale * sum(w for w, _ in timed) / steps, "step_cpu_s": scale * sum(c for _, c in timed) / steps,
-                "fixed_s": fixed[0], "fixed_cpu_s": fixed[1], "width_scale": scale}
+        return {"step_s": scale * sum(w for w, _, _ in timed) / steps,
+                "step_cpu_s": scale * sum(c for _, c, _ in timed) / steps,
+                "step_work_s": scale * sum(k for _, _, k in timed) / steps,
+                "fixed_s": fixed[0], "fixed_cpu_s": fixed[1], "fixed_work_s": fixed[2], "width_scale": scale}
 
     # ---- the round ----------------------------------------------------------------------------------------
     def run_round(self, *, target_sparsity: float, rank: int, local_steps: int, global_update: LoraUpdate | None,
@@ -336,7 +360,7 @@ class LocalTrainer:
             raise ValueError(f"rank {rank} must be >= 1 and local_steps {local_steps} >= 0")
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        t_start, cpu_start = time.perf_counter(), time.thread_time()
+        t_start, cpu_start, work_start = time.perf_counter(), time.thread_time(), self.work_s
         clock = pace.clock if pace is not None else (lambda: 0.0)  # unpaced: the readings go unused
         clock_start = clock()
         most = pace.max_steps if pace is not None else local_steps
@@ -369,7 +393,7 @@ class LocalTrainer:
         opt = self._optimizer()
         timing = {"step": 0.0, "importance": 0.0}
         samples = steps = 0
-        t_train, cpu_train = time.perf_counter(), time.thread_time()
+        t_train, cpu_train, work_train = time.perf_counter(), time.thread_time(), self.work_s
         clock_train = clock()
         for _ in range(most):
             if pace is not None and steps >= pace.min_steps and steps > 0:
@@ -382,7 +406,8 @@ class LocalTrainer:
             _, n = self._train_step(opt, track=importance, timing=timing)
             samples += n
             steps += 1
-        t_train, cpu_train = time.perf_counter() - t_train, time.thread_time() - cpu_train
+        t_train, cpu_train, work_train = (time.perf_counter() - t_train, time.thread_time() - cpu_train,
+                                          self.work_s - work_train)
         end = self._evaluate(eval_batches)  # the same batches as loss_start: one pass gives loss and accuracy
         loss_end = end["loss"]
         metrics.update({f"val_{k}": v for k, v in end.items()})
@@ -394,6 +419,7 @@ class LocalTrainer:
         # processes competing for the cores (what a simulated device's virtual clock should use).
         metrics["cpu_s"] = time.thread_time() - cpu_start - cpu_eval
         metrics["train_cpu_s"] = cpu_train
+        metrics["work_s"], metrics["train_work_s"] = self.work_s - work_start, work_train  # the modeled clock's
         payload = update.to_bytes()
         achieved = self.sparsity
         kept = kept_maps(self.model)
@@ -418,10 +444,11 @@ class LocalTrainer:
                    ) -> tuple[dict[str, float], float, float, float]:
         """The round's test figures and what they took: evaluation only, not round work, so the caller keeps
         the wall, CPU and pace-clock seconds (``prepare`` included) out of the round's compute and clock."""
-        t0, c0, k0 = time.perf_counter(), time.thread_time(), clock()
+        t0, c0, k0, work = time.perf_counter(), time.thread_time(), clock(), self.work_s
         if prepare is not None:
             prepare()
         metrics = {f"test_{k}": v for k, v in self.evaluate("test", self.train.test_batches).items()}
+        self.work_s = work  # the modeled clock skips it
         return metrics, time.perf_counter() - t0, time.thread_time() - c0, clock() - k0
 
     def prune(self, target: float, random_groups: bool = False) -> None:

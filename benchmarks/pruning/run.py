@@ -9,7 +9,8 @@
     counts), then the same recovery steps; test accuracy on a fixed, balanced held-out split.
 
 (c) Training step cost (``--step-cost``): CPU time of one local step (forward, backward, importance, optimiser;
-    one torch thread, batch 16 x 64) at sparsity 0 / 0.3 / 0.5 and LoRA rank 2 / 4 / 8 / 16, every variant a
+    beside it the simulated devices' modeled clock for the same steps, ``measured_over_modeled``;
+    one torch thread, batch 16 x 64 or ``--batch``/``--length``) at sparsity 0 / 0.3 / 0.5 and LoRA rank 2 / 4 / 8 / 16, every variant a
     copy of one trainer so all see the same batches, interleaved; and the least-squares fit of the coordinator's
     step-cost model t(s, r) = t0 (1 - a s)(1 + b r) to them (``coordinator.planning.STEP_COST_SPARSITY`` = a;
     b had no measurable effect and is left out).
@@ -171,7 +172,7 @@ def fit_step_cost(times: dict[tuple[float, int], float]) -> tuple[float, float, 
     return t0, a, b
 
 
-def step_cost(reps: int, steps: int, workdir: Path, device: str = "cpu") -> dict:
+def step_cost(reps: int, steps: int, workdir: Path, device: str = "cpu", batch: int = 16, length: int = 64) -> dict:
     """Per-step time of the real local round (``LocalTrainer.run_round``) by sparsity and rank: CPU time of the
     one torch thread on the CPU, wall time on a GPU (each step ends with the loss on the host, which waits)."""
     import structlog
@@ -185,7 +186,7 @@ def step_cost(reps: int, steps: int, workdir: Path, device: str = "cpu") -> dict
     idx = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:1200].numpy()
     write_csv(workdir / "step-cost.csv", texts, labels, idx)
     log = structlog.wrap_logger(structlog.PrintLogger(), wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    settings = TrainSettings(batch_size=16, max_length=64, learning_rate=1e-3, test_batches=0)
+    settings = TrainSettings(batch_size=batch, max_length=length, learning_rate=1e-3, test_batches=0)
     base = LocalTrainer(_model_path(), str(workdir / "step-cost.csv"), train=settings, device=device, seed=0,
                         labels=sorted(set(labels)), log=log)
     base.run_round(target_sparsity=0.0, rank=8, local_steps=2, global_update=None)  # importance for the cuts
@@ -198,16 +199,20 @@ def step_cost(reps: int, steps: int, workdir: Path, device: str = "cpu") -> dict
             trainers[(s, r)] = copy.deepcopy(pruned)  # same batches for every variant, step by step
             trainers[(s, r)].run_round(target_sparsity=s, rank=r, local_steps=2, global_update=None)  # warm-up
     cpu: dict[tuple[float, int], list[float]] = {k: [] for k in trainers}
+    modeled: dict[tuple[float, int], list[float]] = {k: [] for k in trainers}  # the simulated devices' clock
     for _ in range(reps):
         for k, tr in trainers.items():
             res = tr.run_round(target_sparsity=k[0], rank=k[1], local_steps=steps, global_update=None)
             cpu[k].append((res.metrics["train_cpu_s"] if device == "cpu" else res.train_s) / steps)
+            modeled[k].append(res.metrics["train_work_s"] / steps)
     med = {k: statistics.median(v) for k, v in cpu.items()}
+    over = {k: v / statistics.median(modeled[k]) for k, v in med.items()}
     t0, a, b = fit_step_cost(med)
     dense8 = med[(0.0, 8)]
-    return {"settings": {"reps": reps, "steps": steps, "batch": 16, "length": 64, "threads": 1, "device": device},
+    return {"settings": {"reps": reps, "steps": steps, "batch": batch, "length": length, "threads": 1, "device": device},
             "step_cpu_s": {f"{s}/{r}": v for (s, r), v in med.items()},
             "relative_to_dense_r8": {f"{s}/{r}": v / dense8 for (s, r), v in med.items()},
+            "measured_over_modeled": {f"{s}/{r}": v for (s, r), v in over.items()},
             "fit": {"t0": t0, "sparsity": a, "rank": b,
                     "max_rel_error": max(abs(t0 * (1 - a * s) * (1 + b * r) / v - 1) for (s, r), v in med.items())}}
 
@@ -219,7 +224,9 @@ def step_cost_table(res: dict) -> str:
         cells = [f"{res['step_cpu_s'][f'{s}/{r}'] * 1000:.0f} ms ({rel[f'{s}/{r}']:.2f})" for r in STEP_RANKS]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     lines += ["", f"fit t(s, r) = t0 (1 - a s)(1 + b r): t0 {f['t0'] * 1000:.0f} ms, a {f['sparsity']:.3f}, "
-              f"b {f['rank']:.4f}; largest error {f['max_rel_error']:.1%}"]
+              f"b {f['rank']:.4f}; largest error {f['max_rel_error']:.1%}",
+              f"measured / modeled clock (edge_node.engine.MODEL_STEP_S): "
+              f"{min(res['measured_over_modeled'].values()):.2f}-{max(res['measured_over_modeled'].values()):.2f}"]
     return "\n".join(lines)
 
 
@@ -231,13 +238,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inference-only", action="store_true", help="part (a) only")
     ap.add_argument("--step-cost", action="store_true", help="part (c) only: training step time by sparsity and rank")
     ap.add_argument("--device", default="cpu", help="part (c): the training device (cpu, cuda)")
+    ap.add_argument("--batch", type=int, default=16, help="part (c): examples per step")
+    ap.add_argument("--length", type=int, default=64, help="part (c): tokens per example (the fleet benchmark: 8 x 32)")
     a = ap.parse_args(argv)
     quick = a.quick
     if a.step_cost:
         out = Path(a.out if a.out != "results/pruning.json" else "results/step-cost.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         (work := out.parent / f"{out.stem}-data").mkdir(parents=True, exist_ok=True)
-        res = step_cost(reps=2 if quick else 5, steps=2 if quick else 4, workdir=work, device=a.device)
+        res = step_cost(reps=2 if quick else 5, steps=2 if quick else 4, workdir=work, device=a.device, batch=a.batch,
+                        length=a.length)
         out.write_text(json.dumps(res, indent=2))
         out.with_suffix(".md").write_text(step_cost_table(res) + "\n")
         print(step_cost_table(res))

@@ -10,7 +10,7 @@ import torch
 
 from edge_node.config import TrainSettings
 from edge_node.data import BatchStream, mean_batch_width
-from edge_node.engine import EVAL_BATCHES, LocalTrainer, Pace, RoundInterrupted
+from edge_node.engine import EVAL_BATCHES, MODEL_STEP_S, LocalTrainer, Pace, RoundInterrupted
 from edge_node.model import layer_geometry
 from shared.updates import GroupScores, LoraUpdate, UpdateError
 from tests.edge_node.tiny import cached_model_folder, lm_rows, random_batch, sentiment_rows, write_csv
@@ -239,7 +239,9 @@ def test_calibration_times_steps_and_changes_nothing(cls_data):
     assert torch.equal(torch.get_rng_state(), rng)
     for mod, p in drops.items():
         mod.p = p
-    assert set(c) == {"step_s", "step_cpu_s", "fixed_s", "fixed_cpu_s", "width_scale"} and all(v > 0 for v in c.values())
+    assert set(c) == {"step_s", "step_cpu_s", "step_work_s", "fixed_s", "fixed_cpu_s", "fixed_work_s",
+                      "width_scale"} and all(v > 0 for v in c.values())
+    assert a.work_s == 0.0  # the modeled clock read the same spans and was left as it was
     # the steps' time is scaled from the widths of the batches it timed to the typical batch width
     cal = BatchStream(a.data, a.train_idx, SETTINGS.batch_size, a.stream.pad_id, a.causal, a.seed + 7919)
     timed = [next(cal)["input_ids"].shape[1] for _ in range(3)][1:]
@@ -253,6 +255,25 @@ def test_calibration_times_steps_and_changes_nothing(cls_data):
         assert torch.equal(m.A, rb.update.modules[name].A) and torch.equal(m.rows, rb.update.modules[name].rows)
     with pytest.raises(ValueError, match="steps"):
         a.calibrate(steps=0)
+
+
+def test_the_modeled_clock_counts_tokens_times_parameters_and_repeats_exactly(cls_data):
+    """A simulated device's clock (engine.MODEL_STEP_S): a step costs tokens x matrix parameters, a pruned model is
+    cheaper by the parameters it lost, the test pass is not round work, and the same run gives the same times."""
+    a, b = _trainer(cls_data, seed=5), _trainer(cls_data, seed=5)
+    batch = next(a.stream)
+    params = sum(p.numel() for n, p in a.model.named_parameters() if p.dim() == 2 and "embeddings" not in n)
+    a._work(batch)
+    assert a.work_s == pytest.approx(MODEL_STEP_S * batch["input_ids"].numel() * params)
+    a.work_s = 0.0
+    ra = a.run_round(target_sparsity=0.0, rank=4, local_steps=3, global_update=None)
+    rb = b.run_round(target_sparsity=0.0, rank=4, local_steps=3, global_update=None)
+    assert ra.metrics["work_s"] == rb.metrics["work_s"] > ra.metrics["train_work_s"] > 0
+    dense_step = ra.metrics["train_work_s"] / 3
+    pa = a.run_round(target_sparsity=0.4, rank=4, local_steps=3, global_update=None)
+    pruned_step = pa.metrics["train_work_s"] / 3
+    kept = sum(p.numel() for n, p in a.model.named_parameters() if p.dim() == 2 and "embeddings" not in n)
+    assert pruned_step < dense_step and kept < params  # widths differ by batch, so the ratio only roughly follows
 
 
 class StepClock:
