@@ -7,6 +7,8 @@ and tiers, the label list, the model and data paths) it writes one folder per ho
     kit/coordinator/  coordinator.toml, password (+ ca.crt)
     kit/monitor/      monitor.toml, password (+ ca.crt)
     kit/nodes/<id>/   node.toml ([node] id == broker username == <id>), password (+ ca.crt)
+    kit/regions/<rid>/ region.toml for `fedspine region` (broker username == <rid>), password (+ ca.crt);
+                      only when the fleet has [[regions]]
     kit/ca/           the lab CA's key and certificate (TLS only; keep the key off the fleet)
     kit/README.md     which file goes where
 
@@ -14,6 +16,12 @@ The broker files come from the same templates and password tooling as ``fedspine
 broker role (mosquitto.conf.j2, acl.j2, mosquitto_passwd).  Every generated TOML file is loaded back through the
 services' own config classes before the kit is written, so a kit that is written is a kit that starts.  Passwords
 are generated once: running the kit again over the same folder keeps every secret (and the CA) it finds.
+
+Regions (hierarchical aggregation, docs/scale.md): ``[[regions]]`` declares each regional aggregator and every
+node names its own with ``region = "<rid>"``.  The kit then adds each region's broker user (its ACL block from
+``render_acl(region_users=...)``), its ``region.toml``, and writes its nodes' ``topic_root`` as
+``<root>/region/<rid>``; the coordinator's configuration is the same as for a flat fleet.  A fleet without
+``[[regions]]`` renders exactly as before regions existed (tests/shared/test_kit.py pins it).
 """
 
 from __future__ import annotations
@@ -33,9 +41,10 @@ from broker_config.fedspine_broker import RESERVED_USERS, add_user, readable_by,
 from shared.config import ConfigError, load_toml
 from shared.topics import DEFAULT_ROOT, TopicError, Topics, check_node_id
 
-SECTIONS = {"fleet", "broker", "nodes", "coordinator", "bandit", "node", "train", "telemetry"}
+SECTIONS = {"fleet", "broker", "nodes", "regions", "coordinator", "bandit", "node", "train", "telemetry"}
 BROKER_KEYS = {"host", "port", "tls", "bind", "run_user", "persistence", "cert_days"}
-NODE_KEYS = {"id", "tier", "data_path", "test_path", "state_dir", "model_path"}
+NODE_KEYS = {"id", "tier", "data_path", "test_path", "state_dir", "model_path", "region"}
+REGION_KEYS = {"id", "deadline_s", "quorum"}
 FLEET_KEYS = {"topic_root", "labels", "model_path", "data_dir", "state_root"}
 
 
@@ -55,6 +64,7 @@ class Fleet:
     persistence: bool = True
     cert_days: int = 825
     state_root: str = ""
+    regions: dict[str, dict[str, Any]] = field(default_factory=dict)  # region id -> its [region] settings
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)  # [coordinator], [bandit], [node], [train]…
 
     @property
@@ -104,12 +114,74 @@ def load_fleet(path: str | Path) -> Fleet:
         Topics(fleet.get("topic_root", DEFAULT_ROOT))
     except TopicError as exc:
         raise ConfigError(f"[fleet] topic_root: {exc}") from None
+    extra = {k: dict(data[k]) for k in ("coordinator", "bandit", "node", "train", "telemetry") if k in data}
+    tables = data.get("regions", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError("regions: expected [[regions]] tables, each with an id")
+    regions = _load_regions(tables, nodes, extra.get("coordinator", {}))
     return Fleet(host=str(broker["host"]), port=int(broker.get("port", 8883 if tls else 1883)), tls=tls,
                  labels=[str(x) for x in fleet["labels"]], model_path=str(fleet["model_path"]), nodes=nodes,
                  topic_root=fleet.get("topic_root", DEFAULT_ROOT), bind=str(broker.get("bind", "0.0.0.0")),
                  run_user=str(broker.get("run_user", "mosquitto")), persistence=bool(broker.get("persistence", True)),
                  cert_days=int(broker.get("cert_days", 825)), state_root=str(fleet.get("state_root", "")),
-                 extra={k: dict(data[k]) for k in ("coordinator", "bandit", "node", "train", "telemetry") if k in data})
+                 regions=regions, extra=extra)
+
+
+def _load_regions(tables: list[dict], nodes: list[dict], coordinator: dict) -> dict[str, dict[str, Any]]:
+    """Check ``[[regions]]`` and the nodes' ``region`` keys; returns region id -> its [region] settings.
+
+    A region's broker user is its id, so the id may be neither a node's nor a reserved user's.  With regions
+    every node needs one: the root's own nodes sit out while regions are online (coordinator/server.py)."""
+    if not tables:
+        if named := [n for n in nodes if "region" in n]:
+            raise ConfigError(f"[[nodes]] {named[0]['id']}: unknown region {named[0]['region']!r}; declare it in a "
+                              "[[regions]] table")
+        return {}
+    from coordinator.config import RoundSettings
+    from coordinator.region import RegionSettings
+    from coordinator.strategies import STRATEGIES
+
+    node_ids = {n["id"] for n in nodes}
+    regions: dict[str, dict[str, Any]] = {}
+    for i, r in enumerate(tables):
+        _unknown(r, REGION_KEYS, f"[[regions]] #{i + 1}")
+        try:
+            rid = check_node_id(str(r.get("id", "")))
+        except TopicError as exc:
+            raise ConfigError(f"[[regions]] #{i + 1} id: {exc}") from None
+        if rid in RESERVED_USERS:
+            raise ConfigError(f"[[regions]] id {rid!r} is reserved for the {rid} broker user; name the region "
+                              "otherwise")
+        if rid in node_ids:
+            raise ConfigError(f"[[regions]] id {rid!r} is also a node id: a region's broker user is its id, so it "
+                              "must differ from every node's")
+        if rid in regions:
+            raise ConfigError(f"[[regions]] id {rid!r} appears twice")
+        # The root waits deadline_s (+30 s) for a region's partial: by default a region waits as long for its nodes.
+        try:
+            settings = RegionSettings(region_id=rid, quorum=float(r.get("quorum", RegionSettings.quorum)),
+                                      deadline_s=float(r.get("deadline_s", coordinator.get(
+                                          "deadline_s", RoundSettings.deadline_s))))
+        except (TypeError, ValueError, ConfigError) as exc:
+            raise ConfigError(f"[[regions]] {rid}: {str(exc).removeprefix('[region] ')}") from None
+        regions[rid] = vars(settings)
+    for n in nodes:
+        rid = n.get("region")
+        if rid is None:
+            raise ConfigError(f"[[nodes]] {n['id']}: region is required when the fleet has [[regions]] (the "
+                              f"root's own nodes sit out while regions run); one of {sorted(regions)}")
+        if not isinstance(rid, str):
+            raise ConfigError(f"[[nodes]] {n['id']}: region must be one region id (a node belongs to one region), "
+                              f"got {rid!r}")
+        if rid not in regions:
+            raise ConfigError(f"[[nodes]] {n['id']}: unknown region {rid!r}; [[regions]] declares {sorted(regions)}")
+    if empty := [rid for rid in regions if not any(n["region"] == rid for n in nodes)]:
+        raise ConfigError(f"[[regions]] {empty[0]}: no node names this region (region = {empty[0]!r})")
+    method = coordinator.get("method", RoundSettings.method)
+    if method in STRATEGIES and (why := STRATEGIES[method].per_node_policy):
+        raise ConfigError(f"[coordinator] method {method!r} cannot run under regions ({why}); use a fleet-wide "
+                          "method (uniform, prune_ft, ft_prune, fedlora) or a fleet without [[regions]]")
+    return regions
 
 
 def make_lab_ca(directory: Path, host: str = "127.0.0.1", *, days: int = 2, ca_dir: Path | None = None
@@ -198,6 +270,7 @@ def build_kit(fleet: Fleet, out: str | Path) -> dict[str, Path]:
     passwd.unlink(missing_ok=True)  # rebuilt from the secrets below: a removed node loses its user
     users = {"coordinator": coord_dir / "password", "monitor": mon_dir / "password"}
     users.update({n["id"]: out / "nodes" / n["id"] / "password" for n in fleet.nodes})
+    users.update({rid: out / "regions" / rid / "password" for rid in fleet.regions})
     for name, secret_file in users.items():
         add_user(passwd, name, _secret(secret_file))
         if ca is not None:
@@ -205,7 +278,7 @@ def build_kit(fleet: Fleet, out: str | Path) -> dict[str, Path]:
             os.chmod(secret_file.parent / "ca.crt", 0o644)
     readable_by(passwd, fleet.run_user)
     acl = broker_dir / "acl"
-    acl.write_text(render_acl(fleet.topic_root, ["coordinator"], ["monitor"]))
+    acl.write_text(render_acl(fleet.topic_root, ["coordinator"], ["monitor"], list(fleet.regions)))
     readable_by(acl, fleet.run_user)
     variables: dict[str, Any] = {
         "password_file": str(passwd), "acl_file": str(acl), "run_user": fleet.run_user,
@@ -229,9 +302,9 @@ def build_kit(fleet: Fleet, out: str | Path) -> dict[str, Path]:
     os.chmod(broker_dir / "mosquitto.conf", 0o644)
     written["broker"] = broker_dir / "mosquitto.conf"
 
-    def broker_section(user: str, folder: Path) -> dict:
+    def broker_section(user: str, folder: Path, topic_root: str = fleet.topic_root) -> dict:
         return {"url": fleet.url, "username": user, "password_file": str(folder / "password"),
-                "ca_file": str(folder / "ca.crt") if fleet.tls else None, "topic_root": fleet.topic_root}
+                "ca_file": str(folder / "ca.crt") if fleet.tls else None, "topic_root": topic_root}
 
     state_root = Path(fleet.state_root) if fleet.state_root else None
     coord = {"labels": fleet.labels, "min_nodes": len(fleet.nodes),
@@ -252,13 +325,25 @@ def build_kit(fleet: Fleet, out: str | Path) -> dict[str, Path]:
                 "Written by `fedspine kit`: the read-only monitor user.", monitor)
     written["monitor"] = mon_dir / "monitor.toml"
 
+    if fleet.regions:
+        from coordinator.region import RegionConfig
+    for rid, settings in fleet.regions.items():
+        folder = out / "regions" / rid
+        sections = {"broker": broker_section(rid, folder), "region": settings}
+        RegionConfig.from_dict(sections)
+        _write_toml(folder / "region.toml", f"fedspine region --config region.toml   (region {rid})\n"
+                    "Written by `fedspine kit`: region_id is this aggregator's broker user name; its nodes'\n"
+                    f"topic_root is {fleet.topic_root}/region/{rid} (docs/scale.md, docs/configuration.md).", sections)
+        written[f"region {rid}"] = folder / "region.toml"
+
     for n in fleet.nodes:
         nid, folder = n["id"], out / "nodes" / n["id"]
+        root = Topics(fleet.topic_root).region_root(n["region"]).root if "region" in n else fleet.topic_root
         node = {"id": nid, "device_type": n.get("tier", "generic"), "model_path": n.get("model_path", fleet.model_path),
                 "data_path": n["data_path"], "test_path": n.get("test_path"), "labels": fleet.labels,
                 "state_dir": n.get("state_dir") or str((state_root / nid) if state_root else folder / "state"),
                 **fleet.extra.get("node", {})}
-        sections = {"broker": broker_section(nid, folder), "node": node, "train": fleet.extra.get("train", {}),
+        sections = {"broker": broker_section(nid, folder, root), "node": node, "train": fleet.extra.get("train", {}),
                     "telemetry": fleet.extra.get("telemetry", {})}
         NodeConfig.from_dict(sections)
         _write_toml(folder / "node.toml", f"fedspine node --config node.toml   (node {nid})\n"
@@ -267,6 +352,10 @@ def build_kit(fleet: Fleet, out: str | Path) -> dict[str, Path]:
         written[nid] = folder / "node.toml"
     (out / "README.md").write_text(kit_readme(fleet, out))
     return written
+
+
+def _in_region(node: dict) -> str:
+    return f" (region {node['region']})" if "region" in node else ""
 
 
 def kit_readme(fleet: Fleet, out: Path) -> str:
@@ -284,7 +373,10 @@ def kit_readme(fleet: Fleet, out: Path) -> str:
         "| `broker/` | the broker | `mosquitto -c broker/mosquitto.conf` |",
         "| `coordinator/` | the coordinator | `fedspine coordinator --config coordinator/coordinator.toml` |",
         "| `monitor/` | any operator machine | `fedspine monitor --config monitor/monitor.toml [--once]` |",
-        *(f"| `nodes/{nid}/` | node {nid} | `fedspine node --config nodes/{nid}/node.toml` |" for nid in node_ids),
+        *(f"| `regions/{rid}/` | region {rid}'s aggregator | `fedspine region --config regions/{rid}/region.toml` |"
+          for rid in fleet.regions),
+        *(f"| `nodes/{nid}/` | node {nid}{_in_region(n)} | `fedspine node --config nodes/{nid}/node.toml` |"
+          for nid, n in zip(node_ids, fleet.nodes, strict=True)),
         "",
         "Each `password` file (mode 0600) is that process's broker secret; `broker/passwd` holds their hashes.",
         f"`broker/passwd`, `broker/acl`{' and `broker/server.key`' if tls else ''} are mode 0640: mosquitto, started "
@@ -295,6 +387,11 @@ def kit_readme(fleet: Fleet, out: Path) -> str:
     if tls:
         lines += ["", "`ca/ca.key` signs the broker's certificate: keep it off the fleet. Every process trusts "
                       "`ca.crt` in its folder."]
+    if fleet.regions:
+        lines += ["", f"Regions: each region's nodes talk to its aggregator on `{fleet.topic_root}/region/<rid>`, the "
+                  "aggregator to the coordinator.", "Start the broker, then each region and its nodes, then the "
+                  "coordinator: while any region is online it runs", "hierarchical rounds (docs/scale.md). Each "
+                  "region's broker user is its id; `broker/acl` confines it to its own topics."]
     lines += ["", "Nodes read the base model from `model_path` and never the network: run them with",
               "`HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1`. A node whose `[node] id` is not its broker user stops",
               "within seconds (exit 2) naming both.", ""]

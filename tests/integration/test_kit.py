@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,10 +40,13 @@ def _env() -> dict:
 
 
 def _write_fleet(path: Path, fleet: dict) -> None:
-    """fleet.toml: the [[nodes]] array as an inline array before the tables, then every table."""
-    nodes = ", ".join("{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in n.items()) + " }" for n in fleet["nodes"])
-    write_toml(path, {k: v for k, v in fleet.items() if k != "nodes"})
-    path.write_text(f"nodes = [{nodes}]\n\n" + path.read_text())
+    """fleet.toml: the arrays of tables ([[nodes]], [[regions]]) as inline arrays before the tables, then every
+    table."""
+    arrays = {k: v for k, v in fleet.items() if isinstance(v, list)}
+    head = "".join(f"{k} = [" + ", ".join("{ " + ", ".join(f"{a} = {json.dumps(b)}" for a, b in t.items()) + " }"
+                                          for t in v) + "]\n" for k, v in arrays.items())
+    write_toml(path, {k: v for k, v in fleet.items() if k not in arrays})
+    path.write_text(head + "\n" + path.read_text())
 
 
 def _bash(script: str, cwd: Path, timeout_s: float) -> subprocess.CompletedProcess:
@@ -155,3 +159,65 @@ def test_a_node_whose_id_is_not_its_user_name_stops_naming_both(tmp_path):
     assert p.returncode == 2, p.stderr[-2000:]
     last = p.stderr.strip().splitlines()[-1]
     assert "'node-b'" in last and "'node-a'" in last and "username" in last, last
+
+
+def test_a_kit_with_a_region_runs_through_the_region_to_the_exports(tmp_path):
+    """docs/examples/fleet-regions.toml edited to one region of two nodes, then ``fedspine kit``; everything runs
+    from the kit's files: mosquitto with the kit's TLS, passwords and ACL (the region user included), the two
+    nodes as processes, the region and the coordinator in this process (as tests/integration/test_regions.py does,
+    to spare two process start-ups).  The run goes through the region and ends with both nodes' exports."""
+    from broker_config.kit import main as kit_main
+    from coordinator.config import CoordinatorConfig
+    from coordinator.region import Region, RegionConfig
+    from coordinator.server import Coordinator
+    from tests.integration.fleet import stop_processes
+
+    model = tiny_model(tmp_path / "model")
+    test = write_csv(tmp_path / "test.csv", sentiment_rows(64, seed=999))
+    fleet = load_toml(REPO / "docs/examples/fleet-regions.toml")
+    fleet["fleet"].update(labels=["neg", "pos"], model_path=str(model), data_dir=str(tmp_path / "data"))
+    fleet["broker"].update(host="127.0.0.1", bind="127.0.0.1", port=free_port(), run_user=getpass.getuser(),
+                           persistence=False)
+    fleet["regions"] = [{"id": "east", "deadline_s": 50.0}]
+    fleet["nodes"] = [n for n in fleet["nodes"] if n["region"] == "east"]
+    for i, n in enumerate(fleet["nodes"]):
+        (tmp_path / "data" / n["id"]).mkdir(parents=True)
+        write_csv(tmp_path / "data" / n["id"] / "train.csv", sentiment_rows(96, seed=i))
+        n["test_path"] = str(test)
+    fleet["coordinator"].update(rounds=2, local_steps=2, deadline_s=60.0, join_timeout_s=90.0)
+    fleet["bandit"] = {"target_sparsity": 0.3, "rank": 4}
+    fleet["train"] = {"batch_size": 8, "max_length": 16, "learning_rate": 5e-3, "test_batches": 4}
+    _write_fleet(tmp_path / "fleet.toml", fleet)
+    kit = tmp_path / "kit"
+    assert kit_main(["--fleet", str(tmp_path / "fleet.toml"), "--out", str(kit)]) == 0
+    acl = (kit / "broker/acl").read_text()
+    assert "user east" in acl and "cafile" in (kit / "broker/mosquitto.conf").read_text()
+
+    outputs = {name: (tmp_path / f"{name}.log").open("wb") for name in ("broker", "jetson-01", "jetson-02")}
+    procs = [subprocess.Popen(["mosquitto", "-c", str(kit / "broker/mosquitto.conf")], stderr=outputs["broker"])]
+    region = Region(RegionConfig.load(kit / "regions/east/region.toml"))
+    thread = threading.Thread(target=region.run, daemon=True)
+    try:
+        for nid in ("jetson-01", "jetson-02"):
+            procs.append(subprocess.Popen([sys.executable, "-m", "shared.cli", "node", "--config",
+                                           str(kit / "nodes" / nid / "node.toml")], env=_env(), cwd=REPO,
+                                          stdout=subprocess.DEVNULL, stderr=outputs[nid]))
+        time.sleep(0.5)  # the broker's listener (the region's client retries anyway)
+        thread.start()
+        summary = Coordinator(CoordinatorConfig.load(kit / "coordinator/coordinator.toml")).run()
+    finally:
+        region.stop()
+        thread.join(timeout=10)
+        stop_processes(procs[1:])
+        stop_processes(procs[:1])
+        for fh in outputs.values():
+            fh.close()
+    logs = {name: (tmp_path / f"{name}.log").read_text() for name in outputs}
+    assert summary.rounds_done == 2 and not summary.stopped_early, (summary.stopped_early, logs)
+    rows = [json.loads(x) for x in (kit / "coordinator/state/metrics.jsonl").read_text().splitlines()]
+    assert [(r["regions"], r["accepted"]) for r in rows if r.get("kind") == "round"] == [(1, 2), (1, 2)]
+    assert {rid: (e.nodes, e.ok) for rid, e in summary.region_exports.items()} == {"east": (2, 2)}
+    for nid in ("jetson-01", "jetson-02"):
+        text = logs[nid]
+        assert (kit / "nodes" / nid / "state/export/config.json").exists(), text[-3000:]
+        assert '"level": "error"' not in text, text[-3000:]
