@@ -72,6 +72,18 @@ class Fleet:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
+def _table_id(table: dict[str, Any], array: str, i: int, what: str) -> str:
+    """The ``id`` of entry ``i`` of ``[[array]]``: a valid topic level that is not a reserved broker user (it is the
+    node's or region's broker user name)."""
+    try:
+        tid = check_node_id(str(table.get("id", "")))
+    except TopicError as exc:
+        raise ConfigError(f"[[{array}]] #{i + 1} id: {exc}") from None
+    if tid in RESERVED_USERS:
+        raise ConfigError(f"[[{array}]] id {tid!r} is reserved for the {tid} broker user; name the {what} otherwise")
+    return tid
+
+
 def _unknown(table: dict, known: set, where: str) -> None:
     if bad := sorted(set(table) - known):
         raise ConfigError(f"{where}: unknown key(s) {bad}; known: {sorted(known)}")
@@ -97,12 +109,7 @@ def load_fleet(path: str | Path) -> Fleet:
     data_dir = Path(fleet["data_dir"]) if fleet.get("data_dir") else None
     for i, n in enumerate(nodes):
         _unknown(n, NODE_KEYS, f"[[nodes]] #{i + 1}")
-        try:
-            nid = check_node_id(str(n.get("id", "")))
-        except TopicError as exc:
-            raise ConfigError(f"[[nodes]] #{i + 1} id: {exc}") from None
-        if nid in RESERVED_USERS:
-            raise ConfigError(f"[[nodes]] id {nid!r} is reserved for the {nid} broker user; name the node otherwise")
+        nid = _table_id(n, "nodes", i, "node")
         if nid in seen:
             raise ConfigError(f"[[nodes]] id {nid!r} appears twice")
         seen.add(nid)
@@ -145,13 +152,7 @@ def _load_regions(tables: list[dict], nodes: list[dict], coordinator: dict) -> d
     regions: dict[str, dict[str, Any]] = {}
     for i, r in enumerate(tables):
         _unknown(r, REGION_KEYS, f"[[regions]] #{i + 1}")
-        try:
-            rid = check_node_id(str(r.get("id", "")))
-        except TopicError as exc:
-            raise ConfigError(f"[[regions]] #{i + 1} id: {exc}") from None
-        if rid in RESERVED_USERS:
-            raise ConfigError(f"[[regions]] id {rid!r} is reserved for the {rid} broker user; name the region "
-                              "otherwise")
+        rid = _table_id(r, "regions", i, "region")
         if rid in node_ids:
             raise ConfigError(f"[[regions]] id {rid!r} is also a node id: a region's broker user is its id, so it "
                               "must differ from every node's")
