@@ -276,11 +276,18 @@ def region_broker() -> Iterator[TransportFactory]:
         factory.close()
 
 
-def _delivered(observer: Inbox, sent: list[str], sentinel: tuple[str, bytes]) -> list[str]:
-    """The topics of ``sent`` the observer received (the sentinel, published last by the same client, arrived)."""
-    _sentinel_wait(observer, *sentinel)
-    time.sleep(0.3)
-    return sorted({t for t, _ in observer.items if t in sent})
+def _only_allowed_arrive(sender, observer: Inbox, forbidden: list[str], allowed: list[str],
+                         timeout_s: float = 5.0, settle_s: float = 0.3, only_sent: bool = True) -> None:
+    """``sender`` publishes a command to every topic, the allowed last (the final one is the sentinel): exactly the
+    allowed topics reach ``observer`` (of the topics sent, or of all it received with ``only_sent`` False)."""
+    cmd = encode(Command(command="stop", run_id="r1"))
+    for topic in forbidden + allowed:
+        sender.publish(topic, cmd, qos=1)
+    assert sender.wait_published(timeout_s)
+    _sentinel_wait(observer, allowed[-1], cmd, timeout_s=timeout_s)
+    time.sleep(settle_s)
+    got = {t for t, _ in observer.items if not only_sent or t in forbidden + allowed}
+    assert got == set(allowed), (sorted(got - set(allowed)), sorted(set(allowed) - got))
 
 
 def test_region_user_writes_only_its_upward_topics_and_its_subtree(region_broker: TransportFactory,
@@ -300,12 +307,7 @@ def test_region_user_writes_only_its_upward_topics_and_its_subtree(region_broker
     forbidden += [f"{ROOT}/node/node-a/{k}" for k in NODE_READS]  # the root's own nodes
     forbidden += [f"{ROOT}/broadcast/command", f"{ROOT}/coordinator/status", f"{ROOT}/other", "elsewhere/x"]
     forbidden += [f"{ROOT}/node/east/status", f"{r}/west/node/east/upload", f"{r}/east/node/east/upload"]  # a node
-    cmd = encode(Command(command="stop", run_id="r1"))
-    for topic in forbidden + allowed:
-        east.publish(topic, cmd, qos=1)
-    assert east.wait_published(5)
-    got = _delivered(observer, forbidden + allowed, (allowed[-1], cmd))
-    assert got == sorted(allowed), (sorted(set(got) - set(allowed)), sorted(set(allowed) - set(got)))
+    _only_allowed_arrive(east, observer, forbidden, allowed)
     reliability.add("security", "region east publishes as the root to itself, as/to region west, to west's nodes "
                     "and broadcast, to the root's nodes, broadcast and presence, and as a node",
                     len(forbidden), f"none delivered; its {len(allowed)} upward and sub-fleet topics delivered")
@@ -355,12 +357,7 @@ def test_node_under_a_region_is_pinned_to_its_own_subtree(region_broker: Transpo
     forbidden += [f"{r}/node/node-a/{k}" for k in NODE_READS]  # forging its region's messages to itself
     forbidden += [f"{r}/{k}" for k in (*REGION_WRITES, *REGION_READS)]  # speaking as its region or the root
     forbidden += [f"{r}/broadcast/command", f"{r}/coordinator/status"]
-    cmd = encode(Command(command="stop", run_id="r1"))
-    for topic in forbidden + allowed:
-        node_a.publish(topic, cmd, qos=1)
-    assert node_a.wait_published(5)
-    got = _delivered(observer, forbidden + allowed, (allowed[-1], cmd))
-    assert got == sorted(allowed), (sorted(set(got) - set(allowed)), sorted(set(allowed) - set(got)))
+    _only_allowed_arrive(node_a, observer, forbidden, allowed)
     reliability.add("security", "node-a under region east publishes as node-b, to its own inbox, as its region "
                     "(upward and downward) and to its region's broadcast and presence", len(forbidden),
                     f"none delivered; its {len(allowed)} own topics delivered")
