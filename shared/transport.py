@@ -253,7 +253,6 @@ class MqttTransport(_Base):
             return
         self._refused = None
         self._up_since = time.monotonic()
-        self.connects += 1
         failover_s = None
         if self._lost_at is not None:
             failover_s = round(self._up_since - self._lost_at, 3)
@@ -267,6 +266,7 @@ class MqttTransport(_Base):
             else:
                 self.subscribed.set()
             self.connected.set()
+            self.connects += 1  # counted once the connection is usable: connects == n implies connected (until lost)
         self.log.info("broker_connected", url=self.member, members=len(self._members), subscriptions=len(subs),
                       **({"reconnect_s": failover_s} if failover_s is not None else {}))
         if self.on_connect is not None:
