@@ -255,7 +255,7 @@ class Region:
         if rr.download_transfer_id is None:
             self.global_ = GlobalLora()
             return True
-        tid, asked = rr.download_transfer_id, time.monotonic()
+        tid = rr.download_transfer_id
         while time.monotonic() < end and not self._stop.is_set():
             ev = self._get(0.5)
             if ev is not None and ev[0] == "global" and ev[2][0] == tid:
@@ -267,10 +267,8 @@ class Region:
                     self.reassembler.expect(tid, ROOT_SENDER)
             elif ev is not None and ev[0] not in ("round", "global"):
                 self._idle(ev)
-            if time.monotonic() - asked >= 1.0:  # resume: ask for what is missing
-                asked = time.monotonic()
-                req = ResendRequest(transfer_id=tid, requester=self.rid,
-                                    missing=self.reassembler.missing(tid)[:65536])
+            req = self.reassembler.resend_request(tid, self.rid, idle_s=1.0)  # resume: ask for what is missing
+            if req is not None:
                 self.transport.publish(self.up.region(self.rid, "missing"), encode(req), qos=1)
         return False
 
@@ -380,7 +378,6 @@ class Region:
         payloads: dict[str, bytes] = {}
         accepted: dict[str, tuple] = {}
         done: set[str] = set()
-        asked: dict[str, float] = {}
         while len(done) < len(pending) and time.monotonic() < end and not self._stop.is_set():
             ev = self._get(min(0.5, end - time.monotonic()))
             if ev is not None:
@@ -405,15 +402,10 @@ class Region:
                     res = self._accept(rr, nid, reports[nid], payloads[nid])
                     if res is not None:
                         accepted[nid] = res
-            now = time.monotonic()
             for nid in set(reports) - set(payloads) - done:  # resume a stalled upload
-                if now - asked.get(nid, 0.0) >= 3.0:
-                    asked[nid] = now
-                    missing = self.reassembler.missing(pending[nid])
-                    if missing:
-                        req = ResendRequest(transfer_id=pending[nid], requester=ROOT_SENDER,
-                                            missing=missing[:65536])
-                        self.transport.publish(self.down.node(nid, "resend"), encode(req), qos=1)
+                req = self.reassembler.resend_request(pending[nid], ROOT_SENDER)
+                if req is not None:
+                    self.transport.publish(self.down.node(nid, "resend"), encode(req), qos=1)
         for up in pending.values():
             self.reassembler.forget(up)
         return accepted, len(pending) - len(accepted)

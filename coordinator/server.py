@@ -60,7 +60,6 @@ class _Pending:
     payload: bytes | None = None
     digest: str = ""  # sha256 of the payload, checked by the reassembler
     received_at: float = 0.0
-    resend_asked_at: float = 0.0
 
 
 @dataclass
@@ -426,7 +425,7 @@ class Coordinator:
                               sent_rank=plan.sent_rank, local_steps=plan.local_steps, importance=plan.importance,
                               deadline_ts=time.time() + rs.deadline_s, upload_transfer_id=up,
                               download_transfer_id=down)
-            pending[rid] = {"up": up, "report": None, "data": None, "asked": time.monotonic()}
+            pending[rid] = {"up": up, "report": None, "data": None}
             self.transport.publish(self.topics.region(rid, "config"), encode(msg), qos=1)
             if state is not None:
                 self.transport.send_transfer(self.topics.region(rid, "download"), state, down, COORDINATOR_ID)
@@ -539,11 +538,9 @@ class Coordinator:
                     failed[rid] = "rejected"
                     log.warning("partial_rejected", region=rid, error=str(exc))
             for r, q in pending.items():  # resume a stalled partial: ask for the missing chunks
-                if partial and q["report"] is not None and q["data"] is None and time.monotonic() - q["asked"] >= 3.0:
-                    q["asked"] = time.monotonic()
-                    missing = self.reassembler.missing(q["up"])
-                    if missing:
-                        req = ResendRequest(transfer_id=q["up"], requester=COORDINATOR_ID, missing=missing[:65536])
+                if partial and q["report"] is not None and q["data"] is None:
+                    req = self.reassembler.resend_request(q["up"], COORDINATOR_ID)
+                    if req is not None:
                         self.transport.publish(self.topics.region(r, "resend"), encode(req), qos=1)
         failed.update({r: "timeout" for r in pending if r not in done and r not in failed})
         return partials, failed
@@ -748,19 +745,13 @@ class Coordinator:
 
     def _ask_for_missing(self, pending: dict[str, _Pending], open_ids: set[str]) -> None:
         """Resume: a node that reported but whose upload stalls is asked for only the missing chunks."""
-        now = time.monotonic()
         for node_id in open_ids:
             p = pending[node_id]
-            if p.report is None or p.payload is not None or now - p.resend_asked_at < 3.0:
+            if p.report is None or p.payload is not None:
                 continue
-            if now - p.sent_at < 1.0:
-                continue
-            missing = self.reassembler.missing(p.upload_tid)
-            if missing is None:
-                continue
-            p.resend_asked_at = now
-            req = ResendRequest(transfer_id=p.upload_tid, requester=COORDINATOR_ID, missing=list(missing)[:65536])
-            self.transport.publish(self.topics.node(node_id, "resend"), encode(req), qos=1)
+            req = self.reassembler.resend_request(p.upload_tid, COORDINATOR_ID)
+            if req is not None:
+                self.transport.publish(self.topics.node(node_id, "resend"), encode(req), qos=1)
 
     def _accept(self, p: _Pending, log) -> NodeResult | Failure:
         a, r = p.assignment, p.report

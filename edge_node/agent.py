@@ -363,7 +363,6 @@ class NodeAgent:
         """Wait for the global slice of this round; ask for missing chunks when it stalls."""
         tid = cfg.download_transfer_id
         deadline = cfg.deadline_ts
-        last_ask = time.time()
         while not self._stop.is_set() and time.time() < deadline:
             if self._superseded(cfg):
                 raise Superseded("a newer configuration arrived while waiting for the global update")
@@ -377,12 +376,9 @@ class NodeAgent:
                     continue
                 self.reassembler.forget(tid)
                 return LoraUpdate.from_bytes(data)
-            if time.time() - last_ask > 3.0:
-                missing = self.reassembler.missing(tid)
-                if missing:
-                    req = ResendRequest(transfer_id=tid, requester=self.node_id, missing=list(missing)[:65536])
-                    self.transport.publish(self.topics.node(self.node_id, "missing"), encode(req), qos=1)
-                last_ask = time.time()
+            req = self.reassembler.resend_request(tid, self.node_id)
+            if req is not None:
+                self.transport.publish(self.topics.node(self.node_id, "missing"), encode(req), qos=1)
         raise TimeoutError(f"global update {tid} did not arrive before the round's deadline")
 
     def _on_round_config(self, cfg: RoundConfig) -> None:

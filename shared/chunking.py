@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.logs import get_logger
-from shared.messages import Chunk, ProtocolError
+from shared.messages import MAX_MISSING, Chunk, ProtocolError, ResendRequest
 from shared.topics import check_node_id
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
+RESEND_IDLE_S = 3.0  # a transfer with no new chunk for this long is asked for its missing chunks
 
 
 def split(payload: bytes, transfer_id: str, sender: str, chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[Chunk]:
@@ -59,13 +60,14 @@ class TransferStatus:
 class _Transfer:
     """Receive state of one expected transfer: geometry from its first chunk, a preallocated buffer."""
 
-    __slots__ = ("sender", "created", "last_progress", "count", "total", "digest", "chunk_size", "buf",
+    __slots__ = ("sender", "created", "last_progress", "asked", "count", "total", "digest", "chunk_size", "buf",
                  "have", "n_have", "hasher", "hashed_upto")
 
     def __init__(self, sender: str, now: float) -> None:
         self.sender = sender
         self.created = now
         self.last_progress = now
+        self.asked = now  # when the sender was last asked for missing chunks
         self.reset()
 
     def reset(self) -> None:
@@ -226,6 +228,23 @@ class Reassembler:
         with self._lock:
             t = self._transfers.get(transfer_id)
             return t.missing() if t is not None else []
+
+    def resend_request(self, transfer_id: str, requester: str, idle_s: float = RESEND_IDLE_S) -> ResendRequest | None:
+        """The request for ``transfer_id``'s missing chunks once it has stalled, else None.
+
+        Stalled means no new chunk and no request for ``idle_s`` seconds.  Asking on a plain timer instead
+        re-queues every chunk still in flight: on a slow uplink each request adds a full copy of the rest of
+        the transfer behind the first, and the transfer finishes later with every request."""
+        with self._lock:
+            t = self._transfers.get(transfer_id)
+            now = self._clock()
+            if t is None or now - max(t.last_progress, t.asked) < idle_s:
+                return None
+            missing = t.missing()
+            if not missing:
+                return None
+            t.asked = now
+        return ResendRequest(transfer_id=transfer_id, requester=requester, missing=missing[:MAX_MISSING])
 
     def stalled(self, idle_s: float, started_only: bool = False) -> list[str]:
         """Transfers that made no progress for ``idle_s`` seconds: time to send a ResendRequest.

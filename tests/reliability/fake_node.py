@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -73,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         flow = agent.transport._publish_flow
 
         def slow_flow(topic: str, payload: bytes) -> None:
-            if topic.endswith("/upload"):
+            # Not in the network thread (resends are answered there): sleeping there would stall the whole
+            # connection, reads, writes and keepalive, which no slow link does; a resend's chunks just queue.
+            if topic.endswith("/upload") and threading.get_ident() != agent.transport._net_thread:
                 time.sleep(args.send_delay)
             flow(topic, payload)
 

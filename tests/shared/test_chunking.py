@@ -171,6 +171,33 @@ def test_missing_stalled_and_expire_with_a_fake_clock() -> None:
     assert logs[0]["reason"] == "unknown transfer"
 
 
+def test_resend_is_asked_only_once_a_transfer_stalls_and_not_again_while_chunks_arrive() -> None:
+    """A timer-driven ask re-queues every chunk still in flight; asks follow stalls instead."""
+    clock = FakeClock()
+    _, chunks = _good(size=20_000)  # 5 chunks
+    r = Reassembler(1 << 20, timeout_s=30, clock=clock)
+    r.expect("t", "node-a")
+    clock.t += 2.9
+    assert r.resend_request("t", "coordinator") is None  # not stalled yet
+    clock.t += 0.1
+    req = r.resend_request("t", "coordinator")
+    assert req == ResendRequest(transfer_id="t", requester="coordinator", missing=[0])
+    assert r.resend_request("t", "coordinator") is None  # just asked: give the answer time
+    for i in (0, 1, 2):  # the answer arrives one chunk a second: never asked again meanwhile
+        clock.t += 1.0
+        r.feed(chunks[i], "node-a")
+        assert r.resend_request("t", "coordinator") is None
+    clock.t += 3.0  # then it stalls again: only what is missing
+    assert r.resend_request("t", "coordinator").missing == [3, 4]
+    clock.t += 1.0
+    assert r.resend_request("t", "coordinator", idle_s=1.0).missing == [3, 4]  # a shorter rhythm where asked for
+    assert r.resend_request("nope", "coordinator") is None
+    r.feed(chunks[3], "node-a")
+    assert r.feed(chunks[4], "node-a") is not None
+    clock.t += 10
+    assert r.resend_request("t", "coordinator") is None  # complete
+
+
 def test_forget_drops_state() -> None:
     _, chunks = _good()
     r = Reassembler(1 << 20, 60)
