@@ -56,6 +56,7 @@ class _Pending:
     assignment: Assignment
     upload_tid: str
     sent_at: float
+    config: RoundConfig | None = None  # as sent: sent again if the node comes back from offline mid-round
     report: RoundReport | None = None
     payload: bytes | None = None
     digest: str = ""  # sha256 of the payload, checked by the reassembler
@@ -654,7 +655,7 @@ class Coordinator:
                 download_transfer_id=down_tid, importance=a.importance,
                 finish_s=a.finish_s, min_steps=a.min_steps, max_steps=a.max_steps,
             )
-            pending[a.node_id] = _Pending(assignment=a, upload_tid=up_tid, sent_at=time.monotonic())
+            pending[a.node_id] = _Pending(assignment=a, upload_tid=up_tid, sent_at=time.monotonic(), config=cfg_msg)
             self.transport.publish(self.topics.node(a.node_id, "config"), encode(cfg_msg), qos=1)
             if g is not None:
                 if id(g) not in encoded:
@@ -662,6 +663,24 @@ class Coordinator:
                 self.transport.send_transfer(self.topics.node(a.node_id, "download"), encoded[id(g)], down_tid,
                                              COORDINATOR_ID)
         return pending
+
+    def _send_again(self, p: _Pending) -> None:
+        """A participant back from offline before it reported may have restarted and lost the round (its
+        configuration and slice went to a dead process): send both again, so the round does not wait to its
+        deadline for an answer that cannot come.  A node that only lost its link finishes its work, answers
+        the repeat with its report and drops the slice's duplicate chunks."""
+        cfg, node_id = p.config, p.assignment.node_id
+        if cfg is None:
+            return
+        # A restarted node trains again and sends a different payload under the same transfer id: chunks
+        # received so far would lock the transfer onto the dead process's payload.  Start it afresh; a node
+        # that kept its payload resends what is missing when asked.
+        self.reassembler.forget(p.upload_tid)
+        self.reassembler.expect(p.upload_tid, node_id)
+        self.transport.publish(self.topics.node(node_id, "config"), encode(cfg), qos=1)
+        if cfg.download_transfer_id:  # every chunk (an empty list asks for all)
+            self.transport.resend(self.topics.node(node_id, "download"), ResendRequest(
+                transfer_id=cfg.download_transfer_id, requester=node_id, missing=[]))
 
     def _dispatch_idle(self, ev: tuple, log) -> None:
         """Handle an event that arrives outside a round's collection window."""
@@ -697,6 +716,8 @@ class Coordinator:
                         log.info("participant_offline", node=node_id, grace_s=OFFLINE_GRACE_S)
                     elif self.registry.is_live(node_id) and gone.pop(node_id, None) is not None:
                         log.info("participant_back", node=node_id)
+                        if p is not None and node_id in open_ids and p.report is None:
+                            self._send_again(p)
                 elif kind == "missing":
                     self.transport.resend(self.topics.node(node_id, "download"), payload)
                 elif p is None or node_id not in open_ids:
