@@ -49,6 +49,7 @@ class NodeRow:
     perplexity: float | None = None  # a causal LM's score, shown where a classifier's accuracy would be
     energy_j: float | None = None
     last_seen: float = 0.0
+    region: str = ""  # the regional aggregator it trains under ("" : the root coordinator)
 
 
 @dataclass
@@ -63,10 +64,21 @@ class FleetView:
     def _row(self, node_id: str) -> NodeRow:
         return self.nodes.setdefault(node_id, NodeRow(node_id))
 
+    def _topics_of(self, topic: str) -> tuple[Topics, str]:
+        """The topic tree ``topic`` lies in: the root's, or a region's (``<root>/region/<rid>/...``) and its id."""
+        head = f"{self.topics.root}/region/"
+        if topic.startswith(head):
+            rid = topic[len(head):].split("/", 1)[0]
+            return self.topics.region_root(rid), rid  # an invalid region id raises TopicError
+        return self.topics, ""
+
     def apply(self, topic: str, payload: bytes, log=None) -> bool:
         """Update the view; return False (and log one line) for anything malformed."""
         try:
-            parsed = self.topics.parse(topic)
+            topics, region = self._topics_of(topic)
+            parsed = topics.parse(topic)
+            if region and parsed.kind == "coordinator_status":
+                return False  # a region's presence toward its own nodes: not the fleet's coordinator
             if parsed.kind == "coordinator_status":
                 status = decode(payload, CoordinatorStatus)
                 if self.coordinator is not None and status.run_id and self.coordinator.run_id \
@@ -125,7 +137,8 @@ class FleetView:
             self.rejected += 1
             (log or get_logger("monitor")).warning("message_rejected", topic=topic, size=len(payload), error=str(exc))
             return False
-        self._row(parsed.node_id).last_seen = time.time()
+        row = self._row(parsed.node_id)
+        row.last_seen, row.region = time.time(), region
         return True
 
     def _new_run(self) -> None:
@@ -148,9 +161,11 @@ class FleetView:
         c = self.coordinator
         title = "FedSpine fleet" + (f" - coordinator {c.state}, round {c.round}, {c.method}" if c else "")
         t = Table(title=title)
-        for col in ("node", "presence", "tier", "round", "phase", "sparsity", "rank", "power W", "source",
-                    "CPU %", "GPU %", "loss", "test acc / ppl", "energy J"):
-            t.add_column(col, justify="right" if col not in ("node", "presence", "tier", "phase", "source") else "left")
+        regions = any(r.region for r in self.nodes.values())  # the column only for a fleet with regions
+        left = ("node", "region", "presence", "tier", "phase", "source")
+        for col in ("node", *(("region",) if regions else ()), "presence", "tier", "round", "phase", "sparsity",
+                    "rank", "power W", "source", "CPU %", "GPU %", "loss", "test acc / ppl", "energy J"):
+            t.add_column(col, justify="left" if col in left else "right")
 
         def f(v, fmt):
             return "-" if v is None else format(v, fmt)
@@ -158,8 +173,8 @@ class FleetView:
         def score(r: NodeRow) -> str:  # a classifier's accuracy, else a causal LM's perplexity
             return f(r.accuracy, ".3f") if r.accuracy is not None or r.perplexity is None else f"ppl {r.perplexity:.2f}"
 
-        for r in sorted(self.nodes.values(), key=lambda r: r.node_id):
-            t.add_row(r.node_id, "[green]online" if r.state == "online" else f"[red]{r.state}", r.device_type,
+        for r in sorted(self.nodes.values(), key=lambda r: (r.region, r.node_id)):
+            t.add_row(r.node_id, *((r.region or "-",) if regions else ()), "[green]online" if r.state == "online" else f"[red]{r.state}", r.device_type,
                       f(r.round if r.round >= 0 else None, "d"), r.phase, f(r.sparsity, ".2f"), f(r.rank, "d"),
                       f(r.power_w, ".1f"), r.power_source, f(r.cpu_percent, ".0f"), f(r.gpu_percent, ".0f"),
                       f(r.loss, ".4f"), score(r), f(r.energy_j, ".0f"))
@@ -187,8 +202,11 @@ def run_monitor(broker: BrokerConfig, *, once: bool = False, duration_s: float =
             view.apply(topic, payload, log)
 
     client = MqttTransport(broker, client_id or f"fedspine-monitor-{int(time.time() * 1000) % 10**9}")
-    for flt in (view.topics.node_filter("status"), view.topics.telemetry_filter, view.topics.node_filter("report"),
-                view.topics.coordinator_status):
+    root = view.topics.root
+    node_filters = (view.topics.node_filter("status"), view.topics.telemetry_filter, view.topics.node_filter("report"))
+    # Nodes under a regional aggregator speak on <root>/region/<rid>/node/<id>/...: the same kinds, a level down.
+    under_regions = tuple(f"{root}/region/+/{flt[len(root) + 1:]}" for flt in node_filters)
+    for flt in (*node_filters, view.topics.coordinator_status, *under_regions):
         client.subscribe(flt, handle, qos=0)
     client.start()
     if console is None:

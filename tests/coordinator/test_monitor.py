@@ -86,6 +86,29 @@ def test_malformed_and_spoofed_messages_are_dropped_with_one_line_each():
     assert [e["event"] for e in logs] == ["message_rejected"] * 3
 
 
+def test_nodes_under_a_region_are_shown_with_their_region():
+    v = FleetView(T)
+    R = T.region_root("eu-1")  # noqa: N806
+    assert v.apply(T.node("agx-1", "status"), encode(NodeStatus(node_id="agx-1", state="online", ts=1.0)))
+    assert v.apply(R.node("nx-2", "status"), encode(NodeStatus(node_id="nx-2", state="online", ts=1.0,
+                                                               device_type="nx")))
+    assert v.apply(R.node("nx-2", "report"), encode(RoundReport(
+        run_id="r", round=3, node_id="nx-2", status="ok", loss_end=0.5, sparsity=0.3, rank=8,
+        metrics={"test_accuracy": 0.6})))
+    assert (v.nodes["nx-2"].region, v.nodes["nx-2"].round, v.nodes["nx-2"].accuracy) == ("eu-1", 3, 0.6)
+    assert v.nodes["agx-1"].region == ""
+    # the region's presence toward its own nodes is not the fleet's coordinator
+    assert not v.apply(R.coordinator_status, encode(CoordinatorStatus(state="online", ts=2.0, round=3)))
+    assert v.coordinator is None
+    with capture_logs() as logs:  # spoofing and bad region ids are dropped as at the root
+        assert not v.apply(R.node("nx-2", "status"), encode(NodeStatus(node_id="agx-1", state="offline", ts=3.0)))
+        assert not v.apply("fedspine/v1/region/+bad/node/nx-2/status", b"{}")
+    assert v.rejected == 2 and [e["event"] for e in logs] == ["message_rejected"] * 2
+    table = v.table()
+    assert [c.header for c in table.columns][:2] == ["node", "region"] and table.row_count == 2
+    assert [c.header for c in FleetView(T).table().columns][1] == "presence"  # no region column in a flat fleet
+
+
 @pytest.mark.mosquitto
 @pytest.mark.slow
 def test_fleet_followed_through_mosquitto_with_sub_and_monitor(mqtt_transport, tmp_path, capsys):

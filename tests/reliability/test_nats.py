@@ -285,6 +285,37 @@ def test_nats_node_under_a_region_is_pinned_to_its_own_subtree(clients: Clients,
                     f"none delivered; its {len(allowed)} own topics delivered")
 
 
+def test_nats_monitor_follows_nodes_under_regions_and_reads_nothing_else(clients: Clients, reliability) -> None:
+    snoop = Inbox()
+    r = f"{ROOT}/region"
+    # fedspine monitor's filters for nodes under regions, plus wider ones NATS must refuse whole
+    filters = [f"{r}/+/node/+/status", f"{r}/+/node/+/telemetry/#", f"{r}/+/node/+/report", f"{r}/#",
+               f"{r}/+/node/+/upload", f"{r}/+/config", "#"]
+    clients("monitor", 2, {f: snoop for f in filters})
+    east = clients("east", 0)
+    node_a = clients("node-a", 1)
+    time.sleep(0.5)
+    for k in REGION_WRITES:
+        east.publish(f"{r}/east/{k}", b"east-up")
+    for k in NODE_READS:
+        east.publish(f"{r}/east/node/node-a/{k}", b"east-down")
+    for k in NODE_WRITES:
+        node_a.publish(f"{r}/east/node/node-a/{k}", b"a-to-east")
+    for t in (east, node_a):
+        assert t.wait_published(10)
+    mine = {f"{r}/east/node/node-a/{k}" for k in ("status", "telemetry", "telemetry/round", "report")}
+    theirs = [f"{r}/east/{k}" for k in REGION_WRITES] + [f"{r}/east/node/node-a/{k}" for k in NODE_READS]
+    theirs += [f"{r}/east/node/node-a/{k}" for k in ("upload", "missing")]
+    _sentinel_wait(snoop, f"{r}/east/node/node-a/report", b"a-to-east", timeout_s=10)
+    time.sleep(0.5)
+    got = {t for t, _ in snoop.items}
+    assert got & set(theirs) == set(), sorted(got & set(theirs))
+    assert got == mine, sorted(mine - got)
+    reliability.add("security (NATS)", "monitor subscribes to every region's tree, '#', node uploads and region "
+                    "configs under regions", len(theirs),
+                    "none delivered; the presence, telemetry and reports of nodes under regions delivered")
+
+
 # ---- failover ---------------------------------------------------------------------------------------------
 class Spread:
     """The cluster as NodeProcs and coordinator_for see a broker, each user starting on its own member."""

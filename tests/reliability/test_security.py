@@ -263,8 +263,8 @@ def test_oversized_payloads_refused_by_broker_and_application(mqtt_transport: Tr
 
 
 # ---- regional aggregators (coordinator/region.py) -------------------------------------------------------------
-REGION_USERS = {"coordinator": "coord-secret", "east": "east-secret", "west": "west-secret",
-                "node-a": "node-a-secret", "node-b": "node-b-secret"}
+REGION_USERS = {"coordinator": "coord-secret", "monitor": "monitor-secret", "east": "east-secret",
+                "west": "west-secret", "node-a": "node-a-secret", "node-b": "node-b-secret"}
 
 
 @pytest.fixture(scope="module")
@@ -361,3 +361,34 @@ def test_node_under_a_region_is_pinned_to_its_own_subtree(region_broker: Transpo
     reliability.add("security", "node-a under region east publishes as node-b, to its own inbox, as its region "
                     "(upward and downward) and to its region's broadcast and presence", len(forbidden),
                     f"none delivered; its {len(allowed)} own topics delivered")
+
+
+def test_monitor_follows_nodes_under_regions_and_reads_nothing_else(region_broker: TransportFactory,
+                                                                     reliability) -> None:
+    """What `fedspine monitor` subscribes to: the presence, telemetry and reports of nodes under any region; never
+    their configurations, slices or uploads, nor a region's transfers to and from the root."""
+    snoop = Inbox()
+    r = f"{ROOT}/region"
+    filters = [f"{r}/+/node/+/status", f"{r}/+/node/+/telemetry/#", f"{r}/+/node/+/report", f"{r}/#", "#"]
+    region_broker("monitor", subscriptions={f: snoop for f in filters})
+    east, node_a = region_broker("east"), region_broker("node-a")
+    time.sleep(0.3)
+    for k in REGION_WRITES:
+        east.publish(f"{r}/east/{k}", b"east-up", qos=1)
+    for k in NODE_READS:
+        east.publish(f"{r}/east/node/node-a/{k}", b"east-down", qos=1)
+    for k in NODE_WRITES:
+        node_a.publish(f"{r}/east/node/node-a/{k}", b"a-to-east", qos=1)
+    for t in (east, node_a):
+        assert t.wait_published(5)
+    mine = [f"{r}/east/node/node-a/{k}" for k in ("status", "telemetry", "telemetry/round", "report")]
+    theirs = [f"{r}/east/{k}" for k in REGION_WRITES] + [f"{r}/east/node/node-a/{k}" for k in NODE_READS]
+    theirs += [f"{r}/east/node/node-a/{k}" for k in NODE_WRITES if f"{r}/east/node/node-a/{k}" not in mine]
+    _sentinel_wait(snoop, mine[-1], b"a-to-east")
+    time.sleep(0.3)
+    got = {t for t, _ in snoop.items}
+    assert got & set(theirs) == set(), sorted(got & set(theirs))
+    assert got == set(mine), sorted(set(mine) - got)  # the positive control: what the monitor shows
+    reliability.add("security", "monitor subscribes to every region's tree and '#': region transfers, node "
+                    "configurations, slices and uploads under a region", len(theirs),
+                    "none delivered; the presence, telemetry and reports of nodes under regions delivered")
