@@ -39,6 +39,7 @@ from safetensors.torch import load as st_load
 
 from coordinator.aggregation import GlobalLora
 from coordinator.registry import Registry
+from coordinator.server import OFFLINE_GRACE_S
 from shared.chunking import Reassembler
 from shared.config import BrokerConfig, ConfigError, Sections
 from shared.logs import LiveRoundLogger, get_logger
@@ -131,6 +132,7 @@ class Region:
         self.global_ = GlobalLora()
         self.structures: dict[str, dict] = {}  # node -> kept rows/cols per module, from its last accepted update
         self.sparsity: dict[str, float] = {}
+        self._sent: dict[str, RoundConfig] = {}  # the round's configurations as sent, by node
         self.events: queue.Queue = queue.Queue()
         self.chunk_limit = cfg.broker.chunk_size + CHUNK_OVERHEAD
         self._stop = threading.Event()
@@ -354,6 +356,7 @@ class Region:
         """Relay the root's assignment to each node with its slice of the global state; node -> upload id."""
         deadline_ts = time.time() + max(0.0, end - time.monotonic())
         pending, encoded = {}, {}
+        self._sent = {}
         for nid in node_ids:
             up = f"{rr.run_id}.r{rr.round}.{self.rid}.{nid}.up"
             g = self.global_.slice_for(self.structures.get(nid), rr.sent_rank, LORA_ALPHA)
@@ -364,6 +367,7 @@ class Region:
                               importance=rr.importance, deadline_ts=deadline_ts, upload_transfer_id=up,
                               download_transfer_id=down)
             pending[nid] = up
+            self._sent[nid] = msg
             self.transport.publish(self.down.node(nid, "config"), encode(msg), qos=1)
             if g is not None:
                 if id(g) not in encoded:
@@ -378,11 +382,21 @@ class Region:
         payloads: dict[str, bytes] = {}
         accepted: dict[str, tuple] = {}
         done: set[str] = set()
+        gone: dict[str, float] = {}  # the root's rules (server.Coordinator._collect): failed after OFFLINE_GRACE_S
         while len(done) < len(pending) and time.monotonic() < end and not self._stop.is_set():
+            for nid in [n for n, t in gone.items() if time.monotonic() - t >= OFFLINE_GRACE_S and n not in done]:
+                done.add(nid)
+                self.log.info("node_round_failed", node=nid, status="offline")
             ev = self._get(min(0.5, end - time.monotonic()))
             if ev is not None:
                 kind, nid, payload = ev
-                if kind == "report" and isinstance(payload, ExportReport):
+                if kind == "status" and nid in pending and nid not in done and nid not in reports:
+                    self._idle(ev)
+                    if not self.registry.is_live(nid):
+                        gone.setdefault(nid, time.monotonic())
+                    elif gone.pop(nid, None) is not None:  # back: it may have restarted and lost the round
+                        self._send_again(nid, pending[nid])
+                elif kind == "report" and isinstance(payload, ExportReport):
                     self._idle(ev)
                 elif kind == "report" and nid in pending and nid not in done:
                     if payload.run_id == rr.run_id and payload.round == rr.round:
@@ -409,6 +423,18 @@ class Region:
         for up in pending.values():
             self.reassembler.forget(up)
         return accepted, len(pending) - len(accepted)
+
+    def _send_again(self, nid: str, up: str) -> None:
+        """As the root does (server.Coordinator._send_again): configuration and slice again, upload afresh."""
+        cfg = self._sent.get(nid)
+        if cfg is None:
+            return
+        self.reassembler.forget(up)
+        self.reassembler.expect(up, nid)
+        self.transport.publish(self.down.node(nid, "config"), encode(cfg), qos=1)
+        if cfg.download_transfer_id:
+            self.transport.resend(self.down.node(nid, "download"), ResendRequest(
+                transfer_id=cfg.download_transfer_id, requester=nid, missing=[]))
 
     def _accept(self, rr: RegionRound, nid: str, rep: RoundReport, data: bytes) -> tuple | None:
         """The same checks as the root's (coordinator.server._accept, Strategy.check_update)."""

@@ -134,3 +134,47 @@ def test_fleet_plan_is_the_flat_schedule_or_a_refusal(tmp_path, method):
             [a] = s.configure_round(rnd, [NodeInfo(node_id="n")])
             assert (plan.target_sparsity, plan.rank, plan.local_steps, plan.importance) == \
                 (a.target_sparsity, a.rank, a.local_steps, a.importance), (method, rnd, importance)
+
+
+def test_a_region_sends_a_node_back_from_offline_its_round_again_and_gives_up_on_one_that_stays_away(
+        tmp_path, monkeypatch):
+    """The root's rules (a participant that comes back before it reported may have restarted: configuration and
+    slice again; one offline for OFFLINE_GRACE_S has failed) hold for a region's own nodes too."""
+    import time
+
+    import coordinator.region as region_mod
+    from coordinator.registry import Registry
+    from shared.messages import NodeStatus, RegionRound, RoundConfig, decode
+
+    monkeypatch.setattr(region_mod, "OFFLINE_GRACE_S", 0.3)
+    bus = MemoryBus()
+    cfg = RegionConfig.from_dict({"broker": {"url": "mqtt://localhost:1883"},
+                                  "region": {"region_id": "east", "deadline_s": 5.0}})
+    region = Region(cfg, transport=MemoryTransport(bus, "region-east"))
+    region.transport.start()
+    configs: list[tuple[str, RoundConfig]] = []
+    spy = MemoryTransport(bus, "spy")
+    spy.subscribe("fedspine/v1/region/east/node/+/config", lambda t, p: configs.append((t, decode(p, RoundConfig))))
+    spy.start()
+    region.registry = Registry()
+    for nid in ("agx-1", "nx-2"):
+        region.registry.apply(NodeStatus(node_id=nid, state="online", ts=1.0), 1.0, 0)
+    rr = RegionRound(run_id="r1", round=2, rank=4, sent_rank=4, local_steps=2, target_sparsity=0.1, importance=False,
+                     deadline_ts=time.time() + 5, download_transfer_id=None, upload_transfer_id="r1.r2.east.up")
+    end = time.monotonic() + 3.0
+    pending = region._send_configs(rr, ["agx-1", "nx-2"], end)
+    time.sleep(0.2)
+    assert sorted(t.split("/")[-2] for t, _ in configs) == ["agx-1", "nx-2"]
+    for state, ts in (("offline", 2.0), ("online", 3.0)):  # agx-1 restarts
+        region.events.put(("status", "agx-1", NodeStatus(node_id="agx-1", state=state, ts=ts)))
+    region.events.put(("status", "nx-2", NodeStatus(node_id="nx-2", state="offline", ts=2.0)))  # nx-2 stays away
+    with structlog.testing.capture_logs() as lines:
+        accepted, failed = region._collect(rr, pending, end)
+    time.sleep(0.2)
+    assert [t.split("/")[-2] for t, _ in configs[2:]] == ["agx-1"]  # only the node that came back
+    assert configs[2][1] == next(c for t, c in configs[:2] if "agx-1" in t)  # the same config, deadline included
+    assert (accepted, failed) == ({}, 2)
+    gave_up = [(e["node"], e["status"]) for e in lines if e["event"] == "node_round_failed"]
+    assert gave_up == [("nx-2", "offline")]  # after its grace; agx-1, back, was waited for to the end
+    spy.stop()
+    region.transport.stop()
