@@ -18,6 +18,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+class _SnapshotDict(dict):
+    """amqtt 0.12.1's subscription table, iterated over a copy.  The broker loops over it with awaits inside (each
+    new session is sent the retained messages of every subscription), so clients subscribing meanwhile raise
+    "dictionary changed size during iteration" and the new session dies before its message loop starts: seen
+    with nine nodes connecting at once."""
+
+    def __iter__(self):
+        return iter(list(dict.keys(self)))
+
+    def items(self):  # type: ignore[override]
+        return list(dict.items(self))
+
+
 class EmbeddedBroker:
     """``with EmbeddedBroker() as b: ... b.url`` -- an amqtt broker on 127.0.0.1 in its own event loop."""
 
@@ -57,6 +70,7 @@ class EmbeddedBroker:
 
         async def _start() -> None:
             self._broker = Broker(config)
+            self._broker._subscriptions = _SnapshotDict()
             await self._broker.start()
 
         try:
