@@ -174,7 +174,8 @@ class FleetView:
             return f(r.accuracy, ".3f") if r.accuracy is not None or r.perplexity is None else f"ppl {r.perplexity:.2f}"
 
         for r in sorted(self.nodes.values(), key=lambda r: (r.region, r.node_id)):
-            t.add_row(r.node_id, *((r.region or "-",) if regions else ()), "[green]online" if r.state == "online" else f"[red]{r.state}", r.device_type,
+            presence = "[green]online" if r.state == "online" else f"[red]{r.state}"
+            t.add_row(r.node_id, *((r.region or "-",) if regions else ()), presence, r.device_type,
                       f(r.round if r.round >= 0 else None, "d"), r.phase, f(r.sparsity, ".2f"), f(r.rank, "d"),
                       f(r.power_w, ".1f"), r.power_source, f(r.cpu_percent, ".0f"), f(r.gpu_percent, ".0f"),
                       f(r.loss, ".4f"), score(r), f(r.energy_j, ".0f"))

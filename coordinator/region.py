@@ -39,7 +39,7 @@ from safetensors.torch import load as st_load
 
 from coordinator.aggregation import GlobalLora
 from coordinator.registry import Registry
-from coordinator.server import OFFLINE_GRACE_S
+from coordinator.server import OFFLINE_GRACE_S, send_round_again
 from shared.chunking import Reassembler
 from shared.config import BrokerConfig, ConfigError, Sections
 from shared.logs import LiveRoundLogger, get_logger
@@ -394,8 +394,8 @@ class Region:
                     self._idle(ev)
                     if not self.registry.is_live(nid):
                         gone.setdefault(nid, time.monotonic())
-                    elif gone.pop(nid, None) is not None:  # back: it may have restarted and lost the round
-                        self._send_again(nid, pending[nid])
+                    elif gone.pop(nid, None) is not None and nid in self._sent:  # back: maybe restarted
+                        send_round_again(self.transport, self.reassembler, self.down, nid, self._sent[nid])
                 elif kind == "report" and isinstance(payload, ExportReport):
                     self._idle(ev)
                 elif kind == "report" and nid in pending and nid not in done:
@@ -423,18 +423,6 @@ class Region:
         for up in pending.values():
             self.reassembler.forget(up)
         return accepted, len(pending) - len(accepted)
-
-    def _send_again(self, nid: str, up: str) -> None:
-        """As the root does (server.Coordinator._send_again): configuration and slice again, upload afresh."""
-        cfg = self._sent.get(nid)
-        if cfg is None:
-            return
-        self.reassembler.forget(up)
-        self.reassembler.expect(up, nid)
-        self.transport.publish(self.down.node(nid, "config"), encode(cfg), qos=1)
-        if cfg.download_transfer_id:
-            self.transport.resend(self.down.node(nid, "download"), ResendRequest(
-                transfer_id=cfg.download_transfer_id, requester=nid, missing=[]))
 
     def _accept(self, rr: RegionRound, nid: str, rep: RoundReport, data: bytes) -> tuple | None:
         """The same checks as the root's (coordinator.server._accept, Strategy.check_update)."""

@@ -43,10 +43,26 @@ from shared.messages import (
     decode_from,
     encode,
 )
+from shared.topics import Topics
 from shared.transport import CHUNK_OVERHEAD, MqttTransport
 from shared.updates import LoraUpdate, UpdateError, UpdateLimits
 
 COORDINATOR_ID = "coordinator"
+
+
+def send_round_again(transport, reassembler: Reassembler, topics: Topics, node_id: str, cfg: RoundConfig) -> None:
+    """A participant back from offline before it reported may have restarted and lost the round (its
+    configuration and slice went to a dead process): send both again, so the round does not wait to its deadline
+    for an answer that cannot come.  A restarted node trains again and sends a different payload under the same
+    transfer id, so the upload starts afresh (chunks kept would lock it onto the dead process's payload); a node
+    that only lost its link finishes its work, answers the repeat with its report, resends what is missing when
+    asked and drops the slice's duplicate chunks.  Used by the root and by regions (region.py)."""
+    reassembler.forget(cfg.upload_transfer_id)
+    reassembler.expect(cfg.upload_transfer_id, node_id)
+    transport.publish(topics.node(node_id, "config"), encode(cfg), qos=1)
+    if cfg.download_transfer_id:  # every chunk (an empty list asks for all)
+        transport.resend(topics.node(node_id, "download"), ResendRequest(
+            transfer_id=cfg.download_transfer_id, requester=node_id, missing=[]))
 
 
 @dataclass
@@ -665,22 +681,8 @@ class Coordinator:
         return pending
 
     def _send_again(self, p: _Pending) -> None:
-        """A participant back from offline before it reported may have restarted and lost the round (its
-        configuration and slice went to a dead process): send both again, so the round does not wait to its
-        deadline for an answer that cannot come.  A node that only lost its link finishes its work, answers
-        the repeat with its report and drops the slice's duplicate chunks."""
-        cfg, node_id = p.config, p.assignment.node_id
-        if cfg is None:
-            return
-        # A restarted node trains again and sends a different payload under the same transfer id: chunks
-        # received so far would lock the transfer onto the dead process's payload.  Start it afresh; a node
-        # that kept its payload resends what is missing when asked.
-        self.reassembler.forget(p.upload_tid)
-        self.reassembler.expect(p.upload_tid, node_id)
-        self.transport.publish(self.topics.node(node_id, "config"), encode(cfg), qos=1)
-        if cfg.download_transfer_id:  # every chunk (an empty list asks for all)
-            self.transport.resend(self.topics.node(node_id, "download"), ResendRequest(
-                transfer_id=cfg.download_transfer_id, requester=node_id, missing=[]))
+        if p.config is not None:
+            send_round_again(self.transport, self.reassembler, self.topics, p.assignment.node_id, p.config)
 
     def _dispatch_idle(self, ev: tuple, log) -> None:
         """Handle an event that arrives outside a round's collection window."""
