@@ -132,7 +132,6 @@ class Region:
         self.global_ = GlobalLora()
         self.structures: dict[str, dict] = {}  # node -> kept rows/cols per module, from its last accepted update
         self.sparsity: dict[str, float] = {}
-        self._sent: dict[str, RoundConfig] = {}  # the round's configurations as sent, by node
         self.events: queue.Queue = queue.Queue()
         self.chunk_limit = cfg.broker.chunk_size + CHUNK_OVERHEAD
         self._stop = threading.Event()
@@ -282,13 +281,13 @@ class Region:
             self._report(rr, cpu0, error="no global state from the root within the deadline")
             return
         nodes = self.registry.live(for_round=rr.round)
-        pending = self._send_configs(rr, [n.node_id for n in nodes], end)
-        accepted, failed = self._collect(rr, pending, end)
+        sent = self._send_configs(rr, [n.node_id for n in nodes], end)
+        accepted, failed = self._collect(rr, sent, end)
         if rr.local_steps == 0:  # the final sync: the nodes evaluated the final state and keep it for the export
             self._report(rr, cpu0, accepted=len(accepted), failed=failed)
             return
-        if not pending or len(accepted) < max(1, math.ceil(self.cfg.region.quorum * len(pending))):
-            self._report(rr, cpu0, error=f"{len(accepted)} of {len(pending)} nodes' updates arrived", failed=failed)
+        if not sent or len(accepted) < max(1, math.ceil(self.cfg.region.quorum * len(sent))):
+            self._report(rr, cpu0, error=f"{len(accepted)} of {len(sent)} nodes' updates arrived", failed=failed)
             return
         from coordinator.strategies.base import NodeResult, node_weights
 
@@ -352,11 +351,10 @@ class Region:
         (self.log.info if rep.ok == rep.nodes else self.log.warning)(
             "region_exported", nodes=rep.nodes, ok=rep.ok, skipped=rep.skipped, failed=rep.failed, missing=rep.missing)
 
-    def _send_configs(self, rr: RegionRound, node_ids: list[str], end: float) -> dict[str, str]:
-        """Relay the root's assignment to each node with its slice of the global state; node -> upload id."""
+    def _send_configs(self, rr: RegionRound, node_ids: list[str], end: float) -> dict[str, RoundConfig]:
+        """Relay the root's assignment to each node with its slice of the global state; node -> config sent."""
         deadline_ts = time.time() + max(0.0, end - time.monotonic())
-        pending, encoded = {}, {}
-        self._sent = {}
+        sent, encoded = {}, {}
         for nid in node_ids:
             up = f"{rr.run_id}.r{rr.round}.{self.rid}.{nid}.up"
             g = self.global_.slice_for(self.structures.get(nid), rr.sent_rank, LORA_ALPHA)
@@ -366,18 +364,18 @@ class Region:
                               target_sparsity=max(rr.target_sparsity, self.sparsity.get(nid, 0.0)),
                               importance=rr.importance, deadline_ts=deadline_ts, upload_transfer_id=up,
                               download_transfer_id=down)
-            pending[nid] = up
-            self._sent[nid] = msg
+            sent[nid] = msg
             self.transport.publish(self.down.node(nid, "config"), encode(msg), qos=1)
             if g is not None:
                 if id(g) not in encoded:
                     encoded[id(g)] = g.to_bytes()
                 self.transport.send_transfer(self.down.node(nid, "download"), encoded[id(g)], down, ROOT_SENDER)
-        return pending
+        return sent
 
-    def _collect(self, rr: RegionRound, pending: dict[str, str], end: float):
+    def _collect(self, rr: RegionRound, sent: dict[str, RoundConfig], end: float):
         """Reports and uploads of the round's nodes until each answered or ``end``: (node -> (update, report,
         steps) of the accepted ones, how many failed)."""
+        pending = {nid: cfg.upload_transfer_id for nid, cfg in sent.items()}  # node -> its upload's transfer id
         reports: dict[str, RoundReport] = {}
         payloads: dict[str, bytes] = {}
         accepted: dict[str, tuple] = {}
@@ -394,8 +392,8 @@ class Region:
                     self._idle(ev)
                     if not self.registry.is_live(nid):
                         gone.setdefault(nid, time.monotonic())
-                    elif gone.pop(nid, None) is not None and nid in self._sent:  # back: maybe restarted
-                        send_round_again(self.transport, self.reassembler, self.down, nid, self._sent[nid])
+                    elif gone.pop(nid, None) is not None:  # back: it may have restarted and lost the round
+                        send_round_again(self.transport, self.reassembler, self.down, nid, sent[nid])
                 elif kind == "report" and isinstance(payload, ExportReport):
                     self._idle(ev)
                 elif kind == "report" and nid in pending and nid not in done:

@@ -680,10 +680,6 @@ class Coordinator:
                                              COORDINATOR_ID)
         return pending
 
-    def _send_again(self, p: _Pending) -> None:
-        if p.config is not None:
-            send_round_again(self.transport, self.reassembler, self.topics, p.assignment.node_id, p.config)
-
     def _dispatch_idle(self, ev: tuple, log) -> None:
         """Handle an event that arrives outside a round's collection window."""
         kind, node_id, payload = ev
@@ -718,8 +714,8 @@ class Coordinator:
                         log.info("participant_offline", node=node_id, grace_s=OFFLINE_GRACE_S)
                     elif self.registry.is_live(node_id) and gone.pop(node_id, None) is not None:
                         log.info("participant_back", node=node_id)
-                        if p is not None and node_id in open_ids and p.report is None:
-                            self._send_again(p)
+                        if p is not None and node_id in open_ids and p.report is None and p.config is not None:
+                            send_round_again(self.transport, self.reassembler, self.topics, node_id, p.config)
                 elif kind == "missing":
                     self.transport.resend(self.topics.node(node_id, "download"), payload)
                 elif p is None or node_id not in open_ids:
