@@ -371,6 +371,15 @@ def _store_dir(path: Path, run_user: str) -> None:
             pass
 
 
+def _write_private(path: Path, text: str, run_user: str) -> None:
+    """``text`` in ``path``, mode 0640 before anything is written (it holds secrets or hashes), readable by the
+    broker's run user."""
+    path.touch(mode=0o640)
+    os.chmod(path, 0o640)
+    path.write_text(text)
+    readable_by(path, run_user)
+
+
 def _mosquitto_broker(fleet: Fleet, broker_dir: Path, ca_dir: Path, passwords: dict[str, str]) -> Path:
     """``broker/``: mosquitto.conf, passwd, acl (+ ca.crt, server.crt, server.key with TLS)."""
     if fleet.tls:
@@ -420,12 +429,13 @@ def _nats_broker(fleet: Fleet, broker_dir: Path, ca_dir: Path, passwords: dict[s
     routes = [f"{m['host']}:{m['route_port']}" for m in fleet.members]
     clustered = len(fleet.members) > 1  # NATS refuses a JetStream cluster of one: a single member runs standalone
     route_password = _secret(broker_dir / "route-password")
-    written = {}
+    written: dict[str, Path] = {}
     for m in fleet.members:
         folder = broker_dir / m["name"]
         folder.mkdir(parents=True, exist_ok=True)
-        store = m["store_dir"] or str(folder / "data")
-        if not m["store_dir"]:
+        store = m["store_dir"]
+        if store is None:  # in the member's folder, like mosquitto's broker/data
+            store = str(folder / "data")
             _store_dir(folder / "data", fleet.run_user)
         variables: dict[str, Any] = {
             "server_name": m["name"], "client_port": m["client_port"], "mqtt_address": fleet.bind,
@@ -435,10 +445,8 @@ def _nats_broker(fleet: Fleet, broker_dir: Path, ca_dir: Path, passwords: dict[s
         if fleet.tls:
             ca, cert, key = _server_files(folder, m["host"], fleet, ca_dir)
             variables.update(tls_cafile=str(ca), tls_certfile=str(cert), tls_keyfile=str(key))
-        (folder / nats.AUTH_FILE).write_text(auth)
-        readable_by(folder / nats.AUTH_FILE, fleet.run_user)  # the hashes
-        (folder / "nats.conf").write_text(nats.render_nats_config(**variables))
-        readable_by(folder / "nats.conf", fleet.run_user)  # the route secret
+        _write_private(folder / nats.AUTH_FILE, auth, fleet.run_user)  # the hashes
+        _write_private(folder / "nats.conf", nats.render_nats_config(**variables), fleet.run_user)  # the route secret
         written[f"broker {m['name']}"] = folder / "nats.conf"
     return written
 
