@@ -70,11 +70,12 @@ def round_finish(timing: Mapping[str, Timing], tau: int) -> float:
     return max((fixed + tau * per_step for fixed, per_step in timing.values()), default=0.0)
 
 
-def aligned_steps(timing: Mapping[str, Timing], tau: int, most: int) -> dict[str, int]:
-    """Local steps per node so that every node finishes with the slowest one at τ steps, between τ and ``most``."""
+def aligned_steps(timing: Mapping[str, Timing], tau: int, most: int, finish: float | None = None) -> dict[str, int]:
+    """Local steps per node so that every node finishes by ``finish`` (by default the slowest one's completion at τ
+    steps, ``round_finish``), between τ and ``most``."""
     if not timing or most <= tau:
         return {n: tau for n in timing}
-    finish = round_finish(timing, tau)
+    finish = round_finish(timing, tau) if finish is None else finish
     return {n: max(tau, min(most, int((finish - fixed) / per_step))) for n, (fixed, per_step) in timing.items()}
 
 
@@ -103,11 +104,16 @@ class Plan:
     max_steps: int = 0
 
 
-def plan_round(timing: Mapping[str, Timing], nodes: Sequence[str], tau: int) -> dict[str, Plan]:
-    """Aligned, paced plans for ``nodes``; a node without a timing (it never measured a step) runs τ unpaced."""
+def plan_round(timing: Mapping[str, Timing], nodes: Sequence[str], tau: int,
+               finish: float | None = None) -> dict[str, Plan]:
+    """Aligned, paced plans for ``nodes``; a node without a timing (it never measured a step) runs τ unpaced.
+
+    ``finish`` is the round's planned completion, by default ``round_finish(timing, tau)``.  A regional aggregator
+    plans its own nodes to the fleet's finish, the latest of its regions' ``round_finish`` (coordinator/region.py),
+    which is the flat ``round_finish`` over every node of the fleet."""
     lo, hi = pace_bounds(tau)
-    steps = aligned_steps(timing, tau, hi)
-    finish = round_finish(timing, tau)
+    finish = round_finish(timing, tau) if finish is None else finish
+    steps = aligned_steps(timing, tau, hi, finish)
     plans = {}
     for n in nodes:
         if n not in timing:

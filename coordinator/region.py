@@ -16,7 +16,12 @@ speaks as the nodes' coordinator (its chunks and resend requests carry the sende
 The assignment is the method's fleet-wide schedule (``Strategy.fleet_plan``: target sparsity, rank, τ steps,
 whether to track importance); the region keeps a node that is already sparser at its own sparsity, as the root
 does.  A method whose policy is per node (FedSpine's bandit, HetLoRA's tier ranks) refuses regions at the root.
-Paced steps need the root to time each node and are not used under regions (every node runs τ steps).
+
+Steps are aligned and paced as in a flat round, where the timings are: the region keeps each node's state as the
+flat strategy does (``NodeState``: sparsity, rank, structure, measured speeds) and plans its nodes with
+``planning.plan_round`` to the fleet's finish that the RegionRound carries.  The root takes that finish as the
+latest of its regions' slowest completions at τ steps, which each region reports with its previous round for the
+plan the root announced then (``RegionReport.next_finish_s``): ``planning.round_finish`` over every node, as flat.
 
 The end of the run goes through the region too: a RegionRound with ``local_steps`` 0 is the final sync (relayed
 to every live node, which evaluates the final state and keeps it; the region reports how many took part and
@@ -37,9 +42,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
+from coordinator import planning
 from coordinator.aggregation import GlobalLora
 from coordinator.registry import Registry
 from coordinator.server import OFFLINE_GRACE_S, send_round_again
+from coordinator.strategies.base import NodeInfo, NodeResult, NodeState, fleet_timing, node_weights
 from shared.chunking import Reassembler
 from shared.config import BrokerConfig, ConfigError, Sections
 from shared.logs import LiveRoundLogger, get_logger
@@ -116,6 +123,15 @@ def load_state(data: bytes, limits: UpdateLimits) -> GlobalLora:
     return g
 
 
+@dataclass(frozen=True)
+class _Sent:
+    """A node's configuration for the round, as sent, and when (monotonic): its round time runs from then, as at the
+    root."""
+
+    config: RoundConfig
+    at: float
+
+
 class Region:
     """One regional aggregator process. ``transport`` may be injected (tests use an in-memory bus)."""
 
@@ -130,8 +146,7 @@ class Region:
         self.reassembler = Reassembler(max_bytes=self.limits.max_bytes, timeout_s=max(cfg.region.deadline_s, 60.0))
         self.registry = Registry()
         self.global_ = GlobalLora()
-        self.structures: dict[str, dict] = {}  # node -> kept rows/cols per module, from its last accepted update
-        self.sparsity: dict[str, float] = {}
+        self.nodes: dict[str, NodeState] = {}  # as the flat strategy keeps them, from each node's accepted rounds
         self.events: queue.Queue = queue.Queue()
         self.chunk_limit = cfg.broker.chunk_size + CHUNK_OVERHEAD
         self._stop = threading.Event()
@@ -280,8 +295,7 @@ class Region:
         if not self._fetch_global(rr, end):
             self._report(rr, cpu0, error="no global state from the root within the deadline")
             return
-        nodes = self.registry.live(for_round=rr.round)
-        sent = self._send_configs(rr, [n.node_id for n in nodes], end)
+        sent = self._send_configs(rr, self.registry.live(for_round=rr.round), end)
         accepted, failed = self._collect(rr, sent, end)
         if rr.local_steps == 0:  # the final sync: the nodes evaluated the final state and keep it for the export
             self._report(rr, cpu0, accepted=len(accepted), failed=failed)
@@ -289,31 +303,37 @@ class Region:
         if not sent or len(accepted) < max(1, math.ceil(self.cfg.region.quorum * len(sent))):
             self._report(rr, cpu0, error=f"{len(accepted)} of {len(sent)} nodes' updates arrived", failed=failed)
             return
-        from coordinator.strategies.base import NodeResult, node_weights
-
-        ids = sorted(accepted)
-        results = [NodeResult(node_id=n, update=accepted[n][0], samples=accepted[n][1].samples, loss_start=0.0,
-                              loss_end=0.0, compute_s=0.0, round_time_s=0.0, sparsity=accepted[n][1].sparsity,
-                              rank=rr.rank, energy_j=None, upload_bytes=0, steps=accepted[n][2],
-                              examples=accepted[n][1].examples) for n in ids]
+        results = [accepted[n] for n in sorted(accepted)]
         pairs = list(zip([r.update for r in results], node_weights(results, rr.local_steps), strict=True))
-        starts = [self.global_.start_for(self.structures.get(n), rr.rank, rr.sent_rank, LORA_ALPHA) for n in ids]
-        partial = self.global_.partial(pairs, starts, [r.steps for r in results])
+        starts = [self.global_.start_for(self.state(r.node_id).structure, rr.rank, rr.sent_rank, LORA_ALPHA)
+                  for r in results]
+        partial = self.global_.partial(pairs, starts, [r.steps for r in results])  # FedNova: each node's own steps
         data = partial.to_bytes()
         self.transport.send_transfer(self.up.region(self.rid, "upload"), data, rr.upload_transfer_id, self.rid)
         for r in results:
-            self.structures[r.node_id] = {n: (m.rows.clone(), m.cols.clone()) for n, m in r.update.modules.items()}
-            self.sparsity[r.node_id] = max(self.sparsity.get(r.node_id, 0.0), r.sparsity)
-        self._report(rr, cpu0, accepted=len(ids), failed=failed, size=len(data))
+            structure = {n: (m.rows.clone(), m.cols.clone()) for n, m in r.update.modules.items()}
+            self.state(r.node_id).record(r, structure)
+        self._report(rr, cpu0, accepted=len(results), failed=failed, size=len(data))
+
+    def state(self, node_id: str) -> NodeState:
+        return self.nodes.setdefault(node_id, NodeState())
 
     def _report(self, rr: RegionRound, cpu0: float, *, error: str = "", accepted: int = 0, failed: int = 0,
                 size: int = 0) -> None:
+        """The round's RegionReport, with (if the root asked) the slowest completion at τ steps of the nodes live
+        now under the next round's announced plan, which the root paces the next round to."""
+        next_finish = None
+        if rr.next_rank is not None and rr.next_target_sparsity is not None:
+            timing = fleet_timing(self.registry.live(for_round=rr.round + 1), self.nodes, rr.next_target_sparsity,
+                                  rr.next_rank)
+            next_finish = planning.round_finish(timing, rr.local_steps)
         rep = RegionReport(run_id=rr.run_id, round=rr.round, region_id=self.rid, status="error" if error else "ok",
                            error=error, transfer_id=rr.upload_transfer_id, upload_bytes=size, accepted=accepted,
-                           failed=failed, cpu_s=time.process_time() - cpu0)
+                           failed=failed, cpu_s=time.process_time() - cpu0, next_finish_s=next_finish)
         self.transport.publish(self.up.region(self.rid, "report"), encode(rep), qos=1)
         (self.log.warning if error else self.log.info)("region_round_done", accepted=accepted, failed=failed,
-                                                         upload_bytes=size, error=error, cpu_s=round(rep.cpu_s, 3))
+                                                         upload_bytes=size, error=error, cpu_s=round(rep.cpu_s, 3),
+                                                         next_finish_s=next_finish)
 
     def _command(self, cmd: Command) -> None:
         """The root's export: relayed to this region's live nodes; their ExportReports are counted by status and
@@ -351,20 +371,24 @@ class Region:
         (self.log.info if rep.ok == rep.nodes else self.log.warning)(
             "region_exported", nodes=rep.nodes, ok=rep.ok, skipped=rep.skipped, failed=rep.failed, missing=rep.missing)
 
-    def _send_configs(self, rr: RegionRound, node_ids: list[str], end: float) -> dict[str, RoundConfig]:
-        """Relay the root's assignment to each node with its slice of the global state; node -> config sent."""
+    def _send_configs(self, rr: RegionRound, nodes: list[NodeInfo], end: float) -> dict[str, _Sent]:
+        """Relay the root's assignment to each node with its slice of the global state, its steps aligned and paced
+        to the fleet's finish ``rr.finish_s`` as a flat round's (none: τ unpaced); node -> config sent."""
         deadline_ts = time.time() + max(0.0, end - time.monotonic())
+        timing = fleet_timing(nodes, self.nodes, rr.target_sparsity, rr.rank) if rr.finish_s is not None else {}
+        work = planning.plan_round(timing, [n.node_id for n in nodes], rr.local_steps, rr.finish_s)
         sent, encoded = {}, {}
-        for nid in node_ids:
+        for node in nodes:
+            nid, st, w = node.node_id, self.state(node.node_id), work[node.node_id]
             up = f"{rr.run_id}.r{rr.round}.{self.rid}.{nid}.up"
-            g = self.global_.slice_for(self.structures.get(nid), rr.sent_rank, LORA_ALPHA)
+            g = self.global_.slice_for(st.structure, rr.sent_rank, LORA_ALPHA)
             down = f"{rr.run_id}.r{rr.round}.{self.rid}.{nid}.down" if g is not None else None
             self.reassembler.expect(up, nid)
-            msg = RoundConfig(run_id=rr.run_id, round=rr.round, rank=rr.rank, local_steps=rr.local_steps,
-                              target_sparsity=max(rr.target_sparsity, self.sparsity.get(nid, 0.0)),
-                              importance=rr.importance, deadline_ts=deadline_ts, upload_transfer_id=up,
-                              download_transfer_id=down)
-            sent[nid] = msg
+            msg = RoundConfig(run_id=rr.run_id, round=rr.round, rank=rr.rank, local_steps=w.steps,
+                              target_sparsity=max(rr.target_sparsity, st.sparsity), importance=rr.importance,
+                              deadline_ts=deadline_ts, upload_transfer_id=up, download_transfer_id=down,
+                              finish_s=w.finish_s, min_steps=w.min_steps, max_steps=w.max_steps)
+            sent[nid] = _Sent(config=msg, at=time.monotonic())
             self.transport.publish(self.down.node(nid, "config"), encode(msg), qos=1)
             if g is not None:
                 if id(g) not in encoded:
@@ -372,13 +396,13 @@ class Region:
                 self.transport.send_transfer(self.down.node(nid, "download"), encoded[id(g)], down, ROOT_SENDER)
         return sent
 
-    def _collect(self, rr: RegionRound, sent: dict[str, RoundConfig], end: float):
-        """Reports and uploads of the round's nodes until each answered or ``end``: (node -> (update, report,
-        steps) of the accepted ones, how many failed)."""
-        pending = {nid: cfg.upload_transfer_id for nid, cfg in sent.items()}  # node -> its upload's transfer id
+    def _collect(self, rr: RegionRound, sent: dict[str, _Sent], end: float):
+        """Reports and uploads of the round's nodes until each answered or ``end``: (node -> NodeResult of the
+        accepted ones, how many failed)."""
+        pending = {nid: s.config.upload_transfer_id for nid, s in sent.items()}  # node -> its upload's transfer id
         reports: dict[str, RoundReport] = {}
-        payloads: dict[str, bytes] = {}
-        accepted: dict[str, tuple] = {}
+        payloads: dict[str, tuple[bytes, float]] = {}  # node -> its upload and when it arrived
+        accepted: dict[str, NodeResult] = {}
         done: set[str] = set()
         gone: dict[str, float] = {}  # the root's rules (server.Coordinator._collect): failed after OFFLINE_GRACE_S
         while len(done) < len(pending) and time.monotonic() < end and not self._stop.is_set():
@@ -393,7 +417,7 @@ class Region:
                     if not self.registry.is_live(nid):
                         gone.setdefault(nid, time.monotonic())
                     elif gone.pop(nid, None) is not None:  # back: it may have restarted and lost the round
-                        send_round_again(self.transport, self.reassembler, self.down, nid, sent[nid])
+                        send_round_again(self.transport, self.reassembler, self.down, nid, sent[nid].config)
                 elif kind == "report" and isinstance(payload, ExportReport):
                     self._idle(ev)
                 elif kind == "report" and nid in pending and nid not in done:
@@ -404,14 +428,15 @@ class Region:
                             reports[nid] = payload
                 elif kind == "upload" and nid in pending and nid not in done:
                     if payload[0] == pending[nid]:
-                        payloads[nid] = payload[1]
+                        payloads[nid] = (payload[1], time.monotonic())
                 elif kind in ("round", "global", "command"):
                     self.log.warning("round_overlap_dropped", kind=kind)
                 elif kind not in ("report", "upload"):
                     self._idle(ev)
                 if nid in reports and nid in payloads and nid not in done:
                     done.add(nid)
-                    res = self._accept(rr, nid, reports[nid], payloads[nid])
+                    data, arrived = payloads[nid]
+                    res = self._accept(rr, sent[nid].config, reports[nid], data, wall_s=arrived - sent[nid].at)
                     if res is not None:
                         accepted[nid] = res
             for nid in set(reports) - set(payloads) - done:  # resume a stalled upload
@@ -422,20 +447,22 @@ class Region:
             self.reassembler.forget(up)
         return accepted, len(pending) - len(accepted)
 
-    def _accept(self, rr: RegionRound, nid: str, rep: RoundReport, data: bytes) -> tuple | None:
+    def _accept(self, rr: RegionRound, cfg: RoundConfig, rep: RoundReport, data: bytes, *,
+                wall_s: float) -> NodeResult | None:
         """The same checks as the root's (coordinator.server._accept, Strategy.check_update)."""
-        steps = rep.steps or rr.local_steps
+        nid = rep.node_id
+        steps = rep.steps or cfg.local_steps  # 0: not reported, taken as assigned
         try:
             if rep.upload_bytes and rep.upload_bytes != len(data):
                 raise UpdateError(f"reported upload_bytes {rep.upload_bytes} != received {len(data)}")
-            if steps != rr.local_steps:
-                raise UpdateError(f"ran {steps} local steps, not the assigned {rr.local_steps}")
+            if why := cfg.steps_error(steps):  # the steps weight the node's change (aggregation.py)
+                raise UpdateError(why)
             update = LoraUpdate.from_bytes(data, self.limits)
             ranks = {m.rank for m in update.modules.values()}
             if ranks and ranks != {rr.rank}:
                 raise UpdateError(f"update ranks {sorted(ranks)} differ from the assigned rank {rr.rank}")
             self.global_.check(update)
-            prev = self.structures.get(nid)
+            prev = self.state(nid).structure
             for name, m in update.modules.items():
                 if prev and name in prev and not (set(m.rows.tolist()) <= set(prev[name][0].tolist())
                                                   and set(m.cols.tolist()) <= set(prev[name][1].tolist())):
@@ -443,7 +470,7 @@ class Region:
         except UpdateError as exc:
             self.log.warning("update_rejected", node=nid, error=str(exc))
             return None
-        return update, rep, steps
+        return NodeResult.from_report(update, rep, steps=steps, upload_bytes=len(data), wall_s=wall_s)
 
 
 def main_region(config: str) -> int:

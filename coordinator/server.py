@@ -72,7 +72,7 @@ class _Pending:
     assignment: Assignment
     upload_tid: str
     sent_at: float
-    config: RoundConfig | None = None  # as sent: sent again if the node comes back from offline mid-round
+    config: RoundConfig  # as sent: sent again if the node comes back from offline mid-round
     report: RoundReport | None = None
     payload: bytes | None = None
     digest: str = ""  # sha256 of the payload, checked by the reassembler
@@ -138,6 +138,9 @@ class Coordinator:
         self._refused: dict[str, tuple] = {}  # refused nodes -> (labels, base model) they had (logged once each)
         self._regions: dict[str, RegionStatus] = {}  # regional aggregators' presence (coordinator/region.py)
         self._refusal_logged = False  # the method's refusal of regions is logged once
+        # region -> ((target sparsity, rank) of the plan it was asked about, its nodes' slowest completion at τ steps
+        # under it): from its last RegionReport, for pacing the next hierarchical round (_fleet_finish)
+        self._region_finish: dict[str, tuple[tuple[float, int], float]] = {}
         self._stop = threading.Event()
         status_off = encode(CoordinatorStatus(state="offline", ts=time.time(), run_id=self.run_id))
         self.transport = transport or MqttTransport(
@@ -401,9 +404,15 @@ class Coordinator:
         cpu0, wall0 = time.process_time(), time.monotonic()
         g = self.strategy.global_
         plan = self.strategy.fleet_plan(rnd)  # the method's schedule, the same for every node (refusal checked)
-        pending = self._send_region_rounds(rnd, f"a{attempt}", regions, plan)
+        finish = self._fleet_finish(regions, plan)
+        # The next round's schedule as far as it is known before this one is aggregated (importance comes from a
+        # round that tracks it): each region answers with its nodes' slowest completion under it.
+        nxt = self.strategy.fleet_plan(rnd + 1, fleet_importance=self.strategy.has_fleet_importance()
+                                       or plan.importance) if rnd < rs.rounds else None
+        pending = self._send_region_rounds(rnd, f"a{attempt}", regions, plan, finish, nxt)
         log.info("region_round_started", regions=regions, target_sparsity=round(plan.target_sparsity, 4),
-                 rank=plan.rank, local_steps=plan.local_steps)
+                 rank=plan.rank, local_steps=plan.local_steps,
+                 **({"finish_s": round(finish, 2)} if finish is not None else {}))
         self._active = rnd
         try:
             partials, failed = self._collect_regions(pending, time.monotonic() + rs.deadline_s + 30.0, log)
@@ -411,6 +420,8 @@ class Coordinator:
             self._active = 0
             for p in pending.values():
                 self.reassembler.forget(p["up"])
+        self._region_finish = {rid: ((nxt.target_sparsity, nxt.rank), p["next_finish"])
+                               for rid, p in pending.items() if nxt is not None and p["next_finish"] is not None}
         reports = [p["report"] for p in pending.values() if p["report"] is not None]
         accepted = sum(p.nodes for p in partials.values())
         participants = sum(r.accepted + r.failed for r in reports)
@@ -423,14 +434,28 @@ class Coordinator:
         cost = {"coordinator_cpu_s": time.process_time() - cpu0, "round_wall_s": time.monotonic() - wall0}
         self.metrics.round_summary({"round": rnd, "method": rs.method, "participants": participants,
                                     "accepted": accepted, "regions": len(partials), "failed_regions": failed,
-                                    "target_sparsity": plan.target_sparsity, "rank": plan.rank,
+                                    "target_sparsity": plan.target_sparsity, "rank": plan.rank, "finish_s": finish,
                                     "region_cpu_s": round(sum(r.cpu_s for r in reports), 4), **cost})
         log.info("round_done", accepted=accepted, regions=len(partials), failed_regions=failed,
                  **{k: round(v, 3) for k, v in cost.items()})
         return True
 
-    def _send_region_rounds(self, rnd: int, tag: str, regions: list[str], plan: FleetPlan) -> dict[str, dict]:
-        """Publish each region's RegionRound (``plan``) and the global state (chunked, one encoding for all)."""
+    def _fleet_finish(self, regions: list[str], plan: FleetPlan) -> float | None:
+        """The fleet's planned finish for ``plan``: the latest of the regions' slowest completions at τ steps, which
+        each reported for this plan with its last round; that is ``planning.round_finish`` over every node, as in a
+        flat round.  None (every node runs τ steps unpaced) unless every region reported one for this very plan (not
+        so in the first hierarchical round, after a region joined or before a retried round whose plan differs
+        from the next one's), or if no node has a timing yet."""
+        got = [self._region_finish.get(rid) for rid in regions]
+        if not got or any(g is None or g[0] != (plan.target_sparsity, plan.rank) for g in got):
+            return None
+        finish = max(g[1] for g in got)
+        return finish if finish > 0 else None
+
+    def _send_region_rounds(self, rnd: int, tag: str, regions: list[str], plan: FleetPlan,
+                            finish_s: float | None = None, next_plan: FleetPlan | None = None) -> dict[str, dict]:
+        """Publish each region's RegionRound (``plan``, paced to ``finish_s``, asking for its nodes' slowest
+        completion under ``next_plan``) and the global state (chunked, one encoding for all)."""
         rs, g = self.cfg.coordinator, self.strategy.global_
         state = st_save(g.state_tensors()) if not g.empty else None
         pending: dict[str, dict] = {}
@@ -441,8 +466,10 @@ class Coordinator:
             msg = RegionRound(run_id=self.run_id, round=rnd, target_sparsity=plan.target_sparsity, rank=plan.rank,
                               sent_rank=plan.sent_rank, local_steps=plan.local_steps, importance=plan.importance,
                               deadline_ts=time.time() + rs.deadline_s, upload_transfer_id=up,
-                              download_transfer_id=down)
-            pending[rid] = {"up": up, "report": None, "data": None}
+                              download_transfer_id=down, finish_s=finish_s,
+                              next_target_sparsity=next_plan.target_sparsity if next_plan else None,
+                              next_rank=next_plan.rank if next_plan else None)
+            pending[rid] = {"up": up, "report": None, "data": None, "next_finish": None}
             self.transport.publish(self.topics.region(rid, "config"), encode(msg), qos=1)
             if state is not None:
                 self.transport.send_transfer(self.topics.region(rid, "download"), state, down, COORDINATOR_ID)
@@ -527,10 +554,11 @@ class Coordinator:
             elif kind in ("region_report", "region_upload") and (p is None or rid in done or rid in failed
                                                                   or isinstance(payload, RegionExport)):
                 log.info("late_or_duplicate_dropped", kind=kind, region=rid)
+            elif kind == "region_report" and (payload.run_id != self.run_id or payload.transfer_id != p["up"]):
+                log.info("stale_report_dropped", region=rid, report_round=payload.round)
             elif kind == "region_report":
-                if payload.run_id != self.run_id or payload.transfer_id != p["up"]:
-                    log.info("stale_report_dropped", region=rid, report_round=payload.round)
-                elif payload.status != "ok":
+                p["next_finish"] = payload.next_finish_s  # a region that failed its round still timed its nodes
+                if payload.status != "ok":
                     failed[rid] = payload.error or "error"
                     log.warning("region_round_failed", region=rid, error=payload.error)
                 else:
@@ -714,7 +742,7 @@ class Coordinator:
                         log.info("participant_offline", node=node_id, grace_s=OFFLINE_GRACE_S)
                     elif self.registry.is_live(node_id) and gone.pop(node_id, None) is not None:
                         log.info("participant_back", node=node_id)
-                        if p is not None and node_id in open_ids and p.report is None and p.config is not None:
+                        if p is not None and node_id in open_ids and p.report is None:
                             send_round_again(self.transport, self.reassembler, self.topics, node_id, p.config)
                 elif kind == "missing":
                     self.transport.resend(self.topics.node(node_id, "download"), payload)
@@ -780,9 +808,8 @@ class Coordinator:
                         error=f"reported upload_bytes {r.upload_bytes} != received {len(p.payload)}")
             return Failure(a.node_id, "rejected")
         steps = r.steps or a.local_steps  # 0: not reported, taken as assigned
-        if not a.allows(steps):  # the steps weight the node's change (aggregation.py)
-            assigned = f"{a.min_steps}-{a.max_steps}" if a.finish_s is not None else str(a.local_steps)
-            log.warning("update_rejected", node=a.node_id, error=f"ran {steps} local steps, not the assigned {assigned}")
+        if why := p.config.steps_error(steps):  # the steps weight the node's change (aggregation.py)
+            log.warning("update_rejected", node=a.node_id, error=why)
             return Failure(a.node_id, "rejected")
         try:
             update = LoraUpdate.from_bytes(p.payload, self.limits)
@@ -790,13 +817,8 @@ class Coordinator:
         except UpdateError as exc:
             log.warning("update_rejected", node=a.node_id, error=str(exc))
             return Failure(a.node_id, "rejected")
-        round_time = r.virtual_s if r.virtual_s > 0 else (p.received_at - p.sent_at)
-        return NodeResult(
-            node_id=a.node_id, update=update, samples=r.samples, loss_start=r.loss_start, loss_end=r.loss_end,
-            compute_s=r.compute_s, round_time_s=round_time, sparsity=r.sparsity, rank=r.rank,
-            energy_j=r.energy_j, upload_bytes=len(p.payload), steps=steps, examples=r.examples,
-            train_s=min(r.train_s, round_time), upload_s=min(r.upload_s, round_time),
-        )
+        return NodeResult.from_report(update, r, steps=steps, upload_bytes=len(p.payload),
+                                      wall_s=p.received_at - p.sent_at)
 
     def _write_metrics(self, rnd, assignments, results, failures, summary, pending, cost: dict) -> None:
         by_node = {res.node_id: res for res in results}

@@ -135,8 +135,8 @@ def _check_field(cls: type, name: str, value: Any, kind: str, meta: dict) -> Any
     raise AssertionError(f"unsupported field kind {kind}")  # pragma: no cover - guarded at import
 
 
-_KINDS = {"str": "str", "str | None": "str?", "int": "int", "float": "float", "float | None": "float?",
-          "bool": "bool", "bytes": "bytes", "dict[str, float]": "map", "list[int]": "ints",
+_KINDS = {"str": "str", "str | None": "str?", "int": "int", "int | None": "int?", "float": "float",
+          "float | None": "float?", "bool": "bool", "bytes": "bytes", "dict[str, float]": "map", "list[int]": "ints",
           "list[str]": "strs"}
 
 
@@ -360,6 +360,15 @@ class RoundConfig(Message):
         if self.finish_s is None and (self.min_steps or self.max_steps):
             raise _fail(type(self), "finish_s", None, "min_steps and max_steps need finish_s")
 
+    def steps_error(self, steps: int) -> str:
+        """Why a node that ran ``steps`` local steps did not answer this config ("" if it did): paced, it may run
+        min_steps to max_steps; otherwise exactly local_steps.  The steps weight its change in the aggregate."""
+        if self.finish_s is not None:
+            ok, assigned = self.min_steps <= steps <= self.max_steps, f"{self.min_steps}-{self.max_steps}"
+        else:
+            ok, assigned = steps == self.local_steps, str(self.local_steps)
+        return "" if ok else f"ran {steps} local steps, not the assigned {assigned}"
+
 
 @message
 class RoundReport(Message):
@@ -431,9 +440,14 @@ class RegionStatus(Message):
 @message
 class RegionRound(Message):
     """The root's round for one region: the assignment it relays to each of its nodes (the strategy's fleet-wide
-    schedule: target sparsity, rank, steps), the global state it sends (chunked on the region's download topic; None
-    while there is none) and the transfer id of its partial.  ``local_steps`` 0 is the final sync: the region relays
-    it to its nodes, reports how many took part and sends no partial."""
+    schedule: target sparsity, rank, τ steps), the global state it sends (chunked on the region's download topic;
+    None while there is none) and the transfer id of its partial.  ``local_steps`` 0 is the final sync: the region
+    relays it to its nodes, reports how many took part and sends no partial.
+
+    Pacing: ``finish_s`` is the fleet's planned finish (the latest ``next_finish_s`` its regions reported for this
+    plan; None: every node runs τ steps unpaced), to which the region aligns and paces each node with a timing.
+    ``next_target_sparsity`` and ``next_rank`` are the next round's schedule as far as the root knows it now: the
+    region answers with its nodes' slowest completion at τ steps under it (``RegionReport.next_finish_s``)."""
 
     TYPE = "region_round"
     run_id: str = spec(max_len=64)
@@ -446,10 +460,17 @@ class RegionRound(Message):
     upload_transfer_id: str = spec(check="transfer_id")
     download_transfer_id: str | None = spec(check="transfer_id")
     importance: bool = spec(True)  # the nodes track importance during the steps (they will still be cut)
+    finish_s: float | None = spec(None, lo=0.0, hi=1e7)  # seconds on each node's round clock, as RoundConfig's
+    next_target_sparsity: float | None = spec(None, lo=0.0, hi=0.999999)
+    next_rank: int | None = spec(None, lo=1, hi=4096)
 
     def _check(self) -> None:
         if self.sent_rank < self.rank:
             raise _fail(type(self), "sent_rank", self.sent_rank, f"must be >= rank {self.rank}")
+        if self.finish_s is not None and self.local_steps == 0:
+            raise _fail(type(self), "finish_s", self.finish_s, "the final sync (local_steps 0) is not paced")
+        if (self.next_target_sparsity is None) != (self.next_rank is None):
+            raise _fail(type(self), "next_rank", self.next_rank, "needs next_target_sparsity, and the other way")
 
 
 @message
@@ -467,6 +488,9 @@ class RegionReport(Message):
     accepted: int = _count(0)
     failed: int = _count(0)
     cpu_s: float = _seconds(0.0)  # the region's CPU time for the round
+    # Its live nodes' slowest completion at τ steps under the RegionRound's next_target_sparsity and next_rank
+    # (planning.round_finish; 0: none has a timing; None: not asked): the root paces the next round to the latest.
+    next_finish_s: float | None = spec(None, lo=0.0, hi=1e7)
 
 
 @message

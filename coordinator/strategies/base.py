@@ -12,7 +12,7 @@ importance, and importance tracked only by nodes that will still be cut.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -21,6 +21,7 @@ import torch
 from coordinator import planning
 from coordinator.aggregation import GlobalLora, ZeroPadLora
 from coordinator.config import CoordinatorConfig
+from shared.messages import RoundReport
 from shared.updates import LORA_ALPHA, LoraUpdate, UpdateError
 
 
@@ -48,22 +49,17 @@ class Assignment:
     arm: tuple[float, int] | None = None  # FedSpine: the bandit arm (Δp, rank) behind it
     planned_s: float | None = None  # the completion time the plan expects (None: not planned)
     # A paced round: the node stops at the step boundary nearest finish_s, the round's planned completion, after at
-    # least min_steps and at most max_steps; local_steps is the plan.
+    # least min_steps and at most max_steps; local_steps is the plan (RoundConfig.steps_error checks the answer).
     finish_s: float | None = None
     min_steps: int = 0
     max_steps: int = 0
-
-    def allows(self, steps: int) -> bool:
-        """Whether a node that ran ``steps`` local steps did as assigned."""
-        if self.finish_s is not None:
-            return self.min_steps <= steps <= self.max_steps
-        return steps == self.local_steps
 
 
 @dataclass(frozen=True)
 class FleetPlan:
     """One round's assignment for every node of a sub-fleet, which a regional aggregator relays to each of its nodes
-    (coordinator/region.py; it keeps a node's sparsity if it is already above ``target_sparsity``)."""
+    (coordinator/region.py; it keeps a node's sparsity if it is already above ``target_sparsity``, and aligns and
+    paces each node's steps to the fleet's finish as ``configure_round`` does: ``fleet_timing``)."""
 
     target_sparsity: float
     rank: int
@@ -100,6 +96,18 @@ class NodeResult:
         """The node's speed this round (planning.measured_speed), or None if it reported no timing."""
         return planning.measured_speed(self.round_time_s, self.train_s, self.upload_s, self.steps, self.sparsity,
                                        self.rank)
+
+    @classmethod
+    def from_report(cls, update: LoraUpdate, r: RoundReport, *, steps: int, upload_bytes: int,
+                    wall_s: float) -> NodeResult:
+        """A node's accepted answer: its update and report, the local steps it ran and, when it reported no virtual
+        time, ``wall_s`` (from its configuration's publication to its upload's arrival) as its round time.  The root
+        and the regional aggregators (coordinator/region.py) time their nodes alike."""
+        round_time = r.virtual_s if r.virtual_s > 0 else wall_s
+        return cls(node_id=r.node_id, update=update, samples=r.samples, loss_start=r.loss_start, loss_end=r.loss_end,
+                   compute_s=r.compute_s, round_time_s=round_time, sparsity=r.sparsity, rank=r.rank,
+                   energy_j=r.energy_j, upload_bytes=upload_bytes, steps=steps, examples=r.examples,
+                   train_s=min(r.train_s, round_time), upload_s=min(r.upload_s, round_time))
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,36 @@ class NodeState:
     @property
     def speed(self) -> planning.Speed | None:
         return planning.median_speed(self.speeds)
+
+    def record(self, r: NodeResult, structure: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """What an accepted round tells of the node: its sparsity (never lower), rank, kept structure and speed."""
+        self.sparsity = max(self.sparsity, float(r.sparsity))
+        self.rank = r.rank
+        self.structure = structure
+        if (speed := r.speed()) is not None:
+            self.speeds = [*self.speeds, speed][-planning.SPEED_WINDOW:]
+
+
+def node_timing(node: NodeInfo, st: NodeState, sparsity: float, rank: int) -> planning.Timing | None:
+    """(fixed seconds, seconds per step) of a node at ``sparsity`` and ``rank``: from the step-cost model at its
+    median speed, or before it has an accepted round, from what it measured when it joined (None: neither)."""
+    if (speed := st.speed) is not None:
+        return planning.timing_at(speed, sparsity, rank)
+    if node.step_s > 0:
+        return node.overhead_s, node.step_s * planning.step_cost(sparsity) / planning.step_cost(node.step_sparsity)
+    return None
+
+
+def fleet_timing(nodes: Sequence[NodeInfo], states: Mapping[str, NodeState], target: float,
+                 rank: int) -> dict[str, planning.Timing]:
+    """Each node's timing under a fleet-wide ``target`` sparsity and ``rank`` (a node already sparser at its own), as
+    ``Strategy.configure_round`` times a fleet-wide round: a regional aggregator plans its nodes with it."""
+    timing = {}
+    for node in nodes:
+        st = states.get(node.node_id) or NodeState()
+        if (t := node_timing(node, st, max(target, st.sparsity), rank)) is not None:
+            timing[node.node_id] = t
+    return timing
 
 
 def node_weights(results: Sequence[NodeResult], tau: int) -> list[float]:
@@ -243,15 +281,11 @@ class Strategy:
         return out
 
     def _timing(self, plans: Sequence[list]) -> dict[str, planning.Timing]:
-        """node -> (fixed seconds, seconds per step) at its planned sparsity and rank: from the step-cost model at its
-        median speed, or before it has an accepted round, from what it measured when it joined."""
+        """node -> (fixed seconds, seconds per step) at its planned sparsity and rank (``node_timing``)."""
         timing = {}
         for node, st, target, rank, _ in plans:
-            if (speed := st.speed) is not None:
-                timing[node.node_id] = planning.timing_at(speed, target, rank)
-            elif node.step_s > 0:
-                ratio = planning.step_cost(target) / planning.step_cost(node.step_sparsity)
-                timing[node.node_id] = (node.overhead_s, node.step_s * ratio)
+            if (t := node_timing(node, st, target, rank)) is not None:
+                timing[node.node_id] = t
         return timing
 
     def regions_refusal(self) -> str:
@@ -262,15 +296,16 @@ class Strategy:
                 "relays one fleet-wide assignment to all of its nodes; use a fleet-wide method (uniform, prune_ft, "
                 "ft_prune, fedlora) or run this one flat (no `fedspine region`)")
 
-    def fleet_plan(self, rnd: int) -> FleetPlan:
+    def fleet_plan(self, rnd: int, *, fleet_importance: bool | None = None) -> FleetPlan:
         """Round ``rnd``'s one assignment for every node under the regional aggregators: the fleet-wide schedule with
         the rules ``configure_round`` applies (no cut before the fleet's averaged importance exists; importance
-        tracked while a cut is still to come), τ local steps, unpaced (the root does not time nodes it does not
-        see).  Raises RegionsUnsupported for a per-node policy."""
+        tracked while a cut is still to come) and τ local steps, which each region aligns and paces for its nodes
+        (``fleet_timing``).  ``fleet_importance`` stands for ``has_fleet_importance()`` when the root announces the
+        next round's plan before this one is aggregated.  Raises RegionsUnsupported for a per-node policy."""
         if self.per_node_policy:
             raise RegionsUnsupported(self.regions_refusal())
         target, rank = self.fleet_schedule(rnd)
-        if not self.has_fleet_importance():
+        if not (self.has_fleet_importance() if fleet_importance is None else fleet_importance):
             target = 0.0  # a region keeps each node's own sparsity: nobody is cut
         return FleetPlan(target_sparsity=float(target), rank=int(rank), sent_rank=self._sent_rank(int(rank)),
                          local_steps=self.tau, importance=self.will_prune(rnd))
@@ -328,12 +363,7 @@ class Strategy:
         else:
             self.global_.aggregate(pairs)
         for r in results:
-            st = self.state(r.node_id)
-            st.sparsity = max(st.sparsity, float(r.sparsity))
-            st.rank = r.rank
-            st.structure = self._intern(r.update)
-            if (speed := r.speed()) is not None:
-                st.speeds = [*st.speeds, speed][-planning.SPEED_WINDOW:]
+            self.state(r.node_id).record(r, self._intern(r.update))
         times = [r.round_time_s for r in results]
         summary = RoundSummary(round=rnd, idle_fraction=planning.idle_fraction(times),
                                mean_round_time_s=sum(times) / max(len(times), 1),

@@ -1,11 +1,12 @@
 """Hierarchical rounds over the in-memory bus: a root, regional aggregators and real node agents (fake trainers).
 
-A fleet-wide method's schedule reaches the nodes under regions exactly as it reaches them in a flat run; a method
-whose policy is per node refuses regions instead of running without it."""
+A fleet-wide method's schedule reaches the nodes under regions exactly as it reaches them in a flat run, with the
+same aligned and paced steps; a method whose policy is per node refuses regions instead of running without it."""
 
 from __future__ import annotations
 
 import threading
+import types
 
 import pytest
 import structlog
@@ -14,11 +15,12 @@ import torch
 from coordinator.config import CoordinatorConfig
 from coordinator.region import Region, RegionConfig
 from coordinator.server import Coordinator
+from coordinator.state import CheckpointStore
 from coordinator.strategies import STRATEGIES, RegionsUnsupported, make_strategy
 from coordinator.strategies.base import NodeInfo
-from edge_node.agent import NodeAgent
+from edge_node.agent import DeviceProfile, NodeAgent
 from edge_node.config import NodeConfig
-from shared.messages import RegionStatus, encode
+from shared.messages import RegionStatus, RoundConfig, decode, encode
 from shared.transport import MemoryBus, MemoryTransport
 from tests.coordinator.test_rounds import FakeTrainer, rows
 
@@ -33,19 +35,26 @@ def _config(tmp_path, method: str, rounds: int = 3) -> CoordinatorConfig:
         "bandit": {"target_sparsity": 0.3, "rank": 4}})
 
 
-def _agent(bus, tmp_path, nid: str, trainer, root: str | None) -> NodeAgent:
+def _agent(bus, tmp_path, nid: str, trainer, root: str | None, profile: DeviceProfile | None = None) -> NodeAgent:
     cfg = NodeConfig.from_dict({**({"broker": {"topic_root": root}} if root else {}),
                                 "node": {"id": nid, "state_dir": str(tmp_path / nid)}})
-    a = NodeAgent(cfg, trainer=trainer)
+    a = NodeAgent(cfg, trainer=trainer, profile=profile)
     a.transport = MemoryTransport(bus, nid, on_connect=a._on_connect, will=(a.topics.node(nid, "status"), b""),
                                   log=a.log.bind(logger="transport"))
     threading.Thread(target=a.run, daemon=True).start()
     return a
 
 
-def _run(tmp_path, method: str, trainers: dict[str, FakeTrainer], *, regions: bool):
-    """Run the fleet to the end (flat, or each node under its region of REGIONS); the root's run summary."""
+def _run(tmp_path, method: str, trainers: dict[str, FakeTrainer], *, regions: bool,
+         profile: DeviceProfile | None = None):
+    """Run the fleet to the end (flat, or each node under its region of REGIONS): the root's run summary, the log
+    lines and every RoundConfig each node was sent, in order."""
     bus = MemoryBus()
+    configs: dict[str, list[RoundConfig]] = {n: [] for n in NODES}
+    spy = MemoryTransport(bus, "spy")
+    spy.subscribe("fedspine/v1/region/+/node/+/config" if regions else "fedspine/v1/node/+/config",
+                  lambda t, p: configs[t.split("/")[-2]].append(decode(p, RoundConfig)))
+    spy.start()
     started = []
     for rid, members in REGIONS.items():
         if regions:
@@ -56,7 +65,7 @@ def _run(tmp_path, method: str, trainers: dict[str, FakeTrainer], *, regions: bo
             threading.Thread(target=region.run, daemon=True).start()
             started.append(region)
         root = f"fedspine/v1/region/{rid}" if regions else None
-        started += [_agent(bus, tmp_path, n, trainers[n], root) for n in members]
+        started += [_agent(bus, tmp_path, n, trainers[n], root, profile) for n in members]
     coord = Coordinator(_config(tmp_path, method), transport=MemoryTransport(bus, "coordinator"))
     out: dict = {}
     with structlog.testing.capture_logs() as lines:
@@ -65,15 +74,16 @@ def _run(tmp_path, method: str, trainers: dict[str, FakeTrainer], *, regions: bo
         t.join(90)
     for s in started:
         s.stop()
-    return out["summary"], lines
+    spy.stop()
+    return types.SimpleNamespace(summary=out["summary"], lines=lines, configs=configs)
 
 
 @pytest.mark.parametrize("method", ["uniform", "ft_prune"])
 def test_a_fleet_wide_schedule_reaches_nodes_under_regions_as_it_reaches_a_flat_fleet(tmp_path, method):
     flat = {n: FakeTrainer(n) for n in NODES}
     hier = {n: FakeTrainer(n) for n in NODES}
-    flat_summary, _ = _run(tmp_path / "flat", method, flat, regions=False)
-    summary, _ = _run(tmp_path / "hier", method, hier, regions=True)
+    flat_summary = _run(tmp_path / "flat", method, flat, regions=False).summary
+    summary = _run(tmp_path / "hier", method, hier, regions=True).summary
     assert flat_summary.rounds_done == summary.rounds_done == 3, summary.stopped_early
     assert not summary.exports and set(summary.region_exports) == set(REGIONS)  # the run ended through the regions
     # Each node was asked the same (target sparsity, rank, local steps) every round, the final sync included.
@@ -90,10 +100,65 @@ def test_a_fleet_wide_schedule_reaches_nodes_under_regions_as_it_reaches_a_flat_
         {rid: (len(m), 0, 0) for rid, m in REGIONS.items()}
 
 
+class TimedTrainer(FakeTrainer):
+    """A FakeTrainer whose round takes ``fixed_s`` plus ``step_s`` per local step of device time (it does not
+    sleep): on a simulated device the agent reports them as virtual time, so both runs time each node alike."""
+
+    def __init__(self, name: str, step_s: float, fixed_s: float = 0.2) -> None:
+        super().__init__(name)
+        self.virtual_step_s, self.fixed_s = step_s, fixed_s
+
+    def run_round(self, **kw):
+        res = super().run_round(**kw)
+        res.train_s = self.virtual_step_s * res.steps
+        res.compute_s = self.fixed_s + res.train_s
+        return res
+
+
+def _planned(cfg: RoundConfig) -> tuple:
+    """What a config plans of the node's round (its ids and deadline aside; the final sync runs no step, so whether
+    it would track importance is moot: a flat one leaves the flag at its default)."""
+    return (cfg.round, round(cfg.target_sparsity, 9), cfg.rank, cfg.importance and cfg.local_steps > 0,
+            cfg.local_steps, cfg.finish_s, cfg.min_steps, cfg.max_steps)
+
+
+def test_nodes_under_regions_get_the_aligned_paced_steps_of_a_flat_round_and_the_same_global_state(tmp_path):
+    """Nodes of different speeds: each region times its own nodes and reports its slowest completion for the next
+    round, the root paces the round to the latest; every node is sent the steps, finish and step bounds a flat
+    round sends it, and the FedNova-weighted global state is the flat one."""
+    step_s = {"agx-1": 0.01, "nx-2": 0.03, "tx2-3": 0.1}  # device seconds per local step
+    profile = DeviceProfile(speed=1.0, uplink_mbps=100.0, latency_s=0.05)
+    runs = {mode: _run(tmp_path / mode, "uniform", {n: TimedTrainer(n, step_s[n]) for n in NODES},
+                       regions=mode == "hier", profile=profile) for mode in ("flat", "hier")}
+    flat, hier = runs["flat"], runs["hier"]
+    assert flat.summary.rounds_done == hier.summary.rounds_done == 3, hier.summary.stopped_early
+    want = {n: [_planned(c) for c in flat.configs[n]] for n in NODES}
+    assert {n: [_planned(c) for c in hier.configs[n]] for n in NODES} == want
+    # Not vacuous: round 1 (no timing yet) is τ unpaced; rounds 2 and 3 are paced to one finish, set by the TX2 at
+    # τ, with the faster nodes given more steps (AGX up to the cap 5τ); the final sync evaluates only.
+    assert [c[0] for c in want["agx-1"]] == [1, 2, 3, 4]
+    for n in NODES:
+        assert want[n][0][4:] == (2, None, 0, 0) and want[n][3][4] == 0 and want[n][3][5] is None
+    for r in (1, 2):
+        finish = {want[n][r][5] for n in NODES}
+        assert len(finish) == 1 and None not in finish
+        steps = [want[n][r][4] for n in ("agx-1", "nx-2", "tx2-3")]
+        assert steps[0] > steps[1] > steps[2] == 2 and all(want[n][r][6:] == (1, 10) for n in NODES), steps
+    # FedNova weighting with each node's real steps: the same global state as the flat run's
+    got = CheckpointStore(tmp_path / "hier" / "coord").load()["strategy"]["tensors"]
+    ref = CheckpointStore(tmp_path / "flat" / "coord").load()["strategy"]["tensors"]
+    keys = {k for k in ref if k.split(".")[0] in ("delta", "dense", "importance")}
+    assert keys and keys == {k for k in got if k.split(".")[0] in ("delta", "dense", "importance")}
+    for k in sorted(keys):
+        assert torch.allclose(got[k], ref[k], rtol=1e-5, atol=1e-7), k
+    assert [r["finish_s"] is not None for r in rows(tmp_path / "hier", "round")] == [False, True, True]
+
+
 @pytest.mark.parametrize("method", ["fedspine", "hetlora"])
 def test_a_per_node_policy_refuses_regions_instead_of_running_without_it(tmp_path, method):
     trainers = {n: FakeTrainer(n) for n in NODES}
-    summary, lines = _run(tmp_path, method, trainers, regions=True)
+    run = _run(tmp_path, method, trainers, regions=True)
+    summary, lines = run.summary, run.lines
     assert summary.rounds_done == 0 and "regional aggregators" in summary.stopped_early, summary.stopped_early
     assert method in summary.stopped_early
     refused = [e for e in lines if e["event"] == "regions_refused"]
@@ -162,7 +227,7 @@ def test_a_region_sends_a_node_back_from_offline_its_round_again_and_gives_up_on
     rr = RegionRound(run_id="r1", round=2, rank=4, sent_rank=4, local_steps=2, target_sparsity=0.1, importance=False,
                      deadline_ts=time.time() + 5, download_transfer_id=None, upload_transfer_id="r1.r2.east.up")
     end = time.monotonic() + 3.0
-    pending = region._send_configs(rr, ["agx-1", "nx-2"], end)
+    pending = region._send_configs(rr, region.registry.live(), end)
     time.sleep(0.2)
     assert sorted(t.split("/")[-2] for t, _ in configs) == ["agx-1", "nx-2"]
     for state, ts in (("offline", 2.0), ("online", 3.0)):  # agx-1 restarts

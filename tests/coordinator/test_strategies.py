@@ -216,7 +216,6 @@ def test_every_method_gives_fast_nodes_more_steps_and_paces_the_round(method):
     assert {a.node_id: a.local_steps for a in second} == planning.aligned_steps(timing, TAU, 5 * TAU)
     assert second[0].local_steps > second[2].local_steps
     assert all(a.finish_s == pytest.approx(finish) and a.min_steps == 3 and a.max_steps == 25 for a in second)
-    assert all(a.allows(3) and a.allows(25) and not a.allows(2) and not a.allows(26) for a in second)
     results = [result(a, 2, per_step[a.node_id], steps=round((finish - 2.0) / per_step[a.node_id]))
                for a in second]
     assert strat.aggregate_round(2, results, []).idle_fraction < 0.05  # the fast nodes filled the wait

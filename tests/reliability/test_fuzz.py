@@ -802,12 +802,15 @@ def test_fuzz_upload_acceptance(coordinator, reliability) -> None:
     c = coordinator
     nodes = [NodeInfo(node_id=n, device_type="nx", memory_mb=4096) for n in (NODE, OTHER)]
     a = next(x for x in c.strategy.configure_round(1, nodes) if x.node_id == NODE)
+    sent = RoundConfig(run_id=c.run_id, round=1, target_sparsity=a.target_sparsity, rank=a.rank,
+                       local_steps=a.local_steps, deadline_ts=time.time() + 60, upload_transfer_id=TID,
+                       download_transfer_id=None)
     before = c.strategy.state_dict()
     stats = Stats()
     log = c.log.bind(round=1)
     with capture_logs() as logs:
         for cls, data, expect in update_cases(random.Random(SEED + 8), a.rank):
-            p = _Pending(assignment=a, upload_tid=TID, sent_at=time.monotonic())
+            p = _Pending(assignment=a, upload_tid=TID, sent_at=time.monotonic(), config=sent)
             p.report = RoundReport(run_id=c.run_id, round=1, node_id=NODE, status="ok", transfer_id=TID,
                                    upload_bytes=len(data), samples=10, rank=a.rank)
             p.payload, p.received_at = data, time.monotonic()

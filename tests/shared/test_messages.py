@@ -72,6 +72,10 @@ SAMPLES: list[Message] = [
     RegionReport(run_id="abc123", round=3, region_id="east", status="ok", transfer_id="abc123.r3.a0.east.part",
                  upload_bytes=123456, accepted=1990, failed=10, cpu_s=4.5),
     RegionExport(run_id="abc123", region_id="east", nodes=2000, ok=1990, skipped=4, failed=1, missing=5),
+    RegionRound(run_id="abc123", round=4, target_sparsity=0.2, rank=8, sent_rank=8, local_steps=20, deadline_ts=1.7e9,
+                upload_transfer_id="u", download_transfer_id=None, finish_s=61.5, next_target_sparsity=0.3,
+                next_rank=8),  # paced, and asking for the next round's slowest completion
+    RegionReport(run_id="abc123", round=4, region_id="east", status="error", error="no quorum", next_finish_s=0.0),
 ]
 
 
@@ -82,10 +86,38 @@ SAMPLES: list[Message] = [
                         upload_transfer_id="u", download_transfer_id=None),  # sent below the training rank
     lambda: RegionReport(run_id="r", round=1, region_id="east", status="ok", accepted=-1),
     lambda: RegionExport(run_id="r", region_id="east", nodes=3, ok=1, skipped=1),  # one node unaccounted for
-], ids=["region_id", "state", "sent_rank", "accepted", "export_counts"])
+    lambda: RegionRound(run_id="r", round=1, target_sparsity=0.0, rank=8, sent_rank=8, local_steps=0, deadline_ts=1.0,
+                        upload_transfer_id="u", download_transfer_id=None, finish_s=10.0),  # a paced final sync
+    lambda: RegionRound(run_id="r", round=1, target_sparsity=0.0, rank=8, sent_rank=8, local_steps=1, deadline_ts=1.0,
+                        upload_transfer_id="u", download_transfer_id=None, next_rank=8),  # rank without sparsity
+    lambda: RegionRound(run_id="r", round=1, target_sparsity=0.0, rank=8, sent_rank=8, local_steps=1, deadline_ts=1.0,
+                        upload_transfer_id="u", download_transfer_id=None, next_target_sparsity=0.1, next_rank=0),
+    lambda: RegionRound(run_id="r", round=1, target_sparsity=0.0, rank=8, sent_rank=8, local_steps=1, deadline_ts=1.0,
+                        upload_transfer_id="u", download_transfer_id=None, finish_s=-1.0),
+    lambda: RegionReport(run_id="r", round=1, region_id="east", status="ok", next_finish_s=math.inf),
+], ids=["region_id", "state", "sent_rank", "accepted", "export_counts", "paced_final_sync", "next_rank_alone",
+        "next_rank_zero", "negative_finish", "infinite_next_finish"])
 def test_invalid_region_messages_are_refused(build) -> None:
     with pytest.raises(ProtocolError):
         build()
+
+
+def test_region_messages_of_an_older_peer_decode_unpaced() -> None:
+    """A RegionRound from a root without pacing, or a RegionReport from such a region, lacks the pacing fields: they
+    decode with their defaults (no finish: every node runs τ steps; no next round asked about, none reported)."""
+    rr, rep = SAMPLES[-2], SAMPLES[-1]
+    assert isinstance(rr, RegionRound) and isinstance(rep, RegionReport)
+    old_rr = decode(msgpack.packb(_wire(rr, finish_s=_DROP, next_target_sparsity=_DROP, next_rank=_DROP)), RegionRound)
+    assert (old_rr.finish_s, old_rr.next_target_sparsity, old_rr.next_rank) == (None, None, None)
+    assert decode(msgpack.packb(_wire(rep, next_finish_s=_DROP)), RegionReport).next_finish_s is None
+
+
+def test_a_round_config_says_which_step_counts_answer_it() -> None:
+    paced, fixed = SAMPLES[15], SAMPLES[5]
+    assert isinstance(paced, RoundConfig) and paced.finish_s is not None and fixed.finish_s is None
+    assert [paced.steps_error(k) for k in (20, 55, 100)] == ["", "", ""]
+    assert paced.steps_error(19) == "ran 19 local steps, not the assigned 20-100" and paced.steps_error(101)
+    assert fixed.steps_error(20) == "" and fixed.steps_error(21) == "ran 21 local steps, not the assigned 20"
 
 
 def test_every_message_type_has_a_sample() -> None:
