@@ -50,6 +50,9 @@ OVERSAMPLE = 16
 POWER_ITERS = 4
 GROUP_BATCH = 256  # nodes per concatenated matmul in aggregation (bounds its memory: 256·r columns)
 MIN_KEEPERS = 2  # a coordinate changes only where at least this many of the round's nodes kept it (1: the spec)
+# β of the exponential average of the global model's round changes (server momentum without amplification: the
+# global state moves by v / (1 - β^t), v = β·v + (1 - β)·Δ); docs/experiments/stability-under-label-skew.md, candidate D
+MOMENTUM = 0.5
 
 
 def _key(t: torch.Tensor) -> str:
@@ -189,10 +192,15 @@ def merge(partials: Sequence[Partial]) -> Partial:
 class GlobalLora:
     """The global update: a dense ΔW per adapted module in unpruned coordinates, plus dense parameters."""
 
-    def __init__(self, min_keepers: int = MIN_KEEPERS) -> None:
+    def __init__(self, min_keepers: int = MIN_KEEPERS, momentum: float = MOMENTUM) -> None:
         if min_keepers < 1:
             raise ValueError(f"min_keepers {min_keepers} must be >= 1")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum {momentum} must be in [0, 1)")
         self.min_keepers = min_keepers
+        self.momentum = momentum
+        self.velocity: dict[str, torch.Tensor] = {}  # "delta.<module>" / "dense.<name>" -> the averaged change
+        self.moved = 0  # rounds whose changes were applied (the bias correction's t)
         self.delta: dict[str, torch.Tensor] = {}
         self.dense: dict[str, torch.Tensor] = {}
         self.importance: dict[str, torch.Tensor] = {}  # "<layer>.<kind>" -> fleet mean score per group
@@ -370,6 +378,8 @@ class GlobalLora:
         if not self.empty and total.modules and set(total.modules) != set(self.delta):
             raise UpdateError(f"partial's modules {sorted(total.modules)[:3]} differ from the global state's")
         need = min(self.min_keepers, total.nodes)
+        if total.changes:
+            self.moved += 1
         for name, (num, den, pace, keepers) in total.modules.items():
             shape = tuple(num.shape)
             prev = self.delta.get(name)
@@ -384,6 +394,7 @@ class GlobalLora:
             if effective_steps is not None:
                 pace = den * effective_steps
             change = torch.where(den > 0, num * pace / den.square().clamp_min(1e-30), torch.zeros(shape))
+            change = self._smooth(f"delta.{name}", change, den > 0)
             self.delta[name] = change if prev is None else prev + change
         for name, (change, weight, wpace) in total.dense.items():
             if weight <= 0:
@@ -391,7 +402,8 @@ class GlobalLora:
             prev = self.dense.get(name)
             base = prev if prev is not None and tuple(prev.shape) == tuple(change.shape) else torch.zeros_like(change)
             pace = effective_steps if effective_steps is not None else wpace / weight
-            self.dense[name] = base + change * pace / weight
+            step = change * pace / weight
+            self.dense[name] = base + (self._smooth(f"dense.{name}", step, None) if total.changes else step)
         for key, (num, den) in total.importance.items():
             size = num.numel()
             if key in self.importance and self.importance[key].numel() != size:
@@ -400,6 +412,21 @@ class GlobalLora:
             self.importance[key] = torch.where(den > 0, num / den.clamp_min(1e-30), prev)
             self.scored[key] = self.scored.get(key, torch.zeros(size, dtype=torch.bool)) | (den > 0)
         self._cache.clear()
+
+    def _smooth(self, key: str, change: torch.Tensor, where: torch.Tensor | None) -> torch.Tensor:
+        """The round's ``change`` replaced by the bias-corrected exponential average of the changes so far, on the
+        coordinates the round changed (``where``; None: all).  A direction that persists keeps its size; one that
+        flips between rounds is damped to (1 - β)/(1 + β)."""
+        if not self.momentum:
+            return change
+        b = self.momentum
+        v = self.velocity.get(key)
+        if v is None or v.shape != change.shape:
+            v = torch.zeros_like(change)
+        new = b * v + (1 - b) * change
+        self.velocity[key] = new if where is None else torch.where(where, new, v)
+        out = self.velocity[key] / (1 - b ** self.moved)
+        return out if where is None else torch.where(where, out, torch.zeros_like(out))
 
     def fleet_importance(self) -> dict[str, GroupScores]:
         """The fleet's averaged importance of every group some node has scored (what each slice carries)."""
@@ -452,7 +479,15 @@ class GlobalLora:
                 **{f"importance.{k}": t for k, t in self.importance.items()},
                 **{f"scored.{k}": t.to(torch.uint8) for k, t in self.scored.items()}}
 
+    def momentum_tensors(self) -> dict[str, torch.Tensor]:
+        """The server optimiser's state, for the coordinator's checkpoint (a region does not need it)."""
+        return {**{f"velocity.{k}": t for k, t in self.velocity.items()},
+                "velocity_rounds": torch.tensor([self.moved], dtype=torch.int64)}
+
     def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Load ``state_tensors`` (and ``momentum_tensors`` where present; absent: no momentum history)."""
+        self.velocity = {k[len("velocity."):]: v.float() for k, v in tensors.items() if k.startswith("velocity.")}
+        self.moved = int(tensors["velocity_rounds"].item()) if "velocity_rounds" in tensors else 0
         self.delta = {k[len("delta."):]: v.float() for k, v in tensors.items() if k.startswith("delta.")}
         self.dense = {k[len("dense."):]: v.float() for k, v in tensors.items() if k.startswith("dense.")}
         self.importance = {k[len("importance."):]: v.float() for k, v in tensors.items() if k.startswith("importance.")}
