@@ -316,3 +316,24 @@ def test_momentum_survives_a_checkpoint_and_stays_out_of_the_regions_state():
         _round(g, changes[2], torch.ones(2))
     assert torch.equal(a.delta["q"], b.delta["q"]) and torch.equal(a.dense["head"], b.dense["head"])
     assert not torch.allclose(a.delta["q"], fresh.delta["q"], atol=1e-3)
+
+
+def test_zero_padding_moves_by_the_same_momentum():
+    a, b = upd(2, seed=5, dense={"head": torch.ones(2)}), upd(2, seed=6, dense={"head": -torch.ones(2)})
+    z, plain = ZeroPadLora(), ZeroPadLora(momentum=0.0)
+    for g in (z, plain):
+        g.aggregate([(a, 1.0)])
+    assert torch.equal(z.delta("q"), plain.delta("q"))  # round 1: the average itself
+    for g in (z, plain):
+        g.aggregate([(b, 1.0)])
+    # v1 = (1 - β)·s_a, v2 = β·v1 + (1 - β)(s_b - s_a); the state moves from s_a by v2 / (1 - β²): (2 s_a + 2 s_b) / 3
+    for key in ("B", "A"):
+        s_a, s_b = (getattr(u.modules["q"], key) * u.modules["q"].scale ** 0.5 for u in (a, b))
+        assert torch.allclose(getattr(plain, key)["q"], s_b, atol=1e-6)
+        assert torch.allclose(getattr(z, key)["q"], 2 * (s_a + s_b) / 3, atol=1e-5)
+    assert torch.allclose(z.dense["head"], torch.zeros(2), atol=1e-6)
+    restored = ZeroPadLora()
+    restored.load_tensors({**z.state_tensors(), **z.momentum_tensors()})
+    for g in (z, restored):
+        g.aggregate([(a, 1.0)])
+    assert torch.equal(z.delta("q"), restored.delta("q"))
