@@ -50,6 +50,7 @@ OVERSAMPLE = 16
 POWER_ITERS = 4
 GROUP_BATCH = 256  # nodes per concatenated matmul in aggregation (bounds its memory: 256·r columns)
 MIN_KEEPERS = 2  # a coordinate changes only where at least this many of the round's nodes kept it (1: the spec)
+MOMENTUM = 0.5  # β of RoundMomentum, the exponential average of the global model's round changes
 
 
 def _key(t: torch.Tensor) -> str:
@@ -186,13 +187,55 @@ def merge(partials: Sequence[Partial]) -> Partial:
     return out
 
 
+class RoundMomentum:
+    """Server momentum without amplification: the global state moves by v / (1 - β^t), the bias-corrected exponential
+    average v = β·v + (1 - β)·Δ of its round changes Δ (the first moment of FedAdam, Reddi et al. 2021).  A direction
+    that persists keeps its size (round 1 moves by Δ exactly); one that flips between rounds is damped to
+    (1 - β)/(1 + β).  Under label skew, a round's change is pulled toward the classes of its short local runs and
+    the next round pulls back: that is the part averaged away (docs/experiments/stability-under-label-skew.md,
+    candidate D).  β = 0 turns it off."""
+
+    def __init__(self, beta: float = MOMENTUM) -> None:
+        if not 0 <= beta < 1:
+            raise ValueError(f"momentum {beta} must be in [0, 1)")
+        self.beta = beta
+        self.velocity: dict[str, torch.Tensor] = {}  # parameter key -> the averaged change
+        self.rounds = 0  # rounds applied (the bias correction's t)
+
+    def start_round(self) -> None:
+        self.rounds += 1
+
+    def smooth(self, key: str, change: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
+        """What the global state moves by instead of the round's ``change``, on the coordinates the round changed
+        (``where``; None: all of them; elsewhere 0)."""
+        if not self.beta:
+            return change
+        b = self.beta
+        v = self.velocity.get(key)
+        if v is None or v.shape != change.shape:
+            v = torch.zeros_like(change)
+        new = b * v + (1 - b) * change
+        self.velocity[key] = new if where is None else torch.where(where, new, v)
+        out = self.velocity[key] / (1 - b ** max(self.rounds, 1))
+        return out if where is None else torch.where(where, out, torch.zeros_like(out))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**{f"velocity.{k}": t for k, t in self.velocity.items()},
+                "velocity_rounds": torch.tensor([self.rounds], dtype=torch.int64)}
+
+    def load(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.velocity = {k[len("velocity."):]: v.float() for k, v in tensors.items() if k.startswith("velocity.")}
+        self.rounds = int(tensors["velocity_rounds"].item()) if "velocity_rounds" in tensors else 0
+
+
 class GlobalLora:
     """The global update: a dense ΔW per adapted module in unpruned coordinates, plus dense parameters."""
 
-    def __init__(self, min_keepers: int = MIN_KEEPERS) -> None:
+    def __init__(self, min_keepers: int = MIN_KEEPERS, momentum: float = MOMENTUM) -> None:
         if min_keepers < 1:
             raise ValueError(f"min_keepers {min_keepers} must be >= 1")
         self.min_keepers = min_keepers
+        self.momentum = RoundMomentum(momentum)
         self.delta: dict[str, torch.Tensor] = {}
         self.dense: dict[str, torch.Tensor] = {}
         self.importance: dict[str, torch.Tensor] = {}  # "<layer>.<kind>" -> fleet mean score per group
@@ -370,6 +413,8 @@ class GlobalLora:
         if not self.empty and total.modules and set(total.modules) != set(self.delta):
             raise UpdateError(f"partial's modules {sorted(total.modules)[:3]} differ from the global state's")
         need = min(self.min_keepers, total.nodes)
+        if total.changes:
+            self.momentum.start_round()
         for name, (num, den, pace, keepers) in total.modules.items():
             shape = tuple(num.shape)
             prev = self.delta.get(name)
@@ -384,6 +429,7 @@ class GlobalLora:
             if effective_steps is not None:
                 pace = den * effective_steps
             change = torch.where(den > 0, num * pace / den.square().clamp_min(1e-30), torch.zeros(shape))
+            change = self.momentum.smooth(f"delta.{name}", change, den > 0)
             self.delta[name] = change if prev is None else prev + change
         for name, (change, weight, wpace) in total.dense.items():
             if weight <= 0:
@@ -391,7 +437,8 @@ class GlobalLora:
             prev = self.dense.get(name)
             base = prev if prev is not None and tuple(prev.shape) == tuple(change.shape) else torch.zeros_like(change)
             pace = effective_steps if effective_steps is not None else wpace / weight
-            self.dense[name] = base + change * pace / weight
+            step = change * pace / weight
+            self.dense[name] = base + (self.momentum.smooth(f"dense.{name}", step) if total.changes else step)
         for key, (num, den) in total.importance.items():
             size = num.numel()
             if key in self.importance and self.importance[key].numel() != size:
@@ -452,7 +499,13 @@ class GlobalLora:
                 **{f"importance.{k}": t for k, t in self.importance.items()},
                 **{f"scored.{k}": t.to(torch.uint8) for k, t in self.scored.items()}}
 
+    def momentum_tensors(self) -> dict[str, torch.Tensor]:
+        """The server momentum's state, for the coordinator's checkpoint (a region does not need it)."""
+        return self.momentum.tensors()
+
     def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Load ``state_tensors`` (and ``momentum_tensors`` where present; absent: no momentum history)."""
+        self.momentum.load(tensors)
         self.delta = {k[len("delta."):]: v.float() for k, v in tensors.items() if k.startswith("delta.")}
         self.dense = {k[len("dense."):]: v.float() for k, v in tensors.items() if k.startswith("dense.")}
         self.importance = {k[len("importance."):]: v.float() for k, v in tensors.items() if k.startswith("importance.")}
@@ -501,7 +554,8 @@ class ZeroPadLora:
     receives the first r components.  Only for nodes that share the unpruned structure (HetLoRA never prunes).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, momentum: float = MOMENTUM) -> None:
+        self.momentum = RoundMomentum(momentum)  # on the round's change of B, A and the dense parameters
         self.B: dict[str, torch.Tensor] = {}
         self.A: dict[str, torch.Tensor] = {}
         self.shapes: dict[str, tuple[int, int]] = {}
@@ -515,6 +569,7 @@ class ZeroPadLora:
         if not updates:
             return
         total = sum(w for _, w in updates)
+        self.momentum.start_round()
         for name in sorted({n for u, _ in updates for n in u.modules}):
             ms = [(u.modules[name], w) for u, w in updates if name in u.modules]
             rmax = max(m.rank for m, _ in ms)
@@ -527,10 +582,18 @@ class ZeroPadLora:
                 s = m.scale ** 0.5
                 B[:, : m.rank] += (w / total) * s * m.B
                 A[: m.rank] += (w / total) * s * m.A
-            self.B[name], self.A[name], self.shapes[name] = B, A, (out, inp)
+            self.B[name] = self._moved(f"B.{name}", self.B.get(name), B)
+            self.A[name] = self._moved(f"A.{name}", self.A.get(name), A)
+            self.shapes[name] = (out, inp)
         for name in sorted({n for u, _ in updates for n in u.dense}):
             pairs = [(u.dense[name].float(), w) for u, w in updates if name in u.dense]
-            self.dense[name] = sum(w * t for t, w in pairs) / sum(w for _, w in pairs)
+            avg = sum(w * t for t, w in pairs) / sum(w for _, w in pairs)
+            self.dense[name] = self._moved(f"dense.{name}", self.dense.get(name), avg)
+
+    def _moved(self, key: str, prev: torch.Tensor | None, avg: torch.Tensor) -> torch.Tensor:
+        """The averaged state ``avg``, reached from ``prev`` by the momentum's step instead of directly."""
+        base = prev if prev is not None and prev.shape == avg.shape else torch.zeros_like(avg)
+        return base + self.momentum.smooth(key, avg - base)
 
     def slice_for(self, rank: int, alpha: float) -> LoraUpdate | None:
         if self.empty:
@@ -555,7 +618,11 @@ class ZeroPadLora:
         return {**{f"zpB.{n}": t for n, t in self.B.items()}, **{f"zpA.{n}": t for n, t in self.A.items()},
                 **{f"dense.{n}": t for n, t in self.dense.items()}}
 
+    def momentum_tensors(self) -> dict[str, torch.Tensor]:
+        return self.momentum.tensors()
+
     def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.momentum.load(tensors)
         self.B = {k[4:]: v for k, v in tensors.items() if k.startswith("zpB.")}
         self.A = {k[4:]: v for k, v in tensors.items() if k.startswith("zpA.")}
         self.shapes = {n: (b.shape[0], self.A[n].shape[1]) for n, b in self.B.items()}

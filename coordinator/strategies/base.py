@@ -384,6 +384,7 @@ class Strategy:
     def state_dict(self) -> dict:
         """JSON-able state plus ``tensors`` (global state and node structures) for the checkpoint store."""
         tensors = dict(self.global_.state_tensors())
+        tensors.update(self.global_.momentum_tensors())
         nodes, keys = {}, {}  # each distinct structure object is stored once, as structure.s<k>.<module>.rows/cols
         for nid, st in self.nodes.items():
             nodes[nid] = {"sparsity": st.sparsity, "rank": st.rank, "speeds": [list(v) for v in st.speeds],

@@ -268,3 +268,72 @@ def test_the_leading_components_of_a_higher_rank_slice_are_the_slice_at_the_lowe
     for r in (4, 8):
         assert torch.allclose(zp.slice_for(16, 16.0).leading(r).modules["q"].delta(),
                               zp.slice_for(r, 16.0).modules["q"].delta(), atol=1e-5)
+
+
+def _round(g, change, head_change):
+    """One node, unpruned, at full rank: it starts from the global slice and adds ``change`` (and to the head)."""
+    s = g.slice_for(None, rank=5, alpha=16.0)
+    start = s.modules["q"].dense_delta() if s is not None else torch.zeros(6, 5)
+    head = s.dense["head"] if s is not None else torch.zeros(2)
+    fin = _from_delta(start + change, rank=5)
+    fin.dense["head"] = head + head_change
+    g.aggregate([(fin, 1.0)], starts=[s], steps=[8])
+
+
+def test_momentum_keeps_a_persistent_direction_and_damps_one_that_flips():
+    gen = torch.Generator().manual_seed(11)
+    d = torch.randn(6, 5, generator=gen)
+    steady = GlobalLora(momentum=0.5)
+    for k in range(1, 5):  # the same change every round: the global moves by all of it each round
+        _round(steady, d, torch.ones(2))
+        assert torch.allclose(steady.delta["q"], k * d, atol=1e-4)
+        assert torch.allclose(steady.dense["head"], torch.full((2,), float(k)), atol=1e-5)
+    moves = {}
+    for beta in (0.0, 0.5):
+        g = GlobalLora(momentum=beta)
+        before, moves[beta] = torch.zeros(6, 5), []
+        for k in range(8):  # a change that flips sign every round
+            _round(g, d if k % 2 == 0 else -d, torch.zeros(2))
+            moves[beta].append(float((g.delta["q"] - before).norm() / d.norm()))
+            before = g.delta["q"].clone()
+    assert moves[0.0] == pytest.approx([1.0] * 8, rel=1e-4)  # without momentum: every flip in full
+    assert moves[0.5][0] == pytest.approx(1.0, rel=1e-4)  # round 1 moves by its change exactly (bias correction)
+    assert moves[0.5][-1] == pytest.approx(1 / 3, rel=0.05)  # then (1 - β)/(1 + β) of it
+
+
+def test_momentum_survives_a_checkpoint_and_stays_out_of_the_regions_state():
+    gen = torch.Generator().manual_seed(12)
+    changes = [torch.randn(6, 5, generator=gen) for _ in range(3)]
+    a = GlobalLora()
+    for c in changes[:2]:
+        _round(a, c, torch.ones(2))
+    assert not any(k.startswith("velocity") for k in a.state_tensors())  # what a region is sent
+    b = GlobalLora()
+    b.load_tensors({**a.state_tensors(), **a.momentum_tensors()})  # what the checkpoint holds
+    fresh = GlobalLora()
+    fresh.load_tensors(a.state_tensors())  # without the optimiser's state the next round differs
+    for g in (a, b, fresh):
+        _round(g, changes[2], torch.ones(2))
+    assert torch.equal(a.delta["q"], b.delta["q"]) and torch.equal(a.dense["head"], b.dense["head"])
+    assert not torch.allclose(a.delta["q"], fresh.delta["q"], atol=1e-3)
+
+
+def test_zero_padding_moves_by_the_same_momentum():
+    a, b = upd(2, seed=5, dense={"head": torch.ones(2)}), upd(2, seed=6, dense={"head": -torch.ones(2)})
+    z, plain = ZeroPadLora(), ZeroPadLora(momentum=0.0)
+    for g in (z, plain):
+        g.aggregate([(a, 1.0)])
+    assert torch.equal(z.delta("q"), plain.delta("q"))  # round 1: the average itself
+    for g in (z, plain):
+        g.aggregate([(b, 1.0)])
+    # v1 = (1 - β)·s_a, v2 = β·v1 + (1 - β)(s_b - s_a); the state moves from s_a by v2 / (1 - β²): (2 s_a + 2 s_b) / 3
+    for key in ("B", "A"):
+        s_a, s_b = (getattr(u.modules["q"], key) * u.modules["q"].scale ** 0.5 for u in (a, b))
+        assert torch.allclose(getattr(plain, key)["q"], s_b, atol=1e-6)
+        assert torch.allclose(getattr(z, key)["q"], 2 * (s_a + s_b) / 3, atol=1e-5)
+    assert torch.allclose(z.dense["head"], torch.zeros(2), atol=1e-6)
+    restored = ZeroPadLora()
+    restored.load_tensors({**z.state_tensors(), **z.momentum_tensors()})
+    for g in (z, restored):
+        g.aggregate([(a, 1.0)])
+    assert torch.equal(z.delta("q"), restored.delta("q"))
