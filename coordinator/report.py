@@ -159,7 +159,7 @@ def worst_drop(curve: list[tuple[float, float]], share: float = 0.9) -> float:
         return 0.0
     final = curve[-1][1]
     start = next(i for i, (_, a) in enumerate(curve) if a >= share * final)
-    return max((curve[i - 1][1] - curve[i][1] for i in range(start + 1, len(curve))), default=0.0) if start >= 0 else 0.0
+    return max([0.0] + [curve[i - 1][1] - curve[i][1] for i in range(start + 1, len(curve))])
 
 
 def write_report(runs: dict[str, Path], out: Path, *, target_sparsity: float,

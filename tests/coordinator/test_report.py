@@ -40,6 +40,7 @@ def test_virtual_clock_idle_and_curve(tmp_path):
     assert (r.time_to_target_s, r.compute_to_target_s, r.energy_to_target_j) == (
         pytest.approx(14.0), pytest.approx(15.0 + 13.0 / 2), None)
     assert worst_drop(r.curve) == 0.0 and worst_drop([(0, 0.5), (1, 0.8), (2, 0.6), (3, 0.75)]) == pytest.approx(0.2)
+    assert worst_drop([(0, 0.3), (1, 0.55), (2, 0.58), (3, 0.6)]) == 0.0  # only rises after 90 %: no drop
     assert r.plan_error == pytest.approx((0.1 + 0.2 + 0.0) / 3)  # |10 - 9| / 10, |5 - 6| / 5, 0; b unplanned in 2
     table = rounds_table([r]).splitlines()
     assert table[6:8] == ["| 1 | 8 / 0.10 / 8 / 10 s (plan 9 s) | 8 / 0.10 / 8 / 5 s (plan 6 s) | 25.0% | 0.650 |",
