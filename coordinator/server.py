@@ -410,6 +410,10 @@ class Coordinator:
         nxt = self.strategy.fleet_plan(rnd + 1, fleet_importance=self.strategy.has_fleet_importance()
                                        or plan.importance) if rnd < rs.rounds else None
         pending = self._send_region_rounds(rnd, f"a{attempt}", regions, plan, finish, nxt)
+        if idle := self.registry.live_count():  # a hierarchical round goes to the regions only: say so every round
+            log.warning("direct_nodes_sit_out", nodes=idle, regions=regions,
+                        hint="nodes connected to the root take no part while regions are online; give each a "
+                             "region (topic_root <root>/region/<rid>) or stop the regions")
         log.info("region_round_started", regions=regions, target_sparsity=round(plan.target_sparsity, 4),
                  rank=plan.rank, local_steps=plan.local_steps,
                  **({"finish_s": round(finish, 2)} if finish is not None else {}))
@@ -435,7 +439,7 @@ class Coordinator:
         self.metrics.round_summary({"round": rnd, "method": rs.method, "participants": participants,
                                     "accepted": accepted, "regions": len(partials), "failed_regions": failed,
                                     "target_sparsity": plan.target_sparsity, "rank": plan.rank, "finish_s": finish,
-                                    "region_cpu_s": round(sum(r.cpu_s for r in reports), 4), **cost})
+                                    "direct_nodes_idle": idle, "region_cpu_s": round(sum(r.cpu_s for r in reports), 4), **cost})
         log.info("round_done", accepted=accepted, regions=len(partials), failed_regions=failed,
                  **{k: round(v, 3) for k, v in cost.items()})
         return True

@@ -46,9 +46,9 @@ def _agent(bus, tmp_path, nid: str, trainer, root: str | None, profile: DevicePr
 
 
 def _run(tmp_path, method: str, trainers: dict[str, FakeTrainer], *, regions: bool,
-         profile: DeviceProfile | None = None):
-    """Run the fleet to the end (flat, or each node under its region of REGIONS): the root's run summary, the log
-    lines and every RoundConfig each node was sent, in order."""
+         profile: DeviceProfile | None = None, direct: dict[str, FakeTrainer] | None = None):
+    """Run the fleet to the end (flat, or each node under its region of REGIONS; ``direct`` nodes connect to the
+    root in either case): the root's run summary, the log lines and every RoundConfig each node was sent, in order."""
     bus = MemoryBus()
     configs: dict[str, list[RoundConfig]] = {n: [] for n in NODES}
     spy = MemoryTransport(bus, "spy")
@@ -66,6 +66,7 @@ def _run(tmp_path, method: str, trainers: dict[str, FakeTrainer], *, regions: bo
             started.append(region)
         root = f"fedspine/v1/region/{rid}" if regions else None
         started += [_agent(bus, tmp_path, n, trainers[n], root, profile) for n in members]
+    started += [_agent(bus, tmp_path, n, trainer, None, profile) for n, trainer in (direct or {}).items()]
     coord = Coordinator(_config(tmp_path, method), transport=MemoryTransport(bus, "coordinator"))
     out: dict = {}
     with structlog.testing.capture_logs() as lines:
@@ -98,6 +99,16 @@ def test_a_fleet_wide_schedule_reaches_nodes_under_regions_as_it_reaches_a_flat_
     # so its export fails there: attempted, not skipped).
     assert {rid: (e.nodes, e.skipped, e.missing) for rid, e in summary.region_exports.items()} == \
         {rid: (len(m), 0, 0) for rid, m in REGIONS.items()}
+
+
+def test_nodes_on_the_root_sit_out_hierarchical_rounds_and_the_root_says_so_every_round(tmp_path):
+    direct = {"orin-9": FakeTrainer("orin-9")}
+    run = _run(tmp_path, "uniform", {n: FakeTrainer(n) for n in NODES}, regions=True, direct=direct)
+    assert run.summary.rounds_done == 3, run.summary.stopped_early
+    assert direct["orin-9"].calls == []  # it trained in no round
+    warned = [e for e in run.lines if e["event"] == "direct_nodes_sit_out"]
+    assert [(e["round"], e["nodes"]) for e in warned] == [(1, 1), (2, 1), (3, 1)]
+    assert [r["direct_nodes_idle"] for r in rows(tmp_path, "round")] == [1, 1, 1]
 
 
 class TimedTrainer(FakeTrainer):
