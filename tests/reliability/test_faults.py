@@ -264,7 +264,7 @@ def check_global_is_the_aggregate(state_dir: Path, sent: dict[str, bytes], metri
     ck = CheckpointStore(state_dir).load()
     assert ck is not None and ck["round"] == rounds[-1]
     got = {k: v for k, v in ck["strategy"]["tensors"].items() if not k.startswith("structure.")}
-    want = replay.state_tensors()
+    want = {**replay.state_tensors(), **replay.momentum_tensors()}  # the server momentum's history too
     assert set(got) == set(want), (sorted(got), sorted(want))
     for k, v in want.items():
         assert torch.allclose(got[k], v, atol=1e-6, rtol=1e-5), k
