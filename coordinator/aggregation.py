@@ -21,6 +21,10 @@ elsewhere the coordinate keeps its previous value.  Every change the global upda
 averaged over at least two nodes' data: a coordinate that one node alone still has is not trained on that
 node's skewed data alone, round after round, and the node deploys the federated value there.
 
+The coordinator moves the global state by its round change through ``RoundMomentum`` (server momentum without
+amplification, β = ``MOMENTUM``), for this average and for zero-padding alike: applied once per round after the
+partials are merged, so that it changes nothing of hierarchical = flat.
+
 Group importance that nodes report with their updates is averaged the same way, coverage-weighted per group
 (a group scored only by the nodes that still have it), and sent back to every node with its slice.
 
