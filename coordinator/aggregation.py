@@ -32,7 +32,8 @@ Zero-padding (HetLoRA) instead pads every node's factors to the largest rank and
 *separately*. The product of the averages is not the average of the products: with two nodes of equal weight
 it is (B1+B2)(A1+A2)/4 = (B1A1 + B2A2)/4 + (B1A2 + B2A1)/4, i.e. each node's own update is halved and cross
 terms between unrelated factors appear; and truncating the padded factors back to a low rank keeps only the
-first components, which a high-rank node dominates.  ``zero_pad_average`` implements it for the baseline.
+first components, which a high-rank node dominates.  ``ZeroPadLora`` implements it for the HetLoRA baseline,
+split into partial sums and their application as the average is (so it runs under regional aggregators too).
 """
 
 from __future__ import annotations
@@ -63,11 +64,15 @@ def _key(t: torch.Tensor) -> str:
 
 @dataclass
 class Partial:
-    """A sub-fleet's share of one round's aggregate (``GlobalLora.partial``): sums over its nodes, which add.
+    """A sub-fleet's share of one round's aggregate: sums over its nodes, which add.  Of one of two kinds:
 
-    ``modules[name]`` = (Σ w/τ·change scattered, Σ w, Σ w·τ, keepers) per coordinate, float32 of the unpruned shape;
-    ``dense[name]`` = (Σ w/τ·change, Σ w, Σ w·τ); ``importance[key]`` = (Σ w·score, Σ w) per group; ``steps`` and
-    ``weights`` list each contributing node's τ and w (FedNova's τ_eff is a function of them); ``nodes`` counts them.
+    ``kind`` "average" (``GlobalLora.partial``, the mask-aware average): ``modules[name]`` = (Σ w/τ·change scattered,
+    Σ w, Σ w·τ, keepers) per coordinate, float32 of the unpruned shape; ``importance[key]`` = (Σ w·score, Σ w) per
+    group.  ``kind`` "zero_pad" (``ZeroPadLora.partial``, HetLoRA): ``factors[name]`` = (Σ w·√s·pad(B), Σ w·√s·pad(A)),
+    the scale-absorbed factors zero-padded to the fleet's padding rank; no modules, no importance, states (``changes``
+    False).  Both: ``dense[name]`` = (Σ w/τ·change, Σ w, Σ w·τ) (zero padding: τ = 1 and the states); ``steps`` and
+    ``weights`` list each contributing node's τ and w (FedNova's τ_eff is a function of them; zero padding: τ = 1, and
+    Σ w divides the factors); ``nodes`` counts them.
     """
 
     changes: bool  # True: changes from each node's start were summed (the coordinator's case); False: states
@@ -77,6 +82,8 @@ class Partial:
     modules: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     dense: dict[str, tuple[torch.Tensor, float, float]] = field(default_factory=dict)
     importance: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    kind: str = "average"  # PARTIAL_KINDS: "average" (GlobalLora) or "zero_pad" (ZeroPadLora)
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # zero_pad: (ΣB, ΣA)
 
     def to_bytes(self) -> bytes:
         """safetensors, like a node's update (never pickle); scalars in the metadata."""
@@ -85,14 +92,16 @@ class Partial:
         for name, parts in self.modules.items():
             for part, x in zip(_MODULE_PARTS, parts, strict=True):
                 t[f"lora.{name}.{part}"] = x.contiguous()
+        for name, (B, A) in self.factors.items():
+            t[f"factors.{name}.B"], t[f"factors.{name}.A"] = B.contiguous(), A.contiguous()
         scalars = {}
         for name, (change, weight, wpace) in self.dense.items():
             t[f"dense.{name}"] = change.contiguous()
             scalars[name] = [weight, wpace]
         for key, (num, den) in self.importance.items():
             t[f"importance.{key}.num"], t[f"importance.{key}.den"] = num.contiguous(), den.contiguous()
-        meta = {"format": PARTIAL_FORMAT, "changes": str(int(self.changes)), "nodes": str(self.nodes),
-                "dense": json.dumps(scalars)}
+        meta = {"format": PARTIAL_FORMAT, "kind": self.kind, "changes": str(int(self.changes)),
+                "nodes": str(self.nodes), "dense": json.dumps(scalars)}
         return st_save(t, metadata=meta)
 
     @classmethod
@@ -109,13 +118,19 @@ class Partial:
             raise UpdateError(f"malformed partial: {exc}") from None
         if meta.get("format") != PARTIAL_FORMAT or meta.get("changes") not in ("0", "1"):
             raise UpdateError(f"not a {PARTIAL_FORMAT} payload (metadata {str(meta)[:80]})")
+        kind = meta.get("kind", "average")  # absent: a region of the release before zero padding had partials
+        if kind not in PARTIAL_KINDS:
+            raise UpdateError(f"partial metadata: kind {kind[:40]!r} is not one of {list(PARTIAL_KINDS)}")
+        if kind == "zero_pad" and meta["changes"] != "0":
+            raise UpdateError("partial metadata: a zero_pad partial sums states (changes must be 0)")
         try:
             nodes, scalars = int(meta.get("nodes", "")), json.loads(meta.get("dense", ""))
         except ValueError:
             raise UpdateError("partial metadata: nodes must be an integer and dense a JSON map") from None
-        out = cls(changes=meta["changes"] == "1", nodes=nodes)
+        out = cls(changes=meta["changes"] == "1", nodes=nodes, kind=kind)
         parts: dict[str, dict[str, torch.Tensor]] = {}
         imp: dict[str, dict[str, torch.Tensor]] = {}
+        facs: dict[str, dict[str, torch.Tensor]] = {}
         for key, x in tensors.items():
             if x.dtype not in (torch.float32, torch.float64) or not bool(torch.isfinite(x).all()):
                 raise UpdateError(f"partial {key}: must be finite float32/float64")
@@ -123,12 +138,17 @@ class Partial:
                 if x.dim() != 1 or bool((x <= 0).any()):
                     raise UpdateError(f"partial {key}: must be a vector of positive numbers")
                 setattr(out, key, x.tolist())
-            elif key.startswith("lora."):
+            elif key.startswith("lora.") and kind == "average":
                 name, _, part = key[5:].rpartition(".")
                 if part not in _MODULE_PARTS or not name or x.dim() != 2 or x.dtype != torch.float32:
                     raise UpdateError(f"partial: unexpected tensor {key!r}")
                 parts.setdefault(name, {})[part] = x
-            elif key.startswith("importance."):
+            elif key.startswith("factors.") and kind == "zero_pad":
+                name, _, part = key[8:].rpartition(".")
+                if part not in ("B", "A") or not name or x.dim() != 2 or x.dtype != torch.float32:
+                    raise UpdateError(f"partial: unexpected tensor {key!r}")
+                facs.setdefault(name, {})[part] = x
+            elif key.startswith("importance.") and kind == "average":
                 name, _, part = key[11:].rpartition(".")
                 if part not in ("num", "den") or not name or x.dim() != 1 or x.dtype != torch.float32:
                     raise UpdateError(f"partial: unexpected tensor {key!r}")
@@ -143,8 +163,14 @@ class Partial:
                 raise UpdateError(f"partial: unexpected tensor {key!r}")
         if not (len(out.steps) == len(out.weights) == nodes) or nodes < 0:
             raise UpdateError(f"partial: {nodes} nodes but {len(out.steps)} steps and {len(out.weights)} weights")
-        if len(parts) > limits.max_modules:
-            raise UpdateError(f"partial has {len(parts)} modules, more than {limits.max_modules}")
+        if len(parts) + len(facs) > limits.max_modules:
+            raise UpdateError(f"partial has {len(parts) + len(facs)} modules, more than {limits.max_modules}")
+        for name, p in facs.items():
+            if set(p) != {"B", "A"} or p["B"].shape[1] != p["A"].shape[0]:
+                raise UpdateError(f"partial factors.{name}: needs B (out x r) and A (r x in) of one padding rank r")
+            out.factors[name] = (p["B"], p["A"])
+        if len({B.shape[1] for B, _ in out.factors.values()}) > 1:
+            raise UpdateError("partial: factors padded to different ranks")
         for name, p in parts.items():
             if set(p) != set(_MODULE_PARTS) or len({tuple(x.shape) for x in p.values()}) != 1:
                 raise UpdateError(f"partial lora.{name}: needs {list(_MODULE_PARTS)} of one shape")
@@ -159,6 +185,7 @@ class Partial:
 
 
 PARTIAL_FORMAT = "fedspine-partial-v1"
+PARTIAL_KINDS = ("average", "zero_pad")  # Partial.kind: GlobalLora's mask-aware average, ZeroPadLora's zero padding
 _MODULE_PARTS = ("num", "den", "pace", "keepers")
 
 
@@ -167,11 +194,18 @@ def merge(partials: Sequence[Partial]) -> Partial:
     regions forwards this; the root applies it.  Raises UpdateError where the partials disagree."""
     if len({p.changes for p in partials}) > 1:
         raise UpdateError("partials mix averaged changes and averaged states")
-    out = Partial(changes=partials[0].changes if partials else True)
+    if len({p.kind for p in partials}) > 1:
+        raise UpdateError("partials mix the mask-aware average and zero padding")
+    out = Partial(changes=partials[0].changes if partials else True, kind=partials[0].kind if partials else "average")
     for p in partials:
         out.nodes += p.nodes
         out.steps += p.steps
         out.weights += p.weights
+        for name, (B, A) in p.factors.items():
+            have = out.factors.get(name)
+            if have is not None and (have[0].shape != B.shape or have[1].shape != A.shape):
+                raise UpdateError(f"partials disagree on factors.{name}'s shape (padding rank)")
+            out.factors[name] = (B, A) if have is None else (have[0] + B, have[1] + A)
         for name, parts in p.modules.items():
             have = out.modules.get(name)
             if have is not None and have[0].shape != parts[0].shape:
@@ -414,16 +448,13 @@ class GlobalLora:
         total = merge(partials)
         if effective_steps is not None and (not total.changes or not effective_steps > 0):
             raise ValueError(f"effective_steps {effective_steps} needs steps and starts, and must be > 0")
-        if not self.empty and total.modules and set(total.modules) != set(self.delta):
-            raise UpdateError(f"partial's modules {sorted(total.modules)[:3]} differ from the global state's")
+        self.check_partial(total)
         need = min(self.min_keepers, total.nodes)
         if total.changes:
             self.momentum.start_round()
         for name, (num, den, pace, keepers) in total.modules.items():
             shape = tuple(num.shape)
             prev = self.delta.get(name)
-            if prev is not None and tuple(prev.shape) != shape:
-                raise UpdateError(f"partial lora.{name}: shape {shape} != global {tuple(prev.shape)}")
             if need > 1:  # too few keepers: no change there (the previous value, or zero, stays)
                 den = torch.where(keepers >= need, den, torch.zeros_like(den))
             if not total.changes:  # average the states
@@ -445,12 +476,26 @@ class GlobalLora:
             self.dense[name] = base + (self.momentum.smooth(f"dense.{name}", step) if total.changes else step)
         for key, (num, den) in total.importance.items():
             size = num.numel()
-            if key in self.importance and self.importance[key].numel() != size:
-                raise UpdateError(f"partial importance.{key}: size {size} != global {self.importance[key].numel()}")
             prev = self.importance.get(key, torch.zeros(size))
             self.importance[key] = torch.where(den > 0, num / den.clamp_min(1e-30), prev)
             self.scored[key] = self.scored.get(key, torch.zeros(size, dtype=torch.bool)) | (den > 0)
         self._cache.clear()
+
+    def check_partial(self, partial: Partial) -> None:
+        """Refuse a partial (a region's: network data) that ``apply`` could not add to this global state: of the other
+        kind, or whose modules, shapes or importance sizes disagree with the state's (once it exists)."""
+        if partial.kind != "average":
+            raise UpdateError(f"a {partial.kind} partial for the mask-aware average (the method aggregates otherwise)")
+        if not self.empty and partial.modules and set(partial.modules) != set(self.delta):
+            raise UpdateError(f"partial's modules {sorted(partial.modules)[:3]} differ from the global state's")
+        for name, (num, *_) in partial.modules.items():
+            prev = self.delta.get(name)
+            if prev is not None and tuple(prev.shape) != tuple(num.shape):
+                raise UpdateError(f"partial lora.{name}: shape {tuple(num.shape)} != global {tuple(prev.shape)}")
+        for key, (num, _) in partial.importance.items():
+            if key in self.importance and self.importance[key].numel() != num.numel():
+                raise UpdateError(f"partial importance.{key}: size {num.numel()} != global "
+                                  f"{self.importance[key].numel()}")
 
     def fleet_importance(self) -> dict[str, GroupScores]:
         """The fleet's averaged importance of every group some node has scored (what each slice carries)."""
@@ -552,13 +597,24 @@ def factorize(delta: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, shape
 
 
 class ZeroPadLora:
-    """HetLoRA's aggregation: zero-pad factors to the largest rank and average B and A separately.
+    """HetLoRA's aggregation: zero-pad factors to one rank and average B and A separately.
 
     Stored as scale-absorbed factors (√scale·B, √scale·A), so that B̃Ã is each node's update; a node of rank r
     receives the first r components.  Only for nodes that share the unpruned structure (HetLoRA never prunes).
+
+    The average is a ratio of sums, B = Σ w_i·√s_i·pad(B_i) / Σ w_i (A likewise; dense Σ w_i·t_i / Σ w_i), so it splits
+    as the mask-aware one does: ``partial`` sums over a sub-fleet (a region's nodes), ``merge`` adds the sums and
+    ``apply`` divides them and moves the state by the server momentum, once, at the root; ``aggregate`` is
+    ``apply([partial(all)])``.  Every partial pads to ``rank``, which the whole fleet knows (HetLoRA: the largest rank
+    of its tier table), so that the sums of regions whose nodes are of different tiers add.
     """
 
-    def __init__(self, momentum: float = MOMENTUM) -> None:
+    def __init__(self, rank: int | None = None, momentum: float = MOMENTUM) -> None:
+        if rank is not None and rank < 1:
+            raise ValueError(f"padding rank {rank} must be >= 1")
+        # Factors are padded to ``rank``; None: to the largest rank of the round's updates and of the state, which
+        # only one coordinator can do (partials of sub-fleets would then not add).
+        self.rank = rank
         self.momentum = RoundMomentum(momentum)  # on the round's change of B, A and the dense parameters
         self.B: dict[str, torch.Tensor] = {}
         self.A: dict[str, torch.Tensor] = {}
@@ -569,30 +625,104 @@ class ZeroPadLora:
     def empty(self) -> bool:
         return not self.B
 
+    def check(self, update: LoraUpdate) -> None:
+        """Refuse an update zero padding cannot average into this state: a pruned module, a rank above the padding
+        rank, or (once the state exists) other modules or shapes."""
+        for name, m in update.modules.items():
+            if m.rows.numel() != m.shape[0] or m.cols.numel() != m.shape[1]:
+                raise UpdateError(f"lora.{name}: zero-padding aggregation needs unpruned modules")
+            if self.rank is not None and m.rank > self.rank:
+                raise UpdateError(f"lora.{name}: rank {m.rank} exceeds the padding rank {self.rank}")
+        if self.empty:
+            return
+        if set(update.modules) != set(self.B):
+            raise UpdateError(f"module set {sorted(update.modules)[:3]} differs from the global state's "
+                              f"{sorted(self.B)[:3]}")
+        for name, m in update.modules.items():
+            if tuple(m.shape) != self.shapes[name]:
+                raise UpdateError(f"lora.{name}: shape {m.shape} != global {self.shapes[name]}")
+        for name, t in update.dense.items():
+            if name in self.dense and tuple(t.shape) != tuple(self.dense[name].shape):
+                raise UpdateError(f"dense.{name}: shape {tuple(t.shape)} != global {tuple(self.dense[name].shape)}")
+
     def aggregate(self, updates: Sequence[tuple[LoraUpdate, float]]) -> None:
+        """Replace the state by the zero-padded average of ``updates`` ((update, weight) pairs), reached through the
+        server momentum."""
         if not updates:
             return
-        total = sum(w for _, w in updates)
-        self.momentum.start_round()
-        for name in sorted({n for u, _ in updates for n in u.modules}):
-            ms = [(u.modules[name], w) for u, w in updates if name in u.modules]
-            rmax = max(m.rank for m, _ in ms)
-            out, inp = ms[0][0].shape
-            B = torch.zeros(out, rmax)
-            A = torch.zeros(rmax, inp)
+        for u, _ in updates:
+            self.check(u)
+        self.apply([self.partial(updates)])
+
+    def padding_rank(self, updates: Sequence[tuple[LoraUpdate, float]] = ()) -> int:
+        if self.rank is not None:
+            return self.rank
+        return max([m.rank for u, _ in updates for m in u.modules.values()] + [B.shape[1] for B in self.B.values()],
+                   default=1)
+
+    def partial(self, updates: Sequence[tuple[LoraUpdate, float]]) -> Partial:
+        """The sums that ``aggregate`` divides, over ``updates`` only (a region's sub-fleet): per module the weighted,
+        scale-absorbed factors zero-padded to the padding rank, Σ w_i·√s_i·pad(B_i) and Σ w_i·√s_i·pad(A_i); per
+        dense parameter Σ w_i·t_i and the holders' Σ w_i; the nodes' weights (their sum divides the factors).  Sums
+        add, so ``apply`` of the partials of any split of a round's updates is ``aggregate`` of all of them (up to
+        floating-point summation order).  Pure: reads nothing of the state but its padding rank."""
+        held = [(u, float(w)) for u, w in updates if w > 0]
+        out = Partial(changes=False, kind="zero_pad", nodes=len(held), steps=[1.0] * len(held),
+                      weights=[w for _, w in held])
+        pad = self.padding_rank(updates)
+        for name in sorted({n for u, _ in held for n in u.modules}):
+            ms = [(u.modules[name], w) for u, w in held if name in u.modules]
+            rows, cols = ms[0][0].shape
+            B = torch.zeros(rows, pad)
+            A = torch.zeros(pad, cols)
             for m, w in ms:
-                if m.rows.numel() != out or m.cols.numel() != inp:
-                    raise UpdateError(f"lora.{name}: zero-padding aggregation needs unpruned modules")
-                s = m.scale ** 0.5
-                B[:, : m.rank] += (w / total) * s * m.B
-                A[: m.rank] += (w / total) * s * m.A
-            self.B[name] = self._moved(f"B.{name}", self.B.get(name), B)
-            self.A[name] = self._moved(f"A.{name}", self.A.get(name), A)
-            self.shapes[name] = (out, inp)
-        for name in sorted({n for u, _ in updates for n in u.dense}):
-            pairs = [(u.dense[name].float(), w) for u, w in updates if name in u.dense]
-            avg = sum(w * t for t, w in pairs) / sum(w for _, w in pairs)
-            self.dense[name] = self._moved(f"dense.{name}", self.dense.get(name), avg)
+                if tuple(m.shape) != (rows, cols) or m.rows.numel() != rows or m.cols.numel() != cols:
+                    raise UpdateError(f"lora.{name}: zero-padding aggregation needs unpruned modules of one shape")
+                if m.rank > pad:
+                    raise UpdateError(f"lora.{name}: rank {m.rank} exceeds the padding rank {pad}")
+                c = w * m.scale ** 0.5
+                B[:, : m.rank] += c * m.B.float()
+                A[: m.rank] += c * m.A.float()
+            out.factors[name] = (B, A)
+        for name in sorted({n for u, _ in held for n in u.dense}):
+            pairs = [(u.dense[name].float(), w) for u, w in held if name in u.dense]
+            weight = sum(w for _, w in pairs)
+            out.dense[name] = (sum(w * t for t, w in pairs), weight, weight)
+        return out
+
+    def check_partial(self, partial: Partial) -> None:
+        """Refuse a partial (a region's: network data) that ``apply`` could not add to this state: of the other kind,
+        padded to another rank, or whose modules or shapes disagree with the state's (once it exists)."""
+        if partial.kind != "zero_pad":
+            raise UpdateError(f"a {partial.kind} partial for zero-padding aggregation (HetLoRA)")
+        for name, (B, A) in partial.factors.items():
+            if self.rank is not None and B.shape[1] != self.rank:
+                raise UpdateError(f"partial factors.{name}: padded to rank {B.shape[1]}, not {self.rank}")
+            if name in self.shapes and (B.shape[0], A.shape[1]) != self.shapes[name]:
+                raise UpdateError(f"partial factors.{name}: shape {(B.shape[0], A.shape[1])} != global "
+                                  f"{self.shapes[name]}")
+        if not self.empty and partial.factors and set(partial.factors) != set(self.B):
+            raise UpdateError(f"partial's modules {sorted(partial.factors)[:3]} differ from the global state's")
+
+    def apply(self, partials: Sequence[Partial]) -> None:
+        """Replace the state by the zero-padded average that ``partials`` (of disjoint sets of nodes) sum up, moved to
+        through the server momentum: what ``aggregate`` of all their nodes' updates gives.  Raises UpdateError for
+        partials that disagree with the state or each other (a region's partial is network data)."""
+        if not partials:
+            return
+        total = merge(partials)
+        self.check_partial(total)
+        weight = sum(total.weights)
+        if weight <= 0:
+            return
+        self.momentum.start_round()
+        for name, (B, A) in sorted(total.factors.items()):
+            self.B[name] = self._moved(f"B.{name}", self.B.get(name), B / weight)
+            self.A[name] = self._moved(f"A.{name}", self.A.get(name), A / weight)
+            self.shapes[name] = (B.shape[0], A.shape[1])
+        for name, (t, w, _) in sorted(total.dense.items()):
+            if w > 0:
+                self.dense[name] = self._moved(f"dense.{name}", self.dense.get(name), t / w)
 
     def _moved(self, key: str, prev: torch.Tensor | None, avg: torch.Tensor) -> torch.Tensor:
         """The averaged state ``avg``, reached from ``prev`` by the momentum's step instead of directly."""
@@ -626,11 +756,33 @@ class ZeroPadLora:
         return self.momentum.tensors()
 
     def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Load ``state_tensors`` (and ``momentum_tensors`` where present).  Factors of a lower rank than the padding
+        rank (a checkpoint written when the state was as wide as its round's largest rank) are zero-padded to it,
+        their momentum too: exact, as zero components add nothing."""
         self.momentum.load(tensors)
         self.B = {k[4:]: v for k, v in tensors.items() if k.startswith("zpB.")}
         self.A = {k[4:]: v for k, v in tensors.items() if k.startswith("zpA.")}
+        if set(self.B) != set(self.A) or any(B.shape[1] != self.A[n].shape[0] for n, B in self.B.items()):
+            raise ValueError("zero-padded state: every module needs zpB (out x r) and zpA (r x in) of one rank")
+        if self.rank is not None:
+            for n, B in self.B.items():
+                if B.shape[1] > self.rank:
+                    raise ValueError(f"zero-padded state zpB.{n}: rank {B.shape[1]} exceeds the padding rank "
+                                     f"{self.rank} (the largest of the tier table)")
+                self.B[n], self.A[n] = _padded(B, self.rank, dim=1), _padded(self.A[n], self.rank, dim=0)
+            for k, v in self.momentum.velocity.items():
+                if k[:2] in ("B.", "A.") and k[2:] in self.B:
+                    self.momentum.velocity[k] = _padded(v, self.rank, dim=1 if k[0] == "B" else 0)
         self.shapes = {n: (b.shape[0], self.A[n].shape[1]) for n, b in self.B.items()}
         self.dense = {k[6:]: v for k, v in tensors.items() if k.startswith("dense.")}
+
+
+def _padded(x: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
+    """A factor zero-padded to ``rank`` components along ``dim`` (B: columns, dim 1; A: rows, dim 0)."""
+    missing = rank - x.shape[dim]
+    if missing <= 0:
+        return x
+    return torch.nn.functional.pad(x, (0, missing) if dim == 1 else (0, 0, 0, missing))
 
 
 def fedavg(updates: Sequence[tuple[LoraUpdate, float]], name: str) -> torch.Tensor:

@@ -337,3 +337,29 @@ def test_zero_padding_moves_by_the_same_momentum():
     for g in (z, restored):
         g.aggregate([(a, 1.0)])
     assert torch.equal(z.delta("q"), restored.delta("q"))
+
+
+def test_zero_padding_pads_to_its_rank_and_resumes_a_narrower_checkpoint_padded():
+    """Padded to a fixed rank, the state keeps its width when a round has no node of the top rank (its higher
+    components move on by the momentum instead of vanishing); a checkpoint whose factors are as wide as their round's
+    largest rank (written before the padding rank) loads zero-padded, and the next rounds are the same."""
+    a, b = upd(2, seed=7, dense={"head": torch.ones(2)}), upd(4, seed=8, dense={"head": torch.zeros(2)})
+    fixed = ZeroPadLora(rank=8)
+    fixed.aggregate([(a, 1.0), (b, 1.0)])
+    top = fixed.B["q"][:, 2:4].clone()
+    fixed.aggregate([(a, 1.0)])  # no rank-4 node this round
+    assert fixed.B["q"].shape == (6, 8)
+    assert torch.allclose(fixed.B["q"][:, 2:4], 2 * top / 3, atol=1e-6)  # moved toward 0 by the momentum, not cut
+    old = ZeroPadLora()  # as wide as the round's largest rank
+    old.aggregate([(a, 1.0)])
+    assert old.B["q"].shape == (6, 2)
+    resumed = ZeroPadLora(rank=8)
+    resumed.load_tensors({**old.state_tensors(), **old.momentum_tensors()})
+    assert resumed.B["q"].shape == (6, 8) and resumed.A["q"].shape == (8, 5)
+    assert resumed.momentum.velocity["B.q"].shape == (6, 8) and resumed.momentum.velocity["A.q"].shape == (8, 5)
+    assert torch.equal(resumed.delta("q"), old.delta("q"))
+    for g in (old, resumed):
+        g.aggregate([(a, 2.0), (upd(2, seed=9), 1.0)])
+    assert torch.allclose(resumed.delta("q"), old.delta("q"), atol=1e-6)
+    with pytest.raises(ValueError, match="exceeds the padding rank"):
+        ZeroPadLora(rank=1).load_tensors(old.state_tensors())
