@@ -283,7 +283,7 @@ def _load_regions(tables: list[dict], nodes: list[dict], coordinator: dict) -> d
     method = coordinator.get("method", RoundSettings.method)
     if method in STRATEGIES and (why := STRATEGIES[method].per_node_policy):
         raise ConfigError(f"[coordinator] method {method!r} cannot run under regions ({why}); use a fleet-wide "
-                          "method (uniform, prune_ft, ft_prune, fedlora) or a fleet without [[regions]]")
+                          "method (uniform, prune_ft, ft_prune, fedlora, hetlora) or a fleet without [[regions]]")
     return regions
 
 

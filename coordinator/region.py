@@ -9,13 +9,16 @@ region is the coordinator.  Upward it is one participant of the root's rounds on
 The region slices the global state for each node exactly as the root would (``GlobalLora.slice_for`` is
 deterministic), validates each update as the root does, and forwards ``GlobalLora.partial`` of the accepted ones:
 per-coordinate sums that the root adds across regions, so the root's global state equals flat aggregation of the
-same updates (tests/coordinator/test_hierarchy.py).  Every transfer is chunked, digest-verified and resumable
-(shared/chunking.py), both ways.  The root's work per round grows with regions, not nodes.  Downward the region
-speaks as the nodes' coordinator (its chunks and resend requests carry the sender ``coordinator``).
+same updates (tests/coordinator/test_hierarchy.py).  Under HetLoRA (the RegionRound's ``zero_pad_rank``) the state is
+``ZeroPadLora``'s zero-padded factors, each node is sent them at its tier's rank (``tier_ranks``) and the partial is
+``ZeroPadLora.partial``: the weighted factors padded to the fleet's padding rank, which add just the same.  Every
+transfer is chunked, digest-verified and resumable (shared/chunking.py), both ways.  The root's work per round grows
+with regions, not nodes.  Downward the region speaks as the nodes' coordinator (its chunks and resend requests carry
+the sender ``coordinator``).
 
-The assignment is the method's fleet-wide schedule (``Strategy.fleet_plan``: target sparsity, rank, τ steps,
-whether to track importance); the region keeps a node that is already sparser at its own sparsity, as the root
-does.  A method whose policy is per node (FedSpine's bandit, HetLoRA's tier ranks) refuses regions at the root.
+The assignment is the method's fleet-wide schedule (``Strategy.fleet_plan``: target sparsity, rank or each device
+tier's rank, τ steps, whether to track importance); the region keeps a node that is already sparser at its own
+sparsity, as the root does.  A method whose policy is per node (FedSpine's bandit) refuses regions at the root.
 
 Steps are aligned and paced as in a flat round, where the timings are: the region keeps each node's state as the
 flat strategy does (``NodeState``: sparsity, rank, structure, measured speeds) and plans its nodes with
@@ -43,7 +46,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
 from coordinator import planning
-from coordinator.aggregation import GlobalLora
+from coordinator.aggregation import GlobalLora, ZeroPadLora
 from coordinator.registry import Registry
 from coordinator.server import OFFLINE_GRACE_S, send_round_again
 from coordinator.strategies.base import NodeInfo, NodeResult, NodeState, fleet_timing, node_weights
@@ -103,24 +106,45 @@ class RegionConfig(Sections):
     SECTIONS = {"broker": BrokerConfig, "region": RegionSettings}
 
 
-def load_state(data: bytes, limits: UpdateLimits) -> GlobalLora:
-    """The root's global state from its download (safetensors of ``GlobalLora.state_tensors``), validated."""
+_STATE_KEYS = {"average": ("delta", "dense", "importance", "scored"), "zero_pad": ("zpB", "zpA", "dense")}
+
+
+def load_state(data: bytes, limits: UpdateLimits, zero_pad_rank: int | None = None) -> GlobalLora | ZeroPadLora:
+    """The root's global state from its download, validated: safetensors of ``GlobalLora.state_tensors``, or with
+    ``zero_pad_rank`` (HetLoRA) of ``ZeroPadLora.state_tensors``, factors padded to exactly that rank."""
     if len(data) > limits.max_bytes:
         raise UpdateError(f"global state of {len(data)} bytes exceeds {limits.max_bytes}")
     try:
         tensors = st_load(bytes(data))
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise UpdateError(f"malformed global state: {exc}") from None
+    kind = "average" if zero_pad_rank is None else "zero_pad"
     for key, t in tensors.items():
-        if key.split(".", 1)[0] not in ("delta", "dense", "importance", "scored") or "." not in key:
-            raise UpdateError(f"global state: unexpected tensor {key!r}")
+        prefix = key.split(".", 1)[0]
+        if prefix not in _STATE_KEYS[kind] or "." not in key:
+            other = "zero_pad" if kind == "average" else "average"
+            why = (f"a {other} state's tensor, but the round asks for the {kind} aggregation"
+                   if prefix in _STATE_KEYS[other] and "." in key else "unexpected tensor")
+            raise UpdateError(f"global state: {why} ({key!r})")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise UpdateError(f"global state {key}: NaN or Inf")
-        if key.startswith("delta.") and t.dim() != 2:
-            raise UpdateError(f"global state {key}: must be a matrix")
-    g = GlobalLora()
-    g.load_tensors(tensors)
-    return g
+        if prefix in ("delta", "zpB", "zpA") and (t.dim() != 2 or not t.is_floating_point()):
+            raise UpdateError(f"global state {key}: must be a float matrix")
+    if zero_pad_rank is None:
+        g = GlobalLora()
+        g.load_tensors(tensors)
+        return g
+    for key, B in tensors.items():
+        if key.startswith("zpB."):
+            A = tensors.get(f"zpA.{key[4:]}")
+            if A is None or B.shape[1] != zero_pad_rank or A.shape[0] != zero_pad_rank:
+                raise UpdateError(f"global state {key}: needs zpB (out x {zero_pad_rank}) and zpA.{key[4:]} "
+                                  f"({zero_pad_rank} x in), padded to the round's zero_pad_rank")
+    if {k[4:] for k in tensors if k.startswith("zpA.")} != {k[4:] for k in tensors if k.startswith("zpB.")}:
+        raise UpdateError("global state: a zpA factor without its zpB")
+    z = ZeroPadLora(rank=zero_pad_rank)
+    z.load_tensors(tensors)
+    return z
 
 
 @dataclass(frozen=True)
@@ -145,7 +169,7 @@ class Region:
         self.limits = UpdateLimits()
         self.reassembler = Reassembler(max_bytes=self.limits.max_bytes, timeout_s=max(cfg.region.deadline_s, 60.0))
         self.registry = Registry()
-        self.global_ = GlobalLora()
+        self.global_: GlobalLora | ZeroPadLora = GlobalLora()
         self.nodes: dict[str, NodeState] = {}  # as the flat strategy keeps them, from each node's accepted rounds
         self.events: queue.Queue = queue.Queue()
         self.chunk_limit = cfg.broker.chunk_size + CHUNK_OVERHEAD
@@ -269,14 +293,14 @@ class Region:
     def _fetch_global(self, rr: RegionRound, end: float) -> bool:
         """Wait for the round's global state (asking the root for missing chunks); False: none by ``end``."""
         if rr.download_transfer_id is None:
-            self.global_ = GlobalLora()
+            self.global_ = GlobalLora() if rr.zero_pad_rank is None else ZeroPadLora(rank=rr.zero_pad_rank)
             return True
         tid = rr.download_transfer_id
         while time.monotonic() < end and not self._stop.is_set():
             ev = self._get(0.5)
             if ev is not None and ev[0] == "global" and ev[2][0] == tid:
                 try:
-                    self.global_ = load_state(ev[2][1], self.limits)
+                    self.global_ = load_state(ev[2][1], self.limits, rr.zero_pad_rank)
                     return True
                 except UpdateError as exc:
                     self.log.warning("global_state_rejected", error=str(exc))
@@ -305,9 +329,13 @@ class Region:
             return
         results = [accepted[n] for n in sorted(accepted)]
         pairs = list(zip([r.update for r in results], node_weights(results, rr.local_steps), strict=True))
-        starts = [self.global_.start_for(self.state(r.node_id).structure, rr.rank, rr.sent_rank, LORA_ALPHA)
-                  for r in results]
-        partial = self.global_.partial(pairs, starts, [r.steps for r in results])  # FedNova: each node's own steps
+        if isinstance(self.global_, ZeroPadLora):  # HetLoRA: the factors zero-padded, the states averaged
+            partial = self.global_.partial(pairs)
+        else:  # each node's change from the start it was sent (its first `rank` components)
+            starts = [self.global_.start_for(self.state(r.node_id).structure, sent[r.node_id].config.rank,
+                                             self._sent_rank(rr, sent[r.node_id].config.rank), LORA_ALPHA)
+                      for r in results]
+            partial = self.global_.partial(pairs, starts, [r.steps for r in results])  # FedNova: own steps
         data = partial.to_bytes()
         self.transport.send_transfer(self.up.region(self.rid, "upload"), data, rr.upload_transfer_id, self.rid)
         for r in results:
@@ -324,8 +352,9 @@ class Region:
         now under the next round's announced plan, which the root paces the next round to."""
         next_finish = None
         if rr.next_rank is not None and rr.next_target_sparsity is not None:
-            timing = fleet_timing(self.registry.live(for_round=rr.round + 1), self.nodes, rr.next_target_sparsity,
-                                  rr.next_rank)
+            live = self.registry.live(for_round=rr.round + 1)
+            timing = fleet_timing(live, self.nodes, rr.next_target_sparsity,
+                                  {n.node_id: rr.rank_for(n.device_type, rr.next_rank) for n in live})
             next_finish = planning.round_finish(timing, rr.local_steps)
         rep = RegionReport(run_id=rr.run_id, round=rr.round, region_id=self.rid, status="error" if error else "ok",
                            error=error, transfer_id=rr.upload_transfer_id, upload_bytes=size, accepted=accepted,
@@ -375,16 +404,17 @@ class Region:
         """Relay the root's assignment to each node with its slice of the global state, its steps aligned and paced
         to the fleet's finish ``rr.finish_s`` as a flat round's (none: τ unpaced); node -> config sent."""
         deadline_ts = time.time() + max(0.0, end - time.monotonic())
-        timing = fleet_timing(nodes, self.nodes, rr.target_sparsity, rr.rank) if rr.finish_s is not None else {}
+        ranks = {n.node_id: rr.rank_for(n.device_type) for n in nodes}  # the round's rank, or its tier's (HetLoRA)
+        timing = fleet_timing(nodes, self.nodes, rr.target_sparsity, ranks) if rr.finish_s is not None else {}
         work = planning.plan_round(timing, [n.node_id for n in nodes], rr.local_steps, rr.finish_s)
         sent, encoded = {}, {}
         for node in nodes:
             nid, st, w = node.node_id, self.state(node.node_id), work[node.node_id]
             up = f"{rr.run_id}.r{rr.round}.{self.rid}.{nid}.up"
-            g = self.global_.slice_for(st.structure, rr.sent_rank, LORA_ALPHA)
+            g = self._slice(st, self._sent_rank(rr, ranks[nid]))
             down = f"{rr.run_id}.r{rr.round}.{self.rid}.{nid}.down" if g is not None else None
             self.reassembler.expect(up, nid)
-            msg = RoundConfig(run_id=rr.run_id, round=rr.round, rank=rr.rank, local_steps=w.steps,
+            msg = RoundConfig(run_id=rr.run_id, round=rr.round, rank=ranks[nid], local_steps=w.steps,
                               target_sparsity=max(rr.target_sparsity, st.sparsity), importance=rr.importance,
                               deadline_ts=deadline_ts, upload_transfer_id=up, download_transfer_id=down,
                               finish_s=w.finish_s, min_steps=w.min_steps, max_steps=w.max_steps)
@@ -395,6 +425,18 @@ class Region:
                     encoded[id(g)] = g.to_bytes()
                 self.transport.send_transfer(self.down.node(nid, "download"), encoded[id(g)], down, ROOT_SENDER)
         return sent
+
+    @staticmethod
+    def _sent_rank(rr: RegionRound, rank: int) -> int:
+        """The rank of the slice a node training at ``rank`` is sent: the round's, or its own if higher (as
+        ``Strategy._sent_rank``)."""
+        return max(rr.sent_rank, rank)
+
+    def _slice(self, st: NodeState, rank: int) -> LoraUpdate | None:
+        """A node's slice of the global state at ``rank`` (its kept structure; zero padding: the leading factors)."""
+        if isinstance(self.global_, ZeroPadLora):
+            return self.global_.slice_for(rank, LORA_ALPHA)
+        return self.global_.slice_for(st.structure, rank, LORA_ALPHA)
 
     def _collect(self, rr: RegionRound, sent: dict[str, _Sent], end: float):
         """Reports and uploads of the round's nodes until each answered or ``end``: (node -> NodeResult of the
@@ -459,8 +501,8 @@ class Region:
                 raise UpdateError(why)
             update = LoraUpdate.from_bytes(data, self.limits)
             ranks = {m.rank for m in update.modules.values()}
-            if ranks and ranks != {rr.rank}:
-                raise UpdateError(f"update ranks {sorted(ranks)} differ from the assigned rank {rr.rank}")
+            if ranks and ranks != {cfg.rank}:  # the round's rank, or the node's tier's (HetLoRA)
+                raise UpdateError(f"update ranks {sorted(ranks)} differ from the assigned rank {cfg.rank}")
             self.global_.check(update)
             prev = self.state(nid).structure
             for name, m in update.modules.items():

@@ -397,8 +397,9 @@ class Coordinator:
 
     def _run_region_round(self, rnd: int, attempt: int, regions: list[str]) -> bool:
         """A hierarchical round: each online region gets the round's assignment and the global state, relays them to
-        its nodes and answers with one partial aggregate; the global state becomes ``GlobalLora.apply`` of them,
-        which equals flat aggregation of the same updates.  The work here grows with regions, not nodes."""
+        its nodes and answers with one partial aggregate; the global state becomes ``apply`` of them (``GlobalLora``,
+        or HetLoRA's ``ZeroPadLora``), which equals flat aggregation of the same updates.  The work here grows with
+        regions, not nodes."""
         rs = self.cfg.coordinator
         log = self.log.bind(round=rnd, attempt=attempt)
         cpu0, wall0 = time.process_time(), time.monotonic()
@@ -416,7 +417,8 @@ class Coordinator:
                              "region (topic_root <root>/region/<rid>) or stop the regions")
         log.info("region_round_started", regions=regions, target_sparsity=round(plan.target_sparsity, 4),
                  rank=plan.rank, local_steps=plan.local_steps,
-                 **({"finish_s": round(finish, 2)} if finish is not None else {}))
+                 **({"finish_s": round(finish, 2)} if finish is not None else {}),
+                 **({"tier_ranks": plan.tier_ranks} if plan.tier_ranks else {}))
         self._active = rnd
         try:
             partials, failed = self._collect_regions(pending, time.monotonic() + rs.deadline_s + 30.0, log)
@@ -472,7 +474,8 @@ class Coordinator:
                               deadline_ts=time.time() + rs.deadline_s, upload_transfer_id=up,
                               download_transfer_id=down, finish_s=finish_s,
                               next_target_sparsity=next_plan.target_sparsity if next_plan else None,
-                              next_rank=next_plan.rank if next_plan else None)
+                              next_rank=next_plan.rank if next_plan else None, tier_ranks=plan.tier_ranks or {},
+                              zero_pad_rank=plan.zero_pad_rank)
             pending[rid] = {"up": up, "report": None, "data": None, "next_finish": None}
             self.transport.publish(self.topics.region(rid, "config"), encode(msg), qos=1)
             if state is not None:
@@ -488,7 +491,7 @@ class Coordinator:
         last = self.strategy.fleet_plan(self.round)
         rank = self.strategy.deploy_rank()
         plan = FleetPlan(target_sparsity=last.target_sparsity, rank=rank, sent_rank=rank, local_steps=0,
-                         importance=False)
+                         importance=False, zero_pad_rank=last.zero_pad_rank)  # every node: the deployed rank
         pending = self._send_region_rounds(rnd, "final", regions, plan)
         self._active = rnd
         try:
@@ -581,6 +584,7 @@ class Coordinator:
                     part = Partial.from_bytes(p["data"], self.limits)
                     if part.nodes != p["report"].accepted:
                         raise UpdateError(f"partial of {part.nodes} nodes, report says {p['report'].accepted}")
+                    self.strategy.global_.check_partial(part)  # its kind, padding rank, modules and shapes
                     partials[rid] = part
                 except UpdateError as exc:
                     done.discard(rid)

@@ -112,16 +112,17 @@ def _check_field(cls: type, name: str, value: Any, kind: str, meta: dict) -> Any
         if len(value) > meta["max_len"]:
             raise _fail(cls, name, f"<{len(value)} bytes>", f"longer than {meta['max_len']} bytes")
         return value
-    if kind == "map":  # dict[str, float]
+    if kind in ("map", "intmap"):  # dict[str, float] / dict[str, int] (keys: up to MAX_STR characters for intmap)
         if not isinstance(value, dict):
-            raise _fail(cls, name, value, "must be a map of name -> number")
+            raise _fail(cls, name, value, f"must be a map of name -> {'number' if kind == 'map' else 'integer'}")
         if len(value) > MAX_MAP_ITEMS:
             raise _fail(cls, name, f"<{len(value)} items>", f"more than {MAX_MAP_ITEMS} items")
         out = {}
+        key_len = 64 if kind == "map" else MAX_STR
         for k, x in value.items():
-            if not isinstance(k, str) or not 0 < len(k) <= 64:
-                raise _fail(cls, name, k, "keys must be strings of 1-64 characters")
-            out[k] = _check_number(cls, f"{name}[{k!r}]", x, meta, "float")
+            if not isinstance(k, str) or not 0 < len(k) <= key_len:
+                raise _fail(cls, name, k, f"keys must be strings of 1-{key_len} characters")
+            out[k] = _check_number(cls, f"{name}[{k!r}]", x, meta, "float" if kind == "map" else "int")
         return out
     if kind in ("ints", "strs"):  # list[int] / list[str]: max_len bounds the items (a string: MAX_STR characters)
         if not isinstance(value, (list, tuple)):
@@ -136,7 +137,8 @@ def _check_field(cls: type, name: str, value: Any, kind: str, meta: dict) -> Any
 
 
 _KINDS = {"str": "str", "str | None": "str?", "int": "int", "int | None": "int?", "float": "float",
-          "float | None": "float?", "bool": "bool", "bytes": "bytes", "dict[str, float]": "map", "list[int]": "ints",
+          "float | None": "float?", "bool": "bool", "bytes": "bytes", "dict[str, float]": "map",
+          "dict[str, int]": "intmap", "list[int]": "ints",
           "list[str]": "strs"}
 
 
@@ -447,7 +449,14 @@ class RegionRound(Message):
     Pacing: ``finish_s`` is the fleet's planned finish (the latest ``next_finish_s`` its regions reported for this
     plan; None: every node runs τ steps unpaced), to which the region aligns and paces each node with a timing.
     ``next_target_sparsity`` and ``next_rank`` are the next round's schedule as far as the root knows it now: the
-    region answers with its nodes' slowest completion at τ steps under it (``RegionReport.next_finish_s``)."""
+    region answers with its nodes' slowest completion at τ steps under it (``RegionReport.next_finish_s``).
+
+    HetLoRA: ``tier_ranks`` gives each device tier its rank (the node's presence names its tier, ``device_type``; a
+    tier the table does not name trains at ``rank``, likewise ``next_rank``: ``rank_for``), and a node is sent the
+    slice at ``sent_rank`` or its own rank if higher.  ``zero_pad_rank`` set: the global state is zero-padded factors
+    (``ZeroPadLora``) and the partial sums the nodes' factors padded to that rank; None: the mask-aware average.
+    Both are left off the wire at their defaults, so a region of the release before them still takes a fleet-wide
+    method's rounds."""
 
     TYPE = "region_round"
     run_id: str = spec(max_len=64)
@@ -463,14 +472,30 @@ class RegionRound(Message):
     finish_s: float | None = spec(None, lo=0.0, hi=1e7)  # seconds on each node's round clock, as RoundConfig's
     next_target_sparsity: float | None = spec(None, lo=0.0, hi=0.999999)
     next_rank: int | None = spec(None, lo=1, hi=4096)
+    tier_ranks: dict[str, int] = spec(lo=1, hi=4096, factory=dict)  # device tier -> its LoRA rank (HetLoRA)
+    zero_pad_rank: int | None = spec(None, lo=1, hi=4096)
 
     def _check(self) -> None:
         if self.sent_rank < self.rank:
             raise _fail(type(self), "sent_rank", self.sent_rank, f"must be >= rank {self.rank}")
+        if self.zero_pad_rank is not None and self.zero_pad_rank < max([self.rank, *self.tier_ranks.values()]):
+            raise _fail(type(self), "zero_pad_rank", self.zero_pad_rank, "must be >= rank and every tier's rank")
         if self.finish_s is not None and self.local_steps == 0:
             raise _fail(type(self), "finish_s", self.finish_s, "the final sync (local_steps 0) is not paced")
         if (self.next_target_sparsity is None) != (self.next_rank is None):
             raise _fail(type(self), "next_rank", self.next_rank, "needs next_target_sparsity, and the other way")
+
+    def rank_for(self, tier: str, rank: int | None = None) -> int:
+        """The LoRA rank a node of device tier ``tier`` trains at: its tier's, else ``rank`` (default: this round's)."""
+        return self.tier_ranks.get(tier, self.rank if rank is None else rank)
+
+    def to_wire(self) -> dict[str, Any]:
+        out = super().to_wire()
+        if not self.tier_ranks:  # HetLoRA's fields only where used (see the class docstring)
+            del out["tier_ranks"]
+        if self.zero_pad_rank is None:
+            del out["zero_pad_rank"]
+        return out
 
 
 @message

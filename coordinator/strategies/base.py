@@ -1,9 +1,10 @@
 """The Strategy interface (configure a round, aggregate a round, state to checkpoint) and what every method shares.
 
 A method is a subclass that overrides only its algorithm: ``fleet_schedule`` (every node's sparsity and LoRA rank for
-the round) where its schedule is one for the whole fleet, or ``schedule`` (each node's) where its policy is per node
-(it then says why in ``per_node_policy``: regional aggregators relay one fleet-wide assignment, ``fleet_plan``, so
-such a method refuses regions), ``deploy_rank`` (the rank of the final model), ``make_aggregator`` (how updates combine) and, for a learning
+the round) where its schedule is one for the whole fleet, with ``tier_ranks`` where each device tier trains at its own
+rank (HetLoRA), or ``schedule`` (each node's) where its policy is per node (it then says why in ``per_node_policy``:
+regional aggregators relay one fleet-wide assignment, ``fleet_plan``, so such a method refuses regions),
+``deploy_rank`` (the rank of the final model), ``make_aggregator`` (how updates combine) and, for a learning
 policy, ``learn`` (what a round's results teach it).  Everything else is a system mechanism every method gets alike:
 aligned and paced local steps (coordinator/planning.py), FedNova weighting and mask-aware aggregation
 (coordinator/aggregation.py), the global model sent at the deployed rank, cuts made only with the fleet's averaged
@@ -66,6 +67,10 @@ class FleetPlan:
     sent_rank: int  # rank of the global slice each node is sent (it trains from the first ``rank`` components)
     local_steps: int
     importance: bool  # track importance during the steps (a cut is still to come)
+    # Each device tier's rank (HetLoRA; a tier the table does not name trains at ``rank``, and a node is sent the
+    # slice at its rank where that is above ``sent_rank``); None: every node trains at ``rank``
+    tier_ranks: dict[str, int] | None = None
+    zero_pad_rank: int | None = None  # aggregation by zero padding to this rank (HetLoRA); None: the mask-aware one
 
 
 class RegionsUnsupported(ValueError):
@@ -173,13 +178,15 @@ def node_timing(node: NodeInfo, st: NodeState, sparsity: float, rank: int) -> pl
 
 
 def fleet_timing(nodes: Sequence[NodeInfo], states: Mapping[str, NodeState], target: float,
-                 rank: int) -> dict[str, planning.Timing]:
-    """Each node's timing under a fleet-wide ``target`` sparsity and ``rank`` (a node already sparser at its own), as
-    ``Strategy.configure_round`` times a fleet-wide round: a regional aggregator plans its nodes with it."""
+                 rank: int | Mapping[str, int]) -> dict[str, planning.Timing]:
+    """Each node's timing under a fleet-wide ``target`` sparsity and ``rank`` (a node already sparser at its own; a
+    mapping: each node's rank by id, HetLoRA's tier ranks), as ``Strategy.configure_round`` times a fleet-wide round:
+    a regional aggregator plans its nodes with it."""
     timing = {}
     for node in nodes:
         st = states.get(node.node_id) or NodeState()
-        if (t := node_timing(node, st, max(target, st.sparsity), rank)) is not None:
+        r = rank if isinstance(rank, int) else rank[node.node_id]
+        if (t := node_timing(node, st, max(target, st.sparsity), r)) is not None:
             timing[node.node_id] = t
     return timing
 
@@ -217,11 +224,18 @@ class Strategy:
         """(every node's sparsity after this round's cut, their LoRA rank): a fleet-wide method's whole schedule."""
         raise NotImplementedError(f"{self.name} has a per-node policy: {self.per_node_policy}")
 
+    def tier_ranks(self) -> dict[str, int] | None:
+        """Each device tier's LoRA rank, where the method trains every tier at its own (HetLoRA; a tier the table does
+        not name trains at ``fleet_schedule``'s rank); None: every node at that rank."""
+        return None
+
     def schedule(self, rnd: int, node: NodeInfo, st: NodeState) -> tuple[float, int, tuple[float, int] | None]:
         """(the node's sparsity after this round's cut, its LoRA rank, the bandit arm behind them or None); a
-        per-node policy overrides it, a fleet-wide one gives every node ``fleet_schedule``."""
+        per-node policy overrides it, a fleet-wide one gives every node ``fleet_schedule`` (at its tier's rank
+        where the method has ``tier_ranks``: the rule a region applies, ``RegionRound.rank_for``)."""
         target, rank = self.fleet_schedule(rnd)
-        return max(st.sparsity, target), rank, None
+        tiers = self.tier_ranks()
+        return max(st.sparsity, target), tiers.get(node.device_type, rank) if tiers else rank, None
 
     def deploy_rank(self) -> int:
         """Rank of the slice each node deploys (merged into its weights: at inference a rank costs nothing)."""
@@ -294,21 +308,25 @@ class Strategy:
             return ""
         return (f"method {self.name!r} cannot run under regional aggregators: {self.per_node_policy}, and a region "
                 "relays one fleet-wide assignment to all of its nodes; use a fleet-wide method (uniform, prune_ft, "
-                "ft_prune, fedlora) or run this one flat (no `fedspine region`)")
+                "ft_prune, fedlora, hetlora) or run this one flat (no `fedspine region`)")
 
     def fleet_plan(self, rnd: int, *, fleet_importance: bool | None = None) -> FleetPlan:
         """Round ``rnd``'s one assignment for every node under the regional aggregators: the fleet-wide schedule with
         the rules ``configure_round`` applies (no cut before the fleet's averaged importance exists; importance
         tracked while a cut is still to come) and τ local steps, which each region aligns and paces for its nodes
-        (``fleet_timing``).  ``fleet_importance`` stands for ``has_fleet_importance()`` when the root announces the
-        next round's plan before this one is aggregated.  Raises RegionsUnsupported for a per-node policy."""
+        (``fleet_timing``); with the method's tier ranks and, for zero-padding aggregation, its padding rank (HetLoRA:
+        each node then trains at its tier's rank, and the region sums zero-padded factors).  ``fleet_importance``
+        stands for ``has_fleet_importance()`` when the root announces the next round's plan before this one is
+        aggregated.  Raises RegionsUnsupported for a per-node policy."""
         if self.per_node_policy:
             raise RegionsUnsupported(self.regions_refusal())
         target, rank = self.fleet_schedule(rnd)
         if not (self.has_fleet_importance() if fleet_importance is None else fleet_importance):
             target = 0.0  # a region keeps each node's own sparsity: nobody is cut
+        zero_pad = self.global_.padding_rank() if isinstance(self.global_, ZeroPadLora) else None
         return FleetPlan(target_sparsity=float(target), rank=int(rank), sent_rank=self._sent_rank(int(rank)),
-                         local_steps=self.tau, importance=self.will_prune(rnd))
+                         local_steps=self.tau, importance=self.will_prune(rnd), tier_ranks=self.tier_ranks(),
+                         zero_pad_rank=zero_pad)
 
     def has_fleet_importance(self) -> bool:
         return isinstance(self.global_, GlobalLora) and bool(self.global_.importance)
@@ -338,8 +356,7 @@ class Strategy:
         ranks = {m.rank for m in update.modules.values()}
         if ranks and ranks != {assignment.rank}:
             raise UpdateError(f"update ranks {sorted(ranks)} differ from the assigned rank {assignment.rank}")
-        if isinstance(self.global_, GlobalLora):
-            self.global_.check(update)
+        self.global_.check(update)
         prev = self.state(node_id).structure
         if prev is not None:
             for name, m in update.modules.items():

@@ -1,13 +1,16 @@
 """Hierarchical aggregation equals flat aggregation: regions' partial sums, applied at the root, give the same global
-state as one coordinator aggregating every node's update (random fleets of mixed ranks, shapes and structures)."""
+state as one coordinator aggregating every node's update (random fleets of mixed ranks, shapes and structures; the
+mask-aware average and HetLoRA's zero padding)."""
 
 import random
 
 import pytest
 import torch
+from safetensors.torch import save as st_save
 
-from coordinator.aggregation import GlobalLora, Partial, merge
-from shared.updates import GroupScores, LoraUpdate, ModuleUpdate, UpdateError
+from coordinator.aggregation import GlobalLora, Partial, ZeroPadLora, merge
+from coordinator.region import load_state
+from shared.updates import GroupScores, LoraUpdate, ModuleUpdate, UpdateError, UpdateLimits
 
 ALPHA = 16.0
 
@@ -180,3 +183,137 @@ def test_malformed_or_disagreeing_partials_are_refused():
     if not g.empty:
         with pytest.raises(UpdateError, match="shape"):
             g.apply([wrong])
+
+
+# ---- HetLoRA: zero padding ----------------------------------------------------------------------------------------
+def _zero_pad_fleet(seed: int):
+    """A ZeroPadLora padded to the largest rank of a random tier table, with a global state and momentum history from
+    an earlier round (or none: the first round), and unpruned nodes of random tiers at their tier's rank."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {f"m{j}": (rng.randint(3, 14), rng.randint(3, 12)) for j in range(rng.randint(1, 3))}
+    table = {tier: rng.choice([1, 2, 4, 6, 8, 12, 16]) for tier in ("agx", "nx", "tx2", "default")}
+    z = ZeroPadLora(rank=max(table.values()), momentum=rng.choice([0.0, 0.5]))
+
+    def nodes(count: int):
+        out = []
+        for _ in range(count):
+            rank = table[rng.choice(list(table))]
+            mods = {n: ModuleUpdate(A=torch.randn(rank, c, generator=gen), B=torch.randn(r, rank, generator=gen),
+                                    rows=torch.arange(r), cols=torch.arange(c), shape=(r, c), scale=ALPHA / rank)
+                    for n, (r, c) in shapes.items()}
+            w = rng.choice([0.0, 1.0, 3.0, 17.5, 40.0]) if rng.random() < 0.1 else rng.uniform(1, 50)
+            out.append((LoraUpdate(mods, {"head": torch.randn(3, generator=gen)}), w))
+        return out
+
+    if rng.random() < 0.8:  # an earlier round: a state and the momentum's velocity
+        z.aggregate(nodes(rng.randint(1, 6)))
+    return rng, z, nodes(rng.randint(2, 12))
+
+
+def _copy_zp(z: ZeroPadLora) -> ZeroPadLora:
+    out = ZeroPadLora(rank=z.rank, momentum=z.momentum.beta)
+    out.load_tensors({k: v.clone() for k, v in {**z.state_tensors(), **z.momentum_tensors()}.items()})
+    return out
+
+
+def test_zero_padding_regions_partials_applied_at_the_root_equal_flat_aggregation_on_120_random_fleets():
+    """HetLoRA under regions: each region loads the root's zero-padded state from its bytes (``load_state``), sums its
+    nodes' factors padded to the fleet's padding rank and sends them as bytes; the root merges, divides and moves by the
+    server momentum once.  That is flat ``ZeroPadLora.aggregate`` of every node, on 120 fleets of mixed tier ranks."""
+    worst = 0.0
+    for seed in range(120):
+        rng, z, pairs = _zero_pad_fleet(5000 + seed)
+        root = _copy_zp(z)
+        wire = st_save(root.state_tensors()) if not root.empty else None  # what the root sends each region
+        z.aggregate(pairs)
+        regions = [[] for _ in range(rng.randint(1, 5))]  # some may be empty
+        for i in range(len(pairs)):
+            regions[rng.randrange(len(regions))].append(i)
+        partials = []
+        for members in regions:
+            region = load_state(wire, UpdateLimits(), z.rank) if wire is not None else ZeroPadLora(rank=z.rank)
+            part = region.partial([pairs[i] for i in members])
+            partials.append(Partial.from_bytes(part.to_bytes()))
+        for part in partials:
+            root.check_partial(part)  # as the root does on receipt
+        root.apply(partials)
+        flat, hier = z.state_tensors(), root.state_tensors()
+        assert flat.keys() == hier.keys() and flat, seed
+        for k in flat:
+            assert hier[k].shape == flat[k].shape, (seed, k)
+            worst = max(worst, _rel(hier[k], flat[k]))
+        for name in z.B:
+            worst = max(worst, _rel(root.delta(name), z.delta(name)))
+        assert worst <= 1e-5, (seed, worst)
+    print(f"max relative difference over 120 zero-padding fleets: {worst:.2e}")
+
+
+def test_zero_padding_is_the_weighted_average_of_the_padded_factors_and_pads_to_the_fleet_rank():
+    """The split changes nothing of HetLoRA's maths: without momentum, one round is Σ w·√s·pad(B) / Σ w (A likewise)
+    and the dense average, padded to the padding rank even where no node of the highest rank took part."""
+    _, z, pairs = _zero_pad_fleet(11)
+    z = ZeroPadLora(rank=z.rank, momentum=0.0)
+    low = [(u, w) for u, w in pairs if max(m.rank for m in u.modules.values()) < z.rank] or pairs[:1]
+    z.aggregate(low)
+    total = sum(w for _, w in low)
+    for name, (rows, cols) in z.shapes.items():
+        B, A = torch.zeros(rows, z.rank), torch.zeros(z.rank, cols)
+        for u, w in low:
+            m = u.modules[name]
+            B[:, : m.rank] += w / total * m.scale ** 0.5 * m.B
+            A[: m.rank] += w / total * m.scale ** 0.5 * m.A
+        assert z.B[name].shape == B.shape and torch.allclose(z.B[name], B, atol=1e-5)
+        assert torch.allclose(z.A[name], A, atol=1e-5)
+    head = sum(w * u.dense["head"] for u, w in low) / total
+    assert torch.allclose(z.dense["head"], head, atol=1e-5)
+
+
+def test_malformed_or_mismatched_zero_padding_partials_and_states_are_refused():
+    _, z, pairs = _zero_pad_fleet(21)
+    part = z.partial(pairs)
+    name = next(iter(part.factors))
+    B, A = part.factors[name]
+    assert Partial.from_bytes(part.to_bytes()).kind == "zero_pad"
+    narrow = Partial(changes=False, kind="zero_pad", nodes=part.nodes, steps=part.steps, weights=part.weights,
+                     factors={name: (B[:, :-1], A[:-1])})
+    with pytest.raises(UpdateError, match="padded to rank"):
+        z.check_partial(Partial.from_bytes(narrow.to_bytes()))  # another padding rank: would not add
+    with pytest.raises(UpdateError, match="one padding rank"):
+        Partial.from_bytes(Partial(changes=False, kind="zero_pad", factors={name: (B, A[:-1])}).to_bytes())
+    with pytest.raises(UpdateError, match="finite"):
+        Partial.from_bytes(Partial(changes=False, kind="zero_pad", factors={name: (B * float("nan"), A)}).to_bytes())
+    with pytest.raises(UpdateError, match="changes must be 0"):
+        Partial.from_bytes(Partial(changes=True, kind="zero_pad").to_bytes())
+    with pytest.raises(UpdateError, match="kind"):
+        Partial.from_bytes(Partial(changes=False, kind="sum").to_bytes())
+    with pytest.raises(UpdateError, match="unexpected tensor"):  # a mask-aware partial's tensors in a zero_pad one
+        Partial.from_bytes(Partial(changes=False, kind="zero_pad", modules={
+            name: tuple(torch.zeros(3, 3) for _ in range(4))}).to_bytes())
+    with pytest.raises(UpdateError, match="nodes"):
+        Partial.from_bytes(Partial(changes=False, kind="zero_pad", nodes=part.nodes + 1, steps=part.steps,
+                                   weights=part.weights).to_bytes())
+    with pytest.raises(UpdateError, match="mix"):
+        merge([part, Partial(changes=False)])
+    with pytest.raises(UpdateError, match="mask-aware"):
+        GlobalLora().check_partial(part)
+    with pytest.raises(UpdateError, match="zero-padding"):
+        z.check_partial(Partial(changes=True))
+    # The region's view of the root's state: the kind the round asks for, padded to exactly its rank
+    z.aggregate(pairs)
+    zp_state, avg_state = st_save(z.state_tensors()), st_save({"delta.m0": torch.ones(3, 3)})
+    assert isinstance(load_state(zp_state, UpdateLimits(), z.rank), ZeroPadLora)
+    with pytest.raises(UpdateError, match="zero_pad state's tensor, but the round asks for the average"):
+        load_state(zp_state, UpdateLimits())
+    with pytest.raises(UpdateError, match="average state's tensor, but the round asks for the zero_pad"):
+        load_state(avg_state, UpdateLimits(), z.rank)
+    with pytest.raises(UpdateError, match="padded to the round's zero_pad_rank"):
+        load_state(zp_state, UpdateLimits(), z.rank + 1)
+    with pytest.raises(UpdateError, match="without its zpB"):
+        load_state(st_save({k: v for k, v in z.state_tensors().items() if not k.startswith("zpB.")}), UpdateLimits(),
+                   z.rank)
+    # An update the padding cannot hold, or pruned, is refused before it is summed
+    big = {n: ModuleUpdate(A=torch.zeros(z.rank + 1, c), B=torch.zeros(r, z.rank + 1), rows=torch.arange(r),
+                           cols=torch.arange(c), shape=(r, c), scale=1.0) for n, (r, c) in z.shapes.items()}
+    with pytest.raises(UpdateError, match="exceeds the padding rank"):
+        z.check(LoraUpdate(big))

@@ -1,7 +1,8 @@
 """Hierarchical rounds over the in-memory bus: a root, regional aggregators and real node agents (fake trainers).
 
-A fleet-wide method's schedule reaches the nodes under regions exactly as it reaches them in a flat run, with the
-same aligned and paced steps; a method whose policy is per node refuses regions instead of running without it."""
+A fleet-wide method's schedule (HetLoRA's rank per device tier included) reaches the nodes under regions exactly as
+it reaches them in a flat run, with the same aligned and paced steps; a method whose policy is per node (FedSpine's
+bandit) refuses regions instead of running without it."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from tests.coordinator.test_rounds import FakeTrainer, rows
 
 REGIONS = {"east": ["agx-1", "nx-2"], "west": ["tx2-3"]}
 NODES = [n for members in REGIONS.values() for n in members]
+TIERS = {"agx-1": "agx", "nx-2": "nx", "tx2-3": "tx2"}  # device tiers (HetLoRA's default ranks: 16, 8, 4)
 
 
 def _config(tmp_path, method: str, rounds: int = 3) -> CoordinatorConfig:
@@ -37,7 +39,8 @@ def _config(tmp_path, method: str, rounds: int = 3) -> CoordinatorConfig:
 
 def _agent(bus, tmp_path, nid: str, trainer, root: str | None, profile: DeviceProfile | None = None) -> NodeAgent:
     cfg = NodeConfig.from_dict({**({"broker": {"topic_root": root}} if root else {}),
-                                "node": {"id": nid, "state_dir": str(tmp_path / nid)}})
+                                "node": {"id": nid, "state_dir": str(tmp_path / nid),
+                                         "device_type": TIERS.get(nid, "generic")}})
     a = NodeAgent(cfg, trainer=trainer, profile=profile)
     a.transport = MemoryTransport(bus, nid, on_connect=a._on_connect, will=(a.topics.node(nid, "status"), b""),
                                   log=a.log.bind(logger="transport"))
@@ -165,7 +168,37 @@ def test_nodes_under_regions_get_the_aligned_paced_steps_of_a_flat_round_and_the
     assert [r["finish_s"] is not None for r in rows(tmp_path / "hier", "round")] == [False, True, True]
 
 
-@pytest.mark.parametrize("method", ["fedspine", "hetlora"])
+def test_hetlora_under_regions_trains_each_tier_at_its_rank_as_flat_and_reaches_the_flat_global_state(tmp_path):
+    """HetLoRA's tier ranks reach the regions with each round (RegionRound.tier_ranks): every node is sent the rank of
+    its tier, the steps (paced with its own rank's timing), finish and step bounds that a flat run sends it, final sync
+    included; the regions' zero-padded partial sums, padded to the largest tier rank, give the flat global state."""
+    step_s = {"agx-1": 0.01, "nx-2": 0.03, "tx2-3": 0.1}
+    profile = DeviceProfile(speed=1.0, uplink_mbps=1.0, latency_s=0.05)  # a slow uplink: upload time grows with rank
+    runs = {mode: _run(tmp_path / mode, "hetlora", {n: TimedTrainer(n, step_s[n]) for n in NODES},
+                       regions=mode == "hier", profile=profile) for mode in ("flat", "hier")}
+    flat, hier = runs["flat"], runs["hier"]
+    assert flat.summary.rounds_done == hier.summary.rounds_done == 3, hier.summary.stopped_early
+    assert not hier.summary.exports and set(hier.summary.region_exports) == set(REGIONS)
+    want = {n: [_planned(c) for c in flat.configs[n]] for n in NODES}
+    assert {n: [_planned(c) for c in hier.configs[n]] for n in NODES} == want
+    # Not vacuous: each tier at its own rank (the final sync at the deployed rank, 16), no cut; rounds 2 and 3 paced
+    ranks = {n: [c[2] for c in want[n]] for n in NODES}
+    assert ranks == {"agx-1": [16, 16, 16, 16], "nx-2": [8, 8, 8, 16], "tx2-3": [4, 4, 4, 16]}, ranks
+    assert all(c[1] == 0.0 for n in NODES for c in want[n])
+    assert all(len({want[n][r][5] for n in NODES} - {None}) == 1 for r in (1, 2))
+    assert {n: hier.configs[n][-1].local_steps for n in NODES} == dict.fromkeys(NODES, 0)
+    got = CheckpointStore(tmp_path / "hier" / "coord").load()["strategy"]["tensors"]
+    ref = CheckpointStore(tmp_path / "flat" / "coord").load()["strategy"]["tensors"]
+    keys = {k for k in ref if k.split(".")[0] in ("zpB", "zpA", "dense", "velocity")}
+    assert {k.split(".")[0] for k in keys} == {"zpB", "zpA", "dense", "velocity"}
+    assert keys == {k for k in got if k.split(".")[0] in ("zpB", "zpA", "dense", "velocity")}
+    assert ref["zpB.layer.q"].shape == (8, 16)  # padded to the largest tier rank
+    for k in sorted(keys):
+        assert torch.allclose(got[k], ref[k], rtol=1e-5, atol=1e-7), k
+    assert [r["finish_s"] is not None for r in rows(tmp_path / "hier", "round")] == [False, True, True]
+
+
+@pytest.mark.parametrize("method", ["fedspine"])
 def test_a_per_node_policy_refuses_regions_instead_of_running_without_it(tmp_path, method):
     trainers = {n: FakeTrainer(n) for n in NODES}
     run = _run(tmp_path, method, trainers, regions=True)
@@ -202,14 +235,17 @@ def test_fleet_plan_is_the_flat_schedule_or_a_refusal(tmp_path, method):
         with pytest.raises(RegionsUnsupported):
             s.fleet_plan(1)
         return
+    tiers = ["default", "agx", "nx", "tx2", "orin"]  # "orin": a tier the table does not name
     for importance in (False, True):
         if importance:
             s.global_.load_tensors({"importance.0.heads": torch.ones(2)})
         for rnd in range(1, 7):
             plan = s.fleet_plan(rnd)
-            [a] = s.configure_round(rnd, [NodeInfo(node_id="n")])
-            assert (plan.target_sparsity, plan.rank, plan.local_steps, plan.importance) == \
-                (a.target_sparsity, a.rank, a.local_steps, a.importance), (method, rnd, importance)
+            got = s.configure_round(rnd, [NodeInfo(node_id=f"n-{t}", device_type=t) for t in tiers])
+            for tier, a in zip(tiers, got, strict=True):  # a region's rule for a node's rank: RegionRound.rank_for
+                rank = (plan.tier_ranks or {}).get(tier, plan.rank)
+                assert (plan.target_sparsity, rank, plan.local_steps, plan.importance) == \
+                    (a.target_sparsity, a.rank, a.local_steps, a.importance), (method, rnd, importance, tier)
 
 
 def test_a_region_sends_a_node_back_from_offline_its_round_again_and_gives_up_on_one_that_stays_away(

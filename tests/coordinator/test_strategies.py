@@ -174,6 +174,11 @@ def test_the_deployed_rank_is_the_largest_rank_the_method_trains_with():
                                                     "tier_ranks": {"agx": 12, "tx2": 4, "default": 6}}})
         ranks[method] = make_strategy(c, total_rounds=2).deploy_rank()
     assert ranks == {"fedspine": 32, "hetlora": 12, "fedlora": 8, "prune_ft": 8}
+    # HetLoRA without a default tier: a tier the table does not name trains at [bandit] rank, which then counts
+    c = CoordinatorConfig.from_dict({"coordinator": {"method": "hetlora", "rounds": 2},
+                                     "bandit": {"rank": 24, "tier_ranks": {"agx": 12, "tx2": 4}}})
+    het = make_strategy(c, total_rounds=2)
+    assert het.deploy_rank() == 24 and het.global_.rank == 24  # and zero padding pads to it
 
 
 @pytest.mark.parametrize("method", ["fedspine", "hetlora", "fedlora"])

@@ -160,6 +160,14 @@ def test_a_region_may_set_its_own_deadline_and_quorum(tmp_path: Path) -> None:
     assert fleet.regions["east"]["deadline_s"] == 120.0  # the coordinator's deadline_s
 
 
+def test_hetlora_may_run_under_regions(tmp_path: Path) -> None:
+    """HetLoRA's tier ranks travel with each round to the regions (docs/scale.md): the kit writes its regional fleet."""
+    fleet = _regions_fleet(tmp_path, lambda t: t.replace('method = "uniform"', 'method = "hetlora"'))
+    build_kit(fleet, tmp_path / "kit")
+    coord = CoordinatorConfig.load(tmp_path / "kit" / "coordinator" / "coordinator.toml")
+    assert coord.coordinator.method == "hetlora" and set(fleet.regions) == {"east", "west"}
+
+
 @pytest.mark.parametrize(("old", "new", "message"), [
     ('region = "west"', 'region = "wset"', "jetson-03: unknown region 'wset'"),
     ('region = "west"', 'region = ["east", "west"]', "jetson-03: region must be one region id"),

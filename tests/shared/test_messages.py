@@ -72,6 +72,9 @@ SAMPLES: list[Message] = [
     RegionReport(run_id="abc123", round=3, region_id="east", status="ok", transfer_id="abc123.r3.a0.east.part",
                  upload_bytes=123456, accepted=1990, failed=10, cpu_s=4.5),
     RegionExport(run_id="abc123", region_id="east", nodes=2000, ok=1990, skipped=4, failed=1, missing=5),
+    RegionRound(run_id="abc123", round=2, target_sparsity=0.0, rank=8, sent_rank=16, local_steps=20, deadline_ts=1.7e9,
+                upload_transfer_id="u", download_transfer_id="d", importance=False, next_target_sparsity=0.0,
+                next_rank=8, tier_ranks={"agx": 16, "nx": 8, "tx2": 4}, zero_pad_rank=16),  # HetLoRA
     RegionRound(run_id="abc123", round=4, target_sparsity=0.2, rank=8, sent_rank=8, local_steps=20, deadline_ts=1.7e9,
                 upload_transfer_id="u", download_transfer_id=None, finish_s=61.5, next_target_sparsity=0.3,
                 next_rank=8),  # paced, and asking for the next round's slowest completion
@@ -95,8 +98,17 @@ SAMPLES: list[Message] = [
     lambda: RegionRound(run_id="r", round=1, target_sparsity=0.0, rank=8, sent_rank=8, local_steps=1, deadline_ts=1.0,
                         upload_transfer_id="u", download_transfer_id=None, finish_s=-1.0),
     lambda: RegionReport(run_id="r", round=1, region_id="east", status="ok", next_finish_s=math.inf),
+    lambda: RegionRound(run_id="r", round=1, target_sparsity=0.0, rank=8, sent_rank=8, local_steps=1, deadline_ts=1.0,
+                        upload_transfer_id="u", download_transfer_id=None, tier_ranks={"agx": 0}),
+    lambda: RegionRound(run_id="r", round=1, target_sparsity=0.0, rank=8, sent_rank=8, local_steps=1, deadline_ts=1.0,
+                        upload_transfer_id="u", download_transfer_id=None, tier_ranks={"agx": 4.5}),
+    lambda: RegionRound(run_id="r", round=1, target_sparsity=0.0, rank=8, sent_rank=8, local_steps=1, deadline_ts=1.0,
+                        upload_transfer_id="u", download_transfer_id=None, tier_ranks={"": 4}),
+    lambda: RegionRound(run_id="r", round=1, target_sparsity=0.0, rank=8, sent_rank=8, local_steps=1, deadline_ts=1.0,
+                        upload_transfer_id="u", download_transfer_id=None, tier_ranks={"agx": 16}, zero_pad_rank=8),
 ], ids=["region_id", "state", "sent_rank", "accepted", "export_counts", "paced_final_sync", "next_rank_alone",
-        "next_rank_zero", "negative_finish", "infinite_next_finish"])
+        "next_rank_zero", "negative_finish", "infinite_next_finish", "tier_rank_zero", "tier_rank_fraction",
+        "tier_empty", "zero_pad_below_a_tier"])
 def test_invalid_region_messages_are_refused(build) -> None:
     with pytest.raises(ProtocolError):
         build()
@@ -110,6 +122,21 @@ def test_region_messages_of_an_older_peer_decode_unpaced() -> None:
     old_rr = decode(msgpack.packb(_wire(rr, finish_s=_DROP, next_target_sparsity=_DROP, next_rank=_DROP)), RegionRound)
     assert (old_rr.finish_s, old_rr.next_target_sparsity, old_rr.next_rank) == (None, None, None)
     assert decode(msgpack.packb(_wire(rep, next_finish_s=_DROP)), RegionReport).next_finish_s is None
+
+
+def test_hetlora_fields_of_a_region_round_are_optional_and_only_on_the_wire_when_used() -> None:
+    """A RegionRound without tier_ranks and zero_pad_rank (an older root, or any fleet-wide method) decodes with one
+    rank for every node and the mask-aware average; and a fleet-wide method's round leaves them off the wire, so a
+    region that predates them still takes it."""
+    het = next(m for m in SAMPLES if isinstance(m, RegionRound) and m.tier_ranks)
+    assert [het.rank_for(t) for t in ("agx", "nx", "tx2", "orin")] == [16, 8, 4, 8]
+    assert het.rank_for("orin", het.next_rank) == 8 and het.rank_for("agx", 2) == 16
+    old = decode(msgpack.packb(_wire(het, tier_ranks=_DROP, zero_pad_rank=_DROP)), RegionRound)
+    assert (old.tier_ranks, old.zero_pad_rank, old.rank_for("agx")) == ({}, None, 8)
+    plain = SAMPLES[-2]
+    assert isinstance(plain, RegionRound) and not plain.tier_ranks
+    assert not {"tier_ranks", "zero_pad_rank"} & set(msgpack.unpackb(encode(plain)))
+    assert {"tier_ranks", "zero_pad_rank"} <= set(msgpack.unpackb(encode(het)))
 
 
 def test_a_round_config_says_which_step_counts_answer_it() -> None:
