@@ -434,7 +434,11 @@ class Coordinator:
         if accepted < max(1, math.ceil(rs.quorum * participants)):
             log.warning("round_below_quorum", accepted=accepted, participants=participants, failed_regions=failed)
             return False
-        g.apply([partials[r] for r in sorted(partials)])
+        try:
+            g.apply([partials[r] for r in sorted(partials)])
+        except UpdateError as exc:  # each was valid alone, but they disagree (e.g. round 1, before a global state)
+            log.error("region_partials_refused", regions=sorted(partials), error=str(exc))
+            return False
         self.round = rnd
         self._checkpoint()
         cost = {"coordinator_cpu_s": time.process_time() - cpu0, "round_wall_s": time.monotonic() - wall0}

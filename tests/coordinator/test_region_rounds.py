@@ -290,3 +290,23 @@ def test_a_region_sends_a_node_back_from_offline_its_round_again_and_gives_up_on
     assert gave_up == [("nx-2", "offline")]  # after its grace; agx-1, back, was waited for to the end
     spy.stop()
     region.transport.stop()
+
+
+def test_partials_that_disagree_fail_the_round_which_is_retried_instead_of_stopping_the_root(tmp_path, monkeypatch):
+    from coordinator.aggregation import GlobalLora
+    from shared.updates import UpdateError
+
+    real, calls = GlobalLora.apply, []
+
+    def disagree_once(self, partials, *a, **kw):
+        calls.append(len(partials))
+        if len(calls) == 1:
+            raise UpdateError("partials disagree on lora.q's shape")
+        return real(self, partials, *a, **kw)
+
+    monkeypatch.setattr(GlobalLora, "apply", disagree_once)
+    run = _run(tmp_path, "uniform", {n: FakeTrainer(n) for n in NODES}, regions=True)
+    assert run.summary.rounds_done == 3, run.summary.stopped_early
+    refused = [e for e in run.lines if e["event"] == "region_partials_refused"]
+    assert [(e["round"], e["log_level"]) for e in refused] == [(1, "error")]
+    assert [r["round"] for r in rows(tmp_path, "round")] == [1, 2, 3]  # round 1 counted once, after its retry

@@ -279,6 +279,7 @@ def test_configuration_is_checked_naming_the_key():
         ("bandit", {"max_sparsity": {"tx2": 0.2}}, r"max_sparsity\[tx2\]"),
         ("bandit", {"reward": {"speed": 1.0}}, "unknown term"),
         ("bandit", {"tier_ranks": {"tx2": 0}}, r"tier_ranks\[tx2\]"),
+        ("bandit", {"tier_ranks": {f"t{i}": 4 for i in range(65)}}, "65 tiers; at most 64"),
     ]:
         with pytest.raises(ConfigError, match=match):
             CoordinatorConfig.from_dict({section: values})
