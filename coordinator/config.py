@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.config import BrokerConfig, ConfigError, Sections
-from shared.messages import MAX_MAP_ITEMS
 
 METHODS = ("fedspine", "fedlora", "hetlora", "uniform", "prune_ft", "ft_prune")
 REWARD_TERMS = ("loss", "time", "importance", "energy")
+# The tier table travels in every RegionRound: at most shared.messages.MAX_MAP_ITEMS entries (not imported: this
+# module is loaded by the Ansible roles' config check, which has no msgpack)
+MAX_TIERS = 64
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,8 @@ class BanditSettings:
         for tier, cap in self.max_sparsity.items():
             if not isinstance(cap, (int, float)) or not self.target_sparsity <= cap < 1:
                 raise ConfigError(f"[bandit] max_sparsity[{tier}] {cap} must be in [target_sparsity, 1)")
-        if len(self.tier_ranks) > MAX_MAP_ITEMS:  # the table travels in every RegionRound
-            raise ConfigError(f"[bandit] tier_ranks has {len(self.tier_ranks)} tiers; at most {MAX_MAP_ITEMS}")
+        if len(self.tier_ranks) > MAX_TIERS:
+            raise ConfigError(f"[bandit] tier_ranks has {len(self.tier_ranks)} tiers; at most {MAX_TIERS}")
         for tier, r in self.tier_ranks.items():
             if not isinstance(r, int) or r < 1:
                 raise ConfigError(f"[bandit] tier_ranks[{tier}] {r!r} must be an integer >= 1")

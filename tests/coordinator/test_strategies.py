@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from coordinator import planning
-from coordinator.config import CoordinatorConfig
+from coordinator.config import MAX_TIERS, CoordinatorConfig
 from coordinator.state import CheckpointStore
 from coordinator.strategies import (
     STRATEGIES,
@@ -16,6 +16,7 @@ from coordinator.strategies import (
     node_weights,
 )
 from shared.config import ConfigError
+from shared.messages import MAX_MAP_ITEMS
 from shared.updates import GroupScores, LoraUpdate, ModuleUpdate, UpdateError
 
 NODES = [NodeInfo("agx-1", "agx"), NodeInfo("nx-2", "nx"), NodeInfo("tx2-3", "tx2")]
@@ -284,3 +285,4 @@ def test_configuration_is_checked_naming_the_key():
         with pytest.raises(ConfigError, match=match):
             CoordinatorConfig.from_dict({section: values})
     assert make_strategy(cfg("fedspine"), 10).global_.min_keepers == 2
+    assert MAX_TIERS == MAX_MAP_ITEMS  # the largest tier table a RegionRound carries
