@@ -118,7 +118,7 @@ class Partial:
             raise UpdateError(f"malformed partial: {exc}") from None
         if meta.get("format") != PARTIAL_FORMAT or meta.get("changes") not in ("0", "1"):
             raise UpdateError(f"not a {PARTIAL_FORMAT} payload (metadata {str(meta)[:80]})")
-        kind = meta.get("kind", "average")  # absent: a region of the release before zero padding had partials
+        kind = meta.get("kind", "average")
         if kind not in PARTIAL_KINDS:
             raise UpdateError(f"partial metadata: kind {kind[:40]!r} is not one of {list(PARTIAL_KINDS)}")
         if kind == "zero_pad" and meta["changes"] != "0":
@@ -303,8 +303,7 @@ class GlobalLora:
                 raise UpdateError(f"importance.{key}: size {g.size} != global {self.importance[key].numel()}")
 
     def aggregate(self, updates: Sequence[tuple[LoraUpdate, float]],
-                  starts: Sequence[LoraUpdate | None] | None = None, steps: Sequence[int] | None = None,
-                  effective_steps: float | None = None) -> None:
+                  starts: Sequence[LoraUpdate | None] | None = None, steps: Sequence[int] | None = None) -> None:
         """Replace the global state by the mask-aware average of ``updates`` ((update, weight) pairs).
 
         ``starts[i]``, when given, is the slice node i received this round (None: it received nothing, the
@@ -315,16 +314,12 @@ class GlobalLora:
         as FedNova does (Wang et al., 2020): each per step, scaled back by the weighted mean step count of the
         nodes that kept the coordinate.  A node that ran more steps then moves the average no further per step
         than the others, instead of pulling it toward its own data's optimum.  Equal steps change nothing.
-        ``effective_steps`` (with ``steps``) scales the averaged per-step change by that many steps instead (FedNova's
-        τ_eff, a free choice there): the global update then moves as far as that many steps would.
         """
         if not updates:
             return
-        if effective_steps is not None and (steps is None or starts is None or not effective_steps > 0):
-            raise ValueError(f"effective_steps {effective_steps} needs steps and starts, and must be > 0")
         for u, _ in updates:
             self.check(u)
-        self.apply([self.partial(updates, starts, steps)], effective_steps)
+        self.apply([self.partial(updates, starts, steps)])
 
     def partial(self, updates: Sequence[tuple[LoraUpdate, float]], starts: Sequence[LoraUpdate | None] | None = None,
                 steps: Sequence[int] | None = None) -> Partial:
@@ -439,15 +434,13 @@ class GlobalLora:
             keepers.addr_(rmask, cmask, alpha=float(len(members)))
         return num, den, pace, keepers
 
-    def apply(self, partials: Sequence[Partial], effective_steps: float | None = None) -> None:
+    def apply(self, partials: Sequence[Partial]) -> None:
         """Replace the global state by the average that ``partials`` (of disjoint sets of nodes) sum up: what
         ``aggregate`` of all their nodes' updates gives.  Raises UpdateError for partials that disagree with the
         global state or each other (a region's partial is network data)."""
         if not partials:
             return
         total = merge(partials)
-        if effective_steps is not None and (not total.changes or not effective_steps > 0):
-            raise ValueError(f"effective_steps {effective_steps} needs steps and starts, and must be > 0")
         self.check_partial(total)
         need = min(self.min_keepers, total.nodes)
         if total.changes:
@@ -461,8 +454,6 @@ class GlobalLora:
                 self.delta[name] = torch.where(den > 0, num / den.clamp_min(1e-30),
                                                prev if prev is not None else torch.zeros(shape))
                 continue
-            if effective_steps is not None:
-                pace = den * effective_steps
             change = torch.where(den > 0, num * pace / den.square().clamp_min(1e-30), torch.zeros(shape))
             change = self.momentum.smooth(f"delta.{name}", change, den > 0)
             self.delta[name] = change if prev is None else prev + change
@@ -471,8 +462,7 @@ class GlobalLora:
                 continue
             prev = self.dense.get(name)
             base = prev if prev is not None and tuple(prev.shape) == tuple(change.shape) else torch.zeros_like(change)
-            pace = effective_steps if effective_steps is not None else wpace / weight
-            step = change * pace / weight
+            step = change * (wpace / weight) / weight
             self.dense[name] = base + (self.momentum.smooth(f"dense.{name}", step) if total.changes else step)
         for key, (num, den) in total.importance.items():
             size = num.numel()

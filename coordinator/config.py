@@ -26,7 +26,7 @@ class RoundSettings:
     local_steps: int = field(default=20, metadata={
         "help": "τ: local steps of the round's slowest node; faster nodes fill the round with more (up to 5τ)"})
     min_nodes: int = field(default=1, metadata={"help": "live nodes to wait for before round 1"})
-    fraction: float = field(default=1.0, metadata={"help": "share of live nodes asked per round (at least min_nodes)"})
+    fraction: float = field(default=1.0, metadata={"help": "share of live nodes asked per flat round (at least min_nodes); under regions all take part"})
     quorum: float = field(default=0.5, metadata={
         "help": "share of a round's participants whose uploads must arrive for it to count (else it is retried)"})
     deadline_s: float = field(default=600.0, metadata={"help": "a round waits at most this long for uploads"})

@@ -1,8 +1,11 @@
 """The coordinator service: wires the registry, the strategy and checkpoints to MQTT and runs the rounds.
 
-The round loop reads like a recipe: configure -> send configs and global slices -> collect uploads until
-all arrived or the deadline passed -> aggregate (if the quorum is met) -> update the bandit -> checkpoint
--> one log line.  MQTT callbacks only decode and enqueue; everything else runs on the main thread.
+The round loop reads like a recipe: configure (the strategy) -> send configs and global slices -> collect uploads
+until all arrived or the deadline passed -> aggregate (if the quorum is met; the strategy learns from the round) ->
+checkpoint -> one log line.  While regional aggregators are online the rounds go to them instead
+(``_run_region_round``): each region gets the strategy's fleet-wide plan and the global state and answers with one
+partial aggregate (coordinator/region.py, docs/scale.md).  MQTT callbacks only decode and enqueue; everything else
+runs on the main thread.
 """
 
 from __future__ import annotations
@@ -415,6 +418,10 @@ class Coordinator:
             log.warning("direct_nodes_sit_out", nodes=idle, regions=regions,
                         hint="nodes connected to the root take no part while regions are online; give each a "
                              "region (topic_root <root>/region/<rid>) or stop the regions")
+        if rs.fraction < 1:  # every region asks all of its live nodes
+            log.warning("fraction_ignored_under_regions", fraction=rs.fraction,
+                        hint="[coordinator] fraction samples the nodes of a flat round only; under regions every live "
+                             "node takes part")
         log.info("region_round_started", regions=regions, target_sparsity=round(plan.target_sparsity, 4),
                  rank=plan.rank, local_steps=plan.local_steps,
                  **({"finish_s": round(finish, 2)} if finish is not None else {}),

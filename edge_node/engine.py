@@ -1,4 +1,5 @@
-"""One local FedSpine round on the node: apply the global update, LoRA fine-tune with importance, prune, report."""
+"""One local round on the node, as its round config says: apply the global slice, cut to the target sparsity, LoRA
+fine-tune (tracking importance while a cut is still to come), evaluate, build the update."""
 
 from __future__ import annotations
 
@@ -106,12 +107,12 @@ class Pace:
 
 @dataclass
 class RoundResult:
-    update: LoraUpdate  # after pruning, in unpruned coordinates
+    update: LoraUpdate  # after the round's cut and steps, in unpruned coordinates
     payload: bytes  # update.to_bytes()
     loss_start: float  # validation loss before training (eval_batches of the val split)
-    loss_end: float  # same batches after training + pruning
+    loss_end: float  # same batches after the cut and the steps
     samples: int  # training samples processed this round
-    compute_s: float  # wall time of the training + pruning work
+    compute_s: float  # wall time of the cut and the training
     sparsity: float  # removed prunable params / all prunable params
     rank: int
     metrics: dict[str, float] = field(default_factory=dict)

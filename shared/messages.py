@@ -454,9 +454,7 @@ class RegionRound(Message):
     HetLoRA: ``tier_ranks`` gives each device tier its rank (the node's presence names its tier, ``device_type``; a
     tier the table does not name trains at ``rank``, likewise ``next_rank``: ``rank_for``), and a node is sent the
     slice at ``sent_rank`` or its own rank if higher.  ``zero_pad_rank`` set: the global state is zero-padded factors
-    (``ZeroPadLora``) and the partial sums the nodes' factors padded to that rank; None: the mask-aware average.
-    Both are left off the wire at their defaults, so a region of the release before them still takes a fleet-wide
-    method's rounds."""
+    (``ZeroPadLora``) and the partial sums the nodes' factors padded to that rank; None: the mask-aware average."""
 
     TYPE = "region_round"
     run_id: str = spec(max_len=64)
@@ -488,14 +486,6 @@ class RegionRound(Message):
     def rank_for(self, tier: str, rank: int | None = None) -> int:
         """The LoRA rank a node of device tier ``tier`` trains at: its tier's, else ``rank`` (default: this round's)."""
         return self.tier_ranks.get(tier, self.rank if rank is None else rank)
-
-    def to_wire(self) -> dict[str, Any]:
-        out = super().to_wire()
-        if not self.tier_ranks:  # HetLoRA's fields only where used (see the class docstring)
-            del out["tier_ranks"]
-        if self.zero_pad_rank is None:
-            del out["zero_pad_rank"]
-        return out
 
 
 @message

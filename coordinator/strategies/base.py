@@ -128,7 +128,6 @@ class RoundSummary:
     mean_round_time_s: float
     max_round_time_s: float
     node_terms: dict[str, dict] = field(default_factory=dict)  # node -> {"terms": {...}, "reward": r} (FedSpine)
-    effective_steps: float | None = None  # the round moved the global state this many steps (None: the mean count)
 
     def log_fields(self) -> dict:
         return {"idle_fraction": round(self.idle_fraction, 4), "max_round_time_s": round(self.max_round_time_s, 3),
@@ -142,7 +141,7 @@ class RoundSummary:
 
     def round_fields(self) -> dict:
         return {"idle_fraction": self.idle_fraction, "mean_round_time_s": self.mean_round_time_s,
-                "max_round_time_s": self.max_round_time_s, "effective_steps": self.effective_steps}
+                "max_round_time_s": self.max_round_time_s}
 
 
 @dataclass
@@ -244,9 +243,6 @@ class Strategy:
     def make_aggregator(self) -> GlobalLora | ZeroPadLora:
         return GlobalLora()
 
-    def adjust(self, rnd: int, plans: list[list], timing: dict[str, planning.Timing]) -> None:
-        """Revise the round's [node, state, target, rank, arm] plans once the fleet's timing is known (in place)."""
-
     def learn(self, rnd: int, results: Sequence[NodeResult], summary: RoundSummary) -> None:
         """What an accepted round teaches the policy (FedSpine: rewards and the bandit)."""
 
@@ -274,7 +270,6 @@ class Strategy:
             st = self.state(node.node_id)
             target, rank, arm = self.schedule(rnd, node, st)
             plans.append([node, st, float(max(target, st.sparsity)), int(rank), arm])
-        self.adjust(rnd, plans, self._timing(plans))
         if not self.has_fleet_importance():
             # A cut ranks groups by the fleet's averaged importance, which comes with the slice once a round with
             # importance scores was aggregated: until then nobody is cut.
@@ -364,19 +359,13 @@ class Strategy:
                                          and set(m.cols.tolist()) <= set(prev[name][1].tolist())):
                     raise UpdateError(f"lora.{name}: kept indices grew back (pruning is monotone)")
 
-    def effective_steps(self, results: Sequence[NodeResult]) -> float | None:
-        """How many steps the round's averaged per-step change moves the global state (None: the nodes' mean step
-        count, FedNova's τ_eff)."""
-        return None
-
     def aggregate_round(self, rnd: int, results: Sequence[NodeResult], failures: Sequence[Failure]) -> RoundSummary:
         self.record_failures(rnd, failures)
         pairs = list(zip([r.update for r in results], node_weights(results, self.tau), strict=True))
-        effective = self.effective_steps(results) if isinstance(self.global_, GlobalLora) else None
         if isinstance(self.global_, GlobalLora):
             # What each node started from: the slice configure/send gave it (cached in the global state).
             self.global_.aggregate(pairs, starts=[self.global_slice(r.node_id, r.rank) for r in results],
-                                   steps=[r.steps or self.tau for r in results], effective_steps=effective)
+                                   steps=[r.steps or self.tau for r in results])
         else:
             self.global_.aggregate(pairs)
         for r in results:
@@ -384,7 +373,7 @@ class Strategy:
         times = [r.round_time_s for r in results]
         summary = RoundSummary(round=rnd, idle_fraction=planning.idle_fraction(times),
                                mean_round_time_s=sum(times) / max(len(times), 1),
-                               max_round_time_s=max(times, default=0.0), effective_steps=effective)
+                               max_round_time_s=max(times, default=0.0))
         self.learn(rnd, results, summary)
         return summary
 

@@ -30,10 +30,11 @@ NODES = [n for members in REGIONS.values() for n in members]
 TIERS = {"agx-1": "agx", "nx-2": "nx", "tx2-3": "tx2"}  # device tiers (HetLoRA's default ranks: 16, 8, 4)
 
 
-def _config(tmp_path, method: str, rounds: int = 3) -> CoordinatorConfig:
+def _config(tmp_path, method: str, rounds: int = 3, **coordinator) -> CoordinatorConfig:
     return CoordinatorConfig.from_dict({
         "coordinator": {"method": method, "rounds": rounds, "min_nodes": len(NODES), "local_steps": 2,
-                        "deadline_s": 5.0, "state_dir": str(tmp_path / "coord"), "join_timeout_s": 10.0},
+                        "deadline_s": 5.0, "state_dir": str(tmp_path / "coord"), "join_timeout_s": 10.0,
+                        **coordinator},
         "bandit": {"target_sparsity": 0.3, "rank": 4}})
 
 
@@ -49,7 +50,8 @@ def _agent(bus, tmp_path, nid: str, trainer, root: str | None, profile: DevicePr
 
 
 def _run(tmp_path, method: str, trainers: dict[str, FakeTrainer], *, regions: bool,
-         profile: DeviceProfile | None = None, direct: dict[str, FakeTrainer] | None = None):
+         profile: DeviceProfile | None = None, direct: dict[str, FakeTrainer] | None = None,
+         coordinator: dict | None = None):
     """Run the fleet to the end (flat, or each node under its region of REGIONS; ``direct`` nodes connect to the
     root in either case): the root's run summary, the log lines and every RoundConfig each node was sent, in order."""
     bus = MemoryBus()
@@ -70,7 +72,7 @@ def _run(tmp_path, method: str, trainers: dict[str, FakeTrainer], *, regions: bo
         root = f"fedspine/v1/region/{rid}" if regions else None
         started += [_agent(bus, tmp_path, n, trainers[n], root, profile) for n in members]
     started += [_agent(bus, tmp_path, n, trainer, None, profile) for n, trainer in (direct or {}).items()]
-    coord = Coordinator(_config(tmp_path, method), transport=MemoryTransport(bus, "coordinator"))
+    coord = Coordinator(_config(tmp_path, method, **(coordinator or {})), transport=MemoryTransport(bus, "coordinator"))
     out: dict = {}
     with structlog.testing.capture_logs() as lines:
         t = threading.Thread(target=lambda: out.setdefault("summary", coord.run()), daemon=True)
@@ -112,6 +114,15 @@ def test_nodes_on_the_root_sit_out_hierarchical_rounds_and_the_root_says_so_ever
     warned = [e for e in run.lines if e["event"] == "direct_nodes_sit_out"]
     assert [(e["round"], e["nodes"]) for e in warned] == [(1, 1), (2, 1), (3, 1)]
     assert [r["direct_nodes_idle"] for r in rows(tmp_path, "round")] == [1, 1, 1]
+
+
+def test_fraction_is_flat_only_and_the_root_says_so_under_regions(tmp_path):
+    trainers = {n: FakeTrainer(n) for n in NODES}
+    run = _run(tmp_path, "uniform", trainers, regions=True, coordinator={"fraction": 0.5})
+    assert run.summary.rounds_done == 3, run.summary.stopped_early
+    assert all(len(trainers[n].calls) == 4 for n in NODES)  # every node in every round (and the final sync)
+    warned = [e for e in run.lines if e["event"] == "fraction_ignored_under_regions"]
+    assert [(e["round"], e["fraction"]) for e in warned] == [(1, 0.5), (2, 0.5), (3, 0.5)]
 
 
 class TimedTrainer(FakeTrainer):

@@ -124,19 +124,14 @@ def test_region_messages_of_an_older_peer_decode_unpaced() -> None:
     assert decode(msgpack.packb(_wire(rep, next_finish_s=_DROP)), RegionReport).next_finish_s is None
 
 
-def test_hetlora_fields_of_a_region_round_are_optional_and_only_on_the_wire_when_used() -> None:
-    """A RegionRound without tier_ranks and zero_pad_rank (an older root, or any fleet-wide method) decodes with one
-    rank for every node and the mask-aware average; and a fleet-wide method's round leaves them off the wire, so a
-    region that predates them still takes it."""
+def test_hetlora_fields_of_a_region_round_are_optional() -> None:
+    """A RegionRound without tier_ranks and zero_pad_rank decodes with one rank for every node and the mask-aware
+    average."""
     het = next(m for m in SAMPLES if isinstance(m, RegionRound) and m.tier_ranks)
     assert [het.rank_for(t) for t in ("agx", "nx", "tx2", "orin")] == [16, 8, 4, 8]
     assert het.rank_for("orin", het.next_rank) == 8 and het.rank_for("agx", 2) == 16
     old = decode(msgpack.packb(_wire(het, tier_ranks=_DROP, zero_pad_rank=_DROP)), RegionRound)
     assert (old.tier_ranks, old.zero_pad_rank, old.rank_for("agx")) == ({}, None, 8)
-    plain = SAMPLES[-2]
-    assert isinstance(plain, RegionRound) and not plain.tier_ranks
-    assert not {"tier_ranks", "zero_pad_rank"} & set(msgpack.unpackb(encode(plain)))
-    assert {"tier_ranks", "zero_pad_rank"} <= set(msgpack.unpackb(encode(het)))
 
 
 def test_a_round_config_says_which_step_counts_answer_it() -> None:
