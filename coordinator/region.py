@@ -7,14 +7,14 @@ region is the coordinator.  Upward it is one participant of the root's rounds on
     root <--partial aggregate (chunked) + report-- region <--update (chunked) + RoundReport-- each node
 
 The region slices the global state for each node exactly as the root would (``GlobalLora.slice_for`` is
-deterministic), validates each update as the root does, and forwards ``GlobalLora.partial`` of the accepted ones:
-per-coordinate sums that the root adds across regions, so the root's global state equals flat aggregation of the
-same updates (tests/coordinator/test_hierarchy.py).  Under HetLoRA (the RegionRound's ``zero_pad_rank``) the state is
-``ZeroPadLora``'s zero-padded factors, each node is sent them at its tier's rank (``tier_ranks``) and the partial is
-``ZeroPadLora.partial``: the weighted factors padded to the fleet's padding rank, which add just the same.  Every
-transfer is chunked, digest-verified and resumable (shared/chunking.py), both ways.  The root's work per round grows
-with regions, not nodes.  Downward the region speaks as the nodes' coordinator (its chunks and resend requests carry
-the sender ``coordinator``).
+deterministic), validates each update by the root's rule (``accept_answer``) and forwards ``GlobalLora.partial`` of
+the accepted ones: per-coordinate sums that the root adds across regions, so the root's global state equals flat
+aggregation of the same updates (tests/coordinator/test_hierarchy.py).  Under HetLoRA (the RegionRound's
+``zero_pad_rank``) the state is ``ZeroPadLora``'s zero-padded factors, each node is sent them at its tier's rank
+(``tier_ranks``) and the partial is ``ZeroPadLora.partial``: the weighted factors padded to the fleet's padding
+rank, which add just the same.  Every transfer is chunked, digest-verified and resumable (shared/chunking.py), both
+ways.  The root's work per round grows with regions, not nodes.  Downward the region speaks as the nodes'
+coordinator (its chunks and resend requests carry the sender ``coordinator``).
 
 The assignment is the method's fleet-wide schedule (``Strategy.fleet_plan``: target sparsity, rank or each device
 tier's rank, τ steps, whether to track importance); the region keeps a node that is already sparser at its own
@@ -49,7 +49,14 @@ from coordinator import planning
 from coordinator.aggregation import GlobalLora, ZeroPadLora
 from coordinator.registry import Registry
 from coordinator.server import OFFLINE_GRACE_S, send_round_again
-from coordinator.strategies.base import NodeInfo, NodeResult, NodeState, fleet_timing, node_weights
+from coordinator.strategies.base import (
+    NodeInfo,
+    NodeResult,
+    NodeState,
+    accept_answer,
+    fleet_timing,
+    node_weights,
+)
 from shared.chunking import Reassembler
 from shared.config import BrokerConfig, ConfigError, Sections
 from shared.logs import LiveRoundLogger, get_logger
@@ -478,7 +485,7 @@ class Region:
                 if nid in reports and nid in payloads and nid not in done:
                     done.add(nid)
                     data, arrived = payloads[nid]
-                    res = self._accept(rr, sent[nid].config, reports[nid], data, wall_s=arrived - sent[nid].at)
+                    res = self._accept(sent[nid].config, reports[nid], data, wall_s=arrived - sent[nid].at)
                     if res is not None:
                         accepted[nid] = res
             for nid in set(reports) - set(payloads) - done:  # resume a stalled upload
@@ -489,30 +496,14 @@ class Region:
             self.reassembler.forget(up)
         return accepted, len(pending) - len(accepted)
 
-    def _accept(self, rr: RegionRound, cfg: RoundConfig, rep: RoundReport, data: bytes, *,
-                wall_s: float) -> NodeResult | None:
-        """The same checks as the root's (coordinator.server._accept, Strategy.check_update)."""
-        nid = rep.node_id
-        steps = rep.steps or cfg.local_steps  # 0: not reported, taken as assigned
+    def _accept(self, cfg: RoundConfig, rep: RoundReport, data: bytes, *, wall_s: float) -> NodeResult | None:
+        """The node's answer under the root's acceptance rule (``accept_answer``); None: refused (logged)."""
         try:
-            if rep.upload_bytes and rep.upload_bytes != len(data):
-                raise UpdateError(f"reported upload_bytes {rep.upload_bytes} != received {len(data)}")
-            if why := cfg.steps_error(steps):  # the steps weight the node's change (aggregation.py)
-                raise UpdateError(why)
-            update = LoraUpdate.from_bytes(data, self.limits)
-            ranks = {m.rank for m in update.modules.values()}
-            if ranks and ranks != {cfg.rank}:  # the round's rank, or the node's tier's (HetLoRA)
-                raise UpdateError(f"update ranks {sorted(ranks)} differ from the assigned rank {cfg.rank}")
-            self.global_.check(update)
-            prev = self.state(nid).structure
-            for name, m in update.modules.items():
-                if prev and name in prev and not (set(m.rows.tolist()) <= set(prev[name][0].tolist())
-                                                  and set(m.cols.tolist()) <= set(prev[name][1].tolist())):
-                    raise UpdateError(f"lora.{name}: kept indices grew back (pruning is monotone)")
+            return accept_answer(cfg, rep, data, self.global_, self.state(rep.node_id).structure, self.limits,
+                                 wall_s=wall_s)
         except UpdateError as exc:
-            self.log.warning("update_rejected", node=nid, error=str(exc))
+            self.log.warning("update_rejected", node=rep.node_id, error=str(exc))
             return None
-        return NodeResult.from_report(update, rep, steps=steps, upload_bytes=len(data), wall_s=wall_s)
 
 
 def main_region(config: str) -> int:

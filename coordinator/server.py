@@ -27,7 +27,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.metrics import MetricsWriter
 from coordinator.registry import Registry
 from coordinator.state import CheckpointStore
-from coordinator.strategies import Assignment, Failure, FleetPlan, NodeResult, make_strategy
+from coordinator.strategies import Assignment, Failure, FleetPlan, NodeResult, accept_answer, make_strategy
 from shared.chunking import Reassembler
 from shared.logs import LiveRoundLogger, get_logger
 from shared.messages import (
@@ -48,7 +48,7 @@ from shared.messages import (
 )
 from shared.topics import Topics
 from shared.transport import CHUNK_OVERHEAD, MqttTransport
-from shared.updates import LoraUpdate, UpdateError, UpdateLimits
+from shared.updates import UpdateError, UpdateLimits
 
 COORDINATOR_ID = "coordinator"
 
@@ -820,24 +820,15 @@ class Coordinator:
                 self.transport.publish(self.topics.node(node_id, "resend"), encode(req), qos=1)
 
     def _accept(self, p: _Pending, log) -> NodeResult | Failure:
-        a, r = p.assignment, p.report
-        assert r is not None and p.payload is not None
-        if r.upload_bytes and r.upload_bytes != len(p.payload):
-            log.warning("update_rejected", node=a.node_id,
-                        error=f"reported upload_bytes {r.upload_bytes} != received {len(p.payload)}")
-            return Failure(a.node_id, "rejected")
-        steps = r.steps or a.local_steps  # 0: not reported, taken as assigned
-        if why := p.config.steps_error(steps):  # the steps weight the node's change (aggregation.py)
-            log.warning("update_rejected", node=a.node_id, error=why)
-            return Failure(a.node_id, "rejected")
+        """The node's answer under the one acceptance rule (``accept_answer``, which the regions apply too)."""
+        nid = p.assignment.node_id
+        assert p.report is not None and p.payload is not None
         try:
-            update = LoraUpdate.from_bytes(p.payload, self.limits)
-            self.strategy.check_update(a.node_id, update, a)
+            return accept_answer(p.config, p.report, p.payload, self.strategy.global_,
+                                 self.strategy.state(nid).structure, self.limits, wall_s=p.received_at - p.sent_at)
         except UpdateError as exc:
-            log.warning("update_rejected", node=a.node_id, error=str(exc))
-            return Failure(a.node_id, "rejected")
-        return NodeResult.from_report(update, r, steps=steps, upload_bytes=len(p.payload),
-                                      wall_s=p.received_at - p.sent_at)
+            log.warning("update_rejected", node=nid, error=str(exc))
+            return Failure(nid, "rejected")
 
     def _write_metrics(self, rnd, assignments, results, failures, summary, pending, cost: dict) -> None:
         by_node = {res.node_id: res for res in results}

@@ -13,6 +13,7 @@ from coordinator.strategies.base import (
     RegionsUnsupported,
     RoundSummary,
     Strategy,
+    accept_answer,
     node_weights,
 )
 from coordinator.strategies.fedlora import FedLoRA
@@ -25,7 +26,7 @@ from coordinator.strategies.uniform import Uniform
 STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (FedSpine, FedLoRA, HetLoRA, Uniform, PruneFT, FTPrune)}
 
 __all__ = ["Assignment", "Failure", "FleetPlan", "NodeInfo", "NodeResult", "NodeState", "RegionsUnsupported",
-           "RoundSummary", "STRATEGIES", "Strategy", "make_strategy", "node_weights"]
+           "RoundSummary", "STRATEGIES", "Strategy", "accept_answer", "make_strategy", "node_weights"]
 
 
 def make_strategy(cfg: CoordinatorConfig, total_rounds: int, seed: int = 0) -> Strategy:

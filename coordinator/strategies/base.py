@@ -22,8 +22,8 @@ import torch
 from coordinator import planning
 from coordinator.aggregation import GlobalLora, ZeroPadLora
 from coordinator.config import CoordinatorConfig
-from shared.messages import RoundReport
-from shared.updates import LORA_ALPHA, LoraUpdate, UpdateError
+from shared.messages import RoundConfig, RoundReport
+from shared.updates import LORA_ALPHA, LoraUpdate, UpdateError, UpdateLimits
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,35 @@ class NodeResult:
                    compute_s=r.compute_s, round_time_s=round_time, sparsity=r.sparsity, rank=r.rank,
                    energy_j=r.energy_j, upload_bytes=upload_bytes, steps=steps, examples=r.examples,
                    train_s=min(r.train_s, round_time), upload_s=min(r.upload_s, round_time))
+
+
+def accept_answer(cfg: RoundConfig, rep: RoundReport, data: bytes, global_: GlobalLora | ZeroPadLora,
+                  prev_structure: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None, limits: UpdateLimits, *,
+                  wall_s: float) -> NodeResult:
+    """A node's answer to ``cfg`` (its report ``rep`` and uploaded bytes ``data``) as a NodeResult, or UpdateError
+    naming why it cannot be one: the upload is not the size the report gives, the node ran other than its assigned
+    local steps (``RoundConfig.steps_error``; they weight its change), the bytes are no valid update within
+    ``limits``, its rank is not the assigned one (the round's, or its tier's under HetLoRA), it does not fit
+    ``global_`` (its modules and shapes), or a module kept indices that the node's last accepted structure
+    ``prev_structure`` had cut (pruning is monotone).  ``wall_s`` is its round time where it reported no virtual time
+    (``NodeResult.from_report``).  The one acceptance rule of the root (``server.Coordinator._accept``) and of the
+    regional aggregators (``region.Region._accept``); each caller logs a refusal."""
+    if rep.upload_bytes and rep.upload_bytes != len(data):
+        raise UpdateError(f"reported upload_bytes {rep.upload_bytes} != received {len(data)}")
+    steps = rep.steps or cfg.local_steps  # 0: not reported, taken as assigned
+    if why := cfg.steps_error(steps):  # the steps weight the node's change (aggregation.py)
+        raise UpdateError(why)
+    update = LoraUpdate.from_bytes(data, limits)
+    ranks = {m.rank for m in update.modules.values()}
+    if ranks and ranks != {cfg.rank}:
+        raise UpdateError(f"update ranks {sorted(ranks)} differ from the assigned rank {cfg.rank}")
+    global_.check(update)
+    if prev_structure:
+        for name, m in update.modules.items():
+            if name in prev_structure and not (set(m.rows.tolist()) <= set(prev_structure[name][0].tolist())
+                                               and set(m.cols.tolist()) <= set(prev_structure[name][1].tolist())):
+                raise UpdateError(f"lora.{name}: kept indices grew back (pruning is monotone)")
+    return NodeResult.from_report(update, rep, steps=steps, upload_bytes=len(data), wall_s=wall_s)
 
 
 @dataclass(frozen=True)
@@ -346,19 +375,6 @@ class Strategy:
         return self.global_.start_for(self.state(node_id).structure, rank, self._sent_rank(rank), LORA_ALPHA)
 
     # ---- aggregate --------------------------------------------------------------------------------------------
-    def check_update(self, node_id: str, update: LoraUpdate, assignment: Assignment) -> None:
-        """Refuse an update that cannot be this node's answer to ``assignment`` (raises UpdateError)."""
-        ranks = {m.rank for m in update.modules.values()}
-        if ranks and ranks != {assignment.rank}:
-            raise UpdateError(f"update ranks {sorted(ranks)} differ from the assigned rank {assignment.rank}")
-        self.global_.check(update)
-        prev = self.state(node_id).structure
-        if prev is not None:
-            for name, m in update.modules.items():
-                if name in prev and not (set(m.rows.tolist()) <= set(prev[name][0].tolist())
-                                         and set(m.cols.tolist()) <= set(prev[name][1].tolist())):
-                    raise UpdateError(f"lora.{name}: kept indices grew back (pruning is monotone)")
-
     def aggregate_round(self, rnd: int, results: Sequence[NodeResult], failures: Sequence[Failure]) -> RoundSummary:
         self.record_failures(rnd, failures)
         pairs = list(zip([r.update for r in results], node_weights(results, self.tau), strict=True))

@@ -1,9 +1,12 @@
 """Strategies: each method's schedule, the mechanisms they all share, boundary checks and checkpoint/resume."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from coordinator import planning
+from coordinator.aggregation import GlobalLora
 from coordinator.config import MAX_TIERS, CoordinatorConfig
 from coordinator.state import CheckpointStore
 from coordinator.strategies import (
@@ -12,12 +15,13 @@ from coordinator.strategies import (
     Failure,
     NodeInfo,
     NodeResult,
+    accept_answer,
     make_strategy,
     node_weights,
 )
 from shared.config import ConfigError
-from shared.messages import MAX_MAP_ITEMS
-from shared.updates import GroupScores, LoraUpdate, ModuleUpdate, UpdateError
+from shared.messages import MAX_MAP_ITEMS, RoundConfig, RoundReport
+from shared.updates import GroupScores, LoraUpdate, ModuleUpdate, UpdateError, UpdateLimits
 
 NODES = [NodeInfo("agx-1", "agx"), NodeInfo("nx-2", "nx"), NodeInfo("tx2-3", "tx2")]
 TAU = 5
@@ -109,16 +113,78 @@ def test_fedspine_every_node_reaches_target_within_its_cap_and_sparsity_is_monot
         assert seq == sorted(seq) and seq[-1] >= 0.3 - 1e-9 and seq[-1] <= cap + 1e-9
 
 
+def _answer(a: Assignment, r: NodeResult, **report) -> tuple[RoundConfig, RoundReport, bytes]:
+    """The RoundConfig a node was sent for ``a``, its report of ``r`` (fields overridden by ``report``) and upload."""
+    data = r.update.to_bytes()
+    sent = RoundConfig(run_id="run", round=2, target_sparsity=a.target_sparsity, rank=a.rank,
+                       local_steps=a.local_steps, deadline_ts=1.7e9, upload_transfer_id="run.r2.up",
+                       download_transfer_id=None)
+    rep = RoundReport(**{"run_id": "run", "round": 2, "node_id": a.node_id, "status": "ok",
+                         "transfer_id": "run.r2.up", "upload_bytes": len(data), "samples": 40, "steps": a.local_steps,
+                         "rank": a.rank, "virtual_s": 3.0, **report})
+    return sent, rep, data
+
+
 def test_boundary_checks_rank_and_monotone_structure():
     strat = make_strategy(cfg("fedlora"), total_rounds=3)
     a = strat.configure_round(1, NODES)[0]
     strat.aggregate_round(1, [result(a, 1, rows=torch.arange(6))], [])
     a2 = strat.configure_round(2, NODES)[0]
+
+    def accept(r: NodeResult) -> NodeResult:
+        return accept_answer(*_answer(a2, r), strat.global_, strat.state(a2.node_id).structure, UpdateLimits(),
+                             wall_s=1.0)
+
     with pytest.raises(UpdateError, match="rank"):
-        strat.check_update(a2.node_id, result(Assignment(a2.node_id, 0.0, 4, 5), 2).update, a2)
+        accept(result(Assignment(a2.node_id, 0.0, 4, 5), 2))
     with pytest.raises(UpdateError, match="monotone"):
-        strat.check_update(a2.node_id, result(a2, 2, rows=torch.arange(8)).update, a2)
-    strat.check_update(a2.node_id, result(a2, 2, rows=torch.arange(5)).update, a2)
+        accept(result(a2, 2, rows=torch.arange(8)))
+    accept(result(a2, 2, rows=torch.arange(5)))
+
+
+def test_the_one_acceptance_rule_refuses_each_kind_of_wrong_answer():
+    """``accept_answer``, which the root and every region apply: each refusal, and what an accepted answer gives."""
+    a = Assignment("nx-2", 0.0, 4, TAU)
+    g = GlobalLora()
+    g.aggregate([(result(a, 1).update, 1.0)])  # a global state of module m, shape (8, 4)
+    prev = {"m": (torch.arange(6), torch.arange(4))}  # the node's last accepted structure: rows 6 and 7 were cut
+    ok = result(a, 2, rows=torch.arange(5))
+
+    def accept(r: NodeResult = ok, *, data: bytes | None = None, limits: UpdateLimits | None = None,
+               sent: dict | None = None, **report) -> NodeResult:
+        """``r`` answered (its report's fields overridden by ``report``, the config's by ``sent``)."""
+        cfg_, rep, upload = _answer(a, r, **report)
+        cfg_ = dataclasses.replace(cfg_, **(sent or {}))
+        return accept_answer(cfg_, rep, upload if data is None else data, g, prev, limits or UpdateLimits(),
+                             wall_s=7.5)
+
+    got = accept()
+    assert (got.node_id, got.steps, got.round_time_s, got.samples) == ("nx-2", TAU, 3.0, 40)
+    assert got.upload_bytes == len(ok.update.to_bytes()) and torch.equal(got.update.modules["m"].rows, torch.arange(5))
+    assert accept(steps=0, virtual_s=0.0).round_time_s == 7.5  # steps 0: as assigned; no virtual time: wall time
+    assert accept(upload_bytes=0).upload_bytes == len(ok.update.to_bytes())  # 0: not reported
+    refusals = {
+        "reported upload_bytes": lambda: accept(upload_bytes=123),
+        "ran 3 local steps, not the assigned 5": lambda: accept(steps=3),
+        "ran 11 local steps, not the assigned 1-10": lambda: accept(steps=11, sent={"finish_s": 9.0, "min_steps": 1,
+                                                                                   "max_steps": 10}),
+        "does not fit a payload of 64 bytes": lambda: accept(data=b"x" * 64, upload_bytes=64),  # not an update
+        "exceeds the limit": lambda: accept(limits=UpdateLimits(max_bytes=100)),
+        "update ranks \\[4\\] differ from the assigned rank 8": lambda: accept(sent={"rank": 8}),
+        "lora.m: shape \\(8, 5\\) != global \\(8, 4\\)": lambda: accept(_wider(ok)),
+        "kept indices grew back": lambda: accept(result(a, 2, rows=torch.arange(7))),
+    }
+    for why, call in refusals.items():
+        with pytest.raises(UpdateError, match=why):
+            call()
+    assert accept(sent={"finish_s": 9.0, "min_steps": 1, "max_steps": 10}, steps=9).steps == 9  # paced: in bounds
+
+
+def _wider(r: NodeResult) -> NodeResult:
+    """``r`` with its module on a wider unpruned shape than the global state's."""
+    m = r.update.modules["m"]
+    wide = ModuleUpdate(A=torch.zeros(m.rank, 5), B=m.B, rows=m.rows, cols=torch.arange(5), shape=(8, 5), scale=m.scale)
+    return dataclasses.replace(r, update=LoraUpdate({"m": wide}, r.update.dense, r.update.importance))
 
 
 def test_oom_failure_excludes_heavier_configurations():
