@@ -53,6 +53,7 @@ from coordinator.strategies.base import (
     NodeInfo,
     NodeResult,
     NodeState,
+    StructureTable,
     accept_answer,
     fleet_timing,
     node_weights,
@@ -178,6 +179,7 @@ class Region:
         self.registry = Registry()
         self.global_: GlobalLora | ZeroPadLora = GlobalLora()
         self.nodes: dict[str, NodeState] = {}  # as the flat strategy keeps them, from each node's accepted rounds
+        self.structures = StructureTable()  # their kept-index structures, shared as at the root
         self.events: queue.Queue = queue.Queue()
         self.chunk_limit = cfg.broker.chunk_size + CHUNK_OVERHEAD
         self._stop = threading.Event()
@@ -346,8 +348,7 @@ class Region:
         data = partial.to_bytes()
         self.transport.send_transfer(self.up.region(self.rid, "upload"), data, rr.upload_transfer_id, self.rid)
         for r in results:
-            structure = {n: (m.rows.clone(), m.cols.clone()) for n, m in r.update.modules.items()}
-            self.state(r.node_id).record(r, structure)
+            self.state(r.node_id).record(r, self.structures.intern(r.update))
         self._report(rr, cpu0, accepted=len(results), failed=failed, size=len(data))
 
     def state(self, node_id: str) -> NodeState:

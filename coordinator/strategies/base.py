@@ -195,6 +195,25 @@ class NodeState:
             self.speeds = [*self.speeds, speed][-planning.SPEED_WINDOW:]
 
 
+class StructureTable:
+    """Kept-index structures (each module's kept rows and cols) interned: one shared object per distinct structure.
+    Nodes alike then share one slice cache entry and one copy in the checkpoint, and a fleet holds few distinct
+    structures however many nodes it has.  The root's strategy and each regional aggregator record their nodes'
+    structures (``NodeState.structure``) through one."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def intern(self, update: LoraUpdate) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The update's kept rows/cols per module: the object already held for an equal structure, else a copy that
+        is held from now on."""
+        key = tuple((n, m.rows.numpy().tobytes(), m.cols.numpy().tobytes()) for n, m in sorted(update.modules.items()))
+        found = self._known.get(key)
+        if found is None:
+            found = self._known[key] = {n: (m.rows.clone(), m.cols.clone()) for n, m in update.modules.items()}
+        return found
+
+
 def node_timing(node: NodeInfo, st: NodeState, sparsity: float, rank: int) -> planning.Timing | None:
     """(fixed seconds, seconds per step) of a node at ``sparsity`` and ``rank``: from the step-cost model at its
     median speed, or before it has an accepted round, from what it measured when it joined (None: neither)."""
@@ -242,7 +261,7 @@ class Strategy:
         self.global_ = self.make_aggregator()
         self.nodes: dict[str, NodeState] = {}
         self._pending: dict[str, tuple[Assignment, float]] = {}  # node -> (assignment, sparsity before the round)
-        self._structures: dict[tuple, dict] = {}  # distinct kept-index structures (see _intern)
+        self._structures = StructureTable()  # nodes' kept-index structures, one object per distinct one
 
     # ---- the algorithm: what a method overrides -------------------------------------------------------------
     def begin_round(self, rnd: int, nodes: Sequence[NodeInfo]) -> None:
@@ -385,22 +404,13 @@ class Strategy:
         else:
             self.global_.aggregate(pairs)
         for r in results:
-            self.state(r.node_id).record(r, self._intern(r.update))
+            self.state(r.node_id).record(r, self._structures.intern(r.update))
         times = [r.round_time_s for r in results]
         summary = RoundSummary(round=rnd, idle_fraction=planning.idle_fraction(times),
                                mean_round_time_s=sum(times) / max(len(times), 1),
                                max_round_time_s=max(times, default=0.0))
         self.learn(rnd, results, summary)
         return summary
-
-    def _intern(self, update: LoraUpdate) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """The update's kept rows/cols per module, one shared object per distinct structure: nodes alike then share
-        one slice cache entry and one copy in the checkpoint (a fleet has few distinct structures)."""
-        key = tuple((n, m.rows.numpy().tobytes(), m.cols.numpy().tobytes()) for n, m in sorted(update.modules.items()))
-        found = self._structures.get(key)
-        if found is None:
-            found = self._structures[key] = {n: (m.rows.clone(), m.cols.clone()) for n, m in update.modules.items()}
-        return found
 
     # ---- persistence ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

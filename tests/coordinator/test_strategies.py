@@ -19,6 +19,7 @@ from coordinator.strategies import (
     make_strategy,
     node_weights,
 )
+from coordinator.strategies.base import StructureTable
 from shared.config import ConfigError
 from shared.messages import MAX_MAP_ITEMS, RoundConfig, RoundReport
 from shared.updates import GroupScores, LoraUpdate, ModuleUpdate, UpdateError, UpdateLimits
@@ -185,6 +186,21 @@ def _wider(r: NodeResult) -> NodeResult:
     m = r.update.modules["m"]
     wide = ModuleUpdate(A=torch.zeros(m.rank, 5), B=m.B, rows=m.rows, cols=torch.arange(5), shape=(8, 5), scale=m.scale)
     return dataclasses.replace(r, update=LoraUpdate({"m": wide}, r.update.dense, r.update.importance))
+
+
+def test_nodes_of_one_structure_share_one_interned_copy_of_it():
+    """``StructureTable``, through which the root's strategy and each region record their nodes' structures."""
+    table = StructureTable()
+    a = Assignment("nx-2", 0.0, 4, TAU)
+    first, same, other = (result(a, rnd, rows=rows).update
+                          for rnd, rows in ((1, torch.arange(6)), (2, torch.arange(6)), (3, torch.arange(5))))
+    got = table.intern(first)
+    assert table.intern(same) is got and table.intern(other) is not got  # equal kept indices: one object
+    assert torch.equal(got["m"][0], torch.arange(6)) and got["m"][0] is not first.modules["m"].rows  # a copy
+    strat = make_strategy(cfg("fedlora"), total_rounds=3)
+    assigns = strat.configure_round(1, NODES)
+    strat.aggregate_round(1, [result(x, 1, rows=torch.arange(6)) for x in assigns], [])
+    assert len({id(strat.state(n.node_id).structure) for n in NODES}) == 1
 
 
 def test_oom_failure_excludes_heavier_configurations():
