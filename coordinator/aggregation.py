@@ -767,6 +767,49 @@ class ZeroPadLora:
         self.dense = {k[6:]: v for k, v in tensors.items() if k.startswith("dense.")}
 
 
+# The tensor name prefixes of each kind of global state (GlobalLora.state_tensors, ZeroPadLora.state_tensors)
+_STATE_KEYS = {"average": ("delta", "dense", "importance", "scored"), "zero_pad": ("zpB", "zpA", "dense")}
+
+
+def load_state_bytes(data: bytes, limits: UpdateLimits, zero_pad_rank: int | None = None) -> GlobalLora | ZeroPadLora:
+    """A global state from its wire bytes (what a regional aggregator downloads from the root), validated as network
+    data: safetensors of ``GlobalLora.state_tensors``, or with ``zero_pad_rank`` (HetLoRA) of
+    ``ZeroPadLora.state_tensors``, factors padded to exactly that rank; raise UpdateError naming the defect."""
+    if len(data) > limits.max_bytes:
+        raise UpdateError(f"global state of {len(data)} bytes exceeds {limits.max_bytes}")
+    try:
+        tensors = st_load(bytes(data))
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise UpdateError(f"malformed global state: {exc}") from None
+    kind = "average" if zero_pad_rank is None else "zero_pad"
+    for key, t in tensors.items():
+        prefix = key.split(".", 1)[0]
+        if prefix not in _STATE_KEYS[kind] or "." not in key:
+            other = "zero_pad" if kind == "average" else "average"
+            why = (f"a {other} state's tensor, but the round asks for the {kind} aggregation"
+                   if prefix in _STATE_KEYS[other] and "." in key else "unexpected tensor")
+            raise UpdateError(f"global state: {why} ({key!r})")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UpdateError(f"global state {key}: NaN or Inf")
+        if prefix in ("delta", "zpB", "zpA") and (t.dim() != 2 or not t.is_floating_point()):
+            raise UpdateError(f"global state {key}: must be a float matrix")
+    if zero_pad_rank is None:
+        g = GlobalLora()
+        g.load_tensors(tensors)
+        return g
+    for key, B in tensors.items():
+        if key.startswith("zpB."):
+            A = tensors.get(f"zpA.{key[4:]}")
+            if A is None or B.shape[1] != zero_pad_rank or A.shape[0] != zero_pad_rank:
+                raise UpdateError(f"global state {key}: needs zpB (out x {zero_pad_rank}) and zpA.{key[4:]} "
+                                  f"({zero_pad_rank} x in), padded to the round's zero_pad_rank")
+    if {k[4:] for k in tensors if k.startswith("zpA.")} != {k[4:] for k in tensors if k.startswith("zpB.")}:
+        raise UpdateError("global state: a zpA factor without its zpB")
+    z = ZeroPadLora(rank=zero_pad_rank)
+    z.load_tensors(tensors)
+    return z
+
+
 def _padded(x: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
     """A factor zero-padded to ``rank`` components along ``dim`` (B: columns, dim 1; A: rows, dim 0)."""
     missing = rank - x.shape[dim]

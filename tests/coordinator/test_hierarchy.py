@@ -8,8 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from coordinator.aggregation import GlobalLora, Partial, ZeroPadLora, merge
-from coordinator.region import load_state
+from coordinator.aggregation import GlobalLora, Partial, ZeroPadLora, load_state_bytes, merge
 from shared.updates import GroupScores, LoraUpdate, ModuleUpdate, UpdateError, UpdateLimits
 
 ALPHA = 16.0
@@ -218,9 +217,10 @@ def _copy_zp(z: ZeroPadLora) -> ZeroPadLora:
 
 
 def test_zero_padding_regions_partials_applied_at_the_root_equal_flat_aggregation_on_120_random_fleets():
-    """HetLoRA under regions: each region loads the root's zero-padded state from its bytes (``load_state``), sums its
-    nodes' factors padded to the fleet's padding rank and sends them as bytes; the root merges, divides and moves by the
-    server momentum once.  That is flat ``ZeroPadLora.aggregate`` of every node, on 120 fleets of mixed tier ranks."""
+    """HetLoRA under regions: each region loads the root's zero-padded state from its bytes (``load_state_bytes``),
+    sums its nodes' factors padded to the fleet's padding rank and sends them as bytes; the root merges, divides and
+    moves by the server momentum once.  That is flat ``ZeroPadLora.aggregate`` of every node, on 120 fleets of mixed
+    tier ranks."""
     worst = 0.0
     for seed in range(120):
         rng, z, pairs = _zero_pad_fleet(5000 + seed)
@@ -232,7 +232,7 @@ def test_zero_padding_regions_partials_applied_at_the_root_equal_flat_aggregatio
             regions[rng.randrange(len(regions))].append(i)
         partials = []
         for members in regions:
-            region = load_state(wire, UpdateLimits(), z.rank) if wire is not None else ZeroPadLora(rank=z.rank)
+            region = load_state_bytes(wire, UpdateLimits(), z.rank) if wire is not None else ZeroPadLora(rank=z.rank)
             part = region.partial([pairs[i] for i in members])
             partials.append(Partial.from_bytes(part.to_bytes()))
         for part in partials:
@@ -302,16 +302,16 @@ def test_malformed_or_mismatched_zero_padding_partials_and_states_are_refused():
     # The region's view of the root's state: the kind the round asks for, padded to exactly its rank
     z.aggregate(pairs)
     zp_state, avg_state = st_save(z.state_tensors()), st_save({"delta.m0": torch.ones(3, 3)})
-    assert isinstance(load_state(zp_state, UpdateLimits(), z.rank), ZeroPadLora)
+    assert isinstance(load_state_bytes(zp_state, UpdateLimits(), z.rank), ZeroPadLora)
     with pytest.raises(UpdateError, match="zero_pad state's tensor, but the round asks for the average"):
-        load_state(zp_state, UpdateLimits())
+        load_state_bytes(zp_state, UpdateLimits())
     with pytest.raises(UpdateError, match="average state's tensor, but the round asks for the zero_pad"):
-        load_state(avg_state, UpdateLimits(), z.rank)
+        load_state_bytes(avg_state, UpdateLimits(), z.rank)
     with pytest.raises(UpdateError, match="padded to the round's zero_pad_rank"):
-        load_state(zp_state, UpdateLimits(), z.rank + 1)
+        load_state_bytes(zp_state, UpdateLimits(), z.rank + 1)
     with pytest.raises(UpdateError, match="without its zpB"):
-        load_state(st_save({k: v for k, v in z.state_tensors().items() if not k.startswith("zpB.")}), UpdateLimits(),
-                   z.rank)
+        load_state_bytes(st_save({k: v for k, v in z.state_tensors().items() if not k.startswith("zpB.")}),
+                         UpdateLimits(), z.rank)
     # An update the padding cannot hold, or pruned, is refused before it is summed
     big = {n: ModuleUpdate(A=torch.zeros(z.rank + 1, c), B=torch.zeros(r, z.rank + 1), rows=torch.arange(r),
                            cols=torch.arange(c), shape=(r, c), scale=1.0) for n, (r, c) in z.shapes.items()}
