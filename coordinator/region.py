@@ -34,7 +34,6 @@ broadcast topic; the region counts its nodes' ExportReports by status and answer
 
 from __future__ import annotations
 
-import math
 import queue
 import signal
 import threading
@@ -44,7 +43,7 @@ from dataclasses import dataclass, field
 from coordinator import planning
 from coordinator.aggregation import GlobalLora, ZeroPadLora, load_state_bytes
 from coordinator.registry import Registry
-from coordinator.server import OFFLINE_GRACE_S, send_round_again
+from coordinator.server import OFFLINE_GRACE_S, quorum_count, send_round_again
 from coordinator.strategies.base import (
     NodeInfo,
     NodeResult,
@@ -288,7 +287,7 @@ class Region:
         if rr.local_steps == 0:  # the final sync: the nodes evaluated the final state and keep it for the export
             self._report(rr, cpu0, accepted=len(accepted), failed=failed)
             return
-        if not sent or len(accepted) < max(1, math.ceil(self.cfg.region.quorum * len(sent))):
+        if not sent or len(accepted) < quorum_count(self.cfg.region.quorum, len(sent)):
             self._report(rr, cpu0, error=f"{len(accepted)} of {len(sent)} nodes' updates arrived", failed=failed)
             return
         results = [accepted[n] for n in sorted(accepted)]
@@ -425,12 +424,17 @@ class Region:
                         send_round_again(self.transport, self.reassembler, self.down, nid, sent[nid].config)
                 elif kind == "report" and isinstance(payload, ExportReport):
                     self._idle(ev)
-                elif kind == "report" and nid in pending and nid not in done:
-                    if payload.run_id == rr.run_id and payload.round == rr.round:
-                        if payload.status != "ok" or payload.transfer_id != pending[nid]:
-                            done.add(nid)
-                        else:
-                            reports[nid] = payload
+                elif kind == "report" and nid in pending and nid not in done:  # as server.Coordinator._take_report
+                    if payload.run_id != rr.run_id or payload.round != rr.round:
+                        self.log.info("stale_report_dropped", node=nid, report_round=payload.round)
+                    elif payload.status != "ok":
+                        done.add(nid)
+                        self.log.warning("node_round_failed", node=nid, status=payload.status, error=payload.error)
+                    elif payload.transfer_id != pending[nid]:  # not this round's upload: waited past, not failed
+                        self.log.warning("report_rejected", node=nid,
+                                         error=f"transfer {payload.transfer_id!r} != {pending[nid]!r}")
+                    else:
+                        reports[nid] = payload
                 elif kind == "upload" and nid in pending and nid not in done:
                     if payload[0] == pending[nid]:
                         payloads[nid] = (payload[1], time.monotonic())

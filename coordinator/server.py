@@ -68,6 +68,12 @@ def send_round_again(transport, reassembler: Reassembler, topics: Topics, node_i
             transfer_id=cfg.download_transfer_id, requester=node_id, missing=[]))
 
 
+def quorum_count(share: float, n: int) -> int:
+    """How many of a round's ``n`` participants must answer for it to count: the quorum ``share`` of them rounded
+    up, and at least one.  The root's flat and hierarchical rounds and each region's (region.py) use it."""
+    return max(1, math.ceil(share * n))
+
+
 @dataclass
 class _Pending:
     """One participant's state within the round being collected."""
@@ -438,7 +444,7 @@ class Coordinator:
         reports = [p["report"] for p in pending.values() if p["report"] is not None]
         accepted = sum(p.nodes for p in partials.values())
         participants = sum(r.accepted + r.failed for r in reports)
-        if accepted < max(1, math.ceil(rs.quorum * participants)):
+        if accepted < quorum_count(rs.quorum, participants):
             log.warning("round_below_quorum", accepted=accepted, participants=participants, failed_regions=failed)
             return False
         try:
@@ -645,7 +651,7 @@ class Coordinator:
             self._active = 0
         for p in pending.values():
             self.reassembler.forget(p.upload_tid)
-        quorum = max(1, int(-(-rs.quorum * len(assignments) // 1)))
+        quorum = quorum_count(rs.quorum, len(assignments))
         if len(results) < quorum:
             log.warning("round_below_quorum", accepted=len(results), quorum=quorum,
                         failures={f.node_id: f.reason for f in failures})

@@ -303,6 +303,52 @@ def test_a_region_sends_a_node_back_from_offline_its_round_again_and_gives_up_on
     region.transport.stop()
 
 
+def test_a_region_waits_past_a_report_of_another_transfer_as_the_root_does_and_fails_a_node_that_reports_failure():
+    """The root's rules for a node's report (server.Coordinator._take_report): one naming another transfer (a stale
+    one) is logged and waited past, so the node's real answer still counts; a failed status fails the node."""
+    import time
+
+    from coordinator.registry import Registry
+    from shared.messages import NodeStatus, RegionRound, RoundReport
+    from shared.updates import LoraUpdate, ModuleUpdate
+
+    bus = MemoryBus()
+    cfg = RegionConfig.from_dict({"broker": {"url": "mqtt://localhost:1883"},
+                                  "region": {"region_id": "east", "deadline_s": 5.0}})
+    region = Region(cfg, transport=MemoryTransport(bus, "region-east"))
+    region.transport.start()
+    region.registry = Registry()
+    for nid in ("agx-1", "nx-2"):
+        region.registry.apply(NodeStatus(node_id=nid, state="online", ts=1.0), 1.0, 0)
+    rr = RegionRound(run_id="r1", round=2, rank=4, sent_rank=4, local_steps=2, target_sparsity=0.0, importance=False,
+                     deadline_ts=time.time() + 5, download_transfer_id=None, upload_transfer_id="r1.r2.east.up")
+    end = time.monotonic() + 3.0
+    pending = region._send_configs(rr, region.registry.live(), end)
+    up = pending["agx-1"].config.upload_transfer_id
+    g = torch.Generator().manual_seed(0)
+    data = LoraUpdate({"layer.q": ModuleUpdate(A=torch.randn(4, 4, generator=g), B=torch.randn(8, 4, generator=g),
+                                               rows=torch.arange(8), cols=torch.arange(4), shape=(8, 4),
+                                               scale=4.0)}).to_bytes()
+
+    def report(nid: str, **kw) -> RoundReport:
+        return RoundReport(**{"run_id": "r1", "round": 2, "node_id": nid, "status": "ok", "transfer_id": up,
+                              "upload_bytes": len(data), "samples": 8, "steps": 2, "rank": 4, **kw})
+
+    region.events.put(("report", "agx-1", report("agx-1", transfer_id="r1.r2.east.agx-1.up.old")))
+    region.events.put(("report", "agx-1", report("agx-1")))
+    region.events.put(("upload", "agx-1", (up, data)))
+    region.events.put(("report", "nx-2", report("nx-2", status="oom", error="CUDA out of memory",
+                                               transfer_id=pending["nx-2"].config.upload_transfer_id)))
+    with structlog.testing.capture_logs() as lines:
+        accepted, failed = region._collect(rr, pending, end)
+    assert sorted(accepted) == ["agx-1"] and failed == 1, (accepted, failed)
+    assert accepted["agx-1"].steps == 2 and accepted["agx-1"].upload_bytes == len(data)
+    assert [(e["event"], e["node"]) for e in lines if e["log_level"] == "warning"] == \
+        [("report_rejected", "agx-1"), ("node_round_failed", "nx-2")]
+    assert time.monotonic() < end  # every node answered: the region did not wait to its deadline
+    region.transport.stop()
+
+
 def test_partials_that_disagree_fail_the_round_which_is_retried_instead_of_stopping_the_root(tmp_path, monkeypatch):
     from coordinator.aggregation import GlobalLora
     from shared.updates import UpdateError

@@ -13,7 +13,7 @@ import torch
 
 from coordinator import planning
 from coordinator.config import CoordinatorConfig
-from coordinator.server import MAX_RETRIES, Coordinator
+from coordinator.server import MAX_RETRIES, Coordinator, quorum_count
 from coordinator.state import CheckpointStore
 from edge_node.agent import NodeAgent
 from edge_node.config import NodeConfig
@@ -406,6 +406,13 @@ def test_below_quorum_round_is_retried_then_training_stops(tmp_path):
     assert summary.rounds_done == 0 and "quorum" in summary.stopped_early
     assert len(trainers["agx-1"].calls) == 1 + MAX_RETRIES  # the round was tried, then retried MAX_RETRIES times
     assert not (tmp_path / "coord" / "checkpoint.json").exists()
+
+
+def test_the_quorum_is_the_share_of_participants_rounded_up_and_at_least_one():
+    """``quorum_count``: the one rule of the root's flat and hierarchical rounds and of each region's."""
+    assert [quorum_count(0.5, n) for n in range(6)] == [1, 1, 1, 2, 2, 3]
+    assert quorum_count(1.0, 7) == 7 and quorum_count(0.01, 7) == 1 and quorum_count(0.3, 10) == 3
+    assert all(quorum_count(q / 20, n) == max(1, int(-(-(q / 20) * n // 1))) for q in range(1, 21) for n in range(50))
 
 
 @pytest.mark.parametrize("state", ["offline"])
