@@ -372,9 +372,9 @@ class Region:
         sent, encoded = {}, {}
         for node in nodes:
             nid, st, w = node.node_id, self.state(node.node_id), work[node.node_id]
-            up = f"{rr.run_id}.r{rr.round}.{self.rid}.{nid}.up"
+            up = f"{rr.run_id}.r{rr.round}.a{rr.attempt}.{self.rid}.{nid}.up"  # a retried round's differ
             g = self._slice(st, self._sent_rank(rr, ranks[nid]))
-            down = f"{rr.run_id}.r{rr.round}.{self.rid}.{nid}.down" if g is not None else None
+            down = f"{rr.run_id}.r{rr.round}.a{rr.attempt}.{self.rid}.{nid}.down" if g is not None else None
             self.reassembler.expect(up, nid)
             msg = RoundConfig(run_id=rr.run_id, round=rr.round, rank=ranks[nid], local_steps=w.steps,
                               target_sparsity=max(rr.target_sparsity, st.sparsity), importance=rr.importance,

@@ -71,7 +71,7 @@ def send_round_again(transport, reassembler: Reassembler, topics: Topics, node_i
 def quorum_count(share: float, n: int) -> int:
     """How many of a round's ``n`` participants must answer for it to count: the quorum ``share`` of them rounded
     up, and at least one.  The root's flat and hierarchical rounds and each region's (region.py) use it."""
-    return max(1, math.ceil(share * n))
+    return max(1, math.ceil(share * n - 1e-9))  # 0.07 × 100 is 7.000000000000001 in floating point
 
 
 @dataclass
@@ -419,7 +419,7 @@ class Coordinator:
         # round that tracks it): each region answers with its nodes' slowest completion under it.
         nxt = self.strategy.fleet_plan(rnd + 1, fleet_importance=self.strategy.has_fleet_importance()
                                        or plan.importance) if rnd < rs.rounds else None
-        pending = self._send_region_rounds(rnd, f"a{attempt}", regions, plan, finish, nxt)
+        pending = self._send_region_rounds(rnd, attempt, regions, plan, finish, nxt)
         if idle := self.registry.live_count():  # a hierarchical round goes to the regions only: say so every round
             log.warning("direct_nodes_sit_out", nodes=idle, regions=regions,
                         hint="nodes connected to the root take no part while regions are online; give each a "
@@ -475,11 +475,13 @@ class Coordinator:
         finish = max(g[1] for g in got)
         return finish if finish > 0 else None
 
-    def _send_region_rounds(self, rnd: int, tag: str, regions: list[str], plan: FleetPlan,
+    def _send_region_rounds(self, rnd: int, attempt: int | None, regions: list[str], plan: FleetPlan,
                             finish_s: float | None = None, next_plan: FleetPlan | None = None) -> dict[str, dict]:
-        """Publish each region's RegionRound (``plan``, paced to ``finish_s``, asking for its nodes' slowest
-        completion under ``next_plan``) and the global state (chunked, one encoding for all)."""
+        """Publish each region's RegionRound (try ``attempt`` of round ``rnd``, None: the final sync; ``plan``,
+        paced to ``finish_s``, asking for its nodes' slowest completion under ``next_plan``) and the global state
+        (chunked, one encoding for all)."""
         rs, g = self.cfg.coordinator, self.strategy.global_
+        tag = "final" if attempt is None else f"a{attempt}"
         state = st_save(g.state_tensors()) if not g.empty else None
         pending: dict[str, dict] = {}
         for rid in regions:
@@ -488,7 +490,7 @@ class Coordinator:
             self.reassembler.expect(up, rid)
             msg = RegionRound(run_id=self.run_id, round=rnd, target_sparsity=plan.target_sparsity, rank=plan.rank,
                               sent_rank=plan.sent_rank, local_steps=plan.local_steps, importance=plan.importance,
-                              deadline_ts=time.time() + rs.deadline_s, upload_transfer_id=up,
+                              attempt=attempt or 0, deadline_ts=time.time() + rs.deadline_s, upload_transfer_id=up,
                               download_transfer_id=down, finish_s=finish_s,
                               next_target_sparsity=next_plan.target_sparsity if next_plan else None,
                               next_rank=next_plan.rank if next_plan else None, tier_ranks=plan.tier_ranks or {},
@@ -509,7 +511,7 @@ class Coordinator:
         rank = self.strategy.deploy_rank()
         plan = FleetPlan(target_sparsity=last.target_sparsity, rank=rank, sent_rank=rank, local_steps=0,
                          importance=False, zero_pad_rank=last.zero_pad_rank)  # every node: the deployed rank
-        pending = self._send_region_rounds(rnd, "final", regions, plan)
+        pending = self._send_region_rounds(rnd, None, regions, plan)
         self._active = rnd
         try:
             _, failed = self._collect_regions(pending, time.monotonic() + rs.deadline_s + 30.0, log, partial=False)

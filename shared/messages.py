@@ -467,6 +467,7 @@ class RegionRound(Message):
     upload_transfer_id: str = spec(check="transfer_id")
     download_transfer_id: str | None = spec(check="transfer_id")
     importance: bool = spec(True)  # the nodes track importance during the steps (they will still be cut)
+    attempt: int = spec(0, lo=0, hi=10**6)  # the root's try of this round: names the region's node transfers
     finish_s: float | None = spec(None, lo=0.0, hi=1e7)  # seconds on each node's round clock, as RoundConfig's
     next_target_sparsity: float | None = spec(None, lo=0.0, hi=0.999999)
     next_rank: int | None = spec(None, lo=1, hi=4096)

@@ -367,3 +367,7 @@ def test_partials_that_disagree_fail_the_round_which_is_retried_instead_of_stopp
     refused = [e for e in run.lines if e["event"] == "region_partials_refused"]
     assert [(e["round"], e["log_level"]) for e in refused] == [(1, "error")]
     assert [r["round"] for r in rows(tmp_path, "round")] == [1, 2, 3]  # round 1 counted once, after its retry
+    # The retry's transfers are new ones at every node: an upload left over from the first try cannot answer it.
+    for n in NODES:
+        first = [c.upload_transfer_id for c in run.configs[n] if c.round == 1]
+        assert len(first) == 2 and first[0] != first[1] and ".a0." in first[0] and ".a1." in first[1], first

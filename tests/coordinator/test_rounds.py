@@ -412,7 +412,9 @@ def test_the_quorum_is_the_share_of_participants_rounded_up_and_at_least_one():
     """``quorum_count``: the one rule of the root's flat and hierarchical rounds and of each region's."""
     assert [quorum_count(0.5, n) for n in range(6)] == [1, 1, 1, 2, 2, 3]
     assert quorum_count(1.0, 7) == 7 and quorum_count(0.01, 7) == 1 and quorum_count(0.3, 10) == 3
-    assert all(quorum_count(q / 20, n) == max(1, int(-(-(q / 20) * n // 1))) for q in range(1, 21) for n in range(50))
+    # exactly ⌈q·n⌉ where q·n is a whole number that floating point overshoots (0.07 × 100 = 7.000000000000001)
+    assert quorum_count(0.07, 100) == 7 and quorum_count(0.7, 10) == 7
+    assert all(quorum_count(k / 100, n) == max(1, -(-k * n // 100)) for k in range(1, 101) for n in range(200))
 
 
 @pytest.mark.parametrize("state", ["offline"])
