@@ -71,13 +71,10 @@ from shared.messages import (
     decode_from,
     encode,
 )
-from shared.topics import TopicError, check_node_id
+from shared.topics import COORDINATOR_ID, TopicError, check_node_id
 from shared.transport import CHUNK_OVERHEAD, MqttTransport
 from shared.updates import LORA_ALPHA, LoraUpdate, UpdateError, UpdateLimits
 
-# The root's chunks carry this sender (coordinator.server.COORDINATOR_ID); to its nodes the region is their
-# coordinator, so its chunks and resend requests downward carry it too (a node accepts no other).
-ROOT_SENDER = "coordinator"
 STATUS_EVERY_S = 1.0  # the region's presence (with its live node count) is republished at most this often
 
 
@@ -181,11 +178,11 @@ class Region:
             self.events.put(("command", None, msg))
         elif msg:
             if msg.download_transfer_id:  # before its chunks arrive (a chunk that came first is asked for again)
-                self.reassembler.expect(msg.download_transfer_id, ROOT_SENDER)
+                self.reassembler.expect(msg.download_transfer_id, COORDINATOR_ID)
             self.events.put(("round", None, msg))
 
     def _on_download(self, topic: str, payload: bytes) -> None:
-        self._feed(topic, payload, ROOT_SENDER, "global")
+        self._feed(topic, payload, COORDINATOR_ID, "global")
 
     def _on_resend(self, topic: str, payload: bytes) -> None:
         req = decode_from(payload, ResendRequest, topic=topic, log=self.log)
@@ -267,7 +264,7 @@ class Region:
                     return True
                 except UpdateError as exc:
                     self.log.warning("global_state_rejected", error=str(exc))
-                    self.reassembler.expect(tid, ROOT_SENDER)
+                    self.reassembler.expect(tid, COORDINATOR_ID)
             elif ev is not None and ev[0] not in ("round", "global"):
                 self._idle(ev)
             req = self.reassembler.resend_request(tid, self.rid, idle_s=1.0)  # resume: ask for what is missing
@@ -385,7 +382,7 @@ class Region:
             if g is not None:
                 if id(g) not in encoded:
                     encoded[id(g)] = g.to_bytes()
-                self.transport.send_transfer(self.down.node(nid, "download"), encoded[id(g)], down, ROOT_SENDER)
+                self.transport.send_transfer(self.down.node(nid, "download"), encoded[id(g)], down, COORDINATOR_ID)
         return sent
 
     @staticmethod
@@ -449,7 +446,7 @@ class Region:
                     if res is not None:
                         accepted[nid] = res
             for nid in set(reports) - set(payloads) - done:  # resume a stalled upload
-                req = self.reassembler.resend_request(pending[nid], ROOT_SENDER)
+                req = self.reassembler.resend_request(pending[nid], COORDINATOR_ID)
                 if req is not None:
                     self.transport.publish(self.down.node(nid, "resend"), encode(req), qos=1)
         for up in pending.values():

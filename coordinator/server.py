@@ -46,11 +46,9 @@ from shared.messages import (
     decode_from,
     encode,
 )
-from shared.topics import Topics
+from shared.topics import COORDINATOR_ID, Topics
 from shared.transport import CHUNK_OVERHEAD, MqttTransport
 from shared.updates import UpdateError, UpdateLimits
-
-COORDINATOR_ID = "coordinator"
 
 
 def send_round_again(transport, reassembler: Reassembler, topics: Topics, node_id: str, cfg: RoundConfig) -> None:

@@ -36,11 +36,10 @@ from shared.messages import (
     decode_from,
     encode,
 )
-from shared.topics import TopicError
+from shared.topics import COORDINATOR_ID, TopicError
 from shared.transport import CHUNK_OVERHEAD, MqttTransport
 from shared.updates import LoraUpdate, UpdateError
 
-COORDINATOR_ID = "coordinator"
 IDENTITY_TIMEOUT_S = 5.0  # the start-up probe on the node's own status topic must come back within this
 CALIBRATION_STEPS = 5  # local steps timed before joining, to size the node's first round
 

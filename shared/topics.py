@@ -34,6 +34,9 @@ import re
 from dataclasses import dataclass
 
 DEFAULT_ROOT = "fedspine/v1"
+# The sender id of the coordinator's chunks and resend requests, which a node accepts from no one else; a regional
+# aggregator sends as it to its own nodes.  Also the coordinator's node_id in its logs.
+COORDINATOR_ID = "coordinator"
 
 # What a node publishes in its own sub-tree, and what it receives there.
 NODE_WRITES = ("status", "telemetry", "telemetry/round", "report", "upload", "missing")
