@@ -816,9 +816,3 @@ def _padded(x: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
     if missing <= 0:
         return x
     return torch.nn.functional.pad(x, (0, missing) if dim == 1 else (0, 0, 0, missing))
-
-
-def fedavg(updates: Sequence[tuple[LoraUpdate, float]], name: str) -> torch.Tensor:
-    """Plain FedAvg of the dense updates of one module (all nodes share the structure): the reference."""
-    total = sum(w for _, w in updates)
-    return sum(w * u.modules[name].dense_delta() for u, w in updates) / total

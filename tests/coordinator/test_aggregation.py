@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from coordinator.aggregation import GlobalLora, ZeroPadLora, factorize, fedavg
+from coordinator.aggregation import GlobalLora, ZeroPadLora, factorize
 from shared.updates import GroupScores, LoraUpdate, ModuleUpdate, UpdateError
 
 
@@ -14,6 +14,12 @@ def upd(rank, rows=None, cols=None, shape=(6, 5), seed=0, dense=None, alpha=16.0
     m = ModuleUpdate(A=torch.randn(rank, len(cols), generator=g), B=torch.randn(len(rows), rank, generator=g),
                      rows=rows, cols=cols, shape=shape, scale=alpha / rank)
     return LoraUpdate({"q": m}, dense or {})
+
+
+def fedavg(updates: list[tuple[LoraUpdate, float]], name: str) -> torch.Tensor:
+    """The reference: plain FedAvg of the dense updates of one module (all nodes share the structure)."""
+    total = sum(w for _, w in updates)
+    return sum(w * u.modules[name].dense_delta() for u, w in updates) / total
 
 
 def test_equals_fedavg_when_structure_and_rank_are_shared():
