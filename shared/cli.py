@@ -104,6 +104,13 @@ def run_service(command: str, run) -> int:
         return _start_up_failed(command, f"data error: {exc}", 2)
     except TransportError as exc:  # broker down or refusing us at start-up: exit 1 so that systemd tries again
         return _start_up_failed(command, str(exc), 1)
+    except Exception:  # a bug or a file no check foresaw: its traceback in the JSON log, not after it
+        from shared.logs import get_logger, json_lines
+
+        if not json_lines():
+            raise
+        get_logger(command).exception("service_failed", exit_status=1)
+        return 1
 
 
 def _start_up_failed(command: str, error: str, status: int) -> int:

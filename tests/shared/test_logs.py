@@ -107,3 +107,18 @@ def test_the_reason_a_service_stops_is_a_json_line_where_it_logs_json(stderr: Er
         assert record["error"] == message and record["exit_status"] == 2
     else:
         assert out == message
+
+
+def test_a_service_that_crashes_logs_its_traceback_as_a_json_line(stderr: Err) -> None:
+    """Anything no check foresaw (a model folder transformers cannot read, a bug): exit 1 as an uncaught exception
+    would, with the traceback inside a JSON line at level error instead of plain text after the JSON lines."""
+    from shared.cli import run_service
+
+    def crashes() -> int:
+        raise RuntimeError("boom")
+
+    logs.configure_logging(json=True)
+    assert run_service("node", crashes) == 1
+    record = json.loads(stderr.getvalue().strip())
+    assert record["event"] == "service_failed" and record["level"] == "error" and record["exit_status"] == 1
+    assert "Traceback" in record["exception"] and "RuntimeError: boom" in record["exception"]
