@@ -30,7 +30,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from shared.chunking import Outbox, split
-from shared.config import BrokerConfig
+from shared.config import BrokerConfig, ConfigError
 from shared.logs import get_logger
 from shared.messages import MAX_MESSAGE_BYTES, Chunk, ResendRequest, encode
 from shared.topics import TopicError, Topics
@@ -219,7 +219,10 @@ class MqttTransport(_Base):
         if broker.username:
             c.username_pw_set(broker.username, broker.resolved_password())
         if broker.tls:
-            c.tls_set(ca_certs=broker.ca_file, cert_reqs=ssl.CERT_REQUIRED)
+            try:
+                c.tls_set(ca_certs=broker.ca_file, cert_reqs=ssl.CERT_REQUIRED)
+            except (OSError, ssl.SSLError) as exc:  # paho's own error names no file
+                raise ConfigError(f"[broker] cannot read ca_file {broker.ca_file}: {exc}") from None
         if will is not None:
             c.will_set(will[0], will[1], qos=1, retain=True)
         c.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)  # type: ignore[arg-type]

@@ -91,3 +91,16 @@ def _plain_listener_port() -> int:
 
     threading.Thread(target=serve, daemon=True).start()
     return server.getsockname()[1]
+
+
+@pytest.mark.parametrize("content", [None, "not a certificate\n"], ids=["missing", "not-pem"])
+def test_a_ca_file_that_cannot_be_read_is_a_configuration_error_naming_it(tmp_path, content) -> None:
+    """A kit folder copied elsewhere (its paths are absolute) left ca_file pointing nowhere: paho raised a bare
+    FileNotFoundError naming no file, a traceback and exit 1 that systemd restarts forever."""
+    from shared.config import ConfigError
+
+    ca = tmp_path / "ca.crt"
+    if content is not None:
+        ca.write_text(content)
+    with pytest.raises(ConfigError, match=rf"\[broker\] cannot read ca_file {ca}"):
+        MqttTransport(BrokerConfig(url="mqtts://127.0.0.1:8883", ca_file=str(ca)), "probe-ca-file")
