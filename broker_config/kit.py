@@ -333,6 +333,30 @@ def _secret(path: Path) -> str:
     return password
 
 
+def run_user_missing(run_user: str) -> bool:
+    """Whether ``run_user`` does not exist on this machine (the kit then leaves the broker files' group alone)."""
+    try:
+        pwd.getpwnam(run_user)
+    except KeyError:
+        return True
+    return False
+
+
+def _run_user_note(fleet: Fleet, files: str, host: str, mosquitto: bool) -> list[str]:
+    """What the kit did about the broker files' group, and what is left to the operator on ``host``."""
+    group = _group_of(fleet.run_user)
+    if not run_user_missing(fleet.run_user):
+        return [f"so they must belong to its group: `chgrp {group} {files}` (the kit does it when run as root)."]
+    lines = [f"so they must belong to its group; there is no user `{fleet.run_user}` on the machine that wrote this "
+             f"kit, which left their group alone: on {host}",
+             f"create that user and run `chgrp {group} {files}` there, or set `[broker] run_user` in fleet.toml to the "
+             "user the broker runs as."]
+    if mosquitto:
+        lines += ["mosquitto started as root stops if that user is missing; started as another user it stays that "
+                  "user (it ignores `user`", "in mosquitto.conf), which must read the files."]
+    return lines
+
+
 def _group_of(run_user: str) -> str:
     try:
         return grp.getgrgid(pwd.getpwnam(run_user).pw_gid).gr_name
@@ -566,8 +590,8 @@ def kit_readme(fleet: Fleet, out: Path) -> str:
         "Each `password` file (mode 0600) is that process's broker secret; `broker/passwd` holds their hashes.",
         f"`broker/passwd`, `broker/acl`{' and `broker/server.key`' if tls else ''} are mode 0640: mosquitto, started "
         f"as root, drops to `{fleet.run_user}`,",
-        f"so they must belong to its group: `chgrp {_group_of(fleet.run_user)} broker/passwd broker/acl"
-        f"{' broker/server.key' if tls else ''}` (the kit does it when run as root).",
+        *_run_user_note(fleet, f"broker/passwd broker/acl{' broker/server.key' if tls else ''}",
+                        "the broker's host", mosquitto=True),
     ]
     if tls:
         lines += ["", "`ca/ca.key` signs the members' certificates (each names its member's host): keep it off the "
@@ -612,8 +636,8 @@ def _nats_readme(fleet: Fleet) -> list[str]:
         "",
         f"In each member folder `nats.conf` (the route secret), `nats-auth.conf`{' and `server.key`' if fleet.tls else ''}"
         " are mode 0640:",
-        f"nats-server run as `{fleet.run_user}` (Debian's unit) must read them: `chgrp {_group_of(fleet.run_user)} {files}`",
-        "(the kit does it when run as root).",
+        f"nats-server run as `{fleet.run_user}` (Debian's unit) must read them,",
+        *_run_user_note(fleet, files, "each member's host", mosquitto=False),
     ]
 
 
@@ -627,11 +651,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="kit folder (created; secrets and CA found there are kept)")
     a = ap.parse_args(argv)
     try:
-        written = build_kit(load_fleet(a.fleet), a.out)
+        fleet = load_fleet(a.fleet)
+        written = build_kit(fleet, a.out)
     except (ConfigError, RuntimeError, OSError) as exc:
         print(f"fedspine kit: {exc}", file=sys.stderr)
         return 2
     for part, path in written.items():
         print(f"{part}: {path}")
     print(f"which file goes where: {Path(a.out).resolve() / 'README.md'}")
+    if run_user_missing(fleet.run_user):
+        stops = "; mosquitto started here as root would stop" if fleet.engine == "mosquitto" else ""
+        print(f"fedspine kit: note: [broker] run_user {fleet.run_user!r} does not exist on this machine, so the broker "
+              f"files keep their group{stops} (README.md in the kit says what to do)", file=sys.stderr)
     return 0

@@ -61,7 +61,9 @@ class LocalMosquitto:
         self.root = root
         self.host = host
         self.port = free_port(host)
-        self.tls_port = free_port(host) if tls else None
+        self.tls_port = None
+        while tls and self.tls_port in (None, self.port):  # the kernel may hand the same free port out twice
+            self.tls_port = free_port(host)
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="fedspine-mosquitto-")
         self.dir = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,13 @@ from shared.updates import LoraUpdate, UpdateError
 
 IDENTITY_TIMEOUT_S = 5.0  # the start-up probe on the node's own status topic must come back within this
 CALIBRATION_STEPS = 5  # local steps timed before joining, to size the node's first round
+# A node that gets no round logs so, after this long and then at doubling intervals up to an hour: a coordinator
+# that refused it (other labels or base model) says so only in its own log, on another host.
+IDLE_NOTICE_S = 300.0
+IDLE_NOTICE_MAX_S = 3600.0
+IDLE_HINT = ("no round or command has reached this node: is the coordinator running on this topic_root? Its log says "
+             "why it leaves a node out (node_refused_labels, node_refused_base_model: this node's labels or model "
+             "differ from the fleet's) or what it waits for (waiting_for_nodes)")
 
 
 @dataclass(frozen=True)
@@ -331,11 +338,19 @@ class NodeAgent:
             if self._telemetry is not None:
                 self._telemetry.start()
             self.log.info("node_joined", device_type=self.cfg.node.device_type, model=self.cfg.node.model_path)
+            idle_since, interval = time.monotonic(), IDLE_NOTICE_S
+            notice_at = idle_since + interval
             while not self._stop.is_set():
                 try:
                     ev = self.events.get(timeout=0.5)
                 except queue.Empty:
+                    if time.monotonic() >= notice_at:
+                        self.log.info("waiting_for_rounds", idle_s=round(time.monotonic() - idle_since), hint=IDLE_HINT)
+                        interval = min(2 * interval, IDLE_NOTICE_MAX_S)
+                        notice_at = time.monotonic() + interval
                     continue
+                idle_since, interval = time.monotonic(), IDLE_NOTICE_S
+                notice_at = idle_since + interval
                 kind, msg = ev
                 if kind == "config":
                     self._on_round_config(msg)

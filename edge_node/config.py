@@ -112,3 +112,6 @@ class NodeConfig(Sections):
                 raise ConfigError(f"[node] {key} {value!r} does not exist")
             if value and not os.access(value, os.R_OK):
                 raise ConfigError(f"[node] {key} {value!r} is not readable by this user")
+        if not (Path(n.model_path) / "config.json").is_file():  # else a tokenizer error from deep in transformers
+            raise ConfigError(f"[node] model_path {n.model_path!r} holds no config.json: it must be the Hugging Face "
+                              "model folder itself (config.json, weights, tokenizer files)")

@@ -243,6 +243,7 @@ class LocalTrainer:
         params = sum(p.numel() for n, p in self.model.named_parameters() if p.dim() == 2 and "embeddings" not in n)
         self.work_s += share * MODEL_STEP_S * batch["input_ids"].numel() * params
 
+    @torch.no_grad()  # evaluation keeps no graph: on a Jetson that graph is memory the next steps need
     def _evaluate(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         self.model.eval()
         loss_sum = correct = count = 0.0

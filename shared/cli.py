@@ -90,24 +90,41 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_service(command: str, run) -> int:
-    """Run a service, turning start-up errors into one line and an exit code systemd understands: 2 for a
-    configuration or data error (fixed by the operator, not by restarting), 1 for the broker."""
+    """Run a service, turning start-up errors into one line (``_start_up_failed``) and an exit code systemd
+    understands: 2 for a configuration or data error (fixed by the operator, not by restarting), 1 for the broker."""
     from edge_node.data import DataError
     from shared.config import ConfigError
     from shared.transport import TransportError
 
-    args = argparse.Namespace(command=command)
     try:
         return run()
     except ConfigError as exc:
-        print(f"fedspine {args.command}: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return _start_up_failed(command, f"configuration error: {exc}", 2)
     except DataError as exc:  # the node's own data file: fixed by the operator, not by restarting
-        print(f"fedspine {args.command}: data error: {exc}", file=sys.stderr)
-        return 2
+        return _start_up_failed(command, f"data error: {exc}", 2)
     except TransportError as exc:  # broker down or refusing us at start-up: exit 1 so that systemd tries again
-        print(f"fedspine {args.command}: {exc}", file=sys.stderr)
+        return _start_up_failed(command, str(exc), 1)
+    except Exception:  # a bug or a file no check foresaw: its traceback in the JSON log, not after it
+        from shared.logs import get_logger, json_lines
+
+        if not json_lines():
+            raise
+        get_logger(command).exception("service_failed", exit_status=1)
         return 1
+
+
+def _start_up_failed(command: str, error: str, status: int) -> int:
+    """The one line that says why a service stops: a JSON line (``start_up_failed``, level error) where the
+    service logs JSON lines, so that the log stays one JSON object a line for jq and the journal; plain text on
+    a terminal."""
+    from shared.logs import get_logger, json_lines
+
+    message = f"fedspine {command}: {error}"
+    if json_lines():
+        get_logger(command).error("start_up_failed", error=message, exit_status=status)
+    else:
+        print(message, file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -72,6 +72,11 @@ def configure_logging(json: bool | None = None, level: str = "INFO") -> None:
         _configured = (use_json, level_name)
 
 
+def json_lines() -> bool:
+    """Whether this process writes JSON lines (``configure_logging`` chose JSON, as it does without a terminal)."""
+    return bool(_configured and _configured[0])
+
+
 def get_logger(name: str | None = None, **bind: Any) -> structlog.BoundLogger:
     """A structlog logger with ``logger=name`` and ``bind`` bound once (bind node ids here, not in contextvars)."""
     log = structlog.get_logger()

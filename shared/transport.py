@@ -19,6 +19,7 @@ overwrites the retained "online" with "offline", and the client answers by calli
 from __future__ import annotations
 
 import queue
+import socket
 import ssl
 import threading
 import time
@@ -29,7 +30,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from shared.chunking import Outbox, split
-from shared.config import BrokerConfig
+from shared.config import BrokerConfig, ConfigError
 from shared.logs import get_logger
 from shared.messages import MAX_MESSAGE_BYTES, Chunk, ResendRequest, encode
 from shared.topics import TopicError, Topics
@@ -60,6 +61,31 @@ class Transport(Protocol):
     def wait_published(self, timeout_s: float) -> bool: ...
     def send_transfer(self, topic: str, payload: bytes, transfer_id: str, sender: str) -> int: ...
     def resend(self, topic: str, request: ResendRequest) -> int: ...
+
+
+def connection_problem(host: str, port: int, tls: bool, ca_file: str | None, timeout_s: float = 3.0) -> str:
+    """Why a client cannot reach the broker at ``host:port``, in words that say what to check; "" when a TCP
+    connection (and with ``tls`` a handshake verified as the transport verifies it) succeeds."""
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout_s)
+    except ConnectionRefusedError:
+        return f"nothing listens on {host}:{port} (is the broker started, and on this port?)"
+    except TimeoutError:
+        return f"{host}:{port} did not answer within {timeout_s} s (is the host up, the port open in its firewall?)"
+    except OSError as exc:  # name resolution, no route
+        return f"cannot reach {host}:{port}: {exc.strerror or exc}"
+    with sock:
+        if not tls:
+            return (f"{host}:{port} accepts connections but no MQTT answer came (a TLS listener needs mqtts://, "
+                    "or the broker is overloaded)")
+        try:
+            with ssl.create_default_context(cafile=ca_file).wrap_socket(sock, server_hostname=host):
+                return ""
+        except ssl.SSLCertVerificationError as exc:
+            return (f"the broker's TLS certificate does not verify ({exc.verify_message}): ca_file "
+                    f"({ca_file or 'unset: the system CAs'}) must be the CA that signed it, and it must name {host}")
+        except (ssl.SSLError, OSError) as exc:
+            return f"no TLS handshake with {host}:{port} ({exc}; is it a TLS listener? mqtt:// is plain MQTT)"
 
 
 class TransportError(RuntimeError):
@@ -193,7 +219,10 @@ class MqttTransport(_Base):
         if broker.username:
             c.username_pw_set(broker.username, broker.resolved_password())
         if broker.tls:
-            c.tls_set(ca_certs=broker.ca_file, cert_reqs=ssl.CERT_REQUIRED)
+            try:
+                c.tls_set(ca_certs=broker.ca_file, cert_reqs=ssl.CERT_REQUIRED)
+            except (OSError, ssl.SSLError) as exc:  # paho's own error names no file
+                raise ConfigError(f"[broker] cannot read ca_file {broker.ca_file}: {exc}") from None
         if will is not None:
             c.will_set(will[0], will[1], qos=1, retain=True)
         c.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)  # type: ignore[arg-type]
@@ -373,9 +402,15 @@ class MqttTransport(_Base):
                                         or "password" in refused.lower()):
                 self._shutdown()  # credentials: every member would say the same
                 raise TransportError(f"broker {self.member} refused {b.username or 'anonymous'!r}: {refused}")
+        was_connected = self.connected.is_set()
         self._shutdown()
         where = b.urls[0] if len(b.urls) == 1 else f"any of {list(b.urls)}"
         reason = f" (last refusal: {self._refused})" if self._refused else ""
+        if was_connected:
+            reason = ": connected, but the broker did not acknowledge the subscriptions"
+        elif not self._refused:  # paho keeps why a connection failed to itself: ask the network once more
+            causes = [c for c in (connection_problem(h, p, b.tls, b.ca_file) for h, p in self._members) if c]
+            reason = f": {'; '.join(causes)}" if causes else ""
         raise TransportError(f"no connection to {where} within {timeout_s} s{reason}")
 
     def _shutdown(self) -> None:

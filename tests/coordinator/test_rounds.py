@@ -562,3 +562,24 @@ def test_a_restart_on_a_finished_state_directory_reports_the_run_once(tmp_path):
     assert out["summary"].rounds_done == 2 and not out["summary"].exports
     assert "run_already_finished" in [e["event"] for e in lines]
     assert (tmp_path / "coord" / "metrics.jsonl").read_text() == before
+
+
+def test_a_node_that_gets_no_round_says_so_and_where_to_look(tmp_path, monkeypatch):
+    """A node the coordinator refused (other labels or base model) or one with no coordinator logged node_joined and
+    then nothing, on its own host; it now logs waiting_for_rounds after IDLE_NOTICE_S, then at doubling intervals."""
+    from edge_node import agent as agent_module
+
+    monkeypatch.setattr(agent_module, "IDLE_NOTICE_S", 0.3)
+    bus = MemoryBus()
+    a = NodeAgent(NodeConfig.from_dict({"node": {"id": "agx-1", "state_dir": str(tmp_path / "agx-1")}}),
+                  trainer=FakeTrainer("agx-1"))
+    a.transport = MemoryTransport(bus, "agx-1", on_connect=a._on_connect, will=(a.topics.node("agx-1", "status"), b""))
+    with structlog.testing.capture_logs() as lines:
+        t = threading.Thread(target=a.run, daemon=True)
+        t.start()
+        time.sleep(2.5)
+        a.stop()
+        t.join(10)
+    idle = [e for e in lines if e["event"] == "waiting_for_rounds"]
+    assert 2 <= len(idle) <= 3, idle  # at 0.3 s, 0.6 s later, 1.2 s later: not at every 0.5 s poll
+    assert "node_refused_labels" in idle[0]["hint"] and "waiting_for_nodes" in idle[0]["hint"]

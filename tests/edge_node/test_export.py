@@ -110,8 +110,9 @@ def test_a_node_with_an_unsupported_model_exits_at_start_up_without_joining(tmp_
     p = subprocess.run([sys.executable, "-m", "shared.cli", "node", "--config", str(config)], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
-    last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"fedspine node: configuration error: model type 'gpt2' ({folder}) is not supported")
+    last = json.loads(p.stderr.strip().splitlines()[-1])  # JSON lines without a terminal: the reason too
+    assert last["event"] == "start_up_failed" and last["exit_status"] == 2
+    assert last["error"].startswith(f"fedspine node: configuration error: model type 'gpt2' ({folder}) is not supported")
     assert "node_joined" not in p.stderr and "calibrat" not in p.stderr
 
 

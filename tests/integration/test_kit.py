@@ -28,10 +28,11 @@ pytestmark = [pytest.mark.mosquitto, pytest.mark.integration, pytest.mark.slow]
 SERVICE_LOGS = ("coordinator.log", "jetson-01.log", "jetson-02.log")
 
 
-def readme_block(title: str) -> str:
-    """The first bash block of the README section ``title``."""
-    section = (REPO / "README.md").read_text().split(f"## {title}\n", 1)[1]
-    return section.split("```bash\n", 1)[1].split("```", 1)[0]
+def readme_block(title: str, holding: str = "") -> str:
+    """The first bash block of the README section ``title`` that holds ``holding``."""
+    section = (REPO / "README.md").read_text().split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```bash\n")[1:]]
+    return next(b for b in blocks if holding in b)
 
 
 def _env() -> dict:
@@ -88,7 +89,7 @@ def test_a_fleet_from_the_kit_and_the_readme(tmp_path):
     fleet["telemetry"] = {"interval_s": 1.0}
     _write_fleet(tmp_path / "fleet.toml", fleet)
 
-    res = _bash(readme_block("Running a real fleet") + "\nwait\n", tmp_path, timeout_s=240)
+    res = _bash(readme_block("Running a real fleet", "fedspine kit --fleet") + "\nwait\n", tmp_path, timeout_s=240)
     logs = {name: (tmp_path / name).read_text() if (tmp_path / name).exists() else "" for name in SERVICE_LOGS}
     assert "listener" in (tmp_path / "kit/broker/mosquitto.conf").read_text()
     assert "cafile" in (tmp_path / "kit/broker/mosquitto.conf").read_text()  # TLS

@@ -141,3 +141,18 @@ def test_ansible_style_values_strings_and_zero_port() -> None:
                                 max_packet_size="2097152"))
     assert "log_dest file /var/log/mosquitto/mosquitto.log" in conf and "log_type all" in conf
     assert not any(ln.startswith("listener") for ln in conf) and "max_packet_size 2097152" in conf
+
+
+def test_a_test_broker_never_gets_one_port_for_both_listeners(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two calls of free_port may return the same port (it was free both times); mosquitto then failed with "Address
+    already in use" on its second listener and every test of the module errored at its fixture."""
+    import shutil
+
+    from broker_config import local
+
+    if shutil.which("mosquitto") is None:
+        pytest.skip("mosquitto binary not found")
+    ports = iter([20001, 20001, 20001, 20002])
+    monkeypatch.setattr(local, "free_port", lambda host="127.0.0.1": next(ports))
+    broker = local.LocalMosquitto(tls=True)
+    assert (broker.port, broker.tls_port) == (20001, 20002)

