@@ -42,8 +42,9 @@ from dataclasses import dataclass, field
 
 from coordinator import planning
 from coordinator.aggregation import GlobalLora, ZeroPadLora, load_state_bytes
+from coordinator.collect import OFFLINE_GRACE_S, send_round_again
 from coordinator.registry import Registry
-from coordinator.server import OFFLINE_GRACE_S, quorum_count, send_round_again
+from coordinator.server import quorum_count
 from coordinator.strategies.base import (
     NodeInfo,
     NodeResult,
