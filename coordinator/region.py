@@ -42,9 +42,11 @@ from dataclasses import dataclass, field
 
 from coordinator import planning
 from coordinator.aggregation import GlobalLora, ZeroPadLora, load_state_bytes
+from coordinator.collect import OFFLINE_GRACE_S, Participant, RoundCollector
 from coordinator.registry import Registry
-from coordinator.server import OFFLINE_GRACE_S, quorum_count, send_round_again
+from coordinator.server import quorum_count
 from coordinator.strategies.base import (
+    Failure,
     NodeInfo,
     NodeResult,
     NodeState,
@@ -104,15 +106,6 @@ class RegionConfig(Sections):
     region: RegionSettings = field(default_factory=RegionSettings)
 
     SECTIONS = {"broker": BrokerConfig, "region": RegionSettings}
-
-
-@dataclass(frozen=True)
-class _Sent:
-    """A node's configuration for the round, as sent, and when (monotonic): its round time runs from then, as at the
-    root."""
-
-    config: RoundConfig
-    at: float
 
 
 class Region:
@@ -359,9 +352,10 @@ class Region:
         (self.log.info if rep.ok == rep.nodes else self.log.warning)(
             "region_exported", nodes=rep.nodes, ok=rep.ok, skipped=rep.skipped, failed=rep.failed, missing=rep.missing)
 
-    def _send_configs(self, rr: RegionRound, nodes: list[NodeInfo], end: float) -> dict[str, _Sent]:
+    def _send_configs(self, rr: RegionRound, nodes: list[NodeInfo], end: float) -> dict[str, Participant]:
         """Relay the root's assignment to each node with its slice of the global state, its steps aligned and paced
-        to the fleet's finish ``rr.finish_s`` as a flat round's (none: τ unpaced); node -> config sent."""
+        to the fleet's finish ``rr.finish_s`` as a flat round's (none: τ unpaced); node -> its Participant (the config
+        as sent and when: its round time runs from then, as at the root)."""
         deadline_ts = time.time() + max(0.0, end - time.monotonic())
         ranks = {n.node_id: rr.rank_for(n.device_type) for n in nodes}  # the round's rank, or its tier's (HetLoRA)
         timing = fleet_timing(nodes, self.nodes, rr.target_sparsity, ranks) if rr.finish_s is not None else {}
@@ -377,7 +371,7 @@ class Region:
                               target_sparsity=max(rr.target_sparsity, st.sparsity), importance=rr.importance,
                               deadline_ts=deadline_ts, upload_transfer_id=up, download_transfer_id=down,
                               finish_s=w.finish_s, min_steps=w.min_steps, max_steps=w.max_steps)
-            sent[nid] = _Sent(config=msg, at=time.monotonic())
+            sent[nid] = Participant(config=msg, upload_tid=up, sent_at=time.monotonic())
             self.transport.publish(self.down.node(nid, "config"), encode(msg), qos=1)
             if g is not None:
                 if id(g) not in encoded:
@@ -397,70 +391,47 @@ class Region:
             return self.global_.slice_for(rank, LORA_ALPHA)
         return self.global_.slice_for(st.structure, rank, LORA_ALPHA)
 
-    def _collect(self, rr: RegionRound, sent: dict[str, _Sent], end: float):
-        """Reports and uploads of the round's nodes until each answered or ``end``: (node -> NodeResult of the
-        accepted ones, how many failed)."""
-        pending = {nid: s.config.upload_transfer_id for nid, s in sent.items()}  # node -> its upload's transfer id
-        reports: dict[str, RoundReport] = {}
-        payloads: dict[str, tuple[bytes, float]] = {}  # node -> its upload and when it arrived
-        accepted: dict[str, NodeResult] = {}
-        done: set[str] = set()
-        gone: dict[str, float] = {}  # the root's rules (server.Coordinator._collect): failed after OFFLINE_GRACE_S
-        while len(done) < len(pending) and time.monotonic() < end and not self._stop.is_set():
-            for nid in [n for n, t in gone.items() if time.monotonic() - t >= OFFLINE_GRACE_S and n not in done]:
-                done.add(nid)
-                self.log.info("node_round_failed", node=nid, status="offline")
+    def _collect(self, rr: RegionRound, sent: dict[str, Participant], end: float):
+        """Reports and uploads of the round's nodes until each answered or ``end``, by the root's bookkeeping
+        (RoundCollector, coordinator/collect.py): (node -> NodeResult of the accepted ones, how many failed).  Presence
+        goes to the registry and anything else to ``_idle``; the root's next round, global state or command while
+        this one is collected is dropped (``round_overlap_dropped``)."""
+        col = RoundCollector(sent, run_id=rr.run_id, round=rr.round, accept=self._accept, transport=self.transport,
+                             reassembler=self.reassembler, topics=self.down, log=self.log, grace_s=OFFLINE_GRACE_S,
+                             log_presence=False, log_dropped=False, log_offline_failure=True)
+        while col.open and time.monotonic() < end and not self._stop.is_set():
             ev = self._get(min(0.5, end - time.monotonic()))
             if ev is not None:
                 kind, nid, payload = ev
-                if kind == "status" and nid in pending and nid not in done and nid not in reports:
+                if kind == "status":
                     self._idle(ev)
-                    if not self.registry.is_live(nid):
-                        gone.setdefault(nid, time.monotonic())
-                    elif gone.pop(nid, None) is not None:  # back: it may have restarted and lost the round
-                        send_round_again(self.transport, self.reassembler, self.down, nid, sent[nid].config)
+                    col.on_status(nid, self.registry.is_live(nid))
                 elif kind == "report" and isinstance(payload, ExportReport):
                     self._idle(ev)
-                elif kind == "report" and nid in pending and nid not in done:  # as server.Coordinator._take_report
-                    if payload.run_id != rr.run_id or payload.round != rr.round:
-                        self.log.info("stale_report_dropped", node=nid, report_round=payload.round)
-                    elif payload.status != "ok":
-                        done.add(nid)
-                        self.log.warning("node_round_failed", node=nid, status=payload.status, error=payload.error)
-                    elif payload.transfer_id != pending[nid]:  # not this round's upload: waited past, not failed
-                        self.log.warning("report_rejected", node=nid,
-                                         error=f"transfer {payload.transfer_id!r} != {pending[nid]!r}")
-                    else:
-                        reports[nid] = payload
-                elif kind == "upload" and nid in pending and nid not in done:
-                    if payload[0] == pending[nid]:
-                        payloads[nid] = (payload[1], time.monotonic())
+                elif kind == "report":
+                    col.on_report(nid, payload)
+                elif kind == "upload":
+                    col.on_upload(nid, *payload)  # (transfer id, data)
                 elif kind in ("round", "global", "command"):
                     self.log.warning("round_overlap_dropped", kind=kind)
-                elif kind not in ("report", "upload"):
+                else:
                     self._idle(ev)
-                if nid in reports and nid in payloads and nid not in done:
-                    done.add(nid)
-                    data, arrived = payloads[nid]
-                    res = self._accept(sent[nid].config, reports[nid], data, wall_s=arrived - sent[nid].at)
-                    if res is not None:
-                        accepted[nid] = res
-            for nid in set(reports) - set(payloads) - done:  # resume a stalled upload
-                req = self.reassembler.resend_request(pending[nid], COORDINATOR_ID)
-                if req is not None:
-                    self.transport.publish(self.down.node(nid, "resend"), encode(req), qos=1)
-        for up in pending.values():
-            self.reassembler.forget(up)
-        return accepted, len(pending) - len(accepted)
+            col.scan(time.monotonic())
+        accepted, failures = col.finish()
+        for p in sent.values():
+            self.reassembler.forget(p.upload_tid)
+        return accepted, len(failures)
 
-    def _accept(self, cfg: RoundConfig, rep: RoundReport, data: bytes, *, wall_s: float) -> NodeResult | None:
-        """The node's answer under the root's acceptance rule (``accept_answer``); None: refused (logged)."""
+    def _accept(self, p: Participant) -> NodeResult | Failure:
+        """The node's answer under the root's acceptance rule (``accept_answer``); a refusal is logged."""
+        assert p.report is not None and p.payload is not None
+        nid = p.report.node_id
         try:
-            return accept_answer(cfg, rep, data, self.global_, self.state(rep.node_id).structure, self.limits,
-                                 wall_s=wall_s)
+            return accept_answer(p.config, p.report, p.payload, self.global_, self.state(nid).structure, self.limits,
+                                 wall_s=p.received_at - p.sent_at)
         except UpdateError as exc:
-            self.log.warning("update_rejected", node=rep.node_id, error=str(exc))
-            return None
+            self.log.warning("update_rejected", node=nid, error=str(exc))
+            return Failure(nid, "rejected")
 
 
 def main_region(config: str) -> int:

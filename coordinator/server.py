@@ -23,6 +23,7 @@ from pathlib import Path
 from safetensors.torch import save as st_save
 
 from coordinator.aggregation import Partial
+from coordinator.collect import OFFLINE_GRACE_S, Participant, RoundCollector
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import MetricsWriter
 from coordinator.registry import Registry
@@ -46,24 +47,9 @@ from shared.messages import (
     decode_from,
     encode,
 )
-from shared.topics import COORDINATOR_ID, Topics
+from shared.topics import COORDINATOR_ID
 from shared.transport import CHUNK_OVERHEAD, MqttTransport
 from shared.updates import UpdateError, UpdateLimits
-
-
-def send_round_again(transport, reassembler: Reassembler, topics: Topics, node_id: str, cfg: RoundConfig) -> None:
-    """A participant back from offline before it reported may have restarted and lost the round (its
-    configuration and slice went to a dead process): send both again, so the round does not wait to its deadline
-    for an answer that cannot come.  A restarted node trains again and sends a different payload under the same
-    transfer id, so the upload starts afresh (chunks kept would lock it onto the dead process's payload); a node
-    that only lost its link finishes its work, answers the repeat with its report, resends what is missing when
-    asked and drops the slice's duplicate chunks.  Used by the root and by regions (region.py)."""
-    reassembler.forget(cfg.upload_transfer_id)
-    reassembler.expect(cfg.upload_transfer_id, node_id)
-    transport.publish(topics.node(node_id, "config"), encode(cfg), qos=1)
-    if cfg.download_transfer_id:  # every chunk (an empty list asks for all)
-        transport.resend(topics.node(node_id, "download"), ResendRequest(
-            transfer_id=cfg.download_transfer_id, requester=node_id, missing=[]))
 
 
 def quorum_count(share: float, n: int) -> int:
@@ -72,18 +58,11 @@ def quorum_count(share: float, n: int) -> int:
     return max(1, math.ceil(share * n - 1e-9))  # 0.07 × 100 is 7.000000000000001 in floating point
 
 
-@dataclass
-class _Pending:
-    """One participant's state within the round being collected."""
+@dataclass(kw_only=True)
+class _Pending(Participant):
+    """One participant's state within the round being collected, with the assignment it was configured by."""
 
     assignment: Assignment
-    upload_tid: str
-    sent_at: float
-    config: RoundConfig  # as sent: sent again if the node comes back from offline mid-round
-    report: RoundReport | None = None
-    payload: bytes | None = None
-    digest: str = ""  # sha256 of the payload, checked by the reassembler
-    received_at: float = 0.0
 
 
 @dataclass
@@ -99,10 +78,6 @@ class RunSummary:
 FINISHED_FILE = "finished"  # in state_dir: the run id whose final sync and exports are done
 WAIT_LOG_S = 60.0  # while waiting for nodes, one line this often
 MAX_RETRIES = 3  # a round below quorum is retried this often, then training stops
-# A participant that goes offline during a round is waited for this long before it counts as failed: when a broker
-# member dies, clients on the surviving members can be disconnected too while it re-elects its leaders, and their
-# wills fire, though they are back within seconds (docs/brokers.md).
-OFFLINE_GRACE_S = 20.0
 REFUSAL_HINTS = {  # what an operator does about a refused node (Coordinator._fits)
     "labels": "every node needs the same class list in the same order: set [node] labels on each (Ansible: "
               "edge_node_labels), or [coordinator] labels to pin the fleet's",
@@ -744,86 +719,35 @@ class Coordinator:
             log.info("late_message_dropped", kind=kind, node=node_id)
 
     def _collect(self, rnd: int, pending: dict[str, _Pending], deadline: float, log):
-        results: dict[str, NodeResult] = {}
-        failures: dict[str, Failure] = {}
-        open_ids = set(pending)
-        gone: dict[str, float] = {}  # participants offline since (monotonic s): failed after OFFLINE_GRACE_S
-        next_scan = 0.0  # stalled uploads are looked for twice a second, not after every message (O(n) each)
-        while open_ids and not self._stop.is_set():
+        """Each participant's report and upload until all answered or ``deadline`` (the bookkeeping: RoundCollector,
+        coordinator/collect.py): (accepted NodeResults, Failures), each in node order.  Presence is applied to the
+        registry and download resend requests are answered as they come."""
+        col = RoundCollector(pending, run_id=self.run_id, round=rnd, accept=lambda p: self._accept(p, log),
+                             transport=self.transport, reassembler=self.reassembler, topics=self.topics, log=log,
+                             grace_s=OFFLINE_GRACE_S)
+        while col.open and not self._stop.is_set():
             now = time.monotonic()
             if now >= deadline:
                 break
-            for node_id in [n for n, t in gone.items() if now - t >= OFFLINE_GRACE_S and n in open_ids]:
-                failures[node_id] = Failure(node_id, "offline")
-                open_ids.discard(node_id)
             ev = self._drain(min(1.0, deadline - now))
             if ev is not None:
                 kind, node_id, payload = ev
-                p = pending.get(node_id)
                 if kind == "status":
                     self._apply_status(node_id, payload)
-                    if node_id in open_ids and not self.registry.is_live(node_id):
-                        gone.setdefault(node_id, time.monotonic())
-                        log.info("participant_offline", node=node_id, grace_s=OFFLINE_GRACE_S)
-                    elif self.registry.is_live(node_id) and gone.pop(node_id, None) is not None:
-                        log.info("participant_back", node=node_id)
-                        if p is not None and node_id in open_ids and p.report is None:
-                            send_round_again(self.transport, self.reassembler, self.topics, node_id, p.config)
+                    col.on_status(node_id, self.registry.is_live(node_id))
                 elif kind == "missing":
                     self.transport.resend(self.topics.node(node_id, "download"), payload)
-                elif p is None or node_id not in open_ids:
-                    log.info("late_or_duplicate_dropped", kind=kind, node=node_id)
                 elif kind == "report":
-                    self._take_report(rnd, p, payload, failures, open_ids, log)
+                    col.on_report(node_id, payload)
                 elif kind == "upload":
-                    tid, data, digest = payload
-                    if tid != p.upload_tid:
-                        log.warning("upload_rejected", node=node_id, transfer=tid, error="unexpected transfer id")
-                    else:
-                        p.payload, p.digest, p.received_at = data, digest, time.monotonic()
-                if p is not None and node_id in open_ids and p.report is not None and p.payload is not None:
-                    res = self._accept(p, log)
-                    open_ids.discard(node_id)
-                    if isinstance(res, Failure):
-                        failures[node_id] = res
-                    else:
-                        results[node_id] = res
-            if time.monotonic() >= next_scan:
-                self._ask_for_missing(pending, open_ids)
-                next_scan = time.monotonic() + 0.5
-        for node_id in open_ids:
-            failures[node_id] = Failure(node_id, "timeout")
+                    col.on_upload(node_id, *payload)  # (transfer id, data, digest)
+                else:
+                    log.info("late_or_duplicate_dropped", kind=kind, node=node_id)
+            col.scan(time.monotonic())
+        results, failures = col.finish()
         # In node order, not arrival order: floating-point sums then do not depend on which upload came first, so
         # the same accepted updates always give the same global model (and the audit's replay reproduces it).
         return [results[n] for n in sorted(results)], [failures[n] for n in sorted(failures)]
-
-    def _take_report(self, rnd, p: _Pending, report, failures, open_ids, log) -> None:
-        node_id = p.assignment.node_id
-        if isinstance(report, ExportReport):
-            log.info("export_report_outside_export", node=node_id)
-            return
-        if report.run_id != self.run_id or report.round != rnd:
-            log.info("stale_report_dropped", node=node_id, report_round=report.round)
-            return
-        if report.status != "ok":
-            failures[node_id] = Failure(node_id, report.status)
-            open_ids.discard(node_id)
-            log.warning("node_round_failed", node=node_id, status=report.status, error=report.error)
-            return
-        if report.transfer_id != p.upload_tid:
-            log.warning("report_rejected", node=node_id, error=f"transfer {report.transfer_id!r} != {p.upload_tid!r}")
-            return
-        p.report = report
-
-    def _ask_for_missing(self, pending: dict[str, _Pending], open_ids: set[str]) -> None:
-        """Resume: a node that reported but whose upload stalls is asked for only the missing chunks."""
-        for node_id in open_ids:
-            p = pending[node_id]
-            if p.report is None or p.payload is not None:
-                continue
-            req = self.reassembler.resend_request(p.upload_tid, COORDINATOR_ID)
-            if req is not None:
-                self.transport.publish(self.topics.node(node_id, "resend"), encode(req), qos=1)
 
     def _accept(self, p: _Pending, log) -> NodeResult | Failure:
         """The node's answer under the one acceptance rule (``accept_answer``, which the regions apply too)."""

@@ -349,6 +349,48 @@ def test_a_region_waits_past_a_report_of_another_transfer_as_the_root_does_and_f
     region.transport.stop()
 
 
+def test_a_region_waits_for_a_node_that_reported_left_and_came_back_as_the_root_does(monkeypatch):
+    """A node whose presence went offline, that reported and came back (its report can overtake its new presence)
+    is back: its upload still counts after the grace, as at the root (coordinator/collect.py)."""
+    import time
+
+    import coordinator.region as region_mod
+    from coordinator.registry import Registry
+    from shared.messages import NodeStatus, RegionRound, RoundReport
+    from shared.updates import LoraUpdate, ModuleUpdate
+
+    monkeypatch.setattr(region_mod, "OFFLINE_GRACE_S", 0.3)
+    bus = MemoryBus()
+    cfg = RegionConfig.from_dict({"broker": {"url": "mqtt://localhost:1883"},
+                                  "region": {"region_id": "east", "deadline_s": 5.0}})
+    region = Region(cfg, transport=MemoryTransport(bus, "region-east"))
+    region.transport.start()
+    region.registry = Registry()
+    region.registry.apply(NodeStatus(node_id="agx-1", state="online", ts=1.0), 1.0, 0)
+    rr = RegionRound(run_id="r1", round=2, rank=4, sent_rank=4, local_steps=2, target_sparsity=0.0, importance=False,
+                     deadline_ts=time.time() + 5, download_transfer_id=None, upload_transfer_id="r1.r2.east.up")
+    end = time.monotonic() + 3.0
+    pending = region._send_configs(rr, region.registry.live(), end)
+    up = pending["agx-1"].config.upload_transfer_id
+    g = torch.Generator().manual_seed(0)
+    data = LoraUpdate({"layer.q": ModuleUpdate(A=torch.randn(4, 4, generator=g), B=torch.randn(8, 4, generator=g),
+                                               rows=torch.arange(8), cols=torch.arange(4), shape=(8, 4),
+                                               scale=4.0)}).to_bytes()
+    region.events.put(("status", "agx-1", NodeStatus(node_id="agx-1", state="offline", ts=2.0)))
+    region.events.put(("report", "agx-1", RoundReport(run_id="r1", round=2, node_id="agx-1", status="ok",
+                                                      transfer_id=up, upload_bytes=len(data), samples=8, steps=2,
+                                                      rank=4)))
+    region.events.put(("status", "agx-1", NodeStatus(node_id="agx-1", state="online", ts=3.0)))
+    later = threading.Timer(0.8, lambda: region.events.put(("upload", "agx-1", (up, data))))  # past the grace
+    later.start()
+    with structlog.testing.capture_logs() as lines:
+        accepted, failed = region._collect(rr, pending, end)
+    later.join()
+    assert sorted(accepted) == ["agx-1"] and failed == 0, (accepted, failed, lines)
+    assert not [e for e in lines if e["event"] == "node_round_failed"]
+    region.transport.stop()
+
+
 def test_partials_that_disagree_fail_the_round_which_is_retried_instead_of_stopping_the_root(tmp_path, monkeypatch):
     from coordinator.aggregation import GlobalLora
     from shared.updates import UpdateError
