@@ -68,21 +68,19 @@ class RoundCollector:
     """The bookkeeping of one round's ``participants`` (node id -> Participant, updated in place) of run ``run_id``.
 
     ``accept`` judges a complete answer (report and payload in): a NodeResult, or a Failure (it logs why).  The
-    ``log_*`` switches say which of the bookkeeping's lines the caller writes: the root writes presence changes
-    (``participant_offline`` / ``participant_back``) and dropped answers (``late_or_duplicate_dropped``,
-    ``upload_rejected``); a region writes a node that stayed offline past its grace as ``node_round_failed`` with
-    status ``offline``."""
+    root and the regions write the same lines: presence changes (``participant_offline``, ``participant_back``),
+    dropped answers (``late_or_duplicate_dropped``, ``upload_rejected``, ``stale_report_dropped``, ``report_rejected``)
+    and failures (``node_round_failed`` with the status, ``offline`` for one that stayed away past its grace)."""
 
     def __init__(self, participants: Mapping[str, Participant], *, run_id: str, round: int,
                  accept: Callable[[Participant], NodeResult | Failure], transport, reassembler: Reassembler,
-                 topics: Topics, log, grace_s: float = OFFLINE_GRACE_S, clock: Callable[[], float] = time.monotonic,
-                 log_presence: bool = True, log_dropped: bool = True, log_offline_failure: bool = False) -> None:
+                 topics: Topics, log, grace_s: float = OFFLINE_GRACE_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.participants = participants
         self.run_id, self.round = run_id, round
         self.accept = accept
         self.transport, self.reassembler, self.topics, self.log = transport, reassembler, topics, log
         self.grace_s, self.clock = grace_s, clock
-        self.log_presence, self.log_dropped, self.log_offline_failure = log_presence, log_dropped, log_offline_failure
         self.open: set[str] = set(participants)  # neither accepted, refused nor failed yet
         self.results: dict[str, NodeResult] = {}
         self.failures: dict[str, Failure] = {}
@@ -93,11 +91,9 @@ class RoundCollector:
         """A presence change, after the caller applied it to its registry (``live``: the node is live now)."""
         if node_id in self.open and not live:
             self._gone.setdefault(node_id, self.clock())
-            if self.log_presence:
-                self.log.info("participant_offline", node=node_id, grace_s=self.grace_s)
+            self.log.info("participant_offline", node=node_id, grace_s=self.grace_s)
         elif live and self._gone.pop(node_id, None) is not None:
-            if self.log_presence:
-                self.log.info("participant_back", node=node_id)
+            self.log.info("participant_back", node=node_id)
             p = self.participants.get(node_id)
             if p is not None and node_id in self.open and p.report is None:
                 send_round_again(self.transport, self.reassembler, self.topics, node_id, p.config)
@@ -125,8 +121,7 @@ class RoundCollector:
         if p is None or node_id not in self.open:
             self._dropped("upload", node_id)
         elif transfer_id != p.upload_tid:
-            if self.log_dropped:
-                self.log.warning("upload_rejected", node=node_id, transfer=transfer_id, error="unexpected transfer id")
+            self.log.warning("upload_rejected", node=node_id, transfer=transfer_id, error="unexpected transfer id")
         else:
             p.payload, p.digest, p.received_at = data, digest, self.clock()
             self._settle(node_id, p)
@@ -136,8 +131,7 @@ class RoundCollector:
         stalls for the missing chunks (at most every SCAN_EVERY_S)."""
         for node_id in [n for n, t in self._gone.items() if now - t >= self.grace_s and n in self.open]:
             self._fail(node_id, "offline")
-            if self.log_offline_failure:
-                self.log.info("node_round_failed", node=node_id, status="offline")
+            self.log.warning("node_round_failed", node=node_id, status="offline", grace_s=self.grace_s)
         if now < self._next_scan:
             return
         self._next_scan = now + SCAN_EVERY_S
@@ -172,5 +166,4 @@ class RoundCollector:
         self.open.discard(node_id)
 
     def _dropped(self, kind: str, node_id: str) -> None:
-        if self.log_dropped:
-            self.log.info("late_or_duplicate_dropped", kind=kind, node=node_id)
+        self.log.info("late_or_duplicate_dropped", kind=kind, node=node_id)

@@ -397,8 +397,7 @@ class Region:
         goes to the registry and anything else to ``_idle``; the root's next round, global state or command while
         this one is collected is dropped (``round_overlap_dropped``)."""
         col = RoundCollector(sent, run_id=rr.run_id, round=rr.round, accept=self._accept, transport=self.transport,
-                             reassembler=self.reassembler, topics=self.down, log=self.log, grace_s=OFFLINE_GRACE_S,
-                             log_presence=False, log_dropped=False, log_offline_failure=True)
+                             reassembler=self.reassembler, topics=self.down, log=self.log, grace_s=OFFLINE_GRACE_S)
         while col.open and time.monotonic() < end and not self._stop.is_set():
             ev = self._get(min(0.5, end - time.monotonic()))
             if ev is not None:

@@ -94,7 +94,7 @@ def _report(n: str, **kw) -> RoundReport:
 
 
 def test_a_participant_offline_has_failed_after_the_grace_and_not_before():
-    col, _, _, _, _, log, clock = _setup(log_offline_failure=True)
+    col, _, _, _, _, log, clock = _setup()
     col.on_status("a", live=False)
     clock.t += OFFLINE_GRACE_S - 0.1
     col.scan(clock.t)
@@ -106,16 +106,6 @@ def test_a_participant_offline_has_failed_after_the_grace_and_not_before():
     assert log.lines[-1]["status"] == "offline"
     results, failures = col.finish()
     assert results == {} and failures == {"a": Failure("a", "offline"), "b": Failure("b", "timeout")}
-
-
-def test_the_log_switches_choose_the_callers_lines():
-    col, _, _, _, _, log, clock = _setup(log_presence=False, log_dropped=False)
-    col.on_status("a", live=False)
-    clock.t += OFFLINE_GRACE_S
-    col.scan(clock.t)
-    col.on_report("a", _report("a"))  # closed: dropped without a line
-    col.on_upload("b", "other", b"x")
-    assert col.failures == {"a": Failure("a", "offline")} and log.lines == []
 
 
 def test_a_participant_back_before_it_reported_gets_its_config_and_slice_again_and_is_not_failed():
