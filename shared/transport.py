@@ -401,7 +401,11 @@ class MqttTransport(_Base):
             if refused is not None and ("authori" in refused.lower() or "credential" in refused.lower()
                                         or "password" in refused.lower()):
                 self._shutdown()  # credentials: every member would say the same
-                raise TransportError(f"broker {self.member} refused {b.username or 'anonymous'!r}: {refused}")
+                raise TransportError(
+                    f"broker {self.member} refused {b.username or 'anonymous'!r}: {refused}; check [broker] username "
+                    "and password_file against the broker's users (the kit's or `fedspine broker`'s password file; "
+                    "a user added to a running mosquitto needs its SIGHUP); exit 1 retries, so a fixed broker is "
+                    "picked up")
         was_connected = self.connected.is_set()
         self._shutdown()
         where = b.urls[0] if len(b.urls) == 1 else f"any of {list(b.urls)}"
