@@ -369,6 +369,7 @@ class NodeAgent:
                           retain=True)
             t.wait_published(5.0)
             t.stop()
+            self.log.info("node_stopped")
 
     def _superseded(self, cfg: RoundConfig) -> bool:
         return self._latest is not None and self._latest != _key(cfg)

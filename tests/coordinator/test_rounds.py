@@ -386,6 +386,32 @@ def test_a_node_stopped_while_it_loads_leaves_without_joining(tmp_path):
     assert tr.calls == []
 
 
+def test_a_stopped_node_says_so_and_leaves_its_presence_offline(tmp_path):
+    from shared.messages import NodeStatus, decode
+
+    bus = MemoryBus()
+    status: list[NodeStatus] = []
+    watcher = MemoryTransport(bus, "watcher")
+    watcher.subscribe("fedspine/v1/node/+/status", lambda topic, payload: status.append(decode(payload, NodeStatus)))
+    watcher.start()
+    ncfg = NodeConfig.from_dict({"node": {"id": "nx-2", "device_type": "nx", "state_dir": str(tmp_path / "n")}})
+    a = NodeAgent(ncfg, trainer=FakeTrainer("nx-2"))
+    a.transport = MemoryTransport(bus, "nx-2", on_connect=a._on_connect, will=(a.topics.node("nx-2", "status"), b""))
+    out = {}
+    with structlog.testing.capture_logs() as lines:
+        t = threading.Thread(target=lambda: out.setdefault("rc", a.run()), daemon=True)
+        t.start()
+        deadline = time.monotonic() + 10
+        while not status and time.monotonic() < deadline:
+            time.sleep(0.05)
+        a.stop()
+        t.join(10)
+    assert not t.is_alive() and out["rc"] == 0
+    assert [s.state for s in status][-1] == "offline"
+    events = [e["event"] for e in lines]
+    assert events.count("node_stopped") == 1 and events[-1] == "node_stopped", events[-5:]
+
+
 def test_silent_node_times_out_without_stalling_the_fleet(tmp_path):
     trainers = {"agx-1": FakeTrainer("agx-1"), "nx-2": FakeTrainer("nx-2"),
                 "tx2-3": FakeTrainer("tx2-3", delay_s=30.0)}
