@@ -26,6 +26,12 @@ flat strategy does (``NodeState``: sparsity, rank, structure, measured speeds) a
 latest of its regions' slowest completions at τ steps, which each region reports with its previous round for the
 plan the root announced then (``RegionReport.next_finish_s``): ``planning.round_finish`` over every node, as flat.
 
+One identity for the fleet: the region refuses any of its nodes whose labels or base model differ from the
+fleet's (``FleetIdentity``, the root's rule and log lines, ``node_refused_*``): the root's, which every RegionRound
+carries, or while the root has none, its first node's, held provisionally and reported in each RegionReport (the
+root adopts the first region's and refuses the partial of a region with another).  When the root's arrives, the
+provisional one is dropped and every node's presence is checked again.
+
 The end of the run goes through the region too: a RegionRound with ``local_steps`` 0 is the final sync (relayed
 to every live node, which evaluates the final state and keeps it; the region reports how many took part and
 sends no partial), and the root's export Command, sent on the region's config topic, is relayed on the sub-fleet's
@@ -43,7 +49,7 @@ from dataclasses import dataclass, field
 from coordinator import planning
 from coordinator.aggregation import GlobalLora, ZeroPadLora, load_state_bytes
 from coordinator.collect import OFFLINE_GRACE_S, Participant, RoundCollector
-from coordinator.registry import Registry
+from coordinator.registry import FleetIdentity, Registry, identity_of
 from coordinator.server import quorum_count
 from coordinator.strategies.base import (
     Failure,
@@ -121,6 +127,10 @@ class Region:
         self.limits = UpdateLimits()
         self.reassembler = Reassembler(max_bytes=self.limits.max_bytes, timeout_s=max(cfg.region.deadline_s, 60.0))
         self.registry = Registry()
+        # The fleet's labels and base model: the root's (RegionRound), or until it has one, the first node's
+        # (provisional: reported upward, where the root adopts the first region's and refuses another's partial).
+        self.identity = FleetIdentity(provisional=True)
+        self._presence: dict[str, NodeStatus] = {}  # each node's latest presence, re-checked when the identity changes
         self.global_: GlobalLora | ZeroPadLora = GlobalLora()
         self.nodes: dict[str, NodeState] = {}  # as the flat strategy keeps them, from each node's accepted rounds
         self.structures = StructureTable()  # their kept-index structures, shared as at the root
@@ -235,13 +245,30 @@ class Region:
     def _idle(self, ev: tuple) -> None:
         kind, nid, payload = ev
         if kind == "status":
-            self.registry.apply(payload, time.time(), self.round)
+            self._apply_status(nid, payload)
         elif kind == "missing":
             self.transport.resend(self.down.node(nid, "download"), payload)
         elif kind == "resend":
             self.transport.resend(self.up.region(self.rid, "upload"), payload)
         else:
             self.log.info("late_message_dropped", kind=kind, node=nid)
+
+    def _apply_status(self, nid: str, status: NodeStatus) -> None:
+        """A node's presence, through the fleet's identity: one that disagrees is refused (the root's rule and log
+        lines, ``FleetIdentity.admit``) and counts as offline for this region's rounds."""
+        self._presence[nid] = status
+        got = identity_of(status.labels, status.base_model)
+        if status.state == "online" and self.identity.admit(nid, got, self.log):
+            status = NodeStatus(node_id=nid, state="offline", ts=status.ts)  # refused: as if gone
+        self.registry.apply(status, time.time(), self.round)
+
+    def _follow_root(self, rr: RegionRound) -> None:
+        """Enforce the identity the root sends (its provisional one dropped): every node's presence is checked again,
+        so one admitted under the provisional identity may be refused now, and one refused may join."""
+        if self.identity.follow(identity_of(rr.labels, rr.base_model)):
+            self.log.info("fleet_identity_from_root", labels=rr.labels or None, base_model=rr.base_model)
+            for nid, status in sorted(self._presence.items()):
+                self._apply_status(nid, status)
 
     def _fetch_global(self, rr: RegionRound, end: float) -> bool:
         """Wait for the round's global state (asking the root for missing chunks); False: none by ``end``."""
@@ -267,6 +294,7 @@ class Region:
 
     def _run_round(self, rr: RegionRound) -> None:
         cpu0 = time.process_time()
+        self._follow_root(rr)  # before the round starts: a node it admits now takes part in it
         self.round = rr.round
         end = time.monotonic() + min(self.cfg.region.deadline_s, max(1.0, rr.deadline_ts - time.time()))
         if not self._fetch_global(rr, end):
@@ -310,7 +338,8 @@ class Region:
             next_finish = planning.round_finish(timing, rr.local_steps)
         rep = RegionReport(run_id=rr.run_id, round=rr.round, region_id=self.rid, status="error" if error else "ok",
                            error=error, transfer_id=rr.upload_transfer_id, upload_bytes=size, accepted=accepted,
-                           failed=failed, cpu_s=time.process_time() - cpu0, next_finish_s=next_finish)
+                           failed=failed, cpu_s=time.process_time() - cpu0, next_finish_s=next_finish,
+                           labels=list(self.identity.labels or ()), base_model=self.identity.base_model)
         self.transport.publish(self.up.region(self.rid, "report"), encode(rep), qos=1)
         (self.log.warning if error else self.log.info)("region_round_done", accepted=accepted, failed=failed,
                                                          upload_bytes=size, error=error, cpu_s=round(rep.cpu_s, 3),

@@ -1,11 +1,98 @@
-"""The fleet registry: which nodes exist, which are live, what they told us when they joined (pure, no MQTT)."""
+"""The fleet registry: which nodes exist, which are live, what they told us when they joined (pure, no MQTT);
+and the fleet's identity (``FleetIdentity``): the classification labels and base model every node must share."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from coordinator.strategies.base import NodeInfo
 from shared.messages import NodeStatus
+
+REFUSAL_HINTS = {  # what an operator does about a refused node or region (FleetIdentity.admit)
+    "labels": "every node needs the same class list in the same order: set [node] labels on each (Ansible: "
+              "edge_node_labels), or [coordinator] labels to pin the fleet's",
+    "base_model": "every node needs the same base model files (config.json and weights): give each node the same "
+                  "copy (Ansible: edge_node_model_src), or pin the right one with [coordinator] base_model",
+}
+IDENTITY_KEYS = ("labels", "base_model")
+
+
+def _plain(value):
+    """A log field's value: tuples as lists (JSON)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def identity_of(labels, base_model) -> dict:
+    """An identity as FleetIdentity compares it, from a message's fields (NodeStatus, RegionRound, RegionReport):
+    the class names as a tuple, None where unknown (a causal LM has no labels; a node may not know its digest)."""
+    return {"labels": tuple(labels or ()) or None, "base_model": base_model or None}
+
+
+@dataclass
+class FleetIdentity:
+    """The fleet's identity: the class list (in order) of its classification head and the digest of its base model.
+    Every node whose updates are averaged together must share both, or heads' rows of different classes (or updates
+    made on different weights) would be mixed.  A value is pinned (``[coordinator] labels``/``base_model``, or at a
+    region, the root's ``RegionRound``) or adopted from the first node (or region) that names one; None on either
+    side matches anything.  The root's and each region's gate (``admit``) apply this one rule.
+
+    ``provisional``: values adopted here are not final (a region's, until its root sends the fleet's: ``follow``);
+    its refusals under them say so."""
+
+    labels: tuple[str, ...] | None = None
+    base_model: str | None = None
+    provisional: bool = False
+    _unsettled: set = field(default_factory=set)  # keys adopted provisionally and not yet settled by ``follow``
+    _refused: dict = field(default_factory=dict)  # (kind, who) -> what it was refused with (logged once each)
+
+    def get(self) -> dict:
+        return {"labels": self.labels, "base_model": self.base_model}
+
+    def differs(self, got: dict) -> list[str]:
+        """The keys of ``got`` (``identity_of``) that disagree with the fleet's (both known and different)."""
+        fleet = self.get()
+        return [k for k in IDENTITY_KEYS if got[k] is not None and fleet[k] is not None and got[k] != fleet[k]]
+
+    def adopt(self, got: dict) -> list[str]:
+        """Take the keys of ``got`` the fleet has none for; return them."""
+        new = [k for k in IDENTITY_KEYS if got[k] is not None and getattr(self, k) is None]
+        for k in new:
+            setattr(self, k, got[k])
+        if self.provisional:
+            self._unsettled.update(new)
+        return new
+
+    def follow(self, fleet: dict) -> bool:
+        """A region: take the root's identity (``identity_of`` a RegionRound) for every key it knows, dropping a
+        provisional value; a key it does not know stays as it was.  True if a value changed or was settled."""
+        changed = False
+        for k in IDENTITY_KEYS:
+            if fleet[k] is not None:
+                changed |= getattr(self, k) != fleet[k] or k in self._unsettled
+                setattr(self, k, fleet[k])
+                self._unsettled.discard(k)
+        return changed
+
+    def admit(self, who: str, got: dict, log, *, kind: str = "node") -> list[str]:
+        """May ``who`` (a ``kind``: node, or region at the root) with identity ``got`` take part?  [] if it may: the
+        keys the fleet lacks are adopted from it (``fleet_<key>`` info line naming it).  Else the keys that differ,
+        logged as ``<kind>_refused_<key>`` errors with the fleet's value and the hint (``provisional`` where that
+        value is), once until its identity, or the fleet's value it was refused for, changes or is settled."""
+        wrong = self.differs(got)
+        fleet = self.get()
+        if not wrong:
+            self._refused.pop((kind, who), None)
+            for k in self.adopt(got):
+                log.info(f"fleet_{k}", **{k: _plain(got[k]), f"first_{kind}": who},
+                         **({"provisional": True} if self.provisional else {}))
+            return []
+        seen = (tuple(got.items()), tuple((k, fleet[k], k in self._unsettled) for k in wrong))
+        if self._refused.get((kind, who)) != seen:
+            self._refused[(kind, who)] = seen
+            for k in wrong:
+                log.error(f"{kind}_refused_{k}", **{kind: who, k: _plain(got[k]), f"fleet_{k}": _plain(fleet[k])},
+                          hint=REFUSAL_HINTS[k], **({"provisional": True} if k in self._unsettled else {}))
+        return wrong
 
 
 @dataclass

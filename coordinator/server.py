@@ -26,7 +26,7 @@ from coordinator.aggregation import Partial
 from coordinator.collect import OFFLINE_GRACE_S, Participant, RoundCollector
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import MetricsWriter
-from coordinator.registry import Registry
+from coordinator.registry import FleetIdentity, Registry, identity_of
 from coordinator.state import CheckpointStore
 from coordinator.strategies import Assignment, Failure, FleetPlan, NodeResult, accept_answer, make_strategy
 from shared.chunking import Reassembler
@@ -78,17 +78,6 @@ class RunSummary:
 FINISHED_FILE = "finished"  # in state_dir: the run id whose final sync and exports are done
 WAIT_LOG_S = 60.0  # while waiting for nodes, one line this often
 MAX_RETRIES = 3  # a round below quorum is retried this often, then training stops
-REFUSAL_HINTS = {  # what an operator does about a refused node (Coordinator._fits)
-    "labels": "every node needs the same class list in the same order: set [node] labels on each (Ansible: "
-              "edge_node_labels), or [coordinator] labels to pin the fleet's",
-    "base_model": "every node needs the same base model files (config.json and weights): give each node the same "
-                  "copy (Ansible: edge_node_model_src), or pin the right one with [coordinator] base_model",
-}
-
-
-def _plain(value):
-    """A log field's value: tuples as lists (JSON)."""
-    return list(value) if isinstance(value, tuple) else value
 
 
 class Coordinator:
@@ -115,9 +104,8 @@ class Coordinator:
         self.round = 0  # the last completed round
         self._active = 0  # the round being collected right now (0 between rounds)
         self._last: dict[str, Assignment] = {}  # each node's latest assignment (for the final sync)
-        self._labels: tuple[str, ...] | None = tuple(rs.labels) or None  # the fleet's class names (classification)
-        self._base_model: str | None = rs.base_model or None  # the digest of the fleet's base model
-        self._refused: dict[str, tuple] = {}  # refused nodes -> (labels, base model) they had (logged once each)
+        # the fleet's class names (classification) and base model digest: pinned by config, else the first seen
+        self.identity = FleetIdentity(labels=tuple(rs.labels) or None, base_model=rs.base_model or None)
         self._regions: dict[str, RegionStatus] = {}  # regional aggregators' presence (coordinator/region.py)
         self._refusal_logged = False  # the method's refusal of regions is logged once
         # region -> ((target sparsity, rank) of the plan it was asked about, its nodes' slowest completion at τ steps
@@ -212,28 +200,11 @@ class Coordinator:
 
     def _fits(self, node_id: str, status: NodeStatus) -> bool:
         """May the node train in this fleet?  Its classification head must have the fleet's class list and its base
-        model the fleet's digest: the first of each seen (or the configured one) becomes the fleet's and is
-        checkpointed; a node with another is refused, with one error line (again only if it changes)."""
+        model the fleet's digest (``FleetIdentity``): the first of each seen (or the configured one) becomes the
+        fleet's and is checkpointed; a node with another is refused, with one error line (again only if it changes)."""
         if status.state != "online":
             return True  # a node leaving
-        got = {"labels": tuple(status.labels) or None, "base_model": status.base_model}  # None: a causal LM / unknown
-        fleet = {"labels": self._labels, "base_model": self._base_model}
-        wrong = [k for k, v in got.items() if v is not None and fleet[k] is not None and v != fleet[k]]
-        if not wrong:
-            self._refused.pop(node_id, None)
-            if self._labels is None and got["labels"] is not None:
-                self._labels = got["labels"]
-                self.log.info("fleet_labels", labels=list(self._labels), first_node=node_id)
-            if self._base_model is None and got["base_model"] is not None:
-                self._base_model = got["base_model"]
-                self.log.info("fleet_base_model", base_model=self._base_model, first_node=node_id)
-            return True
-        if self._refused.get(node_id) != (got["labels"], got["base_model"]):
-            self._refused[node_id] = (got["labels"], got["base_model"])
-            for k in wrong:
-                self.log.error(f"node_refused_{k}", node=node_id, **{k: _plain(got[k]), f"fleet_{k}": _plain(fleet[k])},
-                               hint=REFUSAL_HINTS[k])
-        return False
+        return not self.identity.admit(node_id, identity_of(status.labels, status.base_model), self.log)
 
     def _apply_status(self, node_id: str, status: NodeStatus) -> None:
         # A node that joins while a round is collected takes part from the next one.
@@ -324,9 +295,9 @@ class Coordinator:
         self._last = {nid: Assignment(**{**a, "arm": tuple(a["arm"]) if a.get("arm") else None})
                       for nid, a in state.get("last_assignments", {}).items()}
         if state.get("labels") and not self.cfg.coordinator.labels:
-            self._labels = tuple(state["labels"])
+            self.identity.labels = tuple(state["labels"])
         if state.get("base_model") and not self.cfg.coordinator.base_model:
-            self._base_model = state["base_model"]
+            self.identity.base_model = state["base_model"]
         self.log.info("resumed", run_id=self.run_id, round=self.round)
 
     def _checkpoint(self) -> None:
@@ -334,7 +305,7 @@ class Coordinator:
             "run_id": self.run_id, "round": self.round, "registry": self.registry.state_dict(),
             "strategy": self.strategy.state_dict(), "method": self.cfg.coordinator.method,
             "last_assignments": {nid: dataclasses.asdict(a) for nid, a in self._last.items()},
-            "labels": list(self._labels or ()), "base_model": self._base_model,
+            "labels": list(self.identity.labels or ()), "base_model": self.identity.base_model,
         })
 
     def _wait_for_nodes(self, n: int, timeout_s: float) -> bool:
@@ -414,6 +385,11 @@ class Coordinator:
                 self.reassembler.forget(p["up"])
         self._region_finish = {rid: ((nxt.target_sparsity, nxt.rank), p["next_finish"])
                                for rid, p in pending.items() if nxt is not None and p["next_finish"] is not None}
+        for rid in sorted(partials):  # one identity: the first region's (in id order) becomes the fleet's if it has none
+            rep = pending[rid]["report"]
+            if wrong := self.identity.admit(rid, identity_of(rep.labels, rep.base_model), log, kind="region"):
+                del partials[rid]
+                failed[rid] = "refused: other " + " and ".join(wrong)
         reports = [p["report"] for p in pending.values() if p["report"] is not None]
         accepted = sum(p.nodes for p in partials.values())
         participants = sum(r.accepted + r.failed for r in reports)
@@ -467,7 +443,8 @@ class Coordinator:
                               download_transfer_id=down, finish_s=finish_s,
                               next_target_sparsity=next_plan.target_sparsity if next_plan else None,
                               next_rank=next_plan.rank if next_plan else None, tier_ranks=plan.tier_ranks or {},
-                              zero_pad_rank=plan.zero_pad_rank)
+                              zero_pad_rank=plan.zero_pad_rank, labels=list(self.identity.labels or ()),
+                              base_model=self.identity.base_model)
             pending[rid] = {"up": up, "report": None, "data": None, "next_finish": None}
             self.transport.publish(self.topics.region(rid, "config"), encode(msg), qos=1)
             if state is not None:

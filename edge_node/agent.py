@@ -43,12 +43,12 @@ from shared.updates import LoraUpdate, UpdateError
 IDENTITY_TIMEOUT_S = 5.0  # the start-up probe on the node's own status topic must come back within this
 CALIBRATION_STEPS = 5  # local steps timed before joining, to size the node's first round
 # A node that gets no round logs so, after this long and then at doubling intervals up to an hour: a coordinator
-# that refused it (other labels or base model) says so only in its own log, on another host.
+# or regional aggregator that refused it (other labels or base model) says so only in its own log, on another host.
 IDLE_NOTICE_S = 300.0
 IDLE_NOTICE_MAX_S = 3600.0
-IDLE_HINT = ("no round or command has reached this node: is the coordinator running on this topic_root? Its log says "
-             "why it leaves a node out (node_refused_labels, node_refused_base_model: this node's labels or model "
-             "differ from the fleet's) or what it waits for (waiting_for_nodes)")
+IDLE_HINT = ("no round or command has reached this node: is the coordinator (or region) running on this topic_root? "
+             "Its log says why it leaves a node out (node_refused_labels, node_refused_base_model: this node's labels "
+             "or model differ from the fleet's) or what it waits for (waiting_for_nodes)")
 
 
 @dataclass(frozen=True)

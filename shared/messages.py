@@ -454,7 +454,12 @@ class RegionRound(Message):
     HetLoRA: ``tier_ranks`` gives each device tier its rank (the node's presence names its tier, ``device_type``; a
     tier the table does not name trains at ``rank``, likewise ``next_rank``: ``rank_for``), and a node is sent the
     slice at ``sent_rank`` or its own rank if higher.  ``zero_pad_rank`` set: the global state is zero-padded factors
-    (``ZeroPadLora``) and the partial sums the nodes' factors padded to that rank; None: the mask-aware average."""
+    (``ZeroPadLora``) and the partial sums the nodes' factors padded to that rank; None: the mask-aware average.
+
+    Identity: ``labels`` and ``base_model`` are the fleet's (the root's ``FleetIdentity``: pinned, or adopted from
+    the first node or region report; empty/None: not known yet), as NodeStatus's fields.  The region refuses any of
+    its nodes whose presence disagrees (``node_refused_labels``/``node_refused_base_model``), so no two identities are
+    ever averaged; a key the root does not know yet the region adopts provisionally from its first node."""
 
     TYPE = "region_round"
     run_id: str = spec(max_len=64)
@@ -473,6 +478,8 @@ class RegionRound(Message):
     next_rank: int | None = spec(None, lo=1, hi=4096)
     tier_ranks: dict[str, int] = spec(lo=1, hi=4096, factory=dict)  # device tier -> its LoRA rank (HetLoRA)
     zero_pad_rank: int | None = spec(None, lo=1, hi=4096)
+    labels: list[str] = spec(factory=list, max_len=1024)  # the fleet's class names, in order (empty: not known)
+    base_model: str | None = spec(None, check="digest")  # the fleet's base model digest (None: not known)
 
     def _check(self) -> None:
         if self.sent_rank < self.rank:
@@ -491,7 +498,12 @@ class RegionRound(Message):
 
 @message
 class RegionReport(Message):
-    """A region's answer to a RegionRound: how many of its nodes its partial aggregates (status ok), or why none."""
+    """A region's answer to a RegionRound: how many of its nodes its partial aggregates (status ok), or why none.
+
+    ``labels`` and ``base_model``: the identity the region held for the round (the root's, or where the root had
+    none, the one it adopted provisionally from its first node).  The root adopts the first one reported (regions in
+    id order) and refuses the partial of a region whose identity disagrees with the fleet's
+    (``region_refused_labels``/``region_refused_base_model``)."""
 
     TYPE = "region_report"
     run_id: str = spec(max_len=64)
@@ -507,6 +519,8 @@ class RegionReport(Message):
     # Its live nodes' slowest completion at τ steps under the RegionRound's next_target_sparsity and next_rank
     # (planning.round_finish; 0: none has a timing; None: not asked): the root paces the next round to the latest.
     next_finish_s: float | None = spec(None, lo=0.0, hi=1e7)
+    labels: list[str] = spec(factory=list, max_len=1024)  # as NodeStatus's (empty: none known)
+    base_model: str | None = spec(None, check="digest")  # as NodeStatus's (None: none known)
 
 
 @message

@@ -6,7 +6,9 @@ bandit) refuses regions instead of running without it."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
+import time
 import types
 
 import pytest
@@ -23,7 +25,7 @@ from edge_node.agent import DeviceProfile, NodeAgent
 from edge_node.config import NodeConfig
 from shared.messages import RegionStatus, RoundConfig, decode, encode
 from shared.transport import MemoryBus, MemoryTransport
-from tests.coordinator.test_rounds import FakeTrainer, rows
+from tests.coordinator.test_rounds import BasedTrainer, FakeTrainer, LabelledTrainer, rows
 
 REGIONS = {"east": ["agx-1", "nx-2"], "west": ["tx2-3"]}
 NODES = [n for members in REGIONS.values() for n in members]
@@ -38,22 +40,24 @@ def _config(tmp_path, method: str, rounds: int = 3, **coordinator) -> Coordinato
         "bandit": {"target_sparsity": 0.3, "rank": 4}})
 
 
-def _agent(bus, tmp_path, nid: str, trainer, root: str | None, profile: DeviceProfile | None = None) -> NodeAgent:
+def _agent(bus, tmp_path, nid: str, trainer, root: str | None, profile: DeviceProfile | None = None,
+           delay_s: float = 0.0) -> NodeAgent:
     cfg = NodeConfig.from_dict({**({"broker": {"topic_root": root}} if root else {}),
                                 "node": {"id": nid, "state_dir": str(tmp_path / nid),
                                          "device_type": TIERS.get(nid, "generic")}})
     a = NodeAgent(cfg, trainer=trainer, profile=profile)
     a.transport = MemoryTransport(bus, nid, on_connect=a._on_connect, will=(a.topics.node(nid, "status"), b""),
                                   log=a.log.bind(logger="transport"))
-    threading.Thread(target=a.run, daemon=True).start()
+    threading.Thread(target=lambda: (time.sleep(delay_s), a.run()), daemon=True).start()
     return a
 
 
 def _run(tmp_path, method: str, trainers: dict[str, FakeTrainer], *, regions: bool,
          profile: DeviceProfile | None = None, direct: dict[str, FakeTrainer] | None = None,
-         coordinator: dict | None = None):
+         coordinator: dict | None = None, late: frozenset = frozenset()):
     """Run the fleet to the end (flat, or each node under its region of REGIONS; ``direct`` nodes connect to the
-    root in either case): the root's run summary, the log lines and every RoundConfig each node was sent, in order."""
+    root in either case; ``late`` nodes start half a second after the others): the root's run summary, the log lines
+    and every RoundConfig each node was sent, in order."""
     bus = MemoryBus()
     configs: dict[str, list[RoundConfig]] = {n: [] for n in NODES}
     spy = MemoryTransport(bus, "spy")
@@ -70,7 +74,7 @@ def _run(tmp_path, method: str, trainers: dict[str, FakeTrainer], *, regions: bo
             threading.Thread(target=region.run, daemon=True).start()
             started.append(region)
         root = f"fedspine/v1/region/{rid}" if regions else None
-        started += [_agent(bus, tmp_path, n, trainers[n], root, profile) for n in members]
+        started += [_agent(bus, tmp_path, n, trainers[n], root, profile, 0.5 if n in late else 0.0) for n in members]
     started += [_agent(bus, tmp_path, n, trainer, None, profile) for n, trainer in (direct or {}).items()]
     coord = Coordinator(_config(tmp_path, method, **(coordinator or {})), transport=MemoryTransport(bus, "coordinator"))
     out: dict = {}
@@ -413,3 +417,92 @@ def test_partials_that_disagree_fail_the_round_which_is_retried_instead_of_stopp
     for n in NODES:
         first = [c.upload_transfer_id for c in run.configs[n] if c.round == 1]
         assert len(first) == 2 and first[0] != first[1] and ".a0." in first[0] and ".a1." in first[1], first
+
+
+THREE = ["negative", "neutral", "positive"]
+
+
+def _refused(lines, event: str) -> list[tuple]:
+    """The final (not provisional) refusals ``event``: (who logged it, whom, level)."""
+    return [(e["node_id"], e.get("node") or e.get("region"), e["log_level"]) for e in lines
+            if e["event"] == event and not e.get("provisional")]
+
+
+def test_under_regions_a_node_with_the_fleets_labels_in_another_order_is_refused_at_its_region(tmp_path):
+    """Same number of classes, another order: its head's shapes fit, so only its labels tell.  Its region refuses it
+    with the root's line (node_refused_labels, under the region's node_id) and it never trains; the rest run on."""
+    trainers = {n: LabelledTrainer(n, THREE[::-1] if n == "nx-2" else THREE) for n in NODES}
+    run = _run(tmp_path, "uniform", trainers, regions=True, coordinator={"labels": THREE, "min_nodes": 2})
+    assert run.summary.rounds_done == 3, run.summary.stopped_early
+    assert trainers["nx-2"].calls == [] and len(trainers["agx-1"].calls) == len(trainers["tx2-3"].calls) == 4
+    assert _refused(run.lines, "node_refused_labels") == [("east", "nx-2", "error")]
+    line = next(e for e in run.lines if e["event"] == "node_refused_labels" and not e.get("provisional"))
+    assert line["labels"] == THREE[::-1] and line["fleet_labels"] == THREE and "edge_node_labels" in line["hint"]
+    assert [(r["regions"], r["accepted"]) for r in rows(tmp_path, "round")] == [(2, 2)] * 3
+    assert CheckpointStore(tmp_path / "coord").load()["labels"] == THREE
+    assert {rid: e.nodes for rid, e in run.summary.region_exports.items()} == {"east": 1, "west": 1}
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+def test_under_regions_a_node_on_another_base_model_is_refused_at_its_region(tmp_path, pinned):
+    """Pinned, the root's digest reaches the regions with round 1; unpinned, the region holds its first node's
+    provisionally, the root adopts the first region's report and sends it back.  Either way the odd node never
+    trains and its region says so once it holds the fleet's digest."""
+    ours, other = hashlib.sha256(b"ours").hexdigest(), hashlib.sha256(b"other").hexdigest()
+    trainers = {n: BasedTrainer(n, other if n == "nx-2" else ours) for n in NODES}
+    run = _run(tmp_path, "uniform", trainers, regions=True, late=frozenset() if pinned else frozenset({"nx-2"}),
+               coordinator={"min_nodes": 2, **({"base_model": ours} if pinned else {})})
+    assert run.summary.rounds_done == 3, run.summary.stopped_early
+    assert trainers["nx-2"].calls == [] and len(trainers["agx-1"].calls) == len(trainers["tx2-3"].calls) == 4
+    assert _refused(run.lines, "node_refused_base_model") == [("east", "nx-2", "error")]
+    line = next(e for e in run.lines if e["event"] == "node_refused_base_model" and not e.get("provisional"))
+    assert line["base_model"] == other and line["fleet_base_model"] == ours
+    assert "[coordinator] base_model" in line["hint"]
+    assert [(r["regions"], r["accepted"]) for r in rows(tmp_path, "round")] == [(2, 2)] * 3
+    assert CheckpointStore(tmp_path / "coord").load()["base_model"] == ours
+
+
+def test_two_regions_with_different_labels_and_no_pin_are_never_averaged_together(tmp_path):
+    """No pin, no node on the root: each region holds its first node's labels provisionally and reports them.  The
+    root adopts the first region's (in id order), refuses the other's partial by name, and from the next round on
+    that region holds the fleet's labels and refuses its node.  The rounds run on with east alone."""
+    trainers = {n: LabelledTrainer(n, THREE[::-1] if n == "tx2-3" else THREE) for n in NODES}
+    run = _run(tmp_path, "uniform", trainers, regions=True)
+    assert run.summary.rounds_done == 3, run.summary.stopped_early
+    assert [(r["regions"], r["accepted"]) for r in rows(tmp_path, "round")] == [(1, 2)] * 3  # west's never applied
+    refused = [e for e in run.lines if e["event"] == "region_refused_labels"]
+    assert [(e["round"], e["region"], e["labels"], e["fleet_labels"], e["log_level"]) for e in refused] == \
+        [(1, "west", THREE[::-1], THREE, "error")]
+    adopted = [e for e in run.lines if e["event"] == "fleet_labels" and e["node_id"] == "coordinator"]
+    assert [(e["first_region"], e["labels"]) for e in adopted] == [("east", THREE)]
+    assert _refused(run.lines, "node_refused_labels") == [("west", "tx2-3", "error")]
+    assert len(trainers["tx2-3"].calls) == 1  # round 1, under its region's provisional labels; refused at the root
+    assert all(len(trainers[n].calls) == 4 for n in ("agx-1", "nx-2"))
+    assert CheckpointStore(tmp_path / "coord").load()["labels"] == THREE
+
+
+def test_fleet_identity_is_one_rule_pinned_adopted_or_provisional():
+    """The rule the root and every region apply (coordinator.registry.FleetIdentity): None matches anything, the
+    first known value is adopted, another is refused with one line per change; a region's adoptions are provisional
+    until the root's identity settles them."""
+    from coordinator.registry import FleetIdentity, identity_of
+
+    log = structlog.get_logger()
+    fleet = FleetIdentity(labels=tuple(THREE))  # pinned labels, no base model yet
+    ours, other = "a" * 64, "b" * 64
+    with structlog.testing.capture_logs() as lines:
+        assert fleet.admit("agx-1", identity_of(THREE, ours), log) == []  # adopts its digest
+        assert fleet.admit("nx-2", identity_of(THREE[::-1], other), log) == ["labels", "base_model"]
+        assert fleet.admit("nx-2", identity_of(THREE[::-1], other), log) == ["labels", "base_model"]  # no new line
+        assert fleet.admit("lm-4", identity_of([], None), log) == []  # a causal LM with an unknown digest
+    assert [(e["event"], e.get("node") or e.get("first_node")) for e in lines] == \
+        [("fleet_base_model", "agx-1"), ("node_refused_labels", "nx-2"), ("node_refused_base_model", "nx-2")]
+    region = FleetIdentity(provisional=True)
+    with structlog.testing.capture_logs() as lines:
+        region.admit("agx-1", identity_of(THREE[::-1], None), log)
+        region.admit("nx-2", identity_of(THREE, None), log)
+        assert region.follow(identity_of(THREE, None)) and not region.follow(identity_of(THREE, None))
+        assert region.admit("nx-2", identity_of(THREE, None), log) == []
+        assert region.admit("agx-1", identity_of(THREE[::-1], None), log) == ["labels"]
+    assert [(e["event"], e.get("provisional", False)) for e in lines] == \
+        [("fleet_labels", True), ("node_refused_labels", True), ("node_refused_labels", False)]

@@ -68,9 +68,10 @@ SAMPLES: list[Message] = [
     RegionStatus(region_id="east", state="online", ts=1.7e9, nodes=2000),
     RegionRound(run_id="abc123", round=3, target_sparsity=0.2, rank=8, sent_rank=16, local_steps=20, deadline_ts=1.7e9,
                 upload_transfer_id="abc123.r3.a0.east.part", download_transfer_id="abc123.r3.a0.east.state",
-                importance=False),
+                importance=False, labels=["negative", "neutral", "positive"], base_model="0f" * 32),  # the identity
     RegionReport(run_id="abc123", round=3, region_id="east", status="ok", transfer_id="abc123.r3.a0.east.part",
-                 upload_bytes=123456, accepted=1990, failed=10, cpu_s=4.5),
+                 upload_bytes=123456, accepted=1990, failed=10, cpu_s=4.5, labels=["negative", "positive"],
+                 base_model="0f" * 32),
     RegionExport(run_id="abc123", region_id="east", nodes=2000, ok=1990, skipped=4, failed=1, missing=5),
     RegionRound(run_id="abc123", round=2, target_sparsity=0.0, rank=8, sent_rank=16, local_steps=20, deadline_ts=1.7e9,
                 upload_transfer_id="u", download_transfer_id="d", importance=False, next_target_sparsity=0.0,
@@ -106,9 +107,16 @@ SAMPLES: list[Message] = [
                         upload_transfer_id="u", download_transfer_id=None, tier_ranks={"": 4}),
     lambda: RegionRound(run_id="r", round=1, target_sparsity=0.0, rank=8, sent_rank=8, local_steps=1, deadline_ts=1.0,
                         upload_transfer_id="u", download_transfer_id=None, tier_ranks={"agx": 16}, zero_pad_rank=8),
+    lambda: RegionRound(run_id="r", round=1, target_sparsity=0.0, rank=8, sent_rank=8, local_steps=1, deadline_ts=1.0,
+                        upload_transfer_id="u", download_transfer_id=None, base_model="ABC"),
+    lambda: RegionRound(run_id="r", round=1, target_sparsity=0.0, rank=8, sent_rank=8, local_steps=1, deadline_ts=1.0,
+                        upload_transfer_id="u", download_transfer_id=None, labels=["a", 1]),
+    lambda: RegionReport(run_id="r", round=1, region_id="east", status="ok", base_model="0f" * 31),
+    lambda: RegionReport(run_id="r", round=1, region_id="east", status="ok", labels=["x"] * 1025),
 ], ids=["region_id", "state", "sent_rank", "accepted", "export_counts", "paced_final_sync", "next_rank_alone",
         "next_rank_zero", "negative_finish", "infinite_next_finish", "tier_rank_zero", "tier_rank_fraction",
-        "tier_empty", "zero_pad_below_a_tier"])
+        "tier_empty", "zero_pad_below_a_tier", "round_base_model", "round_labels", "report_base_model",
+        "report_labels"])
 def test_invalid_region_messages_are_refused(build) -> None:
     with pytest.raises(ProtocolError):
         build()
@@ -122,6 +130,14 @@ def test_region_messages_of_an_older_peer_decode_unpaced() -> None:
     old_rr = decode(msgpack.packb(_wire(rr, finish_s=_DROP, next_target_sparsity=_DROP, next_rank=_DROP)), RegionRound)
     assert (old_rr.finish_s, old_rr.next_target_sparsity, old_rr.next_rank) == (None, None, None)
     assert decode(msgpack.packb(_wire(rep, next_finish_s=_DROP)), RegionReport).next_finish_s is None
+
+
+def test_the_identity_fields_of_region_messages_are_optional() -> None:
+    """A RegionRound or RegionReport without labels and base_model (a root or region before they were added, or one
+    that knows none yet) decodes with none known."""
+    for msg in (m for m in SAMPLES if isinstance(m, (RegionRound, RegionReport)) and m.labels):
+        old = decode(msgpack.packb(_wire(msg, labels=_DROP, base_model=_DROP)), type(msg))
+        assert (old.labels, old.base_model) == ([], None)
 
 
 def test_hetlora_fields_of_a_region_round_are_optional() -> None:
