@@ -307,32 +307,38 @@ def test_a_region_sends_a_node_back_from_offline_its_round_again_and_gives_up_on
     region.transport.stop()
 
 
-def test_a_region_waits_past_a_report_of_another_transfer_as_the_root_does_and_fails_a_node_that_reports_failure():
-    """The root's rules for a node's report (server.Coordinator._take_report): one naming another transfer (a stale
-    one) is logged and waited past, so the node's real answer still counts; a failed status fails the node."""
-    import time
-
+def _lone_region(nodes: tuple[str, ...]):
+    """A region on its own with ``nodes`` live and round 2 sent to them: (region, its RegionRound, what it sent each
+    node, the round's end, one valid update's bytes) for tests that feed ``_collect`` events by hand."""
     from coordinator.registry import Registry
-    from shared.messages import NodeStatus, RegionRound, RoundReport
+    from shared.messages import NodeStatus, RegionRound
     from shared.updates import LoraUpdate, ModuleUpdate
 
-    bus = MemoryBus()
     cfg = RegionConfig.from_dict({"broker": {"url": "mqtt://localhost:1883"},
                                   "region": {"region_id": "east", "deadline_s": 5.0}})
-    region = Region(cfg, transport=MemoryTransport(bus, "region-east"))
+    region = Region(cfg, transport=MemoryTransport(MemoryBus(), "region-east"))
     region.transport.start()
     region.registry = Registry()
-    for nid in ("agx-1", "nx-2"):
+    for nid in nodes:
         region.registry.apply(NodeStatus(node_id=nid, state="online", ts=1.0), 1.0, 0)
     rr = RegionRound(run_id="r1", round=2, rank=4, sent_rank=4, local_steps=2, target_sparsity=0.0, importance=False,
                      deadline_ts=time.time() + 5, download_transfer_id=None, upload_transfer_id="r1.r2.east.up")
     end = time.monotonic() + 3.0
     pending = region._send_configs(rr, region.registry.live(), end)
-    up = pending["agx-1"].config.upload_transfer_id
     g = torch.Generator().manual_seed(0)
     data = LoraUpdate({"layer.q": ModuleUpdate(A=torch.randn(4, 4, generator=g), B=torch.randn(8, 4, generator=g),
                                                rows=torch.arange(8), cols=torch.arange(4), shape=(8, 4),
                                                scale=4.0)}).to_bytes()
+    return region, rr, pending, end, data
+
+
+def test_a_region_waits_past_a_report_of_another_transfer_as_the_root_does_and_fails_a_node_that_reports_failure():
+    """The root's rules for a node's report (coordinator/collect.py): one naming another transfer (a stale one) is
+    logged and waited past, so the node's real answer still counts; a failed status fails the node."""
+    from shared.messages import RoundReport
+
+    region, rr, pending, end, data = _lone_region(("agx-1", "nx-2"))
+    up = pending["agx-1"].config.upload_transfer_id
 
     def report(nid: str, **kw) -> RoundReport:
         return RoundReport(**{"run_id": "r1", "round": 2, "node_id": nid, "status": "ok", "transfer_id": up,
@@ -356,30 +362,12 @@ def test_a_region_waits_past_a_report_of_another_transfer_as_the_root_does_and_f
 def test_a_region_waits_for_a_node_that_reported_left_and_came_back_as_the_root_does(monkeypatch):
     """A node whose presence went offline, that reported and came back (its report can overtake its new presence)
     is back: its upload still counts after the grace, as at the root (coordinator/collect.py)."""
-    import time
-
     import coordinator.region as region_mod
-    from coordinator.registry import Registry
-    from shared.messages import NodeStatus, RegionRound, RoundReport
-    from shared.updates import LoraUpdate, ModuleUpdate
+    from shared.messages import NodeStatus, RoundReport
 
     monkeypatch.setattr(region_mod, "OFFLINE_GRACE_S", 0.3)
-    bus = MemoryBus()
-    cfg = RegionConfig.from_dict({"broker": {"url": "mqtt://localhost:1883"},
-                                  "region": {"region_id": "east", "deadline_s": 5.0}})
-    region = Region(cfg, transport=MemoryTransport(bus, "region-east"))
-    region.transport.start()
-    region.registry = Registry()
-    region.registry.apply(NodeStatus(node_id="agx-1", state="online", ts=1.0), 1.0, 0)
-    rr = RegionRound(run_id="r1", round=2, rank=4, sent_rank=4, local_steps=2, target_sparsity=0.0, importance=False,
-                     deadline_ts=time.time() + 5, download_transfer_id=None, upload_transfer_id="r1.r2.east.up")
-    end = time.monotonic() + 3.0
-    pending = region._send_configs(rr, region.registry.live(), end)
+    region, rr, pending, end, data = _lone_region(("agx-1",))
     up = pending["agx-1"].config.upload_transfer_id
-    g = torch.Generator().manual_seed(0)
-    data = LoraUpdate({"layer.q": ModuleUpdate(A=torch.randn(4, 4, generator=g), B=torch.randn(8, 4, generator=g),
-                                               rows=torch.arange(8), cols=torch.arange(4), shape=(8, 4),
-                                               scale=4.0)}).to_bytes()
     region.events.put(("status", "agx-1", NodeStatus(node_id="agx-1", state="offline", ts=2.0)))
     region.events.put(("report", "agx-1", RoundReport(run_id="r1", round=2, node_id="agx-1", status="ok",
                                                       transfer_id=up, upload_bytes=len(data), samples=8, steps=2,
