@@ -52,7 +52,8 @@ from broker_config.fedspine_broker import RESERVED_USERS, add_user, readable_by,
 from shared.config import ConfigError, load_toml
 from shared.topics import DEFAULT_ROOT, TopicError, Topics, check_nats_name, check_node_id
 
-SECTIONS = {"fleet", "broker", "nodes", "regions", "coordinator", "bandit", "node", "train", "telemetry"}
+SECTIONS = {"fleet", "broker", "nodes", "regions", "coordinator", "pruning", "lora", "bandit", "node", "train",
+            "telemetry"}
 BROKER_KEYS = {"engine", "host", "port", "tls", "bind", "run_user", "persistence", "cert_days", "members",
                "bcrypt_cost"}
 ENGINE_KEYS = {"mosquitto": {"host", "port", "persistence"}, "nats": {"members", "bcrypt_cost"}}  # the others: both
@@ -60,6 +61,7 @@ MEMBER_KEYS = {"name", "host", "port", "route_port", "client_port", "store_dir"}
 NODE_KEYS = {"id", "tier", "data_path", "test_path", "state_dir", "model_path", "region"}
 REGION_KEYS = {"id", "deadline_s", "quorum"}
 FLEET_KEYS = {"topic_root", "labels", "model_path", "data_dir", "state_root"}
+COORDINATOR_EXTRA = ("pruning", "lora", "bandit")  # copied into coordinator.toml as they are, like [coordinator]
 
 
 @dataclass
@@ -79,7 +81,7 @@ class Fleet:
     cert_days: int = 825
     state_root: str = ""
     regions: dict[str, dict[str, Any]] = field(default_factory=dict)  # region id -> its [region] settings
-    extra: dict[str, dict[str, Any]] = field(default_factory=dict)  # [coordinator], [bandit], [node], [train]…
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)  # [coordinator], [pruning], [lora], [node]…
     engine: str = "mosquitto"  # or "nats": then members replaces host, port and persistence
     members: list[dict[str, Any]] = field(default_factory=list)  # NATS: name, host, port, route_port, client_port,
     #                                                               store_dir (None: in the member's kit folder)
@@ -161,7 +163,7 @@ def load_fleet(path: str | Path) -> Fleet:
         Topics(fleet.get("topic_root", DEFAULT_ROOT))
     except TopicError as exc:
         raise ConfigError(f"[fleet] topic_root: {exc}") from None
-    extra = {k: dict(data[k]) for k in ("coordinator", "bandit", "node", "train", "telemetry") if k in data}
+    extra = {k: dict(data[k]) for k in ("coordinator", *COORDINATOR_EXTRA, "node", "train", "telemetry") if k in data}
     tables = data.get("regions", [])
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise ConfigError("regions: expected [[regions]] tables, each with an id")
@@ -511,7 +513,7 @@ def build_kit(fleet: Fleet, out: str | Path) -> dict[str, Path]:
              "state_dir": str((state_root or coord_dir) / ("coordinator" if state_root else "state")),
              **fleet.extra.get("coordinator", {})}
     sections = {"broker": broker_section("coordinator", coord_dir), "coordinator": coord,
-                "bandit": fleet.extra.get("bandit", {})}
+                **{k: fleet.extra.get(k, {}) for k in COORDINATOR_EXTRA}}
     CoordinatorConfig.from_dict(sections)
     _write_toml(coord_dir / "coordinator.toml", "fedspine coordinator --config coordinator.toml\n"
                 "Written by `fedspine kit`; every key is explained in docs/examples/coordinator.toml.", sections)

@@ -1,4 +1,4 @@
-"""Configuration of the coordinator: one TOML file with [broker], [coordinator] and [bandit]."""
+"""Configuration of the coordinator: one TOML file with [broker], [coordinator], [pruning], [lora] and [bandit]."""
 
 from __future__ import annotations
 
@@ -60,45 +60,63 @@ class RoundSettings:
 
 
 @dataclass(frozen=True)
-class BanditSettings:
-    """[bandit]: sparsity bounds, LoRA ranks and the S-UCB reward weights."""
+class PruningSettings:
+    """[pruning]: the sparsity bounds of every pruning method (uniform, prune_ft, ft_prune, fedspine)."""
 
     target_sparsity: float = field(default=0.3, metadata={
         "help": "s*: every node of a pruning method ends at or above it"})
     max_sparsity: dict = field(default_factory=lambda: {"default": 0.5}, metadata={
         "help": "s_max per device tier (a table, e.g. {agx = 0.4, tx2 = 0.5, default = 0.5})"})
-    ranks: tuple[int, ...] = field(default=(2, 4, 8, 16), metadata={"help": "LoRA ranks FedSpine's bandit chooses from"})
-    rank: int = field(default=8, metadata={"help": "LoRA rank of the fixed-rank methods (all but fedspine and hetlora)"})
-    tier_ranks: dict = field(default_factory=lambda: {"agx": 16, "nx": 8, "tx2": 4, "default": 8}, metadata={
-        "help": "HetLoRA's rank per device tier"})
-    reward: dict = field(default_factory=lambda: {"loss": 1.0, "time": 1.0, "importance": 0.25, "energy": 0.5},
-                         metadata={
-        "help": f"weights of the S-UCB reward terms ({', '.join(REWARD_TERMS)}); a term left out weighs 0"})
 
     def __post_init__(self) -> None:
-        if not self.ranks or any(r < 1 for r in self.ranks) or self.rank < 1:
-            raise ConfigError(f"[bandit] ranks {self.ranks} and rank {self.rank} must be >= 1")
         if not 0 <= self.target_sparsity < 1:
-            raise ConfigError(f"[bandit] target_sparsity {self.target_sparsity} outside [0, 1)")
+            raise ConfigError(f"[pruning] target_sparsity {self.target_sparsity} outside [0, 1)")
         for tier, cap in self.max_sparsity.items():
             if not isinstance(cap, (int, float)) or not self.target_sparsity <= cap < 1:
-                raise ConfigError(f"[bandit] max_sparsity[{tier}] {cap} must be in [target_sparsity, 1)")
-        if len(self.tier_ranks) > MAX_TIERS:
-            raise ConfigError(f"[bandit] tier_ranks has {len(self.tier_ranks)} tiers; at most {MAX_TIERS}")
-        for tier, r in self.tier_ranks.items():
-            if not isinstance(r, int) or r < 1:
-                raise ConfigError(f"[bandit] tier_ranks[{tier}] {r!r} must be an integer >= 1")
-        if unknown := sorted(set(self.reward) - set(REWARD_TERMS)):
-            raise ConfigError(f"[bandit] reward has unknown term(s) {unknown}; known: {list(REWARD_TERMS)}")
-        if any(not isinstance(w, (int, float)) or w < 0 for w in self.reward.values()):
-            raise ConfigError(f"[bandit] reward weights {self.reward} must be numbers >= 0")
+                raise ConfigError(f"[pruning] max_sparsity[{tier}] {cap} must be in [target_sparsity, 1)")
 
     def cap(self, tier: str) -> float:
         """s_max of a device tier."""
         return float(self.max_sparsity.get(tier, self.max_sparsity.get("default", 0.5)))
 
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """[lora]: the LoRA rank of the fixed-rank methods (and of the deployed model) and HetLoRA's rank per tier."""
+
+    rank: int = field(default=8, metadata={"help": "LoRA rank of the fixed-rank methods (all but fedspine and hetlora)"})
+    tier_ranks: dict = field(default_factory=lambda: {"agx": 16, "nx": 8, "tx2": 4, "default": 8}, metadata={
+        "help": "HetLoRA's rank per device tier"})
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"[lora] rank {self.rank} must be >= 1")
+        if len(self.tier_ranks) > MAX_TIERS:
+            raise ConfigError(f"[lora] tier_ranks has {len(self.tier_ranks)} tiers; at most {MAX_TIERS}")
+        for tier, r in self.tier_ranks.items():
+            if not isinstance(r, int) or r < 1:
+                raise ConfigError(f"[lora] tier_ranks[{tier}] {r!r} must be an integer >= 1")
+
     def tier_rank(self, tier: str) -> int:
         return int(self.tier_ranks.get(tier, self.tier_ranks.get("default", self.rank)))
+
+
+@dataclass(frozen=True)
+class BanditSettings:
+    """[bandit]: FedSpine's S-UCB only (method = "fedspine"): its rank arms and its reward weights."""
+
+    ranks: tuple[int, ...] = field(default=(2, 4, 8, 16), metadata={"help": "LoRA ranks FedSpine's bandit chooses from"})
+    reward: dict = field(default_factory=lambda: {"loss": 1.0, "time": 1.0, "importance": 0.25, "energy": 0.5},
+                         metadata={
+        "help": f"weights of FedSpine's S-UCB reward terms ({', '.join(REWARD_TERMS)}); a term left out weighs 0"})
+
+    def __post_init__(self) -> None:
+        if not self.ranks or any(r < 1 for r in self.ranks):
+            raise ConfigError(f"[bandit] ranks {self.ranks} must be >= 1")
+        if unknown := sorted(set(self.reward) - set(REWARD_TERMS)):
+            raise ConfigError(f"[bandit] reward has unknown term(s) {unknown}; known: {list(REWARD_TERMS)}")
+        if any(not isinstance(w, (int, float)) or w < 0 for w in self.reward.values()):
+            raise ConfigError(f"[bandit] reward weights {self.reward} must be numbers >= 0")
 
     def weight(self, term: str) -> float:
         return float(self.reward.get(term, 0.0))
@@ -108,6 +126,11 @@ class BanditSettings:
 class CoordinatorConfig(Sections):
     broker: BrokerConfig
     coordinator: RoundSettings = field(default_factory=RoundSettings)
+    pruning: PruningSettings = field(default_factory=PruningSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
     bandit: BanditSettings = field(default_factory=BanditSettings)
 
-    SECTIONS = {"broker": BrokerConfig, "coordinator": RoundSettings, "bandit": BanditSettings}
+    SECTIONS = {"broker": BrokerConfig, "coordinator": RoundSettings, "pruning": PruningSettings, "lora": LoraSettings,
+                "bandit": BanditSettings}
+    # Keys that [bandit] held until the split (never released): refused with the section they belong in now
+    MOVED = {"bandit": {"target_sparsity": "pruning", "max_sparsity": "pruning", "rank": "lora", "tier_ranks": "lora"}}

@@ -232,7 +232,8 @@ class Coordinator:
         t.subscribe(self.topics.region_filter("missing"), self._handle_region_missing)
         t.start()
         self.log.info("coordinator_started", method=rs.method, rounds=rs.rounds, resume_from=self.round,
-                      bandit=vars(self.cfg.bandit), settings=vars(rs))
+                      pruning=vars(self.cfg.pruning), lora=vars(self.cfg.lora), bandit=vars(self.cfg.bandit),
+                      settings=vars(rs))
         summary = RunSummary(run_id=self.run_id, method=rs.method, rounds_done=self.round)
         try:
             finished = self.round >= rs.rounds and self._finished_before()  # nothing to do: no need to wait

@@ -192,7 +192,8 @@ def run_method(method: str, args, fleet: list[SimNode], labels: list[str], broke
         "coordinator": {"rounds": args.rounds, "method": method, "min_nodes": len(fleet),
                         "local_steps": args.local_steps, "deadline_s": args.deadline_s, "state_dir": str(state_dir),
                         "seed": args.seed, "join_timeout_s": 600.0},
-        "bandit": {"target_sparsity": args.target_sparsity, "rank": args.rank},
+        "pruning": {"target_sparsity": args.target_sparsity},
+        "lora": {"rank": args.rank},
     })
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
@@ -262,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--rank", type=int, default=8, help="LoRA rank of the fixed-rank baselines")
-    ap.add_argument("--target-sparsity", type=float, default=0.3)
+    ap.add_argument("--rank", type=int, default=8, help="[lora] rank: LoRA rank of the fixed-rank baselines")
+    ap.add_argument("--target-sparsity", type=float, default=0.3, help="[pruning] target_sparsity: s* of the pruning "
+                    "methods")
     ap.add_argument("--samples-per-node", type=int, default=1500)
     ap.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label mix")
     ap.add_argument("--test-size", type=int, default=600)

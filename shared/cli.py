@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("coordinator", help="run the coordinator service")
-    p.add_argument("--config", required=True, help="coordinator TOML ([broker], [coordinator], [bandit])")
+    p.add_argument("--config", required=True,
+                   help="coordinator TOML ([broker], [coordinator], [pruning], [lora], [bandit])")
     p = sub.add_parser("region", help="run a regional aggregator (a sub-fleet's coordinator, one partial upward)")
     p.add_argument("--config", required=True, help="region TOML ([broker], [region])")
     p = sub.add_parser("node", help="run an edge node agent")

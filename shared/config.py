@@ -57,12 +57,21 @@ class Sections:
     """A process's whole configuration: one dataclass per TOML section, listed in ``SECTIONS`` (name -> class)."""
 
     SECTIONS: dict[str, type] = {}
+    # Keys that moved to another section: section -> {key: the section it is in now}.  Such a key in its old place is
+    # refused with a message naming its new place (no fallback: a file reads the same everywhere or not at all).
+    MOVED: dict[str, dict[str, str]] = {}
 
     @classmethod
     def from_dict(cls, data: dict) -> Self:
         unknown = sorted(set(data) - set(cls.SECTIONS))
         if unknown:
             raise ConfigError(f"unknown section(s) {unknown}; known: {list(cls.SECTIONS)}")
+        for section, keys in cls.MOVED.items():
+            table = data.get(section)
+            moved = sorted(set(table) & set(keys)) if isinstance(table, dict) else []
+            if moved:
+                raise ConfigError(f"[{section}] " + "; ".join(f"{k} has moved to [{keys[k]}]" for k in moved)
+                                  + " (docs/configuration.md)")
         return cls(**{name: from_mapping(kind, data.get(name), name) for name, kind in cls.SECTIONS.items()})
 
     @classmethod

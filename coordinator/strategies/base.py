@@ -286,7 +286,7 @@ class Strategy:
 
     def deploy_rank(self) -> int:
         """Rank of the slice each node deploys (merged into its weights: at inference a rank costs nothing)."""
-        return self.cfg.bandit.rank
+        return self.cfg.lora.rank
 
     def make_aggregator(self) -> GlobalLora | ZeroPadLora:
         return GlobalLora()

@@ -12,4 +12,4 @@ class FedLoRA(Strategy):
     prunes = False
 
     def fleet_schedule(self, rnd: int):
-        return 0.0, self.cfg.bandit.rank
+        return 0.0, self.cfg.lora.rank

@@ -33,9 +33,8 @@ class FedSpine(Strategy):
 
     def __init__(self, cfg, total_rounds: int, seed: int = 0) -> None:
         super().__init__(cfg, total_rounds, seed)
-        b = cfg.bandit
-        self.bandit = FleetBandit(DELTA_P, b.ranks, discount=DISCOUNT, exploration=EXPLORATION,
-                                  target_sparsity=b.target_sparsity, total_rounds=total_rounds, seed=seed)
+        self.bandit = FleetBandit(DELTA_P, cfg.bandit.ranks, discount=DISCOUNT, exploration=EXPLORATION,
+                                  target_sparsity=cfg.pruning.target_sparsity, total_rounds=total_rounds, seed=seed)
         self._at_tau: dict[str, float] = {}  # this round's participants: completion time at τ steps as they are
         self._tiers: dict[str, str] = {}
 
@@ -74,7 +73,7 @@ class FedSpine(Strategy):
         return allowed
 
     def schedule(self, rnd: int, node: NodeInfo, st: NodeState):
-        cap = self.cfg.bandit.cap(node.device_type)
+        cap = self.cfg.pruning.cap(node.device_type)
         beyond = st.sparsity >= self.bandit.goal(cap) - self.bandit.grain
         c = self.bandit.choose(node.node_id, rnd, st.sparsity, cap,
                                allowed=self._beyond_target(node.node_id, st, cap) if beyond else None)
@@ -96,7 +95,7 @@ class FedSpine(Strategy):
         shares = {}
         for r in results:
             others = next((t for n, t in top if n != r.node_id), 0.0)
-            cap = self.cfg.bandit.cap(self._tiers.get(r.node_id, "default"))
+            cap = self.cfg.pruning.cap(self._tiers.get(r.node_id, "default"))
             fastest = self._time(r.node_id, max(cap, float(r.sparsity)), min(self.cfg.bandit.ranks))
             best = max(fastest if fastest is not None else at[r.node_id], others)
             shares[r.node_id] = min(1.0, best / max(at[r.node_id], others)) if at[r.node_id] > 0 else 1.0

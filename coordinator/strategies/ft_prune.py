@@ -16,7 +16,7 @@ class FTPrune(Strategy):
         return T - max(1, round(0.15 * T)) + 1 if T > 1 else 1
 
     def fleet_schedule(self, rnd: int):
-        return (self.cfg.bandit.target_sparsity if rnd >= self.prune_round() else 0.0), self.cfg.bandit.rank
+        return (self.cfg.pruning.target_sparsity if rnd >= self.prune_round() else 0.0), self.cfg.lora.rank
 
     def will_prune(self, rnd: int) -> bool:
         return rnd < self.prune_round()  # the steps before the cut score the groups it removes

@@ -12,7 +12,7 @@ class PruneFT(Strategy):
     name = "prune_ft"
 
     def fleet_schedule(self, rnd: int):
-        return self.cfg.bandit.target_sparsity, self.cfg.bandit.rank
+        return self.cfg.pruning.target_sparsity, self.cfg.lora.rank
 
     def will_prune(self, rnd: int) -> bool:
         return not self.has_fleet_importance()  # round 1 scores the groups; round 2 cuts

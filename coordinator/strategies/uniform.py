@@ -18,8 +18,8 @@ class Uniform(Strategy):
         return max(1, math.ceil(2 * self.total_rounds / 3))
 
     def fleet_schedule(self, rnd: int):
-        target = self.cfg.bandit.target_sparsity
-        return min(target, target * rnd / self.reach()), self.cfg.bandit.rank
+        target = self.cfg.pruning.target_sparsity
+        return min(target, target * rnd / self.reach()), self.cfg.lora.rank
 
     def will_prune(self, rnd: int) -> bool:
         return rnd < self.reach()

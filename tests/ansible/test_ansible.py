@@ -22,7 +22,7 @@ import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
-from coordinator.config import CoordinatorConfig
+from coordinator.config import CoordinatorConfig, LoraSettings
 from edge_node.config import NodeConfig
 
 pytestmark = pytest.mark.slow
@@ -327,7 +327,8 @@ def test_coordinator_config(provisioned: Provisioned) -> None:
     assert cfg.coordinator.labels == ("negative", "neutral", "positive")
     assert cfg.coordinator.state_dir == str(provisioned.prefix / "var/lib/fedspine/coordinator")
     assert Path(cfg.coordinator.state_dir).is_dir()
-    assert cfg.bandit.ranks == (2, 4, 8, 16) and cfg.bandit.cap("tx2") == 0.6
+    assert cfg.pruning.target_sparsity == 0.3 and cfg.pruning.cap("tx2") == 0.6 and cfg.lora == LoraSettings()
+    assert cfg.bandit.ranks == (2, 4, 8, 16)
     unit = (provisioned.prefix / "etc/systemd/system/fedspine-coordinator.service").read_text()
     assert "Restart=on-failure" in unit and "RestartPreventExitStatus=2 3" in unit
 

@@ -108,7 +108,7 @@ def simulate_fleet(rounds: int = 30, seed: int = 0):
     """The spec's synthetic fleet: fixed speeds; step time falls with sparsity, upload time rises with rank, and
     pruning or a low rank costs some of each round's loss reduction."""
     cfg = CoordinatorConfig.from_dict({"coordinator": {"method": "fedspine", "rounds": rounds, "local_steps": 20},
-                                       "bandit": {"target_sparsity": 0.3, "max_sparsity": {"default": 0.5}}})
+                                       "pruning": {"target_sparsity": 0.3, "max_sparsity": {"default": 0.5}}})
     strat = make_strategy(cfg, total_rounds=rounds, seed=seed)
     speeds = {"fast": 1.0, "mid": 0.5, "slow": 0.2}
     nodes = [NodeInfo(n, "default") for n in speeds]

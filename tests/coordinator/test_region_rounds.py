@@ -37,7 +37,7 @@ def _config(tmp_path, method: str, rounds: int = 3, **coordinator) -> Coordinato
         "coordinator": {"method": method, "rounds": rounds, "min_nodes": len(NODES), "local_steps": 2,
                         "deadline_s": 5.0, "state_dir": str(tmp_path / "coord"), "join_timeout_s": 10.0,
                         **coordinator},
-        "bandit": {"target_sparsity": 0.3, "rank": 4}})
+        "pruning": {"target_sparsity": 0.3}, "lora": {"rank": 4}})
 
 
 def _agent(bus, tmp_path, nid: str, trainer, root: str | None, profile: DeviceProfile | None = None,

@@ -56,7 +56,7 @@ def test_the_time_term_is_the_share_of_the_fastest_round_the_node_could_have_giv
     """Only the node that holds the round back scores below 1, by how far its configuration is from the fastest it
     could have chosen (its tier's cap, its smallest rank)."""
     cfg = CoordinatorConfig.from_dict({"coordinator": {"method": "fedspine", "local_steps": 5},
-                                       "bandit": {"max_sparsity": {"default": 0.5}, "ranks": [2, 8]}})
+                                       "pruning": {"max_sparsity": {"default": 0.5}}, "bandit": {"ranks": [2, 8]}})
     strat = make_strategy(cfg, total_rounds=5)
     results = [_result("fast", 0.3, 8, 0.2), _result("slow", 0.3, 8, 2.0, upload_s=0.8)]
     for r in results:

@@ -28,9 +28,9 @@ NODES = [NodeInfo("agx-1", "agx"), NodeInfo("nx-2", "nx"), NodeInfo("tx2-3", "tx
 TAU = 5
 
 
-def cfg(method="fedspine", rounds=10, **bandit):
+def cfg(method="fedspine", rounds=10, **pruning):
     return CoordinatorConfig.from_dict({"coordinator": {"method": method, "rounds": rounds, "local_steps": TAU},
-                                        "bandit": {"target_sparsity": 0.3, **bandit}})
+                                        "pruning": {"target_sparsity": 0.3, **pruning}})
 
 
 def result(a: Assignment, rnd: int, per_step: float | None = None, fixed: float = 2.0, rows=None,
@@ -253,13 +253,13 @@ def test_the_deployed_rank_is_the_largest_rank_the_method_trains_with():
     ranks = {}
     for method in ("fedspine", "hetlora", "fedlora", "prune_ft"):
         c = CoordinatorConfig.from_dict({"coordinator": {"method": method, "rounds": 2},
-                                         "bandit": {"ranks": [2, 4, 32], "rank": 8,
-                                                    "tier_ranks": {"agx": 12, "tx2": 4, "default": 6}}})
+                                         "bandit": {"ranks": [2, 4, 32]},
+                                         "lora": {"rank": 8, "tier_ranks": {"agx": 12, "tx2": 4, "default": 6}}})
         ranks[method] = make_strategy(c, total_rounds=2).deploy_rank()
     assert ranks == {"fedspine": 32, "hetlora": 12, "fedlora": 8, "prune_ft": 8}
-    # HetLoRA without a default tier: a tier the table does not name trains at [bandit] rank, which then counts
+    # HetLoRA without a default tier: a tier the table does not name trains at [lora] rank, which then counts
     c = CoordinatorConfig.from_dict({"coordinator": {"method": "hetlora", "rounds": 2},
-                                     "bandit": {"rank": 24, "tier_ranks": {"agx": 12, "tx2": 4}}})
+                                     "lora": {"rank": 24, "tier_ranks": {"agx": 12, "tx2": 4}}})
     het = make_strategy(c, total_rounds=2)
     assert het.deploy_rank() == 24 and het.global_.rank == 24  # and zero padding pads to it
 
@@ -359,10 +359,13 @@ def test_configuration_is_checked_naming_the_key():
         ("coordinator", {"method": "fedfoo"}, "method 'fedfoo'"),
         ("coordinator", {"base_model": "A3604C"}, "base_model 'A3604C' must be a sha256"),
         ("coordinator", {"align_steps": ["fedspine"]}, "unknown key"),
-        ("bandit", {"max_sparsity": {"tx2": 0.2}}, r"max_sparsity\[tx2\]"),
-        ("bandit", {"reward": {"speed": 1.0}}, "unknown term"),
-        ("bandit", {"tier_ranks": {"tx2": 0}}, r"tier_ranks\[tx2\]"),
-        ("bandit", {"tier_ranks": {f"t{i}": 4 for i in range(65)}}, "65 tiers; at most 64"),
+        ("pruning", {"max_sparsity": {"tx2": 0.2}}, r"\[pruning\] max_sparsity\[tx2\]"),
+        ("pruning", {"target_sparsity": 1.0}, r"\[pruning\] target_sparsity 1.0 outside"),
+        ("bandit", {"reward": {"speed": 1.0}}, r"\[bandit\] reward has unknown term"),
+        ("bandit", {"ranks": [4, 0]}, r"\[bandit\] ranks"),
+        ("lora", {"rank": 0}, r"\[lora\] rank 0"),
+        ("lora", {"tier_ranks": {"tx2": 0}}, r"\[lora\] tier_ranks\[tx2\]"),
+        ("lora", {"tier_ranks": {f"t{i}": 4 for i in range(65)}}, "65 tiers; at most 64"),
     ]:
         with pytest.raises(ConfigError, match=match):
             CoordinatorConfig.from_dict({section: values})

@@ -118,7 +118,9 @@ def make_fleet(root: Path, broker, model: Path, node_ids: list[str], *, rounds: 
         "broker": broker_section("coordinator"),
         "coordinator": {"rounds": rounds, "method": method, "min_nodes": len(node_ids), "local_steps": local_steps,
                         "deadline_s": deadline_s, "state_dir": str(state_dir), "quorum": quorum, "join_timeout_s": 120.0, **(coordinator or {})},
-        "bandit": {"target_sparsity": target_sparsity, "rank": 4, **(bandit or {})},
+        "pruning": {"target_sparsity": target_sparsity},
+        "lora": {"rank": 4},
+        "bandit": bandit or {},
     })
     fleet = Fleet(root=root, broker=broker, model=model, node_ids=list(node_ids), state_dir=state_dir,
                   metrics=metrics, coordinator_cfg=coord_cfg)

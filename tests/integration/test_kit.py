@@ -84,7 +84,7 @@ def test_a_fleet_from_the_kit_and_the_readme(tmp_path):
         n.update(data_path=str(write_csv(data / n["id"] / "train.csv", sentiment_rows(96, seed=i))),
                  test_path=str(test))
     fleet["coordinator"].update(rounds=2, local_steps=3, deadline_s=60.0, join_timeout_s=60.0)
-    fleet["bandit"] = {"target_sparsity": 0.3, "rank": 4}
+    fleet["pruning"], fleet["lora"] = {"target_sparsity": 0.3}, {"rank": 4}
     fleet["train"].update(batch_size=8, max_length=16, learning_rate=5e-3, test_batches=4)
     fleet["telemetry"] = {"interval_s": 1.0}
     _write_fleet(tmp_path / "fleet.toml", fleet)
@@ -186,7 +186,7 @@ def test_a_kit_with_a_region_runs_through_the_region_to_the_exports(tmp_path):
         write_csv(tmp_path / "data" / n["id"] / "train.csv", sentiment_rows(96, seed=i))
         n["test_path"] = str(test)
     fleet["coordinator"].update(rounds=2, local_steps=2, deadline_s=60.0, join_timeout_s=90.0)
-    fleet["bandit"] = {"target_sparsity": 0.3, "rank": 4}
+    fleet["pruning"], fleet["lora"] = {"target_sparsity": 0.3}, {"rank": 4}
     fleet["train"] = {"batch_size": 8, "max_length": 16, "learning_rate": 5e-3, "test_batches": 4}
     _write_fleet(tmp_path / "fleet.toml", fleet)
     kit = tmp_path / "kit"

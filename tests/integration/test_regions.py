@@ -58,7 +58,7 @@ def test_root_with_two_regions_equals_flat_aggregation(tmp_path):
             "broker": broker,
             "coordinator": {"method": "fedlora", "rounds": ROUNDS, "local_steps": 1, "min_nodes": 5,
                             "deadline_s": 30.0, "join_timeout_s": 30.0, "state_dir": str(tmp_path / "root")},
-            "bandit": {"rank": RANK},
+            "lora": {"rank": RANK},
         })
         try:
             summary = Coordinator(cfg).run()

@@ -246,7 +246,7 @@ def check_global_is_the_aggregate(state_dir: Path, sent: dict[str, bytes], metri
         assert mine, f"round {rnd} aggregated nothing"
         ups = [LoraUpdate.from_bytes(sent[r["update_sha256"]]) for r in mine]
         # Each node was sent the global state sliced to its structure at the deployed rank (or its own, if larger)
-        # and started from that slice's leading components (``deploy_rank``: the coordinator's [bandit] rank).
+        # and started from that slice's leading components (``deploy_rank``: the coordinator's [lora] rank).
         ranks = [next(iter(u.modules.values())).rank for u in ups]
         starts = [replay.start_for(structure.get(r["node"]), k, max(k, deploy_rank), LORA_ALPHA)
                   for r, k in zip(mine, ranks, strict=True)]
@@ -501,7 +501,7 @@ def test_real_training_fleet_survives_a_node_and_the_coordinator_killed(tmp_path
     assert any(r["node"] == "nx-2" and r["status"] == "ok" and r["round"] > 2 for r in trained)  # it rejoined
     assert "resumed" in fleet.logs("coordinator")
     replayed = check_global_is_the_aggregate(fleet.state_dir, wire_payloads(wire.items), fleet.metrics,
-                                             deploy_rank=4)  # make_fleet's [bandit] rank
+                                             deploy_rank=4)  # make_fleet's [lora] rank
     exports = fleet.rows("export")
     assert sorted(e["node_id"] for e in exports) == nodes and all(e["status"] == "ok" for e in exports)
     reliability.add("faults", "real training (tiny BERT, 3 node processes): node SIGKILLed during round 2 and "

@@ -39,3 +39,28 @@ def test_a_model_path_that_is_not_the_model_folder_itself_is_a_configuration_err
     NodeConfig.from_dict({"node": {**node, "model_path": str(tmp_path / "model")}}).check_files()
     with pytest.raises(ConfigError, match=r"\[node\] model_path '.*' holds no config.json"):
         NodeConfig.from_dict({"node": {**node, "model_path": str(tmp_path)}}).check_files()
+
+
+def test_a_coordinator_file_of_the_old_layout_is_refused_naming_the_new_section(tmp_path):
+    """[bandit] once held every method's sparsity and rank keys; they moved to [pruning] and [lora] and are not read
+    from [bandit] any more: such a file stops the coordinator with a message saying where each key went."""
+    from coordinator.config import LoraSettings, PruningSettings
+    from shared.config import ConfigError
+
+    old = tmp_path / "coordinator.toml"
+    old.write_text('[coordinator]\nmethod = "uniform"\n\n[bandit]\ntarget_sparsity = 0.4\nranks = [2, 4]\n')
+    with pytest.raises(ConfigError, match=r"^\[bandit\] target_sparsity has moved to \[pruning\] "):
+        CoordinatorConfig.load(old)
+    old.write_text("[bandit]\nmax_sparsity = { default = 0.6 }\nrank = 4\ntier_ranks = { agx = 8 }\n")
+    with pytest.raises(ConfigError) as err:
+        CoordinatorConfig.load(old)
+    assert str(err.value).startswith("[bandit] max_sparsity has moved to [pruning]; rank has moved to [lora]; "
+                                     "tier_ranks has moved to [lora]")
+
+    new = tmp_path / "new.toml"
+    new.write_text("[pruning]\ntarget_sparsity = 0.4\nmax_sparsity = { default = 0.6 }\n\n"
+                   "[lora]\nrank = 4\ntier_ranks = { agx = 8 }\n\n[bandit]\nranks = [2, 4]\n")
+    cfg = CoordinatorConfig.load(new)
+    assert cfg.pruning == PruningSettings(target_sparsity=0.4, max_sparsity={"default": 0.6})
+    assert cfg.lora == LoraSettings(rank=4, tier_ranks={"agx": 8}) and cfg.bandit.ranks == (2, 4)
+    assert cfg.pruning.cap("tx2") == 0.6 and cfg.lora.tier_rank("tx2") == 4
