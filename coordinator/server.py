@@ -444,7 +444,8 @@ class Coordinator:
         log.info("region_plans_asked", regions=ask)
         waiting, end = set(ask), time.monotonic() + PLAN_QUERY_S
         while waiting and not self._stop.is_set() and (now := time.monotonic()) < end:
-            ev = self._drain(min(0.5, end - now))
+            waiting &= set(self._online_regions())  # one that went offline will not answer (nor take part)
+            ev = self._drain(min(0.5, end - now)) if waiting else None
             if ev is None:
                 continue
             kind, rid, payload = ev
@@ -457,9 +458,9 @@ class Coordinator:
                     log.info("late_or_duplicate_dropped", kind="region_plan", region=rid)
             else:
                 self._dispatch_idle(ev, log)
-        if waiting:
-            log.warning("region_plans_missing", regions=sorted(waiting), waited_s=PLAN_QUERY_S,
-                        hint="the round runs τ steps unpaced")
+        if without := [r for r in ask if (g := self._region_finish.get(r)) is None or g[0] != key]:
+            log.warning("region_plans_missing", regions=without, waited_s=PLAN_QUERY_S,
+                        hint="no finish from these regions for this round's plan: it runs τ steps unpaced")
 
     def _send_region_rounds(self, rnd: int, attempt: int | None, regions: list[str], plan: FleetPlan,
                             finish_s: float | None = None, next_plan: FleetPlan | None = None) -> dict[str, dict]:

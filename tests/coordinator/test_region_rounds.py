@@ -452,6 +452,24 @@ def test_a_retried_round_whose_plan_is_not_the_announced_one_asks_the_regions_an
     assert asked == [(1, 0), (1, 1)], asked
 
 
+def test_a_region_that_does_not_answer_the_plan_query_leaves_the_round_unpaced_and_the_root_says_which(
+        tmp_path, monkeypatch):
+    """An older region (it refuses the RegionPlanQuery) or a silent one: the root waits PLAN_QUERY_S, runs round 1
+    τ steps unpaced as before the exchange, names the regions; later rounds are paced from their reports."""
+    import coordinator.server as server
+
+    monkeypatch.setattr(server, "PLAN_QUERY_S", 0.5)
+    monkeypatch.setattr(Region, "_answer_plan", lambda self, q: None)
+    step_s = {"agx-1": 0.01, "nx-2": 0.03, "tx2-3": 0.1}
+    profile = DeviceProfile(speed=1.0, uplink_mbps=100.0, latency_s=0.05)
+    run = _run(tmp_path, "uniform", {n: TimedTrainer(n, step_s[n]) for n in NODES}, regions=True, profile=profile)
+    assert run.summary.rounds_done == 3, run.summary.stopped_early
+    missing = [(e["round"], e["regions"], e["log_level"]) for e in run.lines if e["event"] == "region_plans_missing"]
+    assert missing == [(1, sorted(REGIONS), "warning")], missing
+    assert [r["finish_s"] is not None for r in rows(tmp_path, "round")] == [False, True, True]
+    assert all(run.configs[n][0].finish_s is None and run.configs[n][0].local_steps == 2 for n in NODES)
+
+
 THREE = ["negative", "neutral", "positive"]
 
 
