@@ -25,6 +25,10 @@ flat strategy does (``NodeState``: sparsity, rank, structure, measured speeds) a
 ``planning.plan_round`` to the fleet's finish that the RegionRound carries.  The root takes that finish as the
 latest of its regions' slowest completions at τ steps, which each region reports with its previous round for the
 plan the root announced then (``RegionReport.next_finish_s``): ``planning.round_finish`` over every node, as flat.
+Where the root has none for a round's exact plan (its first hierarchical round, the first after this region joined,
+a retried round with another plan) it asks first (RegionPlanQuery on the config topic); the region answers at once
+with the same computation (RegionPlan on its report topic; nodes not yet measured by their startup timings, as a
+flat round 1), from its main loop between events, also mid-round, without touching the round in progress.
 
 One identity for the fleet: the region refuses any of its nodes whose labels or base model differ from the
 fleet's (``FleetIdentity``, the root's rule and log lines, ``node_refused_*``): the root's, which every RegionRound
@@ -70,6 +74,8 @@ from shared.messages import (
     ExportReport,
     NodeStatus,
     RegionExport,
+    RegionPlan,
+    RegionPlanQuery,
     RegionReport,
     RegionRound,
     RegionStatus,
@@ -176,9 +182,11 @@ class Region:
             self.events.put(("missing", nid, req))
 
     def _on_round(self, topic: str, payload: bytes) -> None:
-        msg = decode_from(payload, (RegionRound, Command), topic=topic, log=self.log)
+        msg = decode_from(payload, (RegionRound, Command, RegionPlanQuery), topic=topic, log=self.log)
         if isinstance(msg, Command):  # the root's end of run: relayed to this region's nodes
             self.events.put(("command", None, msg))
+        elif isinstance(msg, RegionPlanQuery):  # answered between events, whatever the main loop is doing
+            self.events.put(("plan_query", None, msg))
         elif msg:
             if msg.download_transfer_id:  # before its chunks arrive (a chunk that came first is asked for again)
                 self.reassembler.expect(msg.download_transfer_id, COORDINATOR_ID)
@@ -250,6 +258,8 @@ class Region:
             self.transport.resend(self.down.node(nid, "download"), payload)
         elif kind == "resend":
             self.transport.resend(self.up.region(self.rid, "upload"), payload)
+        elif kind == "plan_query":
+            self._answer_plan(payload)
         else:
             self.log.info("late_message_dropped", kind=kind, node=nid)
 
@@ -332,10 +342,8 @@ class Region:
         now under the next round's announced plan, which the root paces the next round to."""
         next_finish = None
         if rr.next_rank is not None and rr.next_target_sparsity is not None:
-            live = self.registry.live(for_round=rr.round + 1)
-            timing = fleet_timing(live, self.nodes, rr.next_target_sparsity,
-                                  {n.node_id: rr.rank_for(n.device_type, rr.next_rank) for n in live})
-            next_finish = planning.round_finish(timing, rr.local_steps)
+            next_finish = self._slowest(rr.round + 1, rr.next_target_sparsity,
+                                        lambda tier: rr.rank_for(tier, rr.next_rank), rr.local_steps)
         rep = RegionReport(run_id=rr.run_id, round=rr.round, region_id=self.rid, status="error" if error else "ok",
                            error=error, transfer_id=rr.upload_transfer_id, upload_bytes=size, accepted=accepted,
                            failed=failed, cpu_s=time.process_time() - cpu0, next_finish_s=next_finish,
@@ -344,6 +352,23 @@ class Region:
         (self.log.warning if error else self.log.info)("region_round_done", accepted=accepted, failed=failed,
                                                          upload_bytes=size, error=error, cpu_s=round(rep.cpu_s, 3),
                                                          next_finish_s=next_finish)
+
+    def _slowest(self, rnd: int, sparsity: float, rank_for, tau: int) -> float:
+        """The slowest completion at ``tau`` steps of the nodes live for round ``rnd`` under a plan (``sparsity``,
+        each node's rank by its tier, ``rank_for``): ``planning.round_finish`` over their timings (``fleet_timing``:
+        measured speeds, else presence timings; 0: none has one), as the root computes a flat round's finish."""
+        live = self.registry.live(for_round=rnd)
+        timing = fleet_timing(live, self.nodes, sparsity, {n.node_id: rank_for(n.device_type) for n in live})
+        return planning.round_finish(timing, tau)
+
+    def _answer_plan(self, q: RegionPlanQuery) -> None:
+        """The root lacks this region's finish for a round's plan (its first hierarchical round, the first after this
+        region joined, a retried round with another plan): answer at once with the slowest completion of the nodes
+        live now under it.  Read-only: a round in progress is not disturbed."""
+        finish = self._slowest(q.round, q.target_sparsity, q.rank_for, q.local_steps)
+        ans = RegionPlan(run_id=q.run_id, round=q.round, attempt=q.attempt, region_id=self.rid, finish_s=finish)
+        self.transport.publish(self.up.region(self.rid, "report"), encode(ans), qos=1)
+        self.log.info("region_plan_answered", round_asked=q.round, attempt=q.attempt, finish_s=finish)
 
     def _command(self, cmd: Command) -> None:
         """The root's export: relayed to this region's live nodes; their ExportReports are counted by status and

@@ -38,6 +38,8 @@ from shared.messages import (
     ExportReport,
     NodeStatus,
     RegionExport,
+    RegionPlan,
+    RegionPlanQuery,
     RegionReport,
     RegionRound,
     RegionStatus,
@@ -78,6 +80,7 @@ class RunSummary:
 FINISHED_FILE = "finished"  # in state_dir: the run id whose final sync and exports are done
 WAIT_LOG_S = 60.0  # while waiting for nodes, one line this often
 MAX_RETRIES = 3  # a round below quorum is retried this often, then training stops
+PLAN_QUERY_S = 10.0  # the most a hierarchical round waits for regions' RegionPlan answers before it starts
 
 
 class Coordinator:
@@ -163,7 +166,7 @@ class Coordinator:
 
     def _handle_region_report(self, topic: str, payload: bytes) -> None:
         rid = self.topics.sender(topic, "report", self.log, field="region")
-        msg = rid and decode_from(payload, (RegionReport, RegionExport), topic=topic, log=self.log, sender=rid,
+        msg = rid and decode_from(payload, (RegionReport, RegionExport, RegionPlan), topic=topic, log=self.log, sender=rid,
                                   sender_field="region_id")
         if msg:
             self.events.put(("region_report", rid, msg))
@@ -359,6 +362,7 @@ class Coordinator:
         cpu0, wall0 = time.process_time(), time.monotonic()
         g = self.strategy.global_
         plan = self.strategy.fleet_plan(rnd)  # the method's schedule, the same for every node (refusal checked)
+        self._ask_region_plans(rnd, attempt, regions, plan, log)
         finish = self._fleet_finish(regions, plan)
         # The next round's schedule as far as it is known before this one is aggregated (importance comes from a
         # round that tracks it): each region answers with its nodes' slowest completion under it.
@@ -416,14 +420,47 @@ class Coordinator:
     def _fleet_finish(self, regions: list[str], plan: FleetPlan) -> float | None:
         """The fleet's planned finish for ``plan``: the latest of the regions' slowest completions at τ steps, which
         each reported for this plan with its last round; that is ``planning.round_finish`` over every node, as in a
-        flat round.  None (every node runs τ steps unpaced) unless every region reported one for this very plan (not
-        so in the first hierarchical round, after a region joined or before a retried round whose plan differs
-        from the next one's), or if no node has a timing yet."""
+        flat round.  None (every node runs τ steps unpaced) unless every region reported one for this very plan (with
+        its last round, or where it had none, answering ``_ask_region_plans``), or if no node has a timing yet."""
         got = [self._region_finish.get(rid) for rid in regions]
         if not got or any(g is None or g[0] != (plan.target_sparsity, plan.rank) for g in got):
             return None
         finish = max(g[1] for g in got)
         return finish if finish > 0 else None
+
+    def _ask_region_plans(self, rnd: int, attempt: int, regions: list[str], plan: FleetPlan, log) -> None:
+        """Where a region's finish for exactly ``plan`` is not known (the first hierarchical round, the first after the
+        region joined, a retried round whose plan is not the one announced), ask it (RegionPlanQuery on its config
+        topic) and wait up to PLAN_QUERY_S for the answers (RegionPlan), which go where ``next_finish_s`` goes.  A
+        region that does not answer leaves the round unpaced, as before this exchange; logged."""
+        key = (plan.target_sparsity, plan.rank)
+        ask = sorted(rid for rid in regions if (got := self._region_finish.get(rid)) is None or got[0] != key)
+        if not ask or plan.local_steps == 0:
+            return
+        q = encode(RegionPlanQuery(run_id=self.run_id, round=rnd, attempt=attempt, target_sparsity=plan.target_sparsity,
+                                   rank=plan.rank, tier_ranks=plan.tier_ranks or {}, local_steps=plan.local_steps))
+        for rid in ask:
+            self.transport.publish(self.topics.region(rid, "config"), q, qos=1)
+        log.info("region_plans_asked", regions=ask)
+        waiting, end = set(ask), time.monotonic() + PLAN_QUERY_S
+        while waiting and not self._stop.is_set() and (now := time.monotonic()) < end:
+            waiting &= set(self._online_regions())  # one that went offline will not answer (nor take part)
+            ev = self._drain(min(0.5, end - now)) if waiting else None
+            if ev is None:
+                continue
+            kind, rid, payload = ev
+            if kind == "region_report" and isinstance(payload, RegionPlan):
+                if rid in waiting and (payload.run_id, payload.round, payload.attempt) == (self.run_id, rnd, attempt):
+                    waiting.discard(rid)
+                    if payload.finish_s is not None:
+                        self._region_finish[rid] = (key, payload.finish_s)
+                else:
+                    log.info("late_or_duplicate_dropped", kind="region_plan", region=rid)
+            else:
+                self._dispatch_idle(ev, log)
+        if without := [r for r in ask if (g := self._region_finish.get(r)) is None or g[0] != key]:
+            log.warning("region_plans_missing", regions=without, waited_s=PLAN_QUERY_S,
+                        hint="no finish from these regions for this round's plan: it runs τ steps unpaced")
 
     def _send_region_rounds(self, rnd: int, attempt: int | None, regions: list[str], plan: FleetPlan,
                             finish_s: float | None = None, next_plan: FleetPlan | None = None) -> dict[str, dict]:
@@ -529,7 +566,7 @@ class Coordinator:
             if kind == "region_missing":
                 self.transport.resend(self.topics.region(rid, "download"), payload)
             elif kind in ("region_report", "region_upload") and (p is None or rid in done or rid in failed
-                                                                  or isinstance(payload, RegionExport)):
+                                                                  or isinstance(payload, (RegionExport, RegionPlan))):
                 log.info("late_or_duplicate_dropped", kind=kind, region=rid)
             elif kind == "region_report" and (payload.run_id != self.run_id or payload.transfer_id != p["up"]):
                 log.info("stale_report_dropped", region=rid, report_round=payload.round)

@@ -446,10 +446,12 @@ class RegionRound(Message):
     None while there is none) and the transfer id of its partial.  ``local_steps`` 0 is the final sync: the region
     relays it to its nodes, reports how many took part and sends no partial.
 
-    Pacing: ``finish_s`` is the fleet's planned finish (the latest ``next_finish_s`` its regions reported for this
-    plan; None: every node runs τ steps unpaced), to which the region aligns and paces each node with a timing.
-    ``next_target_sparsity`` and ``next_rank`` are the next round's schedule as far as the root knows it now: the
-    region answers with its nodes' slowest completion at τ steps under it (``RegionReport.next_finish_s``).
+    Pacing: ``finish_s`` is the fleet's planned finish (the latest slowest completion its regions reported for this
+    plan, as ``next_finish_s`` with their previous round or, where the root had none for the plan, in a RegionPlan
+    answering its RegionPlanQuery just before this round; None: every node runs τ steps unpaced), to which the
+    region aligns and paces each node with a timing.  ``next_target_sparsity`` and ``next_rank`` are the next
+    round's schedule as far as the root knows it now: the region answers with its nodes' slowest completion at τ
+    steps under it (``RegionReport.next_finish_s``), so a steady-state round needs no query.
 
     HetLoRA: ``tier_ranks`` gives each device tier its rank (the node's presence names its tier, ``device_type``; a
     tier the table does not name trains at ``rank``, likewise ``next_rank``: ``rank_for``), and a node is sent the
@@ -518,9 +520,46 @@ class RegionReport(Message):
     cpu_s: float = _seconds(0.0)  # the region's CPU time for the round
     # Its live nodes' slowest completion at τ steps under the RegionRound's next_target_sparsity and next_rank
     # (planning.round_finish; 0: none has a timing; None: not asked): the root paces the next round to the latest.
+    # Where the next round's plan turns out to be another (a retry) or the region is new, the root asks instead
+    # (RegionPlanQuery / RegionPlan).
     next_finish_s: float | None = spec(None, lo=0.0, hi=1e7)
     labels: list[str] = spec(factory=list, max_len=1024)  # as NodeStatus's (empty: none known)
     base_model: str | None = spec(None, check="digest")  # as NodeStatus's (None: none known)
+
+
+@message
+class RegionPlanQuery(Message):
+    """The root's question to a region, on its config topic, before a round whose finish it lacks for that region
+    (the first hierarchical round, the first after the region joined, a retried round whose plan is not the one it
+    announced): the region's live nodes' slowest completion at ``local_steps`` τ under this plan (``target_sparsity``,
+    ``rank``, each tier's rank by ``tier_ranks`` as in RegionRound), answered at once with a RegionPlan."""
+
+    TYPE = "region_plan_query"
+    run_id: str = spec(max_len=64)
+    round: int = spec(lo=0, hi=10**9)
+    target_sparsity: float = spec(lo=0.0, hi=0.999999)
+    rank: int = spec(lo=1, hi=4096)
+    local_steps: int = spec(lo=1, hi=10**7)  # τ (the final sync is never paced, so never asked about)
+    attempt: int = spec(0, lo=0, hi=10**6)  # the root's try of the round (the answer names it back)
+    tier_ranks: dict[str, int] = spec(lo=1, hi=4096, factory=dict)  # device tier -> its LoRA rank (HetLoRA)
+
+    def rank_for(self, tier: str) -> int:
+        """The LoRA rank a node of device tier ``tier`` trains at under this plan (RegionRound's rule)."""
+        return self.tier_ranks.get(tier, self.rank)
+
+
+@message
+class RegionPlan(Message):
+    """A region's answer to a RegionPlanQuery, on its report topic: its live nodes' slowest completion at τ steps
+    under the queried plan (``planning.round_finish``; 0: none has a timing; None: it cannot say), which the root
+    paces the round to, as with ``RegionReport.next_finish_s``."""
+
+    TYPE = "region_plan"
+    run_id: str = spec(max_len=64)
+    round: int = spec(lo=0, hi=10**9)
+    region_id: str = _node_id()
+    attempt: int = spec(0, lo=0, hi=10**6)
+    finish_s: float | None = spec(None, lo=0.0, hi=1e7)  # seconds on each node's round clock, as RoundConfig's
 
 
 @message

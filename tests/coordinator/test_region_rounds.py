@@ -131,11 +131,16 @@ def test_fraction_is_flat_only_and_the_root_says_so_under_regions(tmp_path):
 
 class TimedTrainer(FakeTrainer):
     """A FakeTrainer whose round takes ``fixed_s`` plus ``step_s`` per local step of device time (it does not
-    sleep): on a simulated device the agent reports them as virtual time, so both runs time each node alike."""
+    sleep): on a simulated device the agent reports them as virtual time, so both runs time each node alike.  Like
+    LocalTrainer it times its steps before the node joins (``calibrate``), so round 1 is paced from those timings."""
 
     def __init__(self, name: str, step_s: float, fixed_s: float = 0.2) -> None:
         super().__init__(name)
         self.virtual_step_s, self.fixed_s = step_s, fixed_s
+
+    def calibrate(self, steps):
+        return {"step_s": self.virtual_step_s, "step_work_s": self.virtual_step_s, "fixed_s": self.fixed_s,
+                "fixed_work_s": self.fixed_s}
 
     def run_round(self, **kw):
         res = super().run_round(**kw)
@@ -153,8 +158,9 @@ def _planned(cfg: RoundConfig) -> tuple:
 
 def test_nodes_under_regions_get_the_aligned_paced_steps_of_a_flat_round_and_the_same_global_state(tmp_path):
     """Nodes of different speeds: each region times its own nodes and reports its slowest completion for the next
-    round, the root paces the round to the latest; every node is sent the steps, finish and step bounds a flat
-    round sends it, and the FedNova-weighted global state is the flat one."""
+    round (for round 1, answering the root's RegionPlanQuery from the nodes' startup timings), the root paces the
+    round to the latest; every node is sent the steps, finish and step bounds a flat round sends it, round 1
+    included, and the FedNova-weighted global state is the flat one."""
     step_s = {"agx-1": 0.01, "nx-2": 0.03, "tx2-3": 0.1}  # device seconds per local step
     profile = DeviceProfile(speed=1.0, uplink_mbps=100.0, latency_s=0.05)
     runs = {mode: _run(tmp_path / mode, "uniform", {n: TimedTrainer(n, step_s[n]) for n in NODES},
@@ -163,12 +169,12 @@ def test_nodes_under_regions_get_the_aligned_paced_steps_of_a_flat_round_and_the
     assert flat.summary.rounds_done == hier.summary.rounds_done == 3, hier.summary.stopped_early
     want = {n: [_planned(c) for c in flat.configs[n]] for n in NODES}
     assert {n: [_planned(c) for c in hier.configs[n]] for n in NODES} == want
-    # Not vacuous: round 1 (no timing yet) is τ unpaced; rounds 2 and 3 are paced to one finish, set by the TX2 at
-    # τ, with the faster nodes given more steps (AGX up to the cap 5τ); the final sync evaluates only.
+    # Not vacuous: every round is paced to one finish, set by the TX2 at τ (round 1 from the startup timings), with
+    # the faster nodes given more steps (AGX up to the cap 5τ); the final sync evaluates only.
     assert [c[0] for c in want["agx-1"]] == [1, 2, 3, 4]
     for n in NODES:
-        assert want[n][0][4:] == (2, None, 0, 0) and want[n][3][4] == 0 and want[n][3][5] is None
-    for r in (1, 2):
+        assert want[n][3][4] == 0 and want[n][3][5] is None
+    for r in (0, 1, 2):
         finish = {want[n][r][5] for n in NODES}
         assert len(finish) == 1 and None not in finish
         steps = [want[n][r][4] for n in ("agx-1", "nx-2", "tx2-3")]
@@ -180,7 +186,11 @@ def test_nodes_under_regions_get_the_aligned_paced_steps_of_a_flat_round_and_the
     assert keys and keys == {k for k in got if k.split(".")[0] in ("delta", "dense", "importance")}
     for k in sorted(keys):
         assert torch.allclose(got[k], ref[k], rtol=1e-5, atol=1e-7), k
-    assert [r["finish_s"] is not None for r in rows(tmp_path / "hier", "round")] == [False, True, True]
+    assert [r["finish_s"] is not None for r in rows(tmp_path / "hier", "round")] == [True, True, True]
+    # Round 1 asked both regions for their finish; later rounds had it from the regions' reports: no extra exchange.
+    asked = [(e["round"], e["regions"]) for e in hier.lines if e["event"] == "region_plans_asked"]
+    assert asked == [(1, sorted(REGIONS))], asked
+    assert not [e for e in hier.lines if e["event"] == "region_plans_missing"]
 
 
 def test_hetlora_under_regions_trains_each_tier_at_its_rank_as_flat_and_reaches_the_flat_global_state(tmp_path):
@@ -200,7 +210,7 @@ def test_hetlora_under_regions_trains_each_tier_at_its_rank_as_flat_and_reaches_
     ranks = {n: [c[2] for c in want[n]] for n in NODES}
     assert ranks == {"agx-1": [16, 16, 16, 16], "nx-2": [8, 8, 8, 16], "tx2-3": [4, 4, 4, 16]}, ranks
     assert all(c[1] == 0.0 for n in NODES for c in want[n])
-    assert all(len({want[n][r][5] for n in NODES} - {None}) == 1 for r in (1, 2))
+    assert all(len({want[n][r][5] for n in NODES} - {None}) == 1 for r in (0, 1, 2))
     assert {n: hier.configs[n][-1].local_steps for n in NODES} == dict.fromkeys(NODES, 0)
     got = CheckpointStore(tmp_path / "hier" / "coord").load()["strategy"]["tensors"]
     ref = CheckpointStore(tmp_path / "flat" / "coord").load()["strategy"]["tensors"]
@@ -210,7 +220,7 @@ def test_hetlora_under_regions_trains_each_tier_at_its_rank_as_flat_and_reaches_
     assert ref["zpB.layer.q"].shape == (8, 16)  # padded to the largest tier rank
     for k in sorted(keys):
         assert torch.allclose(got[k], ref[k], rtol=1e-5, atol=1e-7), k
-    assert [r["finish_s"] is not None for r in rows(tmp_path / "hier", "round")] == [False, True, True]
+    assert [r["finish_s"] is not None for r in rows(tmp_path / "hier", "round")] == [True, True, True]
 
 
 @pytest.mark.parametrize("method", ["fedspine"])
@@ -405,6 +415,59 @@ def test_partials_that_disagree_fail_the_round_which_is_retried_instead_of_stopp
     for n in NODES:
         first = [c.upload_transfer_id for c in run.configs[n] if c.round == 1]
         assert len(first) == 2 and first[0] != first[1] and ".a0." in first[0] and ".a1." in first[1], first
+
+
+def test_a_retried_round_whose_plan_is_not_the_announced_one_asks_the_regions_and_is_paced(tmp_path, monkeypatch):
+    """Round 1 fails at the root after the regions answered; they reported their finish for round 2's plan (another
+    target sparsity), so the retry of round 1 lacks one for its own plan: the root asks again and paces the retry
+    to their answers (the flat run's round 1 finish: nothing was recorded in between), instead of running it
+    unpaced."""
+    from coordinator.aggregation import GlobalLora
+    from shared.updates import UpdateError
+
+    real, calls = GlobalLora.apply, []
+
+    def disagree_once(self, partials, *a, **kw):
+        calls.append(len(partials))
+        if len(calls) == 1:
+            raise UpdateError("partials disagree on lora.q's shape")
+        return real(self, partials, *a, **kw)
+
+    step_s = {"agx-1": 0.01, "nx-2": 0.03, "tx2-3": 0.1}
+    profile = DeviceProfile(speed=1.0, uplink_mbps=100.0, latency_s=0.05)
+    monkeypatch.setattr(GlobalLora, "apply", disagree_once)
+    run = _run(tmp_path, "uniform", {n: TimedTrainer(n, step_s[n]) for n in NODES}, regions=True, profile=profile)
+    assert run.summary.rounds_done == 3, run.summary.stopped_early
+    assert [r["round"] for r in rows(tmp_path, "round")] == [1, 2, 3]
+    first = {n: [c for c in run.configs[n] if c.round == 1] for n in NODES}
+    assert all(len(first[n]) == 2 and ".a1." in first[n][1].upload_transfer_id for n in NODES)
+    plans = {(c.target_sparsity, c.rank) for n in NODES for c in first[n]}
+    second = {(c.target_sparsity, c.rank) for n in NODES for c in run.configs[n] if c.round == 2}
+    assert len(plans) == 1 and plans != second  # not vacuous: the announced (round 2) plan is another
+    # Both tries paced to one finish, the same (no node's round was recorded in between), aligned as before.
+    finishes = {(i, c.finish_s) for n in NODES for i, c in enumerate(first[n])}
+    assert {f for _, f in finishes} - {None} and None not in {f for _, f in finishes} and len(finishes) == 2
+    assert [c.local_steps for c in first["agx-1"]] == [10, 10] and first["tx2-3"][1].local_steps == 2
+    asked = [(e["round"], e["attempt"]) for e in run.lines if e["event"] == "region_plans_asked"]
+    assert asked == [(1, 0), (1, 1)], asked
+
+
+def test_a_region_that_does_not_answer_the_plan_query_leaves_the_round_unpaced_and_the_root_says_which(
+        tmp_path, monkeypatch):
+    """An older region (it refuses the RegionPlanQuery) or a silent one: the root waits PLAN_QUERY_S, runs round 1
+    τ steps unpaced as before the exchange, names the regions; later rounds are paced from their reports."""
+    import coordinator.server as server
+
+    monkeypatch.setattr(server, "PLAN_QUERY_S", 0.5)
+    monkeypatch.setattr(Region, "_answer_plan", lambda self, q: None)
+    step_s = {"agx-1": 0.01, "nx-2": 0.03, "tx2-3": 0.1}
+    profile = DeviceProfile(speed=1.0, uplink_mbps=100.0, latency_s=0.05)
+    run = _run(tmp_path, "uniform", {n: TimedTrainer(n, step_s[n]) for n in NODES}, regions=True, profile=profile)
+    assert run.summary.rounds_done == 3, run.summary.stopped_early
+    missing = [(e["round"], e["regions"], e["log_level"]) for e in run.lines if e["event"] == "region_plans_missing"]
+    assert missing == [(1, sorted(REGIONS), "warning")], missing
+    assert [r["finish_s"] is not None for r in rows(tmp_path, "round")] == [False, True, True]
+    assert all(run.configs[n][0].finish_s is None and run.configs[n][0].local_steps == 2 for n in NODES)
 
 
 THREE = ["negative", "neutral", "positive"]

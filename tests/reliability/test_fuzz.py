@@ -1,4 +1,5 @@
-"""Every MQTT topic handler (4 coordinator, 4 node) and the upload acceptance fuzzed with 10,000+ seeded payloads.
+"""Every MQTT topic handler (4 coordinator, 4 node; the pacing exchange of regions: the root's region report
+handler, the region's config handler) and the upload acceptance fuzzed with 10,000+ seeded payloads.
 
 Invariants checked for every payload:
 - no exception escapes the handler;
@@ -29,6 +30,7 @@ from safetensors.torch import save as st_save
 from structlog.testing import capture_logs
 
 from coordinator.config import CoordinatorConfig
+from coordinator.region import Region, RegionConfig
 from coordinator.server import Coordinator, _Pending
 from coordinator.strategies import NodeInfo, NodeResult
 from edge_node.agent import NodeAgent
@@ -40,6 +42,9 @@ from shared.messages import (
     ExportReport,
     NodeStatus,
     ProtocolError,
+    RegionPlan,
+    RegionPlanQuery,
+    RegionReport,
     ResendRequest,
     RoundConfig,
     RoundReport,
@@ -694,6 +699,105 @@ def test_fuzz_node_command(agent, reliability) -> None:
                   lambda: _drain(a.events), _agent_event("command", (Command,)))
     assert st.accepted["valid command (control)"] > 0
     record(reliability, "node command", st)
+
+
+# ---- the pacing exchange under regions: RegionPlan up (root's report handler), RegionPlanQuery down (region's config)
+REGION = "east"
+
+
+def _region_topic(rng: random.Random, kind: str) -> tuple[str, str | None]:
+    """A topic matching region/+/<kind>: mostly this region's, sometimes another's or a bad id."""
+    r = rng.random()
+    if r < 0.85:
+        return f"{ROOT}/region/{REGION}/{kind}", None
+    if r < 0.93 and kind == "report":
+        return f"{ROOT}/region/west/{kind}", "payload names another region than its topic"
+    bad = rng.choice(["-lead", "a b", "x" * 80, "ümlaut", ".", "region$"])
+    return f"{ROOT}/region/{bad}/{kind}", "invalid region id in topic"
+
+
+def region_plan_cases(rng: random.Random) -> Iterator[Case]:
+    for _ in range(N):
+        if rng.random() < 0.8:
+            msg: Any = RegionPlan(run_id="r1", round=rng.randrange(0, 9), attempt=rng.randrange(0, 4), region_id=REGION,
+                                  finish_s=rng.choice([None, 0.0, rng.random() * 100]))
+        else:
+            msg = RegionReport(run_id="r1", round=rng.randrange(0, 9), region_id=REGION, status="ok",
+                               next_finish_s=rng.choice([None, rng.random() * 100]))
+        topic, topic_err = _region_topic(rng, "report")
+        valid = encode(msg)
+        if topic_err:
+            yield topic_err, topic, valid, "reject"
+        elif rng.random() < 0.1:
+            yield "valid region plan or report (control)", topic, valid, "accept"
+        elif rng.random() < 0.1 and isinstance(msg, RegionPlan):
+            wire = msg.to_wire()
+            wire.update(rng.choice([{"finish_s": -1.0}, {"finish_s": float("nan")}, {"finish_s": float("inf")},
+                                    {"finish_s": 1e8}, {"attempt": -1}, {"round": -1}, {"region_id": "a/b"}]))
+            yield "out-of-range region plan (finish negative/NaN/Inf/huge, bad attempt, round or id)", topic, \
+                _pack(wire, False), "reject"
+        else:
+            yield _fix(structural_or_bytes(rng, valid, msg.to_wire(), as_json=False), topic)
+
+
+def _region_event(kind: str, types: tuple[type, ...], region: bool = True):
+    def check(cls: str, topic: str, payload: bytes, item: Any) -> None:
+        ev_kind, rid, msg = item
+        assert ev_kind == kind and isinstance(msg, types), (cls, item)
+        if region:
+            assert rid == topic.split("/")[3] == msg.region_id, (cls, item)
+        msg.__post_init__()
+    return check
+
+
+def test_fuzz_coordinator_region_report(coordinator, reliability) -> None:
+    c = coordinator
+    before = c.strategy.state_dict()
+    st = run_fuzz(c._handle_region_report, region_plan_cases(random.Random(SEED + 11)), _coord_snapshot(c),
+                  lambda: _drain(c.events), _region_event("region_report", (RegionPlan, RegionReport)))
+    assert tensors_equal(before, c.strategy.state_dict())
+    assert st.accepted["valid region plan or report (control)"] > 0
+    record(reliability, "coordinator region report", st)
+
+
+@pytest.fixture
+def region() -> Region:
+    cfg = RegionConfig.from_dict({"broker": {"url": "mqtt://localhost:1883"}, "region": {"region_id": REGION}})
+    return Region(cfg, transport=MemoryTransport(MemoryBus(), f"region-{REGION}"))
+
+
+def plan_query_cases(rng: random.Random) -> Iterator[Case]:
+    topic = f"{ROOT}/region/{REGION}/config"
+    for _ in range(N):
+        q = RegionPlanQuery(run_id="r1", round=rng.randrange(0, 100), attempt=rng.randrange(0, 4),
+                            target_sparsity=rng.random() * 0.9, rank=rng.choice([1, 2, 4, 8, 16]),
+                            local_steps=rng.randrange(1, 100),
+                            tier_ranks=rng.choice([{}, {"agx": 16, "nx": 8, "tx2": 4}]))
+        valid, wire = encode(q), q.to_wire()
+        r = rng.random()
+        if r < 0.1:
+            yield "valid plan query (control)", topic, valid, "accept"
+        elif r < 0.2:
+            wire.update(rng.choice([{"rank": 0}, {"rank": 10**6}, {"target_sparsity": 1.0}, {"target_sparsity": -0.1},
+                                    {"target_sparsity": float("nan")}, {"local_steps": 0}, {"local_steps": -1},
+                                    {"tier_ranks": {"agx": 0}}, {"tier_ranks": {"": 4}}, {"tier_ranks": [4]},
+                                    {"attempt": -1}, {"round": -1}]))
+            yield "out-of-range plan query (rank 0/10^6, sparsity 1/-0.1/NaN, τ 0, bad tier ranks, …)", topic, \
+                _pack(wire, False), "reject"
+        else:
+            yield _fix(structural_or_bytes(rng, valid, wire, as_json=False), topic)
+
+
+def test_fuzz_region_config(region, reliability) -> None:
+    r = region
+
+    def snap() -> Any:
+        return r.events.qsize(), reasm_state(r.reassembler), r.round, r.registry.state_dict()
+
+    st = run_fuzz(r._on_round, plan_query_cases(random.Random(SEED + 12)), snap, lambda: _drain(r.events),
+                  _region_event("plan_query", (RegionPlanQuery,), region=False))
+    assert st.accepted["valid plan query (control)"] > 0
+    record(reliability, "region config", st)
 
 
 # ---- upload acceptance: the reassembled LoRA update --------------------------------------------------------

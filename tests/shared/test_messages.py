@@ -20,6 +20,8 @@ from shared.messages import (
     NodeStatus,
     ProtocolError,
     RegionExport,
+    RegionPlan,
+    RegionPlanQuery,
     RegionReport,
     RegionRound,
     RegionStatus,
@@ -73,6 +75,10 @@ SAMPLES: list[Message] = [
                  upload_bytes=123456, accepted=1990, failed=10, cpu_s=4.5, labels=["negative", "positive"],
                  base_model="0f" * 32),
     RegionExport(run_id="abc123", region_id="east", nodes=2000, ok=1990, skipped=4, failed=1, missing=5),
+    RegionPlanQuery(run_id="abc123", round=1, attempt=2, target_sparsity=0.0, rank=8, local_steps=20,
+                    tier_ranks={"agx": 16, "nx": 8, "tx2": 4}),  # the root lacks the region's finish for this plan
+    RegionPlan(run_id="abc123", round=1, attempt=2, region_id="east", finish_s=61.5),
+    RegionPlan(run_id="abc123", round=1, region_id="east"),  # it cannot say
     RegionRound(run_id="abc123", round=2, target_sparsity=0.0, rank=8, sent_rank=16, local_steps=20, deadline_ts=1.7e9,
                 upload_transfer_id="u", download_transfer_id="d", importance=False, next_target_sparsity=0.0,
                 next_rank=8, tier_ranks={"agx": 16, "nx": 8, "tx2": 4}, zero_pad_rank=16),  # HetLoRA
@@ -113,10 +119,19 @@ SAMPLES: list[Message] = [
                         upload_transfer_id="u", download_transfer_id=None, labels=["a", 1]),
     lambda: RegionReport(run_id="r", round=1, region_id="east", status="ok", base_model="0f" * 31),
     lambda: RegionReport(run_id="r", round=1, region_id="east", status="ok", labels=["x"] * 1025),
+    lambda: RegionPlanQuery(run_id="r", round=1, target_sparsity=0.0, rank=8, local_steps=0),  # the final sync
+    lambda: RegionPlanQuery(run_id="r", round=1, target_sparsity=1.0, rank=8, local_steps=2),
+    lambda: RegionPlanQuery(run_id="r", round=1, target_sparsity=0.0, rank=0, local_steps=2),
+    lambda: RegionPlanQuery(run_id="r", round=1, target_sparsity=0.0, rank=8, local_steps=2, tier_ranks={"agx": 0}),
+    lambda: RegionPlanQuery(run_id="r", round=1, target_sparsity=0.0, rank=8, local_steps=2, attempt=-1),
+    lambda: RegionPlan(run_id="r", round=1, region_id="east/1", finish_s=1.0),
+    lambda: RegionPlan(run_id="r", round=1, region_id="east", finish_s=-1.0),
+    lambda: RegionPlan(run_id="r", round=1, region_id="east", finish_s=math.nan),
 ], ids=["region_id", "state", "sent_rank", "accepted", "export_counts", "paced_final_sync", "next_rank_alone",
         "next_rank_zero", "negative_finish", "infinite_next_finish", "tier_rank_zero", "tier_rank_fraction",
         "tier_empty", "zero_pad_below_a_tier", "round_base_model", "round_labels", "report_base_model",
-        "report_labels"])
+        "report_labels", "query_final_sync", "query_sparsity", "query_rank", "query_tier_rank", "query_attempt",
+        "plan_region_id", "plan_negative_finish", "plan_nan_finish"])
 def test_invalid_region_messages_are_refused(build) -> None:
     with pytest.raises(ProtocolError):
         build()
