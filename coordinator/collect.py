@@ -19,6 +19,7 @@ this bookkeeping (presence in its registry, download resend requests, anything e
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -33,6 +34,12 @@ from shared.topics import COORDINATOR_ID, Topics
 # wills fire, though they are back within seconds (docs/brokers.md).
 OFFLINE_GRACE_S = 20.0
 SCAN_EVERY_S = 0.5  # stalled uploads are looked for twice a second, not after every message (O(n) each)
+
+
+def quorum_count(share: float, n: int) -> int:
+    """How many of a round's ``n`` participants must answer for it to count: the quorum ``share`` of them rounded
+    up, and at least one.  The root's flat and hierarchical rounds and each region's (region.py) use it."""
+    return max(1, math.ceil(share * n - 1e-9))  # 0.07 × 100 is 7.000000000000001 in floating point
 
 
 def send_round_again(transport, reassembler: Reassembler, topics: Topics, node_id: str, cfg: RoundConfig) -> None:

@@ -52,9 +52,8 @@ from dataclasses import dataclass, field
 
 from coordinator import planning
 from coordinator.aggregation import GlobalLora, ZeroPadLora, load_state_bytes
-from coordinator.collect import OFFLINE_GRACE_S, Participant, RoundCollector
+from coordinator.collect import OFFLINE_GRACE_S, Participant, RoundCollector, quorum_count
 from coordinator.registry import FleetIdentity, Registry, identity_of
-from coordinator.server import quorum_count
 from coordinator.strategies.base import (
     Failure,
     NodeInfo,

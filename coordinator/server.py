@@ -23,7 +23,7 @@ from pathlib import Path
 from safetensors.torch import save as st_save
 
 from coordinator.aggregation import Partial
-from coordinator.collect import OFFLINE_GRACE_S, Participant, RoundCollector
+from coordinator.collect import OFFLINE_GRACE_S, Participant, RoundCollector, quorum_count
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import MetricsWriter
 from coordinator.registry import FleetIdentity, Registry, identity_of
@@ -52,12 +52,6 @@ from shared.messages import (
 from shared.topics import COORDINATOR_ID
 from shared.transport import CHUNK_OVERHEAD, MqttTransport
 from shared.updates import UpdateError, UpdateLimits
-
-
-def quorum_count(share: float, n: int) -> int:
-    """How many of a round's ``n`` participants must answer for it to count: the quorum ``share`` of them rounded
-    up, and at least one.  The root's flat and hierarchical rounds and each region's (region.py) use it."""
-    return max(1, math.ceil(share * n - 1e-9))  # 0.07 × 100 is 7.000000000000001 in floating point
 
 
 @dataclass(kw_only=True)

@@ -12,8 +12,9 @@ import structlog
 import torch
 
 from coordinator import planning
+from coordinator.collect import quorum_count
 from coordinator.config import CoordinatorConfig
-from coordinator.server import MAX_RETRIES, Coordinator, quorum_count
+from coordinator.server import MAX_RETRIES, Coordinator
 from coordinator.state import CheckpointStore
 from edge_node.agent import NodeAgent
 from edge_node.config import NodeConfig
