@@ -393,7 +393,8 @@ def test_a_region_waits_for_a_node_that_reported_left_and_came_back_as_the_root_
     region.transport.stop()
 
 
-def test_partials_that_disagree_fail_the_round_which_is_retried_instead_of_stopping_the_root(tmp_path, monkeypatch):
+def _partials_disagree_once(monkeypatch) -> None:
+    """The root's first ``apply`` of the regions' partials fails as partials that disagree do; later ones run."""
     from coordinator.aggregation import GlobalLora
     from shared.updates import UpdateError
 
@@ -406,6 +407,10 @@ def test_partials_that_disagree_fail_the_round_which_is_retried_instead_of_stopp
         return real(self, partials, *a, **kw)
 
     monkeypatch.setattr(GlobalLora, "apply", disagree_once)
+
+
+def test_partials_that_disagree_fail_the_round_which_is_retried_instead_of_stopping_the_root(tmp_path, monkeypatch):
+    _partials_disagree_once(monkeypatch)
     run = _run(tmp_path, "uniform", {n: FakeTrainer(n) for n in NODES}, regions=True)
     assert run.summary.rounds_done == 3, run.summary.stopped_early
     refused = [e for e in run.lines if e["event"] == "region_partials_refused"]
@@ -422,20 +427,9 @@ def test_a_retried_round_whose_plan_is_not_the_announced_one_asks_the_regions_an
     target sparsity), so the retry of round 1 lacks one for its own plan: the root asks again and paces the retry
     to their answers (the flat run's round 1 finish: nothing was recorded in between), instead of running it
     unpaced."""
-    from coordinator.aggregation import GlobalLora
-    from shared.updates import UpdateError
-
-    real, calls = GlobalLora.apply, []
-
-    def disagree_once(self, partials, *a, **kw):
-        calls.append(len(partials))
-        if len(calls) == 1:
-            raise UpdateError("partials disagree on lora.q's shape")
-        return real(self, partials, *a, **kw)
-
     step_s = {"agx-1": 0.01, "nx-2": 0.03, "tx2-3": 0.1}
     profile = DeviceProfile(speed=1.0, uplink_mbps=100.0, latency_s=0.05)
-    monkeypatch.setattr(GlobalLora, "apply", disagree_once)
+    _partials_disagree_once(monkeypatch)
     run = _run(tmp_path, "uniform", {n: TimedTrainer(n, step_s[n]) for n in NODES}, regions=True, profile=profile)
     assert run.summary.rounds_done == 3, run.summary.stopped_early
     assert [r["round"] for r in rows(tmp_path, "round")] == [1, 2, 3]
