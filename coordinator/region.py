@@ -267,8 +267,12 @@ class Region:
         lines, ``FleetIdentity.admit``) and counts as offline for this region's rounds."""
         self._presence[nid] = status
         got = identity_of(status.labels, status.base_model)
-        if status.state == "online" and self.identity.admit(nid, got, self.log):
+        wrong = self.identity.admit(nid, got, self.log) if status.state == "online" else []
+        if wrong:
             status = NodeStatus(node_id=nid, state="offline", ts=status.ts)  # refused: as if gone
+            if self.identity.settled(wrong):  # told, as the root tells its own nodes (not for a provisional value)
+                self.transport.publish(self.down.node(nid, "config"),
+                                       encode(self.identity.refusal(nid, got, wrong)), qos=1)
         self.registry.apply(status, time.time(), self.round)
 
     def _follow_root(self, rr: RegionRound) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from coordinator.strategies.base import NodeInfo
-from shared.messages import NodeStatus
+from shared.messages import NodeRefused, NodeStatus
 
 REFUSAL_HINTS = {  # what an operator does about a refused node or region (FleetIdentity.admit)
     "labels": "every node needs the same class list in the same order: set [node] labels on each (Ansible: "
@@ -72,6 +72,16 @@ class FleetIdentity:
                 setattr(self, k, fleet[k])
                 self._unsettled.discard(k)
         return changed
+
+    def settled(self, keys: list[str]) -> bool:
+        """Whether the fleet's values of ``keys`` are final (not a region's provisional ones)."""
+        return not self._unsettled.intersection(keys)
+
+    def refusal(self, node_id: str, got: dict, wrong: list[str]) -> NodeRefused:
+        """What a node refused for the keys ``wrong`` is told: its values and the fleet's, and the hints."""
+        fleet = self.get()
+        reason = "; ".join(f"{k} {_plain(got[k])} here, {_plain(fleet[k])} in the fleet" for k in wrong)
+        return NodeRefused(node_id=node_id, reason=reason[:500], hint=" ".join(REFUSAL_HINTS[k] for k in wrong)[:500])
 
     def admit(self, who: str, got: dict, log, *, kind: str = "node") -> list[str]:
         """May ``who`` (a ``kind``: node, or region at the root) with identity ``got`` take part?  [] if it may: the

@@ -201,7 +201,12 @@ class Coordinator:
         fleet's and is checkpointed; a node with another is refused, with one error line (again only if it changes)."""
         if status.state != "online":
             return True  # a node leaving
-        return not self.identity.admit(node_id, identity_of(status.labels, status.base_model), self.log)
+        got = identity_of(status.labels, status.base_model)
+        wrong = self.identity.admit(node_id, got, self.log)
+        if wrong:  # the node is told too, so that its own host's log says why it gets no rounds
+            self.transport.publish(self.topics.node(node_id, "config"),
+                                   encode(self.identity.refusal(node_id, got, wrong)), qos=1)
+        return not wrong
 
     def _apply_status(self, node_id: str, status: NodeStatus) -> None:
         # A node that joins while a round is collected takes part from the next one.

@@ -28,6 +28,7 @@ from shared.messages import (
     Chunk,
     Command,
     ExportReport,
+    NodeRefused,
     NodeStatus,
     ResendRequest,
     RoundConfig,
@@ -276,7 +277,12 @@ class NodeAgent:
         return parsed.kind == kind and parsed.node_id == self.node_id
 
     def _handle_config(self, topic: str, payload: bytes) -> None:
-        cfg = self._check_topic(topic, "config") and decode_from(payload, RoundConfig, topic=topic, log=self.log)
+        cfg = self._check_topic(topic, "config") and decode_from(payload, (RoundConfig, NodeRefused), topic=topic,
+                                                                 log=self.log)
+        if isinstance(cfg, NodeRefused):  # the coordinator leaves this node out: say why, here, and stay up
+            if cfg.node_id == self.node_id:
+                self.log.error("refused_by_coordinator", reason=cfg.reason, hint=cfg.hint)
+            return
         if cfg:
             if time.time() <= cfg.deadline_ts and _key(cfg) not in self._seen:  # a redelivered config is not news
                 self._seen.append(_key(cfg))

@@ -419,6 +419,18 @@ class ExportReport(Message):
 
 
 @message
+class NodeRefused(Message):
+    """The coordinator's (or a region's) word to a node it leaves out of the fleet's rounds, on the node's config
+    topic: why (its labels or base model differ from the fleet's, ``FleetIdentity``) and what to do.  The node logs
+    it (``refused_by_coordinator``, error) on its own host and stays up."""
+
+    TYPE = "node_refused"
+    node_id: str = _node_id()
+    reason: str = spec(max_len=500)
+    hint: str = spec("", max_len=500)
+
+
+@message
 class Command(Message):
     TYPE = "command"
     command: str = spec(choices=("export", "stop"))

@@ -483,6 +483,9 @@ def test_under_regions_a_node_with_the_fleets_labels_in_another_order_is_refused
     assert _refused(run.lines, "node_refused_labels") == [("east", "nx-2", "error")]
     line = next(e for e in run.lines if e["event"] == "node_refused_labels" and not e.get("provisional"))
     assert line["labels"] == THREE[::-1] and line["fleet_labels"] == THREE and "edge_node_labels" in line["hint"]
+    told = [e for e in run.lines if e["event"] == "refused_by_coordinator"]  # and the node says why, on its host
+    assert told and {e["node_id"] for e in told} == {"nx-2"} and all(e["log_level"] == "error" for e in told)
+    assert "labels" in told[0]["reason"] and "positive" in told[0]["reason"] and "edge_node_labels" in told[0]["hint"]
     assert [(r["regions"], r["accepted"]) for r in rows(tmp_path, "round")] == [(2, 2)] * 3
     assert CheckpointStore(tmp_path / "coord").load()["labels"] == THREE
     assert {rid: e.nodes for rid, e in run.summary.region_exports.items()} == {"east": 1, "west": 1}

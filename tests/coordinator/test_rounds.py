@@ -245,6 +245,8 @@ def test_a_node_with_another_class_list_is_refused(tmp_path):
     refused = [e for e in lines if e["event"] == "node_refused_labels"]
     assert len(refused) == 1 and refused[0]["node"] == "nx-2" and refused[0]["labels"] == two
     assert refused[0]["fleet_labels"] == three and "edge_node_labels" in refused[0]["hint"]
+    told = [e for e in lines if e["event"] == "refused_by_coordinator"]  # the node's own log says why
+    assert told and {e["node_id"] for e in told} == {"nx-2"} and "labels" in told[0]["reason"]
     assert CheckpointStore(tmp_path / "coord").load()["labels"] == three
     assert {r["node"] for r in rows(tmp_path, "node")} == {"agx-1", "tx2-3"}
 

@@ -17,6 +17,7 @@ from shared.messages import (
     CoordinatorStatus,
     ExportReport,
     Message,
+    NodeRefused,
     NodeStatus,
     ProtocolError,
     RegionExport,
@@ -82,6 +83,8 @@ SAMPLES: list[Message] = [
     RegionRound(run_id="abc123", round=2, target_sparsity=0.0, rank=8, sent_rank=16, local_steps=20, deadline_ts=1.7e9,
                 upload_transfer_id="u", download_transfer_id="d", importance=False, next_target_sparsity=0.0,
                 next_rank=8, tier_ranks={"agx": 16, "nx": 8, "tx2": 4}, zero_pad_rank=16),  # HetLoRA
+    NodeRefused(node_id="node-b", reason="labels ['positive', 'negative'] here, ['negative', 'positive'] in the fleet",
+                hint="every node needs the same class list in the same order"),
     RegionRound(run_id="abc123", round=4, target_sparsity=0.2, rank=8, sent_rank=8, local_steps=20, deadline_ts=1.7e9,
                 upload_transfer_id="u", download_transfer_id=None, finish_s=61.5, next_target_sparsity=0.3,
                 next_rank=8),  # paced, and asking for the next round's slowest completion
