@@ -421,11 +421,17 @@ class Coordinator:
         each reported for this plan with its last round; that is ``planning.round_finish`` over every node, as in a
         flat round.  None (every node runs τ steps unpaced) unless every region reported one for this very plan (with
         its last round, or where it had none, answering ``_ask_region_plans``), or if no node has a timing yet."""
-        got = [self._region_finish.get(rid) for rid in regions]
-        if not got or any(g is None or g[0] != (plan.target_sparsity, plan.rank) for g in got):
+        got = [self._known_finish(rid, (plan.target_sparsity, plan.rank)) for rid in regions]
+        if not got or any(g is None for g in got):
             return None
-        finish = max(g[1] for g in got)
+        finish = max(got)
         return finish if finish > 0 else None
+
+    def _known_finish(self, rid: str, key: tuple[float, int]) -> float | None:
+        """Region ``rid``'s slowest completion at τ steps for the plan ``key`` (target sparsity, rank), if it gave
+        one (with its last round's report, or answering ``_ask_region_plans``)."""
+        got = self._region_finish.get(rid)
+        return got[1] if got is not None and got[0] == key else None
 
     def _ask_region_plans(self, rnd: int, attempt: int, regions: list[str], plan: FleetPlan, log) -> None:
         """Where a region's finish for exactly ``plan`` is not known (the first hierarchical round, the first after the
@@ -433,7 +439,7 @@ class Coordinator:
         topic) and wait up to PLAN_QUERY_S for the answers (RegionPlan), which go where ``next_finish_s`` goes.  A
         region that does not answer leaves the round unpaced, as before this exchange; logged."""
         key = (plan.target_sparsity, plan.rank)
-        ask = sorted(rid for rid in regions if (got := self._region_finish.get(rid)) is None or got[0] != key)
+        ask = sorted(rid for rid in regions if self._known_finish(rid, key) is None)
         if not ask or plan.local_steps == 0:
             return
         q = encode(RegionPlanQuery(run_id=self.run_id, round=rnd, attempt=attempt, target_sparsity=plan.target_sparsity,
@@ -457,7 +463,7 @@ class Coordinator:
                     log.info("late_or_duplicate_dropped", kind="region_plan", region=rid)
             else:
                 self._dispatch_idle(ev, log)
-        if without := [r for r in ask if (g := self._region_finish.get(r)) is None or g[0] != key]:
+        if without := [r for r in ask if self._known_finish(r, key) is None]:
             log.warning("region_plans_missing", regions=without, waited_s=PLAN_QUERY_S,
                         hint="no finish from these regions for this round's plan: it runs τ steps unpaced")
 
