@@ -366,12 +366,18 @@ def _coord_snapshot(c: Coordinator) -> Callable[[], Any]:
     return snap
 
 
-def test_fuzz_coordinator_status(coordinator, reliability) -> None:
-    c = coordinator
+def _fuzz_coordinator(c, handler, cases, check) -> Stats:
+    """Fuzz one of the coordinator's message handlers: what it accepts is checked by ``check``, and the strategy's
+    state (global model, node states) is as it was."""
     before = c.strategy.state_dict()
-    st = run_fuzz(c._handle_status, status_cases(random.Random(SEED)), _coord_snapshot(c),
-                  lambda: _drain(c.events), _check_event("status", (NodeStatus,)))
+    st = run_fuzz(handler, cases, _coord_snapshot(c), lambda: _drain(c.events), check)
     assert tensors_equal(before, c.strategy.state_dict())
+    return st
+
+
+def test_fuzz_coordinator_status(coordinator, reliability) -> None:
+    st = _fuzz_coordinator(coordinator, coordinator._handle_status, status_cases(random.Random(SEED)),
+                           _check_event("status", (NodeStatus,)))
     assert st.accepted["valid status (control)"] > 0 and st.rejected["random bytes"] > 0
     record(reliability, "coordinator status", st)
 
@@ -404,11 +410,8 @@ def report_cases(rng: random.Random) -> Iterator[Case]:
 
 
 def test_fuzz_coordinator_report(coordinator, reliability) -> None:
-    c = coordinator
-    before = c.strategy.state_dict()
-    st = run_fuzz(c._handle_report, report_cases(random.Random(SEED + 1)), _coord_snapshot(c),
-                  lambda: _drain(c.events), _check_event("report", (RoundReport, ExportReport)))
-    assert tensors_equal(before, c.strategy.state_dict())
+    st = _fuzz_coordinator(coordinator, coordinator._handle_report, report_cases(random.Random(SEED + 1)),
+                           _check_event("report", (RoundReport, ExportReport)))
     assert st.accepted["valid report (control)"] > 0
     record(reliability, "coordinator report", st)
 
@@ -751,11 +754,8 @@ def _region_event(kind: str, types: tuple[type, ...], region: bool = True):
 
 
 def test_fuzz_coordinator_region_report(coordinator, reliability) -> None:
-    c = coordinator
-    before = c.strategy.state_dict()
-    st = run_fuzz(c._handle_region_report, region_plan_cases(random.Random(SEED + 11)), _coord_snapshot(c),
-                  lambda: _drain(c.events), _region_event("region_report", (RegionPlan, RegionReport)))
-    assert tensors_equal(before, c.strategy.state_dict())
+    st = _fuzz_coordinator(coordinator, coordinator._handle_region_report, region_plan_cases(random.Random(SEED + 11)),
+                           _region_event("region_report", (RegionPlan, RegionReport)))
     assert st.accepted["valid region plan or report (control)"] > 0
     record(reliability, "coordinator region report", st)
 
