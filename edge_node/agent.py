@@ -38,10 +38,15 @@ from shared.messages import (
     encode,
 )
 from shared.topics import COORDINATOR_ID, TopicError
-from shared.transport import CHUNK_OVERHEAD, MqttTransport
+from shared.transport import CHUNK_OVERHEAD, MqttTransport, TransportError
 from shared.updates import LoraUpdate, UpdateError
 
 IDENTITY_TIMEOUT_S = 5.0  # the start-up probe on the node's own status topic must come back within this
+# The node connects while its model loads.  One connection attempt lasts this long; while the load goes on a
+# failed attempt is logged and tried again after CONNECT_RETRY_S, doubling up to CONNECT_RETRY_MAX_S.
+CONNECT_TIMEOUT_S = 15.0
+CONNECT_RETRY_S = 5.0
+CONNECT_RETRY_MAX_S = 60.0
 CALIBRATION_STEPS = 5  # local steps timed before joining, to size the node's first round
 # A node that gets no round logs so, after this long and then at doubling intervals up to an hour: a coordinator
 # or regional aggregator that refused it (other labels or base model) says so only in its own log, on another host.
@@ -119,6 +124,10 @@ class NodeAgent:
         self._stop = threading.Event()
         self._accuracy: float | None = None  # the last round's test accuracy (announced in the status)
         self._ready = False  # model and data loaded: the node announces itself (and does on every reconnect)
+        # Start-up: the connection is made on a thread of its own while the main thread loads (_connect_while_loading)
+        self._loading_over = threading.Event()  # the load ended (done, failed or stopped)
+        self._joined = False  # connected and identity checked, not yet announced
+        self._connect_error: Exception | None = None  # why the last connection attempt failed
         self.state_dir = Path(cfg.node.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._resume_dir = self.state_dir / "trainer"  # the trainer's state, saved after every uploaded round
@@ -320,6 +329,52 @@ class NodeAgent:
     def stop(self) -> None:
         self._stop.set()
 
+    def _load(self) -> None:
+        """Load the model and data and time a few steps (main thread; the connection is made meanwhile)."""
+        _ = self.trainer
+        if not self._stop.is_set():
+            self._calibrate()
+
+    def _join_broker(self) -> None:
+        """Connect and check the node's identity (a real broker's ACL); the node is not announced yet."""
+        self.transport.start(CONNECT_TIMEOUT_S, cancel=self._stop)
+        if isinstance(self.transport, MqttTransport):  # a real broker, with an ACL to check
+            self._probe_identity()
+
+    def _connect_while_loading(self) -> None:
+        """Connect while the main thread loads, so that a broker problem is in the log at once, not after the load.
+
+        A failed attempt is logged (with the transport's reason and what to check) and tried again until the load
+        is over; the last attempt starts after the load, so a broker that came up meanwhile is found.  The node is
+        not announced here: its retained status stays what the will says ("offline") until ``_announce``.  The
+        outcome is left in ``_joined`` and ``_connect_error`` for ``run``, which acts on it once the load is over:
+        a bad model or data file is reported (exit 2) whatever the broker does."""
+        delay = CONNECT_RETRY_S
+        while True:
+            final = self._loading_over.is_set()
+            try:
+                self._join_broker()
+            except TransportError as exc:
+                self._connect_error = exc
+                if final or self._stop.is_set():
+                    return  # run() says why (start_up_failed, exit 1), or the node is stopping anyway
+                self.log.error("broker_connect_failed", error=str(exc), retry_s=delay,
+                               hint="the node goes on loading its model and data and tries again; it exits 1 if "
+                                    "the broker is still out of reach once they are loaded")
+            except Exception as exc:  # noqa: BLE001 - the identity check (exit 2), or a bug: raised by run()
+                self._connect_error = exc
+                self.log.error("broker_check_failed", error=f"{type(exc).__name__}: {exc}"[:600],
+                               hint="the node stops (start_up_failed) once its model and data are loaded")
+                return
+            else:
+                self._joined, self._connect_error = True, None
+                if not self._loading_over.is_set():
+                    self.log.info("connected_loading_model",
+                                  hint="the node announces itself once its model and data are loaded and timed")
+                return
+            if not self._loading_over.wait(delay):
+                delay = min(2 * delay, CONNECT_RETRY_MAX_S)
+
     def run(self) -> int:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -329,16 +384,26 @@ class NodeAgent:
         t.subscribe(self.topics.node(self.node_id, "download"), self._handle_download)
         t.subscribe(self.topics.node(self.node_id, "resend"), self._handle_resend)
         t.subscribe(self.topics.broadcast_command, self._handle_command)
-        _ = self.trainer  # load model and data before joining: a node that joins is ready to work (and a bad
-        if not self._stop.is_set():  # model or data file stops it with exit 2 whether the broker is up or not)
-            self._calibrate()
-        if self._stop.is_set():  # told to stop while loading: leave without joining (the broker may be gone)
-            self.log.info("stopped_before_joining")
-            return 0
-        t.start()  # connected, not yet announced
+        n = self.cfg.node
+        self.log.info("node_starting", model=n.model_path, data=n.data_path, broker=list(self.cfg.broker.urls),
+                      hint="loading the model and data while connecting to the broker; the node announces itself "
+                           "(node_joined) once both are done")
+        connector = threading.Thread(target=self._connect_while_loading, name=f"connect-{self.node_id}", daemon=True)
+        connector.start()
         try:
-            if isinstance(t, MqttTransport):  # a real broker, with an ACL to check
-                self._probe_identity()
+            try:
+                self._load()
+            except BaseException:
+                self._stop.set()  # a bad model or data file stops the node (exit 2) whatever the broker does
+                raise
+            finally:
+                self._loading_over.set()
+                connector.join()  # the attempt under way ends: connected, failed, or cancelled by a stop
+            if self._stop.is_set():  # told to stop while loading or connecting: leave without announcing
+                self.log.info("stopped_before_joining")
+                return 0
+            if not self._joined:
+                raise self._connect_error or TransportError("no connection to the broker")
             self._ready = True
             self._announce()
             if self._telemetry is not None:
@@ -373,8 +438,9 @@ class NodeAgent:
             if self._ready:
                 t.publish(self.topics.node(self.node_id, "status"), encode(self._status("offline")), qos=1,
                           retain=True)
-            t.wait_published(5.0)
-            t.stop()
+            if t.connected.is_set():
+                t.wait_published(5.0)
+            t.stop()  # a graceful disconnect: the will is not published
             self.log.info("node_stopped")
 
     def _superseded(self, cfg: RoundConfig) -> bool:

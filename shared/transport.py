@@ -56,7 +56,7 @@ class Transport(Protocol):
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None: ...
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None: ...
-    def start(self, timeout_s: float = 15.0) -> None: ...
+    def start(self, timeout_s: float = 15.0, cancel: threading.Event | None = None) -> None: ...
     def stop(self, flush_s: float = 5.0) -> None: ...
     def wait_published(self, timeout_s: float) -> bool: ...
     def send_transfer(self, topic: str, payload: bytes, transfer_id: str, sender: str) -> int: ...
@@ -385,11 +385,14 @@ class MqttTransport(_Base):
             if self.connected.is_set():
                 self._sub_requests[self.client.subscribe(topic_filter, qos)[1]] = [(topic_filter, qos)]
 
-    def start(self, timeout_s: float = 15.0) -> None:
+    def start(self, timeout_s: float = 15.0, cancel: threading.Event | None = None) -> None:
         """Connect and start the network thread; return once connected and the subscriptions made so far are
-        acknowledged (messages published after that reach this client), or raise TransportError."""
+        acknowledged (messages published after that reach this client), or raise TransportError.  A failed
+        start may be tried again; ``cancel`` set ends the attempt at once (TransportError, nothing logged)."""
         b = self.broker
         self._stopping = False
+        self._refused = None  # a refusal seen by an earlier attempt says nothing about this one
+        self.subscribed.clear()
         host, port = self._members[self._member]
         self.client.connect_async(host, port, keepalive=self.keepalive_s)
         self.client.loop_start()
@@ -397,6 +400,9 @@ class MqttTransport(_Base):
         while time.monotonic() < deadline:
             if self.connected.wait(0.05) and self.subscribed.wait(max(0.0, min(0.05, deadline - time.monotonic()))):
                 return
+            if cancel is not None and cancel.is_set():
+                self._shutdown()
+                raise TransportError(f"connecting to {self.member} was cancelled")
             refused = self._refused
             if refused is not None and ("authori" in refused.lower() or "credential" in refused.lower()
                                         or "password" in refused.lower()):
@@ -550,7 +556,7 @@ class MemoryTransport(_Base):
             for topic, payload in self.bus.retained(topic_filter):
                 self._inbox.put((topic, payload))
 
-    def start(self, timeout_s: float = 15.0) -> None:
+    def start(self, timeout_s: float = 15.0, cancel: threading.Event | None = None) -> None:
         self._thread = threading.Thread(target=self._run, name=f"memory-{self.client_id}", daemon=True)
         self._thread.start()
         self.connected.set()
