@@ -138,7 +138,8 @@ class NodeAgent:
         offline = encode(NodeStatus(node_id=self.node_id, state="offline", ts=time.time()))
         self.transport = transport or MqttTransport(
             cfg.broker, client_id=f"fedspine-node-{self.node_id}", will=(self.topics.node(self.node_id, "status"), offline),
-            on_connect=self._on_connect, log=self.log.bind(logger="transport"), persistent=True,
+            on_connect=self._on_connect, announced=lambda: self._ready, log=self.log.bind(logger="transport"),
+            persistent=True,
         )
 
     # ---- lazily built heavy parts ------------------------------------------------------------------------

@@ -172,12 +172,14 @@ class MqttTransport(_Base):
 
     ``persistent`` asks for a persistent session (a client with a stable id: coordinator, nodes); it is used
     only when the broker config lists several members.  ``on_connect`` runs on the network thread after every CONNACK and must be idempotent (it publishes the
-    retained birth status).  ``member`` is the URL of the member in use; ``failovers`` lists
+    retained birth status).  ``announced`` says whether the client has published its birth yet (None: from the
+    start); before that its own will on its status topic is the truth, and is left alone.  ``member`` is the URL of the member in use; ``failovers`` lists
     ``(from_url, to_url, seconds)`` of every reconnect after a lost connection, seconds from the loss to
     the CONNACK."""
 
     def __init__(self, broker: BrokerConfig, client_id: str, *, will: tuple[str, bytes] | None = None,
-                 on_connect: Callable[[], None] | None = None, persistent: bool = False, log: Any = None,
+                 on_connect: Callable[[], None] | None = None, announced: Callable[[], bool] | None = None,
+                 persistent: bool = False, log: Any = None,
                  protocol: int = mqtt.MQTTv311, outbox_bytes: int = 1 << 30, stall_s: float = 30.0,
                  window: int | None = None) -> None:
         super().__init__(broker.topics, broker.chunk_size, MAX_INFLIGHT,
@@ -185,6 +187,7 @@ class MqttTransport(_Base):
         self.broker = broker
         self.client_id = client_id
         self.on_connect = on_connect
+        self.announced = announced
         self.keepalive_s = KEEPALIVE_S
         self._stall_s = stall_s
         self.window = window or 4 * MAX_INFLIGHT
@@ -258,11 +261,13 @@ class MqttTransport(_Base):
 
     def _guard_will(self, topic: str, payload: bytes) -> None:
         """Our own will, delivered while we are connected: a member published it for a connection we already
-        left.  Publish the birth again so the retained presence says what is true."""
+        left.  Publish the birth again so the retained presence says what is true (a client not yet announced,
+        a node still loading its model, is what its will says)."""
         if self.on_will_topic is not None:
             self.on_will_topic(payload)
         if (self._will is not None and payload == self._will[1] and self.connected.is_set()
-                and not self._stopping and self.on_connect is not None):
+                and not self._stopping and self.on_connect is not None
+                and (self.announced is None or self.announced())):
             self.log.warning("stale_will_overridden", topic=topic, member=self.member)
             self.on_connect()
 
