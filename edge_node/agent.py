@@ -42,8 +42,10 @@ from shared.transport import CHUNK_OVERHEAD, MqttTransport, TransportError
 from shared.updates import LoraUpdate, UpdateError
 
 IDENTITY_TIMEOUT_S = 5.0  # the start-up probe on the node's own status topic must come back within this
-# The node connects while its model loads.  One connection attempt lasts this long; while the load goes on a
-# failed attempt is logged and tried again after CONNECT_RETRY_S, doubling up to CONNECT_RETRY_MAX_S.
+# The node connects while its model loads.  An attempt during the load gives up after CONNECT_EARLY_TIMEOUT_S (so
+# that an unreachable broker is logged early), is logged, and is tried again after CONNECT_RETRY_S, doubling up to
+# CONNECT_RETRY_MAX_S; the attempt after the load, whose failure stops the node (exit 1), lasts CONNECT_TIMEOUT_S.
+CONNECT_EARLY_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 15.0
 CONNECT_RETRY_S = 5.0
 CONNECT_RETRY_MAX_S = 60.0
@@ -336,17 +338,18 @@ class NodeAgent:
         if not self._stop.is_set():
             self._calibrate()
 
-    def _join_broker(self) -> None:
+    def _join_broker(self, timeout_s: float) -> None:
         """Connect and check the node's identity (a real broker's ACL); the node is not announced yet."""
-        self.transport.start(CONNECT_TIMEOUT_S, cancel=self._stop)
+        self.transport.start(timeout_s, cancel=self._stop)
         if isinstance(self.transport, MqttTransport):  # a real broker, with an ACL to check
             self._probe_identity()
 
     def _connect_while_loading(self) -> None:
         """Connect while the main thread loads, so that a broker problem is in the log at once, not after the load.
 
-        A failed attempt is logged (with the transport's reason and what to check) and tried again until the load
-        is over; the last attempt starts after the load, so a broker that came up meanwhile is found.  The node is
+        An attempt during the load gives up early (``CONNECT_EARLY_TIMEOUT_S``), is logged with the transport's
+        reason and what to check, and is tried again until the load is over; the last attempt starts after the
+        load and lasts ``CONNECT_TIMEOUT_S``, so a broker that came up meanwhile is found.  The node is
         not announced here: its retained status stays what the will says ("offline") until ``_announce``.  The
         outcome is left in ``_joined`` and ``_connect_error`` for ``run``, which acts on it once the load is over:
         a bad model or data file is reported (exit 2) whatever the broker does."""
@@ -354,14 +357,18 @@ class NodeAgent:
         while True:
             final = self._loading_over.is_set()
             try:
-                self._join_broker()
+                self._join_broker(CONNECT_TIMEOUT_S if final else CONNECT_EARLY_TIMEOUT_S)
             except TransportError as exc:
                 self._connect_error = exc
                 if final or self._stop.is_set():
                     return  # run() says why (start_up_failed, exit 1), or the node is stopping anyway
-                self.log.error("broker_connect_failed", error=str(exc), retry_s=delay,
-                               hint="the node goes on loading its model and data and tries again; it exits 1 if "
-                                    "the broker is still out of reach once they are loaded")
+                last = f"one more attempt ({CONNECT_TIMEOUT_S:g} s), and exit 1 if that fails too"
+                if self._loading_over.is_set():
+                    hint = f"the model and data are loaded: {last}"
+                else:
+                    hint = (f"the node goes on loading its model and data and tries again in {delay:g} s; "
+                            f"once loaded, {last}")
+                self.log.error("broker_connect_failed", error=str(exc), hint=hint)
             except Exception as exc:  # noqa: BLE001 - the identity check (exit 2), or a bug: raised by run()
                 self._connect_error = exc
                 self.log.error("broker_check_failed", error=f"{type(exc).__name__}: {exc}"[:600],

@@ -154,7 +154,7 @@ def test_an_unreachable_broker_is_logged_during_the_load_and_bad_data_still_exit
     from edge_node import engine
     from edge_node.data import DataError
 
-    monkeypatch.setattr(agent_module, "CONNECT_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(agent_module, "CONNECT_EARLY_TIMEOUT_S", 1.0)
     watch = LogWatch()
 
     def bad_data(*args, **kwargs):
@@ -175,7 +175,7 @@ def test_an_unreachable_broker_is_logged_during_the_load_and_bad_data_still_exit
 
 def test_a_node_stopped_while_it_tries_an_unreachable_broker_leaves_at_once(tmp_path, monkeypatch):
     """A stop ends the connection attempt under way rather than waiting it out (here it would last 10 minutes)."""
-    monkeypatch.setattr(agent_module, "CONNECT_TIMEOUT_S", 600.0)
+    monkeypatch.setattr(agent_module, "CONNECT_EARLY_TIMEOUT_S", 600.0)
     watch, trainer = LogWatch(), SlowLoadTrainer()
     with structlog.testing.capture_logs(processors=[watch]):
         a = NodeAgent(node_config(tmp_path, url="mqtt://127.0.0.1:1", username="node-a", password="x"),
@@ -243,3 +243,26 @@ def test_a_refused_password_is_logged_during_the_load_and_exits_1_after_it(tmp_p
     assert watch.events.index("broker_refused") < watch.events.index("broker_connect_failed") \
         < watch.events.index("calibrated")
     assert "node_joined" not in watch.events
+
+
+@pytest.mark.mosquitto
+@pytest.mark.slow
+def test_a_broker_mended_during_the_load_is_joined_without_a_restart(tmp_path, mosquitto_broker: LocalMosquitto,
+                                                                     monkeypatch):
+    """The node's user is missing from the broker when it starts (refused); the operator adds it (mosquitto reloads)
+    while the model still loads: the node's next attempt connects, and it joins once loaded."""
+    monkeypatch.setattr(agent_module, "CONNECT_RETRY_S", 0.2)
+    watch, trainer = LogWatch(), SlowLoadTrainer()
+    settings = {**broker_settings(mosquitto_broker), "username": "node-late", "password": "late-pw"}
+    with structlog.testing.capture_logs(processors=[watch]):
+        a = NodeAgent(node_config(tmp_path, "node-late", **settings), trainer=trainer)
+        t, out = start(a)
+        assert watch.wait_for("broker_connect_failed")
+        mosquitto_broker.add_user("node-late", "late-pw")
+        assert watch.wait_for("connected_loading_model")
+        assert trainer.loading.is_set() and "calibrated" not in watch.events  # still loading
+        trainer.release.set()
+        assert watch.wait_for("node_joined")
+        a.stop()
+        t.join(ENOUGH_S)
+    assert out["rc"] == 0
