@@ -446,8 +446,7 @@ class NodeAgent:
             if self._ready:
                 t.publish(self.topics.node(self.node_id, "status"), encode(self._status("offline")), qos=1,
                           retain=True)
-            if t.connected.is_set():
-                t.wait_published(5.0)
+            t.wait_published(5.0)
             t.stop()  # a graceful disconnect: the will is not published
             self.log.info("node_stopped")
 

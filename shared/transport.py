@@ -171,9 +171,10 @@ class MqttTransport(_Base):
     """paho-mqtt 2.x client (MQTT 3.1.1 by default: the embedded amqtt broker and NATS speak nothing else).
 
     ``persistent`` asks for a persistent session (a client with a stable id: coordinator, nodes); it is used
-    only when the broker config lists several members.  ``on_connect`` runs on the network thread after every CONNACK and must be idempotent (it publishes the
-    retained birth status).  ``announced`` says whether the client has published its birth yet (None: from the
-    start); before that its own will on its status topic is the truth, and is left alone.  ``member`` is the URL of the member in use; ``failovers`` lists
+    only when the broker config lists several members.  ``on_connect`` runs on the network thread after every
+    CONNACK and must be idempotent (it publishes the retained birth status).  ``announced`` says whether the
+    client has published its birth yet (None: from the start); before that its own will on its status topic is
+    the truth, and is left alone.  ``member`` is the URL of the member in use; ``failovers`` lists
     ``(from_url, to_url, seconds)`` of every reconnect after a lost connection, seconds from the loss to
     the CONNACK."""
 
