@@ -342,7 +342,7 @@ class NodeAgent:
         """Connect and check the node's identity (a real broker's ACL); the node is not announced yet."""
         self.transport.start(timeout_s, cancel=self._stop)
         if isinstance(self.transport, MqttTransport):  # a real broker, with an ACL to check
-            self._probe_identity()
+            self._probe_identity(IDENTITY_TIMEOUT_S)
 
     def _connect_while_loading(self) -> None:
         """Connect while the main thread loads, so that a broker problem is in the log at once, not after the load.

@@ -266,3 +266,24 @@ def test_a_broker_mended_during_the_load_is_joined_without_a_restart(tmp_path, m
         a.stop()
         t.join(ENOUGH_S)
     assert out["rc"] == 0
+
+
+@pytest.mark.mosquitto
+@pytest.mark.slow
+def test_an_identity_the_acl_drops_is_logged_during_the_load_and_exits_2_after_it(
+        tmp_path, mosquitto_broker: LocalMosquitto, monkeypatch):
+    """``[node] id`` is not the broker user name: the broker accepts the login and drops what the node publishes.
+    The failed identity check is logged during the load; the node stops with exit 2 (for the operator) once loaded."""
+    monkeypatch.setattr(agent_module, "IDENTITY_TIMEOUT_S", 0.5)
+    watch, trainer = LogWatch(), SlowLoadTrainer()
+    with structlog.testing.capture_logs(processors=[watch]) as lines:
+        a = NodeAgent(node_config(tmp_path, "node-x", **broker_settings(mosquitto_broker, "node-a")), trainer=trainer)
+        t, out = start(a)
+        assert watch.wait_for("broker_check_failed")
+        assert trainer.loading.is_set() and "calibrated" not in watch.events  # still loading
+        trainer.release.set()
+        t.join(ENOUGH_S)
+    assert out["rc"] == 2
+    failed = next(e for e in lines if e["event"] == "broker_check_failed")
+    assert "differs from [broker] username 'node-a'" in failed["error"]
+    assert "node_joined" not in watch.events and not a.transport.connected.is_set()
