@@ -38,10 +38,17 @@ from shared.messages import (
     encode,
 )
 from shared.topics import COORDINATOR_ID, TopicError
-from shared.transport import CHUNK_OVERHEAD, MqttTransport
+from shared.transport import CHUNK_OVERHEAD, MqttTransport, TransportError
 from shared.updates import LoraUpdate, UpdateError
 
 IDENTITY_TIMEOUT_S = 5.0  # the start-up probe on the node's own status topic must come back within this
+# The node connects while its model loads.  An attempt during the load gives up after CONNECT_EARLY_TIMEOUT_S (so
+# that an unreachable broker is logged early), is logged, and is tried again after CONNECT_RETRY_S, doubling up to
+# CONNECT_RETRY_MAX_S; the attempt after the load, whose failure stops the node (exit 1), lasts CONNECT_TIMEOUT_S.
+CONNECT_EARLY_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 15.0
+CONNECT_RETRY_S = 5.0
+CONNECT_RETRY_MAX_S = 60.0
 CALIBRATION_STEPS = 5  # local steps timed before joining, to size the node's first round
 # A node that gets no round logs so, after this long and then at doubling intervals up to an hour: a coordinator
 # or regional aggregator that refused it (other labels or base model) says so only in its own log, on another host.
@@ -119,6 +126,10 @@ class NodeAgent:
         self._stop = threading.Event()
         self._accuracy: float | None = None  # the last round's test accuracy (announced in the status)
         self._ready = False  # model and data loaded: the node announces itself (and does on every reconnect)
+        # Start-up: the connection is made on a thread of its own while the main thread loads (_connect_while_loading)
+        self._loading_over = threading.Event()  # the load ended (done, failed or stopped)
+        self._joined = False  # connected and identity checked, not yet announced
+        self._connect_error: Exception | None = None  # why the last connection attempt failed
         self.state_dir = Path(cfg.node.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._resume_dir = self.state_dir / "trainer"  # the trainer's state, saved after every uploaded round
@@ -129,7 +140,8 @@ class NodeAgent:
         offline = encode(NodeStatus(node_id=self.node_id, state="offline", ts=time.time()))
         self.transport = transport or MqttTransport(
             cfg.broker, client_id=f"fedspine-node-{self.node_id}", will=(self.topics.node(self.node_id, "status"), offline),
-            on_connect=self._on_connect, log=self.log.bind(logger="transport"), persistent=True,
+            on_connect=self._on_connect, announced=lambda: self._ready, log=self.log.bind(logger="transport"),
+            persistent=True,
         )
 
     # ---- lazily built heavy parts ------------------------------------------------------------------------
@@ -320,6 +332,57 @@ class NodeAgent:
     def stop(self) -> None:
         self._stop.set()
 
+    def _load(self) -> None:
+        """Load the model and data and time a few steps (main thread; the connection is made meanwhile)."""
+        _ = self.trainer
+        if not self._stop.is_set():
+            self._calibrate()
+
+    def _join_broker(self, timeout_s: float) -> None:
+        """Connect and check the node's identity (a real broker's ACL); the node is not announced yet."""
+        self.transport.start(timeout_s, cancel=self._stop)
+        if isinstance(self.transport, MqttTransport):  # a real broker, with an ACL to check
+            self._probe_identity(IDENTITY_TIMEOUT_S)
+
+    def _connect_while_loading(self) -> None:
+        """Connect while the main thread loads, so that a broker problem is in the log at once, not after the load.
+
+        An attempt during the load gives up early (``CONNECT_EARLY_TIMEOUT_S``), is logged with the transport's
+        reason and what to check, and is tried again until the load is over; the last attempt starts after the
+        load and lasts ``CONNECT_TIMEOUT_S``, so a broker that came up meanwhile is found.  The node is
+        not announced here: its retained status stays what the will says ("offline") until ``_announce``.  The
+        outcome is left in ``_joined`` and ``_connect_error`` for ``run``, which acts on it once the load is over:
+        a bad model or data file is reported (exit 2) whatever the broker does."""
+        delay = CONNECT_RETRY_S
+        while True:
+            final = self._loading_over.is_set()
+            try:
+                self._join_broker(CONNECT_TIMEOUT_S if final else CONNECT_EARLY_TIMEOUT_S)
+            except TransportError as exc:
+                self._connect_error = exc
+                if final or self._stop.is_set():
+                    return  # run() says why (start_up_failed, exit 1), or the node is stopping anyway
+                last = f"one more attempt ({CONNECT_TIMEOUT_S:g} s), and exit 1 if that fails too"
+                if self._loading_over.is_set():
+                    hint = f"the model and data are loaded: {last}"
+                else:
+                    hint = (f"the node goes on loading its model and data and tries again in {delay:g} s; "
+                            f"once loaded, {last}")
+                self.log.error("broker_connect_failed", error=str(exc), hint=hint)
+            except Exception as exc:  # noqa: BLE001 - the identity check (exit 2), or a bug: raised by run()
+                self._connect_error = exc
+                self.log.error("broker_check_failed", error=f"{type(exc).__name__}: {exc}"[:600],
+                               hint="the node stops (start_up_failed) once its model and data are loaded")
+                return
+            else:
+                self._joined, self._connect_error = True, None
+                if not self._loading_over.is_set():
+                    self.log.info("connected_loading_model",
+                                  hint="the node announces itself once its model and data are loaded and timed")
+                return
+            if not self._loading_over.wait(delay):
+                delay = min(2 * delay, CONNECT_RETRY_MAX_S)
+
     def run(self) -> int:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -329,16 +392,26 @@ class NodeAgent:
         t.subscribe(self.topics.node(self.node_id, "download"), self._handle_download)
         t.subscribe(self.topics.node(self.node_id, "resend"), self._handle_resend)
         t.subscribe(self.topics.broadcast_command, self._handle_command)
-        _ = self.trainer  # load model and data before joining: a node that joins is ready to work (and a bad
-        if not self._stop.is_set():  # model or data file stops it with exit 2 whether the broker is up or not)
-            self._calibrate()
-        if self._stop.is_set():  # told to stop while loading: leave without joining (the broker may be gone)
-            self.log.info("stopped_before_joining")
-            return 0
-        t.start()  # connected, not yet announced
+        n = self.cfg.node
+        self.log.info("node_starting", model=n.model_path, data=n.data_path, broker=list(self.cfg.broker.urls),
+                      hint="loading the model and data while connecting to the broker; the node announces itself "
+                           "(node_joined) once both are done")
+        connector = threading.Thread(target=self._connect_while_loading, name=f"connect-{self.node_id}", daemon=True)
+        connector.start()
         try:
-            if isinstance(t, MqttTransport):  # a real broker, with an ACL to check
-                self._probe_identity()
+            try:
+                self._load()
+            except BaseException:
+                self._stop.set()  # a bad model or data file stops the node (exit 2) whatever the broker does
+                raise
+            finally:
+                self._loading_over.set()
+                connector.join()  # the attempt under way ends: connected, failed, or cancelled by a stop
+            if self._stop.is_set():  # told to stop while loading or connecting: leave without announcing
+                self.log.info("stopped_before_joining")
+                return 0
+            if not self._joined:
+                raise self._connect_error or TransportError("no connection to the broker")
             self._ready = True
             self._announce()
             if self._telemetry is not None:
@@ -374,7 +447,7 @@ class NodeAgent:
                 t.publish(self.topics.node(self.node_id, "status"), encode(self._status("offline")), qos=1,
                           retain=True)
             t.wait_published(5.0)
-            t.stop()
+            t.stop()  # a graceful disconnect: the will is not published
             self.log.info("node_stopped")
 
     def _superseded(self, cfg: RoundConfig) -> bool:

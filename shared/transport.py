@@ -56,7 +56,7 @@ class Transport(Protocol):
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None: ...
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None: ...
-    def start(self, timeout_s: float = 15.0) -> None: ...
+    def start(self, timeout_s: float = 15.0, cancel: threading.Event | None = None) -> None: ...
     def stop(self, flush_s: float = 5.0) -> None: ...
     def wait_published(self, timeout_s: float) -> bool: ...
     def send_transfer(self, topic: str, payload: bytes, transfer_id: str, sender: str) -> int: ...
@@ -171,13 +171,16 @@ class MqttTransport(_Base):
     """paho-mqtt 2.x client (MQTT 3.1.1 by default: the embedded amqtt broker and NATS speak nothing else).
 
     ``persistent`` asks for a persistent session (a client with a stable id: coordinator, nodes); it is used
-    only when the broker config lists several members.  ``on_connect`` runs on the network thread after every CONNACK and must be idempotent (it publishes the
-    retained birth status).  ``member`` is the URL of the member in use; ``failovers`` lists
+    only when the broker config lists several members.  ``on_connect`` runs on the network thread after every
+    CONNACK and must be idempotent (it publishes the retained birth status).  ``announced`` says whether the
+    client has published its birth yet (None: from the start); before that its own will on its status topic is
+    the truth, and is left alone.  ``member`` is the URL of the member in use; ``failovers`` lists
     ``(from_url, to_url, seconds)`` of every reconnect after a lost connection, seconds from the loss to
     the CONNACK."""
 
     def __init__(self, broker: BrokerConfig, client_id: str, *, will: tuple[str, bytes] | None = None,
-                 on_connect: Callable[[], None] | None = None, persistent: bool = False, log: Any = None,
+                 on_connect: Callable[[], None] | None = None, announced: Callable[[], bool] | None = None,
+                 persistent: bool = False, log: Any = None,
                  protocol: int = mqtt.MQTTv311, outbox_bytes: int = 1 << 30, stall_s: float = 30.0,
                  window: int | None = None) -> None:
         super().__init__(broker.topics, broker.chunk_size, MAX_INFLIGHT,
@@ -185,6 +188,7 @@ class MqttTransport(_Base):
         self.broker = broker
         self.client_id = client_id
         self.on_connect = on_connect
+        self.announced = announced
         self.keepalive_s = KEEPALIVE_S
         self._stall_s = stall_s
         self.window = window or 4 * MAX_INFLIGHT
@@ -258,11 +262,13 @@ class MqttTransport(_Base):
 
     def _guard_will(self, topic: str, payload: bytes) -> None:
         """Our own will, delivered while we are connected: a member published it for a connection we already
-        left.  Publish the birth again so the retained presence says what is true."""
+        left.  Publish the birth again so the retained presence says what is true (a client not yet announced,
+        a node still loading its model, is what its will says)."""
         if self.on_will_topic is not None:
             self.on_will_topic(payload)
         if (self._will is not None and payload == self._will[1] and self.connected.is_set()
-                and not self._stopping and self.on_connect is not None):
+                and not self._stopping and self.on_connect is not None
+                and (self.announced is None or self.announced())):
             self.log.warning("stale_will_overridden", topic=topic, member=self.member)
             self.on_connect()
 
@@ -385,11 +391,14 @@ class MqttTransport(_Base):
             if self.connected.is_set():
                 self._sub_requests[self.client.subscribe(topic_filter, qos)[1]] = [(topic_filter, qos)]
 
-    def start(self, timeout_s: float = 15.0) -> None:
+    def start(self, timeout_s: float = 15.0, cancel: threading.Event | None = None) -> None:
         """Connect and start the network thread; return once connected and the subscriptions made so far are
-        acknowledged (messages published after that reach this client), or raise TransportError."""
+        acknowledged (messages published after that reach this client), or raise TransportError.  A failed
+        start may be tried again; ``cancel`` set ends the attempt at once (TransportError, nothing logged)."""
         b = self.broker
         self._stopping = False
+        self._refused = None  # a refusal seen by an earlier attempt says nothing about this one
+        self.subscribed.clear()
         host, port = self._members[self._member]
         self.client.connect_async(host, port, keepalive=self.keepalive_s)
         self.client.loop_start()
@@ -397,6 +406,9 @@ class MqttTransport(_Base):
         while time.monotonic() < deadline:
             if self.connected.wait(0.05) and self.subscribed.wait(max(0.0, min(0.05, deadline - time.monotonic()))):
                 return
+            if cancel is not None and cancel.is_set():
+                self._shutdown()
+                raise TransportError(f"connecting to {self.member} was cancelled")
             refused = self._refused
             if refused is not None and ("authori" in refused.lower() or "credential" in refused.lower()
                                         or "password" in refused.lower()):
@@ -550,7 +562,7 @@ class MemoryTransport(_Base):
             for topic, payload in self.bus.retained(topic_filter):
                 self._inbox.put((topic, payload))
 
-    def start(self, timeout_s: float = 15.0) -> None:
+    def start(self, timeout_s: float = 15.0, cancel: threading.Event | None = None) -> None:
         self._thread = threading.Thread(target=self._run, name=f"memory-{self.client_id}", daemon=True)
         self._thread.start()
         self.connected.set()

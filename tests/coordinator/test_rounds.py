@@ -368,8 +368,8 @@ def test_the_first_round_is_aligned_from_the_timing_nodes_measured_at_startup(tm
 
 
 def test_a_node_stopped_while_it_loads_leaves_without_joining(tmp_path):
-    """SIGTERM during model loading or calibration (a benchmark stopped at startup): the node must not go on to
-    connect, possibly to a broker that has already gone, and announce itself."""
+    """SIGTERM during model loading or calibration (a benchmark stopped at startup): the node, connected while it
+    loads, must not go on to announce itself; it closes its connection gracefully (no will)."""
     bus = MemoryBus()
     seen = []
     watcher = MemoryTransport(bus, "watcher")
@@ -385,7 +385,7 @@ def test_a_node_stopped_while_it_loads_leaves_without_joining(tmp_path):
     t.start()
     t.join(10)
     assert not t.is_alive() and out["rc"] == 0
-    assert not a.transport.connected.is_set() and seen == []  # never connected, never announced, no will
+    assert not a.transport.connected.is_set() and seen == []  # disconnected, never announced, no will
     assert tr.calls == []
 
 
