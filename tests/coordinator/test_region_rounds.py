@@ -296,6 +296,22 @@ def test_fedspines_bandit_runs_in_the_regions_and_gives_every_node_what_a_flat_r
     assert learned == sorted((rid, r) for rid in REGIONS for r in range(1, 8))
 
 
+def test_a_region_announcing_itself_no_longer_stops_a_fedspine_root(tmp_path):
+    """The root used to refuse a per-node method as soon as a region was online; now it waits for the region's nodes
+    like any other method (and stops here only because none joins)."""
+    bus = MemoryBus()
+    announce = MemoryTransport(bus, "region-east")
+    announce.start()
+    announce.publish("fedspine/v1/region/east/status",
+                     encode(RegionStatus(region_id="east", state="online", ts=1.7e9, nodes=0)), retain=True)
+    coord = Coordinator(_config(tmp_path, "fedspine", join_timeout_s=1.0), transport=MemoryTransport(bus, "coordinator"))
+    with structlog.testing.capture_logs() as lines:
+        summary = coord.run()
+    announce.stop()
+    assert summary.stopped_early == f"fewer than {len(NODES)} nodes joined within 1 s", summary.stopped_early
+    assert not [e for e in lines if e["log_level"] == "error"]
+
+
 @pytest.mark.parametrize("method", sorted(STRATEGIES))
 def test_fleet_plan_is_the_flat_schedule_or_none(tmp_path, method):
     """Policy lives in the strategy: a fleet-wide method's plan is what ``configure_round`` gives a fresh node; a
