@@ -16,9 +16,19 @@ rank, which add just the same.  Every transfer is chunked, digest-verified and r
 ways.  The root's work per round grows with regions, not nodes.  Downward the region speaks as the nodes'
 coordinator (its chunks and resend requests carry the sender ``coordinator``).
 
-The assignment is the method's fleet-wide schedule (``Strategy.fleet_plan``: target sparsity, rank or each device
-tier's rank, τ steps, whether to track importance); the region keeps a node that is already sparser at its own
-sparsity, as the root does.  A method whose policy is per node (FedSpine's bandit) refuses regions at the root.
+For a fleet-wide method the assignment is its schedule (``Strategy.fleet_plan``: target sparsity, rank or each
+device tier's rank, τ steps, whether to track importance); the region keeps a node that is already sparser at its
+own sparsity, as the root does.  A per-node method (FedSpine's bandit) runs here instead, for this region's nodes:
+the region holds their bandits (``policy``, made from the root's settings that each per-node RegionPlanQuery
+carries) and gets from the root what the choice and the reward need of the other regions' nodes, extremes that
+merge (coordinator/reward.py ``RoundStats``).  Each round the root asks twice: stage ``timing``, this region's two
+slowest completions at τ; stage ``choose``, with the fleet's two slowest and the last round's merged statistics:
+the region learns from its nodes' last results (held since its report, which carried their statistics), chooses
+and holds their configurations for that round and attempt (``Strategy.choose``) and answers with their slowest
+completion; the RegionRound (``per_node``) that follows, paced to the latest answer, sends each node its
+configuration (``Strategy.assign``).  So every node gets what a flat run gives it and the bandits learn what a flat
+run's do (tests/coordinator/test_region_rounds.py).  The bandits live in memory only: a restarted region starts
+them afresh.
 
 Steps are aligned and paced as in a flat round, where the timings are: the region keeps each node's state as the
 flat strategy does (``NodeState``: sparsity, rank, structure, measured speeds) and plans its nodes with
@@ -26,9 +36,10 @@ flat strategy does (``NodeState``: sparsity, rank, structure, measured speeds) a
 latest of its regions' slowest completions at τ steps, which each region reports with its previous round for the
 plan the root announced then (``RegionReport.next_finish_s``): ``planning.round_finish`` over every node, as flat.
 Where the root has none for a round's exact plan (its first hierarchical round, the first after this region joined,
-a retried round with another plan) it asks first (RegionPlanQuery on the config topic); the region answers at once
-with the same computation (RegionPlan on its report topic; nodes not yet measured by their startup timings, as a
-flat round 1), from its main loop between events, also mid-round, without touching the round in progress.
+a retried round with another plan) it asks first (RegionPlanQuery of stage ``finish`` on the config topic); the
+region answers at once with the same computation (RegionPlan on its report topic; nodes not yet measured by their
+startup timings, as a flat round 1), from its main loop between events, also mid-round, without touching the round
+in progress (a per-node stage changes only the policy's state for the next round).
 
 One identity for the fleet: the region refuses any of its nodes whose labels or base model differ from the
 fleet's (``FleetIdentity``, the root's rule and log lines, ``node_refused_*``): the root's, which every RegionRound
@@ -37,8 +48,8 @@ root adopts the first region's and refuses the partial of a region with another)
 provisional one is dropped and every node's presence is checked again.
 
 The end of the run goes through the region too: a RegionRound with ``local_steps`` 0 is the final sync (relayed
-to every live node, which evaluates the final state and keeps it; the region reports how many took part and
-sends no partial), and the root's export Command, sent on the region's config topic, is relayed on the sub-fleet's
+to every live node, which evaluates the final state and keeps it, at its last target under a per-node method; the
+region reports how many took part and sends no partial), and the root's export Command, sent on the region's config topic, is relayed on the sub-fleet's
 broadcast topic; the region counts its nodes' ExportReports by status and answers with one RegionExport.
 """
 
