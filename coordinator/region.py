@@ -49,8 +49,9 @@ provisional one is dropped and every node's presence is checked again.
 
 The end of the run goes through the region too: a RegionRound with ``local_steps`` 0 is the final sync (relayed
 to every live node, which evaluates the final state and keeps it, at its last target under a per-node method; the
-region reports how many took part and sends no partial), and the root's export Command, sent on the region's config topic, is relayed on the sub-fleet's
-broadcast topic; the region counts its nodes' ExportReports by status and answers with one RegionExport.
+region reports how many took part and sends no partial), and the root's export Command, sent on the region's
+config topic, is relayed on the sub-fleet's broadcast topic; the region counts its nodes' ExportReports by status
+and answers with one RegionExport.
 """
 
 from __future__ import annotations
