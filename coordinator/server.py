@@ -5,8 +5,8 @@ until all arrived or the deadline passed -> aggregate (if the quorum is met; the
 checkpoint -> one log line.  While regional aggregators are online the rounds go to them instead
 (``_run_region_round``): each region gets the strategy's fleet-wide plan, or for a per-node method (FedSpine) runs
 that policy for its own nodes with the fleet's statistics the root merges and sends back (``_choose_in_regions``),
-and answers with one partial aggregate (coordinator/region.py, docs/scale.md).  MQTT callbacks only decode and enqueue; everything else
-runs on the main thread.
+and answers with one partial aggregate (coordinator/region.py, docs/scale.md).  MQTT callbacks only decode and
+enqueue; everything else runs on the main thread.
 """
 
 from __future__ import annotations
@@ -507,12 +507,11 @@ class Coordinator:
             ev = self._drain(min(0.5, end - now)) if waiting else None
             if ev is None:
                 continue
-            kind, rid, payload_ = ev
-            if kind == "region_report" and isinstance(payload_, RegionPlan):
-                if rid in waiting and (payload_.run_id, payload_.round, payload_.attempt) == (self.run_id, q.round,
-                                                                                              q.attempt):
+            kind, rid, msg = ev
+            if kind == "region_report" and isinstance(msg, RegionPlan):
+                if rid in waiting and (msg.run_id, msg.round, msg.attempt) == (self.run_id, q.round, q.attempt):
                     waiting.discard(rid)
-                    got[rid] = payload_
+                    got[rid] = msg
                 else:
                     log.info("late_or_duplicate_dropped", kind="region_plan", region=rid)
             else:

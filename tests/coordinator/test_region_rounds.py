@@ -239,9 +239,11 @@ class OomOnceTrainer(TimedTrainer):
         return super().run_round(**kw)
 
 
-def _fedspine_trainers() -> dict[str, TimedTrainer]:
+def _fedspine_trainers(oom_call: int = 0) -> dict[str, TimedTrainer]:
+    """Nodes of three speeds; nx-2 runs out of memory in its ``oom_call``-th round (0: never)."""
     step_s = {"agx-1": 0.01, "nx-2": 0.03, "tx2-3": 0.1}
-    return {n: OomOnceTrainer(n, step_s[n], oom_call=4) if n == "nx-2" else TimedTrainer(n, step_s[n]) for n in NODES}
+    return {n: OomOnceTrainer(n, step_s[n], oom_call=oom_call) if n == "nx-2" else TimedTrainer(n, step_s[n])
+            for n in NODES}
 
 
 def test_fedspines_bandit_runs_in_the_regions_and_gives_every_node_what_a_flat_run_gives_it(tmp_path):
@@ -253,7 +255,8 @@ def test_fedspines_bandit_runs_in_the_regions_and_gives_every_node_what_a_flat_r
     played, discounted rewards, out-of-memory exclusions) and the global state is the flat one."""
     profile = DeviceProfile(speed=1.0, uplink_mbps=10.0, latency_s=0.05, busy_w=10.0, idle_w=2.0)
     caps = {"max_sparsity": {"agx": 0.4, "nx": 0.45, "tx2": 0.6, "default": 0.5}}
-    runs = {mode: _run(tmp_path / mode, "fedspine", _fedspine_trainers(), regions=mode == "hier", profile=profile,
+    runs = {mode: _run(tmp_path / mode, "fedspine", _fedspine_trainers(oom_call=4), regions=mode == "hier",
+                       profile=profile,
                        coordinator={"rounds": 7}, pruning=caps) for mode in ("flat", "hier")}
     flat, hier = runs["flat"], runs["hier"]
     assert flat.summary.rounds_done == hier.summary.rounds_done == 7, hier.summary.stopped_early
@@ -294,6 +297,49 @@ def test_fedspines_bandit_runs_in_the_regions_and_gives_every_node_what_a_flat_r
     assert not [e for e in hier.lines if e["event"] in ("region_plans_missing", "region_results_not_learned")]
     learned = sorted((e["node_id"], e["learn_round"]) for e in hier.lines if e["event"] == "region_learned")
     assert learned == sorted((rid, r) for rid in REGIONS for r in range(1, 8))
+    # The root checkpoints the last round's merged statistics: a restarted root still lets the regions learn from it.
+    saved = CheckpointStore(tmp_path / "hier" / "coord").load()["fleet_stats"]
+    assert (saved["round"], saved["regions"], len(saved["slowest"])) == (7, sorted(REGIONS), 2)
+
+
+def test_a_retried_per_node_round_asks_the_regions_again_and_they_choose_again(tmp_path, monkeypatch):
+    """Round 1 fails at the root after the regions ran it: the retry asks both stages again for attempt 1, each
+    region chooses again (as a flat retry configures again) and the run goes on, learning from each counted round."""
+    _partials_disagree_once(monkeypatch)
+    run = _run(tmp_path, "fedspine", _fedspine_trainers(), regions=True, profile=DeviceProfile(1.0, 10.0, 0.05))
+    assert run.summary.rounds_done == 3, run.summary.stopped_early
+    asked = [(e["round"], e["attempt"], e["stage"]) for e in run.lines if e["event"] == "region_plans_asked"
+             and e["round"] == 1 and not e.get("final")]
+    assert asked == [(1, a, s) for a in (0, 1) for s in ("timing", "choose")], asked
+    chosen = sorted((e["node_id"], e["attempt"]) for e in run.lines if e["event"] == "region_configs_chosen"
+                    and e["round_asked"] == 1)
+    assert chosen == sorted((rid, a) for rid in REGIONS for a in (0, 1))
+    for n in NODES:  # the retry's configuration came with it, under its own transfers
+        assert [".a1." in c.upload_transfer_id for c in run.configs[n] if c.round == 1] == [False, True]
+    # Round 1's first try was not counted: its results are dropped, not learned; the retry's are.
+    dropped = [(e["node_id"], e["results_round"], e["learn_round"]) for e in run.lines
+               if e["event"] == "region_results_not_learned"]
+    assert dropped == [] or all(r == 1 and lr == 0 for _, r, lr in dropped), dropped
+    learned = sorted((e["node_id"], e["learn_round"]) for e in run.lines if e["event"] == "region_learned")
+    assert learned == sorted((rid, r) for rid in REGIONS for r in (1, 2, 3))
+
+
+def test_a_region_that_does_not_choose_fails_its_per_node_round_and_the_root_names_it(tmp_path, monkeypatch):
+    """West never answers the per-node plan query: the root waits PLAN_QUERY_S, names it, runs the round unpaced; west,
+    holding no configurations for the round, fails it rather than guess, and east's nodes carry the rounds."""
+    import coordinator.server as server
+
+    monkeypatch.setattr(server, "PLAN_QUERY_S", 0.5)
+    real = Region._answer_per_node
+    monkeypatch.setattr(Region, "_answer_per_node", lambda self, q: None if self.rid == "west" else real(self, q))
+    run = _run(tmp_path, "fedspine", _fedspine_trainers(), regions=True, profile=DeviceProfile(1.0, 10.0, 0.05))
+    assert run.summary.rounds_done == 3, run.summary.stopped_early
+    missing = {(e["round"], tuple(e["regions"])) for e in run.lines if e["event"] == "region_plans_missing"}
+    assert missing == {(r, ("west",)) for r in (1, 2, 3)}, missing
+    failed = [(e["round"], e["region"]) for e in run.lines if e["event"] == "region_round_failed"]
+    assert failed == [(r, "west") for r in (1, 2, 3)], failed
+    assert [(r["regions"], r["accepted"], r["finish_s"]) for r in rows(tmp_path, "round")] == [(1, 2, None)] * 3
+    assert run.configs["tx2-3"][:-1] == [] and all(c.finish_s is None for c in run.configs["agx-1"])
 
 
 def test_a_region_announcing_itself_no_longer_stops_a_fedspine_root(tmp_path):
