@@ -431,10 +431,9 @@ class Region:
         ans = RegionPlan(run_id=q.run_id, round=q.round, attempt=q.attempt, region_id=self.rid)
         if q.stage == "timing":
             ans = dataclasses.replace(ans, slowest_at_tau=dict(policy.slowest_at_tau(live)))
-        elif q.stage == "learn":
+        else:  # choose or learn: what the last round taught first, as a flat strategy learns before configuring
             self._learn(policy, q)
-        else:
-            self._learn(policy, q)
+        if q.stage == "choose":
             plans = policy.choose(q.round, live, cut=q.cut, fleet=slowest_two(q.slowest_at_tau))
             self._chosen = (q.round, q.attempt, plans)
             ans = dataclasses.replace(ans, finish_s=policy.planned_finish(plans))
