@@ -661,3 +661,28 @@ def test_fleet_identity_is_one_rule_pinned_adopted_or_provisional():
         assert region.admit("agx-1", identity_of(THREE[::-1], None), log) == ["labels"]
     assert [(e["event"], e.get("provisional", False)) for e in lines] == \
         [("fleet_labels", True), ("node_refused_labels", True), ("node_refused_labels", False)]
+
+
+def test_a_region_refuses_per_node_settings_that_are_no_valid_configuration_and_answers_valid_ones():
+    """The policy's settings come from the root in each per-node query; checked as the root's own configuration is
+    (caps at least s*, known reward terms): invalid ones are logged and not answered, without stopping the region."""
+    from shared.messages import RegionPlan, RegionPlanQuery
+
+    region, _, _, _, _ = _lone_region(("agx-1", "nx-2"))
+    answers = []
+    spy = MemoryTransport(region.transport.bus, "spy")
+    spy.subscribe("fedspine/v1/region/east/report", lambda t, p: answers.append(decode(p, RegionPlan)))
+    spy.start()
+    base = {"run_id": "r1", "round": 1, "target_sparsity": 0.3, "rank": 16, "local_steps": 2, "stage": "choose",
+            "ranks": [2, 16], "total_rounds": 3, "caps": {"default": 0.5}}
+    with structlog.testing.capture_logs() as lines:
+        region._answer_plan(RegionPlanQuery(**{**base, "caps": {"default": 0.2}}))  # a cap below s*
+        region._answer_plan(RegionPlanQuery(**{**base, "reward": {"speed": 1.0}}))  # no such reward term
+        assert region.policy is None and region._chosen is None
+        region._answer_plan(RegionPlanQuery(**base))
+    time.sleep(0.2)
+    assert [e["event"] for e in lines if e["log_level"] == "error"] == ["region_policy_refused"] * 2
+    assert len(answers) == 1 and answers[0].finish_s is not None and region._chosen[:2] == (1, 0)
+    assert sorted(p[0].node_id for p in region._chosen[2]) == ["agx-1", "nx-2"]
+    spy.stop()
+    region.transport.stop()
