@@ -250,7 +250,6 @@ def _load_regions(tables: list[dict], nodes: list[dict], coordinator: dict) -> d
         return {}
     from coordinator.config import RoundSettings
     from coordinator.region import RegionSettings
-    from coordinator.strategies import STRATEGIES
 
     node_ids = {n["id"] for n in nodes}
     regions: dict[str, dict[str, Any]] = {}
@@ -282,10 +281,6 @@ def _load_regions(tables: list[dict], nodes: list[dict], coordinator: dict) -> d
             raise ConfigError(f"[[nodes]] {n['id']}: unknown region {rid!r}; [[regions]] declares {sorted(regions)}")
     if empty := [rid for rid in regions if not any(n["region"] == rid for n in nodes)]:
         raise ConfigError(f"[[regions]] {empty[0]}: no node names this region (region = {empty[0]!r})")
-    method = coordinator.get("method", RoundSettings.method)
-    if method in STRATEGIES and (why := STRATEGIES[method].per_node_policy):
-        raise ConfigError(f"[coordinator] method {method!r} cannot run under regions ({why}); use a fleet-wide "
-                          "method (uniform, prune_ft, ft_prune, fedlora, hetlora) or a fleet without [[regions]]")
     return regions
 
 

@@ -16,9 +16,19 @@ rank, which add just the same.  Every transfer is chunked, digest-verified and r
 ways.  The root's work per round grows with regions, not nodes.  Downward the region speaks as the nodes'
 coordinator (its chunks and resend requests carry the sender ``coordinator``).
 
-The assignment is the method's fleet-wide schedule (``Strategy.fleet_plan``: target sparsity, rank or each device
-tier's rank, τ steps, whether to track importance); the region keeps a node that is already sparser at its own
-sparsity, as the root does.  A method whose policy is per node (FedSpine's bandit) refuses regions at the root.
+For a fleet-wide method the assignment is its schedule (``Strategy.fleet_plan``: target sparsity, rank or each
+device tier's rank, τ steps, whether to track importance); the region keeps a node that is already sparser at its
+own sparsity, as the root does.  A per-node method (FedSpine's bandit) runs here instead, for this region's nodes:
+the region holds their bandits (``policy``, made from the root's settings that each per-node RegionPlanQuery
+carries) and gets from the root what the choice and the reward need of the other regions' nodes, extremes that
+merge (coordinator/reward.py ``RoundStats``).  Each round the root asks twice: stage ``timing``, this region's two
+slowest completions at τ; stage ``choose``, with the fleet's two slowest and the last round's merged statistics:
+the region learns from its nodes' last results (held since its report, which carried their statistics), chooses
+and holds their configurations for that round and attempt (``Strategy.choose``) and answers with their slowest
+completion; the RegionRound (``per_node``) that follows, paced to the latest answer, sends each node its
+configuration (``Strategy.assign``).  So every node gets what a flat run gives it and the bandits learn what a flat
+run's do (tests/coordinator/test_region_rounds.py).  The bandits live in memory only: a restarted region starts
+them afresh.
 
 Steps are aligned and paced as in a flat round, where the timings are: the region keeps each node's state as the
 flat strategy does (``NodeState``: sparsity, rank, structure, measured speeds) and plans its nodes with
@@ -26,9 +36,10 @@ flat strategy does (``NodeState``: sparsity, rank, structure, measured speeds) a
 latest of its regions' slowest completions at τ steps, which each region reports with its previous round for the
 plan the root announced then (``RegionReport.next_finish_s``): ``planning.round_finish`` over every node, as flat.
 Where the root has none for a round's exact plan (its first hierarchical round, the first after this region joined,
-a retried round with another plan) it asks first (RegionPlanQuery on the config topic); the region answers at once
-with the same computation (RegionPlan on its report topic; nodes not yet measured by their startup timings, as a
-flat round 1), from its main loop between events, also mid-round, without touching the round in progress.
+a retried round with another plan) it asks first (RegionPlanQuery of stage ``finish`` on the config topic); the
+region answers at once with the same computation (RegionPlan on its report topic; nodes not yet measured by their
+startup timings, as a flat round 1), from its main loop between events, also mid-round, without touching the round
+in progress (a per-node stage changes only the policy's state for the next round).
 
 One identity for the fleet: the region refuses any of its nodes whose labels or base model differ from the
 fleet's (``FleetIdentity``, the root's rule and log lines, ``node_refused_*``): the root's, which every RegionRound
@@ -37,13 +48,15 @@ root adopts the first region's and refuses the partial of a region with another)
 provisional one is dropped and every node's presence is checked again.
 
 The end of the run goes through the region too: a RegionRound with ``local_steps`` 0 is the final sync (relayed
-to every live node, which evaluates the final state and keeps it; the region reports how many took part and
-sends no partial), and the root's export Command, sent on the region's config topic, is relayed on the sub-fleet's
-broadcast topic; the region counts its nodes' ExportReports by status and answers with one RegionExport.
+to every live node, which evaluates the final state and keeps it, at its last target under a per-node method; the
+region reports how many took part and sends no partial), and the root's export Command, sent on the region's
+config topic, is relayed on the sub-fleet's broadcast topic; the region counts its nodes' ExportReports by status
+and answers with one RegionExport.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import signal
 import threading
@@ -53,8 +66,11 @@ from dataclasses import dataclass, field
 from coordinator import planning
 from coordinator.aggregation import GlobalLora, ZeroPadLora, load_state_bytes
 from coordinator.collect import OFFLINE_GRACE_S, Participant, RoundCollector, quorum_count
+from coordinator.config import BanditSettings, CoordinatorConfig, PruningSettings, RoundSettings
 from coordinator.registry import FleetIdentity, Registry, identity_of
+from coordinator.reward import RoundStats, slowest_two
 from coordinator.strategies.base import (
+    Assignment,
     Failure,
     NodeInfo,
     NodeResult,
@@ -64,6 +80,7 @@ from coordinator.strategies.base import (
     fleet_timing,
     node_weights,
 )
+from coordinator.strategies.fedspine import FedSpine
 from shared.chunking import Reassembler
 from shared.config import BrokerConfig, ConfigError, Sections
 from shared.logs import LiveRoundLogger, get_logger
@@ -139,6 +156,15 @@ class Region:
         self.global_: GlobalLora | ZeroPadLora = GlobalLora()
         self.nodes: dict[str, NodeState] = {}  # as the flat strategy keeps them, from each node's accepted rounds
         self.structures = StructureTable()  # their kept-index structures, shared as at the root
+        # A per-node method (FedSpine): its policy for this region's nodes, made from the root's settings
+        # (RegionPlanQuery), the configurations chosen for the next round (round, attempt, ``Strategy.choose``'s
+        # plans), the last round's accepted results until the fleet's statistics come to learn from, and each node's
+        # last target (for the final sync)
+        self.policy: FedSpine | None = None
+        self._policy_key: tuple = ()
+        self._chosen: tuple[int, int, list] | None = None
+        self._unlearned: tuple[int, list[NodeResult]] | None = None
+        self._last_target: dict[str, float] = {}
         self.events: queue.Queue = queue.Queue()
         self.chunk_limit = cfg.broker.chunk_size + CHUNK_OVERHEAD
         self._stop = threading.Event()
@@ -313,8 +339,16 @@ class Region:
         if not self._fetch_global(rr, end):
             self._report(rr, cpu0, error="no global state from the root within the deadline")
             return
+        per_node = rr.per_node and rr.local_steps > 0
+        if per_node and (self.policy is None or self._chosen is None or self._chosen[:2] != (rr.round, rr.attempt)):
+            self._report(rr, cpu0, error="no configurations chosen for this round and attempt: its plan query (stage "
+                                         "choose) did not arrive")
+            return
         sent = self._send_configs(rr, self.registry.live(for_round=rr.round), end)
-        accepted, failed = self._collect(rr, sent, end)
+        accepted, failures = self._collect(rr, sent, end)
+        failed = len(failures)
+        if per_node:
+            self.policy.record_failures(rr.round, failures)  # out of memory: as the flat strategy, quorum or not
         if rr.local_steps == 0:  # the final sync: the nodes evaluated the final state and keep it for the export
             self._report(rr, cpu0, accepted=len(accepted), failed=failed)
             return
@@ -334,15 +368,20 @@ class Region:
         self.transport.send_transfer(self.up.region(self.rid, "upload"), data, rr.upload_transfer_id, self.rid)
         for r in results:
             self.state(r.node_id).record(r, self.structures.intern(r.update))
-        self._report(rr, cpu0, accepted=len(results), failed=failed, size=len(data))
+        stats = None
+        if per_node:  # learnt from once the root sends the fleet's statistics (the next round's plan query)
+            stats, self._unlearned = self.policy.round_stats(results), (rr.round, results)
+            self._last_target.update({nid: p.config.target_sparsity for nid, p in sent.items()})
+        self._report(rr, cpu0, accepted=len(results), failed=failed, size=len(data), stats=stats)
 
     def state(self, node_id: str) -> NodeState:
         return self.nodes.setdefault(node_id, NodeState())
 
     def _report(self, rr: RegionRound, cpu0: float, *, error: str = "", accepted: int = 0, failed: int = 0,
-                size: int = 0) -> None:
+                size: int = 0, stats: RoundStats | None = None) -> None:
         """The round's RegionReport, with (if the root asked) the slowest completion at τ steps of the nodes live
-        now under the next round's announced plan, which the root paces the next round to."""
+        now under the next round's announced plan, which the root paces the next round to, and a per-node round's
+        statistics of the accepted nodes (``stats``)."""
         next_finish = None
         if rr.next_rank is not None and rr.next_target_sparsity is not None:
             next_finish = self._slowest(rr.round + 1, rr.next_target_sparsity,
@@ -350,7 +389,8 @@ class Region:
         rep = RegionReport(run_id=rr.run_id, round=rr.round, region_id=self.rid, status="error" if error else "ok",
                            error=error, transfer_id=rr.upload_transfer_id, upload_bytes=size, accepted=accepted,
                            failed=failed, cpu_s=time.process_time() - cpu0, next_finish_s=next_finish,
-                           labels=list(self.identity.labels or ()), base_model=self.identity.base_model)
+                           labels=list(self.identity.labels or ()), base_model=self.identity.base_model,
+                           **(_stats_fields(stats) if stats is not None else {}))
         self.transport.publish(self.up.region(self.rid, "report"), encode(rep), qos=1)
         (self.log.warning if error else self.log.info)("region_round_done", accepted=accepted, failed=failed,
                                                          upload_bytes=size, error=error, cpu_s=round(rep.cpu_s, 3),
@@ -365,13 +405,85 @@ class Region:
         return planning.round_finish(timing, tau)
 
     def _answer_plan(self, q: RegionPlanQuery) -> None:
-        """The root lacks this region's finish for a round's plan (its first hierarchical round, the first after this
-        region joined, a retried round with another plan): answer at once with the slowest completion of the nodes
-        live now under it.  Read-only: a round in progress is not disturbed."""
+        """Answer the root's plan query at once.  Stage ``finish`` (a fleet-wide plan whose finish the root lacks: its
+        first hierarchical round, the first after this region joined, a retried round with another plan): the
+        slowest completion of the nodes live now under it; read-only, a round in progress is not disturbed.  The
+        per-node stages (``_answer_per_node``) use and change only the policy's state for the next round."""
+        if q.stage != "finish":
+            self._answer_per_node(q)
+            return
         finish = self._slowest(q.round, q.target_sparsity, q.rank_for, q.local_steps)
         ans = RegionPlan(run_id=q.run_id, round=q.round, attempt=q.attempt, region_id=self.rid, finish_s=finish)
         self.transport.publish(self.up.region(self.rid, "report"), encode(ans), qos=1)
         self.log.info("region_plan_answered", round_asked=q.round, attempt=q.attempt, finish_s=finish)
+
+    def _answer_per_node(self, q: RegionPlanQuery) -> None:
+        """A per-node policy's round, as a flat strategy's ``configure_round`` runs it over the whole fleet: stage
+        ``timing`` gives the root this region's two slowest completions at τ of the nodes live now; stage ``choose``
+        learns from the last round (``_learn``), chooses each live node's configuration with the fleet's two
+        slowest, holds them for the RegionRound of this round and attempt and answers with their slowest completion
+        at τ (the root paces the round to the latest of its regions'); stage ``learn`` (before the final sync) only
+        learns."""
+        policy = self._policy_for(q)
+        if policy is None:
+            return  # the root hears nothing: logged there (region_plans_missing) and here
+        live = self.registry.live(for_round=q.round)
+        ans = RegionPlan(run_id=q.run_id, round=q.round, attempt=q.attempt, region_id=self.rid)
+        if q.stage == "timing":
+            ans = dataclasses.replace(ans, slowest_at_tau=dict(policy.slowest_at_tau(live)))
+        else:  # choose or learn: what the last round taught first, as a flat strategy learns before configuring
+            self._learn(policy, q)
+        if q.stage == "choose":
+            plans = policy.choose(q.round, live, cut=q.cut, fleet=slowest_two(q.slowest_at_tau))
+            self._chosen = (q.round, q.attempt, plans)
+            ans = dataclasses.replace(ans, finish_s=policy.planned_finish(plans))
+            self.log.info("region_configs_chosen", round_asked=q.round, attempt=q.attempt,
+                          configs={p[0].node_id: {"sparsity": round(p[2], 4), "rank": p[3], "arm": p[4]} for p in plans})
+        self.transport.publish(self.up.region(self.rid, "report"), encode(ans), qos=1)
+        self.log.info("region_plan_answered", round_asked=q.round, attempt=q.attempt, stage=q.stage,
+                      finish_s=ans.finish_s, slowest_at_tau=ans.slowest_at_tau or None)
+
+    def _policy_for(self, q: RegionPlanQuery) -> FedSpine | None:
+        """The per-node policy under the root's settings in ``q``: made at a run's first query and kept while they
+        hold (its bandits live here); None if the settings are invalid (logged)."""
+        key = (q.run_id, q.target_sparsity, sorted(q.caps.items()), q.ranks, sorted(q.reward.items()), q.total_rounds,
+               q.seed, q.local_steps)
+        if self.policy is not None and key == self._policy_key:
+            return self.policy
+        try:
+            cfg = CoordinatorConfig(
+                broker=self.cfg.broker,
+                coordinator=RoundSettings(method="fedspine", rounds=q.total_rounds, local_steps=q.local_steps,
+                                          seed=q.seed),
+                pruning=PruningSettings(target_sparsity=q.target_sparsity, max_sparsity=dict(q.caps)),
+                bandit=BanditSettings(ranks=tuple(q.ranks), reward=dict(q.reward)))
+        except (ConfigError, TypeError, ValueError) as exc:
+            self.log.error("region_policy_refused", error=str(exc))
+            return None
+        self.policy, self._policy_key = FedSpine(cfg, total_rounds=q.total_rounds, seed=q.seed), key
+        self.policy.nodes = self.nodes  # one view of each node's state (speeds, sparsity, rank), the region's
+        self._chosen = self._unlearned = None
+        self.log.info("region_policy_started", method=self.policy.name, run_id=q.run_id, ranks=q.ranks,
+                      target_sparsity=q.target_sparsity, caps=q.caps, total_rounds=q.total_rounds)
+        return self.policy
+
+    def _learn(self, policy: FedSpine, q: RegionPlanQuery) -> None:
+        """Learn from this region's results of round ``q.learn_round`` against the fleet's statistics of that round,
+        if the root aggregated this region's partial (``learn_regions``) - as a flat strategy learns after
+        aggregating, before it configures the next round.  Results of any other round (a try the root did not
+        count) are dropped."""
+        held, self._unlearned = self._unlearned, None
+        if held is None:
+            return
+        rnd, results = held
+        if rnd != q.learn_round or self.rid not in q.learn_regions or not q.slowest:
+            self.log.info("region_results_not_learned", results_round=rnd, learn_round=q.learn_round,
+                          counted=self.rid in q.learn_regions)
+            return
+        fleet = RoundStats(best_loss=q.best_loss, best_importance=q.best_importance, lowest_energy=q.lowest_energy,
+                           slowest=slowest_two(q.slowest))
+        terms = policy.learn_from(results, fleet)
+        self.log.info("region_learned", learn_round=rnd, rewards={n: round(v["reward"], 4) for n, v in terms.items()})
 
     def _command(self, cmd: Command) -> None:
         """The root's export: relayed to this region's live nodes; their ExportReports are counted by status and
@@ -410,24 +522,20 @@ class Region:
             "region_exported", nodes=rep.nodes, ok=rep.ok, skipped=rep.skipped, failed=rep.failed, missing=rep.missing)
 
     def _send_configs(self, rr: RegionRound, nodes: list[NodeInfo], end: float) -> dict[str, Participant]:
-        """Relay the root's assignment to each node with its slice of the global state, its steps aligned and paced
-        to the fleet's finish ``rr.finish_s`` as a flat round's (none: τ unpaced); node -> its Participant (the config
-        as sent and when: its round time runs from then, as at the root)."""
+        """Send each node its configuration (``_assignments``) with its slice of the global state; node -> its
+        Participant (the config as sent and when: its round time runs from then, as at the root)."""
         deadline_ts = time.time() + max(0.0, end - time.monotonic())
-        ranks = {n.node_id: rr.rank_for(n.device_type) for n in nodes}  # the round's rank, or its tier's (HetLoRA)
-        timing = fleet_timing(nodes, self.nodes, rr.target_sparsity, ranks) if rr.finish_s is not None else {}
-        work = planning.plan_round(timing, [n.node_id for n in nodes], rr.local_steps, rr.finish_s)
         sent, encoded = {}, {}
-        for node in nodes:
-            nid, st, w = node.node_id, self.state(node.node_id), work[node.node_id]
+        for a in self._assignments(rr, nodes):
+            nid, st = a.node_id, self.state(a.node_id)
             up = f"{rr.run_id}.r{rr.round}.a{rr.attempt}.{self.rid}.{nid}.up"  # a retried round's differ
-            g = self._slice(st, self._sent_rank(rr, ranks[nid]))
+            g = self._slice(st, self._sent_rank(rr, a.rank))
             down = f"{rr.run_id}.r{rr.round}.a{rr.attempt}.{self.rid}.{nid}.down" if g is not None else None
             self.reassembler.expect(up, nid)
-            msg = RoundConfig(run_id=rr.run_id, round=rr.round, rank=ranks[nid], local_steps=w.steps,
-                              target_sparsity=max(rr.target_sparsity, st.sparsity), importance=rr.importance,
-                              deadline_ts=deadline_ts, upload_transfer_id=up, download_transfer_id=down,
-                              finish_s=w.finish_s, min_steps=w.min_steps, max_steps=w.max_steps)
+            msg = RoundConfig(run_id=rr.run_id, round=rr.round, rank=a.rank, local_steps=a.local_steps,
+                              target_sparsity=a.target_sparsity, importance=rr.importance, deadline_ts=deadline_ts,
+                              upload_transfer_id=up, download_transfer_id=down, finish_s=a.finish_s,
+                              min_steps=a.min_steps, max_steps=a.max_steps)
             sent[nid] = Participant(config=msg, upload_tid=up, sent_at=time.monotonic())
             self.transport.publish(self.down.node(nid, "config"), encode(msg), qos=1)
             if g is not None:
@@ -435,6 +543,29 @@ class Region:
                     encoded[id(g)] = g.to_bytes()
                 self.transport.send_transfer(self.down.node(nid, "download"), encoded[id(g)], down, COORDINATOR_ID)
         return sent
+
+    def _assignments(self, rr: RegionRound, nodes: list[NodeInfo]) -> list[Assignment]:
+        """Each node's configuration for ``rr``, its steps aligned and paced to the fleet's finish ``rr.finish_s`` as
+        a flat round's (none: τ unpaced).  A per-node round: the configurations chosen for it (``_answer_per_node``)
+        of the nodes still live, as the policy assigns them; otherwise the root's fleet-wide assignment (a node
+        already sparser keeps its sparsity; HetLoRA: its tier's rank), or at a per-node run's final sync, each
+        node's last target."""
+        if rr.per_node and rr.local_steps > 0:
+            live = {n.node_id for n in nodes}
+            plans = [p for p in self._chosen[2] if p[0].node_id in live]
+            return self.policy.assign(rr.round, plans, rr.finish_s, paced=rr.finish_s is not None)
+        ranks = {n.node_id: rr.rank_for(n.device_type) for n in nodes}  # the round's rank, or its tier's (HetLoRA)
+        timing = fleet_timing(nodes, self.nodes, rr.target_sparsity, ranks) if rr.finish_s is not None else {}
+        work = planning.plan_round(timing, [n.node_id for n in nodes], rr.local_steps, rr.finish_s)
+        out = []
+        for n in nodes:
+            st, w = self.state(n.node_id), work[n.node_id]
+            target = self._last_target.get(n.node_id, st.sparsity) if rr.per_node else max(rr.target_sparsity,
+                                                                                          st.sparsity)
+            out.append(Assignment(node_id=n.node_id, target_sparsity=target, rank=ranks[n.node_id],
+                                  local_steps=w.steps, importance=rr.importance, finish_s=w.finish_s,
+                                  min_steps=w.min_steps, max_steps=w.max_steps))
+        return out
 
     @staticmethod
     def _sent_rank(rr: RegionRound, rank: int) -> int:
@@ -476,7 +607,7 @@ class Region:
         accepted, failures = col.finish()
         for p in sent.values():
             self.reassembler.forget(p.upload_tid)
-        return accepted, len(failures)
+        return accepted, [failures[n] for n in sorted(failures)]
 
     def _accept(self, p: Participant) -> NodeResult | Failure:
         """The node's answer under the root's acceptance rule (``accept_answer``); a refusal is logged."""
@@ -488,6 +619,12 @@ class Region:
         except UpdateError as exc:
             self.log.warning("update_rejected", node=nid, error=str(exc))
             return Failure(nid, "rejected")
+
+
+def _stats_fields(stats: RoundStats) -> dict:
+    """A per-node round's statistics as RegionReport fields."""
+    return {"best_loss": stats.best_loss, "best_importance": stats.best_importance,
+            "lowest_energy": stats.lowest_energy, "slowest": dict(stats.slowest)}
 
 
 def main_region(config: str) -> int:

@@ -10,6 +10,11 @@
 - importance: ‖scale·B·A‖ summed over modules, over the round's largest;
 - energy:     energy per local sample, the round's lowest over the node's (1 = most frugal); left out (weight 0)
               unless every node reported energy.
+
+What a node's terms need of the rest of the round is ``RoundStats``: the best relative loss reduction, the largest
+importance, the lowest energy per sample (if every node reported energy) and the two slowest modelled completion
+times.  Extremes merge across sub-fleets in any grouping (``RoundStats.merge``), so regional aggregators each send
+their nodes' and the root sends back the fleet's: the same numbers as a flat round's (coordinator/region.py).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import reduce
 
 from coordinator.config import REWARD_TERMS as TERMS
 
@@ -36,16 +42,78 @@ def _clip01(x: float) -> float:
     return 0.0 if not math.isfinite(x) else min(max(x, 0.0), 1.0)
 
 
-def rewards(inputs: Sequence[RewardInput], weights: Mapping[str, float]) -> dict[str, dict]:
-    """Per node, the terms and the reward (``{"terms": {...}, "reward": r}``)."""
+def _rel_loss(loss_start: float, loss_end: float) -> float:
+    return (loss_start - loss_end) / loss_start if loss_start > 0 else 0.0
+
+
+def _per_sample(energy_j: float | None, samples: int) -> float | None:
+    return energy_j / max(samples, 1) if energy_j is not None else None
+
+
+Slowest = tuple[tuple[str, float], ...]  # up to two (node, seconds), slowest first
+
+
+def slowest_two(times: Mapping[str, float] | Sequence[tuple[str, float]]) -> Slowest:
+    """The two slowest of (node, seconds), slowest first (ties by node id): all the others' maximum needs, for
+    every node (the slowest overall, or for the slowest node itself the runner-up)."""
+    items = times.items() if isinstance(times, Mapping) else times
+    return tuple(sorted(items, key=lambda kv: (-kv[1], kv[0]))[:2])
+
+
+def slowest_other(slowest: Slowest, node_id: str) -> float | None:
+    """The slowest time among the nodes other than ``node_id`` (None: no other node)."""
+    return next((t for n, t in slowest if n != node_id), None)
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """What the reward of any node needs of a round's other results (see the module docstring).  ``best_loss`` is
+    floored at 0 (a best at or below 0 scores every node's loss term 0 either way); ``lowest_energy`` is None unless
+    every node reported energy; ``slowest``: the round's two slowest modelled completion times (FedSpine's time
+    term, ``FedSpine.round_shares``)."""
+
+    best_loss: float
+    best_importance: float
+    lowest_energy: float | None
+    slowest: Slowest
+
+    @classmethod
+    def of(cls, inputs: Sequence[RewardInput], times: Mapping[str, float] | None = None) -> RoundStats:
+        """The statistics of a (sub-)fleet's results (``times``: each node's modelled completion time)."""
+        per_sample = [_per_sample(x.energy_j, x.samples) for x in inputs]
+        have_energy = all(e is not None and e > 0 for e in per_sample)
+        return cls(best_loss=max([0.0, *(_rel_loss(x.loss_start, x.loss_end) for x in inputs)]),
+                   best_importance=max((x.importance for x in inputs), default=0.0),
+                   lowest_energy=min(per_sample) if have_energy and per_sample else None,  # type: ignore[type-var]
+                   slowest=slowest_two(times or {}))
+
+    def merge(self, other: RoundStats) -> RoundStats:
+        """The statistics of both sub-fleets together (associative and commutative: maxima, minima, the two
+        slowest)."""
+        energy = None if self.lowest_energy is None or other.lowest_energy is None \
+            else min(self.lowest_energy, other.lowest_energy)
+        return RoundStats(best_loss=max(self.best_loss, other.best_loss),
+                          best_importance=max(self.best_importance, other.best_importance), lowest_energy=energy,
+                          slowest=slowest_two([*self.slowest, *other.slowest]))
+
+
+def merge_stats(parts: Sequence[RoundStats]) -> RoundStats | None:
+    """The fleet's statistics from its sub-fleets' (None: no sub-fleet had results)."""
+    return reduce(RoundStats.merge, parts) if parts else None
+
+
+def rewards(inputs: Sequence[RewardInput], weights: Mapping[str, float],
+            fleet: RoundStats | None = None) -> dict[str, dict]:
+    """Per node, the terms and the reward (``{"terms": {...}, "reward": r}``); ``fleet``: the whole round's
+    statistics where ``inputs`` are one region's nodes (default: those of ``inputs``)."""
     if not inputs:
         return {}
-    rel_loss = [(x.loss_start - x.loss_end) / x.loss_start if x.loss_start > 0 else 0.0 for x in inputs]
-    best_loss = max(rel_loss)
-    best_imp = max(x.importance for x in inputs)
-    per_sample = [x.energy_j / max(x.samples, 1) if x.energy_j is not None else None for x in inputs]
-    have_energy = all(e is not None and e > 0 for e in per_sample)
-    lowest_e = min(per_sample) if have_energy else None  # type: ignore[type-var]
+    fleet = fleet or RoundStats.of(inputs)
+    rel_loss = [_rel_loss(x.loss_start, x.loss_end) for x in inputs]
+    best_loss, best_imp = fleet.best_loss, fleet.best_importance
+    per_sample = [_per_sample(x.energy_j, x.samples) for x in inputs]
+    lowest_e = fleet.lowest_energy
+    have_energy = lowest_e is not None
     w = {t: float(weights.get(t, 0.0)) for t in TERMS}
     if not have_energy:
         w["energy"] = 0.0

@@ -3,9 +3,10 @@
 The round loop reads like a recipe: configure (the strategy) -> send configs and global slices -> collect uploads
 until all arrived or the deadline passed -> aggregate (if the quorum is met; the strategy learns from the round) ->
 checkpoint -> one log line.  While regional aggregators are online the rounds go to them instead
-(``_run_region_round``): each region gets the strategy's fleet-wide plan and the global state and answers with one
-partial aggregate (coordinator/region.py, docs/scale.md).  MQTT callbacks only decode and enqueue; everything else
-runs on the main thread.
+(``_run_region_round``): each region gets the strategy's fleet-wide plan, or for a per-node method (FedSpine) runs
+that policy for its own nodes with the fleet's statistics the root merges and sends back (``_choose_in_regions``),
+and answers with one partial aggregate (coordinator/region.py, docs/scale.md).  MQTT callbacks only decode and
+enqueue; everything else runs on the main thread.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from coordinator.collect import OFFLINE_GRACE_S, Participant, RoundCollector, qu
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import MetricsWriter
 from coordinator.registry import FleetIdentity, Registry, identity_of
+from coordinator.reward import RoundStats, merge_stats, slowest_two
 from coordinator.state import CheckpointStore
 from coordinator.strategies import Assignment, Failure, FleetPlan, NodeResult, accept_answer, make_strategy
 from shared.chunking import Reassembler
@@ -104,7 +106,9 @@ class Coordinator:
         # the fleet's class names (classification) and base model digest: pinned by config, else the first seen
         self.identity = FleetIdentity(labels=tuple(rs.labels) or None, base_model=rs.base_model or None)
         self._regions: dict[str, RegionStatus] = {}  # regional aggregators' presence (coordinator/region.py)
-        self._refusal_logged = False  # the method's refusal of regions is logged once
+        # A per-node method under regions: the last aggregated round, the regions whose partials it applied and the
+        # merge of their nodes' statistics, which the regions learn from before the next round's choice
+        self._fleet_stats: tuple[int, list[str], RoundStats | None] = (0, [], None)
         # region -> ((target sparsity, rank) of the plan it was asked about, its nodes' slowest completion at τ steps
         # under it): from its last RegionReport, for pacing the next hierarchical round (_fleet_finish)
         self._region_finish: dict[str, tuple[tuple[float, int], float]] = {}
@@ -240,16 +244,12 @@ class Coordinator:
         try:
             finished = self.round >= rs.rounds and self._finished_before()  # nothing to do: no need to wait
             if not finished and not self._wait_for_nodes(rs.min_nodes, rs.join_timeout_s):
-                summary.stopped_early = self._regions_refused() or \
-                    f"fewer than {rs.min_nodes} nodes joined within {rs.join_timeout_s:.0f} s"
+                summary.stopped_early = f"fewer than {rs.min_nodes} nodes joined within {rs.join_timeout_s:.0f} s"
                 return summary
             retries = 0
             while self.round < rs.rounds and not self._stop.is_set():
                 rnd = self.round + 1
                 regions = self._online_regions()
-                if why := self._regions_refused():
-                    summary.stopped_early = why  # never hierarchical rounds without the method's policy
-                    break
                 if regions and self._run_region_round(rnd, retries, regions) or \
                         not regions and self._run_round(rnd, attempt=retries):
                     self.round, retries = rnd, 0
@@ -266,7 +266,7 @@ class Coordinator:
                 # metrics.jsonl once; nothing is evaluated or exported again.
                 self.log.info("run_already_finished", rounds_done=self.round, metrics=str(self.metrics.path))
             elif self.round >= rs.rounds and not self._stop.is_set():
-                regions = [] if self._regions_refused() else self._online_regions()
+                regions = self._online_regions()
                 if regions:  # the run ends through the regions, as its rounds ran
                     self._final_sync_regions(regions)
                     summary.region_exports = self._export_regions(regions)
@@ -301,6 +301,10 @@ class Coordinator:
             self.identity.labels = tuple(state["labels"])
         if state.get("base_model") and not self.cfg.coordinator.base_model:
             self.identity.base_model = state["base_model"]
+        if fs := state.get("fleet_stats"):
+            self._fleet_stats = (int(fs["round"]), list(fs["regions"]), RoundStats(
+                best_loss=fs["best_loss"], best_importance=fs["best_importance"],
+                lowest_energy=fs["lowest_energy"], slowest=tuple((n, t) for n, t in fs["slowest"])))
         self.log.info("resumed", run_id=self.run_id, round=self.round)
 
     def _checkpoint(self) -> None:
@@ -309,6 +313,8 @@ class Coordinator:
             "strategy": self.strategy.state_dict(), "method": self.cfg.coordinator.method,
             "last_assignments": {nid: dataclasses.asdict(a) for nid, a in self._last.items()},
             "labels": list(self.identity.labels or ()), "base_model": self.identity.base_model,
+            **({"fleet_stats": {"round": self._fleet_stats[0], "regions": self._fleet_stats[1],
+                                **dataclasses.asdict(self._fleet_stats[2])}} if self._fleet_stats[2] else {}),
         })
 
     def _wait_for_nodes(self, n: int, timeout_s: float) -> bool:
@@ -317,8 +323,6 @@ class Coordinator:
         end = start + timeout_s if timeout_s > 0 else math.inf
         next_log = start + WAIT_LOG_S
         while not self._stop.is_set():
-            if self._regions_refused():
-                return False
             if self._fleet_size() >= n:
                 return True
             now = time.monotonic()
@@ -336,16 +340,6 @@ class Coordinator:
     def _online_regions(self) -> list[str]:
         return sorted(rid for rid, st in list(self._regions.items()) if st.state == "online")
 
-    def _regions_refused(self) -> str:
-        """Why this run cannot go on while regions are online ("" if it can, or none is): a method whose policy is
-        per node (coordinator/strategies/) would run hierarchical rounds without it.  Logged once."""
-        regions = self._online_regions()
-        why = self.strategy.regions_refusal() if regions else ""
-        if why and not self._refusal_logged:
-            self._refusal_logged = True
-            self.log.error("regions_refused", method=self.cfg.coordinator.method, regions=regions, error=why)
-        return why
-
     def _fleet_size(self) -> int:
         """Live nodes: this coordinator's own, or while regional aggregators are online, those of their sub-fleets."""
         regions = [self._regions[r] for r in self._online_regions()]
@@ -355,19 +349,24 @@ class Coordinator:
         """A hierarchical round: each online region gets the round's assignment and the global state, relays them to
         its nodes and answers with one partial aggregate; the global state becomes ``apply`` of them (``GlobalLora``,
         or HetLoRA's ``ZeroPadLora``), which equals flat aggregation of the same updates.  The work here grows with
-        regions, not nodes."""
+        regions, not nodes.  A per-node method's policy runs in the regions instead, each for its own nodes
+        (``_choose_in_regions``)."""
         rs = self.cfg.coordinator
         log = self.log.bind(round=rnd, attempt=attempt)
         cpu0, wall0 = time.process_time(), time.monotonic()
         g = self.strategy.global_
-        plan = self.strategy.fleet_plan(rnd)  # the method's schedule, the same for every node (refusal checked)
-        self._ask_region_plans(rnd, attempt, regions, plan, log)
-        finish = self._fleet_finish(regions, plan)
-        # The next round's schedule as far as it is known before this one is aggregated (importance comes from a
-        # round that tracks it): each region answers with its nodes' slowest completion under it.
-        nxt = self.strategy.fleet_plan(rnd + 1, fleet_importance=self.strategy.has_fleet_importance()
-                                       or plan.importance) if rnd < rs.rounds else None
-        pending = self._send_region_rounds(rnd, attempt, regions, plan, finish, nxt)
+        if per_node := bool(self.strategy.per_node_policy):
+            plan, nxt = self._per_node_plan(rnd), None
+            finish = self._choose_in_regions(rnd, attempt, regions, log)
+        else:
+            plan = self.strategy.fleet_plan(rnd)  # the method's schedule, the same for every node
+            self._ask_region_plans(rnd, attempt, regions, plan, log)
+            finish = self._fleet_finish(regions, plan)
+            # The next round's schedule as far as it is known before this one is aggregated (importance comes from
+            # a round that tracks it): each region answers with its nodes' slowest completion under it.
+            nxt = self.strategy.fleet_plan(rnd + 1, fleet_importance=self.strategy.has_fleet_importance()
+                                           or plan.importance) if rnd < rs.rounds else None
+        pending = self._send_region_rounds(rnd, attempt, regions, plan, finish, nxt, per_node=per_node)
         if idle := self.registry.live_count():  # a hierarchical round goes to the regions only: say so every round
             log.warning("direct_nodes_sit_out", nodes=idle, regions=regions,
                         hint="nodes connected to the root take no part while regions are online; give each a "
@@ -376,8 +375,9 @@ class Coordinator:
             log.warning("fraction_ignored_under_regions", fraction=rs.fraction,
                         hint="[coordinator] fraction samples the nodes of a flat round only; under regions every live "
                              "node takes part")
-        log.info("region_round_started", regions=regions, target_sparsity=round(plan.target_sparsity, 4),
-                 rank=plan.rank, local_steps=plan.local_steps,
+        log.info("region_round_started", regions=regions, local_steps=plan.local_steps,
+                 **({"policy": "per node, in each region"} if per_node else
+                    {"target_sparsity": round(plan.target_sparsity, 4), "rank": plan.rank}),
                  **({"finish_s": round(finish, 2)} if finish is not None else {}),
                  **({"tier_ranks": plan.tier_ranks} if plan.tier_ranks else {}))
         self._active = rnd
@@ -405,12 +405,18 @@ class Coordinator:
         except UpdateError as exc:  # each was valid alone, but they disagree (e.g. round 1, before a global state)
             log.error("region_partials_refused", regions=sorted(partials), error=str(exc))
             return False
+        if per_node:  # what the regions' nodes learn from before the next round (_choose_in_regions)
+            stats = [RoundStats(best_loss=r.best_loss, best_importance=r.best_importance,
+                                lowest_energy=r.lowest_energy, slowest=slowest_two(r.slowest))
+                     for r in (pending[rid]["report"] for rid in sorted(partials)) if r.slowest]
+            self._fleet_stats = (rnd, sorted(partials), merge_stats(stats))
         self.round = rnd
         self._checkpoint()
         cost = {"coordinator_cpu_s": time.process_time() - cpu0, "round_wall_s": time.monotonic() - wall0}
         self.metrics.round_summary({"round": rnd, "method": rs.method, "participants": participants,
                                     "accepted": accepted, "regions": len(partials), "failed_regions": failed,
-                                    "target_sparsity": plan.target_sparsity, "rank": plan.rank, "finish_s": finish,
+                                    "target_sparsity": None if per_node else plan.target_sparsity,
+                                    "rank": None if per_node else plan.rank, "finish_s": finish,
                                     "direct_nodes_idle": idle, "region_cpu_s": round(sum(r.cpu_s for r in reports), 4), **cost})
         log.info("round_done", accepted=accepted, regions=len(partials), failed_regions=failed,
                  **{k: round(v, 3) for k, v in cost.items()})
@@ -435,43 +441,96 @@ class Coordinator:
 
     def _ask_region_plans(self, rnd: int, attempt: int, regions: list[str], plan: FleetPlan, log) -> None:
         """Where a region's finish for exactly ``plan`` is not known (the first hierarchical round, the first after the
-        region joined, a retried round whose plan is not the one announced), ask it (RegionPlanQuery on its config
-        topic) and wait up to PLAN_QUERY_S for the answers (RegionPlan), which go where ``next_finish_s`` goes.  A
-        region that does not answer leaves the round unpaced, as before this exchange; logged."""
+        region joined, a retried round whose plan is not the one announced), ask it (``_ask_regions``); the answers go
+        where ``next_finish_s`` goes.  A region that does not answer leaves the round unpaced, as before this
+        exchange; logged."""
         key = (plan.target_sparsity, plan.rank)
         ask = sorted(rid for rid in regions if self._known_finish(rid, key) is None)
         if not ask or plan.local_steps == 0:
             return
-        q = encode(RegionPlanQuery(run_id=self.run_id, round=rnd, attempt=attempt, target_sparsity=plan.target_sparsity,
-                                   rank=plan.rank, tier_ranks=plan.tier_ranks or {}, local_steps=plan.local_steps))
-        for rid in ask:
-            self.transport.publish(self.topics.region(rid, "config"), q, qos=1)
-        log.info("region_plans_asked", regions=ask)
-        waiting, end = set(ask), time.monotonic() + PLAN_QUERY_S
+        q = RegionPlanQuery(run_id=self.run_id, round=rnd, attempt=attempt, target_sparsity=plan.target_sparsity,
+                            rank=plan.rank, tier_ranks=plan.tier_ranks or {}, local_steps=plan.local_steps)
+        for rid, ans in self._ask_regions(q, ask, log).items():
+            if ans.finish_s is not None:
+                self._region_finish[rid] = (key, ans.finish_s)
+        if without := [r for r in ask if self._known_finish(r, key) is None]:
+            log.warning("region_plans_missing", regions=without, waited_s=PLAN_QUERY_S,
+                        hint="no finish from these regions for this round's plan: it runs τ steps unpaced")
+
+    def _choose_in_regions(self, rnd: int, attempt: int, regions: list[str], log) -> float | None:
+        """A per-node method's round under regions, as its flat ``configure_round`` (coordinator/region.py runs the
+        policy for each region's nodes): ask every region for the two slowest completions at τ of its nodes (stage
+        ``timing``), then send all of them the fleet's two slowest, the last round's merged statistics and the
+        policy's settings (stage ``choose``): each learns, chooses and holds its nodes' configurations and answers
+        with their slowest completion.  The round's finish: the latest answer, as a flat round's; None (τ steps
+        unpaced) where a region did not answer, logged (``region_plans_missing``).  A retried round asks again."""
+        timed = self._ask_regions(self._per_node_query(rnd, attempt, "timing"), regions, log)
+        at_tau = slowest_two([kv for a in timed.values() for kv in a.slowest_at_tau.items()])
+        q = dataclasses.replace(self._per_node_query(rnd, attempt, "choose"), cut=self.strategy.has_fleet_importance(),
+                                slowest_at_tau=dict(at_tau))
+        chosen = self._ask_regions(q, regions, log)
+        if without := sorted((set(regions) - timed.keys()) | (set(regions) - chosen.keys())):
+            log.warning("region_plans_missing", regions=without, waited_s=PLAN_QUERY_S,
+                        hint="these regions did not answer the per-node plan query: their nodes' timing is left out "
+                             "of the others' choice, and without their configurations chosen this round runs τ steps "
+                             "unpaced (a region without them fails the round)")
+        finishes = [a.finish_s for a in chosen.values() if a.finish_s is not None]
+        if len(finishes) < len(regions) or max(finishes, default=0.0) <= 0:
+            return None
+        return max(finishes)
+
+    def _per_node_query(self, rnd: int, attempt: int, stage: str) -> RegionPlanQuery:
+        """A per-node plan query of ``stage`` with the policy's settings and the last aggregated round's merged
+        statistics (what the regions learn from)."""
+        c = self.cfg
+        learn_round, learn_regions, stats = self._fleet_stats
+        return RegionPlanQuery(run_id=self.run_id, round=rnd, attempt=attempt, stage=stage,
+                               target_sparsity=c.pruning.target_sparsity, rank=self.strategy.deploy_rank(),
+                               local_steps=c.coordinator.local_steps, caps=dict(c.pruning.max_sparsity),
+                               ranks=list(c.bandit.ranks), reward=dict(c.bandit.reward),
+                               total_rounds=c.coordinator.rounds, seed=c.coordinator.seed,
+                               **({"learn_round": learn_round, "learn_regions": learn_regions,
+                                   "best_loss": stats.best_loss, "best_importance": stats.best_importance,
+                                   "lowest_energy": stats.lowest_energy, "slowest": dict(stats.slowest)}
+                                  if stats else {}))
+
+    def _ask_regions(self, q: RegionPlanQuery, regions: list[str], log) -> dict[str, RegionPlan]:
+        """Send ``q`` to each of ``regions`` (on its config topic) and wait up to PLAN_QUERY_S for their answers
+        (RegionPlan on their report topics, naming q's round and attempt): region -> its answer."""
+        payload, got = encode(q), {}
+        for rid in regions:
+            self.transport.publish(self.topics.region(rid, "config"), payload, qos=1)
+        log.info("region_plans_asked", regions=regions, stage=q.stage)
+        waiting, end = set(regions), time.monotonic() + PLAN_QUERY_S
         while waiting and not self._stop.is_set() and (now := time.monotonic()) < end:
             waiting &= set(self._online_regions())  # one that went offline will not answer (nor take part)
             ev = self._drain(min(0.5, end - now)) if waiting else None
             if ev is None:
                 continue
-            kind, rid, payload = ev
-            if kind == "region_report" and isinstance(payload, RegionPlan):
-                if rid in waiting and (payload.run_id, payload.round, payload.attempt) == (self.run_id, rnd, attempt):
+            kind, rid, msg = ev
+            if kind == "region_report" and isinstance(msg, RegionPlan):
+                if rid in waiting and (msg.run_id, msg.round, msg.attempt) == (self.run_id, q.round, q.attempt):
                     waiting.discard(rid)
-                    if payload.finish_s is not None:
-                        self._region_finish[rid] = (key, payload.finish_s)
+                    got[rid] = msg
                 else:
                     log.info("late_or_duplicate_dropped", kind="region_plan", region=rid)
             else:
                 self._dispatch_idle(ev, log)
-        if without := [r for r in ask if self._known_finish(r, key) is None]:
-            log.warning("region_plans_missing", regions=without, waited_s=PLAN_QUERY_S,
-                        hint="no finish from these regions for this round's plan: it runs τ steps unpaced")
+        return got
+
+    def _per_node_plan(self, rnd: int) -> FleetPlan:
+        """What a per-node method's RegionRound carries of a plan: τ steps, importance tracking and the deployed rank
+        as the rank every slice is sent at; each node's target and rank are its region's choice."""
+        rank = self.strategy.deploy_rank()
+        return FleetPlan(target_sparsity=0.0, rank=rank, sent_rank=rank, local_steps=self.strategy.tau,
+                         importance=self.strategy.will_prune(rnd))
 
     def _send_region_rounds(self, rnd: int, attempt: int | None, regions: list[str], plan: FleetPlan,
-                            finish_s: float | None = None, next_plan: FleetPlan | None = None) -> dict[str, dict]:
+                            finish_s: float | None = None, next_plan: FleetPlan | None = None, *,
+                            per_node: bool = False) -> dict[str, dict]:
         """Publish each region's RegionRound (try ``attempt`` of round ``rnd``, None: the final sync; ``plan``,
-        paced to ``finish_s``, asking for its nodes' slowest completion under ``next_plan``) and the global state
-        (chunked, one encoding for all)."""
+        paced to ``finish_s``, asking for its nodes' slowest completion under ``next_plan``; ``per_node``: each node
+        gets its region's choice instead) and the global state (chunked, one encoding for all)."""
         rs, g = self.cfg.coordinator, self.strategy.global_
         tag = "final" if attempt is None else f"a{attempt}"
         state = st_save(g.state_tensors()) if not g.empty else None
@@ -487,7 +546,7 @@ class Coordinator:
                               next_target_sparsity=next_plan.target_sparsity if next_plan else None,
                               next_rank=next_plan.rank if next_plan else None, tier_ranks=plan.tier_ranks or {},
                               zero_pad_rank=plan.zero_pad_rank, labels=list(self.identity.labels or ()),
-                              base_model=self.identity.base_model)
+                              base_model=self.identity.base_model, per_node=per_node)
             pending[rid] = {"up": up, "report": None, "data": None, "next_finish": None}
             self.transport.publish(self.topics.region(rid, "config"), encode(msg), qos=1)
             if state is not None:
@@ -500,11 +559,14 @@ class Coordinator:
         rs = self.cfg.coordinator
         rnd = self.round + 1  # on the wire a round of its own, as in _final_sync
         log = self.log.bind(round=self.round, final=True)
-        last = self.strategy.fleet_plan(self.round)
+        per_node = bool(self.strategy.per_node_policy)  # then each node's last target, which its region holds
+        if per_node:  # the regions learn from the last round, as the flat strategy did when it aggregated it
+            self._ask_regions(self._per_node_query(rnd, 0, "learn"), regions, log)
+        last = self._per_node_plan(self.round) if per_node else self.strategy.fleet_plan(self.round)
         rank = self.strategy.deploy_rank()
         plan = FleetPlan(target_sparsity=last.target_sparsity, rank=rank, sent_rank=rank, local_steps=0,
                          importance=False, zero_pad_rank=last.zero_pad_rank)  # every node: the deployed rank
-        pending = self._send_region_rounds(rnd, None, regions, plan)
+        pending = self._send_region_rounds(rnd, None, regions, plan, per_node=per_node)
         self._active = rnd
         try:
             _, failed = self._collect_regions(pending, time.monotonic() + rs.deadline_s + 30.0, log, partial=False)

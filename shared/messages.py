@@ -253,6 +253,18 @@ def _watts(default: Any = MISSING) -> Any:
     return spec(default, lo=0.0, hi=1e5)
 
 
+def _slowest() -> Any:
+    """Up to two (node id -> seconds): a (sub-)fleet's two slowest completion times (FedSpine under regions)."""
+    return spec(lo=0.0, hi=1e9, factory=dict)
+
+
+def _check_slowest(cls: type, name: str, value: dict[str, float]) -> None:
+    if len(value) > 2:
+        raise _fail(cls, name, f"<{len(value)} items>", "more than the two slowest")
+    for k in value:
+        _check_str(cls, f"{name} key", k, {"max_len": 64, "choices": (), "check": "node_id"})
+
+
 # ---- presence and telemetry (JSON) ----------------------------------------------------------------------
 @message
 class NodeStatus(Message):
@@ -473,7 +485,12 @@ class RegionRound(Message):
     Identity: ``labels`` and ``base_model`` are the fleet's (the root's ``FleetIdentity``: pinned, or adopted from
     the first node or region report; empty/None: not known yet), as NodeStatus's fields.  The region refuses any of
     its nodes whose presence disagrees (``node_refused_labels``/``node_refused_base_model``), so no two identities are
-    ever averaged; a key the root does not know yet the region adopts provisionally from its first node."""
+    ever averaged; a key the root does not know yet the region adopts provisionally from its first node.
+
+    ``per_node``: the method's policy is per node (FedSpine) and the region runs it for its own nodes: each node gets
+    the configuration the region chose for this round and attempt when it answered the RegionPlanQuery of stage
+    ``choose`` (``target_sparsity`` and ``rank`` are then unused; ``sent_rank`` is the deployed rank); the final sync
+    sends each node its last target at the deployed rank."""
 
     TYPE = "region_round"
     run_id: str = spec(max_len=64)
@@ -494,6 +511,7 @@ class RegionRound(Message):
     zero_pad_rank: int | None = spec(None, lo=1, hi=4096)
     labels: list[str] = spec(factory=list, max_len=1024)  # the fleet's class names, in order (empty: not known)
     base_model: str | None = spec(None, check="digest")  # the fleet's base model digest (None: not known)
+    per_node: bool = spec(False)
 
     def _check(self) -> None:
         if self.sent_rank < self.rank:
@@ -517,7 +535,12 @@ class RegionReport(Message):
     ``labels`` and ``base_model``: the identity the region held for the round (the root's, or where the root had
     none, the one it adopted provisionally from its first node).  The root adopts the first one reported (regions in
     id order) and refuses the partial of a region whose identity disagrees with the fleet's
-    (``region_refused_labels``/``region_refused_base_model``)."""
+    (``region_refused_labels``/``region_refused_base_model``).
+
+    A per-node round's statistics of the region's accepted nodes (coordinator/reward.py ``RoundStats``, sent where
+    ``slowest`` is not empty): the best relative loss reduction (floored at 0), the largest update importance, the
+    lowest energy per sample (None unless every node reported energy) and the two slowest modelled completion times.
+    The root merges those of the regions it aggregated and sends them back with the next round's query."""
 
     TYPE = "region_report"
     run_id: str = spec(max_len=64)
@@ -537,6 +560,13 @@ class RegionReport(Message):
     next_finish_s: float | None = spec(None, lo=0.0, hi=1e7)
     labels: list[str] = spec(factory=list, max_len=1024)  # as NodeStatus's (empty: none known)
     base_model: str | None = spec(None, check="digest")  # as NodeStatus's (None: none known)
+    best_loss: float = spec(0.0, lo=0.0)
+    best_importance: float = spec(0.0, lo=0.0)
+    lowest_energy: float | None = spec(None, lo=0.0)
+    slowest: dict[str, float] = _slowest()
+
+    def _check(self) -> None:
+        _check_slowest(type(self), "slowest", self.slowest)
 
 
 @message
@@ -544,7 +574,18 @@ class RegionPlanQuery(Message):
     """The root's question to a region, on its config topic, before a round whose finish it lacks for that region
     (the first hierarchical round, the first after the region joined, a retried round whose plan is not the one it
     announced): the region's live nodes' slowest completion at ``local_steps`` τ under this plan (``target_sparsity``,
-    ``rank``, each tier's rank by ``tier_ranks`` as in RegionRound), answered at once with a RegionPlan."""
+    ``rank``, each tier's rank by ``tier_ranks`` as in RegionRound), answered at once with a RegionPlan.
+
+    A per-node policy (FedSpine) asks in two stages every round.  ``timing``: the two slowest completions at τ of
+    the region's live nodes as they are (RegionPlan ``slowest_at_tau``).  ``choose``: the region first learns from
+    its nodes' results of round ``learn_round`` if it is one of ``learn_regions`` (whose partials the root
+    aggregated), rewarding them against the fleet's statistics of that round (``best_loss`` … ``slowest``, as in
+    RegionReport), then chooses and holds each live node's configuration for this round and attempt, with the
+    fleet's ``slowest_at_tau`` and ``cut`` (the fleet's averaged importance exists), and answers with its slowest
+    completion under them (``finish_s``).  ``learn`` (after the last round, before the final sync): only the
+    learning, answered with an empty RegionPlan.  These stages carry the policy's settings, the root's: ``target_sparsity``
+    is s*, ``caps`` each tier's s_max (``default`` for the rest), ``ranks`` the rank arms, ``reward`` the reward
+    weights, ``total_rounds`` and ``seed``; ``rank`` is the deployed rank."""
 
     TYPE = "region_plan_query"
     run_id: str = spec(max_len=64)
@@ -554,6 +595,29 @@ class RegionPlanQuery(Message):
     local_steps: int = spec(lo=1, hi=10**7)  # τ (the final sync is never paced, so never asked about)
     attempt: int = spec(0, lo=0, hi=10**6)  # the root's try of the round (the answer names it back)
     tier_ranks: dict[str, int] = spec(lo=1, hi=4096, factory=dict)  # device tier -> its LoRA rank (HetLoRA)
+    stage: str = spec("finish", choices=("finish", "timing", "choose", "learn"))
+    caps: dict[str, float] = spec(lo=0.0, hi=0.999999, factory=dict)
+    ranks: list[int] = spec(lo=1, hi=4096, max_len=64, factory=list)
+    reward: dict[str, float] = spec(lo=0.0, hi=1e6, factory=dict)
+    total_rounds: int = spec(0, lo=0, hi=10**9)
+    seed: int = spec(0, lo=-(2**63), hi=2**63 - 1)
+    cut: bool = spec(False)
+    slowest_at_tau: dict[str, float] = _slowest()
+    learn_round: int = spec(0, lo=0, hi=10**9)  # 0: nothing to learn
+    learn_regions: list[str] = spec(factory=list, max_len=1024)
+    best_loss: float = spec(0.0, lo=0.0)
+    best_importance: float = spec(0.0, lo=0.0)
+    lowest_energy: float | None = spec(None, lo=0.0)
+    slowest: dict[str, float] = _slowest()
+
+    def _check(self) -> None:
+        cls = type(self)
+        _check_slowest(cls, "slowest_at_tau", self.slowest_at_tau)
+        _check_slowest(cls, "slowest", self.slowest)
+        for rid in self.learn_regions:
+            _check_str(cls, "learn_regions item", rid, {"max_len": 64, "choices": (), "check": "node_id"})
+        if self.stage != "finish" and (not self.ranks or self.total_rounds < 1):
+            raise _fail(cls, "ranks", self.ranks, f"a per-node stage ({self.stage}) needs the rank arms and total_rounds")
 
     def rank_for(self, tier: str) -> int:
         """The LoRA rank a node of device tier ``tier`` trains at under this plan (RegionRound's rule)."""
@@ -564,7 +628,8 @@ class RegionPlanQuery(Message):
 class RegionPlan(Message):
     """A region's answer to a RegionPlanQuery, on its report topic: its live nodes' slowest completion at τ steps
     under the queried plan (``planning.round_finish``; 0: none has a timing; None: it cannot say), which the root
-    paces the round to, as with ``RegionReport.next_finish_s``."""
+    paces the round to, as with ``RegionReport.next_finish_s``; to a query of stage ``timing``, ``slowest_at_tau``
+    instead (the two slowest completions at τ of its live nodes as they are)."""
 
     TYPE = "region_plan"
     run_id: str = spec(max_len=64)
@@ -572,6 +637,10 @@ class RegionPlan(Message):
     region_id: str = _node_id()
     attempt: int = spec(0, lo=0, hi=10**6)
     finish_s: float | None = spec(None, lo=0.0, hi=1e7)  # seconds on each node's round clock, as RoundConfig's
+    slowest_at_tau: dict[str, float] = _slowest()
+
+    def _check(self) -> None:
+        _check_slowest(type(self), "slowest_at_tau", self.slowest_at_tau)
 
 
 @message

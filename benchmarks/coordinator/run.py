@@ -80,8 +80,8 @@ def measure(n: int, rounds: int, swarm_procs: int, workdir: Path, profile: Path 
     with _broker(broker, workdir / f"broker-{tag}", root) as (members, table, sampler):
         metrics = workdir / f"state-{tag}" / "metrics.jsonl"
         cfg = workdir / f"coordinator-{tag}.toml"
-        # FedSpine's per-node bandit refuses regions (a region relays one fleet-wide assignment): the hierarchical
-        # runs use uniform, whose schedule the regions relay (its root-side cost per round is the same partials).
+        # The hierarchical runs use uniform, as measured in docs/scale.md (its root-side cost per round is the same
+        # partials; FedSpine under regions adds two small plan queries a round, not measured here).
         write_toml(cfg, {
             "broker": table,
             "coordinator": {"rounds": rounds, "method": "uniform" if regions else "fedspine", "min_nodes": n,

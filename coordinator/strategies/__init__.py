@@ -10,7 +10,6 @@ from coordinator.strategies.base import (
     NodeInfo,
     NodeResult,
     NodeState,
-    RegionsUnsupported,
     RoundSummary,
     Strategy,
     accept_answer,
@@ -25,8 +24,9 @@ from coordinator.strategies.uniform import Uniform
 
 STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (FedSpine, FedLoRA, HetLoRA, Uniform, PruneFT, FTPrune)}
 
-__all__ = ["Assignment", "Failure", "FleetPlan", "NodeInfo", "NodeResult", "NodeState", "RegionsUnsupported",
-           "RoundSummary", "STRATEGIES", "Strategy", "accept_answer", "make_strategy", "node_weights"]
+__all__ = ["Assignment", "Failure", "FleetPlan", "NodeInfo", "NodeResult", "NodeState", "RoundSummary", "STRATEGIES",
+           "Strategy",
+           "accept_answer", "make_strategy", "node_weights"]
 
 
 def make_strategy(cfg: CoordinatorConfig, total_rounds: int, seed: int = 0) -> Strategy:

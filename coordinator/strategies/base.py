@@ -2,8 +2,9 @@
 
 A method is a subclass that overrides only its algorithm: ``fleet_schedule`` (every node's sparsity and LoRA rank for
 the round) where its schedule is one for the whole fleet, with ``tier_ranks`` where each device tier trains at its own
-rank (HetLoRA), or ``schedule`` (each node's) where its policy is per node (it then says why in ``per_node_policy``:
-regional aggregators relay one fleet-wide assignment, ``fleet_plan``, so such a method refuses regions),
+rank (HetLoRA), or ``schedule`` (each node's) where its policy is per node (it then says what in ``per_node_policy``:
+regional aggregators run such a policy for their own nodes, ``choose`` and ``assign``, instead of relaying the
+fleet-wide assignment, ``fleet_plan``),
 ``deploy_rank`` (the rank of the final model), ``make_aggregator`` (how updates combine) and, for a learning
 policy, ``learn`` (what a round's results teach it).  Everything else is a system mechanism every method gets alike:
 aligned and paced local steps (coordinator/planning.py), FedNova weighting and mask-aware aggregation
@@ -71,10 +72,6 @@ class FleetPlan:
     # slice at its rank where that is above ``sent_rank``); None: every node trains at ``rank``
     tier_ranks: dict[str, int] | None = None
     zero_pad_rank: int | None = None  # aggregation by zero padding to this rank (HetLoRA); None: the mask-aware one
-
-
-class RegionsUnsupported(ValueError):
-    """The method's policy is per node: a regional aggregator, which relays one assignment, cannot carry it."""
 
 
 @dataclass(frozen=True)
@@ -251,8 +248,8 @@ class Strategy:
 
     name: ClassVar[str]
     prunes: ClassVar[bool] = True  # whether the method ever cuts (its nodes then track importance)
-    # What of the method's policy is per node, which regional aggregators cannot carry ("": its schedule is
-    # fleet-wide, ``fleet_schedule``, and its aggregation has partial sums).
+    # What of the method's policy is per node ("": its schedule is fleet-wide, ``fleet_schedule``); under regions each
+    # region then runs the policy for its own nodes (coordinator/region.py).
     per_node_policy: ClassVar[str] = ""
 
     def __init__(self, cfg: CoordinatorConfig, total_rounds: int, seed: int = 0) -> None:
@@ -264,8 +261,9 @@ class Strategy:
         self._structures = StructureTable()  # nodes' kept-index structures, one object per distinct one
 
     # ---- the algorithm: what a method overrides -------------------------------------------------------------
-    def begin_round(self, rnd: int, nodes: Sequence[NodeInfo]) -> None:
-        """Called before the round's ``schedule`` calls, with all of its participants."""
+    def begin_round(self, rnd: int, nodes: Sequence[NodeInfo], fleet=None) -> None:
+        """Called before the round's ``schedule`` calls, with all of its participants (a region: its own, and in
+        ``fleet`` what the method needs of the others, FedSpine's ``slowest_at_tau``)."""
 
     def fleet_schedule(self, rnd: int) -> tuple[float, int]:
         """(every node's sparsity after this round's cut, their LoRA rank): a fleet-wide method's whole schedule."""
@@ -312,20 +310,38 @@ class Strategy:
         return self.nodes.setdefault(node_id, NodeState())
 
     def configure_round(self, rnd: int, nodes: Sequence[NodeInfo]) -> list[Assignment]:
+        return self.assign(rnd, self.choose(rnd, nodes))
+
+    def choose(self, rnd: int, nodes: Sequence[NodeInfo], *, cut: bool | None = None, fleet=None) -> list[list]:
+        """Each node's configuration for round ``rnd``, before its steps are planned: [node, its state, target
+        sparsity, rank, arm].  No cut before the fleet's averaged importance exists (``cut``: whether it does, where
+        the global state is another process's; default ``has_fleet_importance()``); ``fleet``: ``begin_round``'s."""
         plans = []
-        self.begin_round(rnd, nodes)
+        self.begin_round(rnd, nodes, fleet)
         for node in nodes:
             st = self.state(node.node_id)
             target, rank, arm = self.schedule(rnd, node, st)
             plans.append([node, st, float(max(target, st.sparsity)), int(rank), arm])
-        if not self.has_fleet_importance():
+        if not (self.has_fleet_importance() if cut is None else cut):
             # A cut ranks groups by the fleet's averaged importance, which comes with the slice once a round with
             # importance scores was aggregated: until then nobody is cut.
             for plan in plans:
                 plan[2] = plan[1].sparsity
                 if plan[4] is not None:  # the arm played is the one that ran: no increment
                     plan[4] = (0.0, plan[3])
-        work = planning.plan_round(self._timing(plans), [p[0].node_id for p in plans], self.tau)
+        return plans
+
+    def planned_finish(self, plans: Sequence[list]) -> float:
+        """The slowest completion at τ steps under ``plans`` (``planning.round_finish``; 0: no node has a timing)."""
+        return planning.round_finish(self._timing(plans), self.tau)
+
+    def assign(self, rnd: int, plans: Sequence[list], finish: float | None = None, *,
+               paced: bool = True) -> list[Assignment]:
+        """The round's assignments from ``choose``'s ``plans``: steps aligned and paced to ``finish`` (default the
+        slowest of ``plans``: a region passes the fleet's), or with ``paced`` False τ steps unpaced; remembered for
+        what the round teaches (``record_failures``, ``learn``)."""
+        work = planning.plan_round(self._timing(plans) if paced else {}, [p[0].node_id for p in plans], self.tau,
+                                   finish)
         track = self.will_prune(rnd)
         out, self._pending = [], {}
         for node, st, target, rank, arm in plans:
@@ -345,14 +361,6 @@ class Strategy:
                 timing[node.node_id] = t
         return timing
 
-    def regions_refusal(self) -> str:
-        """Why this method cannot run hierarchical rounds ("" where it can)."""
-        if not self.per_node_policy:
-            return ""
-        return (f"method {self.name!r} cannot run under regional aggregators: {self.per_node_policy}, and a region "
-                "relays one fleet-wide assignment to all of its nodes; use a fleet-wide method (uniform, prune_ft, "
-                "ft_prune, fedlora, hetlora) or run this one flat (no `fedspine region`)")
-
     def fleet_plan(self, rnd: int, *, fleet_importance: bool | None = None) -> FleetPlan:
         """Round ``rnd``'s one assignment for every node under the regional aggregators: the fleet-wide schedule with
         the rules ``configure_round`` applies (no cut before the fleet's averaged importance exists; importance
@@ -360,9 +368,7 @@ class Strategy:
         (``fleet_timing``); with the method's tier ranks and, for zero-padding aggregation, its padding rank (HetLoRA:
         each node then trains at its tier's rank, and the region sums zero-padded factors).  ``fleet_importance``
         stands for ``has_fleet_importance()`` when the root announces the next round's plan before this one is
-        aggregated.  Raises RegionsUnsupported for a per-node policy."""
-        if self.per_node_policy:
-            raise RegionsUnsupported(self.regions_refusal())
+        aggregated.  A per-node policy has none (NotImplementedError): the regions run it (``choose``, ``assign``)."""
         target, rank = self.fleet_schedule(rnd)
         if not (self.has_fleet_importance() if fleet_importance is None else fleet_importance):
             target = 0.0  # a region keeps each node's own sparsity: nobody is cut

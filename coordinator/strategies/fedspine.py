@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from coordinator import planning
 from coordinator.bandit import EPS, FleetBandit
-from coordinator.reward import RewardInput, rewards
+from coordinator.reward import RewardInput, RoundStats, Slowest, rewards, slowest_other, slowest_two
 from coordinator.strategies.base import Failure, NodeInfo, NodeResult, NodeState, RoundSummary, Strategy
 
 DELTA_P = (0.0, 0.05, 0.10, 0.15)  # the bandit's pruning increments
@@ -25,7 +25,11 @@ EXPLORATION = 0.05  # s, the exploration bonus weight (rewards lie in [0, 1])
 
 class FedSpine(Strategy):
     """Per node, S-UCB picks the pruning increment and LoRA rank each round; beyond s* only the node that holds the
-    round back prunes further (up to its tier's s_max); mask-aware average."""
+    round back prunes further (up to its tier's s_max); mask-aware average.
+
+    Under regional aggregators each region runs one for its own nodes (coordinator/region.py): what a node's choice
+    and reward need of the rest of the fleet comes in as the fleet's two slowest completions at τ (``begin_round``'s
+    ``fleet``) and the round's ``RoundStats`` (``learn_from``)."""
 
     name = "fedspine"
     per_node_policy = ("its S-UCB bandit chooses each node's pruning increment and LoRA rank every round, from "
@@ -35,7 +39,7 @@ class FedSpine(Strategy):
         super().__init__(cfg, total_rounds, seed)
         self.bandit = FleetBandit(DELTA_P, cfg.bandit.ranks, discount=DISCOUNT, exploration=EXPLORATION,
                                   target_sparsity=cfg.pruning.target_sparsity, total_rounds=total_rounds, seed=seed)
-        self._at_tau: dict[str, float] = {}  # this round's participants: completion time at τ steps as they are
+        self._slowest: Slowest = ()  # this round's participants: the two slowest completions at τ steps as they are
         self._tiers: dict[str, str] = {}
 
     def deploy_rank(self) -> int:
@@ -46,21 +50,25 @@ class FedSpine(Strategy):
         speed = self.state(node_id).speed
         return None if speed is None else planning.time_at(speed, sparsity, rank, self.tau)
 
-    def begin_round(self, rnd: int, nodes: Sequence[NodeInfo]) -> None:
+    def _at_tau(self, node_id: str) -> float | None:
+        """The node's completion time at τ steps at its current sparsity and rank."""
+        st = self.state(node_id)
+        return self._time(node_id, st.sparsity, st.rank or max(self.cfg.bandit.ranks))
+
+    def slowest_at_tau(self, nodes: Sequence[NodeInfo]) -> Slowest:
+        """The two slowest completions at τ steps of ``nodes`` as they are (those timed by an accepted round)."""
+        return slowest_two([(n.node_id, t) for n in nodes if (t := self._at_tau(n.node_id)) is not None])
+
+    def begin_round(self, rnd: int, nodes: Sequence[NodeInfo], fleet: Slowest | None = None) -> None:
+        """``fleet``: the whole fleet's ``slowest_at_tau`` where ``nodes`` are one region's."""
         self._tiers.update({n.node_id: n.device_type for n in nodes})
-        self._at_tau = {}
-        for n in nodes:
-            st = self.state(n.node_id)
-            t = self._time(n.node_id, st.sparsity, st.rank or max(self.cfg.bandit.ranks))
-            if t is not None:
-                self._at_tau[n.node_id] = t
+        self._slowest = self.slowest_at_tau(nodes) if fleet is None else fleet
 
     def _beyond_target(self, node_id: str, st: NodeState, cap: float) -> list[float]:
         """The increments a node at or above s* may take: none unless it holds the round back, then those up to the
         first that brings its time at τ steps down to the slowest other node's (within its cap)."""
-        others = [t for n, t in self._at_tau.items() if n != node_id]
-        mine = self._at_tau.get(node_id)
-        if mine is None or not others or mine <= max(others):
+        others, mine = slowest_other(self._slowest, node_id), self._at_tau(node_id)
+        if mine is None or others is None or mine <= others:
             return [0.0]
         allowed, rank = [0.0], st.rank or max(self.cfg.bandit.ranks)
         for d in sorted(x for x in DELTA_P if x > 0):
@@ -68,7 +76,7 @@ class FedSpine(Strategy):
             if s <= st.sparsity + EPS:
                 break
             allowed.append(d)
-            if (self._time(node_id, s, rank) or 0.0) <= max(others):
+            if (self._time(node_id, s, rank) or 0.0) <= others:
                 break
         return allowed
 
@@ -86,31 +94,47 @@ class FedSpine(Strategy):
                 a = self._pending[f.node_id][0]
                 self.bandit.out_of_memory(f.node_id, a.target_sparsity, a.rank)
 
-    def round_shares(self, results: Sequence[NodeResult]) -> dict[str, float]:
-        """Each node's time term: D_best / D (coordinator/reward.py), from its modelled completion time at τ steps
-        (its measured round time before the model has its speed)."""
-        at = {r.node_id: self._time(r.node_id, float(r.sparsity), r.rank) or r.round_time_s for r in results}
-        # the slowest of the others: the slowest overall, or for the slowest node itself the runner-up (O(n))
-        top = sorted(at.items(), key=lambda kv: kv[1], reverse=True)[:2]
+    def _modelled(self, r: NodeResult) -> float:
+        """The node's modelled completion time at τ steps in the round of ``r`` (its measured round time before the
+        model has its speed)."""
+        return self._time(r.node_id, float(r.sparsity), r.rank) or r.round_time_s
+
+    def round_shares(self, results: Sequence[NodeResult], slowest: Slowest | None = None) -> dict[str, float]:
+        """Each node's time term: D_best / D (coordinator/reward.py), from its modelled completion time at τ steps;
+        ``slowest``: the whole round's two slowest of those (default: of ``results``)."""
+        at = {r.node_id: self._modelled(r) for r in results}
+        top = slowest_two(at) if slowest is None else slowest
         shares = {}
         for r in results:
-            others = next((t for n, t in top if n != r.node_id), 0.0)
+            others = slowest_other(top, r.node_id) or 0.0
             cap = self.cfg.pruning.cap(self._tiers.get(r.node_id, "default"))
             fastest = self._time(r.node_id, max(cap, float(r.sparsity)), min(self.cfg.bandit.ranks))
             best = max(fastest if fastest is not None else at[r.node_id], others)
             shares[r.node_id] = min(1.0, best / max(at[r.node_id], others)) if at[r.node_id] > 0 else 1.0
         return shares
 
-    def learn(self, rnd: int, results: Sequence[NodeResult], summary: RoundSummary) -> None:
-        shares = self.round_shares(results)
-        inputs = [RewardInput(node_id=r.node_id, loss_start=r.loss_start, loss_end=r.loss_end,
-                              round_share=shares[r.node_id], importance=r.update.norm(), energy_j=r.energy_j,
-                              samples=r.samples) for r in results]
-        summary.node_terms = rewards(inputs, self.cfg.bandit.reward)
+    def _inputs(self, results: Sequence[NodeResult], shares: dict[str, float]) -> list[RewardInput]:
+        return [RewardInput(node_id=r.node_id, loss_start=r.loss_start, loss_end=r.loss_end,
+                            round_share=shares.get(r.node_id, 1.0), importance=r.update.norm(), energy_j=r.energy_j,
+                            samples=r.samples) for r in results]
+
+    def round_stats(self, results: Sequence[NodeResult]) -> RoundStats:
+        """What the rewards of other nodes need of ``results`` (merged across regions: ``RoundStats.merge``)."""
+        return RoundStats.of(self._inputs(results, {}), {r.node_id: self._modelled(r) for r in results})
+
+    def learn_from(self, results: Sequence[NodeResult], fleet: RoundStats) -> dict[str, dict]:
+        """Reward each node of ``results`` against the whole round's statistics ``fleet`` and credit its arm; the
+        terms and rewards by node."""
+        terms = rewards(self._inputs(results, self.round_shares(results, fleet.slowest)), self.cfg.bandit.reward,
+                        fleet)
         for r in results:
             a = self._pending.get(r.node_id, (None, 0.0))[0]
             if a is not None and a.arm is not None:
-                self.bandit.update(r.node_id, a.arm, summary.node_terms[r.node_id]["reward"])
+                self.bandit.update(r.node_id, a.arm, terms[r.node_id]["reward"])
+        return terms
+
+    def learn(self, rnd: int, results: Sequence[NodeResult], summary: RoundSummary) -> None:
+        summary.node_terms = self.learn_from(results, self.round_stats(results))
 
     def policy_state(self) -> dict:
         return {"bandit": self.bandit.state_dict(), "tiers": self._tiers}

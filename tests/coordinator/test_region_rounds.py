@@ -2,7 +2,7 @@
 
 A fleet-wide method's schedule (HetLoRA's rank per device tier included) reaches the nodes under regions exactly as
 it reaches them in a flat run, with the same aligned and paced steps; a method whose policy is per node (FedSpine's
-bandit) refuses regions instead of running without it."""
+bandit) runs in each region for its own nodes and gives every node what a flat run gives it."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.region import Region, RegionConfig
 from coordinator.server import Coordinator
 from coordinator.state import CheckpointStore
-from coordinator.strategies import STRATEGIES, RegionsUnsupported, make_strategy
+from coordinator.strategies import STRATEGIES, make_strategy
 from coordinator.strategies.base import NodeInfo
 from edge_node.agent import DeviceProfile, NodeAgent
 from edge_node.config import NodeConfig
@@ -32,12 +32,12 @@ NODES = [n for members in REGIONS.values() for n in members]
 TIERS = {"agx-1": "agx", "nx-2": "nx", "tx2-3": "tx2"}  # device tiers (HetLoRA's default ranks: 16, 8, 4)
 
 
-def _config(tmp_path, method: str, rounds: int = 3, **coordinator) -> CoordinatorConfig:
+def _config(tmp_path, method: str, rounds: int = 3, pruning: dict | None = None, **coordinator) -> CoordinatorConfig:
     return CoordinatorConfig.from_dict({
         "coordinator": {"method": method, "rounds": rounds, "min_nodes": len(NODES), "local_steps": 2,
                         "deadline_s": 5.0, "state_dir": str(tmp_path / "coord"), "join_timeout_s": 10.0,
                         **coordinator},
-        "pruning": {"target_sparsity": 0.3}, "lora": {"rank": 4}})
+        "pruning": {"target_sparsity": 0.3, **(pruning or {})}, "lora": {"rank": 4}})
 
 
 def _agent(bus, tmp_path, nid: str, trainer, root: str | None, profile: DeviceProfile | None = None,
@@ -54,10 +54,10 @@ def _agent(bus, tmp_path, nid: str, trainer, root: str | None, profile: DevicePr
 
 def _run(tmp_path, method: str, trainers: dict[str, FakeTrainer], *, regions: bool,
          profile: DeviceProfile | None = None, direct: dict[str, FakeTrainer] | None = None,
-         coordinator: dict | None = None, late: frozenset = frozenset()):
+         coordinator: dict | None = None, late: frozenset = frozenset(), pruning: dict | None = None):
     """Run the fleet to the end (flat, or each node under its region of REGIONS; ``direct`` nodes connect to the
-    root in either case; ``late`` nodes start half a second after the others): the root's run summary, the log lines
-    and every RoundConfig each node was sent, in order."""
+    root in either case; ``late`` nodes start half a second after the others): the root's run summary, the log lines,
+    every RoundConfig each node was sent, in order, and the regional aggregators."""
     bus = MemoryBus()
     configs: dict[str, list[RoundConfig]] = {n: [] for n in NODES}
     spy = MemoryTransport(bus, "spy")
@@ -76,7 +76,8 @@ def _run(tmp_path, method: str, trainers: dict[str, FakeTrainer], *, regions: bo
         root = f"fedspine/v1/region/{rid}" if regions else None
         started += [_agent(bus, tmp_path, n, trainers[n], root, profile, 0.5 if n in late else 0.0) for n in members]
     started += [_agent(bus, tmp_path, n, trainer, None, profile) for n, trainer in (direct or {}).items()]
-    coord = Coordinator(_config(tmp_path, method, **(coordinator or {})), transport=MemoryTransport(bus, "coordinator"))
+    coord = Coordinator(_config(tmp_path, method, pruning=pruning, **(coordinator or {})),
+                        transport=MemoryTransport(bus, "coordinator"))
     out: dict = {}
     with structlog.testing.capture_logs() as lines:
         t = threading.Thread(target=lambda: out.setdefault("summary", coord.run()), daemon=True)
@@ -85,7 +86,8 @@ def _run(tmp_path, method: str, trainers: dict[str, FakeTrainer], *, regions: bo
     for s in started:
         s.stop()
     spy.stop()
-    return types.SimpleNamespace(summary=out["summary"], lines=lines, configs=configs)
+    return types.SimpleNamespace(summary=out["summary"], lines=lines, configs=configs,
+                                 regions=[r for r in started if isinstance(r, Region)])
 
 
 @pytest.mark.parametrize("method", ["uniform", "ft_prune"])
@@ -223,41 +225,146 @@ def test_hetlora_under_regions_trains_each_tier_at_its_rank_as_flat_and_reaches_
     assert [r["finish_s"] is not None for r in rows(tmp_path / "hier", "round")] == [True, True, True]
 
 
-@pytest.mark.parametrize("method", ["fedspine"])
-def test_a_per_node_policy_refuses_regions_instead_of_running_without_it(tmp_path, method):
-    trainers = {n: FakeTrainer(n) for n in NODES}
-    run = _run(tmp_path, method, trainers, regions=True)
-    summary, lines = run.summary, run.lines
-    assert summary.rounds_done == 0 and "regional aggregators" in summary.stopped_early, summary.stopped_early
-    assert method in summary.stopped_early
-    refused = [e for e in lines if e["event"] == "regions_refused"]
-    assert len(refused) == 1 and refused[0]["log_level"] == "error" and refused[0]["regions"] == sorted(REGIONS)
-    assert all(not tr.calls for tr in trainers.values())  # no node ran a round without the method's policy
+class OomOnceTrainer(TimedTrainer):
+    """A TimedTrainer that runs out of memory in its ``oom_call``-th round (1-based)."""
+
+    def __init__(self, name: str, step_s: float, oom_call: int) -> None:
+        super().__init__(name, step_s)
+        self.oom_call = oom_call
+
+    def run_round(self, **kw):
+        if len(self.calls) + 1 == self.oom_call:
+            self.calls.append((kw["target_sparsity"], kw["rank"], kw["local_steps"]))
+            raise MemoryError("CUDA out of memory (simulated)")
+        return super().run_round(**kw)
 
 
-def test_the_root_refuses_at_start_up_when_a_region_announces_itself(tmp_path):
-    """No node needed: a region's retained presence is enough for a per-node method to stop at once."""
+def _fedspine_trainers(oom_call: int = 0) -> dict[str, TimedTrainer]:
+    """Nodes of three speeds; nx-2 runs out of memory in its ``oom_call``-th round (0: never)."""
+    step_s = {"agx-1": 0.01, "nx-2": 0.03, "tx2-3": 0.1}
+    return {n: OomOnceTrainer(n, step_s[n], oom_call=oom_call) if n == "nx-2" else TimedTrainer(n, step_s[n])
+            for n in NODES}
+
+
+def test_fedspines_bandit_runs_in_the_regions_and_gives_every_node_what_a_flat_run_gives_it(tmp_path):
+    """FedSpine under regions: each region runs the bandit of its own nodes with the fleet's statistics that the root
+    merges from the regions' (the two slowest at τ before a round, the round's reward normalisers after it).  Nodes
+    of three speeds and tiers, past s* (so that only the node holding the round back prunes further, up to its
+    tier's cap), one out of memory once: every node is sent each round what a flat run sends it (target sparsity,
+    rank, steps, finish, step bounds; the final sync included), its bandit ends in the flat run's state (arms
+    played, discounted rewards, out-of-memory exclusions) and the global state is the flat one."""
+    profile = DeviceProfile(speed=1.0, uplink_mbps=10.0, latency_s=0.05, busy_w=10.0, idle_w=2.0)
+    caps = {"max_sparsity": {"agx": 0.4, "nx": 0.45, "tx2": 0.6, "default": 0.5}}
+    runs = {mode: _run(tmp_path / mode, "fedspine", _fedspine_trainers(oom_call=4), regions=mode == "hier",
+                       profile=profile,
+                       coordinator={"rounds": 7}, pruning=caps) for mode in ("flat", "hier")}
+    flat, hier = runs["flat"], runs["hier"]
+    assert flat.summary.rounds_done == hier.summary.rounds_done == 7, hier.summary.stopped_early
+    assert not hier.summary.exports and set(hier.summary.region_exports) == set(REGIONS)
+    want = {n: [_planned(c) for c in flat.configs[n]] for n in NODES}
+    assert {n: [_planned(c) for c in hier.configs[n]] for n in NODES} == want
+    # Not vacuous: ranks vary, every node ends at or above s*, one beyond it (the round's bottleneck), the rounds
+    # are paced, and nx-2 ran out of memory in round 4 (its bandit excludes that configuration and heavier ones).
+    assert len({c[2] for n in NODES for c in want[n][:-1]}) > 1
+    final = {n: want[n][-1][1] for n in NODES}
+    assert all(t >= 0.3 - 1e-9 for t in final.values()) and max(final.values()) > 0.3 + 1e-9, final
+    assert all(want[n][-1][4] == 0 for n in NODES) and all(want[n][r][5] is not None for n in NODES for r in (1, 5))
+    ref = CheckpointStore(tmp_path / "flat" / "coord").load()
+    flat_bandit = ref["strategy"]["policy"]["bandit"]
+    assert list(flat_bandit["oom"]) == ["nx-2"]
+    hier_bandit = {"bandits": {}, "oom": {}}
+    for region in hier.regions:
+        st = region.policy.bandit.state_dict()
+        hier_bandit["bandits"].update(st["bandits"])
+        hier_bandit["oom"].update(st["oom"])
+    assert hier_bandit["oom"] == flat_bandit["oom"]
+    assert sorted(hier_bandit["bandits"]) == sorted(flat_bandit["bandits"]) == NODES
+    for n in NODES:
+        for arm in ("dp", "rank"):
+            got, exp = hier_bandit["bandits"][n][arm], flat_bandit["bandits"][n][arm]
+            assert got["plays"] == exp["plays"] and got["draws"] == exp["draws"], (n, arm)
+            assert got["counts"] == pytest.approx(exp["counts"]) and got["sums"] == pytest.approx(exp["sums"]), (n, arm)
+        assert sum(flat_bandit["bandits"][n]["dp"]["sums"]) > 0  # rewards were credited
+    got = CheckpointStore(tmp_path / "hier" / "coord").load()["strategy"]["tensors"]
+    keys = {k for k in ref["strategy"]["tensors"] if k.split(".")[0] in ("delta", "dense", "importance")}
+    assert keys and keys == {k for k in got if k.split(".")[0] in ("delta", "dense", "importance")}
+    for k in sorted(keys):
+        assert torch.allclose(got[k], ref["strategy"]["tensors"][k], rtol=1e-5, atol=1e-7), k
+    # Each round the root asked twice (the fleet's timing, then the regions' choice), and after the last round once
+    # more for the regions to learn from it (as the flat strategy did); every region answered, learning every round.
+    asked = [(e["round"], e["stage"]) for e in hier.lines if e["event"] == "region_plans_asked"]
+    assert asked == [(r, s) for r in range(1, 8) for s in ("timing", "choose")] + [(7, "learn")], asked
+    assert not [e for e in hier.lines if e["event"] in ("region_plans_missing", "region_results_not_learned")]
+    learned = sorted((e["node_id"], e["learn_round"]) for e in hier.lines if e["event"] == "region_learned")
+    assert learned == sorted((rid, r) for rid in REGIONS for r in range(1, 8))
+    # The root checkpoints the last round's merged statistics: a restarted root still lets the regions learn from it.
+    saved = CheckpointStore(tmp_path / "hier" / "coord").load()["fleet_stats"]
+    assert (saved["round"], saved["regions"], len(saved["slowest"])) == (7, sorted(REGIONS), 2)
+
+
+def test_a_retried_per_node_round_asks_the_regions_again_and_they_choose_again(tmp_path, monkeypatch):
+    """Round 1 fails at the root after the regions ran it: the retry asks both stages again for attempt 1, each
+    region chooses again (as a flat retry configures again) and the run goes on, learning from each counted round."""
+    _partials_disagree_once(monkeypatch)
+    run = _run(tmp_path, "fedspine", _fedspine_trainers(), regions=True, profile=DeviceProfile(1.0, 10.0, 0.05))
+    assert run.summary.rounds_done == 3, run.summary.stopped_early
+    asked = [(e["round"], e["attempt"], e["stage"]) for e in run.lines if e["event"] == "region_plans_asked"
+             and e["round"] == 1 and not e.get("final")]
+    assert asked == [(1, a, s) for a in (0, 1) for s in ("timing", "choose")], asked
+    chosen = sorted((e["node_id"], e["attempt"]) for e in run.lines if e["event"] == "region_configs_chosen"
+                    and e["round_asked"] == 1)
+    assert chosen == sorted((rid, a) for rid in REGIONS for a in (0, 1))
+    for n in NODES:  # the retry's configuration came with it, under its own transfers
+        assert [".a1." in c.upload_transfer_id for c in run.configs[n] if c.round == 1] == [False, True]
+    # Round 1's first try was not counted: its results are dropped, not learned; the retry's are.
+    dropped = [(e["node_id"], e["results_round"], e["learn_round"]) for e in run.lines
+               if e["event"] == "region_results_not_learned"]
+    assert dropped == [] or all(r == 1 and lr == 0 for _, r, lr in dropped), dropped
+    learned = sorted((e["node_id"], e["learn_round"]) for e in run.lines if e["event"] == "region_learned")
+    assert learned == sorted((rid, r) for rid in REGIONS for r in (1, 2, 3))
+
+
+def test_a_region_that_does_not_choose_fails_its_per_node_round_and_the_root_names_it(tmp_path, monkeypatch):
+    """West never answers the per-node plan query: the root waits PLAN_QUERY_S, names it, runs the round unpaced; west,
+    holding no configurations for the round, fails it rather than guess, and east's nodes carry the rounds."""
+    import coordinator.server as server
+
+    monkeypatch.setattr(server, "PLAN_QUERY_S", 0.5)
+    real = Region._answer_per_node
+    monkeypatch.setattr(Region, "_answer_per_node", lambda self, q: None if self.rid == "west" else real(self, q))
+    run = _run(tmp_path, "fedspine", _fedspine_trainers(), regions=True, profile=DeviceProfile(1.0, 10.0, 0.05))
+    assert run.summary.rounds_done == 3, run.summary.stopped_early
+    missing = {(e["round"], tuple(e["regions"])) for e in run.lines if e["event"] == "region_plans_missing"}
+    assert missing == {(r, ("west",)) for r in (1, 2, 3)}, missing
+    failed = [(e["round"], e["region"]) for e in run.lines if e["event"] == "region_round_failed"]
+    assert failed == [(r, "west") for r in (1, 2, 3)], failed
+    assert [(r["regions"], r["accepted"], r["finish_s"]) for r in rows(tmp_path, "round")] == [(1, 2, None)] * 3
+    assert run.configs["tx2-3"][:-1] == [] and all(c.finish_s is None for c in run.configs["agx-1"])
+
+
+def test_a_region_announcing_itself_no_longer_stops_a_fedspine_root(tmp_path):
+    """The root used to refuse a per-node method as soon as a region was online; now it waits for the region's nodes
+    like any other method (and stops here only because none joins)."""
     bus = MemoryBus()
     announce = MemoryTransport(bus, "region-east")
     announce.start()
     announce.publish("fedspine/v1/region/east/status",
                      encode(RegionStatus(region_id="east", state="online", ts=1.7e9, nodes=0)), retain=True)
-    coord = Coordinator(_config(tmp_path, "fedspine"), transport=MemoryTransport(bus, "coordinator"))
-    out: dict = {}
-    t = threading.Thread(target=lambda: out.setdefault("summary", coord.run()), daemon=True)
-    t.start()
-    t.join(5)  # well before join_timeout_s (10 s)
+    coord = Coordinator(_config(tmp_path, "fedspine", join_timeout_s=1.0), transport=MemoryTransport(bus, "coordinator"))
+    with structlog.testing.capture_logs() as lines:
+        summary = coord.run()
     announce.stop()
-    assert not t.is_alive() and "S-UCB bandit" in out["summary"].stopped_early
+    assert summary.stopped_early == f"fewer than {len(NODES)} nodes joined within 1 s", summary.stopped_early
+    assert not [e for e in lines if e["log_level"] == "error"]
 
 
 @pytest.mark.parametrize("method", sorted(STRATEGIES))
-def test_fleet_plan_is_the_flat_schedule_or_a_refusal(tmp_path, method):
+def test_fleet_plan_is_the_flat_schedule_or_none(tmp_path, method):
     """Policy lives in the strategy: a fleet-wide method's plan is what ``configure_round`` gives a fresh node; a
-    per-node one has no plan."""
+    per-node one has no plan (its regions run the policy)."""
     s = make_strategy(_config(tmp_path, method, rounds=6), total_rounds=6)
-    if s.regions_refusal():
-        with pytest.raises(RegionsUnsupported):
+    if s.per_node_policy:
+        with pytest.raises(NotImplementedError):
             s.fleet_plan(1)
         return
     tiers = ["default", "agx", "nx", "tx2", "orin"]  # "orin": a tier the table does not name
@@ -310,7 +417,7 @@ def test_a_region_sends_a_node_back_from_offline_its_round_again_and_gives_up_on
     time.sleep(0.2)
     assert [t.split("/")[-2] for t, _ in configs[2:]] == ["agx-1"]  # only the node that came back
     assert configs[2][1] == next(c for t, c in configs[:2] if "agx-1" in t)  # the same config, deadline included
-    assert (accepted, failed) == ({}, 2)
+    assert (accepted, [f.reason for f in failed]) == ({}, ["timeout", "offline"])
     gave_up = [(e["node"], e["status"]) for e in lines if e["event"] == "node_round_failed"]
     assert gave_up == [("nx-2", "offline")]  # after its grace; agx-1, back, was waited for to the end
     spy.stop()
@@ -361,7 +468,7 @@ def test_a_region_waits_past_a_report_of_another_transfer_as_the_root_does_and_f
                                                transfer_id=pending["nx-2"].config.upload_transfer_id)))
     with structlog.testing.capture_logs() as lines:
         accepted, failed = region._collect(rr, pending, end)
-    assert sorted(accepted) == ["agx-1"] and failed == 1, (accepted, failed)
+    assert sorted(accepted) == ["agx-1"] and [(f.node_id, f.reason) for f in failed] == [("nx-2", "oom")], failed
     assert accepted["agx-1"].steps == 2 and accepted["agx-1"].upload_bytes == len(data)
     assert [(e["event"], e["node"]) for e in lines if e["log_level"] == "warning"] == \
         [("report_rejected", "agx-1"), ("node_round_failed", "nx-2")]
@@ -388,7 +495,7 @@ def test_a_region_waits_for_a_node_that_reported_left_and_came_back_as_the_root_
     with structlog.testing.capture_logs() as lines:
         accepted, failed = region._collect(rr, pending, end)
     later.join()
-    assert sorted(accepted) == ["agx-1"] and failed == 0, (accepted, failed, lines)
+    assert sorted(accepted) == ["agx-1"] and failed == [], (accepted, failed, lines)
     assert not [e for e in lines if e["event"] == "node_round_failed"]
     region.transport.stop()
 
@@ -554,3 +661,28 @@ def test_fleet_identity_is_one_rule_pinned_adopted_or_provisional():
         assert region.admit("agx-1", identity_of(THREE[::-1], None), log) == ["labels"]
     assert [(e["event"], e.get("provisional", False)) for e in lines] == \
         [("fleet_labels", True), ("node_refused_labels", True), ("node_refused_labels", False)]
+
+
+def test_a_region_refuses_per_node_settings_that_are_no_valid_configuration_and_answers_valid_ones():
+    """The policy's settings come from the root in each per-node query; checked as the root's own configuration is
+    (caps at least s*, known reward terms): invalid ones are logged and not answered, without stopping the region."""
+    from shared.messages import RegionPlan, RegionPlanQuery
+
+    region, _, _, _, _ = _lone_region(("agx-1", "nx-2"))
+    answers = []
+    spy = MemoryTransport(region.transport.bus, "spy")
+    spy.subscribe("fedspine/v1/region/east/report", lambda t, p: answers.append(decode(p, RegionPlan)))
+    spy.start()
+    base = {"run_id": "r1", "round": 1, "target_sparsity": 0.3, "rank": 16, "local_steps": 2, "stage": "choose",
+            "ranks": [2, 16], "total_rounds": 3, "caps": {"default": 0.5}}
+    with structlog.testing.capture_logs() as lines:
+        region._answer_plan(RegionPlanQuery(**{**base, "caps": {"default": 0.2}}))  # a cap below s*
+        region._answer_plan(RegionPlanQuery(**{**base, "reward": {"speed": 1.0}}))  # no such reward term
+        assert region.policy is None and region._chosen is None
+        region._answer_plan(RegionPlanQuery(**base))
+    time.sleep(0.2)
+    assert [e["event"] for e in lines if e["log_level"] == "error"] == ["region_policy_refused"] * 2
+    assert len(answers) == 1 and answers[0].finish_s is not None and region._chosen[:2] == (1, 0)
+    assert sorted(p[0].node_id for p in region._chosen[2]) == ["agx-1", "nx-2"]
+    spy.stop()
+    region.transport.stop()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from coordinator.config import BanditSettings, CoordinatorConfig
-from coordinator.reward import RewardInput, rewards
+from coordinator.reward import RewardInput, RoundStats, merge_stats, rewards
 from coordinator.strategies import Assignment, NodeResult, make_strategy
 from shared.updates import LoraUpdate, ModuleUpdate
 
@@ -68,3 +68,60 @@ def test_the_time_term_is_the_share_of_the_fastest_round_the_node_could_have_giv
     now = 1.0 + 0.8 + 5 * 2.0
     fastest = 1.0 + 0.1 * 2 + 5 * speed[1] * (1 - 0.92 * 0.5)
     assert shares["slow"] == pytest.approx(fastest / now)
+
+
+def _fleet_inputs() -> list[RewardInput]:
+    return [_x("a", loss_end=0.5, imp=2.0, energy=300.0), _x("b", loss_end=1.2, imp=0.5, energy=100.0),
+            _x("c", loss_end=0.75, imp=3.0, energy=250.0), _x("d", loss_end=0.9, imp=1.0, energy=400.0),
+            _x("e", loss_end=0.6, imp=0.1, energy=120.0)]
+
+
+TIMES = {"a": 3.0, "b": 9.0, "c": 9.0, "d": 1.0, "e": 12.0}
+
+
+def test_round_statistics_merge_across_any_grouping_of_sub_fleets_to_the_flat_rounds():
+    """The regions' statistics, merged in any order and grouping, are the whole round's: the same maxima, minima and
+    two slowest (ties by node id), so each node's reward against the merge is its flat reward exactly."""
+    inputs = _fleet_inputs()
+    flat = RoundStats.of(inputs, TIMES)
+    assert (flat.best_loss, flat.best_importance, flat.lowest_energy) == (0.5, 3.0, 1.0)
+    assert flat.slowest == (("e", 12.0), ("b", 9.0))
+
+    def part(ids):
+        return RoundStats.of([x for x in inputs if x.node_id in ids], {n: TIMES[n] for n in ids})
+
+    a, b, c = part("ab"), part("cd"), part("e")
+    assert a.merge(b).merge(c) == a.merge(b.merge(c)) == c.merge(a).merge(b) == merge_stats([b, c, a]) == flat
+    assert merge_stats([]) is None
+    for groups in (("ab", "cde"), ("a", "b", "c", "d", "e"), ("ace", "bd")):
+        fleet = merge_stats([part(g) for g in groups])
+        got = {}
+        for g in groups:
+            got.update(rewards([x for x in inputs if x.node_id in g], WEIGHTS, fleet))
+        assert got == rewards(inputs, WEIGHTS), groups  # exactly, not approximately
+    # A sub-fleet where one node reported no energy leaves the energy term out of every node's reward.
+    no_energy = RoundStats.of([_x("f", energy=None)], {"f": 1.0})
+    assert flat.merge(no_energy).lowest_energy is None and no_energy.merge(flat).lowest_energy is None
+    # A round whose best loss reduction is negative: every loss term is 0, flat or merged.
+    worse = [_x("g", loss_end=1.5), _x("h", loss_end=1.2)]
+    assert RoundStats.of(worse).best_loss == 0.0
+    assert rewards(worse[:1], WEIGHTS, RoundStats.of(worse))["g"] == rewards(worse, WEIGHTS)["g"]
+
+
+def test_a_regions_shares_against_the_fleets_two_slowest_are_the_flat_shares():
+    """FedSpine's time term needs the slowest other node's time: a region holding only some of the nodes gets the
+    flat shares from the fleet's two slowest."""
+    cfg = CoordinatorConfig.from_dict({"coordinator": {"method": "fedspine", "local_steps": 5},
+                                       "pruning": {"max_sparsity": {"default": 0.5}}, "bandit": {"ranks": [2, 8]}})
+    strat = make_strategy(cfg, total_rounds=5)
+    results = [_result("fast", 0.3, 8, 0.2), _result("mid", 0.3, 8, 1.0), _result("slow", 0.3, 8, 2.0, upload_s=0.8)]
+    for r in results:
+        strat._pending[r.node_id] = (Assignment(r.node_id, r.sparsity, r.rank, 5), 0.0)
+    strat.aggregate_round(1, results, [])
+    flat = strat.round_shares(results)
+    fleet = merge_stats([strat.round_stats(results[:1]), strat.round_stats(results[1:])])
+    assert fleet.slowest == strat.round_stats(results).slowest
+    assert strat.round_shares(results[2:], fleet.slowest) == {"slow": flat["slow"]} and flat["slow"] < 1.0
+    assert strat.round_shares(results[:2], fleet.slowest) == {"fast": flat["fast"], "mid": flat["mid"]}
+    # Not vacuous: alone, "mid" would seem to hold its round back; in the fleet "slow" does, so it scores 1.
+    assert strat.round_shares(results[1:2])["mid"] < flat["mid"] == 1.0

@@ -132,3 +132,48 @@ def test_real_nodes_under_a_region_prune_train_and_export_through_the_acl(tmp_pa
         targets = [(e.get("final", False), e["target_sparsity"]) for e in events if e["event"] == "round_config"]
         assert [f for f, _ in targets] == [False, False, False, True] and targets[0][1] == 0.0, targets
         assert all(t >= 0.3 - 1e-9 for _, t in targets[1:]), targets
+
+
+def test_fedspines_bandit_runs_in_a_region_over_real_nodes_through_the_acl(tmp_path):
+    """FedSpine under a region, the whole stack: node processes on a tiny model behind the production ACL; the region
+    runs the nodes' bandits (the root asks it twice a round: the fleet's timing, then its choice), every node reaches
+    s* by the last round and exports."""
+    import types
+
+    from broker_config.local import LocalMosquitto
+    from shared.config import load_toml
+    from tests.integration.fleet import make_fleet, tiny_model
+
+    nodes = ["agx-1", "nx-2"]
+    users = {"coordinator": "c-pw", "east": "e-pw", **{n: f"{n}-pw" for n in nodes}}
+    model = tiny_model(tmp_path / "tiny-bert")
+    with LocalMosquitto(users=users, region_users=("east",)) as broker:
+        sub = types.SimpleNamespace(url=broker.url, users=broker.users, root=f"{broker.root}/region/east")
+        fleet = make_fleet(tmp_path, sub, model, nodes, rounds=3, method="fedspine", local_steps=2,
+                           target_sparsity=0.3, deadline_s=60.0)
+        cfg = load_toml(fleet.coordinator_cfg)
+        cfg["broker"]["topic_root"] = broker.root
+        region = Region(RegionConfig.from_dict({"broker": {**cfg["broker"], "username": "east", "password": "e-pw"},
+                                                "region": {"region_id": "east", "deadline_s": 50}}))
+        t = threading.Thread(target=region.run, daemon=True)
+        t.start()
+        try:
+            for n in nodes:
+                fleet.start(n)
+            summary = Coordinator(CoordinatorConfig.from_dict(cfg)).run()
+        finally:
+            region.stop()
+            fleet.stop()
+            t.join(timeout=10)
+    assert summary.rounds_done == 3, summary.stopped_early
+    assert [r["accepted"] for r in fleet.rows("round")] == [2, 2, 2]
+    assert {rid: (e.nodes, e.ok) for rid, e in summary.region_exports.items()} == {"east": (2, 2)}
+    assert region.policy is not None and sorted(region.policy.bandit.bandits) == nodes
+    # Each node's bandit learned from every round (both halves of an arm credited per round).
+    assert all(sum(b["dp"].plays) == sum(b["rank"].plays) == 3 for b in region.policy.bandit.bandits.values())
+    for n in nodes:
+        events = [json.loads(x) for x in fleet.logs(n).splitlines() if x.startswith("{")]
+        configs = [e for e in events if e["event"] == "round_config"]
+        assert [e.get("final", False) for e in configs] == [False, False, False, True], configs
+        assert configs[0]["target_sparsity"] == 0.0 and configs[-1]["target_sparsity"] >= 0.3 - 1e-9, configs
+        assert (tmp_path / "nodes" / n / "state" / "export" / "config.json").exists(), fleet.logs(n)[-3000:]

@@ -721,12 +721,15 @@ def _region_topic(rng: random.Random, kind: str) -> tuple[str, str | None]:
 
 def region_plan_cases(rng: random.Random) -> Iterator[Case]:
     for _ in range(N):
+        slowest = rng.choice([{}, {"agx-1": rng.random() * 100}, {"agx-1": 50.0, "tx2-3": 80.0}])
         if rng.random() < 0.8:
             msg: Any = RegionPlan(run_id="r1", round=rng.randrange(0, 9), attempt=rng.randrange(0, 4), region_id=REGION,
-                                  finish_s=rng.choice([None, 0.0, rng.random() * 100]))
-        else:
+                                  finish_s=rng.choice([None, 0.0, rng.random() * 100]), slowest_at_tau=slowest)
+        else:  # with a per-node round's statistics, sometimes
             msg = RegionReport(run_id="r1", round=rng.randrange(0, 9), region_id=REGION, status="ok",
-                               next_finish_s=rng.choice([None, rng.random() * 100]))
+                               next_finish_s=rng.choice([None, rng.random() * 100]), slowest=slowest,
+                               best_loss=rng.random(), best_importance=rng.random() * 10,
+                               lowest_energy=rng.choice([None, rng.random()]))
         topic, topic_err = _region_topic(rng, "report")
         valid = encode(msg)
         if topic_err:
@@ -736,8 +739,18 @@ def region_plan_cases(rng: random.Random) -> Iterator[Case]:
         elif rng.random() < 0.1 and isinstance(msg, RegionPlan):
             wire = msg.to_wire()
             wire.update(rng.choice([{"finish_s": -1.0}, {"finish_s": float("nan")}, {"finish_s": float("inf")},
-                                    {"finish_s": 1e8}, {"attempt": -1}, {"round": -1}, {"region_id": "a/b"}]))
-            yield "out-of-range region plan (finish negative/NaN/Inf/huge, bad attempt, round or id)", topic, \
+                                    {"finish_s": 1e8}, {"attempt": -1}, {"round": -1}, {"region_id": "a/b"},
+                                    {"slowest_at_tau": {"a": 1.0, "b": 2.0, "c": 3.0}},
+                                    {"slowest_at_tau": {"a/b": 1.0}}, {"slowest_at_tau": {"a": float("nan")}},
+                                    {"slowest_at_tau": [1.0]}]))
+            yield "out-of-range region plan (finish negative/NaN/Inf/huge, bad attempt, round, id or slowest)", topic, \
+                _pack(wire, False), "reject"
+        elif rng.random() < 0.1 and isinstance(msg, RegionReport):
+            wire = msg.to_wire()
+            wire.update(rng.choice([{"best_loss": -1.0}, {"best_importance": float("inf")},
+                                    {"lowest_energy": float("nan")}, {"slowest": {"a": -1.0}},
+                                    {"slowest": {"a": 1.0, "b": 1.0, "c": 1.0}}, {"best_loss": "0.5"}]))
+            yield "out-of-range round statistics (negative, Inf/NaN, three slowest, a string)", topic, \
                 _pack(wire, False), "reject"
         else:
             yield _fix(structural_or_bytes(rng, valid, msg.to_wire(), as_json=False), topic)
@@ -769,10 +782,18 @@ def region() -> Region:
 def plan_query_cases(rng: random.Random) -> Iterator[Case]:
     topic = f"{ROOT}/region/{REGION}/config"
     for _ in range(N):
+        per_node = {} if rng.random() < 0.5 else {  # FedSpine's stages, with its settings and the fleet's statistics
+            "stage": rng.choice(["timing", "choose", "learn"]), "caps": {"agx": 0.4, "default": 0.5},
+            "ranks": [2, 4, 8, 16], "reward": {"loss": 1.0, "time": 1.0}, "total_rounds": rng.randrange(1, 50),
+            "seed": rng.randrange(-5, 5), "cut": rng.random() < 0.5,
+            "slowest_at_tau": rng.choice([{}, {"tx2-3": 61.5, "nx-2": 30.0}]), "learn_round": rng.randrange(0, 9),
+            "learn_regions": rng.choice([[], [REGION, "west"]]), "best_loss": rng.random(),
+            "best_importance": rng.random() * 10, "lowest_energy": rng.choice([None, rng.random()]),
+            "slowest": rng.choice([{}, {"tx2-3": 60.0}])}
         q = RegionPlanQuery(run_id="r1", round=rng.randrange(0, 100), attempt=rng.randrange(0, 4),
                             target_sparsity=rng.random() * 0.9, rank=rng.choice([1, 2, 4, 8, 16]),
                             local_steps=rng.randrange(1, 100),
-                            tier_ranks=rng.choice([{}, {"agx": 16, "nx": 8, "tx2": 4}]))
+                            tier_ranks=rng.choice([{}, {"agx": 16, "nx": 8, "tx2": 4}]), **per_node)
         valid, wire = encode(q), q.to_wire()
         r = rng.random()
         if r < 0.1:
@@ -781,9 +802,13 @@ def plan_query_cases(rng: random.Random) -> Iterator[Case]:
             wire.update(rng.choice([{"rank": 0}, {"rank": 10**6}, {"target_sparsity": 1.0}, {"target_sparsity": -0.1},
                                     {"target_sparsity": float("nan")}, {"local_steps": 0}, {"local_steps": -1},
                                     {"tier_ranks": {"agx": 0}}, {"tier_ranks": {"": 4}}, {"tier_ranks": [4]},
-                                    {"attempt": -1}, {"round": -1}]))
-            yield "out-of-range plan query (rank 0/10^6, sparsity 1/-0.1/NaN, τ 0, bad tier ranks, …)", topic, \
-                _pack(wire, False), "reject"
+                                    {"attempt": -1}, {"round": -1}, {"stage": "vote"}, {"ranks": [0]},
+                                    {"ranks": list(range(1, 100))}, {"caps": {"agx": 1.0}}, {"reward": {"loss": -1.0}},
+                                    {"slowest_at_tau": {"a": 1.0, "b": 1.0, "c": 1.0}}, {"slowest": {"a/b": 1.0}},
+                                    {"learn_regions": ["a b"]}, {"best_importance": float("inf")},
+                                    {"lowest_energy": -1.0}, {"stage": "choose", "ranks": []}]))
+            yield "out-of-range plan query (rank 0/10^6, sparsity 1/-0.1/NaN, τ 0, bad tier ranks, stage, arms, caps, " \
+                "weights, statistics, …)", topic, _pack(wire, False), "reject"
         else:
             yield _fix(structural_or_bytes(rng, valid, wire, as_json=False), topic)
 

@@ -174,12 +174,14 @@ def test_a_region_may_set_its_own_deadline_and_quorum(tmp_path: Path) -> None:
     assert fleet.regions["east"]["deadline_s"] == 120.0  # the coordinator's deadline_s
 
 
-def test_hetlora_may_run_under_regions(tmp_path: Path) -> None:
-    """HetLoRA's tier ranks travel with each round to the regions (docs/scale.md): the kit writes its regional fleet."""
-    fleet = _regions_fleet(tmp_path, lambda t: t.replace('method = "uniform"', 'method = "hetlora"'))
+@pytest.mark.parametrize("method", ["hetlora", "fedspine"])
+def test_every_method_may_run_under_regions(tmp_path: Path, method: str) -> None:
+    """HetLoRA's tier ranks travel with each round to the regions, and FedSpine's bandit runs in each region for its
+    own nodes (docs/scale.md): the kit writes the regional fleet of either."""
+    fleet = _regions_fleet(tmp_path, lambda t: t.replace('method = "uniform"', f'method = "{method}"'))
     build_kit(fleet, tmp_path / "kit")
     coord = CoordinatorConfig.load(tmp_path / "kit" / "coordinator" / "coordinator.toml")
-    assert coord.coordinator.method == "hetlora" and set(fleet.regions) == {"east", "west"}
+    assert coord.coordinator.method == method and set(fleet.regions) == {"east", "west"}
 
 
 @pytest.mark.parametrize(("old", "new", "message"), [
@@ -194,7 +196,6 @@ def test_hetlora_may_run_under_regions(tmp_path: Path) -> None:
     ('id = "west"', 'id = "west"\nnodes = ["jetson-03"]', "unknown key"),
     ('id = "west"', 'id = "west"\nquorum = 0', "[[regions]] west: deadline_s"),
     ('id = "west"', 'id = "west"\n[[regions]]\nid = "north"', "[[regions]] north: no node"),
-    ('method = "uniform"', 'method = "fedspine"', "method 'fedspine' cannot run under regions"),
 ])
 def test_a_bad_region_is_refused_naming_the_problem(tmp_path: Path, old: str, new: str, message: str,
                                                     capsys: pytest.CaptureFixture[str]) -> None:

@@ -85,6 +85,19 @@ SAMPLES: list[Message] = [
                 next_rank=8, tier_ranks={"agx": 16, "nx": 8, "tx2": 4}, zero_pad_rank=16),  # HetLoRA
     NodeRefused(node_id="node-b", reason="labels ['positive', 'negative'] here, ['negative', 'positive'] in the fleet",
                 hint="every node needs the same class list in the same order"),
+    # FedSpine under regions: the two stages of its plan query, the answers, the round's statistics, the round
+    RegionPlanQuery(run_id="abc123", round=5, target_sparsity=0.3, rank=16, local_steps=20, stage="timing",
+                    caps={"agx": 0.4, "default": 0.5}, ranks=[2, 4, 8, 16], reward={"loss": 1.0, "time": 1.0},
+                    total_rounds=20, seed=7),
+    RegionPlanQuery(run_id="abc123", round=5, attempt=1, target_sparsity=0.3, rank=16, local_steps=20, stage="choose",
+                    caps={"default": 0.5}, ranks=[2, 16], total_rounds=20, cut=True,
+                    slowest_at_tau={"tx2-3": 61.5, "nx-2": 30.0}, learn_round=4, learn_regions=["east", "west"],
+                    best_loss=0.4, best_importance=12.5, lowest_energy=0.8, slowest={"tx2-3": 60.0}),
+    RegionPlan(run_id="abc123", round=5, region_id="east", slowest_at_tau={"nx-2": 30.0, "agx-1": 12.0}),
+    RegionReport(run_id="abc123", round=4, region_id="east", status="ok", accepted=2, best_loss=0.4,
+                 best_importance=12.5, slowest={"nx-2": 29.0, "agx-1": 11.0}),  # lowest_energy None: not all had it
+    RegionRound(run_id="abc123", round=5, target_sparsity=0.0, rank=16, sent_rank=16, local_steps=20,
+                deadline_ts=1.7e9, upload_transfer_id="u", download_transfer_id="d", finish_s=61.5, per_node=True),
     RegionRound(run_id="abc123", round=4, target_sparsity=0.2, rank=8, sent_rank=8, local_steps=20, deadline_ts=1.7e9,
                 upload_transfer_id="u", download_transfer_id=None, finish_s=61.5, next_target_sparsity=0.3,
                 next_rank=8),  # paced, and asking for the next round's slowest completion
@@ -130,11 +143,35 @@ SAMPLES: list[Message] = [
     lambda: RegionPlan(run_id="r", round=1, region_id="east/1", finish_s=1.0),
     lambda: RegionPlan(run_id="r", round=1, region_id="east", finish_s=-1.0),
     lambda: RegionPlan(run_id="r", round=1, region_id="east", finish_s=math.nan),
+    lambda: RegionPlanQuery(run_id="r", round=1, target_sparsity=0.3, rank=8, local_steps=2, stage="choose"),
+    lambda: RegionPlanQuery(run_id="r", round=1, target_sparsity=0.3, rank=8, local_steps=2, stage="vote",
+                            ranks=[8], total_rounds=3),
+    lambda: RegionPlanQuery(run_id="r", round=1, target_sparsity=0.3, rank=8, local_steps=2, stage="choose",
+                            ranks=[8], total_rounds=3, slowest_at_tau={"a": 1.0, "b": 2.0, "c": 3.0}),
+    lambda: RegionPlanQuery(run_id="r", round=1, target_sparsity=0.3, rank=8, local_steps=2, stage="choose",
+                            ranks=[8], total_rounds=3, slowest={"a/b": 1.0}),
+    lambda: RegionPlanQuery(run_id="r", round=1, target_sparsity=0.3, rank=8, local_steps=2, stage="choose",
+                            ranks=[8], total_rounds=3, learn_regions=["east/1"]),
+    lambda: RegionPlanQuery(run_id="r", round=1, target_sparsity=0.3, rank=8, local_steps=2, stage="choose",
+                            ranks=[0], total_rounds=3),
+    lambda: RegionPlanQuery(run_id="r", round=1, target_sparsity=0.3, rank=8, local_steps=2, stage="choose",
+                            ranks=[8], total_rounds=3, caps={"agx": 1.0}),
+    lambda: RegionPlanQuery(run_id="r", round=1, target_sparsity=0.3, rank=8, local_steps=2, stage="choose",
+                            ranks=[8], total_rounds=3, best_importance=math.inf),
+    lambda: RegionPlanQuery(run_id="r", round=1, target_sparsity=0.3, rank=8, local_steps=2, stage="choose",
+                            ranks=[8], total_rounds=3, reward={"loss": -1.0}),
+    lambda: RegionReport(run_id="r", round=1, region_id="east", status="ok", best_loss=-0.1),
+    lambda: RegionReport(run_id="r", round=1, region_id="east", status="ok", lowest_energy=math.nan),
+    lambda: RegionReport(run_id="r", round=1, region_id="east", status="ok", slowest={"a": -1.0}),
+    lambda: RegionPlan(run_id="r", round=1, region_id="east", slowest_at_tau={"a": 1.0, "b": 1.0, "c": 1.0}),
 ], ids=["region_id", "state", "sent_rank", "accepted", "export_counts", "paced_final_sync", "next_rank_alone",
         "next_rank_zero", "negative_finish", "infinite_next_finish", "tier_rank_zero", "tier_rank_fraction",
         "tier_empty", "zero_pad_below_a_tier", "round_base_model", "round_labels", "report_base_model",
         "report_labels", "query_final_sync", "query_sparsity", "query_rank", "query_tier_rank", "query_attempt",
-        "plan_region_id", "plan_negative_finish", "plan_nan_finish"])
+        "plan_region_id", "plan_negative_finish", "plan_nan_finish", "query_per_node_without_settings",
+        "query_stage", "query_three_slowest", "query_slowest_node_id", "query_learn_region_id", "query_rank_arm",
+        "query_cap", "query_infinite_importance", "query_negative_weight", "report_negative_best_loss",
+        "report_nan_energy", "report_negative_slowest", "plan_three_slowest"])
 def test_invalid_region_messages_are_refused(build) -> None:
     with pytest.raises(ProtocolError):
         build()
@@ -156,6 +193,23 @@ def test_the_identity_fields_of_region_messages_are_optional() -> None:
     for msg in (m for m in SAMPLES if isinstance(m, (RegionRound, RegionReport)) and m.labels):
         old = decode(msgpack.packb(_wire(msg, labels=_DROP, base_model=_DROP)), type(msg))
         assert (old.labels, old.base_model) == ([], None)
+
+
+def test_the_per_node_fields_of_region_messages_are_optional() -> None:
+    """Messages of a root or region before FedSpine ran under regions lack its fields: a query decodes as a finish
+    query, a round as a fleet-wide one, a report with no statistics."""
+    per_node = [m for m in SAMPLES if getattr(m, "stage", "finish") != "finish" or getattr(m, "per_node", False)
+                or getattr(m, "slowest", None) or getattr(m, "slowest_at_tau", None)]
+    assert {type(m).__name__ for m in per_node} == {"RegionPlanQuery", "RegionPlan", "RegionReport", "RegionRound"}
+    for msg in per_node:
+        fields = {"RegionPlanQuery": ("stage", "caps", "ranks", "reward", "total_rounds", "seed", "cut", "slowest_at_tau",
+                                      "learn_round", "learn_regions", "best_loss", "best_importance", "lowest_energy",
+                                      "slowest"),
+                  "RegionPlan": ("slowest_at_tau",), "RegionRound": ("per_node",),
+                  "RegionReport": ("best_loss", "best_importance", "lowest_energy", "slowest")}[type(msg).__name__]
+        old = decode(msgpack.packb(_wire(msg, **dict.fromkeys(fields, _DROP))), type(msg))
+        assert old == type(msg)(**{k: v for k, v in vars(msg).items() if k not in fields}), type(msg).__name__
+        assert getattr(old, "stage", "finish") == "finish" and not getattr(old, "per_node", False)
 
 
 def test_hetlora_fields_of_a_region_round_are_optional() -> None:
