@@ -84,6 +84,12 @@ class ModuleUpdate:
         """The update on the kept coordinates: ``scale * B @ A`` (len(rows) x len(cols)), float32."""
         return self.scale * (self.B.float() @ self.A.float())
 
+    def norm(self) -> float:
+        """The Frobenius norm of ``delta()`` from the factors' Gram matrices, ‖sBA‖² = s²·Σ (BᵀB)∘(AAᵀ), in float64:
+        r×r products instead of the rows×cols matrix (a twelfth of the time for a MiniLM update at rank 8)."""
+        a, b = self.A.double(), self.B.double()
+        return abs(self.scale) * float(((b.T @ b) * (a @ a.T)).sum().clamp_min(0.0).sqrt())
+
     def dense_delta(self) -> torch.Tensor:
         """The update scattered into a zero matrix of the unpruned shape."""
         out = torch.zeros(self.shape, dtype=torch.float32)
@@ -165,7 +171,7 @@ class LoraUpdate:
 
     def norm(self) -> float:
         """Sum over modules of the Frobenius norm of ``scale * B @ A`` (the spec's LoRA importance term)."""
-        return float(sum(torch.linalg.matrix_norm(m.delta()).item() for m in self.modules.values()))
+        return sum(m.norm() for m in self.modules.values())
 
     def to_bytes(self) -> bytes:
         tensors: dict[str, torch.Tensor] = {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import ClassVar
 
 import torch
@@ -93,6 +94,12 @@ class NodeResult:
     examples: int = 0  # the node's training examples (0: unknown; the weight falls back to samples per step)
     train_s: float = 0.0  # the local steps' share of round_time_s (0: unknown)
     upload_s: float = 0.0  # the upload's share of round_time_s
+
+    @cached_property
+    def update_norm(self) -> float:
+        """‖scale·B·A‖ summed over the update's modules (``LoraUpdate.norm``; the reward's LoRA importance term),
+        computed once per result."""
+        return self.update.norm()
 
     def speed(self) -> planning.Speed | None:
         """The node's speed this round (planning.measured_speed), or None if it reported no timing."""

@@ -115,7 +115,7 @@ class FedSpine(Strategy):
 
     def _inputs(self, results: Sequence[NodeResult], shares: dict[str, float]) -> list[RewardInput]:
         return [RewardInput(node_id=r.node_id, loss_start=r.loss_start, loss_end=r.loss_end,
-                            round_share=shares.get(r.node_id, 1.0), importance=r.update.norm(), energy_j=r.energy_j,
+                            round_share=shares.get(r.node_id, 1.0), importance=r.update_norm, energy_j=r.energy_j,
                             samples=r.samples) for r in results]
 
     def round_stats(self, results: Sequence[NodeResult]) -> RoundStats:

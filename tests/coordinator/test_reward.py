@@ -125,3 +125,27 @@ def test_a_regions_shares_against_the_fleets_two_slowest_are_the_flat_shares():
     assert strat.round_shares(results[:2], fleet.slowest) == {"fast": flat["fast"], "mid": flat["mid"]}
     # Not vacuous: alone, "mid" would seem to hold its round back; in the fleet "slow" does, so it scores 1.
     assert strat.round_shares(results[1:2])["mid"] < flat["mid"] == 1.0
+
+
+def test_the_importance_term_is_the_frobenius_norm_of_each_modules_delta():
+    """``LoraUpdate.norm`` from the factors' Gram matrices equals ‖scale·B·A‖_F summed over modules (pruned shapes,
+    ranks 1-16, negative and tiny scales), and ``NodeResult.update_norm`` is that value."""
+    g = torch.Generator().manual_seed(3)
+    for trial in range(30):
+        mods = {}
+        for i in range(3):
+            r = int(torch.randint(1, 17, (1,), generator=g))
+            rows, cols = int(torch.randint(1, 60, (1,), generator=g)), int(torch.randint(1, 60, (1,), generator=g))
+            scale = float(torch.randn(1, generator=g)) * (1e-3 if trial % 5 == 0 else 4.0)
+            mods[f"m{i}"] = ModuleUpdate(A=torch.randn(r, cols, generator=g), B=torch.randn(rows, r, generator=g),
+                                         rows=torch.arange(rows), cols=torch.arange(cols), shape=(80, 80), scale=scale)
+        u = LoraUpdate(modules=mods, dense={}, importance={})
+        expect = sum(torch.linalg.matrix_norm(abs(m.scale) * (m.B.double() @ m.A.double())).item()
+                     for m in mods.values())
+        assert u.norm() == pytest.approx(expect, rel=1e-9)
+        res = NodeResult(node_id="n", update=u, samples=1, loss_start=1.0, loss_end=0.5, compute_s=1.0,
+                         round_time_s=1.0, sparsity=0.0, rank=1, energy_j=None, upload_bytes=1)
+        assert res.update_norm == pytest.approx(expect, rel=1e-9)
+    zero = ModuleUpdate(A=torch.zeros(2, 5), B=torch.randn(4, 2), rows=torch.arange(4), cols=torch.arange(5),
+                        shape=(4, 5), scale=1.0)
+    assert zero.norm() == 0.0
