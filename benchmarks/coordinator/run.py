@@ -74,17 +74,15 @@ class RssSampler(threading.Thread):
 
 
 def measure(n: int, rounds: int, swarm_procs: int, workdir: Path, profile: Path | None = None,
-            broker: str = "mosquitto", regions: int = 0, node_qos: int = 1) -> dict:
+            broker: str = "mosquitto", regions: int = 0, node_qos: int = 1, method: str = "fedspine") -> dict:
     root = f"fedspine/bench{n}r{regions}"
     tag = f"{broker}-{n}-r{regions}"
     with _broker(broker, workdir / f"broker-{tag}", root) as (members, table, sampler):
         metrics = workdir / f"state-{tag}" / "metrics.jsonl"
         cfg = workdir / f"coordinator-{tag}.toml"
-        # The hierarchical runs use uniform, as measured in docs/scale.md (its root-side cost per round is the same
-        # partials; FedSpine under regions adds two small plan queries a round, not measured here).
         write_toml(cfg, {
             "broker": table,
-            "coordinator": {"rounds": rounds, "method": "uniform" if regions else "fedspine", "min_nodes": n,
+            "coordinator": {"rounds": rounds, "method": method, "min_nodes": n,
                             "local_steps": 1,
                             "deadline_s": 300.0, "state_dir": str(workdir / f"state-{tag}"),
                             "join_timeout_s": 900.0},
@@ -145,7 +143,7 @@ def measure(n: int, rounds: int, swarm_procs: int, workdir: Path, profile: Path 
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     per_round = [r for r in rows if r.get("kind") == "round"]
     cpu = [r["coordinator_cpu_s"] for r in per_round]
-    out = {"nodes": n, "broker": broker, "regions": regions, "node_qos": node_qos, "rounds": len(per_round),
+    out = {"nodes": n, "broker": broker, "method": method, "regions": regions, "node_qos": node_qos, "rounds": len(per_round),
            "accepted": [r["accepted"] for r in per_round], "cpu_s_per_round": cpu, "median_cpu_s": statistics.median(cpu),
            "cpu_ms_per_node": 1000 * statistics.median(cpu) / n,
            "round_wall_s": [r["round_wall_s"] for r in per_round],
@@ -169,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--node-qos", type=int, default=0, choices=(0, 1),
                     help="NATS: QoS of the swarm nodes' config subscription (1 costs a replicated JetStream "
                          "consumer per node: on 2 cores their creation times out from a few hundred nodes)")
+    ap.add_argument("--method", default="fedspine", help="the coordinator's method, flat and under regions alike")
     ap.add_argument("--out", default="results/coordinator.json")
     ap.add_argument("--profile", action="store_true",
                     help="run the coordinator under cProfile; writes coordinator-<n>.prof beside --out")
@@ -180,18 +179,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fedspine-bench-") as tmp:
         for n in (int(x) for x in a.sizes.split(",")):
             for k in (int(x) for x in a.regions.split(",")):
-                results.append(measure(n, a.rounds, a.swarm_procs, Path(tmp), profile, a.broker, k, a.node_qos))
+                results.append(measure(n, a.rounds, a.swarm_procs, Path(tmp), profile, a.broker, k, a.node_qos,
+                                       a.method))
                 print(f"  {n} nodes, {k} regions: median coordinator CPU {results[-1]['median_cpu_s']:.3f} s/round",
                       flush=True)
                 out = Path(a.out)  # after each size: a long run keeps what it measured
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(results, indent=2))
     base = results[0]
-    lines = ["| broker | nodes | regions | accepted per round | root CPU s/round (median) | CPU ms per node | "
-             "vs linear from first | round wall s | broker RSS MB (peak) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| broker | method | nodes | regions | accepted per round | root CPU s/round (median) | CPU ms per node | "
+             "vs linear from first | round wall s | broker RSS MB (peak) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         linear = base["median_cpu_s"] * r["nodes"] / base["nodes"]
-        lines.append(f"| {r['broker']} | {r['nodes']} | {r['regions']} | {r['accepted']} | {r['median_cpu_s']:.3f} | "
+        lines.append(f"| {r['broker']} | {r['method']} | {r['nodes']} | {r['regions']} | {r['accepted']} | "
+                     f"{r['median_cpu_s']:.3f} | "
                      f"{r['cpu_ms_per_node']:.3f} | {r['median_cpu_s'] / linear:.2f}x | {r['median_round_wall_s']:.1f} | "
                      f"{r.get('broker_rss_mb_peak', '-')} |")
     table = "\n".join(lines)
