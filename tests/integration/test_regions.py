@@ -88,21 +88,23 @@ def test_root_with_two_regions_equals_flat_aggregation(tmp_path):
     assert (tmp_path / "root" / "finished").read_text() == summary.run_id
 
 
-def test_real_nodes_under_a_region_prune_train_and_export_through_the_acl(tmp_path):
-    """The whole stack under a region: node processes on a tiny model, the production ACL with a region user, the
-    default method (uniform) pruning to s* through the region, and every node's export written."""
+EAST = ["agx-1", "nx-2"]  # the nodes of _run_under_region's one region
+
+
+def _run_under_region(tmp_path, method: str):
+    """A root, one region "east" and two node processes on a tiny model behind the production ACL (a region user),
+    3 rounds of ``method`` to s* 0.3: (the run's summary, the fleet, the region)."""
     import types
 
     from broker_config.local import LocalMosquitto
     from shared.config import load_toml
     from tests.integration.fleet import make_fleet, tiny_model
 
-    nodes = ["agx-1", "nx-2"]
-    users = {"coordinator": "c-pw", "east": "e-pw", **{n: f"{n}-pw" for n in nodes}}
+    users = {"coordinator": "c-pw", "east": "e-pw", **{n: f"{n}-pw" for n in EAST}}
     model = tiny_model(tmp_path / "tiny-bert")
     with LocalMosquitto(users=users, region_users=("east",)) as broker:
         sub = types.SimpleNamespace(url=broker.url, users=broker.users, root=f"{broker.root}/region/east")
-        fleet = make_fleet(tmp_path, sub, model, nodes, rounds=3, method="uniform", local_steps=2,
+        fleet = make_fleet(tmp_path, sub, model, EAST, rounds=3, method=method, local_steps=2,
                            target_sparsity=0.3, deadline_s=60.0)
         cfg = load_toml(fleet.coordinator_cfg)
         cfg["broker"]["topic_root"] = broker.root
@@ -111,18 +113,25 @@ def test_real_nodes_under_a_region_prune_train_and_export_through_the_acl(tmp_pa
         t = threading.Thread(target=region.run, daemon=True)
         t.start()
         try:
-            for n in nodes:
+            for n in EAST:
                 fleet.start(n)
             summary = Coordinator(CoordinatorConfig.from_dict(cfg)).run()
         finally:
             region.stop()
             fleet.stop()
             t.join(timeout=10)
+    return summary, fleet, region
+
+
+def test_real_nodes_under_a_region_prune_train_and_export_through_the_acl(tmp_path):
+    """The whole stack under a region: node processes on a tiny model, the production ACL with a region user, the
+    default method (uniform) pruning to s* through the region, and every node's export written."""
+    summary, fleet, _ = _run_under_region(tmp_path, "uniform")
     assert summary.rounds_done == 3, summary.stopped_early
     rounds = fleet.rows("round")
     assert [(r["accepted"], round(r["target_sparsity"], 2)) for r in rounds] == [(2, 0.0), (2, 0.3), (2, 0.3)]
     assert {rid: (e.nodes, e.ok) for rid, e in summary.region_exports.items()} == {"east": (2, 2)}
-    for n in nodes:
+    for n in EAST:
         export = tmp_path / "nodes" / n / "state" / "export"
         assert (export / "config.json").exists(), fleet.logs(n)[-3000:]
         assert json.loads((export / "fedspine_export.json").read_text())["run_id"] == summary.run_id
@@ -138,40 +147,14 @@ def test_fedspines_bandit_runs_in_a_region_over_real_nodes_through_the_acl(tmp_p
     """FedSpine under a region, the whole stack: node processes on a tiny model behind the production ACL; the region
     runs the nodes' bandits (the root asks it twice a round: the fleet's timing, then its choice), every node reaches
     s* by the last round and exports."""
-    import types
-
-    from broker_config.local import LocalMosquitto
-    from shared.config import load_toml
-    from tests.integration.fleet import make_fleet, tiny_model
-
-    nodes = ["agx-1", "nx-2"]
-    users = {"coordinator": "c-pw", "east": "e-pw", **{n: f"{n}-pw" for n in nodes}}
-    model = tiny_model(tmp_path / "tiny-bert")
-    with LocalMosquitto(users=users, region_users=("east",)) as broker:
-        sub = types.SimpleNamespace(url=broker.url, users=broker.users, root=f"{broker.root}/region/east")
-        fleet = make_fleet(tmp_path, sub, model, nodes, rounds=3, method="fedspine", local_steps=2,
-                           target_sparsity=0.3, deadline_s=60.0)
-        cfg = load_toml(fleet.coordinator_cfg)
-        cfg["broker"]["topic_root"] = broker.root
-        region = Region(RegionConfig.from_dict({"broker": {**cfg["broker"], "username": "east", "password": "e-pw"},
-                                                "region": {"region_id": "east", "deadline_s": 50}}))
-        t = threading.Thread(target=region.run, daemon=True)
-        t.start()
-        try:
-            for n in nodes:
-                fleet.start(n)
-            summary = Coordinator(CoordinatorConfig.from_dict(cfg)).run()
-        finally:
-            region.stop()
-            fleet.stop()
-            t.join(timeout=10)
+    summary, fleet, region = _run_under_region(tmp_path, "fedspine")
     assert summary.rounds_done == 3, summary.stopped_early
     assert [r["accepted"] for r in fleet.rows("round")] == [2, 2, 2]
     assert {rid: (e.nodes, e.ok) for rid, e in summary.region_exports.items()} == {"east": (2, 2)}
-    assert region.policy is not None and sorted(region.policy.bandit.bandits) == nodes
+    assert region.policy is not None and sorted(region.policy.bandit.bandits) == EAST
     # Each node's bandit learned from every round (both halves of an arm credited per round).
     assert all(sum(b["dp"].plays) == sum(b["rank"].plays) == 3 for b in region.policy.bandit.bandits.values())
-    for n in nodes:
+    for n in EAST:
         events = [json.loads(x) for x in fleet.logs(n).splitlines() if x.startswith("{")]
         configs = [e for e in events if e["event"] == "round_config"]
         assert [e.get("final", False) for e in configs] == [False, False, False, True], configs
