@@ -132,7 +132,8 @@ def summary(configs: list[dict], judged: dict[str, dict], rule: dict) -> tuple[l
                     else abs(spine.final_accuracy - res[m].final_accuracy) <= tol):
                 acc_ok[m] += 1
             if m in DENSE_BASELINES and spine.params and res[m].params and spine.latency_ms and res[m].latency_ms:
-                size_ok[m].append((1 - spine.params / res[m].params, res[m].latency_ms / spine.latency_ms))
+                size_ok[m].append((1 - spine.params / res[m].params, res[m].latency_ms / spine.latency_ms,
+                                   spine.final_sparsity))
     n = sum(1 for c in configs if c["name"] in judged)
     lines = ["| FedSpine vs | time-to-target ratio per configuration | geometric mean | min | max | "
              "final accuracy held |", "|---|---|---|---|---|---|"]
@@ -154,14 +155,16 @@ def summary(configs: list[dict], judged: dict[str, dict], rule: dict) -> tuple[l
                      f"accuracy held in {acc_ok[m]} of {n})")
     for m in DENSE_BASELINES:
         g = out[m]["geomean"]
-        smaller = [s for s, _ in size_ok[m]]
-        faster = [x for _, x in size_ok[m]]
+        smaller = [s for s, _, _ in size_ok[m]]
+        faster = [x for _, x, _ in size_ok[m]]
+        pruned = [p for _, _, p in size_ok[m] if p is not None]  # of the attention and FFN weights: the sparsity
         met = (g is not None and g >= 1.2 and acc_ok[m] == n and bool(smaller) and min(smaller) >= 0.30
                and min(faster) >= 1.35)
         lines.append(f"- vs {m}: time to target ≥ 1.2x with final accuracy within 1 point, models ≥ 30 % smaller and "
                      f"≥ 1.35x faster: {'met' if met else 'not met'} ({'n/a' if g is None else f'{g:.2f}x'}; accuracy "
                      f"within 1 point in {acc_ok[m]} of {n}; smaller by "
-                     f"{', '.join(f'{s:.0%}' for s in smaller) or 'n/a'}; export latency ratio "
+                     f"{', '.join(f'{s:.0%}' for s in smaller) or 'n/a'} (the whole model, embeddings included; its "
+                     f"attention and FFN weights by {', '.join(f'{p:.0%}' for p in pruned) or 'n/a'}); export latency ratio "
                      f"{', '.join(f'{x:.2f}x' for x in faster) or 'n/a'})")
     lines.append(f"- no method oscillates (a drop over 5 points after reaching 90 % of its final accuracy): "
                  f"{'met' if not oscillating else 'not met: ' + '; '.join(oscillating)}")

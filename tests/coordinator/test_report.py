@@ -105,3 +105,21 @@ def test_the_evaluation_ratio_is_censored_and_undefined_when_the_base_model_met_
     assert ratio(res(60.0), res(None, 120.0)) == (0.5, "≤")
     assert ratio(res(None), res(None))[0] is None
     assert ratio(res(0.0), res(0.0)) == (None, "target met before training")  # every method on the floor
+
+
+def test_the_size_bar_reports_the_whole_model_and_the_pruned_weights_and_judges_on_the_whole_model():
+    """Against a dense baseline the bar's "≥ 30 % smaller" is judged on every parameter of the exported model,
+    embeddings included; the share of the attention and FFN weights pruned (the sparsity) is reported beside it."""
+    from benchmarks.fleet.evaluate import summary
+    from coordinator.report import MethodResult
+
+    def res(m, params, latency, sparsity):
+        return MethodResult(m, final_accuracy=0.6, time_to_target_s=10.0, virtual_time_s=50.0, params=params,
+                            latency_ms=latency, final_sparsity=sparsity, curve=[(10.0, 0.6)])
+
+    judged = {"c1": {"results": {"fedspine": res("fedspine", 85, 1.0, 0.32),
+                                 "fedlora": res("fedlora", 100, 1.5, 0.0)}}}
+    lines, _ = summary([{"name": "c1"}], judged, {"target_share": 0.95})
+    bar = next(x for x in lines if x.startswith("- vs fedlora"))
+    assert "smaller by 15% (the whole model, embeddings included; its attention and FFN weights by 32%)" in bar
+    assert ": not met" in bar  # 15 % of the whole model is short of 30 %, whatever the pruned share
