@@ -403,6 +403,22 @@ def test_lab_inventory_is_flat_until_it_has_regions(tmp_path: Path) -> None:
     assert _lab_var(tmp_path, regional, "region-a", "region_mqtt_password") == "pw-a"
 
 
+@pytest.mark.parametrize(("name", "message"), [
+    ("region.a", "region_id must be set: 1-64 of [A-Za-z0-9_-]"),  # '.' is refused: NATS splits subjects on it
+    ("nx-02", "it must differ from every Jetson's inventory name"),  # one MQTT user for a region and a node
+])
+def test_regions_play_refuses_a_bad_region_id(tmp_path: Path, name: str, message: str) -> None:
+    inventory = _lab_copy(tmp_path, region=False)
+    hosts = yaml.safe_load((inventory / "hosts.yml").read_text())
+    hosts["all"]["children"]["regions"]["hosts"] = {name: {"ansible_host": "192.168.50.12"}}
+    (inventory / "hosts.yml").write_text(yaml.safe_dump(hosts))
+    proc = subprocess.run([_tool("ansible-playbook"), "-i", str(inventory), "regions.yml", "--limit", "regions",
+                           "-e", json.dumps({"vault_fedspine_mqtt_passwords": {name: "pw"}})],
+                          cwd=ANSIBLE_DIR, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr, proc.stdout
+
+
 def test_edge_nodes_play_refuses_a_node_outside_the_regions(tmp_path: Path) -> None:
     """With regions the root's own nodes sit out: nx-02, under no region, stops the play before anything is done
     to it (the check runs on the controller, so the lab's unreachable address is never tried)."""
