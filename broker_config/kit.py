@@ -248,8 +248,7 @@ def _load_regions(tables: list[dict], nodes: list[dict], coordinator: dict) -> d
             raise ConfigError(f"[[nodes]] {named[0]['id']}: unknown region {named[0]['region']!r}; declare it in a "
                               "[[regions]] table")
         return {}
-    from coordinator.config import RoundSettings
-    from coordinator.region import RegionSettings
+    from coordinator.config import RegionSettings, RoundSettings
 
     node_ids = {n["id"] for n in nodes}
     regions: dict[str, dict[str, Any]] = {}
@@ -523,7 +522,7 @@ def build_kit(fleet: Fleet, out: str | Path) -> dict[str, Path]:
     written["monitor"] = mon_dir / "monitor.toml"
 
     if fleet.regions:
-        from coordinator.region import RegionConfig
+        from coordinator.config import RegionConfig
     for k, (rid, settings) in enumerate(fleet.regions.items()):
         folder = out / "regions" / rid
         sections = {"broker": broker_section(rid, folder, first=k), "region": settings}

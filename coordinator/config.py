@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.config import BrokerConfig, ConfigError, Sections
+from shared.topics import TopicError, check_node_id
 
 METHODS = ("fedspine", "fedlora", "hetlora", "uniform", "prune_ft", "ft_prune")
 REWARD_TERMS = ("loss", "time", "importance", "energy")
@@ -134,3 +135,33 @@ class CoordinatorConfig(Sections):
                 "bandit": BanditSettings}
     # Keys that [bandit] held until the split (never released): refused with the section they belong in now
     MOVED = {"bandit": {"target_sparsity": "pruning", "max_sparsity": "pruning", "rank": "lora", "tier_ranks": "lora"}}
+
+
+# The regional aggregator's file (coordinator/region.py), here with the other loaders: it loads without torch, so
+# provisioning can check a rendered region.toml cheaply (ansible/roles/region).
+@dataclass(frozen=True)
+class RegionSettings:
+    """[region]: who this aggregator is and how long it waits for its nodes."""
+
+    region_id: str = field(default="region-1", metadata={
+        "help": "this aggregator's id (a topic level, [A-Za-z0-9_-]); its nodes' topic_root is <root>/region/<id>"})
+    deadline_s: float = field(default=300.0, metadata={
+        "help": "a round waits at most this long for its nodes' uploads; keep it below the root's deadline_s"})
+    quorum: float = field(default=0.5, metadata={
+        "help": "share of its round's nodes whose updates must arrive for the region to forward a partial"})
+
+    def __post_init__(self) -> None:
+        try:
+            check_node_id(self.region_id)
+        except TopicError as exc:
+            raise ConfigError(f"[region] region_id: {exc}") from None
+        if self.deadline_s <= 0 or not 0 < self.quorum <= 1:
+            raise ConfigError(f"[region] deadline_s {self.deadline_s} must be > 0 and quorum {self.quorum} in (0, 1]")
+
+
+@dataclass(frozen=True)
+class RegionConfig(Sections):
+    broker: BrokerConfig
+    region: RegionSettings = field(default_factory=RegionSettings)
+
+    SECTIONS = {"broker": BrokerConfig, "region": RegionSettings}

@@ -61,12 +61,11 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 
 from coordinator import planning
 from coordinator.aggregation import GlobalLora, ZeroPadLora, load_state_bytes
 from coordinator.collect import OFFLINE_GRACE_S, Participant, RoundCollector, quorum_count
-from coordinator.config import BanditSettings, CoordinatorConfig, PruningSettings, RoundSettings
+from coordinator.config import BanditSettings, CoordinatorConfig, PruningSettings, RegionConfig, RoundSettings
 from coordinator.registry import FleetIdentity, Registry, identity_of
 from coordinator.reward import RoundStats, slowest_two
 from coordinator.strategies.base import (
@@ -82,7 +81,7 @@ from coordinator.strategies.base import (
 )
 from coordinator.strategies.fedspine import FedSpine
 from shared.chunking import Reassembler
-from shared.config import BrokerConfig, ConfigError, Sections
+from shared.config import ConfigError
 from shared.logs import LiveRoundLogger, get_logger
 from shared.messages import (
     Chunk,
@@ -101,39 +100,11 @@ from shared.messages import (
     decode_from,
     encode,
 )
-from shared.topics import COORDINATOR_ID, TopicError, check_node_id
+from shared.topics import COORDINATOR_ID
 from shared.transport import CHUNK_OVERHEAD, MqttTransport
 from shared.updates import LORA_ALPHA, LoraUpdate, UpdateError, UpdateLimits
 
 STATUS_EVERY_S = 1.0  # the region's presence (with its live node count) is republished at most this often
-
-
-@dataclass(frozen=True)
-class RegionSettings:
-    """[region]: who this aggregator is and how long it waits for its nodes."""
-
-    region_id: str = field(default="region-1", metadata={
-        "help": "this aggregator's id (a topic level, [A-Za-z0-9_-]); its nodes' topic_root is <root>/region/<id>"})
-    deadline_s: float = field(default=300.0, metadata={
-        "help": "a round waits at most this long for its nodes' uploads; keep it below the root's deadline_s"})
-    quorum: float = field(default=0.5, metadata={
-        "help": "share of its round's nodes whose updates must arrive for the region to forward a partial"})
-
-    def __post_init__(self) -> None:
-        try:
-            check_node_id(self.region_id)
-        except TopicError as exc:
-            raise ConfigError(f"[region] region_id: {exc}") from None
-        if self.deadline_s <= 0 or not 0 < self.quorum <= 1:
-            raise ConfigError(f"[region] deadline_s {self.deadline_s} must be > 0 and quorum {self.quorum} in (0, 1]")
-
-
-@dataclass(frozen=True)
-class RegionConfig(Sections):
-    broker: BrokerConfig
-    region: RegionSettings = field(default_factory=RegionSettings)
-
-    SECTIONS = {"broker": BrokerConfig, "region": RegionSettings}
 
 
 class Region:

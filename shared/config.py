@@ -158,8 +158,7 @@ class BrokerConfig:
 def reference() -> str:
     """docs/configuration.md: every key of the coordinator's and the node's TOML file with its help text, generated
     from the fields (``python -m shared.config > docs/configuration.md``; a test checks the file is current)."""
-    from coordinator.config import CoordinatorConfig
-    from coordinator.region import RegionConfig
+    from coordinator.config import CoordinatorConfig, RegionConfig
     from edge_node.config import NodeConfig
 
     lines = ["# Configuration reference", "",

@@ -1,4 +1,7 @@
-"""The Ansible playbooks: syntax, ansible-lint production profile, and a real idempotent run into a temporary prefix."""
+"""The Ansible playbooks: syntax, ansible-lint production profile, and a real idempotent run into a temporary prefix.
+
+The fleet of that run is regional (broker, coordinator, one region, its node) and every client gets a list of broker
+URLs, as with a cluster; the lab inventory's own flat fleet is checked by templating its variables."""
 
 from __future__ import annotations
 
@@ -22,18 +25,22 @@ import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
-from coordinator.config import CoordinatorConfig, LoraSettings
+from coordinator.config import CoordinatorConfig, LoraSettings, RegionConfig
 from edge_node.config import NodeConfig
+from shared.messages import RegionStatus, decode
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = REPO / "ansible"
 BIN = Path(sys.executable).parent
-PLAYBOOKS = ("site.yml", "broker.yml", "broker_cluster.yml", "coordinator.yml", "edge_nodes.yml")
+PLAYBOOKS = ("site.yml", "broker.yml", "broker_cluster.yml", "coordinator.yml", "regions.yml", "edge_nodes.yml")
 NODE_ID = "jetson-nx-test"
-PASSWORDS = {"coordinator": "coord-pw-7f3a", "monitor": "monitor-pw-19c2", NODE_ID: "node-pw-c81e"}
+REGION_ID = "region-test"  # the region host's inventory name, as the lab names its regions
+PASSWORDS = {"coordinator": "coord-pw-7f3a", "monitor": "monitor-pw-19c2", NODE_ID: "node-pw-c81e",
+             REGION_ID: "region-pw-4b90"}
 ROOT = "fedspine/v1"
+HOSTS = {"fleet-broker", "fleet-coordinator", REGION_ID, NODE_ID}
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -137,6 +144,11 @@ class Provisioned:
     first: RunResult
     second: RunResult
 
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """The broker URL list every client was given: the one mosquitto by two names, as a cluster's members."""
+        return (f"mqtts://localhost:{self.tls_port}", f"mqtts://127.0.0.1:{self.tls_port}")
+
 
 @dataclass
 class RunResult:
@@ -206,7 +218,8 @@ def provisioned() -> Iterator[Provisioned]:
         hosts = {"all": {"children": {
             "broker": {"hosts": {"fleet-broker": local}},
             "coordinator": {"hosts": {"fleet-coordinator": local}},
-            "jetsons": {"children": {"nx": {"hosts": {NODE_ID: local}}}},
+            "regions": {"hosts": {REGION_ID: local}},
+            "jetsons": {"children": {"nx": {"hosts": {NODE_ID: {**local, "fedspine_region": REGION_ID}}}}},
         }}}
         (inventory / "hosts.yml").write_text(yaml.safe_dump(hosts))
 
@@ -214,7 +227,7 @@ def provisioned() -> Iterator[Provisioned]:
         plain_port, tls_port = _free_ports(2)
         extra = {
             "vault_fedspine_mqtt_passwords": PASSWORDS,
-            "fedspine_broker_url": f"mqtts://localhost:{tls_port}",
+            "fedspine_broker_url": [f"mqtts://localhost:{tls_port}", f"mqtts://127.0.0.1:{tls_port}"],
             "fedspine_lab_ca_dir": str(root / "lab-ca"),
             "fedspine_app_wheel": str(wheel),
             "fedspine_app_prefix": str(prefix),
@@ -232,6 +245,7 @@ def provisioned() -> Iterator[Provisioned]:
             "broker_tls_address": "127.0.0.1",
             "broker_log_dest": ["stdout"],
             "coordinator_manage_service": False,
+            "region_manage_service": False,
             "edge_node_manage_service": False,
             "edge_node_install_torch": False,
             "edge_node_jetson_stats": False,
@@ -256,7 +270,7 @@ def provisioned() -> Iterator[Provisioned]:
 
 def test_first_run_changes_every_host_and_fails_none(provisioned: Provisioned) -> None:
     stats = provisioned.first.stats
-    assert set(stats) == {"fleet-broker", "fleet-coordinator", NODE_ID}
+    assert set(stats) == HOSTS
     for host, counts in stats.items():
         assert counts["failures"] == 0 and counts["unreachable"] == 0, host
         assert counts["changed"] > 0, host
@@ -264,7 +278,7 @@ def test_first_run_changes_every_host_and_fails_none(provisioned: Provisioned) -
 
 def test_second_run_changes_nothing(provisioned: Provisioned) -> None:
     stats = provisioned.second.stats
-    assert len(stats) == 3
+    assert set(stats) == HOSTS
     assert {host: counts["changed"] for host, counts in stats.items()} == dict.fromkeys(stats, 0), \
         provisioned.second.changed_tasks
     assert all(counts["failures"] == 0 for counts in stats.values())
@@ -286,6 +300,7 @@ def test_broker_files(provisioned: Provisioned) -> None:
     assert not any(pw in (etc / "fedspine.passwd").read_text() for pw in PASSWORDS.values())
     acl = (etc / "fedspine.acl").read_text()
     assert "user coordinator" in acl and "user monitor" in acl and f"pattern write {ROOT}/node/%u/upload" in acl
+    assert f"user {REGION_ID}" in acl and f"topic write {ROOT}/region/{REGION_ID}/upload" in acl
     for name in ("fedspine.passwd", "fedspine.acl", "certs/server.key"):
         assert _mode(etc / name) == 0o640 and (etc / name).stat().st_gid == _gid("mosquitto"), name
     assert not (provisioned.root / "lab-ca" / "ca.key").exists() or _mode(provisioned.root / "lab-ca" / "ca.key") == 0o600
@@ -300,11 +315,12 @@ def _gid(group: str) -> int:
 def test_node_config_points_at_the_broker(provisioned: Provisioned) -> None:
     etc = provisioned.prefix / "etc/fedspine"
     cfg = NodeConfig.load(etc / "node.toml")
-    assert cfg.broker.url == f"mqtts://localhost:{provisioned.tls_port}"
+    assert cfg.broker.urls == provisioned.urls
     assert cfg.broker.username == NODE_ID and cfg.node.id == NODE_ID and cfg.node.device_type == "nx"
     assert cfg.broker.resolved_password() == PASSWORDS[NODE_ID]
     assert cfg.broker.ca_file and Path(cfg.broker.ca_file).read_text().startswith("-----BEGIN CERTIFICATE-----")
-    assert cfg.broker.topic_root == ROOT and cfg.telemetry.provider == "jtop"
+    assert cfg.broker.topic_root == f"{ROOT}/region/{REGION_ID}"  # its region is its coordinator
+    assert cfg.telemetry.provider == "jtop"
     assert cfg.node.model_path == str(provisioned.prefix / "opt/fedspine/models/base")
     assert (Path(cfg.node.model_path) / "config.json").exists()
     assert Path(cfg.node.data_path).parent.is_dir() and _mode(Path(cfg.node.data_path).parent) == 0o750
@@ -321,7 +337,7 @@ def test_node_config_points_at_the_broker(provisioned: Provisioned) -> None:
 def test_coordinator_config(provisioned: Provisioned) -> None:
     etc = provisioned.prefix / "etc/fedspine"
     cfg = CoordinatorConfig.load(etc / "coordinator.toml")
-    assert cfg.broker.url == f"mqtts://localhost:{provisioned.tls_port}" and cfg.broker.username == "coordinator"
+    assert cfg.broker.urls == provisioned.urls and cfg.broker.username == "coordinator"
     assert cfg.broker.resolved_password() == PASSWORDS["coordinator"]
     assert cfg.coordinator.rounds == 30 and cfg.coordinator.min_nodes == 3
     assert cfg.coordinator.labels == ("negative", "neutral", "positive")
@@ -331,6 +347,86 @@ def test_coordinator_config(provisioned: Provisioned) -> None:
     assert cfg.bandit.ranks == (2, 4, 8, 16)
     unit = (provisioned.prefix / "etc/systemd/system/fedspine-coordinator.service").read_text()
     assert "Restart=on-failure" in unit and "RestartPreventExitStatus=2 3" in unit
+
+
+def test_region_config(provisioned: Provisioned) -> None:
+    etc = provisioned.prefix / "etc/fedspine"
+    cfg = RegionConfig.load(etc / "region.toml")
+    assert cfg.broker.urls == provisioned.urls and cfg.broker.username == REGION_ID
+    assert cfg.broker.resolved_password() == PASSWORDS[REGION_ID]
+    assert cfg.broker.ca_file and Path(cfg.broker.ca_file).read_text().startswith("-----BEGIN CERTIFICATE-----")
+    # The root's topic root: the region serves its nodes' <root>/region/<rid> itself.
+    assert cfg.broker.topic_root == ROOT
+    assert cfg.broker.topics.region_root(REGION_ID).root == NodeConfig.load(etc / "node.toml").broker.topic_root
+    # The lab's region waits as long as its coordinator (group_vars/regions.yml).
+    assert (cfg.region.region_id, cfg.region.deadline_s, cfg.region.quorum) == (REGION_ID, 900.0, 0.5)
+    assert _mode(etc / "region.password") == 0o600 and _mode(etc / "region.toml") == 0o640
+    state = provisioned.prefix / "var/lib/fedspine/region"
+    assert state.is_dir() and _mode(state) == 0o750
+    unit = (provisioned.prefix / "etc/systemd/system/fedspine-region.service").read_text()
+    venv = provisioned.prefix / "opt/fedspine/venv"
+    assert f"ExecStart={venv}/bin/fedspine --log-format json region --config {etc}/region.toml" in unit
+    assert "Restart=always" in unit and "RestartPreventExitStatus=2\n" in unit and "StartLimitIntervalSec=0" in unit
+    assert f"WorkingDirectory={state}" in unit and f"ReadWritePaths={state}" in unit
+
+
+# ---- the lab inventory's variables (templated, no host touched) -----------------------------------------------
+def _lab_copy(tmp: Path, region: bool) -> Path:
+    """The lab inventory; with ``region``, one region (region-a) and nx-01 under it, as hosts.yml describes."""
+    inventory = tmp / "inventory"
+    shutil.copytree(ANSIBLE_DIR / "inventory" / "lab", inventory)
+    if region:
+        hosts = yaml.safe_load((inventory / "hosts.yml").read_text())
+        hosts["all"]["children"]["regions"]["hosts"] = {"region-a": {"ansible_host": "192.168.50.12"}}
+        hosts["all"]["children"]["jetsons"]["children"]["nx"]["hosts"]["nx-01"]["fedspine_region"] = "region-a"
+        (inventory / "hosts.yml").write_text(yaml.safe_dump(hosts))
+    return inventory
+
+
+def _lab_var(tmp: Path, inventory: Path, host: str, var: str):
+    proc = subprocess.run([_tool("ansible"), "-i", str(inventory), host, "-o", "-m", "ansible.builtin.debug",
+                           "-a", f"var={var}", "-e", json.dumps({"vault_fedspine_mqtt_passwords": {"region-a": "pw-a"}})],
+                          cwd=ANSIBLE_DIR, env=_env(tmp), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout.split("=>", 1)[1])[var]
+
+
+def test_lab_inventory_is_flat_until_it_has_regions(tmp_path: Path) -> None:
+    flat = ANSIBLE_DIR / "inventory" / "lab"
+    assert _lab_var(tmp_path, flat, "nx-01", "edge_node_topic_root") == ROOT
+    assert _lab_var(tmp_path, flat, "broker-01", "broker_region_users") == []
+
+    regional = _lab_copy(tmp_path, region=True)
+    assert _lab_var(tmp_path, regional, "nx-01", "edge_node_topic_root") == f"{ROOT}/region/region-a"
+    assert _lab_var(tmp_path, regional, "nx-02", "edge_node_topic_root") == ROOT
+    assert _lab_var(tmp_path, regional, "broker-01", "broker_region_users") == ["region-a"]
+    assert _lab_var(tmp_path, regional, "region-a", "region_mqtt_password") == "pw-a"
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("region.a", "region_id must be set: 1-64 of [A-Za-z0-9_-]"),  # '.' is refused: NATS splits subjects on it
+    ("nx-02", "it must differ from every Jetson's inventory name"),  # one MQTT user for a region and a node
+])
+def test_regions_play_refuses_a_bad_region_id(tmp_path: Path, name: str, message: str) -> None:
+    inventory = _lab_copy(tmp_path, region=False)
+    hosts = yaml.safe_load((inventory / "hosts.yml").read_text())
+    hosts["all"]["children"]["regions"]["hosts"] = {name: {"ansible_host": "192.168.50.12"}}
+    (inventory / "hosts.yml").write_text(yaml.safe_dump(hosts))
+    proc = subprocess.run([_tool("ansible-playbook"), "-i", str(inventory), "regions.yml", "--limit", "regions",
+                           "-e", json.dumps({"vault_fedspine_mqtt_passwords": {name: "pw"}})],
+                          cwd=ANSIBLE_DIR, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr, proc.stdout
+
+
+def test_edge_nodes_play_refuses_a_node_outside_the_regions(tmp_path: Path) -> None:
+    """With regions the root's own nodes sit out: nx-02, under no region, stops the play before anything is done
+    to it (the check runs on the controller, so the lab's unreachable address is never tried)."""
+    proc = subprocess.run([_tool("ansible-playbook"), "-i", str(_lab_copy(tmp_path, region=True)), "edge_nodes.yml",
+                           "--limit", "nx-02", "-e", json.dumps({"vault_fedspine_mqtt_passwords": {}})],
+                          cwd=ANSIBLE_DIR, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "every Jetson names its region in fedspine_region" in proc.stdout + proc.stderr, proc.stdout
 
 
 # ---- the rendered broker config runs a mosquitto that enforces auth and the ACL -------------------------------
@@ -447,3 +543,32 @@ def test_rendered_broker_enforces_the_acl_over_tls(broker: Provisioned) -> None:
     finally:
         for client in (coordinator, node, monitor):
             client.close()
+
+
+@pytest.mark.mosquitto
+def test_provisioned_region_joins_the_broker(broker: Provisioned) -> None:
+    """The region service as its unit starts it (the project's code, the rendered config, password file and CA)
+    announces itself to the root over TLS, and says offline when stopped."""
+    unit = (broker.prefix / "etc/systemd/system/fedspine-region.service").read_text()
+    args = re.search(r"^ExecStart=\S+/bin/fedspine (.+)$", unit, re.M).group(1).split()
+    ca_file = str(broker.prefix / "etc/fedspine/broker-ca.crt")
+    coordinator = Client(broker.tls_port, "coordinator", PASSWORDS["coordinator"], ca_file)
+    region = subprocess.Popen([sys.executable, "-c", "import sys; from shared.cli import main; sys.exit(main())",
+                               *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def states() -> list[str]:
+        return [decode(p, RegionStatus).state for t, p in coordinator.messages if t.endswith("/status")]
+
+    try:
+        assert coordinator.connected
+        coordinator.subscribe(f"{ROOT}/region/{REGION_ID}/status")
+        assert _wait_for(lambda: "online" in states() or region.poll() is not None, timeout=90), "no region status"
+        assert region.poll() is None, region.stdout.read()
+        region.terminate()
+        assert region.wait(timeout=30) == 0
+        assert _wait_for(lambda: states()[-1:] == ["offline"]), states()
+    finally:
+        if region.poll() is None:
+            region.kill()
+            region.wait()
+        coordinator.close()
