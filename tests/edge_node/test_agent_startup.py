@@ -119,7 +119,7 @@ def test_a_node_connects_while_it_loads_and_announces_itself_only_once_loaded(tm
         a = memory_node(tmp_path, bus, trainer)
         t, out = start(a)
         assert watch.wait_for("connected_loading_model")
-        assert trainer.loading.is_set() and a.transport.connected.is_set()
+        assert trainer.loading.wait(ENOUGH_S) and a.transport.connected.is_set()
         assert "calibrated" not in watch.events and "node_joined" not in watch.events
         assert seen.items == [] and bus.retained("fedspine/v1/node/+/status") == []  # connected, not announced
         trainer.release.set()
@@ -141,7 +141,7 @@ def test_a_node_stopped_while_it_loads_closes_its_connection_without_announcing(
     with structlog.testing.capture_logs(processors=[watch]):
         a = memory_node(tmp_path, bus, trainer)
         t, out = start(a)
-        assert watch.wait_for("connected_loading_model") and trainer.loading.is_set()
+        assert watch.wait_for("connected_loading_model") and trainer.loading.wait(ENOUGH_S)
         a.stop()  # the signal arrives during the load
         trainer.release.set()
         t.join(ENOUGH_S)
@@ -207,7 +207,7 @@ def test_a_node_checks_its_identity_while_it_loads_and_its_will_says_offline_unt
         assert watch.wait_for("connected_loading_model")
         assert watch.events.index("broker_connected") < watch.events.index("identity_checked") \
             < watch.events.index("connected_loading_model")
-        assert trainer.loading.is_set() and "calibrated" not in watch.events
+        assert trainer.loading.wait(ENOUGH_S) and "calibrated" not in watch.events
         # The link dies during the load: the broker publishes the will, which says "offline"; the node reconnects
         # and, not loaded yet, announces nothing.
         own_will = threading.Event()
@@ -237,7 +237,7 @@ def test_a_refused_password_is_logged_during_the_load_and_exits_1_after_it(tmp_p
         a = NodeAgent(node_config(tmp_path, **broker_settings(mosquitto_broker, password="wrong")), trainer=trainer)
         t, out = start(a)
         assert watch.wait_for("broker_connect_failed")
-        assert trainer.loading.is_set() and "calibrated" not in watch.events  # still loading
+        assert trainer.loading.wait(ENOUGH_S) and "calibrated" not in watch.events  # still loading
         trainer.release.set()
         t.join(ENOUGH_S)
     assert out["rc"] == 1  # the broker may be mended: systemd tries again
@@ -264,7 +264,7 @@ def test_a_broker_mended_during_the_load_is_joined_without_a_restart(tmp_path, m
         assert watch.wait_for("broker_connect_failed")
         mosquitto_broker.add_user("node-late", "late-pw")
         assert watch.wait_for("connected_loading_model")
-        assert trainer.loading.is_set() and "calibrated" not in watch.events  # still loading
+        assert trainer.loading.wait(ENOUGH_S) and "calibrated" not in watch.events  # still loading
         trainer.release.set()
         assert watch.wait_for("node_joined")
         a.stop()
@@ -284,7 +284,7 @@ def test_an_identity_the_acl_drops_is_logged_during_the_load_and_exits_2_after_i
         a = NodeAgent(node_config(tmp_path, "node-x", **broker_settings(mosquitto_broker, "node-a")), trainer=trainer)
         t, out = start(a)
         assert watch.wait_for("broker_check_failed")
-        assert trainer.loading.is_set() and "calibrated" not in watch.events  # still loading
+        assert trainer.loading.wait(ENOUGH_S) and "calibrated" not in watch.events  # still loading
         trainer.release.set()
         t.join(ENOUGH_S)
     assert out["rc"] == 2
