@@ -20,7 +20,7 @@ from edge_node.agent import NodeAgent
 from edge_node.config import NodeConfig
 from shared.cli import run_service
 from shared.messages import NodeStatus, decode
-from shared.transport import MemoryBus, MemoryTransport
+from shared.transport import MemoryBus, MemoryTransport, MqttTransport
 from tests.broker import Inbox, LocalMosquitto
 
 ENOUGH_S = 30.0  # a bound for waits on things that happen at once, only to keep a broken build from hanging
@@ -42,6 +42,20 @@ class LogWatch:
     def wait_for(self, event: str, count: int = 1, timeout_s: float = ENOUGH_S) -> bool:
         with self._cv:
             return self._cv.wait_for(lambda: self.events.count(event) >= count, timeout_s)
+
+
+@pytest.fixture
+def mosquitto_broker(mosquitto_broker: LocalMosquitto):
+    """The session's broker, with the retained statuses these tests' nodes leave there cleared after each test:
+    later tests (tests/reliability/test_security.py) read the whole topic tree and expect nothing in it."""
+    yield mosquitto_broker
+    for user in ("node-a", "node-b", "node-late"):
+        if user in mosquitto_broker.users:
+            t = MqttTransport(mosquitto_broker.broker_config(user), client_id=f"clear-{user}")
+            t.start(timeout_s=10)
+            t.publish(f"{mosquitto_broker.root}/node/{user}/status", b"", qos=1, retain=True)
+            t.wait_published(5)
+            t.stop()
 
 
 class SlowLoadTrainer:
