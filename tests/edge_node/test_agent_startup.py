@@ -117,17 +117,17 @@ def memory_node(tmp_path: Path, bus: MemoryBus, trainer) -> NodeAgent:
     return a
 
 
-def watch_bus(bus: MemoryBus, topic_filter: str) -> Inbox:
-    """What is published on ``bus`` under ``topic_filter`` from now on (and what is retained there)."""
-    seen, watcher = Inbox(), MemoryTransport(bus, "watcher")
+def watched_bus(topic_filter: str) -> tuple[MemoryBus, Inbox]:
+    """A new bus, and what is published on it under ``topic_filter``."""
+    bus, seen = MemoryBus(), Inbox()
+    watcher = MemoryTransport(bus, "watcher")
     watcher.subscribe(topic_filter, seen)
     watcher.start()
-    return seen
+    return bus, seen
 
 
 def test_a_node_connects_while_it_loads_and_announces_itself_only_once_loaded(tmp_path):
-    bus = MemoryBus()
-    seen = watch_bus(bus, "fedspine/v1/node/+/status")
+    bus, seen = watched_bus("fedspine/v1/node/+/status")
     watch, trainer = LogWatch(), SlowLoadTrainer()
     with structlog.testing.capture_logs(processors=[watch]):
         a = memory_node(tmp_path, bus, trainer)
@@ -149,8 +149,7 @@ def test_a_node_connects_while_it_loads_and_announces_itself_only_once_loaded(tm
 
 
 def test_a_node_stopped_while_it_loads_closes_its_connection_without_announcing(tmp_path):
-    bus = MemoryBus()
-    seen = watch_bus(bus, "fedspine/#")
+    bus, seen = watched_bus("fedspine/#")
     watch, trainer = LogWatch(), SlowLoadTrainer()
     with structlog.testing.capture_logs(processors=[watch]):
         a = memory_node(tmp_path, bus, trainer)
