@@ -361,7 +361,7 @@ class Region:
                            error=error, transfer_id=rr.upload_transfer_id, upload_bytes=size, accepted=accepted,
                            failed=failed, cpu_s=time.process_time() - cpu0, next_finish_s=next_finish,
                            labels=list(self.identity.labels or ()), base_model=self.identity.base_model,
-                           **(_stats_fields(stats) if stats is not None else {}))
+                           **(stats.fields() if stats is not None else {}))
         self.transport.publish(self.up.region(self.rid, "report"), encode(rep), qos=1)
         (self.log.warning if error else self.log.info)("region_round_done", accepted=accepted, failed=failed,
                                                          upload_bytes=size, error=error, cpu_s=round(rep.cpu_s, 3),
@@ -451,9 +451,7 @@ class Region:
             self.log.info("region_results_not_learned", results_round=rnd, learn_round=q.learn_round,
                           counted=self.rid in q.learn_regions)
             return
-        fleet = RoundStats(best_loss=q.best_loss, best_importance=q.best_importance, lowest_energy=q.lowest_energy,
-                           slowest=slowest_two(q.slowest))
-        terms = policy.learn_from(results, fleet)
+        terms = policy.learn_from(results, RoundStats.from_fields(q))
         self.log.info("region_learned", learn_round=rnd, rewards={n: round(v["reward"], 4) for n, v in terms.items()})
 
     def _command(self, cmd: Command) -> None:
@@ -590,12 +588,6 @@ class Region:
         except UpdateError as exc:
             self.log.warning("update_rejected", node=nid, error=str(exc))
             return Failure(nid, "rejected")
-
-
-def _stats_fields(stats: RoundStats) -> dict:
-    """A per-node round's statistics as RegionReport fields."""
-    return {"best_loss": stats.best_loss, "best_importance": stats.best_importance,
-            "lowest_energy": stats.lowest_energy, "slowest": dict(stats.slowest)}
 
 
 def main_region(config: str) -> int:

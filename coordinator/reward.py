@@ -23,6 +23,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import reduce
+from typing import Any
 
 from coordinator.config import REWARD_TERMS as TERMS
 
@@ -86,6 +87,18 @@ class RoundStats:
                    best_importance=max((x.importance for x in inputs), default=0.0),
                    lowest_energy=min(per_sample) if have_energy and per_sample else None,  # type: ignore[type-var]
                    slowest=slowest_two(times or {}))
+
+    def fields(self) -> dict:
+        """As RegionReport and RegionPlanQuery carry them, and the root's checkpoint (``slowest`` a node -> seconds map)."""
+        return {"best_loss": self.best_loss, "best_importance": self.best_importance,
+                "lowest_energy": self.lowest_energy, "slowest": dict(self.slowest)}
+
+    @classmethod
+    def from_fields(cls, f: Any) -> RoundStats:
+        """From ``fields()``'s keys: a message carrying them as attributes, or a mapping (a checkpoint)."""
+        get = f.__getitem__ if isinstance(f, Mapping) else lambda k: getattr(f, k)
+        return cls(best_loss=float(get("best_loss")), best_importance=float(get("best_importance")),
+                   lowest_energy=get("lowest_energy"), slowest=slowest_two(get("slowest")))
 
     def merge(self, other: RoundStats) -> RoundStats:
         """The statistics of both sub-fleets together (associative and commutative: maxima, minima, the two

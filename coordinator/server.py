@@ -302,9 +302,7 @@ class Coordinator:
         if state.get("base_model") and not self.cfg.coordinator.base_model:
             self.identity.base_model = state["base_model"]
         if fs := state.get("fleet_stats"):
-            self._fleet_stats = (int(fs["round"]), list(fs["regions"]), RoundStats(
-                best_loss=fs["best_loss"], best_importance=fs["best_importance"],
-                lowest_energy=fs["lowest_energy"], slowest=tuple((n, t) for n, t in fs["slowest"])))
+            self._fleet_stats = (int(fs["round"]), list(fs["regions"]), RoundStats.from_fields(fs))
         self.log.info("resumed", run_id=self.run_id, round=self.round)
 
     def _checkpoint(self) -> None:
@@ -314,7 +312,7 @@ class Coordinator:
             "last_assignments": {nid: dataclasses.asdict(a) for nid, a in self._last.items()},
             "labels": list(self.identity.labels or ()), "base_model": self.identity.base_model,
             **({"fleet_stats": {"round": self._fleet_stats[0], "regions": self._fleet_stats[1],
-                                **dataclasses.asdict(self._fleet_stats[2])}} if self._fleet_stats[2] else {}),
+                                **self._fleet_stats[2].fields()}} if self._fleet_stats[2] else {}),
         })
 
     def _wait_for_nodes(self, n: int, timeout_s: float) -> bool:
@@ -406,9 +404,8 @@ class Coordinator:
             log.error("region_partials_refused", regions=sorted(partials), error=str(exc))
             return False
         if per_node:  # what the regions' nodes learn from before the next round (_choose_in_regions)
-            stats = [RoundStats(best_loss=r.best_loss, best_importance=r.best_importance,
-                                lowest_energy=r.lowest_energy, slowest=slowest_two(r.slowest))
-                     for r in (pending[rid]["report"] for rid in sorted(partials)) if r.slowest]
+            stats = [RoundStats.from_fields(r) for r in (pending[rid]["report"] for rid in sorted(partials))
+                     if r.slowest]
             self._fleet_stats = (rnd, sorted(partials), merge_stats(stats))
         self.round = rnd
         self._checkpoint()
@@ -489,9 +486,7 @@ class Coordinator:
                                local_steps=c.coordinator.local_steps, caps=dict(c.pruning.max_sparsity),
                                ranks=list(c.bandit.ranks), reward=dict(c.bandit.reward),
                                total_rounds=c.coordinator.rounds, seed=c.coordinator.seed,
-                               **({"learn_round": learn_round, "learn_regions": learn_regions,
-                                   "best_loss": stats.best_loss, "best_importance": stats.best_importance,
-                                   "lowest_energy": stats.lowest_energy, "slowest": dict(stats.slowest)}
+                               **({"learn_round": learn_round, "learn_regions": learn_regions, **stats.fields()}
                                   if stats else {}))
 
     def _ask_regions(self, q: RegionPlanQuery, regions: list[str], log) -> dict[str, RegionPlan]:

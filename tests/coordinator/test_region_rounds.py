@@ -15,8 +15,8 @@ import pytest
 import structlog
 import torch
 
-from coordinator.config import CoordinatorConfig
-from coordinator.region import Region, RegionConfig
+from coordinator.config import CoordinatorConfig, RegionConfig
+from coordinator.region import Region
 from coordinator.server import Coordinator
 from coordinator.state import CheckpointStore
 from coordinator.strategies import STRATEGIES, make_strategy

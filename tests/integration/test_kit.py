@@ -168,8 +168,8 @@ def test_a_kit_with_a_region_runs_through_the_region_to_the_exports(tmp_path):
     nodes as processes, the region and the coordinator in this process (as tests/integration/test_regions.py does,
     to spare two process start-ups).  The run goes through the region and ends with both nodes' exports."""
     from broker_config.kit import main as kit_main
-    from coordinator.config import CoordinatorConfig
-    from coordinator.region import Region, RegionConfig
+    from coordinator.config import CoordinatorConfig, RegionConfig
+    from coordinator.region import Region
     from coordinator.server import Coordinator
     from tests.integration.fleet import stop_processes
 

@@ -15,8 +15,8 @@ from benchmarks.brokers import mosquitto
 from benchmarks.coordinator.swarm import run as swarm
 from benchmarks.coordinator.swarm import synthetic_update, update_seed
 from coordinator.aggregation import GlobalLora
-from coordinator.config import CoordinatorConfig
-from coordinator.region import Region, RegionConfig
+from coordinator.config import CoordinatorConfig, RegionConfig
+from coordinator.region import Region
 from coordinator.server import Coordinator
 from coordinator.state import CheckpointStore
 from shared.updates import LORA_ALPHA, LoraUpdate

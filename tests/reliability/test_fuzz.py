@@ -29,8 +29,8 @@ import torch
 from safetensors.torch import save as st_save
 from structlog.testing import capture_logs
 
-from coordinator.config import CoordinatorConfig
-from coordinator.region import Region, RegionConfig
+from coordinator.config import CoordinatorConfig, RegionConfig
+from coordinator.region import Region
 from coordinator.server import Coordinator, _Pending
 from coordinator.strategies import NodeInfo, NodeResult
 from edge_node.agent import NodeAgent

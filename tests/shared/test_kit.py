@@ -137,7 +137,7 @@ def _regions_fleet(tmp_path: Path, edit=None):
 
 
 def test_the_kit_writes_each_region_its_user_acl_config_and_its_nodes_topic_root(tmp_path: Path) -> None:
-    from coordinator.region import RegionConfig
+    from coordinator.config import RegionConfig
 
     fleet = _regions_fleet(tmp_path)
     assert {rid: s["deadline_s"] for rid, s in fleet.regions.items()} == {"east": 600.0, "west": 600.0}
@@ -322,7 +322,7 @@ def test_one_nats_member_runs_standalone_and_regions_get_their_users(tmp_path: P
     hashes = read_passwords(kit / "broker" / "passwd")
     assert (kit / "broker" / "solo" / "nats-auth.conf").read_text() == render_nats_auth(
         hashes, ROOT, ["coordinator"], ["monitor"], node_users=list(NODES), region_users=["east", "west"])
-    from coordinator.region import RegionConfig
+    from coordinator.config import RegionConfig
 
     assert RegionConfig.load(kit / "regions" / "west" / "region.toml").broker.urls == ("mqtt://broker.lan:1883",)
     assert "`nats-auth.conf` confines it" in (kit / "README.md").read_text()
